@@ -1,0 +1,1 @@
+"""Sluice: a lean streaming gateway for OpenAI-compatible chat completions."""

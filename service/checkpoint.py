@@ -1,0 +1,128 @@
+"""Checkpoints: the durable summary of a stream once it ends, and where they are kept.
+
+``CheckpointStore`` is the storage seam: the in-memory store below is the default and the
+test double; a shared store (Redis) implements the same protocol for many replicas.
+Completion tokens come from the provider's usage when it arrived, else are counted from
+the text generated so far, so a partial stream is never recorded as zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from .stream import Stream, StreamStatus
+
+TokenCounter = Callable[[str, str], int]  # (model, text) -> tokens
+PromptCounter = Callable[[str, dict[str, Any]], int]  # (model, request body) -> tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    stream_id: str
+    user_id: str
+    tenant: str
+    key_id: str
+    model: str
+    response_model: str | None
+    status: StreamStatus
+    text: str
+    tool_calls: list[Any]
+    finish_reason: str | None
+    chunks: int
+    last_seq: int
+    prompt_tokens: int
+    completion_tokens: int
+    usage_reported: bool
+    error: dict[str, Any] | None
+    created_at: float
+    first_token_at: float | None
+    ended_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The public shape returned by ``GET /v1/streams/{id}``."""
+        data = asdict(self)
+        data["status"] = str(self.status)
+        data["object"] = "sluice.stream"
+        data["id"] = data.pop("stream_id")
+        return data
+
+
+def checkpoint_of(
+    stream: Stream, count_text: TokenCounter, count_prompt: PromptCounter
+) -> Checkpoint:
+    """Summarise ``stream`` as it stands; counts tokens when the provider did not."""
+    progress = stream.progress
+    usage = progress.usage or {}
+    reported = "completion_tokens" in usage
+    prompt = usage.get("prompt_tokens") if reported else count_prompt(stream.model, stream.body)
+    completion = (
+        usage.get("completion_tokens") if reported else count_text(stream.model, progress.text)
+    )
+    return Checkpoint(
+        stream_id=stream.id,
+        user_id=stream.owner.user_id,
+        tenant=stream.owner.tenant,
+        key_id=stream.owner.key_id,
+        model=stream.model,
+        response_model=progress.response_model,
+        status=stream.status,
+        text=progress.text,
+        tool_calls=list(progress.tool_calls),
+        finish_reason=progress.finish_reason,
+        chunks=progress.chunks,
+        last_seq=stream.last_seq,
+        prompt_tokens=int(prompt or 0),
+        completion_tokens=int(completion or 0),
+        usage_reported=reported,
+        error=stream.error.payload()["error"] if stream.error else None,
+        created_at=stream.created_at,
+        first_token_at=stream.first_token_at,
+        ended_at=stream.ended_at,
+    )
+
+
+class CheckpointStore(Protocol):
+    """Where checkpoints live until they expire."""
+
+    async def put(self, checkpoint: Checkpoint, ttl_s: float) -> None: ...
+
+    async def get(self, stream_id: str) -> Checkpoint | None: ...
+
+
+class MemoryCheckpointStore:
+    """Process-local checkpoints with expiry; bounded so a flood cannot exhaust memory."""
+
+    def __init__(self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic):
+        self._entries: OrderedDict[str, tuple[float, Checkpoint]] = OrderedDict()
+        self._max = max_entries
+        self._clock = clock
+
+    async def put(self, checkpoint: Checkpoint, ttl_s: float) -> None:
+        self._entries[checkpoint.stream_id] = (self._clock() + ttl_s, checkpoint)
+        self._entries.move_to_end(checkpoint.stream_id)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    async def get(self, stream_id: str) -> Checkpoint | None:
+        entry = self._entries.get(stream_id)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            del self._entries[stream_id]
+            return None
+        return entry[1]
+
+
+def approx_text_tokens(model: str, text: str) -> int:
+    """A fallback counter (about 4 characters a token) until tiktoken is wired in."""
+    return (len(text) + 3) // 4
+
+
+def approx_prompt_tokens(model: str, body: dict[str, Any]) -> int:
+    messages = body.get("messages") or []
+    chars = sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
+    return 3 + 4 * len(messages) + (chars + 3) // 4

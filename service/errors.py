@@ -1,0 +1,192 @@
+"""The one error hierarchy, and the one place lower-level exceptions are translated into it.
+
+    SluiceError                        status, OpenAI ``type`` and ``code``
+    ├── InvalidRequestError            400 invalid_request_error
+    ├── AuthenticationError            401 invalid_api_key
+    ├── NotFoundError                  404
+    ├── MethodNotAllowedError          405
+    ├── PayloadTooLargeError           413
+    ├── RateLimitError                 429 (carries Retry-After and x-ratelimit-* headers)
+    ├── ServiceUnavailableError        503 (draining, breaker open)
+    ├── StreamEndedError               409 a stream was cancelled or abandoned before its end
+    └── ProviderError                  502 the upstream failed us
+        ├── ProviderStatusError        the upstream answered non-2xx (4xx passed through)
+        ├── ProviderTimeoutError       504 connect, first-token or idle timeout
+        ├── ProviderConnectionError    502 refused, reset, closed mid-stream
+        └── ProviderProtocolError      502 the upstream sent something that is not a chunk
+
+Every leaf renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as a
+JSON response before the first byte (``middleware.py``), as a final SSE ``data:`` event or
+a WebSocket ``error`` frame after it. ``translate`` maps aiohttp/asyncio/OS exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+import orjson
+
+
+class SluiceError(Exception):
+    """Base of every error a client can see."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+class InvalidRequestError(SluiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(SluiceError):
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(SluiceError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowedError(SluiceError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(SluiceError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(SluiceError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(SluiceError):
+    status = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+
+
+class StreamEndedError(SluiceError):
+    """Rendered as the last event of a stream that stopped early (stop button, client gone)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "stream_cancelled"
+
+
+class ProviderError(SluiceError):
+    status = 502
+    type = "upstream_error"
+    default_code = "provider_error"
+
+
+class ProviderStatusError(ProviderError):
+    """The provider answered with a non-2xx status.
+
+    A 4xx (other than 401/403, which would reveal our credentials' state) is the
+    client's fault and passes through with the provider's status and message; 5xx
+    and anything unexpected become 502.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider_status: int,
+        type_: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.provider_status = provider_status
+        self._type = type_
+
+    @property
+    def http_status(self) -> int:
+        passthrough = 400 <= self.provider_status < 500 and self.provider_status not in (401, 403)
+        return self.provider_status if passthrough else 502
+
+    def payload(self) -> dict[str, Any]:
+        body = super().payload()
+        if self._type:
+            body["error"]["type"] = self._type
+        return body
+
+
+class ProviderTimeoutError(ProviderError):
+    status = 504
+    default_code = "provider_timeout"
+
+
+class ProviderConnectionError(ProviderError):
+    default_code = "provider_connection_error"
+
+
+class ProviderProtocolError(ProviderError):
+    default_code = "provider_protocol_error"
+
+
+def translate(exc: BaseException) -> SluiceError:
+    """Map any exception raised while talking to the provider into the tree.
+
+    The only place aiohttp, asyncio and OS errors become client-visible errors; messages
+    are ours, never the library's, so no URL, header or key can leak through them.
+    """
+    if isinstance(exc, SluiceError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return ProviderTimeoutError("The provider did not answer in time.")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ProviderConnectionError("The provider closed the stream before it was complete.")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProviderConnectionError("The provider could not be reached.")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return ProviderConnectionError("The connection to the provider failed.")
+    if isinstance(exc, ValueError):
+        return ProviderProtocolError("The provider sent a malformed response.")
+    return SluiceError("The gateway failed to handle this request.")

@@ -1,0 +1,77 @@
+"""One generation: call the provider and write what it sends into the stream's journal.
+
+Per chunk the hot path does one ``orjson.loads`` (to validate the chunk and fold its text,
+usage and finish reason into ``Progress``) and appends the provider's own bytes; nothing is
+re-serialised. The usage-only chunk is withheld from clients that did not ask for it,
+because Sluice always asks the provider for usage so it can bill exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import ProviderProtocolError, ProviderStatusError
+from .sse import DONE
+from .stream import Kind, Stream
+from .upstream import Upstream
+
+
+async def generate(stream: Stream, upstream: Upstream, body: bytes) -> None:
+    """Run the provider call for ``stream``; raises ``SluiceError`` on provider failure."""
+    response = await upstream.post_chat(body, streaming=stream.streaming)
+    completed = False
+    try:
+        stream.accepted.set()
+        if stream.streaming:
+            await upstream.pump(response, lambda payloads: _relay(stream, payloads))
+        else:
+            raw = await upstream.read_body(response)
+            stream.progress.add_completion(_parse(raw))
+            stream.append(Kind.CHUNK, raw)
+            stream.notify()
+        completed = True
+    finally:
+        if completed:
+            response.release()
+        else:
+            response.close()  # drop the connection: the provider sees it and stops generating
+
+
+def _relay(stream: Stream, payloads: list[bytes]) -> bool:
+    """Journal a batch of provider payloads; return True once [DONE] arrived."""
+    done = False
+    progress = stream.progress
+    for raw in payloads:
+        if raw == DONE:
+            done = True
+            break
+        chunk = _parse(raw)
+        if "error" in chunk:
+            raise _midstream_error(chunk["error"])
+        if progress.add_chunk(chunk) and not stream.include_usage:
+            continue
+        stream.append(Kind.CHUNK, raw)
+    stream.notify()
+    return done
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProviderProtocolError("The provider sent a malformed chunk.") from None
+    if not isinstance(value, dict):
+        raise ProviderProtocolError("The provider sent a chunk that is not an object.")
+    return value
+
+
+def _midstream_error(detail: Any) -> ProviderStatusError:
+    detail = detail if isinstance(detail, dict) else {}
+    return ProviderStatusError(
+        str(detail.get("message") or "The provider reported an error mid-stream."),
+        provider_status=502,
+        type_=detail.get("type") if isinstance(detail.get("type"), str) else None,
+        code=detail.get("code") if isinstance(detail.get("code"), str) else None,
+    )

@@ -1,0 +1,69 @@
+"""The request pipeline's two middlewares: OpenAI-shaped errors, then client auth.
+
+``error_middleware`` is the one place an exception becomes a response: a ``SluiceError``
+renders itself; aiohttp's HTTP exceptions (404, 405, 413, ...) are re-shaped; anything else
+is logged with its traceback and answered with a bare 500, never the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .appkeys import KEYRING, PRINCIPAL
+from .errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    SluiceError,
+)
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/livez", "/readyz"})
+
+
+def error_response(error: SluiceError) -> web.Response:
+    return web.Response(
+        body=error.body(),
+        status=error.http_status,
+        content_type="application/json",
+        headers=error.headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SluiceError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(request, exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(SluiceError("The server had an error while processing your request."))
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> SluiceError:
+    if exc.status == 404:
+        return NotFoundError(f"Unknown request URL: {request.method} {request.path}.")
+    if exc.status == 405:
+        return MethodNotAllowedError(f"Method {request.method} is not allowed on {request.path}.")
+    if exc.status == 413:
+        return PayloadTooLargeError("The request body is too large.")
+    return InvalidRequestError(exc.reason or "The request is invalid.", code=str(exc.status))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate every matched route except the public health checks."""
+    if request.path not in PUBLIC_PATHS and request.match_info.http_exception is None:
+        keyring = request.app[KEYRING]
+        request[PRINCIPAL] = keyring.authenticate(request.headers.get("Authorization"))
+    return await handler(request)

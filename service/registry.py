@@ -1,0 +1,182 @@
+"""The live and recently ended streams of this process, and the tasks that generate them.
+
+The registry owns every generation task, so a generation outlives the request that started
+it: when the last reader detaches, a grace timer starts; if nobody re-attaches before it
+fires, the task is cancelled and the provider connection closed. When a task ends, for any
+reason, its checkpoint is written and the finish hooks run, inside the task the app awaits
+on shutdown, never in a request handler that a disconnect could cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointStore,
+    PromptCounter,
+    TokenCounter,
+    approx_prompt_tokens,
+    approx_text_tokens,
+    checkpoint_of,
+)
+from .errors import ProviderTimeoutError, SluiceError, StreamEndedError, translate
+from .settings import StreamSettings
+from .stream import Stream, StreamStatus
+
+log = logging.getLogger(__name__)
+
+FinishHook = Callable[[Stream, Checkpoint], Awaitable[None]]
+
+MAX_RETAINED = 10_000  # ended streams kept in memory for replay, oldest dropped first
+
+_ENDED_ERRORS = {
+    StreamStatus.CANCELLED: ("The stream was cancelled.", "stream_cancelled"),
+    StreamStatus.CLIENT_GONE: ("The client went away and did not come back.", "client_gone"),
+    StreamStatus.SHUTDOWN: ("The gateway is shutting down; resume this stream.", "shutdown"),
+}
+
+
+class StreamRegistry:
+    """Starts, tracks, cancels and retires streams; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        store: CheckpointStore,
+        *,
+        count_text: TokenCounter = approx_text_tokens,
+        count_prompt: PromptCounter = approx_prompt_tokens,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self.store = store
+        self.count_text = count_text
+        self.count_prompt = count_prompt
+        self.finish_hooks: list[FinishHook] = []
+        self._live: dict[str, Stream] = {}
+        self._ended: OrderedDict[str, tuple[float, Stream]] = OrderedDict()
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._clock = clock
+
+    def live(self) -> Iterable[Stream]:
+        return self._live.values()
+
+    def get(self, stream_id: str) -> Stream | None:
+        """A live stream, or an ended one still held for replay."""
+        stream = self._live.get(stream_id)
+        if stream is not None:
+            return stream
+        entry = self._ended.get(stream_id)
+        return entry[1] if entry is not None and entry[0] > self._clock() else None
+
+    def launch(self, stream: Stream, work: Awaitable[None]) -> None:
+        """Run ``work`` as the stream's generation task, owned by the registry."""
+        self._live[stream.id] = stream
+        stream.task = asyncio.create_task(self._run(stream, work), name=f"stream-{stream.id}")
+
+    def attach(self, stream: Stream) -> None:
+        stream.readers += 1
+        timer = self._grace.pop(stream.id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def detach(self, stream: Stream) -> None:
+        stream.readers -= 1
+        if stream.readers > 0 or not stream.running:
+            return
+        grace = self._settings.disconnect_grace_s
+        if grace <= 0:
+            self.cancel(stream, StreamStatus.CLIENT_GONE)
+            return
+        loop = asyncio.get_running_loop()
+        self._grace[stream.id] = loop.call_later(grace, self._grace_expired, stream)
+
+    @contextlib.contextmanager
+    def reading(self, stream: Stream) -> Iterator[Stream]:
+        """Count the caller as a reader of ``stream`` for the duration of the block."""
+        self.attach(stream)
+        try:
+            yield stream
+        finally:
+            self.detach(stream)
+
+    def _grace_expired(self, stream: Stream) -> None:
+        self._grace.pop(stream.id, None)
+        if stream.readers == 0:
+            self.cancel(stream, StreamStatus.CLIENT_GONE)
+
+    def cancel(self, stream: Stream, reason: StreamStatus = StreamStatus.CANCELLED) -> bool:
+        """Stop a running stream now; False when it had already ended."""
+        if not stream.running or stream.task is None or stream.cancel_reason is not None:
+            return False
+        stream.cancel_reason = reason
+        stream.task.cancel()
+        return True
+
+    async def _run(self, stream: Stream, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            stream.end(*_ended(stream.cancel_reason or StreamStatus.CANCELLED))
+        except SluiceError as exc:
+            timed_out = isinstance(exc, ProviderTimeoutError)
+            stream.end(StreamStatus.TIMEOUT if timed_out else StreamStatus.PROVIDER_ERROR, exc)
+        except Exception as exc:
+            log.exception("stream %s failed unexpectedly", stream.id)
+            stream.end(StreamStatus.PROVIDER_ERROR, translate(exc))
+        else:
+            stream.end(StreamStatus.COMPLETED)
+        await self._retire(stream)
+
+    async def _retire(self, stream: Stream) -> None:
+        timer = self._grace.pop(stream.id, None)
+        if timer is not None:
+            timer.cancel()
+        checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt)
+        try:
+            await self.store.put(checkpoint, self._settings.checkpoint_ttl_s)
+        except Exception:
+            log.exception("checkpoint of stream %s was not stored", stream.id)
+        for hook in self.finish_hooks:
+            try:
+                await hook(stream, checkpoint)
+            except Exception:
+                log.exception("finish hook %r failed for stream %s", hook, stream.id)
+        self._live.pop(stream.id, None)
+        self._ended[stream.id] = (self._clock() + self._settings.checkpoint_ttl_s, stream)
+        while len(self._ended) > MAX_RETAINED:
+            self._ended.popitem(last=False)
+
+    def snapshot(self, stream: Stream) -> Checkpoint:
+        """The checkpoint a stream would have if it ended now (for a running stream)."""
+        return checkpoint_of(stream, self.count_text, self.count_prompt)
+
+    def tick(self) -> None:
+        """Wake idle readers for keepalives and forget expired ended streams."""
+        for stream in self._live.values():
+            stream.tick()
+        now = self._clock()
+        while self._ended and next(iter(self._ended.values()))[0] <= now:
+            self._ended.popitem(last=False)
+
+    async def drain(self, window_s: float) -> None:
+        """Let running streams finish for ``window_s``, then end the rest as SHUTDOWN."""
+        tasks = [s.task for s in self._live.values() if s.task is not None]
+        if tasks and window_s > 0:
+            await asyncio.wait(tasks, timeout=window_s)
+        for stream in list(self._live.values()):
+            self.cancel(stream, StreamStatus.SHUTDOWN)
+        remaining = [s.task for s in self._live.values() if s.task is not None]
+        if remaining:
+            await asyncio.gather(*remaining, return_exceptions=True)
+
+
+def _ended(status: StreamStatus) -> tuple[StreamStatus, SluiceError]:
+    message, code = _ENDED_ERRORS[status]
+    return status, StreamEndedError(message, code=code)

@@ -1,0 +1,42 @@
+"""Writing a stream's journal to an HTTP client as Server-Sent Events.
+
+Used for a fresh completion and for a resumed one alike: the reader attaches, replays every
+event after ``after``, follows live events until the stream ends, and detaches in
+``finally``, which is what starts the grace window when the client goes away. Each wakeup's
+events go out in one write. Idle periods get a ``: keepalive`` comment on the registry's
+tick; a stream ended by shutdown closes with a ``retry:`` hint instead of ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .registry import StreamRegistry
+from .sse import KEEPALIVE, encode_event, encode_retry
+from .stream import Stream, StreamStatus
+
+STREAM_ID_HEADER = "X-Sluice-Stream-Id"
+RESUME_RETRY_MS = 1000
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
+
+async def stream_sse(
+    request: web.Request, registry: StreamRegistry, stream: Stream, *, after: int = 0
+) -> web.StreamResponse:
+    """Send ``stream`` from ``after`` to the client until it ends or the client leaves."""
+    response = web.StreamResponse(headers={**SSE_HEADERS, STREAM_ID_HEADER: stream.id})
+    with registry.reading(stream):
+        await response.prepare(request)
+        async for batch in stream.follow(after):
+            if batch:
+                await response.write(b"".join(encode_event(seq, data) for seq, _, data in batch))
+            else:
+                await response.write(KEEPALIVE)
+        if stream.status is StreamStatus.SHUTDOWN:
+            await response.write(encode_retry(RESUME_RETRY_MS))
+        await response.write_eof()
+    return response

@@ -1,0 +1,122 @@
+"""Validation of a chat-completion request body, before anything is sent upstream.
+
+Pure: takes bytes, returns a ``ChatRequest`` or raises ``InvalidRequestError`` naming the
+offending parameter, as OpenAI does. Unknown fields pass through untouched, so new
+provider parameters work without a Sluice release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+
+from .errors import InvalidRequestError, NotFoundError
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_T = TypeVar("_T")
+_NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_INTEGERS = ("max_tokens", "max_completion_tokens", "n", "seed")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    body: dict[str, Any]
+    model: str
+    streaming: bool
+    include_usage: bool
+
+    def upstream_body(self) -> bytes:
+        """The body sent to the provider: always asks for usage when streaming."""
+        if not self.streaming:
+            return orjson.dumps(self.body)
+        options = dict(self.body.get("stream_options") or {})
+        options["include_usage"] = True
+        return orjson.dumps({**self.body, "stream_options": options})
+
+
+def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) -> ChatRequest:
+    """Validate ``raw``; ``served_models`` (when known) limits which models may be asked for."""
+    body = _json_object(raw)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("you must provide a model parameter", param="model")
+    if served_models is not None and model not in served_models:
+        raise NotFoundError(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    _check_messages(body.get("messages"))
+    _check_scalars(body)
+    streaming = _optional(body, "stream", bool) or False
+    options = _optional(body, "stream_options", dict)
+    if options is not None and not streaming:
+        raise InvalidRequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    include_usage = bool(options and options.get("include_usage"))
+    return ChatRequest(body=body, model=model, streaming=streaming, include_usage=include_usage)
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly.)"
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    return body
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise InvalidRequestError("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"{param} must be an object.", param=param)
+        if message.get("role") not in _ROLES:
+            raise InvalidRequestError(
+                f"Invalid value for '{param}.role': expected one of {', '.join(sorted(_ROLES))}.",
+                param=f"{param}.role",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequestError(
+                f"Invalid type for '{param}.content': expected a string or an array.",
+                param=f"{param}.content",
+            )
+
+
+def _check_scalars(body: dict[str, Any]) -> None:
+    for name in _NUMBERS:
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InvalidRequestError(f"Invalid type for '{name}': expected a number.", param=name)
+    for name in _INTEGERS:
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidRequestError(
+                f"Invalid type for '{name}': expected an integer.", param=name
+            )
+        if name in ("max_tokens", "max_completion_tokens", "n") and value is not None and value < 1:
+            raise InvalidRequestError(f"'{name}' must be at least 1.", param=name)
+
+
+def _optional(body: dict[str, Any], name: str, kind: type[_T]) -> _T | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, kind):
+        raise InvalidRequestError(
+            f"Invalid type for '{name}': expected {kind.__name__}.", param=name
+        )
+    return value

@@ -1,0 +1,363 @@
+"""The built-in simulated provider: an OpenAI-compatible upstream that can misbehave on demand.
+
+It serves ``POST /v1/chat/completions`` (JSON and SSE) and ``GET /v1/models``. The text is
+derived deterministically from the prompt; every word of it is one token in both
+cl100k_base and o200k_base, so ``usage.completion_tokens`` equals the chunk count.
+
+Behaviour is steered per request by a directive in the last user message, e.g.
+``[sim chunks=50 delay_ms=20 fail=429 retry_after=2]`` (see ``Directive``). It keeps its own
+counts of completed and aborted streams (``SimStats``) so tests can assert what the provider
+saw, waiting on a condition rather than sleeping.
+
+Runs inside ``make run`` on an ephemeral loopback port, and alone with
+``python -m service.simulator --port N`` for the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+SIM_STATS: web.AppKey[SimStats] = web.AppKey("sim_stats")
+SIM_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+
+_DIRECTIVE = re.compile(r"\[sim(?P<args>(?:\s+[a-z_]+=[\w.\-]+)*)\s*\]")
+# Each is a single token, with its leading space, in cl100k_base and o200k_base.
+_WORDS = (
+    " the",
+    " river",
+    " stone",
+    " water",
+    " light",
+    " over",
+    " and",
+    " through",
+    " valley",
+    " quiet",
+    " morning",
+    " bright",
+    " cold",
+    " warm",
+    " long",
+    " road",
+    " sound",
+    " field",
+    " small",
+    " green",
+    " open",
+    " slow",
+    " deep",
+    " clear",
+)
+
+
+@dataclass(slots=True)
+class Directive:
+    """Per-request behaviour; every field is settable as ``name=value`` in ``[sim ...]``."""
+
+    chunks: int = 12  # content chunks, one token each
+    delay_ms: float = 0.0  # between chunks
+    first_delay_ms: float = 0.0  # before the first chunk (after headers)
+    header_delay_ms: float = 0.0  # before the response headers
+    fail: int = 0  # answer with this HTTP status instead
+    retry_after: float | None = None  # Retry-After on a failure
+    fail_times: int = 0  # with ``key``: fail only the first N attempts, then succeed
+    key: str = ""  # groups attempts for ``fail_times``
+    reset_after: int = -1  # drop the connection after N chunks
+    stall_after: int = -1  # stop sending (but keep the socket) after N chunks
+    malformed_after: int = -1  # send a chunk that is not JSON after N chunks
+    finish: str = "stop"
+
+    @classmethod
+    def parse(cls, text: str) -> Directive:
+        found = _DIRECTIVE.search(text)
+        directive = cls()
+        if found is None:
+            return directive
+        kinds = {f.name: f.type for f in fields(cls)}
+        for pair in found.group("args").split():
+            name, _, raw = pair.partition("=")
+            if name not in kinds:
+                raise ValueError(f"unknown sim directive {name!r}")
+            setattr(directive, name, _coerce(str(kinds[name]), raw))
+        return directive
+
+
+def _coerce(kind: str, raw: str) -> Any:
+    if kind == "int":
+        return int(raw)
+    if "float" in kind:
+        return float(raw)
+    return raw
+
+
+class SimStats:
+    """What the provider saw: counts plus a condition to wait on instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.started = 0
+        self.completed = 0
+        self.aborted = 0
+        self.chunks_sent: list[int] = []  # per aborted stream
+        self.open = 0
+        self.resets = 0
+        self.attempts: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def bump(self, **changes: int) -> None:
+        for name, delta in changes.items():
+            setattr(self, name, getattr(self, name) + delta)
+        self._changed.set()  # wakes every current waiter; they re-check their predicate
+        self._changed.clear()
+
+    async def wait_for(self, predicate: Callable[[SimStats], bool], limit_s: float = 10.0) -> None:
+        """Return once ``predicate(self)`` holds; the timeout is a safety net, not a clock."""
+        async with asyncio.timeout(limit_s):
+            while not predicate(self):
+                await self._changed.wait()
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+    return "\n".join(parts)
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else prompt_text({"messages": [message]})
+    return ""
+
+
+def completion_words(prompt: str, count: int) -> list[str]:
+    """The deterministic reply to ``prompt``: ``count`` single-token words."""
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+    rng = random.Random(seed)
+    return [rng.choice(_WORDS) for _ in range(count)]
+
+
+def approx_prompt_tokens(body: dict[str, Any]) -> int:
+    """OpenAI's chat overhead (3 per message + 3 for the reply) plus a word-ish count."""
+    messages = body.get("messages") or []
+    return 3 + sum(3 + len(re.findall(r"\w+|[^\w\s]", _msg_text(m))) for m in messages)
+
+
+def _msg_text(message: Any) -> str:
+    return prompt_text({"messages": [message]}) if isinstance(message, dict) else ""
+
+
+class Simulator:
+    """Request handlers of the simulated provider; ``prompt_tokens`` is injectable."""
+
+    def __init__(self, prompt_tokens: Callable[[dict[str, Any]], int] = approx_prompt_tokens):
+        self._prompt_tokens = prompt_tokens
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "sluice-sim"} for m in SIM_MODELS
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        stats = request.app[SIM_STATS]
+        stats.bump(requests=1)
+        body = orjson.loads(await request.read())
+        try:
+            directive = Directive.parse(last_user_text(body))
+        except ValueError as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        if failure := self._failure(directive, stats):
+            return failure
+        await _sleep_ms(directive.header_delay_ms)
+        words = completion_words(prompt_text(body), directive.chunks)
+        usage = self._usage(body, len(words))
+        if not body.get("stream"):
+            await _sleep_ms(directive.first_delay_ms)
+            return _json(_completion(body, words, usage, directive))
+        return await self._stream(request, body, words, usage, directive)
+
+    def _failure(self, directive: Directive, stats: SimStats) -> web.Response | None:
+        if not directive.fail:
+            return None
+        if directive.fail_times:
+            seen = stats.attempts.get(directive.key, 0)
+            stats.attempts[directive.key] = seen + 1
+            if seen >= directive.fail_times:
+                return None
+        headers = {}
+        if directive.retry_after is not None:
+            headers["Retry-After"] = f"{directive.retry_after:g}"
+        kind = "rate_limit_error" if directive.fail == 429 else "server_error"
+        return _error(directive.fail, f"simulated failure {directive.fail}", kind, headers)
+
+    def _usage(self, body: dict[str, Any], completion: int) -> dict[str, int]:
+        prompt = self._prompt_tokens(body)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        words: list[str],
+        usage: dict[str, int],
+        directive: Directive,
+    ) -> web.StreamResponse:
+        stats = request.app[SIM_STATS]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        stats.bump(started=1, open=1)
+        progress = [0]
+        try:
+            await self._send_chunks(response, body, words, usage, directive, progress)
+        except _Reset:
+            stats.bump(resets=1, open=-1)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except BaseException:
+            stats.chunks_sent.append(progress[0])
+            stats.bump(aborted=1, open=-1)
+            raise
+        stats.bump(completed=1, open=-1)
+        return response
+
+    async def _send_chunks(
+        self,
+        response: web.StreamResponse,
+        body: dict[str, Any],
+        words: list[str],
+        usage: dict[str, int],
+        directive: Directive,
+        progress: list[int],
+    ) -> None:
+        """Send the stream, counting content chunks in ``progress[0]``."""
+        base = _chunk_base(body)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        await _sleep_ms(directive.first_delay_ms)
+        await response.write(
+            _event(base, {"role": "assistant", "content": ""}, None, include_usage)
+        )
+        for index, word in enumerate(words):
+            if index == directive.reset_after:
+                raise _Reset
+            if index == directive.stall_after:
+                await asyncio.Event().wait()  # hold the socket open, send nothing, forever
+            if index == directive.malformed_after:
+                await response.write(b'data: {"id": "broken", "choices": [\n\n')
+            if index and directive.delay_ms:
+                await _sleep_ms(directive.delay_ms)
+            await response.write(_event(base, {"content": word}, None, include_usage))
+            progress[0] = index + 1
+        await response.write(_event(base, {}, directive.finish, include_usage))
+        if include_usage:
+            await response.write(
+                b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
+            )
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+
+
+class _Reset(Exception):
+    """Raised inside the simulator to drop the connection mid-stream."""
+
+
+def _chunk_base(body: dict[str, Any]) -> dict[str, Any]:
+    digest = hashlib.sha256(prompt_text(body).encode()).hexdigest()[:24]
+    return {
+        "id": f"chatcmpl-sim{digest}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": str(body.get("model") or SIM_MODELS[0]),
+        "system_fingerprint": "fp_sluice_sim",
+    }
+
+
+def _event(
+    base: dict[str, Any], delta: dict[str, Any], finish: str | None, usage_field: bool
+) -> bytes:
+    chunk: dict[str, Any] = {
+        **base,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if usage_field:
+        chunk["usage"] = None
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _completion(
+    body: dict[str, Any], words: list[str], usage: dict[str, int], d: Directive
+) -> dict[str, Any]:
+    base = _chunk_base(body)
+    message = {"role": "assistant", "content": "".join(words), "refusal": None}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": d.finish}
+    return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+def _error(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    payload = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return _json(payload, status, headers)
+
+
+def _json(
+    payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, headers=headers, content_type="application/json"
+    )
+
+
+async def _sleep_ms(milliseconds: float) -> None:
+    if milliseconds > 0:
+        await asyncio.sleep(milliseconds / 1000)
+
+
+def create_simulator_app(simulator: Simulator | None = None) -> web.Application:
+    """The simulated provider as an aiohttp application (mount at any port)."""
+    sim = simulator or Simulator()
+    app = web.Application()
+    app[SIM_STATS] = SimStats()
+    app.router.add_post("/v1/chat/completions", sim.chat)
+    app.router.add_get("/v1/models", sim.models)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Sluice's simulated OpenAI-compatible provider")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    args = parser.parse_args()
+    web.run_app(
+        create_simulator_app(),
+        host=args.host,
+        port=args.port,
+        handler_cancellation=True,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Server-Sent Events on the wire: an incremental decoder for the provider's stream and the
+encoders for ours. Pure: no server objects, no JSON.
+
+The decoder yields the raw ``data`` payload of each event as bytes, so the relay can
+forward the provider's bytes without re-serialising them.
+See https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+"""
+
+from __future__ import annotations
+
+DONE = b"[DONE]"
+KEEPALIVE = b": keepalive\n\n"
+
+
+class SSEDecoder:
+    """Split a byte stream into event ``data`` payloads; other fields are ignored."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Return the data of every event completed by ``chunk`` (possibly none)."""
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            buffer = _normalise_newlines(buffer)
+        *events, self._buffer = buffer.split(b"\n\n")
+        return [data for event in events if (data := _event_data(event)) is not None]
+
+    def flush(self) -> list[bytes]:
+        """Return a final event left without its blank line when the stream ended."""
+        rest, self._buffer = self._buffer, b""
+        data = _event_data(rest.rstrip(b"\r\n"))
+        return [] if data is None else [data]
+
+
+def _normalise_newlines(buffer: bytes) -> bytes:
+    # A trailing CR may be the first half of a CRLF split across reads: keep it back.
+    held = b"\r" if buffer.endswith(b"\r") else b""
+    body = buffer[:-1] if held else buffer
+    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+
+
+def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # the common case: one data line
+    lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(_field_value(line[5:]) for line in lines)
+
+
+def _field_value(value: bytes) -> bytes:
+    return value[1:] if value.startswith(b" ") else value
+
+
+def encode_event(seq: int, data: bytes) -> bytes:
+    """One SSE event with its sequence number as ``id``."""
+    return b"id: %d\ndata: %b\n\n" % (seq, data)
+
+
+def encode_retry(milliseconds: int) -> bytes:
+    """A reconnection hint with no data: the client should come back later."""
+    return b"retry: %d\n\n" % milliseconds

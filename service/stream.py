@@ -1,0 +1,219 @@
+"""One generation and its journal: the events clients read, and what was generated so far.
+
+A ``Stream`` is written by exactly one generation task and read by any number of readers
+(an SSE response, a WebSocket, a resumed connection). Readers never block the writer: the
+writer appends to ``events`` and wakes readers; each reader keeps its own position.
+
+Invariants: ``events[i]`` has sequence number ``i + 1``; once ``status`` leaves RUNNING
+nothing is appended again; the last event of an ended stream is ``[DONE]`` or an error,
+except for SHUTDOWN, which leaves the journal open-ended so the client resumes elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from .errors import SluiceError
+from .sse import DONE
+
+
+class StreamStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    CLIENT_GONE = "client_gone"
+    PROVIDER_ERROR = "provider_error"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+
+
+class Kind:
+    CHUNK = 0
+    DONE = 1
+    ERROR = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who a stream belongs to: only this user may read or cancel it."""
+
+    user_id: str
+    tenant: str
+    key_id: str
+
+
+@dataclass(slots=True)
+class Progress:
+    """What the provider has produced so far, assembled from the chunks as they pass."""
+
+    parts: list[str] = field(default_factory=list)
+    tool_calls: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    response_id: str | None = None
+    response_model: str | None = None
+    chunks: int = 0
+
+    def add_chunk(self, chunk: dict[str, Any]) -> bool:
+        """Fold one chunk in; return True when it carries only usage (no choices)."""
+        self.chunks += 1
+        if self.response_id is None:
+            self.response_id = chunk.get("id")
+            self.response_model = chunk.get("model")
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        choices = chunk.get("choices")
+        if not choices:
+            return usage is not None
+        for choice in choices:
+            if choice.get("index", 0) == 0:
+                self._add_choice(choice)
+        return False
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if content:
+            self.parts.append(content)
+        if delta.get("tool_calls"):
+            self.tool_calls.extend(delta["tool_calls"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+
+    def add_completion(self, body: dict[str, Any]) -> None:
+        """Fold a whole non-streamed completion in."""
+        self.response_id = body.get("id")
+        self.response_model = body.get("model")
+        self.usage = body.get("usage") or None
+        for choice in body.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                message = choice.get("message") or {}
+                if message.get("content"):
+                    self.parts.append(message["content"])
+                self.tool_calls.extend(message.get("tool_calls") or ())
+                self.finish_reason = choice.get("finish_reason")
+        self.chunks = 1
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class Stream:
+    """A generation's shared state; see the module docstring for its invariants."""
+
+    __slots__ = (
+        "_wake",
+        "accepted",
+        "body",
+        "cancel_reason",
+        "created_at",
+        "ended",
+        "ended_at",
+        "error",
+        "events",
+        "first_token_at",
+        "id",
+        "include_usage",
+        "model",
+        "owner",
+        "progress",
+        "readers",
+        "status",
+        "streaming",
+        "task",
+        "ticks",
+    )
+
+    def __init__(
+        self, stream_id: str, owner: Owner, *, model: str, streaming: bool, include_usage: bool
+    ) -> None:
+        self.id = stream_id
+        self.owner = owner
+        self.model = model
+        self.streaming = streaming
+        self.include_usage = include_usage
+        self.body: dict[str, Any] = {}
+        self.events: list[tuple[int, bytes]] = []
+        self.status = StreamStatus.RUNNING
+        self.error: SluiceError | None = None
+        self.cancel_reason: StreamStatus | None = None
+        self.progress = Progress()
+        self.readers = 0
+        self.task: asyncio.Task[None] | None = None
+        self.accepted = asyncio.Event()  # the provider answered 2xx, or the stream ended
+        self.ended = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.ticks = 0
+        self.created_at = time.time()
+        self.first_token_at: float | None = None
+        self.ended_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status is StreamStatus.RUNNING
+
+    @property
+    def failed_before_output(self) -> bool:
+        """Ended with an error and journaled nothing else: the client may get a plain error."""
+        return self.error is not None and all(kind == Kind.ERROR for kind, _ in self.events)
+
+    @property
+    def last_seq(self) -> int:
+        return len(self.events)
+
+    def append(self, kind: int, data: bytes) -> None:
+        """Add one event; readers see it after the next ``notify``."""
+        if self.first_token_at is None and kind == Kind.CHUNK:
+            self.first_token_at = time.time()
+        self.events.append((kind, data))
+
+    def notify(self) -> None:
+        """Wake every reader (after a batch of appends, or for a keepalive tick)."""
+        self._wake.set()
+        self._wake.clear()
+
+    def tick(self) -> None:
+        """Wake idle readers so they can send a keepalive."""
+        self.ticks += 1
+        self.notify()
+
+    def end(self, status: StreamStatus, error: SluiceError | None = None) -> None:
+        """Close the journal with its final event; idempotent."""
+        if not self.running:
+            return
+        self.status = status
+        self.error = error
+        if error is not None and status is not StreamStatus.SHUTDOWN:
+            self.events.append((Kind.ERROR, orjson.dumps(error.payload())))
+        elif status is StreamStatus.COMPLETED and self.streaming:
+            self.events.append((Kind.DONE, DONE))
+        self.ended_at = time.time()
+        self.accepted.set()
+        self.ended.set()
+        self.notify()
+
+    async def follow(self, after: int) -> AsyncIterator[list[tuple[int, int, bytes]]]:
+        """Yield ``(seq, kind, data)`` batches after ``after``; an empty batch is a tick."""
+        position = max(0, after)
+        while True:
+            if position < len(self.events):
+                batch = self.events[position:]
+                first = position + 1
+                position += len(batch)
+                yield [(first + i, kind, data) for i, (kind, data) in enumerate(batch)]
+                continue
+            if not self.running:
+                return
+            ticks = self.ticks
+            await self._wake.wait()
+            if self.ticks != ticks and position == len(self.events) and self.running:
+                yield []

@@ -1,0 +1,128 @@
+"""The provider connection: one shared aiohttp session to an OpenAI-compatible upstream.
+
+It owns the provider key (added to each request, never returned), turns non-2xx answers
+into ``ProviderStatusError`` with the provider's message (scrubbed of our key), and pumps a
+streamed body into a sink as raw SSE ``data`` payloads under two deadlines: time to first
+event, then the longest idle gap between reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .errors import ProviderConnectionError, ProviderStatusError, ProviderTimeoutError
+from .settings import ProviderSettings, Secret
+from .sse import SSEDecoder
+
+Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True at [DONE]
+
+REDACTED = "[redacted]"
+
+
+class Upstream:
+    """Requests to the provider; the session is owned by a cleanup context."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: ProviderSettings, base_url: str):
+        self._session = session
+        self._settings = settings
+        self._url = base_url.rstrip("/")
+        self._key = settings.api_key
+        self._headers = {"Content-Type": "application/json"}
+        if settings.api_key is not None:
+            self._headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
+
+    @property
+    def name(self) -> str:
+        return self._settings.name
+
+    async def post_chat(self, body: bytes, *, streaming: bool) -> aiohttp.ClientResponse:
+        """POST a chat completion; return the 2xx response, or raise the provider's error."""
+        headers = self._headers
+        if streaming:
+            headers = {**headers, "Accept": "text/event-stream"}
+        response = await self._session.post(
+            f"{self._url}/chat/completions", data=body, headers=headers
+        )
+        if response.status >= 300:
+            async with response:
+                raise await self._status_error(response)
+        return response
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        async with self._session.get(f"{self._url}/models", headers=self._headers) as response:
+            if response.status >= 300:
+                raise await self._status_error(response)
+            payload = orjson.loads(await response.read())
+        return [m for m in payload.get("data", []) if isinstance(m, dict)]
+
+    async def _status_error(self, response: aiohttp.ClientResponse) -> ProviderStatusError:
+        raw = await response.read()
+        detail = _error_detail(raw)
+        message = scrub(
+            str(detail.get("message") or f"The provider answered {response.status}."), self._key
+        )
+        headers = {}
+        for name in ("Retry-After", "retry-after-ms"):
+            if name in response.headers:
+                headers[name] = response.headers[name]
+        return ProviderStatusError(
+            message,
+            provider_status=response.status,
+            type_=_str_or_none(detail.get("type")),
+            param=_str_or_none(detail.get("param")),
+            code=_str_or_none(detail.get("code")),
+            headers=headers,
+        )
+
+    async def pump(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
+        """Feed the streamed body to ``sink`` until [DONE] or EOF, enforcing the deadlines."""
+        loop = asyncio.get_running_loop()
+        decoder = SSEDecoder()
+        idle = self._settings.idle_timeout_s
+        try:
+            async with asyncio.timeout(
+                loop.time() + self._settings.first_token_timeout_s
+            ) as deadline:
+                async for data in response.content.iter_any():
+                    payloads = decoder.feed(data)
+                    if payloads:
+                        deadline.reschedule(loop.time() + idle)
+                        if sink(payloads):
+                            return
+                rest = decoder.flush()
+                if rest and sink(rest):
+                    return
+        except TimeoutError:
+            raise ProviderTimeoutError("The provider stopped sending in time.") from None
+        raise ProviderConnectionError("The provider ended the stream without finishing it.")
+
+    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """Read a whole (non-streamed) body under the first-token deadline."""
+        async with asyncio.timeout(self._settings.first_token_timeout_s):
+            return await response.read()
+
+
+def scrub(text: str, key: Secret | None) -> str:
+    """Remove our provider key from ``text`` (providers sometimes echo a credential)."""
+    if key is None:
+        return text
+    secret = key.reveal()
+    return text.replace(secret, REDACTED) if secret and secret in text else text
+
+
+def _error_detail(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    detail = payload.get("error") if isinstance(payload, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

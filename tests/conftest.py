@@ -1,0 +1,78 @@
+"""Shared fixtures: a real simulated provider on a real port, and the gateway in front of it.
+
+Both run as aiohttp test servers (real sockets, handler cancellation on). Tests reach the
+provider's own counters through ``sim_stats`` and wait on them instead of sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.app import create_app
+from service.settings import ProviderSettings, Settings, StreamSettings
+from service.simulator import SIM_STATS, SimStats, create_simulator_app
+
+DEV_KEY = "sluice-dev-key"
+AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
+
+GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def sim(aiohttp_server: Any) -> TestServer:
+    """The simulated provider, alone on a loopback port."""
+    server: TestServer = await aiohttp_server(create_simulator_app())
+    return server
+
+
+@pytest.fixture
+def sim_stats(sim: TestServer) -> SimStats:
+    return sim.app[SIM_STATS]
+
+
+@pytest.fixture
+def sim_url(sim: TestServer) -> str:
+    return str(sim.make_url("/v1"))
+
+
+@pytest.fixture
+def settings(sim_url: str) -> Settings:
+    """Defaults, pointed at the test's simulator."""
+    return Settings(provider=ProviderSettings(base_url=sim_url))
+
+
+def with_streams(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, streams=replace(settings.streams or StreamSettings(), **changes))
+
+
+def with_provider(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, provider=replace(settings.provider, **changes))
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: Any, settings: Settings) -> GatewayFactory:
+    """Start a gateway (``create_app`` unchanged) for the given settings, default ``settings``."""
+
+    async def start(custom: Settings | None = None) -> TestClient[web.Request, web.Application]:
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            create_app(custom or settings)
+        )
+        return client
+
+    return start
+
+
+def chat_body(text: str = "Hello", *, stream: bool = True, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": text}],
+        "stream": stream,
+    }
+    body.update(extra)
+    return body
