@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean k8s-validate services
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ lint: install
 	$(VENV)/bin/ruff check service tests bench
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint k8s-validate services
 	$(PY) -m pytest
+
+# Render k8s/ (base + overlays) offline and validate every object against the schemas.
+k8s-validate: install
+	$(PY) scripts/k8s_validate.py k8s
+
+# Install redis-server/PostgreSQL when missing; the tests start private instances.
+services:
+	bash scripts/ensure-services.sh
 
 bench: install
 	$(PY) -m bench

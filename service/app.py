@@ -6,31 +6,95 @@ import weakref
 
 from aiohttp import web
 
-from .appkeys import LIFECYCLE, SERVED_MODELS, SETTINGS, STREAMS, WEBSOCKETS
+from . import tokens
+from .admission import Gate
+from .appkeys import (
+    GATE,
+    LIFECYCLE,
+    RESILIENCE,
+    RESPONSE_CACHE,
+    SERVED_MODELS,
+    SETTINGS,
+    STREAMS,
+    TELEMETRY,
+    WEBSOCKETS,
+)
+from .cache import MemoryResponseCache
 from .checkpoint import MemoryCheckpointStore
-from .handlers import chat, health, models, streams
+from .handlers import chat, health, models, streams, usage, ws
 from .lifecycle import Lifecycle
-from .middleware import auth_middleware, error_middleware
+from .middleware import add_admission_headers, auth_middleware, error_middleware
 from .registry import StreamRegistry
-from .resources import keyring_ctx, on_shutdown, simulator_ctx, streams_ctx, upstream_ctx
+from .resilience import Resilience
+from .resources import (
+    keyring_ctx,
+    ledger_ctx,
+    on_shutdown,
+    responder_ctx,
+    simulator_ctx,
+    streams_ctx,
+    tokens_ctx,
+    upstream_ctx,
+)
 from .settings import Settings
+from .shared import install_shared_state
+from .telemetry import Telemetry
+from .telemetry import http as telemetry_http
+from .telemetry.cost import ledger_cost
 
 
 def create_app(settings: Settings) -> web.Application:
     """Build the gateway for ``settings``; sockets and tasks open in the cleanup contexts."""
+    telemetry = Telemetry(settings)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[
+            error_middleware,
+            telemetry_http.telemetry_middleware(telemetry),  # inside: sees the error raised
+            auth_middleware,
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[TELEMETRY] = telemetry
+    app.on_response_prepare.append(telemetry_http.on_response_prepare)
     app[LIFECYCLE] = Lifecycle()
     app[SERVED_MODELS] = frozenset(settings.provider.models) or None
-    app[STREAMS] = StreamRegistry(settings.streams, MemoryCheckpointStore())
+    app[STREAMS] = StreamRegistry(
+        settings.streams,
+        MemoryCheckpointStore(),
+        count_text=tokens.count_text,
+        count_prompt=tokens.count_chat,
+    )
+    app[GATE] = Gate(settings.limits, settings.money)
+    app[STREAMS].finish_hooks.append(app[GATE].on_finish)  # settle + one ledger row
+    app[STREAMS].finish_hooks.append(telemetry.stream_finished)  # after the ledger: its cost
+    app[STREAMS].observers.append(telemetry.stream_event)
+    telemetry.cost_of = ledger_cost(app[GATE])
+    app.on_response_prepare.append(add_admission_headers)
     app[WEBSOCKETS] = weakref.WeakSet()
+    app[RESILIENCE] = Resilience.from_settings(settings)
+    app[RESPONSE_CACHE] = (
+        MemoryResponseCache(max_bytes=settings.cache.max_bytes) if settings.cache.enabled else None
+    )
 
-    app.cleanup_ctx.extend([keyring_ctx, simulator_ctx, upstream_ctx, streams_ctx])
+    app.cleanup_ctx.extend(
+        [
+            telemetry_http.telemetry_ctx,  # first, so it flushes last
+            telemetry_http.metrics_port_ctx,
+            tokens_ctx,
+            ledger_ctx,
+            keyring_ctx,
+            simulator_ctx,
+            upstream_ctx,
+            responder_ctx,
+            streams_ctx,
+        ]
+    )
     app.on_shutdown.append(on_shutdown)
+    install_shared_state(app)  # after every in-process store exists: it wraps them
     _add_routes(app.router)
+    if settings.telemetry.metrics_port is None:
+        app.router.add_get(telemetry_http.METRICS_PATH, telemetry_http.metrics)
     return app
 
 
@@ -39,6 +103,8 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/readyz", health.readyz)
     router.add_post("/v1/chat/completions", chat.create_chat_completion)
     router.add_get("/v1/models", models.list_models)
+    router.add_get("/v1/usage", usage.get_usage)
     router.add_get("/v1/streams/{stream_id}", streams.get_stream)
     router.add_get("/v1/streams/{stream_id}/events", streams.stream_events)
     router.add_post("/v1/streams/{stream_id}/cancel", streams.cancel_stream)
+    router.add_get("/v1/ws", ws.websocket)

@@ -3,15 +3,20 @@
     SluiceError                        status, OpenAI ``type`` and ``code``
     ├── InvalidRequestError            400 invalid_request_error
     ├── AuthenticationError            401 invalid_api_key
+    ├── PermissionDeniedError          403 (e.g. another user's usage without an admin key)
     ├── NotFoundError                  404
     ├── MethodNotAllowedError          405
     ├── PayloadTooLargeError           413
     ├── RateLimitError                 429 (carries Retry-After and x-ratelimit-* headers)
-    ├── ServiceUnavailableError        503 (draining, breaker open)
+    │   └── BudgetExceededError        429 budget_exceeded: a USD budget is spent
+    ├── ServiceUnavailableError        503 (draining)
+    │   └── CircuitOpenError           503 the provider's breaker is open (Retry-After)
     ├── StreamEndedError               409 a stream was cancelled or abandoned before its end
+    ├── HTTPStatusError                any other status the HTTP layer raised (408, 415, ...)
     └── ProviderError                  502 the upstream failed us
         ├── ProviderStatusError        the upstream answered non-2xx (4xx passed through)
         ├── ProviderTimeoutError       504 connect, first-token or idle timeout
+        │   └── ProviderConnectTimeoutError  504 no connection in time (safe to retry)
         ├── ProviderConnectionError    502 refused, reset, closed mid-stream
         └── ProviderProtocolError      502 the upstream sent something that is not a chunk
 
@@ -23,6 +28,7 @@ a WebSocket ``error`` frame after it. ``translate`` maps aiohttp/asyncio/OS exce
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -80,6 +86,12 @@ class AuthenticationError(SluiceError):
     default_code = "invalid_api_key"
 
 
+class PermissionDeniedError(SluiceError):
+    status = 403
+    type = "invalid_request_error"
+    default_code = "permission_denied"
+
+
 class NotFoundError(SluiceError):
     status = 404
     type = "invalid_request_error"
@@ -104,10 +116,46 @@ class RateLimitError(SluiceError):
     default_code = "rate_limit_exceeded"
 
 
+class BudgetExceededError(RateLimitError):
+    type = "insufficient_quota"
+    default_code = "budget_exceeded"
+
+
 class ServiceUnavailableError(SluiceError):
     status = 503
     type = "server_error"
     default_code = "service_unavailable"
+
+
+class CircuitOpenError(ServiceUnavailableError):
+    """The breaker guarding the provider (or model) is open: fail fast, come back later."""
+
+    default_code = "circuit_open"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(message, headers={"Retry-After": str(seconds)})
+        self.retry_after_s = retry_after_s
+
+
+class HTTPStatusError(SluiceError):
+    """A status aiohttp itself raised that has no leaf of its own: kept, OpenAI-shaped."""
+
+    def __init__(
+        self, message: str, *, status: int, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, code=str(status), headers=headers)
+        self._status = status
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+    def payload(self) -> dict[str, Any]:
+        body = super().payload()
+        if self._status < 500:
+            body["error"]["type"] = "invalid_request_error"
+        return body
 
 
 class StreamEndedError(SluiceError):
@@ -163,6 +211,10 @@ class ProviderTimeoutError(ProviderError):
     default_code = "provider_timeout"
 
 
+class ProviderConnectTimeoutError(ProviderTimeoutError):
+    default_code = "provider_connect_timeout"
+
+
 class ProviderConnectionError(ProviderError):
     default_code = "provider_connection_error"
 
@@ -179,6 +231,8 @@ def translate(exc: BaseException) -> SluiceError:
     """
     if isinstance(exc, SluiceError):
         return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ProviderConnectTimeoutError("The provider could not be reached in time.")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return ProviderTimeoutError("The provider did not answer in time.")
     if isinstance(exc, aiohttp.ClientPayloadError):

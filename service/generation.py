@@ -8,24 +8,30 @@ because Sluice always asks the provider for usage so it can bill exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from .errors import ProviderProtocolError, ProviderStatusError
+from .resilience import ResilientProvider
 from .sse import DONE
 from .stream import Kind, Stream
-from .upstream import Upstream
 
 
-async def generate(stream: Stream, upstream: Upstream, body: bytes) -> None:
-    """Run the provider call for ``stream``; raises ``SluiceError`` on provider failure."""
-    response = await upstream.post_chat(body, streaming=stream.streaming)
+async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> None:
+    """Run the provider call for ``stream``; raises ``SluiceError`` on provider failure.
+
+    ``post_chat`` retries and falls back only until the provider answers 2xx; from then on
+    nothing is repeated.
+    """
+    response = await upstream.post_chat(body, streaming=stream.streaming, route=stream)
     completed = False
     try:
         stream.accepted.set()
         if stream.streaming:
-            await upstream.pump(response, lambda payloads: _relay(stream, payloads))
+            redact = upstream.redact
+            await upstream.pump(response, lambda payloads: _relay(stream, payloads, redact))
         else:
             raw = await upstream.read_body(response)
             stream.progress.add_completion(_parse(raw))
@@ -39,7 +45,7 @@ async def generate(stream: Stream, upstream: Upstream, body: bytes) -> None:
             response.close()  # drop the connection: the provider sees it and stops generating
 
 
-def _relay(stream: Stream, payloads: list[bytes]) -> bool:
+def _relay(stream: Stream, payloads: list[bytes], redact: Callable[[str], str]) -> bool:
     """Journal a batch of provider payloads; return True once [DONE] arrived."""
     done = False
     progress = stream.progress
@@ -49,7 +55,7 @@ def _relay(stream: Stream, payloads: list[bytes]) -> bool:
             break
         chunk = _parse(raw)
         if "error" in chunk:
-            raise _midstream_error(chunk["error"])
+            raise _midstream_error(chunk["error"], redact)
         if progress.add_chunk(chunk) and not stream.include_usage:
             continue
         stream.append(Kind.CHUNK, raw)
@@ -67,10 +73,10 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _midstream_error(detail: Any) -> ProviderStatusError:
+def _midstream_error(detail: Any, redact: Callable[[str], str]) -> ProviderStatusError:
     detail = detail if isinstance(detail, dict) else {}
     return ProviderStatusError(
-        str(detail.get("message") or "The provider reported an error mid-stream."),
+        redact(str(detail.get("message") or "The provider reported an error mid-stream.")),
         provider_status=502,
         type_=detail.get("type") if isinstance(detail.get("type"), str) else None,
         code=detail.get("code") if isinstance(detail.get("code"), str) else None,

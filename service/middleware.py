@@ -12,8 +12,9 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .appkeys import KEYRING, PRINCIPAL
+from .appkeys import ADMITTED, KEYRING, PRINCIPAL
 from .errors import (
+    HTTPStatusError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
@@ -54,10 +55,15 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Sluice
     if exc.status == 404:
         return NotFoundError(f"Unknown request URL: {request.method} {request.path}.")
     if exc.status == 405:
-        return MethodNotAllowedError(f"Method {request.method} is not allowed on {request.path}.")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return MethodNotAllowedError(
+            f"Method {request.method} is not allowed on {request.path}.", headers=allow
+        )
     if exc.status == 413:
         return PayloadTooLargeError("The request body is too large.")
-    return InvalidRequestError(exc.reason or "The request is invalid.", code=str(exc.status))
+    if exc.status == 400:
+        return InvalidRequestError(exc.reason or "The request is invalid.")
+    return HTTPStatusError(exc.reason or "The request could not be handled.", status=exc.status)
 
 
 @web.middleware
@@ -67,3 +73,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         keyring = request.app[KEYRING]
         request[PRINCIPAL] = keyring.authenticate(request.headers.get("Authorization"))
     return await handler(request)
+
+
+async def add_admission_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: an admitted request's ``x-ratelimit-*`` and budget headers."""
+    admission = request.get(ADMITTED)
+    if admission is not None:
+        for name, value in admission.headers.items():
+            response.headers.setdefault(name, value)

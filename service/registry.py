@@ -15,6 +15,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from .checkpoint import (
     Checkpoint,
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 FinishHook = Callable[[Stream, Checkpoint], Awaitable[None]]
 
 MAX_RETAINED = 10_000  # ended streams kept in memory for replay, oldest dropped first
+MAX_RETAINED_BYTES = 256 * 1024 * 1024  # and at most this much of their journals
 
 _ENDED_ERRORS = {
     StreamStatus.CANCELLED: ("The stream was cancelled.", "stream_cancelled"),
@@ -59,8 +61,14 @@ class StreamRegistry:
         self.count_text = count_text
         self.count_prompt = count_prompt
         self.finish_hooks: list[FinishHook] = []
+        self.launch_hooks: list[Callable[[Stream], None]] = []  # e.g. the Redis journal mirror
+        # Told (stream, event) of "client_disconnected" and "grace_expired" (telemetry).
+        self.observers: list[Callable[[Stream, str], None]] = []
         self._live: dict[str, Stream] = {}
-        self._ended: OrderedDict[str, tuple[float, Stream]] = OrderedDict()
+        # Ended streams, oldest first, for replay until their checkpoint's TTL (or the bounds
+        # above) runs out; the checkpoint rides along so a replay and GET agree.
+        self._ended: OrderedDict[str, _Retained] = OrderedDict()
+        self._retained_bytes = 0
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._clock = clock
 
@@ -73,12 +81,14 @@ class StreamRegistry:
         if stream is not None:
             return stream
         entry = self._ended.get(stream_id)
-        return entry[1] if entry is not None and entry[0] > self._clock() else None
+        return entry.stream if entry is not None and entry.expires_at > self._clock() else None
 
     def launch(self, stream: Stream, work: Awaitable[None]) -> None:
         """Run ``work`` as the stream's generation task, owned by the registry."""
         self._live[stream.id] = stream
         stream.task = asyncio.create_task(self._run(stream, work), name=f"stream-{stream.id}")
+        for hook in self.launch_hooks:
+            hook(stream)
 
     def attach(self, stream: Stream) -> None:
         stream.readers += 1
@@ -90,6 +100,8 @@ class StreamRegistry:
         stream.readers -= 1
         if stream.readers > 0 or not stream.running:
             return
+        for observe in self.observers:
+            observe(stream, "client_disconnected")
         grace = self._settings.disconnect_grace_s
         if grace <= 0:
             self.cancel(stream, StreamStatus.CLIENT_GONE)
@@ -109,6 +121,8 @@ class StreamRegistry:
     def _grace_expired(self, stream: Stream) -> None:
         self._grace.pop(stream.id, None)
         if stream.readers == 0:
+            for observe in self.observers:
+                observe(stream, "grace_expired")
             self.cancel(stream, StreamStatus.CLIENT_GONE)
 
     def cancel(self, stream: Stream, reason: StreamStatus = StreamStatus.CANCELLED) -> bool:
@@ -116,7 +130,10 @@ class StreamRegistry:
         if not stream.running or stream.task is None or stream.cancel_reason is not None:
             return False
         stream.cancel_reason = reason
-        stream.task.cancel()
+        # Not task.cancel() now: a task cancelled before its first step never enters _run,
+        # so the stream would never end or be checkpointed. That step is already queued, so
+        # by this callback the task is inside _run (or has ended, and is left alone).
+        asyncio.get_running_loop().call_soon(_cancel_running, stream)
         return True
 
     async def _run(self, stream: Stream, work: Awaitable[None]) -> None:
@@ -149,12 +166,21 @@ class StreamRegistry:
             except Exception:
                 log.exception("finish hook %r failed for stream %s", hook, stream.id)
         self._live.pop(stream.id, None)
-        self._ended[stream.id] = (self._clock() + self._settings.checkpoint_ttl_s, stream)
-        while len(self._ended) > MAX_RETAINED:
-            self._ended.popitem(last=False)
+        expires_at = self._clock() + self._settings.checkpoint_ttl_s
+        size = sum(len(data) for _, data in stream.events)
+        self._ended[stream.id] = _Retained(expires_at, stream, checkpoint, size)
+        self._retained_bytes += size
+        while len(self._ended) > MAX_RETAINED or self._retained_bytes > MAX_RETAINED_BYTES:
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        self._retained_bytes -= self._ended.popitem(last=False)[1].size
 
     def snapshot(self, stream: Stream) -> Checkpoint:
-        """The checkpoint a stream would have if it ended now (for a running stream)."""
+        """The checkpoint a stream would have if it ended now (its own once it has ended)."""
+        retained = self._ended.get(stream.id)
+        if retained is not None:
+            return retained.checkpoint
         return checkpoint_of(stream, self.count_text, self.count_prompt)
 
     def tick(self) -> None:
@@ -162,8 +188,8 @@ class StreamRegistry:
         for stream in self._live.values():
             stream.tick()
         now = self._clock()
-        while self._ended and next(iter(self._ended.values()))[0] <= now:
-            self._ended.popitem(last=False)
+        while self._ended and next(iter(self._ended.values())).expires_at <= now:
+            self._forget_oldest()
 
     async def drain(self, window_s: float) -> None:
         """Let running streams finish for ``window_s``, then end the rest as SHUTDOWN."""
@@ -175,6 +201,19 @@ class StreamRegistry:
         remaining = [s.task for s in self._live.values() if s.task is not None]
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
+
+
+def _cancel_running(stream: Stream) -> None:
+    if stream.running and stream.task is not None:
+        stream.task.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Retained:
+    expires_at: float
+    stream: Stream
+    checkpoint: Checkpoint
+    size: int  # journal bytes
 
 
 def _ended(status: StreamStatus) -> tuple[StreamStatus, SluiceError]:

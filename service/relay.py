@@ -9,6 +9,8 @@ tick; a stream ended by shutdown closes with a ``retry:`` hint instead of ``[DON
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from .registry import StreamRegistry
@@ -16,6 +18,9 @@ from .sse import KEEPALIVE, encode_event, encode_retry
 from .stream import Stream, StreamStatus
 
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
+MODEL_HEADER = "X-Sluice-Model"  # the model that served (or was last tried)
+FALLBACK_HEADER = "X-Sluice-Fallback-Reason"  # breaker_open, retries_exhausted, budget_pressure
+CACHE_HEADER = "X-Sluice-Cache"  # hit, miss or bypass
 RESUME_RETRY_MS = 1000
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -28,8 +33,10 @@ async def stream_sse(
     request: web.Request, registry: StreamRegistry, stream: Stream, *, after: int = 0
 ) -> web.StreamResponse:
     """Send ``stream`` from ``after`` to the client until it ends or the client leaves."""
-    response = web.StreamResponse(headers={**SSE_HEADERS, STREAM_ID_HEADER: stream.id})
-    with registry.reading(stream):
+    response = web.StreamResponse(headers={**SSE_HEADERS, **stream_headers(stream)})
+    with registry.reading(stream), contextlib.suppress(ConnectionResetError):
+        # ConnectionResetError: the client left mid-write (before handler cancellation
+        # reached us); leaving the block detaches, which is all a disconnect needs.
         await response.prepare(request)
         async for batch in stream.follow(after):
             if batch:
@@ -40,3 +47,15 @@ async def stream_sse(
             await response.write(encode_retry(RESUME_RETRY_MS))
         await response.write_eof()
     return response
+
+
+def stream_headers(stream: Stream) -> dict[str, str]:
+    """Which stream this is, which model served it, and why: fallback and cache status."""
+    headers = {
+        STREAM_ID_HEADER: stream.id,
+        MODEL_HEADER: stream.served_model,
+        CACHE_HEADER: stream.cache_status,
+    }
+    if stream.fallback_reason is not None:
+        headers[FALLBACK_HEADER] = stream.fallback_reason
+    return headers

@@ -12,15 +12,53 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from .appkeys import KEYRING, LIFECYCLE, SETTINGS, STREAMS, UPSTREAM, WEBSOCKETS
+from . import tokens
+from .appkeys import (
+    GATE,
+    KEYRING,
+    LIFECYCLE,
+    PROVIDER,
+    RESILIENCE,
+    RESPONDER,
+    RESPONSE_CACHE,
+    SETTINGS,
+    STREAMS,
+    TELEMETRY,
+    UPSTREAM,
+    WEBSOCKETS,
+)
 from .auth import KeyRing
-from .simulator import create_simulator_app
+from .budgets import month_start
+from .ledger import SqliteLedger
+from .resilience import ResilientProvider
+from .serving import Responder
+from .simulator import Simulator, create_simulator_app
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 PROVIDER_URL: web.AppKey[str] = web.AppKey("provider_url")
 SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
+
+
+async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load tiktoken's encodings from the packaged data, in a thread (once per process)."""
+    await asyncio.to_thread(tokens.warm)
+    yield
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The durable ledger (SQLite under the data dir); budgets resume from its totals.
+
+    Closed after the streams have drained, so every finish hook's record is flushed.
+    """
+    gate, money = app[GATE], app[SETTINGS].money
+    if money.data_dir is not None and app[SETTINGS].shared.database_url is None:  # else shared.py
+        path = money.data_dir / "ledger.sqlite3"
+        gate.ledger = await asyncio.to_thread(SqliteLedger, path)
+    gate.budgets.load(await gate.ledger.spend_since(month_start(gate.clock())))
+    yield
+    await gate.ledger.close()
 
 
 async def keyring_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -35,7 +73,8 @@ async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
         app[PROVIDER_URL] = provider.base_url
         yield
         return
-    runner = web.AppRunner(create_simulator_app(), handler_cancellation=True, access_log=None)
+    simulator = create_simulator_app(Simulator(prompt_tokens=tokens.count_body))
+    runner = web.AppRunner(simulator, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -58,6 +97,25 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     ) as session:
         app[UPSTREAM] = Upstream(session, provider, app[PROVIDER_URL])
         yield
+
+
+async def responder_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Retries, breakers and fallbacks around the upstream; the cache in front of them."""
+    settings = app[SETTINGS]
+    app[PROVIDER] = ResilientProvider(app[UPSTREAM], app[RESILIENCE], app[TELEMETRY])
+    responder = Responder(
+        app[PROVIDER],
+        app[RESPONSE_CACHE],
+        ttl_s=settings.cache.ttl_s,
+        degrade_to_cache=settings.resilience.degrade_to_cache,
+    )
+    gate, soft = app[GATE], settings.money.soft_fraction
+    responder.under_pressure = lambda stream: (  # past the budget warning: the cheaper model
+        gate.budgets.pressure(stream.owner.user_id, stream.owner.tenant) >= soft
+    )
+    app[RESPONDER] = responder
+    app[STREAMS].finish_hooks.append(responder.fill)
+    yield
 
 
 async def streams_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -83,8 +141,12 @@ async def on_shutdown(app: web.Application) -> None:
     """SIGTERM: refuse readiness, let streams finish for the drain window, end the rest."""
     app[LIFECYCLE].draining = True
     await app[STREAMS].drain(app[SETTINGS].server.drain_s)
+    # All at once: a dead peer holds its close for the whole timeout.
     websockets = app[WEBSOCKETS]
-    for ws in list(websockets):
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT_S):
-                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    await asyncio.gather(*(_going_away(ws) for ws in list(websockets)))
+
+
+async def _going_away(ws: web.WebSocketResponse) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(SHUTDOWN_CLOSE_TIMEOUT_S):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")

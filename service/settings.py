@@ -7,11 +7,15 @@ them all. Every parse error names the variable that caused it.
 
 from __future__ import annotations
 
+import re
 import secrets as _secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar
+from urllib.parse import unquote
+
+import orjson
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -25,7 +29,36 @@ DEFAULT_CHECKPOINT_TTL_S = 3600.0
 DEFAULT_DRAIN_S = 25.0
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_DEV_KEY = "sluice-dev-key"
+DEFAULT_REDIS_TIMEOUT_S = 0.25
+DEFAULT_LEDGER_BUFFER = 10_000
 DEFAULT_SIMULATED_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_MAX_STREAMS_PER_USER = 256
+DEFAULT_DATA_DIR = "data"
+DEFAULT_BUDGET_SOFT_FRACTION = 0.8
+DEFAULT_RETRY_MAX_ATTEMPTS = 3
+DEFAULT_RETRY_BASE_DELAY_S = 0.5
+DEFAULT_RETRY_MAX_DELAY_S = 8.0
+DEFAULT_RETRY_BUDGET_S = 15.0
+DEFAULT_BREAKER_FAIL_MAX = 5
+DEFAULT_BREAKER_RESET_S = 30.0
+DEFAULT_CACHE_TTL_S = 3600.0
+DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_SERVICE_NAME = "sluice"
+DEFAULT_REDACT_PATTERNS = (
+    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",  # e-mail addresses
+    r"\bsk-[A-Za-z0-9_-]{6,}",  # OpenAI-style secret keys
+)
+OTEL_SAMPLERS = frozenset(
+    {
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    }
+)
 
 ProviderKind = Literal["simulated", "openai"]
 
@@ -91,11 +124,114 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResilienceSettings:
+    """Retries, circuit breakers and the fallback chain (see ``resilience.py``)."""
+
+    retry_max_attempts: int = DEFAULT_RETRY_MAX_ATTEMPTS
+    retry_base_delay_s: float = DEFAULT_RETRY_BASE_DELAY_S
+    retry_max_delay_s: float = DEFAULT_RETRY_MAX_DELAY_S
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    breaker_fail_max: int = DEFAULT_BREAKER_FAIL_MAX
+    breaker_reset_s: float = DEFAULT_BREAKER_RESET_S
+    breaker_per_model: frozenset[str] = frozenset()  # "*" gives every model its own breaker
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    degrade_to_cache: bool = True  # last tier: serve a cached answer when nothing else can
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = True
+    ttl_s: float = DEFAULT_CACHE_TTL_S
+    max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class SharedStateSettings:
+    """Scale-out: Redis for shared state, PostgreSQL for the ledger; both off by default."""
+
+    redis_url: Secret | None = None  # may carry a password
+    redis_failure: Literal["open", "closed"] = "closed"
+    redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
+    redis_breaker_fail_max: int = 3
+    redis_breaker_reset_s: float = 5.0
+    database_url: Secret | None = None
+    ledger_buffer: int = DEFAULT_LEDGER_BUFFER
+    ledger_batch: int = 500
+    ledger_flush_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Rate limits, stream caps, the max_tokens policy (``limits.py``, ``context.py``).
+
+    Rates are per minute; 0 means unlimited. ``max_tokens_cap`` 0 means the model's own
+    output ceiling. Per-key overrides come from the keys file (``admission.py``).
+    """
+
+    user_rpm: int = 0
+    user_tpm: int = 0
+    tenant_rpm: int = 0
+    tenant_tpm: int = 0
+    global_rpm: int = 0
+    global_tpm: int = 0
+    max_streams_per_user: int = DEFAULT_MAX_STREAMS_PER_USER
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_cap: int = 0
+    reject_over_cap: bool = False
+    context_windows: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MoneySettings:
+    """Prices, the ledger and USD budgets (``pricing.py``, ``ledger.py``, ``budgets.py``).
+
+    ``data_dir`` None keeps the ledger in memory (the dataclass default, for tests); from the
+    environment it defaults to ``./data`` (SQLite). Budgets of None are unlimited.
+    """
+
+    data_dir: Path | None = None
+    prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    user_daily_usd: float | None = None
+    user_monthly_usd: float | None = None
+    tenant_daily_usd: float | None = None
+    tenant_monthly_usd: float | None = None
+    soft_fraction: float = DEFAULT_BUDGET_SOFT_FRACTION
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """Traces, metrics and logs (``service/telemetry/``); no exporter without an endpoint."""
+
+    traces_endpoint: str | None = None  # the full OTLP/HTTP URL, ending in /v1/traces
+    otlp_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # may hold tokens
+    otlp_timeout_s: float = 10.0
+    service_name: str = DEFAULT_SERVICE_NAME
+    resource_attributes: Mapping[str, str] = field(default_factory=dict)
+    sampler: str = "parentbased_always_on"
+    sampler_arg: float = 1.0
+    bsp_schedule_delay_ms: int = 5000
+    bsp_max_queue_size: int = 2048
+    bsp_max_export_batch_size: int = 512
+    capture_content: bool = False  # prompt and completion text on spans: opt-in only
+    metrics_port: int | None = None  # None: GET /metrics on the main port, admin key needed
+    log_format: Literal["json", "text"] = "text"
+    log_level: str = "INFO"
+    access_log: bool = True
+    redact_patterns: tuple[str, ...] = DEFAULT_REDACT_PATTERNS
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     provider: ProviderSettings = field(default_factory=ProviderSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    resilience: ResilienceSettings = field(default_factory=ResilienceSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    shared: SharedStateSettings = field(default_factory=SharedStateSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    money: MoneySettings = field(default_factory=MoneySettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -122,6 +258,16 @@ class Settings:
                 ),
             ),
             auth=_auth_from_env(reader, provider),
+            shared=_shared_from_env(reader),
+            limits=_limits_from_env(reader),
+            money=_money_from_env(reader),
+            resilience=_resilience_from_env(reader),
+            cache=CacheSettings(
+                enabled=_flag(reader, "SLUICE_CACHE", True),
+                ttl_s=reader.number("SLUICE_CACHE_TTL_S", DEFAULT_CACHE_TTL_S, low=1.0),
+                max_bytes=reader.integer("SLUICE_CACHE_MAX_BYTES", DEFAULT_CACHE_MAX_BYTES, low=0),
+            ),
+            telemetry=_telemetry_from_env(reader, provider),
         )
 
 
@@ -230,3 +376,275 @@ def _auth_from_env(reader: _EnvReader, provider: ProviderSettings) -> AuthSettin
     if keys_file is None:
         dev_key = Secret(reader.text("SLUICE_DEV_KEY", DEFAULT_DEV_KEY))
     return AuthSettings(client_keys_file=Path(keys_file) if keys_file else None, dev_key=dev_key)
+
+
+def _resilience_from_env(reader: _EnvReader) -> ResilienceSettings:
+    per_model = reader.raw("SLUICE_BREAKER_PER_MODEL") or ""
+    return ResilienceSettings(
+        retry_max_attempts=reader.integer(
+            "SLUICE_RETRY_MAX_ATTEMPTS", DEFAULT_RETRY_MAX_ATTEMPTS, low=1, high=20
+        ),
+        retry_base_delay_s=reader.number("SLUICE_RETRY_BASE_DELAY_S", DEFAULT_RETRY_BASE_DELAY_S),
+        retry_max_delay_s=reader.number("SLUICE_RETRY_MAX_DELAY_S", DEFAULT_RETRY_MAX_DELAY_S),
+        retry_budget_s=reader.number("SLUICE_RETRY_BUDGET_S", DEFAULT_RETRY_BUDGET_S),
+        breaker_fail_max=reader.integer("SLUICE_BREAKER_FAIL_MAX", DEFAULT_BREAKER_FAIL_MAX, low=1),
+        breaker_reset_s=reader.number("SLUICE_BREAKER_RESET_S", DEFAULT_BREAKER_RESET_S, low=0.001),
+        breaker_per_model=frozenset(m.strip() for m in per_model.split(",") if m.strip()),
+        fallbacks=_fallbacks(reader.raw("SLUICE_FALLBACKS")),
+        degrade_to_cache=_flag(reader, "SLUICE_DEGRADE_TO_CACHE", True),
+    )
+
+
+def _fallbacks(raw: str | None) -> dict[str, tuple[str, ...]]:
+    """``{"gpt-4o": ["gpt-4o-mini"]}``: the models to try, in order, when one fails."""
+    if raw is None:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except ValueError:
+        raise ConfigError("SLUICE_FALLBACKS must be a JSON object") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(chain, list) and all(isinstance(m, str) and m for m in chain)
+        for chain in value.values()
+    ):
+        raise ConfigError('SLUICE_FALLBACKS must look like {"gpt-4o": ["gpt-4o-mini"]}')
+    return {model: tuple(chain) for model, chain in value.items()}
+
+
+def _flag(reader: _EnvReader, name: str, default: bool) -> bool:
+    raw = reader.raw(name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
+    failure = reader.text("SLUICE_REDIS_FAILURE", "closed")
+    if failure not in ("open", "closed"):
+        raise ConfigError(f"SLUICE_REDIS_FAILURE must be 'open' or 'closed', got {failure!r}")
+    redis_url = reader.raw("SLUICE_REDIS_URL")
+    database_url = reader.raw("SLUICE_DATABASE_URL")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("SLUICE_REDIS_URL must start with redis://, rediss:// or unix://")
+    if database_url and not database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("SLUICE_DATABASE_URL must start with postgresql://")
+    return SharedStateSettings(
+        redis_url=Secret(redis_url) if redis_url else None,
+        redis_failure="open" if failure == "open" else "closed",
+        redis_timeout_s=reader.number(
+            "SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001
+        ),
+        database_url=Secret(database_url) if database_url else None,
+        ledger_buffer=reader.integer("SLUICE_LEDGER_BUFFER", DEFAULT_LEDGER_BUFFER, low=1),
+    )
+
+
+def _limits_from_env(reader: _EnvReader) -> LimitSettings:
+    policy = reader.text("SLUICE_MAX_TOKENS_POLICY", "clamp")
+    if policy not in ("clamp", "reject"):
+        raise ConfigError(f"SLUICE_MAX_TOKENS_POLICY must be 'clamp' or 'reject', got {policy!r}")
+    rate = {
+        f"{tier}_{unit}": reader.integer(f"SLUICE_{unit.upper()}_{suffix}", 0, low=0)
+        for tier, suffix in (("user", "PER_USER"), ("tenant", "PER_TENANT"), ("global", "GLOBAL"))
+        for unit in ("rpm", "tpm")
+    }
+    return LimitSettings(
+        **rate,
+        max_streams_per_user=reader.integer(
+            "SLUICE_MAX_STREAMS_PER_USER", DEFAULT_MAX_STREAMS_PER_USER, low=0
+        ),
+        default_max_tokens=reader.integer("SLUICE_DEFAULT_MAX_TOKENS", DEFAULT_MAX_TOKENS, low=1),
+        max_tokens_cap=reader.integer("SLUICE_MAX_TOKENS_CAP", 0, low=0),
+        reject_over_cap=policy == "reject",
+        context_windows=_context_windows(reader.raw("SLUICE_CONTEXT_WINDOWS")),
+    )
+
+
+def _context_windows(raw: str | None) -> dict[str, int]:
+    """``{"my-model": 32768}``: context windows added to (or replacing) the built-in table."""
+    document = _json_value("SLUICE_CONTEXT_WINDOWS", raw) if raw else {}
+    if not isinstance(document, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in document.values()
+    ):
+        raise ConfigError('SLUICE_CONTEXT_WINDOWS must be a JSON object {"model": tokens}')
+    return document
+
+
+def _money_from_env(reader: _EnvReader) -> MoneySettings:
+    ledger = reader.text("SLUICE_LEDGER", "sqlite")
+    if ledger not in ("sqlite", "memory"):
+        raise ConfigError(f"SLUICE_LEDGER must be 'sqlite' or 'memory', got {ledger!r}")
+    data_dir = Path(reader.text("SLUICE_DATA_DIR", DEFAULT_DATA_DIR))
+
+    def usd(name: str) -> float | None:
+        return reader.number(name, 0.0) if reader.raw(name) is not None else None
+
+    return MoneySettings(
+        data_dir=data_dir if ledger == "sqlite" else None,
+        prices=_prices(reader),
+        user_daily_usd=usd("SLUICE_BUDGET_USER_DAILY_USD"),
+        user_monthly_usd=usd("SLUICE_BUDGET_USER_MONTHLY_USD"),
+        tenant_daily_usd=usd("SLUICE_BUDGET_TENANT_DAILY_USD"),
+        tenant_monthly_usd=usd("SLUICE_BUDGET_TENANT_MONTHLY_USD"),
+        soft_fraction=reader.number(
+            "SLUICE_BUDGET_SOFT_FRACTION", DEFAULT_BUDGET_SOFT_FRACTION, low=0.0
+        ),
+    )
+
+
+def _prices(reader: _EnvReader) -> dict[str, dict[str, float]]:
+    """Price overrides, the file first, then ``SLUICE_PRICES`` on top.
+
+    ``{"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10}}``, USD per 1M tokens.
+    """
+    prices: dict[str, dict[str, float]] = {}
+    path = reader.raw("SLUICE_PRICES_FILE")
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"SLUICE_PRICES_FILE cannot be read: {exc.strerror}") from None
+        prices.update(_price_table("SLUICE_PRICES_FILE", text))
+    raw = reader.raw("SLUICE_PRICES")
+    if raw is not None:
+        prices.update(_price_table("SLUICE_PRICES", raw))
+    return prices
+
+
+def _price_table(name: str, raw: str) -> dict[str, dict[str, float]]:
+    document = _json_value(name, raw)
+    if not isinstance(document, dict):
+        raise ConfigError(f'{name} must be a JSON object {{"model": {{"input": ..}}}}')
+    table: dict[str, dict[str, float]] = {}
+    for model, entry in document.items():
+        fields_ok = isinstance(entry, dict) and {"input", "output"} <= entry.keys()
+        values = entry.values() if isinstance(entry, dict) else ()
+        numbers = all(_usd_rate(v) for v in values)
+        if not fields_ok or not numbers or not set(entry) <= {"input", "cached_input", "output"}:
+            raise ConfigError(
+                f"{name}: {model!r} needs non-negative numbers 'input', 'output' "
+                "(and optionally 'cached_input'), USD per 1M tokens"
+            )
+        table[model] = {k: float(v) for k, v in entry.items()}
+    return table
+
+
+def _usd_rate(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _json_value(name: str, raw: str) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{name} is not valid JSON: {exc}") from None
+
+
+def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> TelemetrySettings:
+    """The standard ``OTEL_*`` variables (OTLP over HTTP/protobuf only) and Sluice's own."""
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = reader.raw(name)
+        if protocol not in (None, "http/protobuf"):
+            raise ConfigError(f"{name}: only 'http/protobuf' is supported, got {protocol!r}")
+    sampler = reader.text("OTEL_TRACES_SAMPLER", "parentbased_always_on").lower()
+    if sampler not in OTEL_SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER must be one of {sorted(OTEL_SAMPLERS)}")
+    resource = _otel_pairs("OTEL_RESOURCE_ATTRIBUTES", reader.raw("OTEL_RESOURCE_ATTRIBUTES"))
+    header_var = (
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
+        if reader.raw("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+        else "OTEL_EXPORTER_OTLP_HEADERS"
+    )
+    timeout_ms = reader.number(
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        reader.number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0, low=1.0),
+        low=1.0,
+    )
+    log_format = reader.text(
+        "SLUICE_LOG_FORMAT", "text" if provider.kind == "simulated" else "json"
+    ).lower()
+    if log_format not in ("json", "text"):
+        raise ConfigError(f"SLUICE_LOG_FORMAT must be 'json' or 'text', got {log_format!r}")
+    metrics_port = reader.raw("SLUICE_METRICS_PORT")
+    return TelemetrySettings(
+        traces_endpoint=_traces_endpoint(reader),
+        otlp_headers=_otel_pairs(header_var, reader.raw(header_var)),
+        otlp_timeout_s=timeout_ms / 1000,
+        service_name=reader.raw("OTEL_SERVICE_NAME")
+        or resource.get("service.name", DEFAULT_SERVICE_NAME),
+        resource_attributes=resource,
+        sampler=sampler,
+        sampler_arg=reader.number("OTEL_TRACES_SAMPLER_ARG", 1.0),
+        bsp_schedule_delay_ms=reader.integer("OTEL_BSP_SCHEDULE_DELAY", 5000, low=1),
+        bsp_max_queue_size=reader.integer("OTEL_BSP_MAX_QUEUE_SIZE", 2048, low=1),
+        bsp_max_export_batch_size=reader.integer("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, low=1),
+        capture_content=_flag(reader, "SLUICE_OTEL_CAPTURE_CONTENT", False),
+        metrics_port=(
+            reader.integer("SLUICE_METRICS_PORT", 0, low=0, high=65535)
+            if metrics_port is not None
+            else None
+        ),
+        log_format="json" if log_format == "json" else "text",
+        log_level=_log_level(reader.text("SLUICE_LOG_LEVEL", "INFO")),
+        access_log=_flag(reader, "SLUICE_ACCESS_LOG", True),
+        redact_patterns=_redact_patterns(reader.raw("SLUICE_REDACT_PATTERNS")),
+    )
+
+
+def _traces_endpoint(reader: _EnvReader) -> str | None:
+    """The signal URL as the OTLP exporter spec builds it; None turns tracing off."""
+    if _flag(reader, "OTEL_SDK_DISABLED", False):
+        return None
+    exporter = reader.text("OTEL_TRACES_EXPORTER", "otlp").lower()
+    if exporter not in ("otlp", "none"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER must be 'otlp' or 'none', got {exporter!r}")
+    if exporter == "none":
+        return None
+    specific = reader.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base = reader.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
+    for name, url in (("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", specific), ("", base)):
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{name or 'OTEL_EXPORTER_OTLP_ENDPOINT'} must be an http(s) URL")
+    if specific is not None:
+        return specific  # used as given, per the spec
+    return f"{base.rstrip('/')}/v1/traces" if base is not None else None
+
+
+def _otel_pairs(name: str, raw: str | None) -> dict[str, str]:
+    """``key1=value1,key2=value2`` with percent-encoded values (W3C Baggage style)."""
+    pairs: dict[str, str] = {}
+    for item in (raw or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{name} must look like key1=value1,key2=value2")
+        pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"SLUICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return level
+
+
+def _redact_patterns(raw: str | None) -> tuple[str, ...]:
+    """A JSON array of regexes (``[]`` for none), or one regex; replaces the defaults."""
+    if raw is None:
+        return DEFAULT_REDACT_PATTERNS
+    patterns = _json_value("SLUICE_REDACT_PATTERNS", raw) if raw.startswith("[") else [raw]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError("SLUICE_REDACT_PATTERNS must be a regex or a JSON array of regexes")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"SLUICE_REDACT_PATTERNS: bad regex {pattern!r}: {exc}") from None
+    return tuple(patterns)

@@ -77,6 +77,10 @@ class Directive:
     stall_after: int = -1  # stop sending (but keep the socket) after N chunks
     malformed_after: int = -1  # send a chunk that is not JSON after N chunks
     finish: str = "stop"
+    created: int = 0  # a fixed ``created`` timestamp (0: now), for byte-exact comparisons
+    tool_call: str = ""  # after the text, stream a call to this function (finish: tool_calls)
+    error_after: int = -1  # send an OpenAI ``data: {"error": ...}`` event after N chunks, stop
+    echo_key: int = 0  # 1: error messages quote the Authorization header received (leak tests)
 
     @classmethod
     def parse(cls, text: str) -> Directive:
@@ -113,6 +117,8 @@ class SimStats:
         self.open = 0
         self.resets = 0
         self.attempts: dict[str, int] = {}
+        self.authorizations: list[str] = []  # the Authorization header of each chat request
+        self.traceparents: list[str] = []  # the W3C traceparent header of each chat request
         self._changed = asyncio.Event()
 
     def bump(self, **changes: int) -> None:
@@ -178,23 +184,30 @@ class Simulator:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         stats = request.app[SIM_STATS]
+        stats.authorizations.append(request.headers.get("Authorization", ""))
+        stats.traceparents.append(request.headers.get("traceparent", ""))
         stats.bump(requests=1)
         body = orjson.loads(await request.read())
         try:
             directive = Directive.parse(last_user_text(body))
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error")
-        if failure := self._failure(directive, stats):
+        if failure := self._failure(directive, stats, _echo(request, directive)):
             return failure
-        await _sleep_ms(directive.header_delay_ms)
         words = completion_words(prompt_text(body), directive.chunks)
         usage = self._usage(body, len(words))
-        if not body.get("stream"):
-            await _sleep_ms(directive.first_delay_ms)
-            return _json(_completion(body, words, usage, directive))
+        try:
+            await _sleep_ms(directive.header_delay_ms)
+            if not body.get("stream"):
+                await _sleep_ms(directive.first_delay_ms)
+                return _json(_completion(body, words, usage, directive))
+        except asyncio.CancelledError:  # the gateway hung up before we answered
+            stats.chunks_sent.append(0)
+            stats.bump(aborted=1)
+            raise
         return await self._stream(request, body, words, usage, directive)
 
-    def _failure(self, directive: Directive, stats: SimStats) -> web.Response | None:
+    def _failure(self, directive: Directive, stats: SimStats, echo: str) -> web.Response | None:
         if not directive.fail:
             return None
         if directive.fail_times:
@@ -206,7 +219,10 @@ class Simulator:
         if directive.retry_after is not None:
             headers["Retry-After"] = f"{directive.retry_after:g}"
         kind = "rate_limit_error" if directive.fail == 429 else "server_error"
-        return _error(directive.fail, f"simulated failure {directive.fail}", kind, headers)
+        if directive.fail < 500 and directive.fail != 429:
+            kind = "invalid_request_error"
+        message = f"simulated failure {directive.fail}{echo}"
+        return _error(directive.fail, message, kind, headers)
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, int]:
         prompt = self._prompt_tokens(body)
@@ -230,7 +246,9 @@ class Simulator:
         stats.bump(started=1, open=1)
         progress = [0]
         try:
-            await self._send_chunks(response, body, words, usage, directive, progress)
+            await self._send_chunks(
+                response, body, words, usage, directive, progress, _echo(request, directive)
+            )
         except _Reset:
             stats.bump(resets=1, open=-1)
             if request.transport is not None:
@@ -251,9 +269,10 @@ class Simulator:
         usage: dict[str, int],
         directive: Directive,
         progress: list[int],
+        echo: str = "",
     ) -> None:
         """Send the stream, counting content chunks in ``progress[0]``."""
-        base = _chunk_base(body)
+        base = _chunk_base(body, directive)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         await _sleep_ms(directive.first_delay_ms)
         await response.write(
@@ -266,11 +285,16 @@ class Simulator:
                 await asyncio.Event().wait()  # hold the socket open, send nothing, forever
             if index == directive.malformed_after:
                 await response.write(b'data: {"id": "broken", "choices": [\n\n')
+            if index == directive.error_after:
+                await response.write(_error_event(echo))
+                return
             if index and directive.delay_ms:
                 await _sleep_ms(directive.delay_ms)
             await response.write(_event(base, {"content": word}, None, include_usage))
             progress[0] = index + 1
-        await response.write(_event(base, {}, directive.finish, include_usage))
+        for delta in _tool_call_deltas(directive.tool_call):
+            await response.write(_event(base, delta, None, include_usage))
+        await response.write(_event(base, {}, _finish(directive), include_usage))
         if include_usage:
             await response.write(
                 b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
@@ -279,19 +303,47 @@ class Simulator:
         await response.write_eof()
 
 
+def _echo(request: web.Request, directive: Directive) -> str:
+    """With ``echo_key=1``, a careless provider's habit: quoting the credential it got."""
+    if not directive.echo_key:
+        return ""
+    return f" (received Authorization: {request.headers.get('Authorization', '')})"
+
+
+def _error_event(echo: str) -> bytes:
+    error = {"message": f"simulated mid-stream error{echo}", "type": "server_error"}
+    return b"data: " + orjson.dumps({"error": {**error, "param": None, "code": None}}) + b"\n\n"
+
+
 class _Reset(Exception):
     """Raised inside the simulator to drop the connection mid-stream."""
 
 
-def _chunk_base(body: dict[str, Any]) -> dict[str, Any]:
+def _chunk_base(body: dict[str, Any], directive: Directive) -> dict[str, Any]:
     digest = hashlib.sha256(prompt_text(body).encode()).hexdigest()[:24]
     return {
         "id": f"chatcmpl-sim{digest}",
         "object": "chat.completion.chunk",
-        "created": int(time.time()),
+        "created": directive.created or int(time.time()),
         "model": str(body.get("model") or SIM_MODELS[0]),
         "system_fingerprint": "fp_sluice_sim",
     }
+
+
+def _tool_call_deltas(name: str) -> list[dict[str, Any]]:
+    """A function call split the way OpenAI streams it: id and name first, then arguments."""
+    if not name:
+        return []
+    head = {"index": 0, "id": f"call_sim_{name}", "type": "function"}
+    return [
+        {"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"query": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"sim"}'}}]},
+    ]
+
+
+def _finish(directive: Directive) -> str:
+    return "tool_calls" if directive.tool_call and directive.finish == "stop" else directive.finish
 
 
 def _event(
@@ -309,7 +361,7 @@ def _event(
 def _completion(
     body: dict[str, Any], words: list[str], usage: dict[str, int], d: Directive
 ) -> dict[str, Any]:
-    base = _chunk_base(body)
+    base = _chunk_base(body, d)
     message = {"role": "assistant", "content": "".join(words), "refusal": None}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": d.finish}
     return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
@@ -342,7 +394,24 @@ def create_simulator_app(simulator: Simulator | None = None) -> web.Application:
     app[SIM_STATS] = SimStats()
     app.router.add_post("/v1/chat/completions", sim.chat)
     app.router.add_get("/v1/models", sim.models)
+    app.router.add_get("/stats", stats_json)
     return app
+
+
+async def stats_json(request: web.Request) -> web.Response:
+    """``GET /stats``: the ``SimStats`` counters, for a provider running in its own process."""
+    stats = request.app[SIM_STATS]
+    return _json(
+        {
+            "requests": stats.requests,
+            "started": stats.started,
+            "completed": stats.completed,
+            "aborted": stats.aborted,
+            "open": stats.open,
+            "resets": stats.resets,
+            "chunks_sent": stats.chunks_sent,
+        }
+    )
 
 
 def main() -> None:

@@ -114,12 +114,14 @@ class Stream:
         "_wake",
         "accepted",
         "body",
+        "cache_status",
         "cancel_reason",
         "created_at",
         "ended",
         "ended_at",
         "error",
         "events",
+        "fallback_reason",
         "first_token_at",
         "id",
         "include_usage",
@@ -127,6 +129,7 @@ class Stream:
         "owner",
         "progress",
         "readers",
+        "served_model",
         "status",
         "streaming",
         "task",
@@ -139,6 +142,9 @@ class Stream:
         self.id = stream_id
         self.owner = owner
         self.model = model
+        self.served_model = model  # differs when a fallback served (see resilience.py)
+        self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
+        self.cache_status = "bypass"  # hit, miss or bypass (see cache.py)
         self.streaming = streaming
         self.include_usage = include_usage
         self.body: dict[str, Any] = {}
@@ -160,6 +166,11 @@ class Stream:
     @property
     def running(self) -> bool:
         return self.status is StreamStatus.RUNNING
+
+    @property
+    def cache_hit(self) -> bool:
+        """Served from the response cache: no provider call, no provider cost."""
+        return self.cache_status == "hit"
 
     @property
     def failed_before_output(self) -> bool:

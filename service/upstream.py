@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .errors import ProviderConnectionError, ProviderStatusError, ProviderTimeoutError
 from .settings import ProviderSettings, Secret
@@ -22,6 +23,8 @@ from .sse import SSEDecoder
 Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True at [DONE]
 
 REDACTED = "[redacted]"
+_TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
+_PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
 
 
 class Upstream:
@@ -40,14 +43,25 @@ class Upstream:
     def name(self) -> str:
         return self._settings.name
 
+    def redact(self, text: str) -> str:
+        """``text`` without our provider key, for any provider words shown to a client."""
+        return scrub(text, self._key)
+
     async def post_chat(self, body: bytes, *, streaming: bool) -> aiohttp.ClientResponse:
         """POST a chat completion; return the 2xx response, or raise the provider's error."""
         headers = self._headers
         if streaming:
             headers = {**headers, "Accept": "text/event-stream"}
-        response = await self._session.post(
-            f"{self._url}/chat/completions", data=body, headers=headers
-        )
+        trace_context: dict[str, str] = {}
+        _PROPAGATOR.inject(trace_context)  # the current attempt's CLIENT span, when tracing
+        if trace_context:
+            headers = {**headers, **trace_context}
+        # The first-token deadline also bounds the wait for the status line (a provider may
+        # hold its headers until the first token); TimeoutError is translated to a 504.
+        async with asyncio.timeout(self._settings.first_token_timeout_s):
+            response = await self._session.post(
+                f"{self._url}/chat/completions", data=body, headers=headers
+            )
         if response.status >= 300:
             async with response:
                 raise await self._status_error(response)
@@ -81,22 +95,20 @@ class Upstream:
 
     async def pump(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
         """Feed the streamed body to ``sink`` until [DONE] or EOF, enforcing the deadlines."""
-        loop = asyncio.get_running_loop()
         decoder = SSEDecoder()
-        idle = self._settings.idle_timeout_s
+        first_s, idle_s = self._settings.first_token_timeout_s, self._settings.idle_timeout_s
         try:
-            async with asyncio.timeout(
-                loop.time() + self._settings.first_token_timeout_s
-            ) as deadline:
-                async for data in response.content.iter_any():
-                    payloads = decoder.feed(data)
-                    if payloads:
-                        deadline.reschedule(loop.time() + idle)
-                        if sink(payloads):
-                            return
-                rest = decoder.flush()
-                if rest and sink(rest):
-                    return
+            async with asyncio.timeout(None) as timeout:
+                with _Deadline(timeout, first_s, idle_s) as deadline:
+                    async for data in response.content.iter_any():
+                        payloads = decoder.feed(data)
+                        if payloads:
+                            deadline.touch()
+                            if sink(payloads):
+                                return
+                    rest = decoder.flush()
+                    if rest and sink(rest):
+                        return
         except TimeoutError:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
         raise ProviderConnectionError("The provider ended the stream without finishing it.")
@@ -105,6 +117,54 @@ class Upstream:
         """Read a whole (non-streamed) body under the first-token deadline."""
         async with asyncio.timeout(self._settings.first_token_timeout_s):
             return await response.read()
+
+
+class _Deadline:
+    """Expires ``timeout`` ``first_s`` after entry, or ``idle_s`` after the last ``touch()``.
+
+    ``touch`` mostly just records the time: the timer re-arms itself when it fires before
+    the due time, so a stream costs about one timer per idle period instead of one per read
+    (rescheduling an asyncio timer costs microseconds). Invariant: the timer is armed at or
+    before ``_due``; ``touch`` re-arms only when the due time moves earlier than the timer.
+    """
+
+    __slots__ = ("_armed_at", "_due", "_handle", "_idle_s", "_loop", "_timeout")
+
+    def __init__(self, timeout: asyncio.Timeout, first_s: float, idle_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._idle_s = idle_s
+        self._due = self._loop.time() + first_s
+        self._armed_at = self._due
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> _Deadline:
+        self._arm(self._due)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def touch(self) -> None:
+        self._due = self._loop.time() + self._idle_s
+        if self._due < self._armed_at:
+            self._arm(self._due)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_at = when
+        self._handle = self._loop.call_at(when, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now >= self._due - _TIMER_SLACK_S:
+            self._handle = None
+            self._timeout.reschedule(now)  # expire now: the task is cancelled, TimeoutError
+        else:
+            self._arm(self._due)
 
 
 def scrub(text: str, key: Secret | None) -> str:

@@ -16,7 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import create_app
 from service.settings import ProviderSettings, Settings, StreamSettings
-from service.simulator import SIM_STATS, SimStats, create_simulator_app
+from service.simulator import SIM_STATS, SimStats, Simulator, create_simulator_app
+from service.tokens import count_body
+from tests.servers import postgres_server, postgres_url, redis_server, redis_url  # noqa: F401
 
 DEV_KEY = "sluice-dev-key"
 AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
@@ -27,7 +29,8 @@ GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application
 @pytest.fixture
 async def sim(aiohttp_server: Any) -> TestServer:
     """The simulated provider, alone on a loopback port."""
-    server: TestServer = await aiohttp_server(create_simulator_app())
+    simulator = Simulator(prompt_tokens=count_body)  # usage.prompt_tokens as tiktoken counts
+    server: TestServer = await aiohttp_server(create_simulator_app(simulator))
     return server
 
 
@@ -56,8 +59,12 @@ def with_provider(settings: Settings, **changes: Any) -> Settings:
 
 
 @pytest.fixture
-async def gateway(aiohttp_client: Any, settings: Settings) -> GatewayFactory:
-    """Start a gateway (``create_app`` unchanged) for the given settings, default ``settings``."""
+async def gateway(settings: Settings, aiohttp_client: Any) -> GatewayFactory:
+    """Start a gateway (``create_app`` unchanged) for the given settings, default ``settings``.
+
+    ``settings`` comes first so the simulator starts before the gateway and stops after it:
+    the gateway's shutdown drain still reaches a live provider.
+    """
 
     async def start(custom: Settings | None = None) -> TestClient[web.Request, web.Application]:
         client: TestClient[web.Request, web.Application] = await aiohttp_client(

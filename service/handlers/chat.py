@@ -6,10 +6,18 @@ import secrets
 
 from aiohttp import web
 
-from ..appkeys import PRINCIPAL, SERVED_MODELS, STREAMS, UPSTREAM
-from ..errors import SluiceError
-from ..generation import generate
-from ..relay import STREAM_ID_HEADER, stream_sse
+from ..appkeys import (
+    ADMITTED,
+    GATE,
+    LIFECYCLE,
+    PRINCIPAL,
+    RESPONDER,
+    SERVED_MODELS,
+    STREAMS,
+    TELEMETRY,
+)
+from ..errors import ServiceUnavailableError, SluiceError
+from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import Owner, Stream
 
@@ -18,8 +26,15 @@ def new_stream_id() -> str:
     return "strm_" + secrets.token_urlsafe(16)
 
 
-def start_stream(app: web.Application, owner: Owner, chat: ChatRequest) -> Stream:
-    """Create a stream for ``chat`` and launch its generation; shared by SSE and WebSocket."""
+def start_stream(
+    app: web.Application, owner: Owner, chat: ChatRequest, *, cache_header: str | None = None
+) -> Stream:
+    """Create a stream for ``chat`` and launch its generation; shared by SSE and WebSocket.
+
+    ``cache_header`` is the client's ``X-Sluice-Cache`` choice (``use`` or ``bypass``).
+    """
+    if app[LIFECYCLE].draining:  # a stream started now would outlive the drain unrecorded
+        raise ServiceUnavailableError("The gateway is shutting down; retry on another replica.")
     stream = Stream(
         new_stream_id(),
         owner,
@@ -28,7 +43,8 @@ def start_stream(app: web.Application, owner: Owner, chat: ChatRequest) -> Strea
         include_usage=chat.include_usage,
     )
     stream.body = chat.body
-    app[STREAMS].launch(stream, generate(stream, app[UPSTREAM], chat.upstream_body()))
+    work = app[RESPONDER].answer(stream, chat, cache_header)
+    app[STREAMS].launch(stream, app[TELEMETRY].traced(stream, work))  # spans under this request
     return stream
 
 
@@ -36,7 +52,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     principal = request[PRINCIPAL]
     chat = parse_chat_request(await request.read(), request.app[SERVED_MODELS])
     owner = Owner(principal.user_id, principal.tenant, principal.key_id)
-    stream = start_stream(request.app, owner, chat)
+    admission = request[ADMITTED] = await request.app[GATE].admit(principal, chat)
+    cache_header = request.headers.get(CACHE_HEADER)
+    stream = await admission.launch(start_stream, request.app, owner, cache_header=cache_header)
     registry = request.app[STREAMS]
     with registry.reading(stream):
         # Hold the response until the provider answers, so its errors keep their status.
@@ -48,11 +66,12 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=stream.events[0][1],
             content_type="application/json",
-            headers={STREAM_ID_HEADER: stream.id},
+            headers=stream_headers(stream),
         )
 
 
 def _with_stream_header(error: SluiceError | None, stream: Stream) -> SluiceError:
     assert error is not None
-    error.headers.setdefault(STREAM_ID_HEADER, stream.id)
+    for name, value in stream_headers(stream).items():
+        error.headers.setdefault(name, value)
     return error

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
 from aiohttp import web
 
 from ..appkeys import LIFECYCLE
+from ..shared import shared_health
 
 _OK = b'{"status":"ok"}'
 
@@ -15,6 +17,10 @@ async def livez(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     lifecycle = request.app[LIFECYCLE]
+    shared = shared_health(request.app)  # reported, never fatal: every replica shares Redis
+    if lifecycle.ready and shared is not None:
+        body = orjson.dumps({"status": "ok", "redis": shared})
+        return web.Response(body=body, content_type="application/json")
     if lifecycle.ready:
         return web.Response(body=_OK, content_type="application/json")
     state = b"draining" if lifecycle.draining else b"starting"

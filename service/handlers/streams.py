@@ -9,9 +9,12 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from ..appkeys import PRINCIPAL, STREAMS
+from ..appkeys import PRINCIPAL, STREAMS, TELEMETRY
+from ..auth import Principal
 from ..errors import InvalidRequestError, NotFoundError
+from ..registry import StreamRegistry
 from ..relay import stream_sse
+from ..shared import remote_cancel, remote_events
 from ..stream import Stream
 
 
@@ -20,24 +23,38 @@ async def get_stream(request: web.Request) -> web.Response:
     stream_id = request.match_info["stream_id"]
     stream = registry.get(stream_id)
     if stream is not None:
-        _check_owner(request, stream.owner.user_id)
+        _check_owner(request, stream.owner.user_id, stream.owner.tenant)
         checkpoint = registry.snapshot(stream)
     else:
         stored = await registry.store.get(stream_id)
         if stored is None:
             raise _not_found(stream_id)
-        _check_owner(request, stored.user_id)
+        _check_owner(request, stored.user_id, stored.tenant)
         checkpoint = stored
     return web.Response(body=orjson.dumps(checkpoint.to_json()), content_type="application/json")
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
+    stream_id = request.match_info["stream_id"]
+    if request.app[STREAMS].get(stream_id) is None:  # generated on another replica?
+        remote = await remote_events(request, stream_id, _last_event_id(request))
+        if remote is not None:
+            return remote
     stream = _owned_stream(request)
-    return await stream_sse(request, request.app[STREAMS], stream, after=_last_event_id(request))
+    after = check_resume_point(stream, _last_event_id(request))
+    request.app[TELEMETRY].stream_resumed(stream, after)
+    return await stream_sse(request, request.app[STREAMS], stream, after=after)
 
 
 async def cancel_stream(request: web.Request) -> web.Response:
     registry = request.app[STREAMS]
+    stream_id = request.match_info["stream_id"]
+    if registry.get(stream_id) is None:  # generated on another replica?
+        stopped = await remote_cancel(request, stream_id)
+        if stopped is not None:
+            return web.Response(
+                body=orjson.dumps(stopped.to_json()), content_type="application/json"
+            )
     stream = _owned_stream(request)
     registry.cancel(stream)
     await stream.ended.wait()
@@ -47,17 +64,34 @@ async def cancel_stream(request: web.Request) -> web.Response:
 
 
 def _owned_stream(request: web.Request) -> Stream:
-    stream_id = request.match_info["stream_id"]
-    stream = request.app[STREAMS].get(stream_id)
-    if stream is None:
+    return owned_stream(request.app[STREAMS], request.match_info["stream_id"], request[PRINCIPAL])
+
+
+def owned_stream(registry: StreamRegistry, stream_id: str, principal: Principal) -> Stream:
+    """The live or retained stream ``stream_id`` if ``principal`` owns it, else 404."""
+    stream = registry.get(stream_id)
+    if stream is None or not _owns(principal, stream.owner.user_id, stream.owner.tenant):
         raise _not_found(stream_id)
-    _check_owner(request, stream.owner.user_id)
     return stream
 
 
-def _check_owner(request: web.Request, user_id: str) -> None:
-    if request[PRINCIPAL].user_id != user_id:
+def check_resume_point(stream: Stream, after: int) -> int:
+    """``after`` (a Last-Event-ID), unless it names an event this stream never sent."""
+    if after > stream.last_seq:
+        raise InvalidRequestError(
+            f"Event {after} is past the stream's last event ({stream.last_seq}).",
+            param="last_event_id",
+        )
+    return after
+
+
+def _check_owner(request: web.Request, user_id: str, tenant: str) -> None:
+    if not _owns(request[PRINCIPAL], user_id, tenant):
         raise _not_found(request.match_info["stream_id"])
+
+
+def _owns(principal: Principal, user_id: str, tenant: str) -> bool:
+    return principal.user_id == user_id and principal.tenant == tenant
 
 
 def _not_found(stream_id: str) -> NotFoundError:

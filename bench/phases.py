@@ -1,0 +1,368 @@
+"""The benchmark phases. Each measures the same workload twice, straight at the provider
+("direct") and through the gateway, and turns the pair into table rows.
+
+CPU figures come from ``/proc/<pid>/stat`` deltas over a phase divided by its requests, so
+they include everything the process did meanwhile (the event loop, the GC, the registry tick).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .load import (
+    LoadResult,
+    abort_many,
+    chat_body,
+    hold_streams,
+    new_session,
+    release,
+    run_load,
+)
+from .procs import Stack, cpu_seconds, rss_kb
+from .report import NO_TARGET, Row, ms, percentile
+
+CPU_NON_STREAM_MS = 0.4
+CPU_STREAM_MS = 0.6
+RSS_PER_STREAM_KB = 40.0
+ADDED_TTFT_MS = 1.0
+ABORT_CHUNKS = 1000  # long enough that nothing completes on its own within the wait
+ABORT_DELAY_MS = 20.0  # between provider chunks: at most one is in flight when the abort lands
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """Sizes of every phase; ``QUICK`` is for smoke runs, not for numbers."""
+
+    concurrency: int = 64
+    non_stream_requests: int = 4000
+    stream_requests: int = 1500
+    stream_chunks: int = 50
+    ttft_requests: int = 300
+    ttft_concurrency: int = 1
+    held_streams: int = 2000
+    hold_batch: int = 200
+    aborts: int = 100
+    abort_events: int = 3
+    abort_wait_s: float = 2.0
+    phase_limit_s: float = 20.0
+    warmup_requests: int = 200
+    paced_delay_ms: float = 2.0  # a provider that paces its tokens: one read per chunk
+    paced_requests: int = 640
+
+
+QUICK = BenchConfig(
+    concurrency=8,
+    non_stream_requests=80,
+    stream_requests=40,
+    stream_chunks=10,
+    ttft_requests=10,
+    held_streams=40,
+    hold_batch=20,
+    aborts=8,
+    abort_wait_s=1.0,
+    phase_limit_s=10.0,
+    warmup_requests=10,
+    paced_requests=16,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A load run plus the CPU each process spent during it, in seconds."""
+
+    load: LoadResult
+    gateway_cpu_s: float
+    provider_cpu_s: float
+    client_cpu_s: float
+
+    def per_request_ms(self, cpu_s: float) -> float:
+        return cpu_s * 1000 / self.load.requests if self.load.requests else 0.0
+
+
+def _client_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True, slots=True)
+class _Workload:
+    label: str
+    body: bytes
+    streaming: bool
+    total: int
+    target_ms: float | None  # gateway CPU per request; None: informational only
+
+
+async def throughput_phases(stack: Stack, config: BenchConfig) -> list[Row]:
+    """Phases 1-4: non-stream and stream throughput, gateway CPU per request, TTFT."""
+    chunks = config.stream_chunks
+    plain = chat_body(f"chunks={chunks}", stream=False)
+    streamed = chat_body(f"chunks={chunks}", stream=True)
+    workloads = (
+        _Workload("non-stream", plain, False, config.non_stream_requests, CPU_NON_STREAM_MS),
+        _Workload(f"{chunks}-chunk stream", streamed, True, config.stream_requests, CPU_STREAM_MS),
+        _Workload(
+            f"{chunks}-chunk stream paced {config.paced_delay_ms:g} ms/chunk",
+            chat_body(f"chunks={chunks} delay_ms={config.paced_delay_ms:g}", stream=True),
+            True,
+            config.paced_requests,
+            None,
+        ),
+    )
+    urls = (stack.sim_url + CHAT_PATH, stack.gateway_url + CHAT_PATH)
+    rows: list[Row] = []
+    rss_at_start = (rss_kb(stack.sim_pid), rss_kb(stack.gateway_pid))
+    async with new_session() as session:
+        for url in urls:  # warm both paths: imports, pools, lazy allocations
+            for work in workloads[:2]:
+                await _run(session, url, work.body, config.warmup_requests, config, work.streaming)
+        for work in workloads:
+            direct, gateway = [
+                await _measure(
+                    stack,
+                    session,
+                    url,
+                    work.body,
+                    total=work.total,
+                    concurrency=config.concurrency,
+                    config=config,
+                    streaming=work.streaming,
+                )
+                for url in urls
+            ]
+            rows += _throughput_rows(work, direct, gateway, config.concurrency)
+        short = chat_body("chunks=5", stream=True)
+        ttft = [
+            await _run(session, url, short, config.ttft_requests, config, True, ttft=True)
+            for url in urls
+        ]
+    rows += _ttft_rows(ttft[0], ttft[1], config.ttft_concurrency)
+    rss_at_end = (rss_kb(stack.sim_pid), rss_kb(stack.gateway_pid))
+    rows.append(
+        Row(
+            "process RSS when ready → after the throughput phases, MB "
+            "(the gateway keeps ended streams for replay)",
+            f"{rss_at_start[0] / 1024:.0f} → {rss_at_end[0] / 1024:.0f}",
+            f"{rss_at_start[1] / 1024:.0f} → {rss_at_end[1] / 1024:.0f}",
+        )
+    )
+    return rows
+
+
+async def _run(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    total: int,
+    config: BenchConfig,
+    streaming: bool,
+    *,
+    ttft: bool = False,
+) -> LoadResult:
+    return await run_load(
+        session,
+        url,
+        body,
+        total=total,
+        concurrency=config.ttft_concurrency if ttft else config.concurrency,
+        time_limit_s=config.phase_limit_s,
+        streaming=streaming,
+    )
+
+
+async def _measure(
+    stack: Stack,
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    *,
+    total: int,
+    concurrency: int,
+    config: BenchConfig,
+    streaming: bool,
+) -> Measured:
+    """A load run bracketed by CPU readings of the gateway, the provider and this process.
+
+    Also used by ``bench.shared``; keep the signature.
+    """
+    marks = (cpu_seconds(stack.gateway_pid), cpu_seconds(stack.sim_pid), _client_cpu_s())
+    load = await run_load(
+        session,
+        url,
+        body,
+        total=total,
+        concurrency=concurrency,
+        time_limit_s=config.phase_limit_s,
+        streaming=streaming,
+    )
+    return Measured(
+        load,
+        cpu_seconds(stack.gateway_pid) - marks[0],
+        cpu_seconds(stack.sim_pid) - marks[1],
+        _client_cpu_s() - marks[2],
+    )
+
+
+def _throughput_rows(
+    work: _Workload, direct: Measured, gateway: Measured, concurrency: int
+) -> list[Row]:
+    d, g = direct.load, gateway.load
+    cpu = gateway.per_request_ms(gateway.gateway_cpu_s)
+    label = work.label
+    rows = [
+        Row(
+            f"{label}: throughput @{concurrency} concurrent, req/s "
+            f"(ok / errors: {d.requests}/{d.errors} direct, {g.requests}/{g.errors} gateway)",
+            f"{d.rps:.0f}",
+            f"{g.rps:.0f}",
+            "0 errors",
+            d.errors == 0 and g.errors == 0,
+        ),
+        Row(
+            f"{label}: latency p50 / p99, ms",
+            f"{ms(percentile(d.latencies_s, 0.5))} / {ms(percentile(d.latencies_s, 0.99))}",
+            f"{ms(percentile(g.latencies_s, 0.5))} / {ms(percentile(g.latencies_s, 0.99))}",
+        ),
+    ]
+    if work.target_ms is None:
+        return [*rows, Row(f"{label}: gateway CPU per request, ms", NO_TARGET, f"{cpu:.3f}")]
+    return [
+        *rows,
+        Row(
+            f"{label}: **gateway CPU per request, ms**",
+            NO_TARGET,
+            f"{cpu:.3f}",
+            f"≤ {work.target_ms}",
+            cpu <= work.target_ms,
+        ),
+        Row(
+            f"{label}: provider CPU per request, ms",
+            f"{direct.per_request_ms(direct.provider_cpu_s):.3f}",
+            f"{gateway.per_request_ms(gateway.provider_cpu_s):.3f}",
+        ),
+        Row(
+            f"{label}: load-client CPU per request, ms",
+            f"{direct.per_request_ms(direct.client_cpu_s):.3f}",
+            f"{gateway.per_request_ms(gateway.client_cpu_s):.3f}",
+        ),
+    ]
+
+
+def _ttft_rows(direct: LoadResult, gateway: LoadResult, concurrency: int) -> list[Row]:
+    added = percentile(gateway.ttfts_s, 0.5) - percentile(direct.ttfts_s, 0.5)
+    return [
+        Row(
+            f"time to first chunk @{concurrency} concurrent, p50 / p99, ms",
+            f"{ms(percentile(direct.ttfts_s, 0.5))} / {ms(percentile(direct.ttfts_s, 0.99))}",
+            f"{ms(percentile(gateway.ttfts_s, 0.5))} / {ms(percentile(gateway.ttfts_s, 0.99))}",
+        ),
+        Row(
+            "**added time to first chunk, p50, ms** (gateway − direct)",
+            NO_TARGET,
+            ms(added),
+            f"≤ {ADDED_TTFT_MS}",
+            added * 1000 <= ADDED_TTFT_MS,
+        ),
+    ]
+
+
+async def memory_phase(stack: Stack, config: BenchConfig) -> list[Row]:
+    """Phase 5: resident memory per stream held open (stalled after its first chunks)."""
+    body = chat_body("chunks=50 stall_after=1", stream=True)
+    direct, gateway = stack.sim_url + CHAT_PATH, stack.gateway_url + CHAT_PATH
+    async with new_session(timeout_s=None) as session:
+        warm = min(config.hold_batch, config.held_streams)
+        for url in (direct, gateway):
+            release(await hold_streams(session, url, body, count=warm, batch=warm))
+        direct_kb = await _held_kb(session, direct, body, stack.sim_pid, config)
+        gateway_kb = await _held_kb(session, gateway, body, stack.gateway_pid, config)
+    return [
+        Row(
+            f"**RSS per held stream, KB** ({config.held_streams} open; direct = the provider's)",
+            f"{direct_kb:.1f}",
+            f"{gateway_kb:.1f}",
+            f"≤ {RSS_PER_STREAM_KB:.0f}",
+            gateway_kb <= RSS_PER_STREAM_KB,
+        )
+    ]
+
+
+async def _held_kb(
+    session: aiohttp.ClientSession, url: str, body: bytes, pid: int, config: BenchConfig
+) -> float:
+    before = rss_kb(pid)
+    held = await hold_streams(
+        session, url, body, count=config.held_streams, batch=config.hold_batch
+    )
+    try:
+        after = rss_kb(pid)
+    finally:
+        release(held)
+    return (after - before) / config.held_streams
+
+
+async def abort_phase(stack: Stack, config: BenchConfig) -> list[Row]:
+    """Phase 6 (issue 3): streams the client drops after a few events, with grace 0."""
+    body = chat_body(f"chunks={ABORT_CHUNKS} delay_ms={ABORT_DELAY_MS:g}", stream=True)
+    results: list[tuple[int, int, int, list[int]]] = []
+    async with new_session() as session:
+        for url in (stack.sim_url + CHAT_PATH, stack.gateway_url + CHAT_PATH):
+            before = await _sim_stats(session, stack)
+            await abort_many(session, url, body, count=config.aborts, events=config.abort_events)
+            await asyncio.sleep(config.abort_wait_s)  # the issue's fixed observation point
+            after = await _sim_stats(session, stack)
+            results.append(
+                (
+                    after["aborted"] - before["aborted"],
+                    after["open"] - before["open"],
+                    after["completed"] - before["completed"],
+                    after["chunks_sent"][len(before["chunks_sent"]) :],
+                )
+            )
+    return _abort_rows(results[0], results[1], config)
+
+
+def _abort_rows(
+    direct: tuple[int, int, int, list[int]],
+    gateway: tuple[int, int, int, list[int]],
+    config: BenchConfig,
+) -> list[Row]:
+    def counts(r: tuple[int, int, int, list[int]]) -> str:
+        return f"{r[0]} / {r[1]} / {r[2]}"
+
+    def chunks(sent: list[int]) -> str:
+        return f"{max(sent)} / {statistics.fmean(sent):.2f}" if sent else "none"
+
+    expected = (config.aborts, 0, 0)
+    allowed = config.abort_events + 1  # at ABORT_DELAY_MS per chunk, one can be in flight
+    return [
+        Row(
+            f"**abort: provider aborted / open / completed** {config.abort_wait_s:g} s after "
+            f"{config.aborts} clients left at {config.abort_events} events (grace 0)",
+            counts(direct),
+            counts(gateway),
+            f"{config.aborts} / 0 / 0",
+            gateway[:3] == expected,
+        ),
+        Row(
+            "**abort: provider chunks sent per aborted stream, max / mean**",
+            chunks(direct[3]),
+            chunks(gateway[3]),
+            f"≤ {config.abort_events} + in-flight (≤ {allowed})",
+            bool(gateway[3]) and max(gateway[3]) <= allowed,
+        ),
+    ]
+
+
+async def _sim_stats(session: aiohttp.ClientSession, stack: Stack) -> dict[str, Any]:
+    async with session.get(stack.sim_url + "/stats") as response:
+        stats: dict[str, Any] = orjson.loads(await response.read())
+        return stats

@@ -1,0 +1,184 @@
+"""``python -m bench.shared`` (``make bench-redis``): what shared state in Redis costs.
+
+Runs the same gateway twice on fresh processes, both with per-user, per-tenant and global
+rate limits and a stream cap on (so every request does its admission work): once with
+in-process state, once with ``SLUICE_REDIS_URL`` pointing at a private ``redis-server``
+started here. Reports p50/p99 latency of short non-streamed completions at concurrency 1
+(where added latency shows undiluted), throughput and gateway CPU per request at the
+throughput concurrency, and the p50 latency added by Redis (target: at most 0.3 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .load import chat_body, new_session, run_load
+from .phases import CHAT_PATH, QUICK, BenchConfig, _measure
+from .procs import Stack, free_port
+from .report import Row, ms, percentile, render
+
+ADDED_P50_TARGET_MS = 0.3
+LIMITS_ENV = {
+    "SLUICE_DISCONNECT_GRACE_S": "0",
+    "SLUICE_RPM_PER_USER": "100000000",
+    "SLUICE_TPM_PER_USER": "1000000000",
+    "SLUICE_RPM_PER_TENANT": "100000000",
+    "SLUICE_RPM_GLOBAL": "100000000",
+    "SLUICE_MAX_STREAMS_PER_USER": "100000",
+    "SLUICE_LEDGER": "memory",
+    "SLUICE_CACHE": "false",
+}
+
+
+class RedisProcess:
+    """A private redis-server on a free loopback port, without persistence."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("bench.shared: redis-server is not installed (make services)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sluice-bench-redis-")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise SystemExit("bench.shared: redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def measure_mode(
+    log_dir: Path, name: str, env: dict[str, str], config: BenchConfig
+) -> tuple[list[float], float, float]:
+    """(sequential latencies, throughput rps, gateway CPU ms per request) for one mode."""
+    body = chat_body("chunks=5", stream=False)
+    async with Stack(log_dir, name, gateway_env={**LIMITS_ENV, **env}) as stack:
+        url = stack.gateway_url + CHAT_PATH
+        async with new_session() as session:
+            await run_load(
+                session,
+                url,
+                body,
+                total=config.warmup_requests,
+                concurrency=4,
+                time_limit_s=config.phase_limit_s,
+                streaming=False,
+            )
+            sequential = await run_load(
+                session,
+                url,
+                body,
+                total=config.non_stream_requests // 4,
+                concurrency=1,
+                time_limit_s=config.phase_limit_s,
+                streaming=False,
+            )
+            loaded = await _measure(
+                stack,
+                session,
+                url,
+                body,
+                total=config.non_stream_requests,
+                concurrency=config.concurrency,
+                config=config,
+                streaming=False,
+            )
+    if sequential.errors or loaded.load.errors:
+        raise SystemExit(f"bench.shared: {name}: requests failed; see {log_dir}")
+    cpu_ms = loaded.per_request_ms(loaded.gateway_cpu_s)
+    return sequential.latencies_s, loaded.load.rps, cpu_ms
+
+
+async def run(config: BenchConfig, log_dir: Path) -> list[Row]:
+    redis = RedisProcess()
+    try:
+        local = await measure_mode(log_dir, "in-process", {}, config)
+        shared = await measure_mode(log_dir, "redis", {"SLUICE_REDIS_URL": redis.url}, config)
+    finally:
+        redis.stop()
+    added_ms = (percentile(shared[0], 0.5) - percentile(local[0], 0.5)) * 1000
+    return [
+        Row(
+            "p50 latency, concurrency 1 (ms)",
+            ms(percentile(local[0], 0.5)),
+            ms(percentile(shared[0], 0.5)),
+        ),
+        Row(
+            "p99 latency, concurrency 1 (ms)",
+            ms(percentile(local[0], 0.99)),
+            ms(percentile(shared[0], 0.99)),
+        ),
+        Row(
+            f"throughput, concurrency {config.concurrency} (req/s)",
+            f"{local[1]:.0f}",
+            f"{shared[1]:.0f}",
+        ),
+        Row("gateway CPU per request (ms)", f"{local[2]:.3f}", f"{shared[2]:.3f}"),
+        Row(
+            "p50 added by Redis (ms)",
+            "—",
+            f"{added_ms:.3f}",
+            f"≤ {ADDED_P50_TARGET_MS}",
+            added_ms <= ADDED_P50_TARGET_MS,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.shared", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks, not numbers")
+    parser.add_argument("--out", type=Path, default=Path(".bench/shared.md"))
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else BenchConfig()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rows = asyncio.run(run(config, log_dir))
+    notes = [
+        "Columns: 'direct' is the gateway with in-process state, 'gateway' the same gateway "
+        "with SLUICE_REDIS_URL (limits, stream caps, checkpoints, journals in Redis).",
+        "Each admitted request does 3 Redis round trips (stream cap, rate buckets, stream "
+        "close) plus the journal mirror's appends, on one loopback redis-server.",
+    ]
+    report = render(rows, notes).replace("| direct | gateway |", "| in-process | redis |")
+    args.out.write_text(report, encoding="utf-8")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Admission: every check before a provider call, in order, and the settlement after it.
+
+    admit(request, chat)                         before the stream starts
+      1. count the prompt (tiktoken), plan the output ceiling   400 context_length_exceeded
+      2. the user's concurrent-stream cap                      429 concurrent_streams_exceeded
+      3. requests/tokens per minute: user, tenant, global      429 rate_limit_exceeded
+      4. USD budgets: user, tenant, per day and month          429 budget_exceeded
+    admission.launch(start_stream, app, owner)   binds the stream (or undoes 2-4 if it fails)
+    add_admission_headers (middleware.py)        x-ratelimit-*, X-Sluice-Budget-Warning
+    Gate.on_finish(stream, checkpoint)           registry finish hook: settle + ledger row
+
+Reservations are made for the worst case (prompt + output ceiling) and settled with the
+real tokens and cost when the stream ends, for whatever reason. Every request leaves
+exactly one ledger row: a rejection here, or the finish hook's row for a started stream.
+Per-key overrides come from the keys file (``Principal.settings``): ``rpm``, ``tpm``,
+``max_streams``, ``max_tokens``, ``daily_usd``, ``monthly_usd``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from . import tokens
+from .auth import Principal
+from .budgets import BudgetLimits, Budgets, Hold
+from .checkpoint import Checkpoint
+from .context import ContextPolicy
+from .errors import RateLimitError, SluiceError
+from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
+from .limits import Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
+from .pricing import PriceTable
+from .request import ChatRequest
+from .settings import LimitSettings, MoneySettings
+from .stream import Owner, Stream, StreamStatus
+
+log = logging.getLogger(__name__)
+
+BUDGET_WARNING_HEADER = "X-Sluice-Budget-Warning"
+OFFLOAD_CHARS = 32_768  # prompts longer than this are counted in a thread, off the loop
+
+_LEDGER_STATUS = {
+    StreamStatus.COMPLETED: "completed",
+    StreamStatus.CLIENT_GONE: "client_gone",
+    StreamStatus.CANCELLED: "cancelled",
+    StreamStatus.SHUTDOWN: "cancelled",
+    StreamStatus.PROVIDER_ERROR: "provider_error",
+    StreamStatus.TIMEOUT: "provider_error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """A client key's overrides of the configured defaults (None: use the default)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_streams: int | None = None
+    max_tokens: int | None = None
+    budgets: BudgetLimits | None = None
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> KeyPolicy:
+        def whole(name: str) -> int | None:
+            value = settings.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        def usd(name: str) -> Decimal | None:
+            value = settings.get(name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            return Decimal(str(value)) if ok else None
+
+        daily, monthly = usd("daily_usd"), usd("monthly_usd")
+        budgets = BudgetLimits(user_daily=daily, user_monthly=monthly)
+        return cls(
+            rpm=whole("rpm"),
+            tpm=whole("tpm"),
+            max_streams=whole("max_streams"),
+            max_tokens=whole("max_tokens"),
+            budgets=budgets if daily is not None or monthly is not None else None,
+        )
+
+
+class Gate:
+    """Policy, limiter, budgets, prices and ledger: one per app (``appkeys.GATE``).
+
+    ``limiter`` and ``ledger`` are swappable (Redis, PostgreSQL) before the app starts.
+    """
+
+    def __init__(
+        self,
+        limits: LimitSettings,
+        money: MoneySettings,
+        *,
+        limiter: Limiter | None = None,
+        ledger: Ledger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = limits
+        self.context = ContextPolicy(
+            default_max_tokens=limits.default_max_tokens,
+            max_tokens_cap=limits.max_tokens_cap or None,
+            reject_over_cap=limits.reject_over_cap,
+            windows=limits.context_windows,
+        )
+        self.prices = PriceTable.with_overrides(money.prices)
+        self.budgets = Budgets(
+            _budget_limits(money), soft_fraction=money.soft_fraction, clock=clock
+        )
+        self.limiter: Limiter = limiter or MemoryLimiter()
+        self.ledger: Ledger = ledger or MemoryLedger()
+        self.clock = clock
+        self._policies: dict[str, KeyPolicy] = {}
+        self._pending: dict[str, Admission] = {}
+
+    def policy(self, principal: Principal) -> KeyPolicy:
+        policy = self._policies.get(principal.key_id)
+        if policy is None:
+            policy = self._policies[principal.key_id] = KeyPolicy.of(principal.settings)
+        return policy
+
+    def tiers(self, principal: Principal, policy: KeyPolicy) -> tuple[Tier, ...]:
+        s = self.settings
+        return (
+            Tier(
+                "user",
+                principal.user_id,
+                _pick(policy.rpm, s.user_rpm),
+                _pick(policy.tpm, s.user_tpm),
+            ),
+            Tier("tenant", principal.tenant, s.tenant_rpm, s.tenant_tpm),
+            Tier("global", "*", s.global_rpm, s.global_tpm),
+        )
+
+    async def admit(self, principal: Principal, chat: ChatRequest) -> Admission:
+        """Run the checks in order; raise the first refusal (after recording it)."""
+        arrived = self.clock()
+        try:
+            return await self._admit(principal, chat, arrived)
+        except SluiceError as exc:
+            self.ledger.record(_rejection(principal, chat, arrived, code=exc.code))
+            raise
+        except asyncio.CancelledError:  # the client left while we were counting
+            self.ledger.record(_rejection(principal, chat, arrived, status="cancelled"))
+            raise
+
+    async def _admit(self, principal: Principal, chat: ChatRequest, arrived: float) -> Admission:
+        policy = self.policy(principal)
+        prompt = await _count_prompt(chat)
+        plan = self.context.plan_output(
+            chat.model, chat.body, prompt, cap_override=policy.max_tokens
+        )
+        if plan.rewrite:
+            chat = replace(chat, body={**chat.body, plan.field: plan.max_tokens})
+        choices = chat.body.get("n")
+        ceiling = plan.max_tokens * (choices if isinstance(choices, int) and choices > 1 else 1)
+        user = principal.user_id
+        cap = _pick(policy.max_streams, self.settings.max_streams_per_user)
+        if not await self.limiter.open_stream(user, cap):
+            raise RateLimitError(
+                f"Too many concurrent streams for this user (limit {cap}).",
+                code="concurrent_streams_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        admission = Admission(self, principal, chat, prompt, ceiling, arrived)
+        try:
+            outcome = await self.limiter.try_acquire(
+                self.tiers(principal, policy), prompt + ceiling
+            )
+            if isinstance(outcome, Denial):
+                raise _rate_limited(outcome)
+            admission.grant = outcome
+            admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
+            worst = self.prices.cost(chat.model, prompt, ceiling)
+            hold = self.budgets.reserve(user, principal.tenant, worst, policy.budgets)
+        except BaseException:
+            await admission.release()
+            raise
+        admission.hold = hold
+        if hold.warning:
+            admission.headers[BUDGET_WARNING_HEADER] = hold.warning
+        return admission
+
+    async def on_finish(self, stream: Stream, checkpoint: Checkpoint) -> None:
+        """The registry finish hook: settle the stream's admission and write its ledger row."""
+        admission = self._pending.pop(stream.id, None)
+        if admission is not None:
+            await admission.settle(stream, checkpoint)
+
+
+@dataclass(slots=True, eq=False)
+class Admission:
+    """One admitted request: what it reserved, the headers to send, and its settlement."""
+
+    gate: Gate
+    principal: Principal
+    chat: ChatRequest  # as sent upstream: carries the output ceiling
+    prompt_tokens: int  # counted with tiktoken
+    max_output_tokens: int  # the ceiling, times ``n``
+    arrived: float
+    grant: Grant | None = None
+    hold: Hold | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    _open: bool = True
+
+    async def launch(
+        self,
+        start: Callable[..., Stream],
+        app: web.Application,
+        owner: Owner,
+        **options: Any,
+    ) -> Stream:
+        """``start(app, owner, self.chat, **options)``, bound to this admission.
+
+        If starting fails, the reservations are returned and a rejected row is recorded.
+        """
+        try:
+            stream = start(app, owner, self.chat, **options)
+        except SluiceError as exc:
+            await self.release()
+            rejected = _rejection(self.principal, self.chat, self.arrived, code=exc.code)
+            self.gate.ledger.record(rejected)
+            raise
+        except BaseException:
+            await self.release()
+            raise
+        self.gate._pending[stream.id] = self
+        return stream
+
+    async def release(self) -> None:
+        """Give everything back, as if the request had never been admitted."""
+        if not self._open:
+            return
+        self._open = False
+        gate = self.gate
+        if self.hold is not None:
+            gate.budgets.settle(self.hold, Decimal(0))
+        if self.grant is not None:
+            await gate.limiter.settle(self.grant, 0)
+        await gate.limiter.close_stream(self.principal.user_id)
+
+    async def settle(self, stream: Stream, checkpoint: Checkpoint) -> None:
+        """Replace the reservations with what the stream really used; write its ledger row."""
+        if not self._open:
+            return
+        self._open = False
+        gate = self.gate
+        entry = ledger_entry(gate.prices, self.principal, stream, checkpoint, self.arrived)
+        if self.hold is not None:
+            gate.budgets.settle(self.hold, Decimal(str(entry.cost_usd)))
+        try:
+            if self.grant is not None:
+                await gate.limiter.settle(self.grant, entry.prompt_tokens + entry.completion_tokens)
+            await gate.limiter.close_stream(self.principal.user_id)
+        finally:
+            gate.ledger.record(entry)
+
+
+def ledger_entry(
+    prices: PriceTable,
+    principal: Principal,
+    stream: Stream,
+    checkpoint: Checkpoint,
+    arrived: float,
+) -> LedgerEntry:
+    """The row for an ended stream: the provider's usage if it came, else counted tokens.
+
+    A provider failure that produced nothing costs nothing; a cache hit has no provider cost.
+    """
+    progress = stream.progress
+    usage = progress.usage or {}
+    nothing = progress.chunks == 0 and not checkpoint.usage_reported
+    failed = stream.status in (StreamStatus.PROVIDER_ERROR, StreamStatus.TIMEOUT)
+    prompt, completion, cached = checkpoint.prompt_tokens, checkpoint.completion_tokens, 0
+    if nothing and failed:
+        prompt = completion = 0
+    if checkpoint.usage_reported:
+        details = usage.get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0)
+    elif checkpoint.tool_calls:
+        completion += tokens.count_text(stream.model, _tool_call_text(checkpoint.tool_calls))
+    served = stream.served_model or stream.model
+    cost = Decimal(0) if stream.cache_hit else prices.cost(served, prompt, completion, cached)
+    error = checkpoint.error or {}
+    return LedgerEntry(
+        request_id=stream.id,
+        ts=arrived,
+        day=utc_day(arrived),
+        user_id=principal.user_id,
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        model_requested=stream.model,
+        model_served=checkpoint.response_model or served,
+        status=_LEDGER_STATUS.get(stream.status, "provider_error"),
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        completion_tokens=completion,
+        cost_usd=float(cost),
+        latency_ms=_ms(stream.ended_at, stream.created_at),
+        ttft_ms=_ms(stream.first_token_at, stream.created_at),
+        stream_id=stream.id,
+        error_code=error.get("code") if isinstance(error.get("code"), str) else None,
+        usage_reported=checkpoint.usage_reported,
+    )
+
+
+def _rejection(
+    principal: Principal,
+    chat: ChatRequest,
+    arrived: float,
+    *,
+    code: str | None = None,
+    status: str = "rejected",
+) -> LedgerEntry:
+    return LedgerEntry(
+        request_id="rej_" + secrets.token_urlsafe(12),
+        ts=arrived,
+        day=utc_day(arrived),
+        user_id=principal.user_id,
+        tenant=principal.tenant,
+        key_id=principal.key_id,
+        model_requested=chat.model,
+        model_served=None,
+        status=status,
+        prompt_tokens=0,
+        cached_tokens=0,
+        completion_tokens=0,
+        cost_usd=0.0,
+        latency_ms=0.0,
+        ttft_ms=None,
+        stream_id=None,
+        error_code=code,
+        usage_reported=False,
+    )
+
+
+def _rate_limited(denial: Denial) -> RateLimitError:
+    tier = denial.tier
+    headers = ratelimit_headers(denial.requests, denial.token_quota)
+    headers["Retry-After"] = str(max(1, int(denial.retry_after_s + 0.999)))
+    if denial.too_large:
+        message = (
+            f"Request too large: it needs more {denial.unit} than the {tier.name} limit "
+            "allows per minute. Reduce the prompt or max_tokens."
+        )
+    else:
+        message = (
+            f"Rate limit reached for {tier.name} on {denial.unit} per minute. "
+            f"Please try again in {denial.retry_after_s:.3g}s."
+        )
+    return RateLimitError(message, headers=headers)
+
+
+async def _count_prompt(chat: ChatRequest) -> int:
+    """Count on the loop when cheap; in a thread when the prompt is long or tiktoken is cold."""
+    if tokens.is_loaded(chat.model) and _rough_chars(chat.body) < OFFLOAD_CHARS:
+        return tokens.count_chat(chat.model, chat.body)
+    return await asyncio.to_thread(tokens.count_chat, chat.model, chat.body)
+
+
+def _rough_chars(body: Mapping[str, Any]) -> int:
+    total = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        total += len(content) if isinstance(content, str) else 256
+    return total + 512 * len(body.get("tools") or ())
+
+
+def _tool_call_text(tool_calls: list[Any]) -> str:
+    parts = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
+    return "".join(parts)
+
+
+def _budget_limits(money: MoneySettings) -> BudgetLimits:
+    def usd(value: float | None) -> Decimal | None:
+        return Decimal(str(value)) if value is not None else None
+
+    return BudgetLimits(
+        user_daily=usd(money.user_daily_usd),
+        user_monthly=usd(money.user_monthly_usd),
+        tenant_daily=usd(money.tenant_daily_usd),
+        tenant_monthly=usd(money.tenant_monthly_usd),
+    )
+
+
+def _pick(override: int | None, default: int) -> int:
+    return override if override is not None else default
+
+
+def _ms(end: float | None, start: float) -> float | None:
+    return round((end - start) * 1000, 3) if end is not None else None

@@ -1,0 +1,190 @@
+"""Budgets: USD per user and per tenant, per UTC day and month, that cannot be overspent.
+
+A request reserves its maximum possible cost (prompt plus output ceiling, priced) before
+the provider is called and settles with its real cost when it ends. The check and the
+reservation happen together, with no ``await`` between them, so any number of concurrent
+requests together can commit at most the limit. Past ``soft_fraction`` of a limit the
+response carries a warning; at the limit the request is refused (429 ``budget_exceeded``).
+
+State is per process and in memory; at startup it is rebuilt from the ledger's totals for
+the current day and month, so a restart does not reset spend.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from .errors import BudgetExceededError
+from .ledger import SpendRow
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimits:
+    """USD limits; ``None`` means unlimited."""
+
+    user_daily: Decimal | None = None
+    user_monthly: Decimal | None = None
+    tenant_daily: Decimal | None = None
+    tenant_monthly: Decimal | None = None
+
+
+_Key = tuple[str, str, str, str]  # (scope, who, "day"|"month", period)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation: settle it exactly once."""
+
+    keys: tuple[_Key, ...]
+    amount: Decimal
+    warning: str | None
+
+
+class Budgets:
+    """Spent and reserved USD per scope and period; see the module docstring."""
+
+    def __init__(
+        self,
+        limits: BudgetLimits,
+        *,
+        soft_fraction: float = 0.8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.limits = limits
+        self._soft = Decimal(str(soft_fraction))
+        self._clock = clock
+        self._spent: dict[_Key, Decimal] = {}
+        self._reserved: dict[_Key, Decimal] = {}
+        self._periods = ("", "")
+
+    def load(self, rows: Iterable[SpendRow]) -> None:
+        """Add the ledger's spend (rows from the first day of this month) into the totals."""
+        day, month = self._current()
+        for row in rows:
+            cost = Decimal(str(row.cost_usd))
+            for scope, who in (("user", row.user_id), ("tenant", row.tenant)):
+                if row.day == day:
+                    self._add(self._spent, (scope, who, "day", day), cost)
+                if row.day.startswith(month):
+                    self._add(self._spent, (scope, who, "month", month), cost)
+
+    def reserve(
+        self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
+    ) -> Hold:
+        """Reserve ``amount`` on every applicable budget, or raise ``BudgetExceededError``."""
+        checks = self._checks(user, tenant, overrides)
+        for key, limit in checks:
+            if limit is not None and self._committed(key) + amount > limit:
+                raise self._exceeded(key, limit)
+        for key, _ in checks:
+            self._add(self._reserved, key, amount)
+        return Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
+
+    def settle(self, hold: Hold, actual: Decimal) -> None:
+        """Replace the reservation with the real cost (in the periods it was made in)."""
+        for key in hold.keys:
+            self._add(self._reserved, key, -hold.amount)
+            self._add(self._spent, key, actual)
+
+    def status(
+        self, user: str, tenant: str, overrides: BudgetLimits | None = None
+    ) -> dict[str, Any]:
+        """Limit, spent, reserved and remaining USD per scope and period (for /v1/usage)."""
+        report: dict[str, Any] = {"user": {}, "tenant": {}}
+        for key, limit in self._checks(user, tenant, overrides):
+            scope, _, period, _ = key
+            spent, reserved = self._spent.get(key, ZERO), self._reserved.get(key, ZERO)
+            report[scope]["daily" if period == "day" else "monthly"] = {
+                "limit_usd": float(limit) if limit is not None else None,
+                "spent_usd": float(spent),
+                "reserved_usd": float(reserved),
+                "remaining_usd": float(max(limit - spent - reserved, ZERO)) if limit else None,
+            }
+        return report
+
+    def pressure(self, user: str, tenant: str, overrides: BudgetLimits | None = None) -> float:
+        """The highest fraction of any applicable limit already committed (0.0 without limits)."""
+        fractions = [
+            float(self._committed(key) / limit)
+            for key, limit in self._checks(user, tenant, overrides)
+            if limit
+        ]
+        return max(fractions, default=0.0)
+
+    def _checks(
+        self, user: str, tenant: str, overrides: BudgetLimits | None
+    ) -> list[tuple[_Key, Decimal | None]]:
+        day, month = self._current()
+        limits, own = self.limits, overrides or BudgetLimits()
+        return [
+            (("user", user, "day", day), _first(own.user_daily, limits.user_daily)),
+            (("user", user, "month", month), _first(own.user_monthly, limits.user_monthly)),
+            (("tenant", tenant, "day", day), limits.tenant_daily),
+            (("tenant", tenant, "month", month), limits.tenant_monthly),
+        ]
+
+    def _current(self) -> tuple[str, str]:
+        now = time.gmtime(self._clock())
+        periods = (time.strftime("%Y-%m-%d", now), time.strftime("%Y-%m", now))
+        if periods != self._periods:
+            self._periods = periods
+            self._forget_except(periods)
+        return periods
+
+    def _forget_except(self, periods: tuple[str, str]) -> None:
+        """Drop finished periods that no reservation still points at."""
+        for table in (self._spent, self._reserved):
+            for key in [k for k in table if k[3] not in periods and not self._reserved.get(k)]:
+                del table[key]
+
+    def _committed(self, key: _Key) -> Decimal:
+        return self._spent.get(key, ZERO) + self._reserved.get(key, ZERO)
+
+    def _warning(self, checks: list[tuple[_Key, Decimal | None]]) -> str | None:
+        worst: tuple[Decimal, _Key, Decimal] | None = None
+        for key, limit in checks:
+            if limit:
+                used = self._committed(key) / limit
+                if used >= self._soft and (worst is None or used > worst[0]):
+                    worst = (used, key, limit)
+        if worst is None:
+            return None
+        used, (scope, _, period, _), limit = worst
+        label = "daily" if period == "day" else "monthly"
+        return f"{scope} {label} budget {int(used * 100)}% used (limit ${limit})"
+
+    def _exceeded(self, key: _Key, limit: Decimal) -> BudgetExceededError:
+        scope, _, period, _ = key
+        label = "daily" if period == "day" else "monthly"
+        retry = max(1, int(self._period_end(period) - self._clock()) + 1)
+        return BudgetExceededError(
+            f"The {scope} {label} budget of ${limit} is exhausted.",
+            headers={"Retry-After": str(retry)},
+        )
+
+    def _period_end(self, period: str) -> float:
+        now = time.gmtime(self._clock())
+        if period == "day":
+            return calendar.timegm((now.tm_year, now.tm_mon, now.tm_mday, 0, 0, 0)) + 86_400
+        year, month = (now.tm_year + 1, 1) if now.tm_mon == 12 else (now.tm_year, now.tm_mon + 1)
+        return calendar.timegm((year, month, 1, 0, 0, 0))
+
+    @staticmethod
+    def _add(table: dict[_Key, Decimal], key: _Key, amount: Decimal) -> None:
+        table[key] = table.get(key, ZERO) + amount
+
+
+def _first(override: Decimal | None, default: Decimal | None) -> Decimal | None:
+    return override if override is not None else default
+
+
+def month_start(ts: float) -> str:
+    """The first UTC day of ``ts``'s month, YYYY-MM-DD (where the ledger replay starts)."""
+    return time.strftime("%Y-%m-01", time.gmtime(ts))

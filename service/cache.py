@@ -1,0 +1,122 @@
+"""The exact-match response cache: keys, entries, and where entries are kept.
+
+A key is the SHA-256 of the tenant and the normalised request (every body field except
+those that cannot change the answer, with sorted keys), so tenants never share entries
+and a new provider parameter can never produce a wrong hit. ``stream`` and
+``stream_options`` are not part of it: an entry is the journal of a *completed*
+generation in the form it was made (the provider's raw chunk payloads, or its one JSON
+body) and serves both forms, converted by ``assemble.py`` when they differ.
+
+The cache is used only for deterministic requests (``temperature`` 0) or when the client
+opts in with ``X-Sluice-Cache: use``; ``X-Sluice-Cache: bypass`` opts out, also from the
+cached-only degradation tier. ``ResponseCache`` is the storage seam: ``MemoryResponseCache``
+(an LRU bounded in bytes, with TTL) is the default and the test double; a Redis store
+implements the same protocol for many replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+CACHE_HEADER = "X-Sluice-Cache"
+HIT = "hit"
+MISS = "miss"
+BYPASS = "bypass"
+OPT_IN = "use"
+OPT_OUT = "bypass"
+
+# Cannot change the answer (the wire form is converted on a hit, see ``assemble.py``).
+_IGNORED_FIELDS = frozenset({"user", "metadata", "store", "stream", "stream_options"})
+_ENTRY_OVERHEAD = 64  # bytes per payload, roughly what a bytes object costs beyond its data
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    """A completed generation: chunk payloads (no usage-only chunk) when ``streaming``,
+    else one JSON body; ``usage`` as the provider reported it."""
+
+    model: str
+    streaming: bool
+    payloads: tuple[bytes, ...]
+    usage: dict[str, Any] | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) + _ENTRY_OVERHEAD for p in self.payloads) + len(self.model) + 256
+
+
+class ResponseCache(Protocol):
+    """Where cached responses live until their TTL passes or space runs out."""
+
+    async def get(self, key: str) -> CachedResponse | None: ...
+
+    async def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None: ...
+
+
+def cache_key(tenant: str, body: Mapping[str, Any], model: str) -> str:
+    """The key of ``body`` asked of ``model`` by ``tenant``."""
+    normalised = {name: value for name, value in body.items() if name not in _IGNORED_FIELDS}
+    normalised["model"] = model
+    document = orjson.dumps([tenant, normalised], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(document).hexdigest()
+
+
+def cache_wanted(body: Mapping[str, Any], header: str | None) -> bool:
+    """The client's opt-in or opt-out, else whether the request is deterministic."""
+    choice = (header or "").strip().lower()
+    if choice == OPT_IN:
+        return True
+    if choice == OPT_OUT:
+        return False
+    temperature = body.get("temperature")
+    return temperature == 0 and not isinstance(temperature, bool)
+
+
+def opted_out(header: str | None) -> bool:
+    return (header or "").strip().lower() == OPT_OUT
+
+
+class MemoryResponseCache:
+    """Process-local LRU with TTL, bounded by the bytes of its entries."""
+
+    def __init__(self, *, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self.bytes = 0  # invariant: the sum of ``size`` over ``_entries``
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str) -> CachedResponse | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        expires, entry = found
+        if expires <= self._clock():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    async def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        size = entry.size
+        if size > self._max_bytes:
+            return  # larger than the whole cache: it would only evict everything else
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (self._clock() + ttl_s, entry)
+        self.bytes += size
+        while self.bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        _, entry = self._entries.pop(key)
+        self.bytes -= entry.size

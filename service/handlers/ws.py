@@ -1,0 +1,205 @@
+"""``GET /v1/ws``: chat completions over one WebSocket, several at a time.
+
+The frames are described in ``wsproto.py``. Each stream on the socket gets one reader task,
+owned by the socket's handler: it follows the stream's journal and sends its frames. When
+the stream ends the reader sends ``done`` or ``error``; when the socket closes (or a dead
+peer misses its heartbeat) every reader is cancelled and detaches, which is a disconnect:
+the grace window applies. A frame the server cannot act on is answered with an ``error``
+frame and the socket stays open. A stream ended by shutdown gets no final frame: the socket
+closes with 1001 and the client resumes elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from ..appkeys import (
+    GATE,
+    PRINCIPAL,
+    SERVED_MODELS,
+    SETTINGS,
+    STREAMS,
+    TELEMETRY,
+    WEBSOCKETS,
+)
+from ..auth import Principal
+from ..errors import InvalidRequestError, NotFoundError, SluiceError
+from ..request import parse_chat_request
+from ..stream import Kind, Owner, Stream, StreamStatus
+from ..wsproto import (
+    MAX_REQUEST_ID_CHARS,
+    RequestId,
+    StreamFrames,
+    error_frame,
+    is_request_id,
+    parse_frame,
+)
+from .chat import start_stream
+from .streams import check_resume_point, owned_stream
+
+log = logging.getLogger(__name__)
+
+TEXT = WSMsgType.TEXT
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Serve one client's socket until it closes; its streams are then disconnected."""
+    settings = request.app[SETTINGS]
+    ws = web.WebSocketResponse(
+        heartbeat=settings.streams.keepalive_s,  # a peer that stops answering pings is gone
+        compress=False,  # chunks are small; deflating each costs more than it saves
+        max_msg_size=settings.server.max_body_bytes,
+    )
+    await ws.prepare(request)
+    request.app[WEBSOCKETS].add(ws)
+    socket = _Socket(request.app, request[PRINCIPAL], ws)
+    try:
+        async for message in ws:
+            if message.type is TEXT:
+                await socket.receive(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await socket.send(error_frame(None, InvalidRequestError("Frames must be text.")))
+            else:
+                break  # ERROR: the connection failed (CLOSE ends the loop by itself)
+    finally:
+        await socket.close()
+    return ws
+
+
+class _Socket:
+    """One client's socket: the reader task of each of its streams, by request id."""
+
+    __slots__ = ("_app", "_principal", "_readers", "_registry", "_ws")
+
+    def __init__(self, app: web.Application, principal: Principal, ws: web.WebSocketResponse):
+        self._app = app
+        self._principal = principal
+        self._registry = app[STREAMS]
+        self._ws = ws
+        self._readers: dict[RequestId, tuple[Stream, asyncio.Task[None]]] = {}
+
+    async def receive(self, text: str) -> None:
+        """Act on one client frame; anything wrong with it is answered with an error frame."""
+        frame: dict[str, Any] = {}
+        try:
+            frame = parse_frame(text)
+            kind = frame.get("type")
+            if kind == "chat.completion.create":
+                await self._create(frame)
+            elif kind == "cancel":
+                self._cancel(frame)
+            elif kind == "resume":
+                self._resume(frame)
+            else:
+                raise InvalidRequestError(
+                    "Unknown frame type; expected chat.completion.create, cancel or resume.",
+                    param="type",
+                )
+        except SluiceError as error:
+            await self.send(error_frame(frame.get("request_id"), error))
+
+    async def send(self, frame: bytes) -> None:
+        with contextlib.suppress(ConnectionResetError):  # closing: the loop ends next
+            await self._ws.send_frame(frame, TEXT)
+
+    async def close(self) -> None:
+        """Stop every reader; each detaches from its stream as it ends."""
+        tasks = [task for _, task in self._readers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _create(self, frame: dict[str, Any]) -> None:
+        request_id = self._new_request_id(frame.get("request_id"))
+        body = frame.get("body")
+        if not isinstance(body, dict):
+            raise InvalidRequestError("'body' must be a chat completion request.", param="body")
+        # The transport streams by nature: ``stream`` is implied whatever the body says.
+        chat = parse_chat_request(orjson.dumps({**body, "stream": True}), self._app[SERVED_MODELS])
+        principal = self._principal
+        owner = Owner(principal.user_id, principal.tenant, principal.key_id)
+        admission = await self._app[GATE].admit(principal, chat)  # limits and budgets, as SSE
+        stream = await admission.launch(start_stream, self._app, owner)
+        self._follow(request_id, stream, after=0, announce=True)
+
+    def _cancel(self, frame: dict[str, Any]) -> None:
+        request_id = frame.get("request_id")
+        entry = self._readers.get(request_id) if is_request_id(request_id) else None
+        if entry is None:
+            raise NotFoundError(
+                "No stream with this request_id on this socket.",
+                param="request_id",
+                code="request_not_found",
+            )
+        self._registry.cancel(entry[0])  # its reader sends the final error frame
+
+    def _resume(self, frame: dict[str, Any]) -> None:
+        stream_id = frame.get("stream_id")
+        if not isinstance(stream_id, str):
+            raise InvalidRequestError("'stream_id' must be a string.", param="stream_id")
+        last_seq = frame.get("last_seq", 0)
+        if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
+            raise InvalidRequestError("'last_seq' must be an integer >= 0.", param="last_seq")
+        request_id = self._new_request_id(frame.get("request_id", stream_id))
+        stream = owned_stream(self._registry, stream_id, self._principal)
+        after = check_resume_point(stream, last_seq)
+        self._app[TELEMETRY].stream_resumed(stream, after)
+        self._follow(request_id, stream, after=after, announce=False)
+
+    def _new_request_id(self, value: Any) -> RequestId:
+        if not is_request_id(value):
+            raise InvalidRequestError(
+                f"'request_id' must be a string of at most {MAX_REQUEST_ID_CHARS} characters "
+                "or an integer.",
+                param="request_id",
+            )
+        if value in self._readers:
+            raise InvalidRequestError(
+                "This request_id is already streaming on this socket.",
+                param="request_id",
+                code="duplicate_request_id",
+            )
+        return value
+
+    def _follow(self, request_id: RequestId, stream: Stream, *, after: int, announce: bool) -> None:
+        # Attach now, not in the task: a socket closing before the task first runs must
+        # still detach, and a done callback runs even for a task cancelled unstarted.
+        self._registry.attach(stream)
+        frames = StreamFrames(request_id, stream.id)
+        task = asyncio.create_task(self._relay(frames, stream, after, announce))
+        self._readers[request_id] = (stream, task)
+        task.add_done_callback(functools.partial(self._reader_done, request_id, stream))
+
+    def _reader_done(self, request_id: RequestId, stream: Stream, task: asyncio.Task[None]) -> None:
+        self._readers.pop(request_id, None)
+        self._registry.detach(stream)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("WebSocket reader of stream %s failed", stream.id, exc_info=exc)
+
+    async def _relay(
+        self, frames: StreamFrames, stream: Stream, after: int, announce: bool
+    ) -> None:
+        send = self._ws.send_frame
+        with contextlib.suppress(ConnectionResetError):  # the socket went away mid-send
+            if announce:
+                await send(frames.started(), TEXT)
+            async for batch in stream.follow(after):
+                for seq, kind, data in batch:
+                    if kind == Kind.CHUNK:
+                        await send(frames.chunk(seq, data), TEXT)
+            # The journal's own final event ([DONE] or the error) is replaced by the
+            # done/error frame, numbered like it.
+            if stream.error is not None and stream.status is not StreamStatus.SHUTDOWN:
+                await send(frames.error(stream.last_seq, stream.error), TEXT)
+            elif stream.status is StreamStatus.COMPLETED:
+                progress = stream.progress
+                await send(
+                    frames.done(stream.last_seq, progress.finish_reason, progress.usage), TEXT
+                )

@@ -1,0 +1,297 @@
+"""The ledger: exactly one durable record per request, what it cost, and the totals from it.
+
+``Ledger`` is the storage seam (PostgreSQL can follow); ``MemoryLedger`` is the test double
+and the default when no data dir is configured; ``SqliteLedger`` is the embedded default
+under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it drops the entry into a
+bounded queue that one writer thread drains in batches, one transaction each. Queries go
+through the same thread and queue, after every record submitted before them, so a reader
+always sees its own writes. ``close`` (a cleanup context) flushes the queue on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE = 10_000
+BATCH = 512
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One request. ``status``: completed, client_gone, cancelled, provider_error, rejected."""
+
+    request_id: str  # the stream id, or ``rej_...`` for a request refused before it started
+    ts: float  # unix seconds when the request arrived
+    day: str  # UTC date of ``ts``, YYYY-MM-DD (budgets and /v1/usage group by it)
+    user_id: str
+    tenant: str
+    key_id: str
+    model_requested: str
+    model_served: str | None
+    status: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_ms: float | None
+    ttft_ms: float | None
+    stream_id: str | None
+    error_code: str | None
+    usage_reported: bool  # tokens are the provider's own count (else counted by Sluice)
+
+
+COLUMNS = tuple(f.name for f in fields(LedgerEntry))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    day: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    user_id: str
+    tenant: str
+    day: str
+    cost_usd: float
+
+
+class Ledger(Protocol):
+    def record(self, entry: LedgerEntry) -> None:
+        """Queue one entry; never blocks, never raises."""
+
+    async def usage(
+        self, *, user: str | None, tenant: str | None, since_day: str, until_day: str
+    ) -> list[UsageRow]: ...
+
+    async def spend_since(self, since_day: str) -> list[SpendRow]: ...
+
+    async def entries(self, *, user: str | None = None) -> list[LedgerEntry]: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def utc_day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+class MemoryLedger:
+    """Entries in a list; the default without a data dir, and the test double."""
+
+    def __init__(self) -> None:
+        self._entries: list[LedgerEntry] = []
+
+    def record(self, entry: LedgerEntry) -> None:
+        self._entries.append(entry)
+
+    async def usage(
+        self, *, user: str | None, tenant: str | None, since_day: str, until_day: str
+    ) -> list[UsageRow]:
+        groups: dict[tuple[str, str], list[LedgerEntry]] = {}
+        for e in self._entries:
+            if _matches(e, user, tenant) and since_day <= e.day <= until_day:
+                groups.setdefault((e.day, e.model_requested), []).append(e)
+        return [
+            UsageRow(
+                day,
+                model,
+                len(group),
+                sum(e.prompt_tokens for e in group),
+                sum(e.completion_tokens for e in group),
+                sum(e.cost_usd for e in group),
+            )
+            for (day, model), group in sorted(groups.items())
+        ]
+
+    async def spend_since(self, since_day: str) -> list[SpendRow]:
+        totals: dict[tuple[str, str, str], float] = {}
+        for e in self._entries:
+            if e.day >= since_day and e.cost_usd:
+                key = (e.user_id, e.tenant, e.day)
+                totals[key] = totals.get(key, 0.0) + e.cost_usd
+        return [SpendRow(u, t, d, c) for (u, t, d), c in sorted(totals.items())]
+
+    async def entries(self, *, user: str | None = None) -> list[LedgerEntry]:
+        return [e for e in self._entries if user is None or e.user_id == user]
+
+    async def flush(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _matches(entry: LedgerEntry, user: str | None, tenant: str | None) -> bool:
+    return (user is None or entry.user_id == user) and (tenant is None or entry.tenant == tenant)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    request_id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    day TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    model_requested TEXT NOT NULL,
+    model_served TEXT,
+    status TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    latency_ms REAL,
+    ttft_ms REAL,
+    stream_id TEXT,
+    error_code TEXT,
+    usage_reported INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_user_day ON ledger (user_id, day);
+CREATE INDEX IF NOT EXISTS ledger_tenant_day ON ledger (tenant, day);
+"""
+_INSERT = (
+    f"INSERT OR IGNORE INTO ledger ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_Job = Callable[[sqlite3.Connection], Any]
+_STOP = object()
+
+
+class SqliteLedger:
+    """SQLite in WAL mode, written by one thread; see the module docstring."""
+
+    def __init__(self, path: Path, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        self.path = path
+        self.dropped = 0
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.executescript(_SCHEMA)
+        self._thread = threading.Thread(
+            target=self._run, args=(connection,), name="ledger-writer", daemon=True
+        )
+        self._thread.start()
+
+    def record(self, entry: LedgerEntry) -> None:
+        try:
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            self.dropped += 1
+            log.error("ledger queue full: dropped the record of %s", entry.request_id)
+
+    async def _submit(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
+        future: Future[_T] = Future()
+        await asyncio.to_thread(self._queue.put, (job, future))
+        return await asyncio.wrap_future(future)
+
+    async def usage(
+        self, *, user: str | None, tenant: str | None, since_day: str, until_day: str
+    ) -> list[UsageRow]:
+        where, args = _where(user, tenant)
+        sql = (
+            "SELECT day, model_requested, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
+            f"SUM(cost_usd) FROM ledger WHERE day BETWEEN ? AND ? {where} "
+            "GROUP BY day, model_requested ORDER BY day, model_requested"
+        )
+        rows = await self._submit(
+            lambda c: c.execute(sql, (since_day, until_day, *args)).fetchall()
+        )
+        return [UsageRow(*row) for row in rows]
+
+    async def spend_since(self, since_day: str) -> list[SpendRow]:
+        sql = (
+            "SELECT user_id, tenant, day, SUM(cost_usd) FROM ledger WHERE day >= ? "
+            "AND cost_usd > 0 GROUP BY user_id, tenant, day ORDER BY user_id, tenant, day"
+        )
+        rows = await self._submit(lambda c: c.execute(sql, (since_day,)).fetchall())
+        return [SpendRow(*row) for row in rows]
+
+    async def entries(self, *, user: str | None = None) -> list[LedgerEntry]:
+        where, args = _where(user, None)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM ledger WHERE 1=1 {where} ORDER BY ts"
+        rows = await self._submit(lambda c: c.execute(sql, args).fetchall())
+        return [_entry(row) for row in rows]
+
+    async def flush(self) -> None:
+        await self._submit(lambda c: None)
+
+    async def close(self) -> None:
+        """Write everything queued, then stop the writer thread."""
+        await asyncio.to_thread(self._queue.put, _STOP)
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self, connection: sqlite3.Connection) -> None:
+        with contextlib.closing(connection):
+            while True:
+                item = self._queue.get()
+                batch: list[LedgerEntry] = []
+                while isinstance(item, LedgerEntry):
+                    batch.append(item)
+                    item = None
+                    if len(batch) >= BATCH:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._write(connection, batch)
+                if item is _STOP:
+                    return
+                if isinstance(item, tuple):
+                    _run_job(connection, *item)
+
+    def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> None:
+        try:
+            with connection:
+                connection.execute("BEGIN")
+                connection.executemany(_INSERT, [astuple(e) for e in batch])
+        except sqlite3.Error:
+            log.exception("ledger write of %d records failed", len(batch))
+
+
+def _run_job(connection: sqlite3.Connection, job: _Job, future: Future[Any]) -> None:
+    try:
+        future.set_result(job(connection))
+    except Exception as exc:
+        future.set_exception(exc)
+
+
+def _where(user: str | None, tenant: str | None) -> tuple[str, tuple[str, ...]]:
+    clauses, args = [], []
+    if user is not None:
+        clauses.append("AND user_id = ?")
+        args.append(user)
+    if tenant is not None:
+        clauses.append("AND tenant = ?")
+        args.append(tenant)
+    return " ".join(clauses), tuple(args)
+
+
+def _entry(row: Sequence[Any]) -> LedgerEntry:
+    values = dict(zip(COLUMNS, row, strict=True))
+    values["usage_reported"] = bool(values["usage_reported"])
+    return LedgerEntry(**values)

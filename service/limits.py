@@ -1,0 +1,237 @@
+"""Rate limits: requests and tokens per minute per user, tenant and globally; stream caps.
+
+``Limiter`` is the storage seam (a Redis implementation follows for many replicas);
+``MemoryLimiter`` keeps one aiolimiter ``AsyncLimiter`` leaky bucket per (tier, key, rate)
+and per unit (requests, tokens). Nothing ever waits in a hidden queue: ``try_acquire``
+checks every bucket with ``has_capacity`` first and only then pours into all of them with
+``acquire``, which returns without suspending when capacity is there, so the whole
+check-and-take is atomic on the event loop.
+
+Tokens are reserved up front (estimated prompt + the output ceiling) and settled with the
+real usage afterwards. A leaky bucket's level falls at a constant rate whatever was poured,
+so taking ``reserved - used`` back out of the level (clamped at zero) leaves the bucket
+exactly where it would be had only ``used`` been poured at admission time. Usage above the
+reservation is poured in unconditionally: the debt delays the next requests instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiolimiter import AsyncLimiter
+
+PERIOD_S = 60.0
+MAX_BUCKETS = 100_000  # above this, idle (empty) buckets are forgotten
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One limited scope: e.g. ("user", "alice") with its per-minute rates (0 = unlimited)."""
+
+    name: str
+    key: str
+    rpm: int
+    tpm: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The tightest bucket's state, as OpenAI's ``x-ratelimit-*`` headers report it."""
+
+    limit: int
+    remaining: int
+    reset_s: float  # until the bucket is full (empty of use) again
+
+
+@dataclass(slots=True)
+class Grant:
+    tiers: Sequence[Tier]
+    tokens: int
+    requests: Quota | None = None
+    token_quota: Quota | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    tier: Tier
+    unit: str  # "requests" or "tokens"
+    retry_after_s: float
+    requests: Quota | None = None
+    token_quota: Quota | None = None
+    too_large: bool = False  # the request alone exceeds the tier's per-minute tokens
+
+
+@dataclass(slots=True)
+class _Counters:
+    streams: dict[str, int] = field(default_factory=dict)
+
+
+class Limiter(Protocol):
+    """Where rate state lives; every method answers without waiting for capacity."""
+
+    async def try_acquire(self, tiers: Sequence[Tier], tokens: int) -> Grant | Denial: ...
+
+    async def settle(self, grant: Grant, used_tokens: int) -> None: ...
+
+    async def open_stream(self, user: str, cap: int) -> bool: ...
+
+    async def close_stream(self, user: str) -> None: ...
+
+
+class Bucket:
+    """A non-blocking face on ``AsyncLimiter``: check, take, give back, and report.
+
+    Reads ``_level`` and ``_rate_per_sec``, internals of aiolimiter 1.x (``leakybucket.py``),
+    after ``has_capacity`` has brought the level up to date.
+    """
+
+    __slots__ = ("limiter",)
+
+    def __init__(self, rate: int) -> None:
+        self.limiter = AsyncLimiter(rate, PERIOD_S)
+
+    def fits(self, amount: float) -> bool:
+        return self.limiter.has_capacity(amount)
+
+    async def take(self, amount: float) -> None:
+        await self.limiter.acquire(amount)  # never suspends: ``fits`` was just true
+
+    def force(self, amount: float) -> None:
+        """Pour ``amount`` in (or, negative, take it out) without any check."""
+        self.limiter.has_capacity(0)  # leak first, so the level is current
+        self.limiter._level = max(self.limiter._level + amount, 0.0)
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` fits; ``inf`` when it never can."""
+        limiter = self.limiter
+        if amount > limiter.max_rate:
+            return math.inf
+        excess = limiter._level + amount - limiter.max_rate
+        return max(excess, 0.0) / limiter._rate_per_sec
+
+    def quota(self) -> Quota:
+        limiter = self.limiter
+        limiter.has_capacity(0)
+        level = limiter._level
+        return Quota(
+            limit=int(limiter.max_rate),
+            remaining=max(int(limiter.max_rate - level), 0),
+            reset_s=level / limiter._rate_per_sec,
+        )
+
+    @property
+    def idle(self) -> bool:
+        self.limiter.has_capacity(0)
+        return self.limiter._level == 0
+
+
+class MemoryLimiter:
+    """Process-local buckets; the default and the test double for ``Limiter``."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str, str, int], Bucket] = {}
+        self._counters = _Counters()
+
+    def _bucket(self, tier: Tier, unit: str, rate: int) -> Bucket:
+        key = (tier.name, tier.key, unit, rate)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._forget_idle()
+            bucket = self._buckets[key] = Bucket(rate)
+        return bucket
+
+    def _forget_idle(self) -> None:
+        for key in [k for k, b in self._buckets.items() if b.idle]:
+            del self._buckets[key]
+
+    def _pairs(self, tiers: Sequence[Tier], tokens: int) -> list[tuple[Tier, str, Bucket, int]]:
+        pairs = []
+        for tier in tiers:
+            if tier.rpm > 0:
+                pairs.append((tier, "requests", self._bucket(tier, "requests", tier.rpm), 1))
+            if tier.tpm > 0:
+                pairs.append((tier, "tokens", self._bucket(tier, "tokens", tier.tpm), tokens))
+        return pairs
+
+    async def try_acquire(self, tiers: Sequence[Tier], tokens: int) -> Grant | Denial:
+        pairs = self._pairs(tiers, tokens)
+        blocked = [(tier, unit, b, n) for tier, unit, b, n in pairs if not b.fits(n)]
+        if blocked:
+            tier, unit, bucket, amount = max(blocked, key=lambda p: p[2].wait_for(p[3]))
+            wait = bucket.wait_for(amount)
+            requests, token_quota = _tightest(pairs)
+            return Denial(
+                tier,
+                unit,
+                retry_after_s=PERIOD_S if math.isinf(wait) else wait,
+                requests=requests,
+                token_quota=token_quota,
+                too_large=math.isinf(wait),
+            )
+        for _, _, bucket, amount in pairs:
+            await bucket.take(amount)
+        requests, token_quota = _tightest(pairs)
+        return Grant(tuple(tiers), tokens, requests, token_quota)
+
+    async def settle(self, grant: Grant, used_tokens: int) -> None:
+        delta = used_tokens - grant.tokens
+        if delta == 0:
+            return
+        for tier in grant.tiers:
+            if tier.tpm > 0:
+                self._bucket(tier, "tokens", tier.tpm).force(delta)
+
+    async def open_stream(self, user: str, cap: int) -> bool:
+        streams = self._counters.streams
+        held = streams.get(user, 0)
+        if cap > 0 and held >= cap:
+            return False
+        streams[user] = held + 1
+        return True
+
+    async def close_stream(self, user: str) -> None:
+        streams = self._counters.streams
+        held = streams.get(user, 0) - 1
+        if held > 0:
+            streams[user] = held
+        else:
+            streams.pop(user, None)
+
+    def streams_of(self, user: str) -> int:
+        return self._counters.streams.get(user, 0)
+
+
+def _tightest(pairs: Sequence[tuple[Tier, str, Bucket, int]]) -> tuple[Quota | None, Quota | None]:
+    """The quota with the fewest remaining, per unit (what OpenAI-style headers report)."""
+    best: dict[str, Quota] = {}
+    for _, unit, bucket, _ in pairs:
+        quota = bucket.quota()
+        current = best.get(unit)
+        if current is None or quota.remaining < current.remaining:
+            best[unit] = quota
+    return best.get("requests"), best.get("tokens")
+
+
+def ratelimit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for whichever units are limited."""
+    headers: dict[str, str] = {}
+    for unit, quota in (("requests", requests), ("tokens", tokens)):
+        if quota is not None:
+            headers[f"x-ratelimit-limit-{unit}"] = str(quota.limit)
+            headers[f"x-ratelimit-remaining-{unit}"] = str(quota.remaining)
+            headers[f"x-ratelimit-reset-{unit}"] = format_duration(quota.reset_s)
+    return headers
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{round(rest):d}s"

@@ -1,0 +1,107 @@
+"""Prices: USD per 1M input, cached-input and output tokens, and the cost of one request.
+
+The built-in table holds OpenAI's list prices for current chat models (standard tier);
+``SLUICE_PRICES_FILE`` / ``SLUICE_PRICES`` (JSON) add or replace entries. A model is
+priced by its exact name, else by the longest table name it starts with (dated snapshots
+such as ``gpt-4o-2024-08-06`` price as ``gpt-4o``), else by the ``"*"`` entry, so an
+unknown model is never free. Arithmetic is ``Decimal`` so budgets add up exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+PER_MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens; ``cached_input`` defaults to ``input`` when a model has no discount."""
+
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+
+    @classmethod
+    def of(
+        cls, input: float | str, output: float | str, cached_input: float | str | None = None
+    ) -> Price:
+        cached = input if cached_input is None else cached_input
+        return cls(Decimal(str(input)), Decimal(str(cached)), Decimal(str(output)))
+
+
+# USD per 1M tokens: (input, output, cached input). OpenAI list prices, standard tier.
+_BUILTIN: dict[str, tuple[str, str, str | None]] = {
+    "gpt-5": ("1.25", "10.00", "0.125"),
+    "gpt-5-mini": ("0.25", "2.00", "0.025"),
+    "gpt-5-nano": ("0.05", "0.40", "0.005"),
+    "gpt-4.1": ("2.00", "8.00", "0.50"),
+    "gpt-4.1-mini": ("0.40", "1.60", "0.10"),
+    "gpt-4.1-nano": ("0.10", "0.40", "0.025"),
+    "gpt-4o": ("2.50", "10.00", "1.25"),
+    "gpt-4o-mini": ("0.15", "0.60", "0.075"),
+    "chatgpt-4o-latest": ("5.00", "15.00", None),
+    "o1": ("15.00", "60.00", "7.50"),
+    "o1-mini": ("1.10", "4.40", "0.55"),
+    "o3": ("2.00", "8.00", "0.50"),
+    "o3-mini": ("1.10", "4.40", "0.55"),
+    "o4-mini": ("1.10", "4.40", "0.275"),
+    "gpt-4-turbo": ("10.00", "30.00", None),
+    "gpt-4": ("30.00", "60.00", None),
+    "gpt-3.5-turbo": ("0.50", "1.50", None),
+    "*": ("2.50", "10.00", None),  # unknown models: priced like gpt-4o, never free
+}
+
+
+def builtin_prices() -> dict[str, Price]:
+    return {model: Price.of(i, o, c) for model, (i, o, c) in _BUILTIN.items()}
+
+
+class PriceTable:
+    """Model -> ``Price``, with prefix matching for dated snapshots; see the module docstring."""
+
+    __slots__ = ("_by_prefix", "_exact", "_resolved")
+
+    def __init__(self, prices: Mapping[str, Price]) -> None:
+        self._exact = dict(prices)
+        self._by_prefix = sorted((m for m in self._exact if m != "*"), key=len, reverse=True)
+        self._resolved: dict[str, Price] = {}
+
+    @classmethod
+    def with_overrides(cls, overrides: Mapping[str, Mapping[str, float]]) -> PriceTable:
+        """The built-in table plus ``{"model": {"input", "output", "cached_input"?}}``."""
+        extra = {
+            model: Price.of(p["input"], p["output"], p.get("cached_input"))
+            for model, p in overrides.items()
+        }
+        return cls({**builtin_prices(), **extra})
+
+    def price(self, model: str) -> Price:
+        found = self._resolved.get(model)
+        if found is None:
+            found = self._resolved[model] = self._lookup(model)
+        return found
+
+    def _lookup(self, model: str) -> Price:
+        if model in self._exact:
+            return self._exact[model]
+        base = model.removeprefix("ft:").split(":", 1)[0]
+        for name in self._by_prefix:
+            if base.startswith(name):
+                return self._exact[name]
+        return self._exact.get("*") or Price.of(0, 0)
+
+    def cost(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> Decimal:
+        """USD for one request; ``cached_tokens`` is the part of the prompt served from cache."""
+        price = self.price(model)
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        micro = (
+            (prompt_tokens - cached) * price.input
+            + cached * price.cached_input
+            + completion_tokens * price.output
+        )
+        return micro / PER_MILLION

@@ -1,0 +1,140 @@
+"""USD budgets shared by every replica: reserve-before, settle-after, atomically in Redis.
+
+``RedisBudgets`` extends ``budgets.Budgets`` (same limits, periods, warnings and errors)
+with awaitable ``reserve_async``/``settle_async``: one Lua script checks every applicable
+budget (user/tenant x day/month) against ``spent + reserved + amount`` and reserves on all
+of them only if all fit, so concurrent requests spread over any number of replicas can
+commit at most the limit. Amounts are integer micro-dollars in Redis (``HINCRBY``: no
+float drift); a period's hash expires after the period ends.
+
+The in-process ``Budgets`` state is kept as this replica's view (``status``/``pressure``
+stay synchronous) and is the fail-open fallback: with Redis unavailable, fail-open
+reserves locally (per-replica budgets), fail-closed answers 503.
+
+Admission calls ``Budgets.reserve``/``settle`` synchronously today; across replicas it
+must ``await`` these two instead (see the scale-out notes in the README).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .budgets import BudgetLimits, Budgets, Hold
+from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
+
+MICROS = Decimal(1_000_000)
+DAY_TTL_S = 3 * 86_400
+MONTH_TTL_S = 40 * 86_400
+
+# KEYS: budget hashes. ARGV: amount, ttl1, limit1, ttl2, limit2, ... (limit -1: none).
+# Returns {0, index} when budget ``index`` would be exceeded, else {1, committed...}.
+_RESERVE = """
+local amount = tonumber(ARGV[1])
+local committed = {}
+for i = 1, #KEYS do
+  local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
+  committed[i] = (tonumber(state[1]) or 0) + (tonumber(state[2]) or 0)
+  local limit = tonumber(ARGV[2 * i + 1])
+  if limit >= 0 and committed[i] + amount > limit then return {0, i} end
+end
+local out = {1}
+for i = 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'reserved', amount)
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 * i]))
+  out[i + 1] = committed[i] + amount
+end
+return out
+"""
+
+# KEYS: the hold's hashes. ARGV: reserved amount, actual cost.
+_SETTLE = """
+for i = 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(ARGV[1]))
+  redis.call('HINCRBY', KEYS[i], 'spent', tonumber(ARGV[2]))
+end
+return 1
+"""
+
+
+def budget_key(key: tuple[str, str, str, str]) -> str:
+    scope, who, period, value = key
+    return f"{KEY_PREFIX}budget:{scope}:{who}:{period}:{value}"
+
+
+def micros(amount: Decimal, *, up: bool = False) -> int:
+    scaled = amount * MICROS
+    return math.ceil(scaled) if up else round(scaled)
+
+
+class RedisBudgets(Budgets):
+    """Budgets whose reservations are atomic across replicas; see the module docstring."""
+
+    def __init__(
+        self,
+        gate: RedisGate,
+        limits: BudgetLimits,
+        *,
+        soft_fraction: float = 0.8,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        if clock is None:
+            super().__init__(limits, soft_fraction=soft_fraction)
+        else:
+            super().__init__(limits, soft_fraction=soft_fraction, clock=clock)
+        self._gate = gate
+        client: Redis = gate.client
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+        self._shared: dict[Hold, int] = {}  # holds reserved in Redis, not yet settled
+
+    async def reserve_async(
+        self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
+    ) -> Hold:
+        """Reserve ``amount`` on every applicable budget of every replica, or raise 429."""
+        checks = self._checks(user, tenant, overrides)
+        keys = [budget_key(key) for key, _ in checks]
+        args: list[Any] = [micros(amount, up=True)]
+        for key, limit in checks:
+            args += [
+                DAY_TTL_S if key[2] == "day" else MONTH_TTL_S,
+                -1 if limit is None else micros(limit),
+            ]
+        try:
+            reply = await self._gate.run(lambda r: self._reserve(keys=keys, args=args, client=r))
+        except RedisUnavailable:
+            if not self._gate.fail_open:
+                raise self._gate.unavailable_error() from None
+            self._gate.fallback("budgets")
+            return self.reserve(user, tenant, amount, overrides)
+        if int(reply[0]) == 0:
+            key, limit = checks[int(reply[1]) - 1]
+            assert limit is not None
+            raise self._exceeded(key, limit)
+        for key, _ in checks:
+            self._add(self._reserved, key, amount)
+        for (key, _), committed in zip(checks, reply[1:], strict=True):
+            # This replica's view takes every replica's commitments from Redis.
+            self._spent[key] = Decimal(int(committed)) / MICROS - self._reserved[key]
+        hold = Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
+        self._shared[hold] = self._shared.get(hold, 0) + 1
+        return hold
+
+    async def settle_async(self, hold: Hold, actual: Decimal) -> None:
+        """Replace the reservation with the real cost, on every replica's view."""
+        self.settle(hold, actual)  # this replica's view (and the fail-open path)
+        held = self._shared.pop(hold, 0)
+        if held == 0:
+            return
+        if held > 1:
+            self._shared[hold] = held - 1
+        keys = [budget_key(key) for key in hold.keys]
+        args = [micros(hold.amount, up=True), micros(actual)]
+        try:
+            await self._gate.run(lambda r: self._settle(keys=keys, args=args, client=r))
+        except RedisUnavailable:
+            self._gate.fallback("budget settlement")  # the period's expiry bounds the error

@@ -1,0 +1,284 @@
+"""Stream journals mirrored to Redis Streams, so any replica can resume or cancel a stream.
+
+Producer side (the replica that owns the generation): ``JournalMirror`` follows every
+launched SSE stream like a reader and appends what arrived (at most one round trip per
+``MIRROR_INTERVAL_S``) to the Redis Stream
+``sluice:journal:<id>``, entry id ``0-<seq>`` (so ids are the SSE sequence numbers),
+fields ``k`` (kind) and ``d`` (data). A failed append is retried with everything since
+the last mirrored event on the next wakeup; the in-process path never waits on Redis.
+After the stream is retired (its checkpoint stored), a final marker entry (kind ``END``,
+field ``s`` = status) closes the journal; both keys expire with the checkpoint TTL.
+``sluice:stream:<id>`` holds the owner (user, tenant) and status.
+
+Reader side (any other replica): ``RemoteStreams.serve`` replays the journal after the
+client's Last-Event-ID with XRANGE, then follows it live with XREAD BLOCK (on its own
+connection without a socket timeout) until the END marker, writing the same SSE bytes as
+the owner would. While it reads, the owner counts it as a reader: ``attach``/``detach``
+go over the pub/sub channel ``sluice:ctl``, so the grace window does not cancel a stream
+someone reads elsewhere. ``cancel`` travels the same way; the canceller then waits for
+the END marker and answers with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .checkpoint import Checkpoint, CheckpointStore
+from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
+from .registry import StreamRegistry
+from .relay import RESUME_RETRY_MS, SSE_HEADERS, STREAM_ID_HEADER
+from .sse import KEEPALIVE, encode_event, encode_retry
+from .stream import Stream, StreamStatus
+
+log = logging.getLogger(__name__)
+
+END = 9  # the journal's closing marker; never sent to clients
+CONTROL_CHANNEL = f"{KEY_PREFIX}ctl"
+READ_COUNT = 512
+LISTEN_RETRY_S = 1.0
+CANCEL_WAIT_S = 10.0
+MIRROR_INTERVAL_S = 0.02  # the most a remote reader lags behind the owner's journal
+
+
+def journal_key(stream_id: str) -> str:
+    return f"{KEY_PREFIX}journal:{stream_id}"
+
+
+def meta_key(stream_id: str) -> str:
+    return f"{KEY_PREFIX}stream:{stream_id}"
+
+
+def _entry_seq(entry_id: bytes | str) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.partition("-")[2])
+
+
+class JournalMirror:
+    """Copies every local stream's journal to Redis; owned by the shared-state context."""
+
+    def __init__(self, gate: RedisGate, registry: StreamRegistry, ttl_s: float) -> None:
+        self._gate = gate
+        self._registry = registry
+        self._ttl_ms = int(ttl_s * 1000)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.remote_readers: dict[str, int] = {}
+
+    def launched(self, stream: Stream) -> None:
+        """Registry launch hook: start mirroring ``stream`` (SSE streams only: a JSON
+        answer cannot be resumed, its checkpoint is what another replica serves)."""
+        if not stream.streaming:
+            return
+        self._tasks[stream.id] = asyncio.create_task(
+            self._mirror(stream), name=f"mirror-{stream.id}"
+        )
+
+    async def finished(self, stream: Stream, checkpoint: Checkpoint) -> None:
+        """Registry finish hook (after the checkpoint is stored): flush, then close the journal."""
+        task = self._tasks.pop(stream.id, None)
+        if task is None:
+            return
+        await task
+        self.remote_readers.pop(stream.id, None)
+        end: dict[Any, Any] = {"k": END, "s": str(stream.status)}
+        key = journal_key(stream.id)
+
+        async def close(r: Redis) -> None:
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.xadd(key, end, id=f"0-{stream.last_seq + 1}")
+                pipe.pexpire(key, self._ttl_ms)
+                pipe.hset(meta_key(stream.id), "status", str(stream.status))
+                pipe.pexpire(meta_key(stream.id), self._ttl_ms)
+                await pipe.execute()
+
+        try:
+            await self._gate.run(close)
+        except RedisUnavailable as exc:
+            log.warning("journal of %s not closed in redis: %s", stream.id, exc)
+
+    async def _mirror(self, stream: Stream) -> None:
+        owner: dict[Any, Any] = {
+            "user": stream.owner.user_id,
+            "tenant": stream.owner.tenant,
+            "status": "running",
+        }
+        mirrored = 0
+        registered = False
+        async for _ in stream.follow(0):
+            upto = len(stream.events)
+            if registered and upto == mirrored:
+                continue
+            meta = None if registered else owner
+            append = functools.partial(
+                self._append, stream=stream, start=mirrored, stop=upto, owner=meta
+            )
+            try:
+                await self._gate.run(append)
+            except RedisUnavailable:
+                continue  # retried with everything since ``mirrored`` on the next wakeup
+            registered = True
+            mirrored = upto
+            if stream.running:
+                await asyncio.sleep(MIRROR_INTERVAL_S)  # coalesce: one round trip per interval
+        if mirrored < len(stream.events):
+            with contextlib.suppress(RedisUnavailable):
+                await self._gate.run(
+                    functools.partial(
+                        self._append,
+                        stream=stream,
+                        start=mirrored,
+                        stop=len(stream.events),
+                        owner=owner,
+                    )
+                )
+
+    async def _append(
+        self, r: Redis, *, stream: Stream, start: int, stop: int, owner: dict[Any, Any] | None
+    ) -> None:
+        key = journal_key(stream.id)
+        async with r.pipeline(transaction=False) as pipe:
+            if owner is not None:
+                pipe.hset(meta_key(stream.id), mapping=owner)
+                pipe.pexpire(meta_key(stream.id), self._ttl_ms)
+            for seq, (kind, data) in enumerate(stream.events[start:stop], start + 1):
+                pipe.xadd(key, {"k": kind, "d": data}, id=f"0-{seq}")
+            pipe.pexpire(key, self._ttl_ms)
+            await pipe.execute()
+
+    def control(self, op: str, stream_id: str) -> None:
+        """Apply an ``attach``/``detach``/``cancel`` sent by another replica."""
+        stream = self._registry.get(stream_id)
+        if stream is None or not stream.running:
+            return
+        if op == "attach":
+            self.remote_readers[stream_id] = self.remote_readers.get(stream_id, 0) + 1
+            self._registry.attach(stream)
+        elif op == "detach" and self.remote_readers.get(stream_id, 0) > 0:
+            self.remote_readers[stream_id] -= 1
+            self._registry.detach(stream)
+        elif op == "cancel":
+            self._registry.cancel(stream)
+
+    async def listen(self, client: Redis) -> None:
+        """Apply control messages until cancelled; reconnects after a Redis outage."""
+        while True:
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(CONTROL_CHANNEL)
+                    async for message in pubsub.listen():
+                        op, _, stream_id = message["data"].decode().partition(" ")
+                        self.control(op, stream_id)
+            except (RedisError, OSError) as exc:
+                log.debug("control channel lost (%s); reconnecting", type(exc).__name__)
+                await asyncio.sleep(LISTEN_RETRY_S)
+
+    async def close(self) -> None:
+        """Wait for the mirrors of streams that ended during shutdown."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class RemoteStreams:
+    """Serves and cancels streams whose generation runs on another replica."""
+
+    def __init__(
+        self, gate: RedisGate, follower: Redis, store: CheckpointStore, keepalive_s: float
+    ) -> None:
+        self._gate = gate
+        self._follower = follower  # no socket timeout: it blocks in XREAD
+        self._store = store
+        self._block_ms = max(1, int(keepalive_s * 1000))
+
+    async def owner_of(self, stream_id: str) -> tuple[str, str] | None:
+        """(user, tenant) of a stream known to Redis; None when unknown or Redis is down."""
+        try:
+            meta: dict[Any, Any] = await self._gate.run(lambda r: r.hgetall(meta_key(stream_id)))
+        except RedisUnavailable:
+            return None
+        if b"user" not in meta:
+            return None
+        return meta[b"user"].decode(), meta.get(b"tenant", b"").decode()
+
+    async def _publish(self, op: str, stream_id: str) -> None:
+        with contextlib.suppress(RedisUnavailable):
+            await self._gate.run(lambda r: r.publish(CONTROL_CHANNEL, f"{op} {stream_id}"))
+
+    async def _read(self, stream_id: str, after: int, block_ms: int) -> list[tuple[int, Any]]:
+        """Entries after ``after``: what is there now, else wait up to ``block_ms`` for more."""
+        key = journal_key(stream_id)
+        entries: Any = await self._gate.run(
+            lambda r: r.xrange(key, min=f"(0-{after}", max="+", count=READ_COUNT)
+        )
+        if not entries:
+            deadline = block_ms / 1000 + self._gate.timeout_s
+            async with asyncio.timeout(deadline):
+                reply: Any = await self._follower.xread(
+                    {key: f"0-{after}"}, count=READ_COUNT, block=block_ms
+                )
+            entries = reply[0][1] if reply else []
+        return [(_entry_seq(entry_id), fields) for entry_id, fields in entries]
+
+    async def serve(self, request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
+        """Replay then follow the journal of ``stream_id`` to the client, as SSE."""
+        response = web.StreamResponse(headers={**SSE_HEADERS, STREAM_ID_HEADER: stream_id})
+        await self._publish("attach", stream_id)
+        try:
+            await response.prepare(request)
+            try:
+                status = await self._relay(response, stream_id, after)
+            except (RedisUnavailable, RedisError, TimeoutError) as exc:
+                log.warning("remote stream %s: redis failed mid-read (%s)", stream_id, exc)
+                status = StreamStatus.SHUTDOWN  # come back later, maybe elsewhere
+            if status == StreamStatus.SHUTDOWN:
+                await response.write(encode_retry(RESUME_RETRY_MS))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client left; detaching is all there is to do
+        finally:
+            await self._publish("detach", stream_id)
+        return response
+
+    async def _relay(self, response: web.StreamResponse, stream_id: str, after: int) -> str:
+        while True:
+            entries = await self._read(stream_id, after, self._block_ms)
+            if not entries:
+                await response.write(KEEPALIVE)
+                continue
+            out: list[bytes] = []
+            for seq, fields in entries:
+                kind = int(fields[b"k"])
+                if kind == END:
+                    if out:
+                        await response.write(b"".join(out))
+                    return str(fields[b"s"].decode())
+                out.append(encode_event(seq, fields[b"d"]))
+                after = seq
+            await response.write(b"".join(out))
+
+    async def cancel(self, stream_id: str) -> Checkpoint | None:
+        """Ask the owner to cancel, wait for the journal's END, and return the checkpoint."""
+        await self._publish("cancel", stream_id)
+        after = 0
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        with contextlib.suppress(RedisUnavailable, RedisError, OSError, TimeoutError):
+            while time.monotonic() < deadline:
+                entries = await self._read(stream_id, after, 1000)
+                if _ended(entries):
+                    break
+                if entries:
+                    after = entries[-1][0]
+        return await self._store.get(stream_id)
+
+
+def _ended(entries: Iterable[tuple[int, Any]]) -> bool:
+    return any(int(fields[b"k"]) == END for _, fields in entries)

@@ -1,0 +1,198 @@
+"""The one place provider calls are retried, guarded by breakers and moved down the fallbacks.
+
+An *attempt* is one HTTP call to the provider, from the request until its status line:
+``ResilientProvider._attempt`` (the boundary a tracing span wraps). Everything here happens
+before the provider's 2xx; once it answered 2xx the generation streams to the client and is
+never repeated (``generation.py`` owns that part).
+
+For a request the provider tries its model's tier, then each configured fallback
+(``SLUICE_FALLBACKS``), each tier with fresh attempts but a shared waiting budget:
+
+    tier 0: the requested model   (or its cheaper fallback under budget pressure)
+    tier 1..n: the fallbacks      (on breaker_open or retries_exhausted)
+    last: a cached answer         (``serving.py``, when every model tier failed)
+
+The route (the ``Stream``) records which model served and why, for the response headers
+``X-Sluice-Model`` and ``X-Sluice-Fallback-Reason`` and for the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from .breaker import Breakers
+from .errors import CircuitOpenError, ProviderError, SluiceError, translate
+from .retry import RetryBudget, RetryPolicy, is_retryable
+from .settings import ResilienceSettings, Settings
+from .telemetry import Telemetry
+from .upstream import Sink, Upstream
+
+log = logging.getLogger(__name__)
+
+BREAKER_OPEN = "breaker_open"
+RETRIES_EXHAUSTED = "retries_exhausted"
+BUDGET_PRESSURE = "budget_pressure"
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class Route(Protocol):
+    """What the provider reads and writes about one request (a ``Stream`` is one)."""
+
+    model: str
+    served_model: str
+    fallback_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resilience:
+    """The pure parts, made in ``create_app``; tests replace ``sleep``/``random``/``now``."""
+
+    breakers: Breakers
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    sleep: Sleep = asyncio.sleep
+    random: Callable[[], float] = random.random
+    now: Callable[[], float] = time.time  # Unix time, for Retry-After dates
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Callable[[], float] = time.monotonic
+    ) -> Resilience:
+        """Build from settings; ``clock`` drives the breakers' reset timeout."""
+        config: ResilienceSettings = settings.resilience
+        breakers = Breakers(
+            settings.provider.name,
+            fail_max=config.breaker_fail_max,
+            reset_timeout_s=config.breaker_reset_s,
+            per_model=config.breaker_per_model,
+            clock=clock,
+        )
+        policy = RetryPolicy(
+            max_attempts=config.retry_max_attempts,
+            base_delay_s=config.retry_base_delay_s,
+            max_delay_s=config.retry_max_delay_s,
+            max_total_delay_s=config.retry_budget_s,
+        )
+        return cls(breakers, policy, dict(config.fallbacks))
+
+    def chain(self, model: str) -> tuple[str, ...]:
+        """The models to try for ``model``, best first."""
+        return (model, *self.fallbacks.get(model, ()))
+
+
+def degrade_reason(error: BaseException) -> str | None:
+    """Why a failed tier may move to the next one, or None when it must not."""
+    if isinstance(error, CircuitOpenError):
+        return BREAKER_OPEN
+    if isinstance(error, ProviderError) and is_retryable(error):
+        return RETRIES_EXHAUSTED
+    return None
+
+
+class ResilientProvider:
+    """``Upstream.post_chat`` with retries, breakers and fallbacks; same reading methods."""
+
+    def __init__(
+        self, upstream: Upstream, resilience: Resilience, telemetry: Telemetry | None = None
+    ) -> None:
+        self.upstream = upstream
+        self._r = resilience
+        self._telemetry = telemetry  # a CLIENT span per attempt, retry and breaker events
+        if telemetry is not None:
+            resilience.breakers.listeners.append(telemetry.breaker_listener())
+
+    def chain(self, model: str) -> tuple[str, ...]:
+        return self._r.chain(model)
+
+    def degrade(self, route: Route, reason: str = BUDGET_PRESSURE) -> bool:
+        """Start ``route`` on its first fallback (e.g. under budget pressure); False if none."""
+        chain = self._r.chain(route.model)
+        if len(chain) < 2:
+            return False
+        route.served_model = chain[1]
+        route.fallback_reason = reason
+        return True
+
+    async def post_chat(
+        self, body: bytes, *, streaming: bool, route: Route
+    ) -> aiohttp.ClientResponse:
+        """Return the first 2xx response along the chain, or raise the last tier's error."""
+        budget = RetryBudget(self._r.policy, random=self._r.random, now=self._r.now)
+        chain = self._r.chain(route.served_model)
+        reason = route.fallback_reason
+        for tier, model in enumerate(chain):
+            if tier:
+                route.served_model = model
+                route.fallback_reason = reason
+                budget.next_model()
+            sent = body if model == route.model else _with_model(body, model)
+            try:
+                return await self._with_retries(sent, streaming, model, budget)
+            except SluiceError as exc:
+                reason = degrade_reason(exc)
+                if reason is None or tier == len(chain) - 1:
+                    raise
+                log.warning(
+                    "model %s failed (%s); falling back to %s", model, reason, chain[tier + 1]
+                )
+        raise AssertionError("unreachable: the chain is never empty")
+
+    async def _with_retries(
+        self, body: bytes, streaming: bool, model: str, budget: RetryBudget
+    ) -> aiohttp.ClientResponse:
+        while True:
+            budget.record_attempt()
+            try:
+                return await self._attempt(body, streaming, model)
+            except CircuitOpenError:
+                raise
+            except ProviderError as exc:
+                delay = budget.delay_before_retry(exc)
+                if delay is None:
+                    raise
+                log.info(
+                    "provider attempt %d for %s failed (%s); retrying in %.3fs",
+                    budget.attempts,
+                    model,
+                    exc.code,
+                    delay,
+                )
+                if self._telemetry is not None:
+                    self._telemetry.retry_scheduled(delay, exc)
+            await self._r.sleep(delay)
+
+    async def _attempt(self, body: bytes, streaming: bool, model: str) -> aiohttp.ClientResponse:
+        """One call, guarded by the model's breaker; lower-level errors enter the tree here."""
+        traced = self._telemetry.attempt(model) if self._telemetry else contextlib.nullcontext()
+        with self._r.breakers.for_model(model).attempt(), traced:
+            try:
+                return await self.upstream.post_chat(body, streaming=streaming)
+            except SluiceError:
+                raise
+            except Exception as exc:
+                raise translate(exc) from exc
+
+    async def pump(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
+        await self.upstream.pump(response, sink)
+
+    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        return await self.upstream.read_body(response)
+
+    def redact(self, text: str) -> str:
+        return self.upstream.redact(text)
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The same request for another model (once per tier, never per chunk)."""
+    return orjson.dumps({**orjson.loads(body), "model": model})

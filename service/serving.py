@@ -1,0 +1,131 @@
+"""What answers a chat request: the cache, the provider (through the fallback chain), or,
+when every model tier failed before answering, the cache again as the last tier.
+
+``Responder.answer`` is the work the registry runs for a stream. It decides the cache
+status (``stream.cache_status``) before the stream is accepted, so the handler can put it
+in the response headers; a hit replays the entry into the journal exactly as a generation
+would have written it, so relaying, resuming, checkpoints and finish hooks (the ledger:
+``stream.cache_hit`` means no provider cost) see no difference. Completed misses are stored
+by ``fill``, a finish hook, after the client already has its ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import orjson
+
+from .assemble import assemble, chunks, is_usage_only, usage_chunk
+from .cache import HIT, MISS, CachedResponse, ResponseCache, cache_key, cache_wanted, opted_out
+from .checkpoint import Checkpoint
+from .errors import SluiceError
+from .generation import generate
+from .request import ChatRequest
+from .resilience import BUDGET_PRESSURE, ResilientProvider, degrade_reason
+from .stream import Kind, Stream, StreamStatus
+
+log = logging.getLogger(__name__)
+
+
+class Responder:
+    """Runs generations; owns the cache policy and the cached-only degradation tier."""
+
+    def __init__(
+        self,
+        provider: ResilientProvider,
+        cache: ResponseCache | None,
+        *,
+        ttl_s: float,
+        degrade_to_cache: bool,
+    ) -> None:
+        self.provider = provider
+        self._cache = cache
+        self._ttl_s = ttl_s
+        self._degrade_to_cache = degrade_to_cache
+        self._fills: dict[str, ChatRequest] = {}  # stream id -> request, until it ends
+        # Set by the budget owner: True starts the stream on its first cheaper fallback.
+        self.under_pressure: Callable[[Stream], bool] | None = None
+
+    async def answer(self, stream: Stream, chat: ChatRequest, cache_header: str | None) -> None:
+        """Serve ``stream`` from the cache or the provider; raises ``SluiceError``."""
+        if self._cache is not None and cache_wanted(chat.body, cache_header):
+            entry = await self._lookup(stream, chat, (stream.model,))
+            if entry is not None:
+                _replay(stream, entry)
+                return
+            stream.cache_status = MISS
+            self._fills[stream.id] = chat
+        if self.under_pressure is not None and self.under_pressure(stream):
+            self.provider.degrade(stream, BUDGET_PRESSURE)
+        try:
+            await generate(stream, self.provider, chat.upstream_body())
+        except SluiceError as exc:
+            reason = degrade_reason(exc)
+            if reason is None or stream.accepted.is_set() or not self._may_degrade(cache_header):
+                raise
+            entry = await self._lookup(stream, chat, self.provider.chain(stream.model))
+            if entry is None:
+                raise
+            stream.fallback_reason = reason
+            _replay(stream, entry)
+
+    async def fill(self, stream: Stream, checkpoint: Checkpoint) -> None:
+        """Finish hook: store a completed miss under the model that served it."""
+        chat = self._fills.pop(stream.id, None)
+        if chat is None or self._cache is None or stream.cache_hit:
+            return
+        if stream.status is not StreamStatus.COMPLETED:
+            return  # only whole answers are worth replaying
+        payloads = [data for kind, data in stream.events if kind == Kind.CHUNK]
+        if stream.streaming and stream.include_usage and payloads and is_usage_only(payloads[-1]):
+            payloads.pop()  # stored once, in ``usage``; re-sent to clients that ask for it
+        entry = CachedResponse(
+            model=stream.served_model,
+            streaming=stream.streaming,
+            payloads=tuple(payloads),
+            usage=stream.progress.usage,
+        )
+        key = cache_key(stream.owner.tenant, chat.body, stream.served_model)
+        await self._cache.put(key, entry, self._ttl_s)
+
+    def _may_degrade(self, cache_header: str | None) -> bool:
+        return self._degrade_to_cache and self._cache is not None and not opted_out(cache_header)
+
+    async def _lookup(
+        self, stream: Stream, chat: ChatRequest, models: tuple[str, ...]
+    ) -> CachedResponse | None:
+        """The first entry for ``chat`` asked of one of ``models``; a store failure is a miss."""
+        assert self._cache is not None
+        for model in models:
+            key = cache_key(stream.owner.tenant, chat.body, model)
+            try:
+                entry = await self._cache.get(key)
+            except Exception:
+                log.exception("cache lookup failed for stream %s", stream.id)
+                return None
+            if entry is not None and entry.payloads:
+                return entry
+        return None
+
+
+def _replay(stream: Stream, entry: CachedResponse) -> None:
+    """Write a cached generation into the journal, folding it into ``stream.progress``."""
+    stream.cache_status = HIT
+    stream.served_model = entry.model
+    progress = stream.progress
+    if stream.streaming:
+        payloads = list(entry.payloads) if entry.streaming else chunks(entry.payloads[0])
+        if stream.include_usage and entry.usage is not None:
+            payloads.append(usage_chunk(payloads[0], entry.usage))
+        for raw in payloads:
+            progress.add_chunk(orjson.loads(raw))
+            stream.append(Kind.CHUNK, raw)
+    else:
+        body = assemble(entry.payloads, entry.usage) if entry.streaming else entry.payloads[0]
+        progress.add_completion(orjson.loads(body))
+        stream.append(Kind.CHUNK, body)
+    if progress.usage is None:
+        progress.usage = entry.usage
+    stream.accepted.set()
+    stream.notify()

@@ -1,0 +1,125 @@
+"""Scale-out wiring: with ``SLUICE_REDIS_URL``, swap in-process state for shared state.
+
+``install_shared_state(app)`` runs at the end of ``create_app`` (no I/O) and, when Redis is
+configured, wraps each in-process store with its Redis implementation (the in-process one
+stays in front as the local tier and the fail-open fallback): checkpoints, the response
+cache, rate limits and stream caps, and the stream journals (mirrored for resume and
+cancel from any replica). Without Redis it only records that shared state is off, and
+everything stays exactly as in one process.
+
+``shared_ctx`` pings Redis at start (logged, never fatal), runs the control-channel
+listener, and at the very end waits for the journal mirrors and closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from .appkeys import GATE, PRINCIPAL, REDIS, REMOTE_STREAMS, RESPONSE_CACHE, SETTINGS, STREAMS
+from .checkpoint import Checkpoint
+from .limits import MemoryLimiter
+from .pg_ledger import PostgresLedger
+from .redis_budgets import RedisBudgets
+from .redis_cache import RedisResponseCache
+from .redis_checkpoints import SharedCheckpointStore
+from .redis_journal import JournalMirror, RemoteStreams
+from .redis_limits import RedisLimiter
+from .redisgate import RedisGate, RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def install_shared_state(app: web.Application) -> None:
+    """Put the shared stores in place of the in-process ones when Redis is configured."""
+    settings = app[SETTINGS]
+    database_url = settings.shared.database_url
+    if database_url is not None:  # ledger_ctx then leaves it in place and closes it last
+        app[GATE].ledger = PostgresLedger(
+            database_url.reveal(),
+            buffer=settings.shared.ledger_buffer,
+            batch=settings.shared.ledger_batch,
+        )
+    gate = RedisGate.from_settings(settings.shared)
+    app[REDIS] = gate
+    app[REMOTE_STREAMS] = None
+    if gate is None:
+        return
+    registry = app[STREAMS]
+    registry.store = SharedCheckpointStore(gate, registry.store)
+    admission = app[GATE]
+    if isinstance(admission.limiter, MemoryLimiter):
+        admission.limiter = RedisLimiter(gate, admission.limiter)
+    admission.budgets = RedisBudgets(
+        gate,
+        admission.budgets.limits,
+        soft_fraction=settings.money.soft_fraction,
+        clock=admission.clock,
+    )
+    cache = app[RESPONSE_CACHE]
+    if cache is not None:
+        app[RESPONSE_CACHE] = RedisResponseCache(gate, cache)
+    mirror = JournalMirror(gate, registry, settings.streams.checkpoint_ttl_s)
+    registry.launch_hooks.append(mirror.launched)
+    registry.finish_hooks.append(mirror.finished)
+    assert settings.shared.redis_url is not None
+    follower = Redis.from_url(  # blocking reads and pub/sub: no socket read timeout
+        settings.shared.redis_url.reveal(),
+        socket_connect_timeout=settings.shared.redis_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    app[REMOTE_STREAMS] = RemoteStreams(
+        gate, follower, registry.store, settings.streams.keepalive_s
+    )
+
+    async def shared_ctx(app: web.Application) -> AsyncIterator[None]:
+        try:
+            await gate.run(lambda r: r.ping())
+        except RedisUnavailable as exc:
+            log.warning("redis not reachable at start (%s); policy: fail-%s", exc, gate.failure)
+        listener = asyncio.create_task(mirror.listen(follower), name="redis-control")
+        yield
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await mirror.close()
+        await follower.aclose()
+        await gate.client.aclose()
+
+    app.cleanup_ctx.append(shared_ctx)
+
+
+async def remote_events(
+    request: web.Request, stream_id: str, after: int
+) -> web.StreamResponse | None:
+    """Serve a stream another replica generates, if Redis knows it and the caller owns it."""
+    remote = request.app[REMOTE_STREAMS]
+    if remote is None or not await _owns(request, remote, stream_id):
+        return None
+    return await remote.serve(request, stream_id, after)
+
+
+async def remote_cancel(request: web.Request, stream_id: str) -> Checkpoint | None:
+    """Cancel a stream another replica generates; its checkpoint, or None when unknown."""
+    remote = request.app[REMOTE_STREAMS]
+    if remote is None or not await _owns(request, remote, stream_id):
+        return None
+    return await remote.cancel(stream_id)
+
+
+async def _owns(request: web.Request, remote: RemoteStreams, stream_id: str) -> bool:
+    principal = request[PRINCIPAL]
+    return await remote.owner_of(stream_id) == (principal.user_id, principal.tenant)
+
+
+def shared_health(app: web.Application) -> dict[str, object] | None:
+    """What ``/readyz`` reports about Redis (None when shared state is off)."""
+    gate = app[REDIS]
+    return None if gate is None else gate.health()

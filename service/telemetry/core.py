@@ -1,0 +1,659 @@
+"""``Telemetry``: the app's tracer, metrics and access log, and the hooks other modules call.
+
+Two traces meet here. A *request* (``RequestTrace``) is one HTTP request, with its SERVER
+span, opened and closed by the middleware (``http.py``). A *generation* (``StreamTrace``)
+belongs to a stream and lives in the registry's task, which may outlive the request: it
+has one CLIENT span per provider attempt (``attempt``), parented on the SERVER span that
+was current when the stream was created, and the last one is ended by the registry's
+finish hook (``stream_finished``) with the stream's real status, whatever the end reason.
+
+One access line and one ``sluice_requests_total`` count are emitted per request; for a
+request that started a stream they wait until both the response and the stream are over,
+so the line carries the stream's final outcome and tokens.
+
+Hooks for other modules (all cheap, all safe to call with tracing off):
+``attempt(model)`` (a context manager around one provider call), ``retry_scheduled``,
+``breaker_listener``/``breaker_state_changed``, ``rejected``, ``stream_event``
+(registry observer: client disconnected, grace expired), ``stream_resumed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import pybreaker
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
+
+from ..checkpoint import Checkpoint
+from ..errors import SluiceError
+from ..settings import Settings
+from ..stream import Stream
+from . import genai
+from .logs import ACCESS_LOGGER
+from .metrics import Metrics
+from .redaction import LabelGuard, Redactor
+from .tracing import SERVICE_VERSION
+
+log = logging.getLogger(__name__)
+
+CostFunction = Callable[[Stream, Checkpoint], float | None]
+
+# Error codes that mean "refused before the provider", and the reason label for each.
+REJECTION_REASONS = {
+    "rate_limit_exceeded": "rate",
+    "tokens_limit_exceeded": "tokens",
+    "concurrent_streams_exceeded": "concurrency",
+    "budget_exceeded": "budget",
+    "circuit_open": "breaker",
+    "context_length_exceeded": "context_length",
+}
+STREAM_EVENTS = {
+    "client_disconnected": "sluice.client.disconnected",
+    "grace_expired": "sluice.grace.expired",
+}
+
+# The request being served in this task (set by the middleware) and the generation this
+# task runs (set by ``traced``): how hooks deep in other modules find their trace.
+_REQUEST: ContextVar[RequestTrace | None] = ContextVar("sluice_request", default=None)
+_GENERATION: ContextVar[StreamTrace | None] = ContextVar("sluice_generation", default=None)
+
+
+class RequestTrace:
+    """One HTTP request: its SERVER span and what its access line will say."""
+
+    __slots__ = (
+        "context_token",
+        "done",
+        "ended",
+        "error_type",
+        "header_overhead_s",
+        "id",
+        "method",
+        "outcome",
+        "path",
+        "rejection",
+        "route",
+        "span",
+        "sse",
+        "started",
+        "status",
+        "stream",
+        "tenant",
+        "user_hash",
+        "websocket",
+    )
+
+    def __init__(self, request_id: str, method: str, route: str, path: str) -> None:
+        self.id = request_id
+        self.method = method
+        self.route = route
+        self.path = path
+        self.started = time.time()
+        self.ended: float | None = None
+        self.status = 0
+        self.outcome: str | None = None
+        self.error_type: str | None = None
+        self.rejection: str | None = None
+        self.span: Span | None = None
+        self.context_token: object | None = None
+        self.stream: StreamTrace | None = None
+        self.user_hash: str | None = None
+        self.tenant: str | None = None
+        self.header_overhead_s: float | None = None
+        self.sse = False
+        self.websocket = False  # its streams are accounted one by one, each with a span
+        self.done = False
+
+
+class StreamTrace:
+    """One generation: its provider attempts (CLIENT spans) and their timing."""
+
+    __slots__ = (
+        "answered_at",
+        "attempt",
+        "attempt_started",
+        "checkpoint",
+        "cost",
+        "failed",
+        "finished",
+        "parent",
+        "provider_started",
+        "request",
+        "server_span",
+        "span",
+        "stream",
+        "websocket",
+    )
+
+    def __init__(self, stream: Stream, parent: Context, request: RequestTrace | None) -> None:
+        self.stream = stream
+        self.parent = parent
+        self.request = request
+        self.server_span: Span | None = None  # a WebSocket message stream's own SERVER span
+        self.span: Span | None = None  # the attempt that answered 2xx (or is in flight)
+        self.failed: Span | None = None  # a failed attempt, until a retry is scheduled
+        self.attempt = 0
+        self.provider_started: float | None = None
+        self.attempt_started: float | None = None
+        self.answered_at: float | None = None
+        self.checkpoint: Checkpoint | None = None
+        self.cost: float | None = None
+        self.finished = False
+        self.websocket = False
+
+    def provider_s(self, now: float, *, whole: bool) -> float:
+        """Wall time spent waiting on the provider up to its answer's headers (or its end)."""
+        if self.provider_started is None or self.stream.cache_hit:
+            return 0.0
+        end = None if whole else self.answered_at
+        end = min(end or self.stream.ended_at or now, now)
+        return max(0.0, end - self.provider_started)
+
+
+class Telemetry:
+    """Tracing (no-op until a provider is installed), metrics, and the access log."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.telemetry
+        self.redactor = Redactor.from_settings(settings)
+        self.metrics = Metrics(CollectorRegistry(auto_describe=True), LabelGuard(self.redactor))
+        self.provider_name = settings.provider.name
+        self.tracer: Tracer = NoOpTracer()
+        self.tracer_provider: TracerProvider | None = None
+        self.propagator = TraceContextTextMapPropagator()
+        self.cost_of: CostFunction | None = None
+        self.access = logging.getLogger(ACCESS_LOGGER)
+        self._streams: dict[str, StreamTrace] = {}
+
+    # --- the tracer provider (installed and shut down by ``telemetry_ctx``) -----------------
+
+    @property
+    def recording(self) -> bool:
+        return self.tracer_provider is not None
+
+    def install(self, provider: TracerProvider) -> None:
+        self.tracer_provider = provider
+        self.tracer = provider.get_tracer("sluice", SERVICE_VERSION)
+
+    async def flush(self, timeout_ms: int = 30_000) -> bool:
+        """Export every ended span now (in a thread: the exporter blocks)."""
+        provider = self.tracer_provider
+        if provider is None:
+            return True
+        return await asyncio.to_thread(provider.force_flush, timeout_ms)
+
+    async def shutdown(self) -> None:
+        """End spans of generations that never finished, flush, and stop exporting."""
+        for st in list(self._streams.values()):
+            for span in (st.failed, st.span):
+                if span is not None and span.is_recording():
+                    span.set_status(Status(StatusCode.ERROR, "gateway stopped"))
+                    span.end()
+        provider = self.tracer_provider
+        if provider is not None:
+            self.tracer = NoOpTracer()
+            self.tracer_provider = None
+            await asyncio.to_thread(provider.shutdown)
+
+    # --- requests (called by the middleware) --------------------------------------------------
+
+    def begin_request(
+        self, method: str, route: str, path: str, headers: Any, request_id: str | None
+    ) -> RequestTrace:
+        rt = RequestTrace(request_id or "req_" + secrets.token_hex(8), method, route, path)
+        if self.recording:
+            parent = self.propagator.extract(headers)
+            rt.span = self.tracer.start_span(
+                f"{method} {route}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "http.route": route,
+                    "url.path": self.redactor.redact(path),
+                    "sluice.request.id": rt.id,
+                },
+            )
+            rt.context_token = otel_context.attach(trace.set_span_in_context(rt.span))
+        return rt
+
+    @contextlib.contextmanager
+    def serving(self, rt: RequestTrace) -> Iterator[RequestTrace]:
+        """Make ``rt`` the current request of this task for the block."""
+        token = _REQUEST.set(rt)
+        try:
+            yield rt
+        finally:
+            _REQUEST.reset(token)
+
+    def request_failed(self, rt: RequestTrace, status: int, error: BaseException) -> None:
+        rt.status = status
+        rt.error_type = genai.failure_type(error)
+        if isinstance(error, SluiceError) and rt.rejection is None:
+            reason = REJECTION_REASONS.get(error.code or "")
+            if reason is not None:
+                self.rejected(reason, request=rt)
+
+    def end_request(self, rt: RequestTrace, *, user_id: str | None, tenant: str | None) -> None:
+        rt.ended = now = time.time()
+        if user_id is not None:
+            rt.user_hash = genai.user_hash(user_id)
+            rt.tenant = tenant
+        if rt.sse:
+            self.metrics.open_streams.labels("sse").dec()
+        st = rt.stream
+        if rt.outcome != "client_gone" and (st is None or st.finished or not st.stream.running):
+            overhead = now - rt.started - (st.provider_s(now, whole=True) if st else 0.0)
+            self.metrics.overhead.labels(rt.route, "total").observe(max(0.0, overhead))
+        span = rt.span
+        if span is not None:
+            self._end_server_span(rt, span)
+        if rt.context_token is not None:
+            otel_context.detach(rt.context_token)  # type: ignore[arg-type]
+        rt.done = True
+        if st is None or st.finished:
+            self._account(rt, st)
+
+    def response_started(self, rt: RequestTrace, *, event_stream: bool) -> float:
+        """Headers are going out: return Sluice's own time so far (for the header)."""
+        now = time.time()
+        st = rt.stream
+        provider = st.provider_s(now, whole=not st.stream.streaming) if st else 0.0
+        overhead = max(0.0, now - rt.started - provider)
+        rt.header_overhead_s = overhead
+        self.metrics.overhead.labels(rt.route, "headers").observe(overhead)
+        if event_stream and not rt.done:
+            rt.sse = True
+            self.metrics.open_streams.labels("sse").inc()
+        return overhead
+
+    def _end_server_span(self, rt: RequestTrace, span: Span) -> None:
+        attributes: dict[str, Any] = {"http.response.status_code": rt.status}
+        if rt.user_hash is not None:
+            attributes["sluice.user.hash"] = rt.user_hash
+            attributes["sluice.tenant"] = self.redactor.redact(rt.tenant or "")
+        if rt.stream is not None:
+            stream = rt.stream.stream
+            attributes["sluice.stream.id"] = stream.id
+            attributes["sluice.cache.result"] = stream.cache_status
+        if rt.header_overhead_s is not None:
+            attributes["sluice.overhead_ms"] = round(rt.header_overhead_s * 1000, 3)
+        if rt.outcome is not None:
+            attributes["sluice.outcome"] = rt.outcome
+        if rt.error_type is not None and (rt.status >= 500 or rt.rejection):
+            attributes["error.type"] = rt.error_type
+        span.set_attributes(attributes)
+        if rt.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    # --- generations (the registry's task) ----------------------------------------------------
+
+    def traced(self, stream: Stream, work: Awaitable[None]) -> Coroutine[Any, Any, None]:
+        """Wrap a stream's generation; call where the stream is created (in the request)."""
+        rt = _REQUEST.get()
+        if rt is not None and rt.websocket:
+            st = StreamTrace(stream, otel_context.get_current(), None)
+            st.websocket = True
+            self._start_message_span(st)
+            self.metrics.open_streams.labels("ws").inc()
+        else:
+            st = StreamTrace(stream, otel_context.get_current(), rt)
+            if rt is not None:
+                rt.stream = st
+        self._streams[stream.id] = st
+        self.metrics.generations.inc()
+        return self._generation(st, work)
+
+    def _start_message_span(self, st: StreamTrace) -> None:
+        """A WebSocket message stream gets its own SERVER span, under the socket's."""
+        if not self.recording:
+            return
+        stream = st.stream
+        st.server_span = span = self.tracer.start_span(
+            "WS chat.completion.create",
+            context=st.parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "sluice.stream.id": stream.id,
+                "sluice.user.hash": genai.user_hash(stream.owner.user_id),
+                "sluice.tenant": self.redactor.redact(stream.owner.tenant),
+            },
+        )
+        st.parent = trace.set_span_in_context(span, st.parent)
+
+    async def _generation(self, st: StreamTrace, work: Awaitable[None]) -> None:
+        token = _GENERATION.set(st)
+        try:
+            await work
+        finally:
+            _GENERATION.reset(token)
+
+    @contextlib.contextmanager
+    def attempt(self, model: str) -> Iterator[None]:
+        """One provider call (until its status line); its CLIENT span is current inside."""
+        st = _GENERATION.get()
+        if st is None:
+            yield
+            return
+        self._end_failed(st)
+        st.attempt += 1
+        st.attempt_started = now = time.time()
+        if st.provider_started is None:
+            st.provider_started = now
+        span = self._start_attempt_span(st, model) if self.recording else None
+        token = otel_context.attach(trace.set_span_in_context(span)) if span else None
+        try:
+            yield
+        except asyncio.CancelledError:
+            st.span = span  # the stream was stopped while waiting: ended with its status
+            raise
+        except BaseException as exc:
+            if span is not None:
+                _mark_failed(span, exc, self.redactor)
+                st.failed = span
+            raise
+        else:
+            st.answered_at = time.time()
+            st.span = span
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    def _start_attempt_span(self, st: StreamTrace, model: str) -> Span:
+        stream = st.stream
+        attributes = genai.request_attributes(
+            stream.body, model=model, provider=self.provider_name, streaming=stream.streaming
+        )
+        attributes.update(
+            genai.sluice_attributes(
+                stream_id=stream.id,
+                user_id=stream.owner.user_id,
+                tenant=self.redactor.redact(stream.owner.tenant),
+                attempt=st.attempt,
+            )
+        )
+        if stream.fallback_reason is not None:
+            attributes["sluice.fallback.reason"] = stream.fallback_reason
+        if self.settings.capture_content:
+            attributes["gen_ai.input.messages"] = self.redactor.redact(
+                genai.input_messages(stream.body)
+            )
+        return self.tracer.start_span(
+            genai.span_name(model), context=st.parent, kind=SpanKind.CLIENT, attributes=attributes
+        )
+
+    def retry_scheduled(self, delay_s: float, error: BaseException) -> None:
+        """The failed attempt will be retried after ``delay_s`` (call before sleeping)."""
+        kind = genai.failure_type(error)
+        self.metrics.retries.labels(self.metrics.label(self.provider_name), kind).inc()
+        st = _GENERATION.get()
+        if st is None or st.failed is None:
+            return
+        st.failed.add_event(
+            "sluice.retry.scheduled",
+            {"sluice.retry.delay_s": delay_s, "sluice.retry.attempt": st.attempt + 1},
+        )
+        self._end_failed(st)
+
+    def _end_failed(self, st: StreamTrace) -> None:
+        if st.failed is not None:
+            st.failed.end()
+            st.failed = None
+
+    async def stream_finished(self, stream: Stream, checkpoint: Checkpoint) -> None:
+        """Registry finish hook: end the last attempt's span with the stream's real status."""
+        st = self._streams.pop(stream.id, None)
+        if st is None:
+            return
+        st.finished = True
+        self.metrics.generations.dec()
+        self._end_failed(st)
+        cost = self.cost_of(stream, checkpoint) if self.cost_of is not None else None
+        st.checkpoint, st.cost = checkpoint, cost
+        error = genai.error_type(stream.status, stream.error)
+        if st.span is not None:
+            self._end_attempt_span(st, st.span, checkpoint, cost, error)
+        if st.server_span is not None:
+            st.server_span.set_attribute("sluice.outcome", str(stream.status))
+            st.server_span.end()
+        if st.websocket:
+            self.metrics.open_streams.labels("ws").dec()
+        self._stream_metrics(st, checkpoint, cost, error)
+        rt = st.request
+        if rt is None or rt.done:
+            self._account(rt, st)
+
+    def _end_attempt_span(
+        self,
+        st: StreamTrace,
+        span: Span,
+        checkpoint: Checkpoint,
+        cost: float | None,
+        error: str | None,
+    ) -> None:
+        stream = st.stream
+        attributes = genai.response_attributes(
+            checkpoint,
+            started_at=st.attempt_started or stream.created_at,
+            response_id=stream.progress.response_id,
+        )
+        attributes["sluice.cache.result"] = stream.cache_status
+        if cost is not None:
+            attributes["sluice.cost_usd"] = cost
+        if self.settings.capture_content:
+            attributes["gen_ai.output.messages"] = self.redactor.redact(
+                genai.output_messages(checkpoint)
+            )
+        span.set_attributes(attributes)
+        if stream.first_token_at is not None:
+            span.add_event("sluice.first_token", timestamp=_ns(stream.first_token_at))
+        if error is not None:
+            span.set_attribute("error.type", error)
+            message = stream.error.message if stream.error is not None else error
+            span.set_status(Status(StatusCode.ERROR, self.redactor.redact(message)))
+        span.end()
+
+    def _stream_metrics(
+        self, st: StreamTrace, checkpoint: Checkpoint, cost: float | None, error: str | None
+    ) -> None:
+        stream, m = st.stream, self.metrics
+        m.cache.labels(stream.cache_status).inc()
+        model = m.label(stream.served_model)
+        if cost:
+            m.cost.labels(m.label(stream.owner.tenant), model).inc(cost)
+        if st.attempt == 0 or stream.cache_hit:
+            return  # no provider call: nothing for the GenAI client metrics
+        labels = (genai.OPERATION, m.label(self.provider_name), model)
+        m.token_usage.labels(*labels, "input").observe(checkpoint.prompt_tokens)
+        m.token_usage.labels(*labels, "output").observe(checkpoint.completion_tokens)
+        started = st.attempt_started or stream.created_at
+        if stream.ended_at is not None:
+            m.operation_duration.labels(*labels, error or "").observe(stream.ended_at - started)
+        if stream.first_token_at is not None:
+            m.time_to_first_chunk.labels(*labels).observe(max(0.0, stream.first_token_at - started))
+
+    # --- hooks for the other modules ------------------------------------------------------------
+
+    def rejected(self, reason: str, *, request: RequestTrace | None = None) -> None:
+        """A request was refused before the provider (rate, tokens, budget, breaker, ...)."""
+        self.metrics.rejections.labels(self.metrics.label(reason)).inc()
+        rt = request or _REQUEST.get()
+        if rt is not None:
+            rt.rejection = reason
+            rt.outcome = "rejected"
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("sluice.rejected", {"sluice.rejection.reason": reason})
+
+    def breaker_state_changed(self, breaker: str, old: str | None, new: str) -> None:
+        """A circuit breaker moved (closed, open, half-open): gauge and span event."""
+        self.metrics.breaker(breaker, new)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                "sluice.breaker.state_change",
+                {
+                    "sluice.breaker.name": breaker,
+                    "sluice.breaker.from": old or "",
+                    "sluice.breaker.to": new,
+                },
+            )
+
+    def breaker_listener(self) -> pybreaker.CircuitBreakerListener:
+        """A pybreaker listener feeding ``breaker_state_changed``; add it to every breaker."""
+        return _BreakerListener(self)
+
+    def stream_event(self, stream: Stream, event: str) -> None:
+        """Registry observer: ``client_disconnected`` (last reader left), ``grace_expired``."""
+        st = self._streams.get(stream.id)
+        name = STREAM_EVENTS.get(event, f"sluice.{event}")
+        for span in (st.span, st.failed) if st is not None else ():
+            if span is not None and span.is_recording():
+                span.add_event(name, {"sluice.stream.readers": stream.readers})
+                return
+        if st is not None and st.parent is not None:
+            parent = trace.get_current_span(st.parent)
+            if parent.is_recording():
+                parent.add_event(name)
+
+    def stream_resumed(self, stream: Stream, after: int) -> None:
+        """A client re-attached to ``stream`` after event ``after`` (SSE or WebSocket)."""
+        attributes: dict[str, str | int] = {
+            "sluice.stream.id": stream.id,
+            "sluice.resume.after": after,
+        }
+        st = self._streams.get(stream.id)
+        if st is not None and st.span is not None and st.span.is_recording():
+            st.span.add_event("sluice.stream.resumed", attributes)
+        current = trace.get_current_span()
+        if current.is_recording():
+            current.add_event("sluice.stream.resumed", attributes)
+        rt = _REQUEST.get()
+        if rt is not None and rt.span is not None and rt.span.is_recording():
+            rt.span.set_attribute("sluice.stream.id", stream.id)
+
+    # --- the access line and request counts -----------------------------------------------------
+
+    def _account(self, rt: RequestTrace | None, st: StreamTrace | None) -> None:
+        """Once per request (or per stream without one): the access line and the count."""
+        outcome = self._outcome(rt, st)
+        if rt is not None:
+            self.metrics.requests.labels(rt.route, rt.method, str(rt.status), outcome).inc()
+        else:
+            self.metrics.requests.labels("ws", "WS", "", outcome).inc()
+        if self.settings.access_log and self.access.isEnabledFor(logging.INFO):
+            fields = _access_fields(rt, st, outcome, self.redactor)
+            self.access.info(
+                "%s %s %s %s",
+                fields["method"],
+                fields["path"],
+                fields["status"],
+                outcome,
+                extra={"fields": fields},
+            )
+
+    def _outcome(self, rt: RequestTrace | None, st: StreamTrace | None) -> str:
+        if st is not None and st.finished and (rt is None or rt.rejection is None):
+            return str(st.stream.status)
+        if rt is None:
+            return "unknown"
+        if rt.outcome is not None:
+            return rt.outcome
+        if rt.status >= 500:
+            return "server_error"
+        return "client_error" if rt.status >= 400 else "ok"
+
+
+class _BreakerListener(pybreaker.CircuitBreakerListener):
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        old = getattr(old_state, "name", None)
+        self._telemetry.breaker_state_changed(str(cb.name), old, str(new_state.name))
+
+
+def _mark_failed(span: Span, error: BaseException, redactor: Redactor) -> None:
+    span.set_attribute("error.type", genai.failure_type(error))
+    status = getattr(error, "provider_status", None)
+    if isinstance(status, int):
+        span.set_attribute("http.response.status_code", status)
+    message = error.message if isinstance(error, SluiceError) else type(error).__name__
+    span.set_status(Status(StatusCode.ERROR, redactor.redact(message)))
+
+
+def _access_fields(
+    rt: RequestTrace | None, st: StreamTrace | None, outcome: str, redactor: Redactor
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": rt.id if rt else None,
+        "trace_id": _trace_id(rt, st),
+        "method": rt.method if rt else "WS",
+        "path": redactor.redact(rt.path) if rt else "/v1/ws",
+        "route": rt.route if rt else "ws",
+        "status": rt.status if rt else None,
+        "outcome": outcome,
+        "user_hash": rt.user_hash if rt else None,
+        "tenant": redactor.redact(rt.tenant) if rt and rt.tenant else None,
+    }
+    if rt is not None and rt.ended is not None:
+        fields["duration_ms"] = round((rt.ended - rt.started) * 1000, 3)
+    if rt is not None and rt.header_overhead_s is not None:
+        fields["overhead_ms"] = round(rt.header_overhead_s * 1000, 3)
+    if rt is not None and rt.error_type is not None:
+        fields["error_type"] = rt.error_type
+    if st is not None:
+        fields.update(_stream_fields(st, redactor))
+    return fields
+
+
+def _stream_fields(st: StreamTrace, redactor: Redactor) -> dict[str, Any]:
+    stream, checkpoint = st.stream, st.checkpoint
+    fields: dict[str, Any] = {
+        "stream_id": stream.id,
+        "model": redactor.redact(stream.model),
+        "served_model": redactor.redact(stream.served_model),
+        "user_hash": genai.user_hash(stream.owner.user_id),
+        "tenant": redactor.redact(stream.owner.tenant),
+        "prompt_tokens": checkpoint.prompt_tokens if checkpoint else None,
+        "completion_tokens": checkpoint.completion_tokens if checkpoint else None,
+        "cost_usd": st.cost,
+        "cache": stream.cache_status,
+        "attempts": st.attempt,
+    }
+    if stream.fallback_reason is not None:
+        fields["fallback_reason"] = stream.fallback_reason
+    started = st.attempt_started or stream.created_at
+    if stream.first_token_at is not None:
+        fields["ttft_ms"] = round((stream.first_token_at - started) * 1000, 3)
+    if stream.ended_at is not None:
+        fields["stream_ms"] = round((stream.ended_at - stream.created_at) * 1000, 3)
+    if stream.error is not None:
+        fields["error_code"] = stream.error.code
+    return fields
+
+
+def _trace_id(rt: RequestTrace | None, st: StreamTrace | None) -> str | None:
+    span = rt.span if rt is not None else None
+    if span is None and st is not None:
+        span = st.span or trace.get_current_span(st.parent)
+    context = span.get_span_context() if span is not None else None
+    return f"{context.trace_id:032x}" if context is not None and context.is_valid else None
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)

@@ -1,0 +1,73 @@
+"""Redaction: what must never reach a log line, a span attribute or a metric label.
+
+Always removed: the provider key and other known secrets (exact strings), the value of any
+``Authorization`` header, and anything after ``Bearer``. Then the configurable patterns
+(``SLUICE_REDACT_PATTERNS``; by default e-mail addresses and ``sk-...`` keys). Pure: no
+server objects, so logging, tracing and metrics share one instance.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from ..settings import Settings
+
+REDACTED = "[redacted]"
+MAX_LABEL_VALUES = 200  # distinct values per label before the rest become "other"
+
+# Header dumps, JSON, repr()s: `Authorization: x`, `"authorization": "x"`, `('Authorization', 'x')`.
+_AUTHORIZATION = re.compile(r"""(?i)(authorization['"]?\s*[:=,]\s*['"]?)[^'"\r\n,}]+""")
+_BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",;}]+")
+
+
+class Redactor:
+    """Scrubs secrets from text; ``redact`` is cheap when there is nothing to remove."""
+
+    __slots__ = ("_literals", "_patterns")
+
+    def __init__(self, patterns: Iterable[str], *, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so a secret containing another is removed whole.
+        self._literals = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        self._patterns = tuple(re.compile(p) for p in patterns)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Redactor:
+        secrets = []
+        if settings.provider.api_key is not None:
+            secrets.append(settings.provider.api_key.reveal())
+        if settings.auth.dev_key is not None:
+            secrets.append(settings.auth.dev_key.reveal())
+        return cls(settings.telemetry.redact_patterns, secrets=secrets)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret and matching pattern replaced by ``[redacted]``."""
+        for literal in self._literals:
+            if literal in text:
+                text = text.replace(literal, REDACTED)
+        text = _AUTHORIZATION.sub(r"\1" + REDACTED, text)
+        text = _BEARER.sub(r"\1" + REDACTED, text)
+        for pattern in self._patterns:
+            text = pattern.sub(REDACTED, text)
+        return text
+
+
+class LabelGuard:
+    """Metric label values: redacted, and bounded so client input cannot explode a series."""
+
+    __slots__ = ("_max", "_redactor", "_seen")
+
+    def __init__(self, redactor: Redactor, *, max_values: int = MAX_LABEL_VALUES) -> None:
+        self._redactor = redactor
+        self._max = max_values
+        self._seen: dict[str, str] = {}
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return ""
+        clean = self._seen.get(value)
+        if clean is None:
+            clean = "other" if len(self._seen) >= self._max else self._redactor.redact(value)
+            if len(self._seen) < self._max:
+                self._seen[value] = clean
+        return clean

@@ -1,0 +1,198 @@
+"""Client authentication (issue 2, point 4): keys file, the add-key command, the dev key, 401s.
+
+Every route but the health checks needs ``Authorization: Bearer <key>``; the keys file holds
+only SHA-256 digests of the keys it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+
+from service.auth import DEV_USER, KeyRing, add_key, load_keys_file
+from service.errors import AuthenticationError
+from service.settings import AuthSettings, ConfigError, Secret, Settings
+from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body
+from tests.wire import assert_openai_error
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _with_keys_file(settings: Settings, path: Path) -> Settings:
+    return replace(settings, auth=AuthSettings(client_keys_file=path, dev_key=None))
+
+
+async def _add_key_cli(path: Path, *args: str) -> str:
+    """Run ``python -m service.auth add`` as a user would; return what it printed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.auth",
+        "add",
+        "--file",
+        str(path),
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
+async def test_cli_key_round_trip(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """The key printed by the add command authenticates; the file keeps only its digest."""
+    path = tmp_path / "keys.json"
+    alice = await _add_key_cli(path, "--user", "alice", "--tenant", "acme")
+    bob = await _add_key_cli(path, "--user", "bob", "--tenant", "acme", "--admin")
+    stored = path.read_text()
+    for key in (alice, bob):
+        assert key.startswith("sk-sluice-")
+        assert key not in stored
+        assert hashlib.sha256(key.encode()).hexdigest() in stored
+    entries = orjson.loads(stored)["keys"]
+    assert entries[hashlib.sha256(alice.encode()).hexdigest()] == {
+        "user": "alice",
+        "tenant": "acme",
+        "admin": False,
+    }
+    assert entries[hashlib.sha256(bob.encode()).hexdigest()]["admin"] is True
+
+    client = await gateway(_with_keys_file(settings, path))
+    for key in (alice, bob):
+        response = await client.post(
+            "/v1/chat/completions",
+            json=chat_body("[sim chunks=2]", stream=False),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert response.status == 200
+    wrong = await client.get("/v1/models", headers={"Authorization": f"Bearer {alice}x"})
+    assert wrong.status == 401
+
+
+async def test_dev_key_only_without_keys_file(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """The dev key works in simulated mode without a keys file, and not once there is one."""
+    plain = await gateway()
+    assert (await plain.get("/v1/models", headers=AUTH)).status == 200
+    path = tmp_path / "keys.json"
+    add_key(path, user="alice", tenant="acme")
+    keyed = await gateway(_with_keys_file(settings, path))
+    response = await keyed.get("/v1/models", headers=AUTH)
+    assert response.status == 401
+    assert assert_openai_error(await response.json())["code"] == "invalid_api_key"
+
+
+def test_from_env_drops_dev_key_with_keys_file(tmp_path: Path) -> None:
+    """From the environment: a keys file means no dev key, in either provider mode."""
+    path = str(tmp_path / "keys.json")
+    simulated = Settings.from_env({"SLUICE_CLIENT_KEYS_FILE": path})
+    real = Settings.from_env({"SLUICE_CLIENT_KEYS_FILE": path, "OPENAI_API_KEY": "sk-x"})
+    assert simulated.auth.dev_key is None
+    assert real.auth.dev_key is None
+    assert Settings.from_env({}).auth.dev_key == Secret(DEV_KEY)
+
+
+@pytest.mark.parametrize(
+    ("authorization", "message"),
+    [
+        (None, "You didn't provide an API key"),
+        ("", "You didn't provide an API key"),
+        ("Bearer", "Incorrect API key"),
+        ("Bearer ", "Incorrect API key"),
+        ("Bearer not-a-key", "Incorrect API key"),
+        (f"Basic {DEV_KEY}", "Incorrect API key"),
+        (DEV_KEY, "Incorrect API key"),
+    ],
+)
+async def test_401_shapes(gateway: GatewayFactory, authorization: str | None, message: str) -> None:
+    """Missing or wrong keys: 401, OpenAI's shape, and the presented key is never echoed."""
+    client = await gateway()
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+        response = await client.request(method, path, json=chat_body(), headers=headers)
+        assert response.status == 401
+        text = await response.text()
+        error = assert_openai_error(orjson.loads(text), type_="invalid_request_error")
+        assert error["code"] == "invalid_api_key"
+        assert error["message"].startswith(message)
+        assert "not-a-key" not in text
+
+
+async def test_bearer_scheme_is_case_insensitive(gateway: GatewayFactory) -> None:
+    """``bearer`` and ``BEARER`` are the same scheme (RFC 7235)."""
+    client = await gateway()
+    for scheme in ("bearer", "BEARER"):
+        response = await client.get("/v1/models", headers={"Authorization": f"{scheme} {DEV_KEY}"})
+        assert response.status == 200
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz"])
+async def test_health_routes_are_public(gateway: GatewayFactory, path: str) -> None:
+    """The probes answer without a key (and ignore a wrong one)."""
+    client = await gateway()
+    assert (await client.get(path)).status == 200
+    assert (await client.get(path, headers={"Authorization": "Bearer wrong"})).status == 200
+
+
+def test_keyring_from_keys_file(tmp_path: Path) -> None:
+    """A loaded keys file maps each key to its user, tenant, admin flag and settings."""
+    path = tmp_path / "keys.json"
+    key = "sk-sluice-test-key"
+    document = {
+        "keys": {
+            hashlib.sha256(key.encode()).hexdigest(): {
+                "user": "carol",
+                "tenant": "umbrella",
+                "admin": True,
+                "settings": {"rpm": 5},
+            }
+        }
+    }
+    path.write_bytes(orjson.dumps(document))
+    keyring = KeyRing.from_settings(AuthSettings(client_keys_file=path, dev_key=None))
+    principal = keyring.authenticate(f"Bearer {key}")
+    assert (principal.user_id, principal.tenant, principal.admin) == ("carol", "umbrella", True)
+    assert principal.settings == {"rpm": 5}
+    assert principal.key_id == hashlib.sha256(key.encode()).hexdigest()[:12]
+    with pytest.raises(AuthenticationError):
+        keyring.authenticate(f"Bearer {DEV_KEY}")
+
+
+def test_dev_keyring() -> None:
+    """Without a keys file the dev key is the only key, as an admin dev user."""
+    keyring = KeyRing.from_settings(AuthSettings())
+    assert keyring.authenticate(f"Bearer {DEV_KEY}").user_id == DEV_USER
+    with pytest.raises(AuthenticationError):
+        keyring.authenticate("Bearer sluice-dev-key-2")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,
+        b"not json",
+        b"[]",
+        b'{"keys": []}',
+        b'{"keys": {"abc": {"user": "x"}}}',
+        b'{"keys": {"' + b"a" * 64 + b'": {"tenant": "no-user"}}}',
+    ],
+)
+def test_bad_keys_file_names_the_variable(tmp_path: Path, content: bytes | None) -> None:
+    """An unreadable or malformed keys file is a ConfigError naming SLUICE_CLIENT_KEYS_FILE."""
+    path = tmp_path / "keys.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match="SLUICE_CLIENT_KEYS_FILE"):
+        load_keys_file(path)

@@ -1,0 +1,225 @@
+"""The circuit breaker: opens at exactly fail_max, fails fast while open, recovers with one
+probe, and never counts client cancellations or client errors. Unit tests drive a fake
+clock; wire tests go through the gateway to the simulated provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from service.appkeys import STREAMS
+from service.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers
+from service.errors import CircuitOpenError, ProviderConnectionError, ProviderStatusError
+from service.settings import Settings
+from service.simulator import SimStats
+from tests.conftest import AUTH, chat_body, with_streams
+from tests.resilient import FakeClock, Rig, start, with_resilience
+
+SERVER_ERROR = ProviderStatusError("boom", provider_status=503)
+
+
+def fail(breaker: Breaker, error: BaseException = SERVER_ERROR) -> None:
+    with pytest.raises(type(error)), breaker.attempt():
+        raise error
+
+
+def succeed(breaker: Breaker) -> None:
+    with breaker.attempt():
+        pass
+
+
+def test_opens_at_exactly_fail_max() -> None:
+    """fail_max - 1 consecutive failures leave it closed; the fail_max-th opens it."""
+    breaker = Breaker("p", fail_max=5, reset_timeout_s=30, clock=FakeClock())
+    for _ in range(4):
+        fail(breaker)
+    assert breaker.state == CLOSED
+    fail(breaker)
+    assert breaker.state == OPEN
+
+
+def test_open_rejects_without_running_the_call() -> None:
+    """While open, an attempt raises CircuitOpenError carrying the remaining reset time."""
+    clock = FakeClock()
+    breaker = Breaker("p", fail_max=1, reset_timeout_s=30, clock=clock)
+    fail(breaker, ProviderConnectionError("refused"))
+    clock.advance(12)
+    ran = False
+    with pytest.raises(CircuitOpenError) as caught, breaker.attempt():
+        ran = True
+    assert not ran
+    assert caught.value.retry_after_s == 18
+    assert caught.value.headers["Retry-After"] == "18"
+    assert caught.value.http_status == 503
+
+
+def test_success_resets_the_consecutive_count() -> None:
+    """Failures must be consecutive: a success in between starts the count again."""
+    breaker = Breaker("p", fail_max=3, clock=FakeClock())
+    fail(breaker)
+    fail(breaker)
+    succeed(breaker)
+    fail(breaker)
+    fail(breaker)
+    assert breaker.state == CLOSED
+    assert breaker.fail_counter == 2
+
+
+def test_recovers_with_a_single_probe() -> None:
+    """After reset_timeout one attempt probes; concurrent ones fail fast; success closes."""
+    clock = FakeClock()
+    breaker = Breaker("p", fail_max=1, reset_timeout_s=30, clock=clock)
+    fail(breaker)
+    clock.advance(30)
+    with breaker.attempt():
+        assert breaker.state == HALF_OPEN
+        with pytest.raises(CircuitOpenError), breaker.attempt():
+            pytest.fail("a second probe ran")
+    assert breaker.state == CLOSED
+    succeed(breaker)
+
+
+def test_failed_probe_reopens_for_a_fresh_timeout() -> None:
+    """A failing probe opens the circuit again, counting the reset time from now."""
+    clock = FakeClock()
+    breaker = Breaker("p", fail_max=1, reset_timeout_s=30, clock=clock)
+    fail(breaker)
+    clock.advance(31)
+    fail(breaker)
+    assert breaker.state == OPEN
+    assert breaker.remaining_s() == 30
+
+
+def test_cancellation_never_counts() -> None:
+    """A cancelled attempt neither fails nor succeeds: counts stay, a probe slot is freed."""
+    clock = FakeClock()
+    breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=clock)
+    fail(breaker)
+    fail(breaker, asyncio.CancelledError())
+    assert (breaker.state, breaker.fail_counter) == (CLOSED, 1)
+    fail(breaker)
+    clock.advance(30)
+    fail(breaker, asyncio.CancelledError())  # the probe's client left
+    assert breaker.state == HALF_OPEN  # not closed by the cancelled probe
+    succeed(breaker)  # the next attempt probes
+    assert breaker.state == CLOSED
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 422])
+def test_client_errors_never_count(code: int) -> None:
+    """A 4xx that is the request's fault says the provider is healthy."""
+    breaker = Breaker("p", fail_max=1, clock=FakeClock())
+    fail(breaker, ProviderStatusError("bad", provider_status=code))
+    assert breaker.state == CLOSED
+
+
+def test_per_model_breakers_are_separate() -> None:
+    """Configured models get their own circuit; the rest share the provider's."""
+    breakers = Breakers("openai", fail_max=1, per_model=frozenset({"gpt-4o"}), clock=FakeClock())
+    fail(breakers.for_model("gpt-4o"))
+    assert breakers.for_model("gpt-4o").state == OPEN
+    assert breakers.for_model("gpt-4o-mini").state == CLOSED
+    assert breakers.for_model("gpt-4.1-mini") is breakers.for_model("gpt-4o-mini")
+    assert {b.name for b in breakers.all()} == {"openai/gpt-4o", "openai"}
+
+
+# Over the wire ---------------------------------------------------------------------------
+
+
+def breaker_settings(settings: Settings, fail_max: int) -> Settings:
+    settings = with_resilience(settings, breaker_fail_max=fail_max, retry_max_attempts=1)
+    return with_streams(settings, disconnect_grace_s=0)
+
+
+async def post(rig: Rig, text: str, **extra: Any) -> tuple[int, dict[str, str], Any]:
+    response = await rig.client.post(
+        "/v1/chat/completions", json=chat_body(text, stream=False, **extra), headers=AUTH
+    )
+    return response.status, dict(response.headers), await response.json()
+
+
+async def test_wire_opens_at_fail_max_then_fails_fast(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Three 503s open a fail_max=3 breaker; the next request gets 503 + Retry-After and the
+    provider never sees it."""
+    rig = await start(aiohttp_client, breaker_settings(settings, 3))
+    for n in range(3):
+        status, _, _ = await post(rig, f"n{n} [sim fail=503]")
+        assert status == 502
+    assert sim_stats.requests == 3
+    status, headers, body = await post(rig, "healthy now")
+    assert status == 503
+    assert body["error"]["code"] == "circuit_open"
+    assert headers["Retry-After"] == "30"
+    assert sim_stats.requests == 3
+
+
+async def test_wire_recovers_with_one_probe(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """After the reset timeout exactly one request probes; others fail fast meanwhile; a
+    cancelled probe frees the slot without closing; the next successful probe closes it."""
+    rig = await start(aiohttp_client, breaker_settings(settings, 2))
+    breaker = rig.resilience.breakers.for_model("gpt-4o-mini")
+    for n in range(2):
+        await post(rig, f"n{n} [sim fail=500]")
+    assert breaker.state == OPEN
+    rig.clock.advance(30)
+
+    probe = asyncio.create_task(post(rig, "slow [sim header_delay_ms=60000]"))
+    await sim_stats.wait_for(lambda s: s.requests == 3)
+    status, headers, body = await post(rig, "concurrent")
+    assert (status, body["error"]["code"], headers["Retry-After"]) == (503, "circuit_open", "1")
+    assert sim_stats.requests == 3
+
+    stream = next(iter(rig.client.app[STREAMS].live()))
+    probe.cancel()
+    await stream.ended.wait()
+    assert breaker.state == HALF_OPEN
+
+    status, _, _ = await post(rig, "probe again")
+    assert status == 200
+    assert breaker.state == CLOSED
+    assert sim_stats.requests == 4
+
+
+async def test_wire_client_cancellations_do_not_trip(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Clients that abandon stalled requests (before headers, and mid-stream) never count."""
+    rig = await start(aiohttp_client, breaker_settings(settings, 1))
+    breaker = rig.resilience.breakers.for_model("gpt-4o-mini")
+
+    pending = asyncio.create_task(post(rig, "a [sim header_delay_ms=60000]"))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    live = next(iter(rig.client.app[STREAMS].live()))
+    pending.cancel()  # the client gives up before the provider answered
+    await live.ended.wait()
+
+    response = await rig.client.post(
+        "/v1/chat/completions", json=chat_body("b [sim stall_after=2]"), headers=AUTH
+    )
+    await response.content.readuntil(b"\n\n")
+    live = next(iter(rig.client.app[STREAMS].live()))
+    response.close()  # the client leaves a stream the provider stalled
+    await live.ended.wait()
+
+    assert (breaker.state, breaker.fail_counter) == (CLOSED, 0)
+    status, _, _ = await post(rig, "fine")
+    assert status == 200
+
+
+async def test_wire_client_errors_do_not_trip(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """400s and 404s from the provider pass through and leave the breaker closed."""
+    rig = await start(aiohttp_client, breaker_settings(settings, 2))
+    for n, code in enumerate((400, 404, 400)):
+        status, _, _ = await post(rig, f"n{n} [sim fail={code}]")
+        assert status == code
+    assert sim_stats.requests == 3
+    assert rig.resilience.breakers.for_model("gpt-4o-mini").state == CLOSED

@@ -1,0 +1,166 @@
+"""Budgets: reserve the worst case, settle the real cost, never overspend; survive restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from service import tokens
+from service.appkeys import GATE
+from service.budgets import BudgetLimits, Budgets
+from service.errors import BudgetExceededError
+from service.ledger import SpendRow
+from service.settings import Settings
+from tests.conftest import AUTH, GatewayFactory, chat_body
+from tests.test_ledger import finished
+
+NOON = float(calendar.timegm((2026, 11, 22, 12, 0, 0)))
+
+
+def budgets(now: list[float], **limits: str) -> Budgets:
+    values = {name: Decimal(value) for name, value in limits.items()}
+    return Budgets(BudgetLimits(**values), soft_fraction=0.8, clock=lambda: now[0])
+
+
+def test_reserve_settle_and_refuse() -> None:
+    """Reservations count against the limit until settled with the real (smaller) cost."""
+    now = [NOON]
+    book = budgets(now, user_daily="1.00")
+    first = book.reserve("alice", "acme", Decimal("0.60"))
+    with pytest.raises(BudgetExceededError) as caught:
+        book.reserve("alice", "acme", Decimal("0.50"))
+    assert caught.value.code == "budget_exceeded"
+    assert caught.value.status == 429
+    assert caught.value.headers["Retry-After"] == str(12 * 3600 + 1)  # until UTC midnight
+    book.settle(first, Decimal("0.10"))
+    second = book.reserve("alice", "acme", Decimal("0.50"))
+    assert second.warning is None
+    third = book.reserve("alice", "acme", Decimal("0.25"))
+    assert third.warning == "user daily budget 85% used (limit $1.00)"
+    status = book.status("alice", "acme")["user"]["daily"]
+    assert status == {
+        "limit_usd": 1.0,
+        "spent_usd": 0.1,
+        "reserved_usd": 0.75,
+        "remaining_usd": 0.15,
+    }
+    book.reserve("bob", "acme", Decimal("1.00"))  # another user has their own budget
+
+
+def test_days_roll_over_but_months_accumulate() -> None:
+    """A new UTC day frees the daily budget; the monthly total still counts yesterday."""
+    now = [NOON]
+    book = budgets(now, user_daily="1", user_monthly="1.5", tenant_monthly="100")
+    book.settle(book.reserve("alice", "acme", Decimal("0.9")), Decimal("0.9"))
+    with pytest.raises(BudgetExceededError, match="daily"):
+        book.reserve("alice", "acme", Decimal("0.2"))
+    now[0] += 86_400
+    book.settle(book.reserve("alice", "acme", Decimal("0.5")), Decimal("0.5"))
+    with pytest.raises(BudgetExceededError, match="monthly"):
+        book.reserve("alice", "acme", Decimal("0.2"))
+    assert book.pressure("alice", "acme") == pytest.approx(1.4 / 1.5)
+
+
+def test_key_overrides_and_tenant_limits() -> None:
+    """A key's own user limits replace the defaults; the tenant limit binds all its users."""
+    now = [NOON]
+    book = budgets(now, user_daily="1", tenant_daily="1.5")
+    rich = BudgetLimits(user_daily=Decimal("10"))
+    book.reserve("alice", "acme", Decimal("1.2"), rich)
+    with pytest.raises(BudgetExceededError, match="tenant daily"):
+        book.reserve("bob", "acme", Decimal("0.5"))
+
+
+def test_loaded_spend_counts_only_this_day_and_month() -> None:
+    """Ledger totals from earlier this month count monthly; only today's count daily."""
+    now = [NOON]
+    book = budgets(now, user_daily="1", user_monthly="2")
+    book.load(
+        [
+            SpendRow("alice", "acme", "2026-11-22", 0.75),
+            SpendRow("alice", "acme", "2026-11-03", 1.0),
+            SpendRow("alice", "acme", "2026-10-31", 5.0),
+        ]
+    )
+    report = book.status("alice", "acme")["user"]
+    assert report["daily"]["spent_usd"] == 0.75
+    assert report["monthly"]["spent_usd"] == 1.75
+    with pytest.raises(BudgetExceededError, match="daily"):
+        book.reserve("alice", "acme", Decimal("0.3"))
+
+
+def with_money(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, money=replace(settings.money, **changes))
+
+
+async def test_fifty_concurrent_requests_cannot_overspend(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A budget that fits exactly 7 requests: of 50 fired at once, exactly 7 succeed."""
+    body = chat_body("spend [sim chunks=5]", stream=False, max_tokens=5)
+    probe = await gateway()
+    cost = probe.app[GATE].prices.cost("gpt-4o-mini", tokens.count_chat("gpt-4o-mini", body), 5)
+    limit = cost * 7
+    client = await gateway(with_money(settings, user_daily_usd=float(limit)))
+    assert client.app[GATE].budgets.limits.user_daily == limit
+
+    async def spend() -> int:
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        payload = orjson.loads(await response.read())
+        if response.status == 429:
+            assert payload["error"]["code"] == "budget_exceeded"
+        else:
+            await finished(client, response)
+        return response.status
+
+    statuses = await asyncio.gather(*(spend() for _ in range(50)))
+    assert statuses.count(200) == 7
+    assert statuses.count(429) == 43
+    gate = client.app[GATE]
+    rows = await gate.ledger.entries()
+    billed = [r for r in rows if r.status == "completed"]
+    assert len(rows) == 50
+    assert len(billed) == 7
+    assert sum(Decimal(str(r.cost_usd)) for r in rows) <= limit
+
+
+async def test_soft_limit_warns_in_a_header(gateway: GatewayFactory, settings: Settings) -> None:
+    """Past the soft fraction of a budget the response says so; below it, it does not."""
+    body = chat_body("warn [sim chunks=5]", stream=False, max_tokens=5)
+    cost = float(
+        (await gateway())
+        .app[GATE]
+        .prices.cost("gpt-4o-mini", tokens.count_chat("gpt-4o-mini", body), 5)
+    )
+    client = await gateway(with_money(settings, user_daily_usd=cost * 2.2, soft_fraction=0.8))
+    first = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert first.status == 200
+    assert "X-Sluice-Budget-Warning" not in first.headers
+    second = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert second.status == 200
+    assert second.headers["X-Sluice-Budget-Warning"].startswith("user daily budget 90% used")
+
+
+async def test_spend_survives_a_restart(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """Budgets are rebuilt from the SQLite ledger at start: a restart does not reset spend."""
+    body = chat_body("persist [sim chunks=5]", stream=False, max_tokens=5)
+    custom = with_money(settings, data_dir=tmp_path, user_daily_usd=1.0)
+    first = await gateway(custom)
+    response = await first.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 200
+    await finished(first, response)
+    spent = first.app[GATE].budgets.status("dev", "dev")["user"]["daily"]["spent_usd"]
+    assert spent > 0
+    await first.close()
+    second = await gateway(custom)
+    report = second.app[GATE].budgets.status("dev", "dev")["user"]["daily"]
+    assert report["spent_usd"] == pytest.approx(spent)
+    assert report["remaining_usd"] == pytest.approx(1.0 - spent)

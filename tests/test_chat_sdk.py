@@ -1,0 +1,178 @@
+"""The official ``openai`` Python SDK works unchanged against the gateway (issue 2, point 2).
+
+Every test drives ``openai.AsyncOpenAI`` over a real socket to the gateway test server, which
+relays to the simulated provider on another real socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from service.settings import Settings
+from service.simulator import SimStats, completion_words
+from tests.conftest import DEV_KEY, GatewayFactory, with_streams
+
+Client = TestClient[web.Request, web.Application]
+
+
+def _sdk(client: Client) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=DEV_KEY, max_retries=0)
+
+
+def _quick_teardown(settings: Settings) -> Settings:
+    """No grace and no drain window, so a stalled stream is cancelled as soon as it is left;
+    one provider attempt, so a 429 reaches the SDK without the gateway's own retries."""
+    settings = with_streams(settings, disconnect_grace_s=0.0)
+    settings = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    return replace(settings, server=replace(settings.server, drain_s=0.0))
+
+
+@pytest.fixture
+async def sdk(gateway: GatewayFactory, settings: Settings) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = await gateway(_quick_teardown(settings))
+    async with _sdk(client) as sdk_client:
+        yield sdk_client
+
+
+def _messages(text: str) -> list[Any]:
+    return [{"role": "user", "content": text}]
+
+
+def _expected_text(prompt: str, chunks: int) -> str:
+    return "".join(completion_words(prompt, chunks))
+
+
+async def test_non_stream_create(sdk: openai.AsyncOpenAI) -> None:
+    """A plain create returns the simulator's completion, text and usage intact."""
+    prompt = "Tell me a story [sim chunks=7]"
+    completion = await sdk.chat.completions.create(model="gpt-4o-mini", messages=_messages(prompt))
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == _expected_text(prompt, 7)
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 7
+
+
+async def test_stream_collects_content(sdk: openai.AsyncOpenAI) -> None:
+    """stream=True yields the role chunk, one chunk per word, then the finish chunk."""
+    prompt = "Stream please [sim chunks=9]"
+    stream = await sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=_messages(prompt), stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _expected_text(prompt, 9)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(chunks) == 1 + 9 + 1
+    # Sluice always asks the provider for usage; a client that did not ask must not see it.
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_stream_include_usage_last_chunk(sdk: openai.AsyncOpenAI) -> None:
+    """include_usage: the last chunk has no choices and the provider's exact usage."""
+    prompt = "Count me [sim chunks=13]"
+    stream = await sdk.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=_messages(prompt),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.completion_tokens == len(content_chunks) == 13
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 13
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_chunks_arrive_while_provider_stalls(
+    sdk: openai.AsyncOpenAI, sim_stats: SimStats
+) -> None:
+    """No buffering: with the provider stalled after 3 words, the SDK already has all 3."""
+    prompt = "Hold on [sim chunks=10 stall_after=3]"
+    stream = await sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=_messages(prompt), stream=True
+    )
+    received: list[str] = []
+    async for chunk in stream:
+        received.append(chunk.choices[0].delta.content or "")
+        if len(received) == 4:  # the role chunk and three words
+            break
+    # The provider is still holding the stream open: nothing upstream has finished.
+    assert sim_stats.open == 1
+    assert sim_stats.completed == 0
+    assert "".join(received) == _expected_text(prompt, 10)[: len("".join(received))]
+    assert sum(1 for r in received if r) == 3
+    await stream.close()
+    # Leaving the stream (no grace window here) cancels the provider call.
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    assert sim_stats.chunks_sent == [3]
+
+
+@pytest.mark.parametrize("directive", ["reset_after=2", "malformed_after=2"])
+async def test_midstream_failure_raises_api_error(sdk: openai.AsyncOpenAI, directive: str) -> None:
+    """A provider failure after the first byte reaches the SDK as APIError after the chunks."""
+    stream = await sdk.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=_messages(f"Break [sim chunks=8 {directive}]"),
+        stream=True,
+    )
+    received: list[Any] = []
+
+    async def consume() -> None:
+        async for chunk in stream:
+            received.append(chunk)
+
+    with pytest.raises(openai.APIError) as caught:
+        await consume()
+    assert not isinstance(caught.value, openai.APIStatusError)  # it came as an SSE event
+    assert len(received) == 3  # role + the two words sent before the failure
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["type"] == "upstream_error"
+    assert caught.value.body["code"] in ("provider_connection_error", "provider_protocol_error")
+
+
+async def test_provider_429_is_rate_limit_error(sdk: openai.AsyncOpenAI) -> None:
+    """A provider 429 before the first byte: RateLimitError, its message and Retry-After."""
+    with pytest.raises(openai.RateLimitError) as caught:
+        await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=_messages("Slow down [sim fail=429 retry_after=7]"),
+            stream=True,
+        )
+    error = caught.value
+    assert error.status_code == 429
+    assert error.response.headers["retry-after"] == "7"
+    assert isinstance(error.body, dict)
+    assert error.body["message"] == "simulated failure 429"
+    assert error.body["type"] == "rate_limit_error"
+    assert "simulated failure 429" in str(error)
+
+
+async def test_wrong_key_is_authentication_error(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """A wrong client key is an AuthenticationError and never reaches the provider."""
+    client = await gateway()
+    async with openai.AsyncOpenAI(
+        base_url=str(client.make_url("/v1")), api_key="not-the-key", max_retries=0
+    ) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            await bad.chat.completions.create(model="gpt-4o-mini", messages=_messages("hi"))
+    assert sim_stats.requests == 0
+
+
+async def test_models_list(sdk: openai.AsyncOpenAI) -> None:
+    """models.list() through the SDK returns the served models."""
+    page = await sdk.models.list()
+    assert {m.id for m in page.data} == {"gpt-4o-mini", "gpt-4o", "gpt-4.1-mini"}

@@ -1,0 +1,228 @@
+"""The ledger: one durable row per request, with the tokens actually generated and their cost."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+
+from service import tokens
+from service.appkeys import GATE, STREAMS
+from service.ledger import LedgerEntry, MemoryLedger, SqliteLedger, utc_day
+from service.settings import Settings
+from service.simulator import SimStats
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+
+Client = TestClient[web.Request, web.Application]
+
+
+def entry(request_id: str, **changes: Any) -> LedgerEntry:
+    now = time.time()
+    base = LedgerEntry(
+        request_id=request_id,
+        ts=now,
+        day=utc_day(now),
+        user_id="alice",
+        tenant="acme",
+        key_id="k1",
+        model_requested="gpt-4o-mini",
+        model_served="gpt-4o-mini",
+        status="completed",
+        prompt_tokens=10,
+        cached_tokens=0,
+        completion_tokens=5,
+        cost_usd=0.25,
+        latency_ms=12.5,
+        ttft_ms=3.0,
+        stream_id=request_id,
+        error_code=None,
+        usage_reported=True,
+    )
+    return replace(base, **changes)
+
+
+async def finished(client: Client, response: ClientResponse) -> None:
+    """Wait until the response's stream has ended and its finish hooks (the ledger) ran."""
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+
+
+async def test_sqlite_rows_survive_a_restart(tmp_path: Path) -> None:
+    """Rows are written by the writer thread, flushed on close, and read back after reopening."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = SqliteLedger(path)
+    for index in range(3):
+        ledger.record(entry(f"strm_{index}", completion_tokens=index))
+    ledger.record(entry("strm_0", completion_tokens=99))  # a duplicate id never adds a row
+    await ledger.close()
+    reopened = SqliteLedger(path)
+    rows = await reopened.entries()
+    assert [(r.request_id, r.completion_tokens) for r in rows] == [
+        ("strm_0", 0),
+        ("strm_1", 1),
+        ("strm_2", 2),
+    ]
+    assert rows[0] == entry("strm_0", completion_tokens=0, ts=rows[0].ts, day=rows[0].day)
+    await reopened.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_usage_and_spend_group_by_day_and_model(kind: str, tmp_path: Path) -> None:
+    """Both ledgers total requests, tokens and cost per (day, model) and spend per user/day."""
+    ledger: Any = MemoryLedger() if kind == "memory" else SqliteLedger(tmp_path / "l.sqlite3")
+    ledger.record(entry("a", day="2026-11-01"))
+    ledger.record(entry("b", day="2026-11-01", model_requested="gpt-4o", cost_usd=1.0))
+    ledger.record(entry("c", day="2026-11-02"))
+    ledger.record(entry("d", day="2026-11-02", user_id="bob"))
+    ledger.record(entry("e", day="2026-10-31"))
+    rows = await ledger.usage(
+        user="alice", tenant=None, since_day="2026-11-01", until_day="2026-11-30"
+    )
+    assert [(r.day, r.model, r.requests, r.prompt_tokens, r.cost_usd) for r in rows] == [
+        ("2026-11-01", "gpt-4o", 1, 10, 1.0),
+        ("2026-11-01", "gpt-4o-mini", 1, 10, 0.25),
+        ("2026-11-02", "gpt-4o-mini", 1, 10, 0.25),
+    ]
+    tenant = await ledger.usage(
+        user=None, tenant="acme", since_day="2026-11-02", until_day="2026-11-02"
+    )
+    assert [(r.requests, r.cost_usd) for r in tenant] == [(2, 0.5)]
+    spend = await ledger.spend_since("2026-11-01")
+    assert [(s.user_id, s.day, s.cost_usd) for s in spend] == [
+        ("alice", "2026-11-01", 1.25),
+        ("alice", "2026-11-02", 0.25),
+        ("bob", "2026-11-02", 0.25),
+    ]
+    await ledger.close()
+
+
+async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> None:
+    """With the queue full, record returns at once and counts the drop instead of waiting."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3", queue_size=1)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        started.set()
+        release.wait()
+
+    held = asyncio.ensure_future(ledger._submit(hold))
+    await asyncio.to_thread(started.wait)
+    ledger.record(entry("fits"))
+    ledger.record(entry("dropped"))
+    assert ledger.dropped == 1
+    release.set()
+    await held
+    assert [e.request_id for e in await ledger.entries()] == ["fits"]
+    await ledger.close()
+
+
+async def test_wire_completed_stream_row(gateway: GatewayFactory) -> None:
+    """A completed stream: the provider's usage, its cost, TTFT, latency, ids and models."""
+    client = await gateway()
+    body = chat_body("bill me [sim chunks=7]")
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert (await response.text()).endswith("data: [DONE]\n\n")
+    await finished(client, response)
+    gate = client.app[GATE]
+    (row,) = await gate.ledger.entries()
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    assert row.status == "completed"
+    assert (row.prompt_tokens, row.completion_tokens, row.usage_reported) == (prompt, 7, True)
+    assert row.cost_usd == float(gate.prices.cost("gpt-4o-mini", prompt, 7))
+    assert row.cost_usd > 0
+    assert row.stream_id == row.request_id == response.headers["X-Sluice-Stream-Id"]
+    assert (row.user_id, row.tenant, row.model_requested) == ("dev", "dev", "gpt-4o-mini")
+    assert row.model_served == "gpt-4o-mini"
+    assert row.ttft_ms is not None
+    assert row.latency_ms is not None
+    assert 0 <= row.ttft_ms <= row.latency_ms
+
+
+async def test_wire_aborted_stream_is_billed_for_what_was_generated(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Client drops after k chunks (grace 0): one client_gone row, billed k tokens, not max."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    k = 4
+    body = chat_body(f"abort me [sim chunks=50 stall_after={k}]", max_tokens=500)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    seen = 0
+    async for line in response.content:
+        if line.startswith(b"data: ") and b'"content":" ' in line:
+            seen += 1
+            if seen == k:
+                break
+    response.close()  # the client goes away mid-stream
+    await finished(client, response)
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    rows = await client.app[GATE].ledger.entries()
+    assert len(rows) == 1
+    (row,) = rows
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    assert row.status == "client_gone"
+    assert (row.prompt_tokens, row.completion_tokens, row.usage_reported) == (prompt, k, False)
+    assert row.cost_usd == float(client.app[GATE].prices.cost("gpt-4o-mini", prompt, k))
+    assert sim_stats.chunks_sent == [k]
+
+
+async def test_wire_provider_errors_are_recorded(gateway: GatewayFactory) -> None:
+    """Refused upstream: a provider_error row at zero cost; failed mid-stream: billed output."""
+    client = await gateway()
+    refused = await client.post(
+        "/v1/chat/completions", json=chat_body("no [sim fail=400]", stream=False), headers=AUTH
+    )
+    assert refused.status == 400
+    await finished(client, refused)
+    broken = await client.post(
+        "/v1/chat/completions",
+        json=chat_body("half [sim chunks=9 malformed_after=3]"),
+        headers=AUTH,
+    )
+    assert b'"error"' in await broken.read()
+    await finished(client, broken)
+    first, second = await client.app[GATE].ledger.entries()
+    assert (first.status, first.prompt_tokens, first.completion_tokens) == ("provider_error", 0, 0)
+    assert first.cost_usd == 0.0
+    assert (second.status, second.completion_tokens) == ("provider_error", 3)
+    assert second.error_code == "provider_protocol_error"
+    assert second.cost_usd > 0
+
+
+async def test_wire_every_request_leaves_exactly_one_row(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """Completed, failed and rejected requests: one SQLite row each, flushed on shutdown."""
+    data = tmp_path / "data"
+    money = replace(settings.money, data_dir=data)
+    limits = replace(settings.limits, context_windows={"gpt-4o": 20})
+    client = await gateway(replace(settings, money=money, limits=limits))
+    statuses = []
+    for text in ("one [sim chunks=2]", "two [sim fail=404]", "three [sim chunks=3]"):
+        response = await client.post(
+            "/v1/chat/completions", json=chat_body(text, stream=False), headers=AUTH
+        )
+        statuses.append(response.status)
+        await finished(client, response)
+    too_long = chat_body("word " * 30, stream=False, model="gpt-4o")
+    rejected = await client.post("/v1/chat/completions", json=too_long, headers=AUTH)
+    statuses.append(rejected.status)
+    assert statuses == [200, 404, 200, 400]
+    await client.close()  # cleanup contexts: the ledger flushes and closes
+    ledger = SqliteLedger(data / "ledger.sqlite3")
+    rows = await ledger.entries()
+    await ledger.close()
+    assert [r.status for r in rows] == ["completed", "provider_error", "completed", "rejected"]
+    assert len({r.request_id for r in rows}) == 4
+    assert rows[3].error_code == "context_length_exceeded"
+    assert rows[3].request_id.startswith("rej_")

@@ -1,0 +1,136 @@
+"""``python -m service`` as a real process: the two-command start (issue 2, points 1 and 4).
+
+The process runs with a clean environment (no provider configured), binds port 0, and
+prints the dev key and a curl line naming the port it really bound. A real-provider
+configuration without a keys file exits non-zero with one clear line and no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.wire import sse_data
+
+REPO = Path(__file__).resolve().parent.parent
+READY_LINE = "Running on"
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **extra}
+
+
+async def _spawn(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _lines_until(stream: asyncio.StreamReader, needle: str) -> list[str]:
+    """Read lines until one contains ``needle``; fails if the stream ends first."""
+    lines: list[str] = []
+    while not lines or needle not in lines[-1]:
+        raw = await stream.readline()
+        if not raw:
+            raise AssertionError(f"output ended before {needle!r}: {lines}")
+        lines.append(raw.decode().rstrip("\n"))
+    return lines
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[list[str], asyncio.subprocess.Process]]:
+    """The gateway process, started with SLUICE_PORT=0, once it has bound its port."""
+    process = await _spawn(_clean_env(tmp_path, SLUICE_PORT="0"))
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):  # a safety net only
+            banner = await _lines_until(process.stdout, "curl ")
+            await _lines_until(process.stderr, READY_LINE)
+        yield banner, process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            await process.wait()
+
+
+async def test_banner_prints_dev_key_and_working_curl(
+    served: tuple[list[str], asyncio.subprocess.Process],
+) -> None:
+    """The banner names the real port, the dev key, and a curl line that streams a reply."""
+    banner, _ = served
+    text = "\n".join(banner)
+    assert "SIMULATED PROVIDER" in text
+    key = re.search(r"Dev client key: (\S+)", text)
+    assert key is not None
+    assert key.group(1) == "sluice-dev-key"
+    curl = shlex.split(banner[-1])
+    assert curl[:2] == ["curl", "-N"]
+    url = curl[2]
+    port = int(re.match(r"http://127\.0\.0\.1:(\d+)/v1/chat/completions$", url).group(1))  # type: ignore[union-attr]
+    assert port != 0
+    headers = dict(h.split(": ", 1) for h in (curl[i + 1] for i, a in enumerate(curl) if a == "-H"))
+    body = curl[curl.index("-d") + 1]
+    # Do what the curl line does, against the running process.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=body, headers=headers) as response:
+            assert response.status == 200
+            data = sse_data(await response.text())
+        assert data[-1] == "[DONE]"
+        assert len(data) == 1 + 20 + 1 + 1  # role, 20 words, finish, [DONE]
+        async with session.get(f"http://127.0.0.1:{port}/readyz") as ready:
+            assert ready.status == 200
+
+
+async def test_sigterm_exits_cleanly(
+    served: tuple[list[str], asyncio.subprocess.Process],
+) -> None:
+    """SIGTERM ends the process with status 0 and no traceback."""
+    _, process = served
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    async with asyncio.timeout(30):
+        rest = (await process.stderr.read()).decode()
+        code = await process.wait()
+    assert code == 0
+    assert "Traceback" not in rest
+
+
+@pytest.mark.parametrize(
+    ("env", "mentions"),
+    [
+        ({"OPENAI_API_KEY": "sk-refused-0123456789"}, "SLUICE_CLIENT_KEYS_FILE"),
+        ({"SLUICE_PROVIDER": "openai"}, "OPENAI_API_KEY"),
+        ({"SLUICE_CLIENT_KEYS_FILE": "/nonexistent/keys.json"}, "SLUICE_CLIENT_KEYS_FILE"),
+        ({"SLUICE_PORT": "http"}, "SLUICE_PORT"),
+    ],
+)
+async def test_bad_config_exits_with_a_clear_message(
+    tmp_path: Path, env: dict[str, str], mentions: str
+) -> None:
+    """A configuration the gateway refuses: exit 2, one line naming the variable, no traceback."""
+    process = await _spawn(_clean_env(tmp_path, **{"SLUICE_PORT": "0", **env}))
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    message = err.decode()
+    assert message.startswith("sluice: configuration error:")
+    assert mentions in message
+    assert "Traceback" not in message
+    assert "sk-refused-0123456789" not in message + out.decode()
+    assert "listening" not in out.decode()  # refused before claiming to serve

@@ -1,0 +1,64 @@
+"""Shared USD budgets: concurrent reservations over two replicas never overspend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+
+from service.budgets import BudgetLimits
+from service.errors import BudgetExceededError
+from service.redis_budgets import RedisBudgets
+from service.redisgate import RedisGate
+from service.settings import Settings
+from tests.servers import with_redis
+
+LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
+
+
+@pytest.fixture
+async def gates(redis_url: str) -> AsyncIterator[list[RedisGate]]:
+    """Two replicas' connections to the same Redis."""
+    made = [RedisGate.from_settings(with_redis(Settings(), redis_url).shared) for _ in range(2)]
+    ready = [gate for gate in made if gate is not None]
+    assert len(ready) == 2
+    yield ready
+    for gate in ready:
+        await gate.client.aclose()
+
+
+async def test_fifty_concurrent_reservations_over_two_replicas_commit_at_most_the_limit(
+    gates: list[RedisGate],
+) -> None:
+    """50 reservations of $0.03 against a $1.00 budget, spread over A and B: exactly 33 fit."""
+    replicas = [RedisBudgets(gate, LIMITS) for gate in gates]
+
+    async def reserve(n: int) -> bool:
+        try:
+            await replicas[n % 2].reserve_async("alice", "acme", Decimal("0.03"))
+        except BudgetExceededError:
+            return False
+        return True
+
+    results = await asyncio.gather(*(reserve(n) for n in range(50)))
+    assert results.count(True) == 33
+    assert results.count(False) == 17
+
+
+async def test_settling_below_the_reservation_frees_room_on_every_replica(
+    gates: list[RedisGate],
+) -> None:
+    """A reserves $0.90 and settles at $0.10; B can then reserve $0.85 but not $0.95."""
+    a, b = (RedisBudgets(gate, LIMITS) for gate in gates)
+    hold = await a.reserve_async("alice", "acme", Decimal("0.90"))
+    with pytest.raises(BudgetExceededError) as refused:
+        await b.reserve_async("alice", "acme", Decimal("0.20"))
+    assert refused.value.headers["Retry-After"]
+    await a.settle_async(hold, Decimal("0.10"))
+    second = await b.reserve_async("alice", "acme", Decimal("0.85"))
+    assert second.warning is not None  # 95 % of the budget is committed
+    with pytest.raises(BudgetExceededError):
+        await a.reserve_async("alice", "acme", Decimal("0.06"))
+    await a.reserve_async("bob", "acme", Decimal("0.95"))  # another user's budget is apart

@@ -1,0 +1,172 @@
+"""Streams across replicas: two gateways sharing one real redis-server.
+
+A stream generated on replica A can be resumed, followed live and cancelled through
+replica B, which serves it from the Redis Streams mirror of A's journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from service.appkeys import STREAMS
+from service.relay import STREAM_ID_HEADER
+from service.settings import Settings
+from service.simulator import SimStats
+from service.stream import Stream, StreamStatus
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.servers import with_redis
+from tests.streamwire import (
+    FIXED_CREATED,
+    bearer,
+    events,
+    last_error,
+    read_events,
+    two_user_settings,
+    with_drain,
+)
+
+LONG = f"tell me [sim chunks=60 delay_ms=15 created={FIXED_CREATED}]"
+
+
+async def replicas(
+    gateway: GatewayFactory, settings: Settings
+) -> tuple[TestClient[Any, Any], TestClient[Any, Any]]:
+    return await gateway(settings), await gateway(settings)
+
+
+async def full_replay(client: TestClient[Any, Any], stream_id: str) -> bytes:
+    response = await client.get(
+        f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "0"}
+    )
+    assert response.status == 200
+    return await response.read()
+
+
+async def test_resume_on_another_replica_gets_exactly_the_missing_bytes(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """Read 3 events from A, drop the connection, resume via B: head + tail == the journal."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    head = await read_events(response, 3)
+    response.close()  # the tab reloads; A keeps generating inside the grace window
+
+    resumed = await b.get(
+        f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "3"}
+    )
+    assert resumed.status == 200
+    assert resumed.headers[STREAM_ID_HEADER] == stream_id
+    tail = await resumed.read()
+
+    assert tail.endswith(b"data: [DONE]\n\n")
+    assert events(tail)[0][0] == 4
+    assert head + tail == await full_replay(a, stream_id)
+    assert sim_stats.requests == 1  # the provider was called once
+
+
+async def test_a_reader_on_another_replica_holds_the_stream_open(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """With grace 0, A's client leaving does not cancel a stream that B's client reads."""
+    shared = with_streams(with_redis(settings, redis_url), disconnect_grace_s=0.0)
+    a, b = await replicas(gateway, shared)
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+
+    registry = a.app[STREAMS]
+    remote_reader = asyncio.Event()
+    attach = registry.attach
+
+    def counting_attach(stream: Stream) -> None:
+        attach(stream)  # A's own client attached before this was installed
+        remote_reader.set()
+
+    registry.attach = counting_attach  # type: ignore[method-assign]
+    follower = await b.get(f"/v1/streams/{stream_id}/events", headers=AUTH)
+    await read_events(follower, 1)
+    await remote_reader.wait()  # A counts B's reader (the pub/sub attach arrived)
+    response.close()
+
+    body = await follower.read()
+    assert body.endswith(b"data: [DONE]\n\n")
+    await sim_stats.wait_for(lambda s: s.completed == 1)
+    assert sim_stats.aborted == 0
+
+
+async def test_cancel_through_another_replica_stops_generation(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """POST /cancel on B stops A's generation; B answers with the cancelled checkpoint."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 2)
+
+    cancelled = await b.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancelled.status == 200
+    checkpoint = await cancelled.json()
+    assert checkpoint["id"] == stream_id
+    assert checkpoint["status"] == "cancelled"
+    assert checkpoint["chunks"] >= 1
+
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    rest = await response.read()
+    assert last_error(rest)["code"] == "stream_cancelled"
+
+
+async def test_another_user_cannot_resume_or_cancel_through_another_replica(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    """Ownership holds across replicas: bob gets 404 for alice's stream on B."""
+    two, alice, bob = two_user_settings(with_redis(settings, redis_url), tmp_path)
+    a, b = await replicas(gateway, two)
+    response = await a.post(
+        "/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice)
+    )
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+
+    resumed = await b.get(f"/v1/streams/{stream_id}/events", headers=bearer(bob))
+    assert resumed.status == 404
+    cancelled = await b.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(bob))
+    assert cancelled.status == 404
+    stream = a.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.running or stream.status is StreamStatus.COMPLETED
+    response.close()
+
+
+async def test_rolling_restart_leaves_every_stream_resumable_on_the_other_replica(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """SIGTERM A with streams open: each completes or is checkpointed and replayable on B."""
+    shared = with_drain(with_redis(settings, redis_url), 0.05)
+    a, b = await replicas(gateway, shared)
+    ids = []
+    heads = []
+    for n in range(3):
+        prompt = f"stream {n} [sim chunks=500 delay_ms=10 created={FIXED_CREATED}]"
+        response = await a.post("/v1/chat/completions", json=chat_body(prompt), headers=AUTH)
+        ids.append(response.headers[STREAM_ID_HEADER])
+        heads.append(await read_events(response, 2))
+    ledger = a.app[STREAMS]
+
+    await a.close()  # on_shutdown: not ready, drain 0.05 s, end the rest as SHUTDOWN
+
+    for stream_id, head in zip(ids, heads, strict=True):
+        checkpoint = await (await b.get(f"/v1/streams/{stream_id}", headers=AUTH)).json()
+        assert checkpoint["status"] in ("completed", "shutdown"), checkpoint
+        replay = await full_replay(b, stream_id)
+        assert replay.startswith(head)
+        numbered = [seq for seq, _ in events(replay) if seq is not None]
+        assert numbered == list(range(1, checkpoint["last_seq"] + 1))
+        if checkpoint["status"] == "shutdown":
+            assert replay.endswith(b"retry: 1000\n\n")  # come back later
+    assert ledger.get(ids[0]) is not None

@@ -1,0 +1,86 @@
+"""The Redis gate: deadlines, its own breaker (on an injected clock), and the 503 it offers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service.redisgate import RedisGate, RedisUnavailable
+from tests.servers import RedisServer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(
+        redis_url, socket_timeout=0.2, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    yield redis
+    await redis.aclose()
+
+
+async def test_the_breaker_opens_after_fail_max_and_lets_one_probe_through_later(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """3 failures open it; while open no call reaches the network; after reset one probe does."""
+    clock = Clock()
+    gate = RedisGate(client, failure="closed", timeout_s=0.2, fail_max=3, reset_s=5, clock=clock)
+    assert await gate.run(lambda r: r.ping()) is True
+    redis_server.stop()
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisUnavailable):
+                await gate.run(lambda r: r.ping())
+        assert gate.state == "open"
+        assert gate.errors_total == 3
+        with pytest.raises(RedisUnavailable, match="breaker open"):
+            await gate.run(lambda r: r.ping())
+        assert (gate.errors_total, gate.rejected_total) == (3, 1)  # not even attempted
+
+        clock.now += 5
+        assert gate.state == "half_open"
+        with pytest.raises(RedisUnavailable):
+            await gate.run(lambda r: r.ping())  # the probe fails: open again
+        assert gate.state == "open"
+    finally:
+        redis_server.start()
+    clock.now += 5
+    assert await gate.run(lambda r: r.ping()) is True  # the probe succeeds: closed
+    assert gate.state == "closed"
+    assert gate.health()["state"] == "ok"
+
+
+async def test_a_frozen_redis_costs_at_most_the_deadline(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    """A Redis that accepts but never answers: the call fails with RedisUnavailable."""
+    gate = RedisGate(client, failure="open", timeout_s=0.2)
+    await gate.run(lambda r: r.ping())  # a pooled connection, so the freeze hits a read
+    redis_server.pause()
+    try:
+        with pytest.raises(RedisUnavailable):
+            await gate.run(lambda r: r.ping())
+    finally:
+        redis_server.resume()
+    assert gate.errors_total == 1
+    assert gate.state == "closed"  # one failure is below fail_max
+
+
+def test_fail_closed_renders_an_openai_shaped_503() -> None:
+    """The policy's answer: 503 ``shared_state_unavailable`` with a Retry-After."""
+    gate = RedisGate(Redis(), failure="closed", timeout_s=0.2, reset_s=4.2)
+    error = gate.unavailable_error()
+    assert error.http_status == 503
+    assert error.payload()["error"]["code"] == "shared_state_unavailable"
+    assert error.headers["Retry-After"] == "4"

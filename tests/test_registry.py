@@ -1,0 +1,210 @@
+"""The stream registry on its own: grace timers, cancel, retire, retention and drain.
+
+These drive the registry with stand-in generations (coroutines the test controls), so each
+rule is checked without a provider; the wire-level behaviour is in test_streams.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from service import registry as registry_module
+from service.checkpoint import Checkpoint, MemoryCheckpointStore
+from service.registry import StreamRegistry
+from service.settings import StreamSettings
+from service.stream import Kind, Owner, Stream, StreamStatus
+
+OWNER = Owner("alice", "acme", "key1")
+
+
+def make_registry(
+    *, grace: float = 60.0, ttl: float = 60.0, clock: Any = None
+) -> tuple[StreamRegistry, MemoryCheckpointStore]:
+    settings = StreamSettings(disconnect_grace_s=grace, checkpoint_ttl_s=ttl)
+    if clock is None:
+        store = MemoryCheckpointStore()
+        return StreamRegistry(settings, store), store
+    store = MemoryCheckpointStore(clock=clock)
+    return StreamRegistry(settings, store, clock=clock), store
+
+
+def make_stream(stream_id: str = "strm_1") -> Stream:
+    stream = Stream(stream_id, OWNER, model="gpt-4o-mini", streaming=True, include_usage=False)
+    stream.body = {"messages": [{"role": "user", "content": "hello there"}]}
+    return stream
+
+
+async def produce(stream: Stream, words: list[str], release: asyncio.Event | None = None) -> None:
+    """A stand-in generation: journal ``words`` as chunks, then wait for ``release``."""
+    for word in words:
+        chunk = b'{"choices":[{"index":0,"delta":{"content":"%b"}}]}' % word.encode()
+        stream.progress.add_chunk({"choices": [{"index": 0, "delta": {"content": word}}]})
+        stream.append(Kind.CHUNK, chunk)
+    stream.notify()
+    if release is not None:
+        await release.wait()
+
+
+async def test_the_last_detach_with_no_grace_cancels_at_once() -> None:
+    """Grace 0: the stream ends as client_gone as soon as its only reader leaves."""
+    registry, store = make_registry(grace=0)
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["a", "b"], asyncio.Event()))
+    with registry.reading(stream):
+        async for batch in stream.follow(0):  # the first batch: both words
+            assert [data for _, _, data in batch][-1].endswith(b'"b"}}]}')
+            break
+    await stream.ended.wait()
+    assert stream.task is not None
+    await stream.task
+    checkpoint = await store.get(stream.id)
+    assert checkpoint is not None
+    assert checkpoint.status is StreamStatus.CLIENT_GONE
+    assert checkpoint.text == "ab"
+    assert checkpoint.completion_tokens == registry.count_text("gpt-4o-mini", "ab")
+
+
+async def test_a_reader_coming_back_within_the_grace_window_keeps_the_stream() -> None:
+    """Detach starts the timer; attaching again cancels it; a second reader does not start one."""
+    registry, _ = make_registry(grace=60)
+    stream = make_stream()
+    release = asyncio.Event()
+    registry.launch(stream, produce(stream, ["a"], release))
+    registry.attach(stream)
+    registry.attach(stream)
+    registry.detach(stream)
+    assert stream.id not in registry._grace  # one reader left: no timer
+    registry.detach(stream)
+    timer = registry._grace[stream.id]
+    registry.attach(stream)
+    assert timer.cancelled()
+    assert stream.id not in registry._grace
+    release.set()
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.COMPLETED
+
+
+async def test_the_grace_window_expiring_cancels_the_stream() -> None:
+    """Nobody back before the window ends: the generation is cancelled as client_gone."""
+    registry, _ = make_registry(grace=0.01)
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["x"], asyncio.Event()))
+    registry.attach(stream)
+    registry.detach(stream)
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.CLIENT_GONE
+    assert stream.error is not None
+    assert stream.error.code == "client_gone"
+
+
+async def test_cancel_reports_whether_it_stopped_anything() -> None:
+    """cancel is True for a running stream, False once it ended (and never re-cancels)."""
+    registry, _ = make_registry()
+    stream = make_stream()
+    registry.launch(stream, produce(stream, [], asyncio.Event()))
+    assert registry.cancel(stream) is True
+    assert registry.cancel(stream, StreamStatus.SHUTDOWN) is False
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.CANCELLED
+    assert registry.cancel(stream) is False
+
+
+async def test_a_failing_finish_hook_neither_loses_the_checkpoint_nor_the_other_hooks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Hooks run in order after the checkpoint is stored; one raising is logged, not fatal."""
+    registry, store = make_registry()
+    seen: list[str] = []
+
+    async def broken(stream: Stream, checkpoint: Checkpoint) -> None:
+        raise RuntimeError("ledger down")
+
+    async def recorder(stream: Stream, checkpoint: Checkpoint) -> None:
+        seen.append(checkpoint.status)
+
+    registry.finish_hooks += [broken, recorder]
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["ok"]))
+    with caplog.at_level(logging.ERROR, logger="service.registry"):
+        assert stream.task is not None
+        await stream.task
+    assert seen == ["completed"]
+    assert await store.get(stream.id) is not None
+    assert "finish hook" in caplog.text
+
+
+async def test_an_unexpected_exception_ends_the_stream_as_a_provider_error() -> None:
+    """A bug in the generation becomes a provider_error checkpoint, not a lost stream."""
+    registry, store = make_registry()
+    stream = make_stream()
+
+    async def broken() -> None:
+        raise KeyError("surprise")
+
+    registry.launch(stream, broken())
+    assert stream.task is not None
+    await stream.task
+    checkpoint = await store.get(stream.id)
+    assert checkpoint is not None
+    assert checkpoint.status is StreamStatus.PROVIDER_ERROR
+    assert checkpoint.error is not None
+    assert "surprise" not in checkpoint.error["message"]
+
+
+async def test_ended_streams_are_replayable_until_their_ttl() -> None:
+    """An ended stream stays gettable (with its stored checkpoint) until the TTL, then goes."""
+    now = [0.0]
+    registry, store = make_registry(ttl=10, clock=lambda: now[0])
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["a"]))
+    assert stream.task is not None
+    await stream.task
+    assert registry.get(stream.id) is stream
+    assert registry.snapshot(stream) == await store.get(stream.id)
+    now[0] = 9.9
+    registry.tick()
+    assert registry.get(stream.id) is stream
+    now[0] = 10.0
+    assert registry.get(stream.id) is None
+    registry.tick()
+    assert stream.id not in registry._ended
+    assert registry._retained_bytes == 0
+
+
+async def test_retention_is_bounded_by_journal_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the byte budget the oldest ended journals are dropped first."""
+    registry, store = make_registry()
+    streams = [make_stream(f"strm_{i}") for i in range(3)]
+    size = len(b'{"choices":[{"index":0,"delta":{"content":"abcd"}}]}') + len(b"[DONE]")
+    monkeypatch.setattr(registry_module, "MAX_RETAINED_BYTES", 2 * size)
+    for stream in streams:
+        registry.launch(stream, produce(stream, ["abcd"]))
+        assert stream.task is not None
+        await stream.task
+    assert [registry.get(s.id) for s in streams] == [None, streams[1], streams[2]]
+    assert registry._retained_bytes == 2 * size
+    assert await store.get(streams[0].id) is not None  # the checkpoint outlives the journal
+
+
+async def test_drain_lets_streams_finish_then_ends_the_rest_as_shutdown() -> None:
+    """Streams that finish within the window complete; the others end as shutdown, with
+    their journal left open (no final event) and a checkpoint each."""
+    registry, store = make_registry()
+    quick, stuck = make_stream("strm_quick"), make_stream("strm_stuck")
+    release = asyncio.Event()
+    registry.launch(quick, produce(quick, ["q"], release))
+    registry.launch(stuck, produce(stuck, ["s"], asyncio.Event()))
+    release.set()
+    await registry.drain(window_s=0.05)
+    assert quick.status is StreamStatus.COMPLETED
+    assert stuck.status is StreamStatus.SHUTDOWN
+    assert [kind for kind, _ in stuck.events] == [Kind.CHUNK]
+    for stream in (quick, stuck):
+        checkpoint = await store.get(stream.id)
+        assert checkpoint is not None
+        assert checkpoint.status is stream.status
+    assert list(registry.live()) == []

@@ -1,0 +1,250 @@
+"""Retries and fallbacks over the wire: the simulated provider fails on demand, the sim's
+counters prove how many attempts reached it, and recorded sleeps prove the waits asked for.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from service.appkeys import GATE
+from service.breaker import OPEN
+from service.relay import FALLBACK_HEADER, MODEL_HEADER
+from service.settings import CacheSettings, ConfigError, ResilienceSettings, Settings
+from service.simulator import SimStats
+from tests.conftest import AUTH, chat_body, with_provider
+from tests.resilient import Rig, start, with_resilience
+
+FALLBACKS = {"gpt-4o": ("gpt-4o-mini",)}
+
+
+async def post(
+    rig: Rig, text: str, *, stream: bool = False, **extra: Any
+) -> tuple[int, dict[str, str], bytes]:
+    response = await rig.client.post(
+        "/v1/chat/completions", json=chat_body(text, stream=stream, **extra), headers=AUTH
+    )
+    return response.status, dict(response.headers), await response.read()
+
+
+def data_events(raw: bytes) -> list[bytes]:
+    return [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
+async def test_5xx_burst_is_retried_until_it_succeeds(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Two 503s then success: three attempts, with full-jitter exponential waits between."""
+    rig = await start(aiohttp_client, settings, jitter=0.5)
+    status, _, raw = await post(rig, "hi [sim fail=503 fail_times=2 key=burst]", stream=True)
+    assert status == 200
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert sim_stats.requests == 3
+    assert rig.sleeps.delays == [0.25, 0.5]  # 0.5 * 2**n, times the injected jitter 0.5
+
+
+async def test_429_retry_after_is_honoured(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A 429 with Retry-After: 2 is retried after exactly the 2 s the provider asked for."""
+    rig = await start(aiohttp_client, settings)
+    status, _, _ = await post(rig, "hi [sim fail=429 retry_after=2 fail_times=1 key=rl]")
+    assert status == 200
+    assert sim_stats.requests == 2
+    assert rig.sleeps.delays == [2.0]
+
+
+async def test_retry_after_beyond_the_budget_goes_back_to_the_client(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A wait longer than the request's retry budget is not shortened: one attempt, and the
+    client gets the 429 with the provider's Retry-After."""
+    rig = await start(aiohttp_client, with_resilience(settings, retry_budget_s=5.0))
+    status, headers, raw = await post(rig, "hi [sim fail=429 retry_after=60]")
+    assert status == 429
+    assert headers["Retry-After"] == "60"
+    assert orjson.loads(raw)["error"]["type"] == "rate_limit_error"
+    assert sim_stats.requests == 1
+    assert rig.sleeps.delays == []
+
+
+async def test_client_errors_are_not_retried(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """400 and 404 from the provider reach the client after a single attempt each."""
+    rig = await start(aiohttp_client, settings)
+    for code in (400, 404):
+        status, _, _ = await post(rig, f"bad [sim fail={code}]")
+        assert status == code
+    assert sim_stats.requests == 2
+    assert rig.sleeps.delays == []
+
+
+async def test_exhausted_retries_return_the_last_error(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A provider that keeps failing gets max_attempts calls, then the client gets a 502."""
+    rig = await start(aiohttp_client, with_resilience(settings, retry_max_attempts=4))
+    status, _, raw = await post(rig, "down [sim fail=502]")
+    assert status == 502
+    assert orjson.loads(raw)["error"]["message"] == "simulated failure 502"
+    assert sim_stats.requests == 4
+    assert rig.sleeps.delays == [0.25, 0.5, 1.0]
+
+
+async def test_no_retry_after_the_first_byte(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A stream reset mid-way ends with an error event; the provider saw one attempt."""
+    rig = await start(aiohttp_client, settings)
+    status, _, raw = await post(rig, "hi [sim chunks=6 reset_after=3]", stream=True)
+    assert status == 200
+    events = data_events(raw)
+    assert "error" in orjson.loads(events[-1])
+    assert len(events) == 5  # role chunk, 3 words, the error
+    assert sim_stats.requests == 1
+    assert rig.sleeps.delays == []
+
+
+async def test_connection_failures_are_retried(aiohttp_client: Any, settings: Settings) -> None:
+    """A provider that refuses connections is tried max_attempts times, then 502."""
+    with socket.socket() as sock:  # a port that was free a moment ago refuses connections
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    refused = with_provider(settings, base_url=f"http://127.0.0.1:{port}/v1")
+    rig = await start(aiohttp_client, refused)
+    status, _, raw = await post(rig, "anyone?")
+    assert status == 502
+    assert orjson.loads(raw)["error"]["code"] == "provider_connection_error"
+    assert len(rig.sleeps.delays) == 2
+
+
+async def test_fallback_after_exhausted_retries_serves_the_cheaper_model(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """gpt-4o fails its only attempt; gpt-4o-mini serves, the body upstream names it, and
+    the headers say which model served and why."""
+    configured = with_resilience(settings, fallbacks=FALLBACKS, retry_max_attempts=1)
+    rig = await start(aiohttp_client, configured)
+    status, headers, raw = await post(
+        rig, "hi [sim fail=503 fail_times=1 key=fb]", stream=True, model="gpt-4o"
+    )
+    assert status == 200
+    assert headers[MODEL_HEADER] == "gpt-4o-mini"
+    assert headers[FALLBACK_HEADER] == "retries_exhausted"
+    assert orjson.loads(data_events(raw)[0])["model"] == "gpt-4o-mini"
+    assert sim_stats.requests == 2
+
+
+async def test_fallback_when_the_breaker_is_open(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """With per-model breakers, an open gpt-4o circuit sends requests straight to the
+    fallback without calling gpt-4o."""
+    configured = with_resilience(
+        settings, fallbacks=FALLBACKS, breaker_per_model=frozenset({"*"}), breaker_fail_max=1
+    )
+    rig = await start(aiohttp_client, configured)
+    rig.resilience.breakers.for_model("gpt-4o").open()
+    status, headers, raw = await post(rig, "hi", model="gpt-4o")
+    assert status == 200
+    assert headers[MODEL_HEADER] == "gpt-4o-mini"
+    assert headers[FALLBACK_HEADER] == "breaker_open"
+    assert orjson.loads(raw)["model"] == "gpt-4o-mini"
+    assert sim_stats.requests == 1
+    assert rig.resilience.breakers.for_model("gpt-4o").state == OPEN
+
+
+async def test_no_fallback_for_client_errors(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A 400 is the request's fault: the fallback model is not tried."""
+    rig = await start(aiohttp_client, with_resilience(settings, fallbacks=FALLBACKS))
+    status, headers, _ = await post(rig, "bad [sim fail=400]", model="gpt-4o")
+    assert status == 400
+    assert headers[MODEL_HEADER] == "gpt-4o"
+    assert FALLBACK_HEADER not in headers
+    assert sim_stats.requests == 1
+
+
+async def test_headers_on_a_plain_success(aiohttp_client: Any, settings: Settings) -> None:
+    """Without any fallback the requested model is named and no reason is given."""
+    rig = await start(aiohttp_client, settings)
+    status, headers, _ = await post(rig, "hi", stream=True)
+    assert status == 200
+    assert headers[MODEL_HEADER] == "gpt-4o-mini"
+    assert FALLBACK_HEADER not in headers
+
+
+async def test_budget_pressure_starts_on_the_cheaper_model(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Past the budget's warning fraction a request for gpt-4o is sent as gpt-4o-mini, and
+    the headers say so; below it the requested model serves."""
+    money = replace(settings.money, user_daily_usd=10.0, soft_fraction=0.8)
+    configured = replace(with_resilience(settings, fallbacks=FALLBACKS), money=money)
+    rig = await start(aiohttp_client, configured)
+    status, headers, _ = await post(rig, "cheap enough", model="gpt-4o")
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o")
+    assert FALLBACK_HEADER not in headers
+
+    rig.client.app[GATE].budgets.reserve("dev", "dev", Decimal("8.5"))  # 85% committed
+    status, headers, raw = await post(rig, "under pressure", model="gpt-4o")
+    assert status == 200
+    assert headers[MODEL_HEADER] == "gpt-4o-mini"
+    assert headers[FALLBACK_HEADER] == "budget_pressure"
+    assert orjson.loads(raw)["model"] == "gpt-4o-mini"
+    assert sim_stats.requests == 2
+
+
+def test_settings_are_read_from_the_environment() -> None:
+    """Every resilience and cache variable lands in its settings group."""
+    env = {
+        "SLUICE_RETRY_MAX_ATTEMPTS": "5",
+        "SLUICE_RETRY_BASE_DELAY_S": "0.1",
+        "SLUICE_RETRY_MAX_DELAY_S": "2",
+        "SLUICE_RETRY_BUDGET_S": "9",
+        "SLUICE_BREAKER_FAIL_MAX": "7",
+        "SLUICE_BREAKER_RESET_S": "12",
+        "SLUICE_BREAKER_PER_MODEL": "gpt-4o, gpt-4.1-mini",
+        "SLUICE_FALLBACKS": '{"gpt-4o": ["gpt-4o-mini", "gpt-4.1-mini"]}',
+        "SLUICE_DEGRADE_TO_CACHE": "off",
+        "SLUICE_CACHE": "false",
+        "SLUICE_CACHE_TTL_S": "60",
+        "SLUICE_CACHE_MAX_BYTES": "1048576",
+    }
+    settings = Settings.from_env(env)
+    assert settings.resilience == ResilienceSettings(
+        retry_max_attempts=5,
+        retry_base_delay_s=0.1,
+        retry_max_delay_s=2.0,
+        retry_budget_s=9.0,
+        breaker_fail_max=7,
+        breaker_reset_s=12.0,
+        breaker_per_model=frozenset({"gpt-4o", "gpt-4.1-mini"}),
+        fallbacks={"gpt-4o": ("gpt-4o-mini", "gpt-4.1-mini")},
+        degrade_to_cache=False,
+    )
+    assert settings.cache == CacheSettings(enabled=False, ttl_s=60.0, max_bytes=1048576)
+    assert Settings.from_env({}).resilience == ResilienceSettings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SLUICE_FALLBACKS", "not json"),
+        ("SLUICE_FALLBACKS", '{"gpt-4o": "gpt-4o-mini"}'),
+        ("SLUICE_CACHE", "maybe"),
+        ("SLUICE_RETRY_MAX_ATTEMPTS", "0"),
+        ("SLUICE_BREAKER_FAIL_MAX", "five"),
+    ],
+)
+def test_bad_settings_name_the_variable(name: str, value: str) -> None:
+    """A malformed value is refused at start with the variable's name in the message."""
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})

@@ -1,0 +1,181 @@
+"""``Settings.from_env``: the core groups (server, provider, streams, auth) read from a mapping.
+
+Only the injected mapping is read, never ``os.environ``; every error names its variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service import settings as config
+from service.settings import ConfigError, Secret, Settings
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    """With nothing set: loopback:8080, the simulated provider, the dev key, the timeouts."""
+    settings = Settings.from_env({})
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8080)
+    assert settings.server.max_body_bytes == config.DEFAULT_MAX_BODY_BYTES
+    provider = settings.provider
+    assert provider.kind == "simulated"
+    assert provider.base_url is None  # start the built-in simulator
+    assert provider.api_key is None
+    assert provider.models == config.DEFAULT_SIMULATED_MODELS
+    assert (provider.connect_timeout_s, provider.first_token_timeout_s) == (10.0, 60.0)
+    assert provider.idle_timeout_s == 30.0
+    assert settings.streams.keepalive_s == 15.0
+    assert settings.auth.client_keys_file is None
+    assert settings.auth.dev_key == Secret("sluice-dev-key")
+
+
+def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the mapping passed in is read."""
+    monkeypatch.setenv("SLUICE_PORT", "9999")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-process")
+    settings = Settings.from_env({})
+    assert settings.server.port == 8080
+    assert settings.provider.kind == "simulated"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "read"),
+    [
+        ("SLUICE_HOST", "0.0.0.0", lambda s: s.server.host),
+        ("SLUICE_PORT", "9090", lambda s: s.server.port),
+        ("SLUICE_PORT", "0", lambda s: s.server.port),
+        ("SLUICE_MAX_BODY_BYTES", "1024", lambda s: s.server.max_body_bytes),
+        ("SLUICE_DRAIN_S", "3.5", lambda s: s.server.drain_s),
+        ("SLUICE_CONNECT_TIMEOUT_S", "2", lambda s: s.provider.connect_timeout_s),
+        ("SLUICE_FIRST_TOKEN_TIMEOUT_S", "5", lambda s: s.provider.first_token_timeout_s),
+        ("SLUICE_IDLE_TIMEOUT_S", "7.5", lambda s: s.provider.idle_timeout_s),
+        ("SLUICE_KEEPALIVE_S", "0.5", lambda s: s.streams.keepalive_s),
+        ("SLUICE_DISCONNECT_GRACE_S", "0", lambda s: s.streams.disconnect_grace_s),
+        ("SLUICE_CHECKPOINT_TTL_S", "60", lambda s: s.streams.checkpoint_ttl_s),
+        ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1", lambda s: s.provider.base_url),
+        ("SLUICE_MODELS", " a, b ,,c ", lambda s: ",".join(s.provider.models)),
+        ("SLUICE_DEV_KEY", "my-dev-key", lambda s: s.auth.dev_key.reveal()),
+    ],
+)
+def test_each_variable_is_read(name: str, value: str, read: object) -> None:
+    """Every core variable lands in its field, parsed to the field's type."""
+    assert callable(read)
+    got = read(Settings.from_env({name: value}))
+    expected: object = value
+    if name == "SLUICE_MODELS":
+        expected = "a,b,c"
+    elif name.endswith(("_PORT", "_BYTES")):
+        expected = int(value)
+    elif name.endswith("_S"):
+        expected = float(value)
+    assert got == expected
+
+
+def test_blank_values_count_as_unset() -> None:
+    """An empty or whitespace value falls back to the default rather than failing."""
+    settings = Settings.from_env({"SLUICE_PORT": "  ", "OPENAI_API_KEY": "", "SLUICE_HOST": ""})
+    assert settings.server.port == 8080
+    assert settings.server.host == "127.0.0.1"
+    assert settings.provider.kind == "simulated"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SLUICE_PORT", "eighty"),
+        ("SLUICE_PORT", "70000"),
+        ("SLUICE_PORT", "-1"),
+        ("SLUICE_MAX_BODY_BYTES", "0"),
+        ("SLUICE_MAX_BODY_BYTES", "1.5"),
+        ("SLUICE_CONNECT_TIMEOUT_S", "soon"),
+        ("SLUICE_FIRST_TOKEN_TIMEOUT_S", "0"),
+        ("SLUICE_IDLE_TIMEOUT_S", "-3"),
+        ("SLUICE_KEEPALIVE_S", "0"),
+        ("SLUICE_DRAIN_S", "x"),
+        ("SLUICE_PROVIDER", "anthropic"),
+    ],
+)
+def test_errors_name_the_variable(name: str, value: str) -> None:
+    """A bad value raises ConfigError whose message names the variable and the value."""
+    with pytest.raises(ConfigError, match=name) as caught:
+        Settings.from_env({name: value})
+    assert value in str(caught.value)
+
+
+def test_openai_key_selects_the_real_provider(tmp_path: Path) -> None:
+    """OPENAI_API_KEY alone selects the openai provider at api.openai.com."""
+    keys = tmp_path / "keys.json"
+    settings = Settings.from_env(
+        {"OPENAI_API_KEY": "sk-test", "SLUICE_CLIENT_KEYS_FILE": str(keys)}
+    )
+    assert settings.provider.kind == "openai"
+    assert settings.provider.base_url == "https://api.openai.com/v1"
+    assert settings.provider.api_key == Secret("sk-test")
+    assert settings.provider.models == ()  # passthrough of the provider's list
+    assert settings.auth.client_keys_file == keys
+    assert settings.auth.dev_key is None
+
+
+def test_base_url_and_forced_kinds(tmp_path: Path) -> None:
+    """OPENAI_BASE_URL is used (trailing slash dropped); SLUICE_PROVIDER forces the kind."""
+    keys = str(tmp_path / "keys.json")
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": "http://llm.internal:8000/v1/",
+        "SLUICE_CLIENT_KEYS_FILE": keys,
+    }
+    assert Settings.from_env(env).provider.base_url == "http://llm.internal:8000/v1"
+    simulated = Settings.from_env({**env, "SLUICE_PROVIDER": "simulated"})
+    assert simulated.provider.kind == "simulated"
+    assert simulated.provider.api_key is None
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        Settings.from_env({"SLUICE_PROVIDER": "openai", "SLUICE_CLIENT_KEYS_FILE": keys})
+
+
+def test_api_key_from_file(tmp_path: Path) -> None:
+    """OPENAI_API_KEY_FILE is read (a Kubernetes secret mount), surrounding whitespace dropped."""
+    secret = tmp_path / "openai-key"
+    secret.write_text("sk-from-file\n", encoding="utf-8")
+    env = {"OPENAI_API_KEY_FILE": str(secret), "SLUICE_CLIENT_KEYS_FILE": str(tmp_path / "k")}
+    settings = Settings.from_env(env)
+    assert settings.provider.kind == "openai"
+    assert settings.provider.api_key == Secret("sk-from-file")
+    both = Settings.from_env({**env, "OPENAI_API_KEY": "sk-direct"})
+    assert both.provider.api_key == Secret("sk-direct")  # the variable wins over the file
+
+
+@pytest.mark.parametrize("content", [None, "", "   \n"])
+def test_api_key_file_errors_name_the_variable(tmp_path: Path, content: str | None) -> None:
+    """A missing or empty key file is a ConfigError naming OPENAI_API_KEY_FILE."""
+    secret = tmp_path / "openai-key"
+    if content is not None:
+        secret.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY_FILE"):
+        Settings.from_env({"OPENAI_API_KEY_FILE": str(secret)})
+
+
+def test_real_provider_without_keys_file_refuses() -> None:
+    """A real provider without SLUICE_CLIENT_KEYS_FILE: the dev key must not be accepted."""
+    with pytest.raises(ConfigError, match="SLUICE_CLIENT_KEYS_FILE") as caught:
+        Settings.from_env({"OPENAI_API_KEY": "sk-test-refuse"})
+    assert "sk-test-refuse" not in str(caught.value)
+
+
+def test_keys_file_disables_the_dev_key(tmp_path: Path) -> None:
+    """In simulated mode a keys file replaces the dev key."""
+    settings = Settings.from_env({"SLUICE_CLIENT_KEYS_FILE": str(tmp_path / "keys.json")})
+    assert settings.provider.kind == "simulated"
+    assert settings.auth.dev_key is None
+
+
+def test_secret_hides_its_value() -> None:
+    """repr/str of a Secret, and of settings holding one, never show the value."""
+    secret = Secret("sk-very-secret-value")
+    assert "sk-very-secret-value" not in repr(secret)
+    assert "sk-very-secret-value" not in str(secret)
+    assert "sk-very-secret-value" not in f"{secret}"
+    env = {"OPENAI_API_KEY": "sk-very-secret-value", "SLUICE_CLIENT_KEYS_FILE": "k.json"}
+    assert "sk-very-secret-value" not in repr(Settings.from_env(env))
+    assert secret == Secret("sk-very-secret-value")
+    assert secret != Secret("other")

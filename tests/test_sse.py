@@ -1,0 +1,129 @@
+"""``service.sse``: the incremental decoder of the provider's stream, and our encoders.
+
+The decoder must give the same payloads however the bytes are split across reads,
+including a CRLF split between two reads.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from service.sse import DONE, KEEPALIVE, SSEDecoder, encode_event, encode_retry
+
+STREAM = (
+    b'data: {"id":"a","n":1}\n\n'
+    b": a comment line\n\n"
+    b'data: {"id":"b","n":2}\n'
+    b"id: 7\n"
+    b"event: message\n\n"
+    b"data: first line\n"
+    b"data:second line\n"
+    b"data:  two spaces\n\n"
+    b"retry: 1000\n\n"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    b'{"id":"a","n":1}',
+    b'{"id":"b","n":2}',
+    b"first line\nsecond line\n two spaces",
+    DONE,
+]
+
+
+def _feed_in_pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    decoder = SSEDecoder()
+    out: list[bytes] = []
+    start = 0
+    for cut in [*cuts, len(data)]:
+        out.extend(decoder.feed(data[start:cut]))
+        start = cut
+    return out + decoder.flush()
+
+
+def test_whole_stream_at_once() -> None:
+    """One read: every data payload in order; comments, id, event and retry ignored."""
+    assert _feed_in_pieces(STREAM, []) == EXPECTED
+
+
+def test_every_single_split_point() -> None:
+    """Split in two at every byte boundary: always the same payloads."""
+    for cut in range(len(STREAM) + 1):
+        assert _feed_in_pieces(STREAM, [cut]) == EXPECTED, cut
+
+
+def test_byte_by_byte() -> None:
+    """One byte per read."""
+    assert _feed_in_pieces(STREAM, list(range(1, len(STREAM)))) == EXPECTED
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_splits(seed: int) -> None:
+    """Random read sizes (seeded), LF and CRLF line endings alike."""
+    rng = random.Random(seed)
+    for data in (STREAM, STREAM.replace(b"\n", b"\r\n")):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 30)))
+        assert _feed_in_pieces(data, cuts) == EXPECTED
+
+
+def test_crlf_split_between_reads() -> None:
+    """A CR at the end of one read and its LF at the start of the next make one line end."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: one\r") == []
+    assert decoder.feed(b"\n\r") == []
+    assert decoder.feed(b"\ndata: two\r\n\r\n") == [b"one", b"two"]
+
+
+def test_crlf_at_every_split() -> None:
+    """A CRLF stream split at every point, including between CR and LF."""
+    data = STREAM.replace(b"\n", b"\r\n")
+    for cut in range(len(data) + 1):
+        assert _feed_in_pieces(data, [cut]) == EXPECTED, cut
+
+
+def test_lone_cr_line_endings() -> None:
+    """CR alone also ends a line (the spec allows CRLF, LF and CR); a trailing CR waits for
+    the next read, since it may be the first half of a CRLF."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\r\rdata: b\r\r") == [b"a"]
+    assert decoder.feed(b"data: c\r\r") == [b"b"]
+    assert decoder.flush() == [b"c"]
+
+
+def test_comment_only_and_empty_events_yield_nothing() -> None:
+    """Keepalive comments and stray blank lines produce no payloads."""
+    decoder = SSEDecoder()
+    assert decoder.feed(KEEPALIVE * 3 + b"\n\n\n\n") == []
+    assert decoder.flush() == []
+
+
+def test_empty_data_field() -> None:
+    """``data:`` with nothing after it is an empty payload, not a missing one."""
+    assert SSEDecoder().feed(b"data:\n\n") == [b""]
+
+
+def test_flush_returns_an_unterminated_last_event() -> None:
+    """At EOF, an event without its blank line is still delivered, once."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: x\n\ndata: tail") == [b"x"]
+    assert decoder.flush() == [b"tail"]
+    assert decoder.flush() == []
+    other = SSEDecoder()
+    other.feed(b"data: tail\r\n")
+    assert other.flush() == [b"tail"]
+
+
+def test_payload_bytes_are_the_providers() -> None:
+    """The payload is the provider's bytes as sent (no JSON round trip, spacing kept)."""
+    raw = b'{ "id" : "x",  "choices" : [ ] }'
+    assert SSEDecoder().feed(b"data: " + raw + b"\n\n") == [raw]
+
+
+def test_encoders() -> None:
+    """Our events carry the sequence number as id; retry hints and keepalives are exact."""
+    assert encode_event(3, b'{"a":1}') == b'id: 3\ndata: {"a":1}\n\n'
+    assert encode_retry(1000) == b"retry: 1000\n\n"
+    assert KEEPALIVE == b": keepalive\n\n"
+    decoded = SSEDecoder().feed(encode_event(1, b"{}") + KEEPALIVE + encode_event(2, DONE))
+    assert decoded == [b"{}", DONE]

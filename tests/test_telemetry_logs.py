@@ -1,0 +1,141 @@
+"""Logs: one access line per request (JSON or text), redacted like every other line."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+
+from service.appkeys import STREAMS
+from service.settings import Secret, Settings, TelemetrySettings
+from service.telemetry.genai import user_hash
+from service.telemetry.logs import configure_logging
+from service.telemetry.redaction import Redactor
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+
+URL = "/v1/chat/completions"
+PROVIDER_KEY = "sk-provider-logs-0123456789"
+
+
+@pytest.fixture
+def captured(settings: Settings) -> Iterator[tuple[io.StringIO, Settings]]:
+    """The process's logging set up as ``python -m service`` does, into a buffer (JSON)."""
+    custom = with_provider(settings, api_key=Secret(PROVIDER_KEY))
+    custom = replace(custom, telemetry=replace(custom.telemetry, log_format="json"))
+    buffer = io.StringIO()
+    handler = configure_logging(custom.telemetry, Redactor.from_settings(custom), stream=buffer)
+    try:
+        yield buffer, custom
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in buffer.getvalue().splitlines() if line]
+
+
+async def finished(client: Any) -> None:
+    for stream in list(client.app[STREAMS].live()):
+        assert stream.task is not None
+        await stream.task
+
+
+async def test_one_json_access_line_per_request_with_the_stream_outcome(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """A streamed completion logs exactly one access line carrying the stream's outcome,
+    tokens, cost and timings; a 404 logs its own line."""
+    buffer, settings = captured
+    client = await gateway(settings)
+    response = await client.post(
+        URL, json=chat_body("s [sim chunks=4]"), headers={**AUTH, "X-Request-Id": "req-1"}
+    )
+    await response.read()
+    await finished(client)
+    assert (await client.get("/missing", headers=AUTH)).status == 404
+    access = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    assert len(access) == 2
+    chat, missing = access
+    assert chat["request_id"] == "req-1"
+    assert chat["method"] == "POST"
+    assert chat["status"] == 200
+    assert chat["outcome"] == "completed"
+    assert chat["stream_id"] == response.headers["X-Sluice-Stream-Id"]
+    assert chat["model"] == "gpt-4o-mini"
+    assert chat["completion_tokens"] == 4
+    assert chat["prompt_tokens"] > 0
+    assert chat["cost_usd"] > 0
+    assert chat["ttft_ms"] >= 0
+    assert chat["duration_ms"] >= chat["overhead_ms"] >= 0
+    assert chat["user_hash"] == user_hash("dev")
+    assert chat["tenant"] == "dev"
+    assert chat["trace_id"] is None  # tracing is off
+    assert (missing["status"], missing["outcome"], missing["route"]) == (
+        404,
+        "client_error",
+        "unmatched",
+    )
+
+
+async def test_keys_never_reach_a_log_line(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """Wrong client keys, a provider echoing our key, and careless log calls: all redacted."""
+    buffer, settings = captured
+    client = await gateway(settings)
+    wrong = {"Authorization": "Bearer sk-client-secret-987654321"}
+    assert (await client.post(URL, json=chat_body(), headers=wrong)).status == 401
+    echoed = await client.post(URL, json=chat_body("e [sim fail=500 echo_key=1]"), headers=AUTH)
+    await echoed.read()
+    await finished(client)
+    logging.getLogger("service.test").warning(
+        "debug dump: Authorization: Bearer %s for alice@example.com, key %s",
+        "sk-client-secret-987654321",
+        PROVIDER_KEY,
+    )
+    output = buffer.getvalue()
+    assert "debug dump" in output
+    for secret in (
+        PROVIDER_KEY,
+        "sk-client-secret-987654321",
+        "alice@example.com",
+        "sluice-dev-key",
+    ):
+        assert secret not in output
+    assert "[redacted]" in output
+
+
+async def test_text_format_is_human_readable(gateway: GatewayFactory, settings: Settings) -> None:
+    """SLUICE_LOG_FORMAT=text: one readable line, fields as key=value."""
+    buffer = io.StringIO()
+    telemetry = TelemetrySettings(log_format="text")
+    handler = configure_logging(telemetry, Redactor.from_settings(settings), stream=buffer)
+    try:
+        client = await gateway()
+        response = await client.post(URL, json=chat_body("t [sim chunks=2]"), headers=AUTH)
+        await response.read()
+        await finished(client)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    access = [line for line in buffer.getvalue().splitlines() if " sluice.access " in line]
+    assert len(access) == 1
+    assert " INFO sluice.access POST /v1/chat/completions 200 completed" in access[0]
+    assert "completion_tokens=2" in access[0]
+    assert not access[0].startswith("{")
+
+
+async def test_access_log_can_be_turned_off(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """SLUICE_ACCESS_LOG=false: no access lines."""
+    buffer, settings = captured
+    client = await gateway(
+        replace(settings, telemetry=replace(settings.telemetry, access_log=False))
+    )
+    assert (await client.get("/livez")).status == 200
+    assert not [line for line in lines(buffer) if line["logger"] == "sluice.access"]

@@ -1,0 +1,301 @@
+"""Traces end to end: the gateway exports over real OTLP/HTTP to a receiver started here.
+
+Each test drives real traffic through the gateway and the simulated provider, waits until
+the spans it expects have *ended* (a processor on the injected provider says so), flushes
+the BatchSpanProcessor through ``Telemetry.flush`` (``force_flush`` on that provider), and
+asserts the decoded protobuf: span tree, names, kinds, GenAI attributes, events, status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.appkeys import STREAMS, TELEMETRY
+from service.settings import Secret, Settings
+from service.simulator import SimStats
+from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_provider, with_streams
+from tests.otlp import (
+    CLIENT,
+    RECEIVED,
+    SERVER,
+    STATUS_ERROR,
+    STATUS_UNSET,
+    Ended,
+    Received,
+    receiver_app,
+)
+from tests.resilient import start, with_resilience
+from tests.wire import read_until
+
+URL = "/v1/chat/completions"
+CHAT = "POST /v1/chat/completions"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+PROVIDER_KEY = "sk-provider-0123456789abcdef"
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(receiver_app())
+    return server
+
+
+def traced(settings: Settings, receiver: TestServer, **changes: Any) -> Settings:
+    """Tracing on, exporting to ``receiver`` (the standard endpoint form, with the path)."""
+    endpoint = str(receiver.make_url("/v1/traces"))
+    telemetry = replace(settings.telemetry, traces_endpoint=endpoint, otlp_timeout_s=2.0)
+    return replace(settings, telemetry=replace(telemetry, **changes))
+
+
+def watch(client: TestClient[Any, Any]) -> Ended:
+    """Hook an ``Ended`` processor onto the provider the app built (the injected one)."""
+    provider = client.app[TELEMETRY].tracer_provider
+    assert provider is not None
+    ended = Ended()
+    provider.add_span_processor(ended)
+    return ended
+
+
+async def exported(
+    client: TestClient[Any, Any], receiver: TestServer, ended: Ended, *names: str
+) -> list[Received]:
+    """Wait until spans named ``names`` (with repeats) ended, flush, return what arrived."""
+
+    def done(seen: list[str]) -> bool:
+        return all(seen.count(n) >= names.count(n) for n in names)
+
+    await ended.wait_for(done)
+    assert await client.app[TELEMETRY].flush()
+    return list(receiver.app[RECEIVED])
+
+
+def one(spans: list[Received], name: str) -> Received:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, [s.name for s in spans]
+    return found[0]
+
+
+async def test_streamed_call_continues_traceparent_with_genai_client_span(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, sim_stats: SimStats
+) -> None:
+    """A streamed call: SERVER span continuing the client's trace, CLIENT span under it with
+    the GenAI attributes, and the provider request carrying the CLIENT span's context."""
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    headers = {**AUTH, "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    body = chat_body("Tell me the secret plan [sim chunks=5]", max_tokens=50, temperature=0.3)
+    response = await client.post(URL, json=body, headers=headers)
+    assert response.status == 200
+    assert (await response.text()).endswith("data: [DONE]\n\n")
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+
+    server, call = one(spans, CHAT), one(spans, "chat gpt-4o-mini")
+    assert (server.kind, server.trace_id, server.parent_id) == (SERVER, TRACE_ID, PARENT_ID)
+    assert (call.kind, call.trace_id, call.parent_id) == (CLIENT, TRACE_ID, server.span_id)
+    assert server.resource["service.name"] == "sluice"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["http.route"] == "/v1/chat/completions"
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    assert server.attributes["sluice.stream.id"] == stream_id
+    attributes = call.attributes
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.provider.name"] == "simulated"
+    assert attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attributes["gen_ai.request.max_tokens"] == 50
+    assert attributes["gen_ai.request.temperature"] == pytest.approx(0.3)
+    assert attributes["gen_ai.request.stream"] is True
+    assert attributes["gen_ai.response.id"].startswith("chatcmpl")
+    assert attributes["gen_ai.response.model"].startswith("gpt-4o-mini")
+    assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    assert attributes["gen_ai.usage.output_tokens"] == 5
+    assert attributes["gen_ai.usage.input_tokens"] > 0
+    assert attributes["gen_ai.response.time_to_first_chunk"] >= 0
+    assert attributes["sluice.stream.id"] == stream_id
+    assert attributes["sluice.user.hash"] == hashlib.sha256(b"dev").hexdigest()[:16]
+    assert attributes["sluice.tenant"] == "dev"
+    assert attributes["sluice.retry.attempt"] == 1
+    assert attributes["sluice.cache.result"] == "bypass"  # temperature 0.3: not cached
+    assert attributes["sluice.cost_usd"] > 0
+    assert "error.type" not in attributes
+    assert call.status_code == STATUS_UNSET
+    call.event("sluice.first_token")
+    # The provider saw the CLIENT span as its parent.
+    assert sim_stats.traceparents == [f"00-{TRACE_ID}-{call.span_id}-01"]
+    # Content is opt-in: by default no prompt or completion text anywhere.
+    for span in spans:
+        assert "secret plan" not in span.text()
+        assert "gen_ai.input.messages" not in span.attributes
+
+
+async def test_content_is_captured_only_when_enabled_and_redacted(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """SLUICE_OTEL_CAPTURE_CONTENT=true adds the messages; e-mails are still redacted."""
+    client = await gateway(traced(settings, receiver, capture_content=True))
+    ended = watch(client)
+    body = chat_body("Mail bob@example.com the plan [sim chunks=3]", stream=False)
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == 200
+    completion = (await response.json())["choices"][0]["message"]["content"]
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+    call = one(spans, "chat gpt-4o-mini")
+    assert "the plan" in call.attributes["gen_ai.input.messages"]
+    assert "bob@example.com" not in call.text()
+    assert "[redacted]" in call.attributes["gen_ai.input.messages"]
+    assert completion in call.attributes["gen_ai.output.messages"]
+    assert call.attributes["gen_ai.request.stream"] is False
+
+
+async def test_retried_call_has_one_client_span_per_attempt(
+    aiohttp_client: Any, settings: Settings, receiver: TestServer, sim_stats: SimStats
+) -> None:
+    """A 500 then a success: two CLIENT spans under one SERVER span; the first failed with
+    a ``sluice.retry.scheduled`` event carrying the delay; each attempt sent its own span."""
+    rig = await start(aiohttp_client, traced(settings, receiver))
+    ended = watch(rig.client)
+    body = chat_body("hi [sim fail=500 fail_times=1 key=retry-trace chunks=2]")
+    response = await rig.client.post(URL, json=body, headers=AUTH)
+    assert response.status == 200
+    await response.read()
+    spans = await exported(
+        rig.client, receiver, ended, CHAT, "chat gpt-4o-mini", "chat gpt-4o-mini"
+    )
+
+    server = one(spans, CHAT)
+    first, second = sorted(
+        (s for s in spans if s.name == "chat gpt-4o-mini"),
+        key=lambda s: s.attributes["sluice.retry.attempt"],
+    )
+    assert first.parent_id == second.parent_id == server.span_id
+    assert first.status_code == STATUS_ERROR
+    assert first.attributes["http.response.status_code"] == 500
+    assert first.attributes["error.type"]
+    retry = first.event("sluice.retry.scheduled")
+    assert retry["sluice.retry.delay_s"] == pytest.approx(rig.sleeps.delays[0])
+    assert retry["sluice.retry.attempt"] == 2
+    assert second.attributes["sluice.retry.attempt"] == 2
+    assert second.status_code == STATUS_UNSET
+    assert second.attributes["gen_ai.usage.output_tokens"] == 2
+    assert [tp.split("-")[2] for tp in sim_stats.traceparents] == [first.span_id, second.span_id]
+
+
+async def test_aborted_stream_ends_client_span_with_its_real_status(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, sim_stats: SimStats
+) -> None:
+    """The client leaves mid-stream: after the grace window the CLIENT span ends in error
+    (``client_gone``) with first-token, disconnect and grace-expired events; never left open."""
+    custom = with_streams(traced(settings, receiver), disconnect_grace_s=0.05)
+    client = await gateway(custom)
+    ended = watch(client)
+    body = chat_body("long [sim chunks=500 delay_ms=20]")
+    response = await client.post(URL, json=body, headers=AUTH)
+    await read_until(response, b"id: 3\n")
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    response.close()
+    await asyncio.wait_for(stream.task, 10)  # the registry's task: finish hooks included
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+
+    call = one(spans, "chat gpt-4o-mini")
+    assert call.status_code == STATUS_ERROR
+    assert call.attributes["error.type"] == "client_gone"
+    assert call.attributes["sluice.stream.status"] == "client_gone"
+    assert 0 < call.attributes["gen_ai.usage.output_tokens"] < 500
+    for name in ("sluice.first_token", "sluice.client.disconnected", "sluice.grace.expired"):
+        call.event(name)
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
+async def test_breaker_open_rejection_is_a_server_span_with_a_rejected_event(
+    aiohttp_client: Any, settings: Settings, receiver: TestServer
+) -> None:
+    """A failure opens the breaker (event on the failing request's span); the next request
+    is refused before the provider: 503, ``sluice.rejected`` (breaker), no CLIENT span."""
+    custom = with_resilience(traced(settings, receiver), breaker_fail_max=1, retry_max_attempts=1)
+    rig = await start(aiohttp_client, custom)
+    ended = watch(rig.client)
+    failing = await rig.client.post(URL, json=chat_body("x [sim fail=500]"), headers=AUTH)
+    assert failing.status == 502
+    refused = await rig.client.post(URL, json=chat_body("y"), headers=AUTH)
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "circuit_open"
+    spans = await exported(rig.client, receiver, ended, CHAT, CHAT, "chat gpt-4o-mini")
+
+    servers = [s for s in spans if s.name == CHAT]
+    calls = [s for s in spans if s.name == "chat gpt-4o-mini"]
+    assert len(calls) == 1
+    first = next(s for s in servers if s.span_id == calls[0].parent_id)
+    second = next(s for s in servers if s is not first)
+    change = first.event("sluice.breaker.state_change")
+    assert (change["sluice.breaker.from"], change["sluice.breaker.to"]) == ("closed", "open")
+    assert second.event("sluice.rejected")["sluice.rejection.reason"] == "breaker"
+    assert second.attributes["http.response.status_code"] == 503
+    assert second.attributes["error.type"] == "circuit_open"
+    assert second.trace_id != first.trace_id
+
+
+async def test_resumed_stream_records_a_resume_event(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """Resuming a stream adds ``sluice.stream.resumed`` to the resume request's span."""
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    response = await client.post(URL, json=chat_body("r [sim chunks=3]"), headers=AUTH)
+    await response.read()
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    resumed = await client.get(
+        f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "2"}
+    )
+    assert resumed.status == 200
+    await resumed.read()
+    name = "GET /v1/streams/{stream_id}/events"
+    spans = await exported(client, receiver, ended, CHAT, name)
+    event = one(spans, name).event("sluice.stream.resumed")
+    assert event == {"sluice.stream.id": stream_id, "sluice.resume.after": 2}
+
+
+async def test_no_key_reaches_a_span(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, sim_stats: SimStats
+) -> None:
+    """Neither the provider key (even echoed back by the provider) nor a client key is in
+    any exported span: names, attributes, events, status messages."""
+    custom = with_provider(traced(settings, receiver), api_key=Secret(PROVIDER_KEY))
+    client = await gateway(custom)
+    ended = watch(client)
+    wrong = await client.post(
+        URL, json=chat_body(), headers={"Authorization": "Bearer sk-client-wrong-key-123456"}
+    )
+    assert wrong.status == 401
+    echoed = await client.post(URL, json=chat_body("e [sim fail=400 echo_key=1]"), headers=AUTH)
+    assert echoed.status == 400
+    spans = await exported(client, receiver, ended, CHAT, CHAT, "chat gpt-4o-mini")
+    assert PROVIDER_KEY in sim_stats.authorizations[0]  # the provider did get it
+    for span in spans:
+        for secret in (PROVIDER_KEY, "sk-client-wrong-key-123456", DEV_KEY):
+            assert secret not in span.text()
+    call = one(spans, "chat gpt-4o-mini")
+    assert call.status_code == STATUS_ERROR
+    assert call.attributes["http.response.status_code"] == 400
+
+
+async def test_nothing_configured_means_no_provider_and_no_traceparent(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """Without an OTLP endpoint no tracer provider exists and nothing is propagated."""
+    client = await gateway()
+    assert client.app[TELEMETRY].tracer_provider is None
+    response = await client.post(
+        URL,
+        json=chat_body("q [sim chunks=2]"),
+        headers={**AUTH, "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+    )
+    assert response.status == 200
+    await response.read()
+    assert sim_stats.traceparents == [""]

@@ -1,0 +1,263 @@
+"""Token counting: tiktoken's real encodings, loaded offline, and OpenAI's chat overheads."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from service import tokens
+from service.appkeys import STREAMS
+from tests.conftest import AUTH, GatewayFactory, chat_body
+
+# OpenAI cookbook, "How to count tokens with tiktoken", sections 6 and 7, whose printed
+# outputs show the API's own usage.prompt_tokens: 129 (gpt-3.5/gpt-4), 124 (gpt-4o/-mini)
+# for the messages; 105 and 101 for the weather tool example.
+COOKBOOK_MESSAGES = [
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate "
+        "jargon into plain English.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities "
+        "for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client "
+        "deliverable.",
+    },
+]
+COOKBOOK_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {
+                        "type": "string",
+                        "description": "The city and state, e.g. San Francisco, CA",
+                    },
+                    "unit": {
+                        "type": "string",
+                        "description": "The unit of temperature to return",
+                        "enum": ["celsius", "fahrenheit"],
+                    },
+                },
+                "required": ["location"],
+            },
+        },
+    }
+]
+COOKBOOK_TOOL_MESSAGES = [
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that can answer to questions about the weather.",
+    },
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Any]:
+    """No network, an empty tiktoken cache, and no encoding loaded yet in this process."""
+    attempts: list[Any] = []
+
+    def refuse(self: socket.socket, address: Any) -> None:
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tokens, "_loaded", {})
+    return attempts
+
+
+def test_encodings_load_offline_and_count_known_values(offline: list[Any], tmp_path: Path) -> None:
+    """Both encodings build from the packaged files with sockets disabled and count right."""
+    o200k = tokens.get_encoding(tokens.O200K)
+    cl100k = tokens.get_encoding(tokens.CL100K)
+    assert o200k.encode("hello world") == [24912, 2375]
+    assert cl100k.encode("hello world") == [15339, 1917]
+    assert cl100k.encode("tiktoken is great!") == [83, 1609, 5963, 374, 2294, 0]
+    assert o200k.encode("tiktoken is great!") == [83, 8251, 2488, 382, 2212, 0]
+    assert tokens.count_text("gpt-4o", "hello world") == 2
+    assert tokens.count_text("gpt-4", "hello world") == 2
+    assert tokens.count_text("gpt-4", "tiktoken is great!") == 6
+    assert tokens.count_text("gpt-4o-mini", "tiktoken is great!") == 6
+    assert o200k.n_vocab == 200019
+    assert cl100k.n_vocab == 100277
+    assert offline == []  # nothing tried to connect
+    assert list(tmp_path.iterdir()) == []  # and tiktoken's download cache stayed empty
+
+
+def test_counts_agree_with_bpe_openai_rust_tokenizer() -> None:
+    """A second, independent implementation (bpe-openai's Rust crate) gives the same tokens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # bpe_openai's own import
+        from bpe_openai import _bindings
+
+    texts = [
+        "hello world",
+        "tiktoken is great!",
+        "antidisestablishmentarianism",
+        "2 + 2 = 4",
+        "お誕生日おめでとう",
+        "def f(x):\n    return x ** 2  # 🚀\n",
+    ]
+    for name in (tokens.O200K, tokens.CL100K):
+        rust = _bindings.tokenizer_for_encoding(name)
+        ours = tokens.get_encoding(name)
+        for text in texts:
+            assert ours.encode_ordinary(text) == rust.encode(text), (name, text)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"), [("gpt-4", 129), ("gpt-3.5-turbo", 129), ("gpt-4o", 124)]
+)
+def test_chat_count_matches_openai_cookbook(model: str, expected: int) -> None:
+    """3 tokens per message, +1 per name, +3 reply priming: the API's own prompt_tokens."""
+    assert tokens.count_chat(model, {"messages": COOKBOOK_MESSAGES}) == expected
+
+
+@pytest.mark.parametrize(("model", "expected"), [("gpt-4", 105), ("gpt-4o-mini", 101)])
+def test_tool_definitions_count_like_openai_cookbook(model: str, expected: int) -> None:
+    """Tool definitions count (cookbook's num_tokens_for_tools), matching the API's figures."""
+    body = {"messages": COOKBOOK_TOOL_MESSAGES, "tools": COOKBOOK_TOOLS}
+    assert tokens.count_chat(model, body) == expected
+    legacy = {"messages": COOKBOOK_TOOL_MESSAGES, "functions": [COOKBOOK_TOOLS[0]["function"]]}
+    assert tokens.count_chat(model, legacy) == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-mini-2024-07-18", "o200k_base"),
+        ("gpt-4.1-nano", "o200k_base"),
+        ("o1", "o200k_base"),
+        ("o3-mini", "o200k_base"),
+        ("o4-mini", "o200k_base"),
+        ("gpt-5-mini", "o200k_base"),
+        ("ft:gpt-4o-mini:acme::abc", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-4-turbo", "cl100k_base"),
+        ("gpt-3.5-turbo-0125", "cl100k_base"),
+        ("text-embedding-3-small", "cl100k_base"),
+        ("some-local-llama", "o200k_base"),
+    ],
+)
+def test_model_encoding_map(model: str, encoding: str) -> None:
+    """Each model family maps to its real encoding; unknown models default to o200k_base."""
+    assert tokens.encoding_name_for_model(model) == encoding
+
+
+def test_special_tokens_and_multipart_content_count_as_text() -> None:
+    """Special-token strings are plain text; content parts count their text, images a floor."""
+    assert tokens.count_text("gpt-4o", "<|endoftext|>") > 1
+    parts = [
+        {"type": "text", "text": "hello world"},
+        {"type": "image_url", "image_url": {"url": "data:,"}},
+    ]
+    as_parts = tokens.count_chat("gpt-4o", {"messages": [{"role": "user", "content": parts}]})
+    plain = tokens.count_chat("gpt-4o", {"messages": [{"role": "user", "content": "hello world"}]})
+    assert as_parts == plain + tokens.IMAGE_PART_TOKENS
+
+
+def test_loading_is_once_per_process_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads racing to load an encoding build it once and all get the same object."""
+    monkeypatch.setattr(tokens, "_loaded", {})
+    builds: list[str] = []
+    real_build = tokens._build
+
+    def counting_build(name: str) -> Any:
+        builds.append(name)
+        return real_build(name)
+
+    monkeypatch.setattr(tokens, "_build", counting_build)
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(tokens.get_encoding(tokens.CL100K)))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == [tokens.CL100K]
+    assert all(r is results[0] for r in results)
+    assert len(results) == 8
+
+
+def test_a_tampered_data_file_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decompressed file must hash to tiktoken's expected SHA-256, or nothing loads."""
+    spec = tokens._SPECS[tokens.CL100K]
+    monkeypatch.setitem(
+        tokens._SPECS, tokens.CL100K, tokens._Spec("0" * 64, spec.pat_str, {}, spec.func_init)
+    )
+    with pytest.raises(tokens.EncodingDataError, match="expected hash"):
+        tokens._build(tokens.CL100K)
+
+
+async def test_simulated_usage_matches_tiktoken(gateway: GatewayFactory) -> None:
+    """The simulator's usage.prompt_tokens is tiktoken's count_chat of the same request."""
+    client = await gateway()
+    body = chat_body(
+        "Count me, please: tiktoken is great! [sim chunks=3]",
+        stream=False,
+        messages=[
+            *COOKBOOK_TOOL_MESSAGES,
+            {"role": "user", "content": "and again, tiktoken is great! [sim chunks=3]"},
+        ],
+        tools=COOKBOOK_TOOLS,
+    )
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 200
+    usage = orjson.loads(await response.read())["usage"]
+    assert usage["prompt_tokens"] == tokens.count_chat("gpt-4o-mini", body)
+    assert usage["completion_tokens"] == 3
+
+
+async def test_checkpoint_counts_with_tiktoken_when_the_provider_sends_no_usage(
+    gateway: GatewayFactory,
+) -> None:
+    """Without provider usage, the registry's checkpoint counts prompt and text with tiktoken."""
+    client = await gateway()
+    body = chat_body("tiktoken is great! [sim chunks=4 reset_after=2]")
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    await response.read()
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    checkpoint = client.app[STREAMS].snapshot(stream)
+    assert not checkpoint.usage_reported
+    assert checkpoint.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
+    assert checkpoint.completion_tokens == tokens.count_text("gpt-4o-mini", checkpoint.text) == 2

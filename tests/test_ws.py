@@ -1,0 +1,341 @@
+"""The WebSocket transport (``GET /v1/ws``): frames, multiplexing, cancel, resume, malformed
+input and disconnects, over real sockets against the simulated provider."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from service.appkeys import LIFECYCLE, STREAMS
+from service.settings import Settings
+from service.simulator import SimStats
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.streamwire import (
+    FIXED_CREATED,
+    Finished,
+    bearer,
+    events,
+    two_user_settings,
+    with_drain,
+)
+
+Client = TestClient[Any, Any]
+
+
+async def connect(
+    client: Client, headers: dict[str, str] = AUTH
+) -> aiohttp.ClientWebSocketResponse:
+    return await client.ws_connect("/v1/ws", headers=headers)
+
+
+async def create(ws: aiohttp.ClientWebSocketResponse, request_id: Any, text: str) -> None:
+    body = chat_body(text)
+    await ws.send_str(
+        orjson.dumps(
+            {"type": "chat.completion.create", "request_id": request_id, "body": body}
+        ).decode()
+    )
+
+
+async def frame(ws: aiohttp.ClientWebSocketResponse) -> tuple[dict[str, Any], str]:
+    """The next frame, parsed and raw."""
+    message = await ws.receive()
+    assert message.type is aiohttp.WSMsgType.TEXT, message
+    return orjson.loads(message.data), message.data
+
+
+async def until_final(
+    ws: aiohttp.ClientWebSocketResponse, request_ids: set[Any]
+) -> dict[Any, list[tuple[dict[str, Any], str]]]:
+    """Collect frames by request id until each of ``request_ids`` got ``done`` or ``error``."""
+    by_request: dict[Any, list[tuple[dict[str, Any], str]]] = {r: [] for r in request_ids}
+    open_ids = set(request_ids)
+    while open_ids:
+        parsed, raw = await frame(ws)
+        by_request[parsed["request_id"]].append((parsed, raw))
+        if parsed["type"] in ("done", "error"):
+            open_ids.discard(parsed["request_id"])
+    return by_request
+
+
+def raw_chunk(raw: str) -> bytes:
+    """The chunk object inside a chunk frame, exactly as the server wrote it."""
+    start = raw.index('"chunk":') + len('"chunk":')
+    return raw[start:-1].encode()
+
+
+async def sse_chunks(client: Client, text: str) -> list[bytes]:
+    """The data payloads of the same completion over SSE (minus [DONE])."""
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    return [data for _, data in events(await response.read())][:-1]
+
+
+async def test_a_completion_arrives_as_chunk_frames_then_done(gateway: GatewayFactory) -> None:
+    """started, numbered chunk frames carrying the SSE chunks byte for byte, then done + usage."""
+    client = await gateway()
+    text = f"ws hello [sim chunks=4 created={FIXED_CREATED}]"
+    ws = await connect(client)
+    await create(ws, "r1", text)
+    frames = (await until_final(ws, {"r1"}))["r1"]
+
+    started, chunks, done = frames[0][0], frames[1:-1], frames[-1][0]
+    assert started["type"] == "started"
+    stream_id = started["stream_id"]
+    assert [p["seq"] for p, _ in chunks] == [1, 2, 3, 4, 5, 6]
+    assert all(p["stream_id"] == stream_id and p["type"] == "chunk" for p, _ in chunks)
+    assert [raw_chunk(raw) for _, raw in chunks] == await sse_chunks(client, text)
+    assert done["type"] == "done"
+    assert done["seq"] == 7
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == 4
+    await ws.close()
+
+
+async def test_two_streams_share_one_socket(gateway: GatewayFactory, sim_stats: SimStats) -> None:
+    """Two requests on one socket interleave, each complete and in order."""
+    client = await gateway()
+    ws = await connect(client)
+    await create(ws, "a", "first [sim chunks=10 delay_ms=5]")
+    await create(ws, 2, "second [sim chunks=7 delay_ms=5]")
+    frames = await until_final(ws, {"a", 2})
+
+    for request_id, words in (("a", 10), (2, 7)):
+        chunks = [p for p, _ in frames[request_id] if p["type"] == "chunk"]
+        assert [p["seq"] for p in chunks] == list(range(1, words + 3))
+        assert frames[request_id][-1][0]["type"] == "done"
+    assert sim_stats.completed == 2
+    await ws.close()
+
+
+async def test_cancel_stops_one_stream_and_not_the_other(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """cancel ends its stream with a stream_cancelled error; the neighbour finishes."""
+    client = await gateway(with_drain(settings, 0))
+    ws = await connect(client)
+    await create(ws, "stuck", "stuck [sim stall_after=1]")
+    await create(ws, "fine", "fine [sim chunks=30 delay_ms=5]")
+    seen: set[str] = set()
+    while "stuck" not in seen:  # the stalled stream has produced its first word
+        parsed, _ = await frame(ws)
+        if parsed["type"] == "chunk" and parsed["seq"] == 2:
+            seen.add(parsed["request_id"])
+    await ws.send_str('{"type": "cancel", "request_id": "stuck"}')
+    frames = await until_final(ws, {"stuck", "fine"})
+
+    assert frames["stuck"][-1][0]["error"]["code"] == "stream_cancelled"
+    assert frames["fine"][-1][0]["type"] == "done"
+    await sim_stats.wait_for(lambda s: s.aborted == 1 and s.completed == 1)
+    await ws.close()
+
+
+async def test_resume_on_a_new_socket_continues_without_gap_or_duplicate(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Close the socket after k chunks, resume from k on another: the chunks join up exactly."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=60))
+    text = f"resume ws [sim chunks=20 delay_ms=5 created={FIXED_CREATED}]"
+    first = await connect(client)
+    await create(first, "r", text)
+    started, _ = await frame(first)
+    head = [await frame(first) for _ in range(4)]
+    await first.close()
+
+    second = await connect(client)
+    await second.send_str(
+        orjson.dumps(
+            {"type": "resume", "stream_id": started["stream_id"], "last_seq": 4, "request_id": "r"}
+        ).decode()
+    )
+    rest = (await until_final(second, {"r"}))["r"]
+
+    joined = head + rest[:-1]
+    assert [p["seq"] for p, _ in joined] == list(range(1, 23))
+    assert [raw_chunk(raw) for _, raw in joined] == await sse_chunks(client, text)
+    assert rest[-1][0]["type"] == "done"
+    assert sim_stats.requests == 2  # the WS stream and the SSE comparison run
+    assert sim_stats.aborted == 0
+    await second.close()
+
+
+@pytest.mark.parametrize(
+    ("sent", "param"),
+    [
+        ("not json", None),
+        ("[1, 2]", None),
+        ('{"type": "dance"}', "type"),
+        ('{"request_id": "x"}', "type"),
+        ('{"type": "chat.completion.create", "body": {}}', "request_id"),
+        ('{"type": "chat.completion.create", "request_id": true, "body": {}}', "request_id"),
+        ('{"type": "chat.completion.create", "request_id": "x"}', "body"),
+        (
+            '{"type": "chat.completion.create", "request_id": "x", "body": {"model": "gpt-4o"}}',
+            "messages",
+        ),
+        ('{"type": "chat.completion.create", "request_id": "x", "body": {"model": 5}}', "model"),
+        ('{"type": "cancel", "request_id": "nope"}', "request_id"),
+        ('{"type": "resume", "stream_id": "strm_nope", "last_seq": 0}', "stream_id"),
+        ('{"type": "resume", "stream_id": 7}', "stream_id"),
+        ('{"type": "resume", "stream_id": "strm_x", "last_seq": -1}', "last_seq"),
+    ],
+)
+async def test_a_malformed_frame_gets_an_error_frame_and_the_socket_lives_on(
+    gateway: GatewayFactory, sent: str, param: str | None
+) -> None:
+    """Bad frames are answered with an OpenAI-shaped error frame; the socket keeps working."""
+    client = await gateway()
+    ws = await connect(client)
+    await ws.send_str(sent)
+    parsed, _ = await frame(ws)
+    assert parsed["type"] == "error"
+    assert set(parsed["error"]) == {"message", "type", "param", "code"}
+    assert parsed["error"]["param"] == param
+    assert "Traceback" not in parsed["error"]["message"]
+
+    await create(ws, "after", "still here [sim chunks=2]")
+    assert (await until_final(ws, {"after"}))["after"][-1][0]["type"] == "done"
+    await ws.close()
+
+
+async def test_binary_frames_and_duplicate_request_ids_are_refused(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A binary frame and a request id already streaming each get an error frame."""
+    client = await gateway(with_drain(settings, 0))
+    ws = await connect(client)
+    await ws.send_bytes(b"\x00\x01")
+    parsed, _ = await frame(ws)
+    assert parsed["type"] == "error"
+    assert parsed["request_id"] is None
+
+    await create(ws, "dup", "long [sim stall_after=1]")
+    assert (await frame(ws))[0]["type"] == "started"
+    await create(ws, "dup", "again")
+    while (parsed := (await frame(ws))[0])["type"] == "chunk":
+        pass
+    assert parsed["type"] == "error"
+    assert parsed["request_id"] == "dup"
+    assert parsed["error"]["code"] == "duplicate_request_id"
+    await ws.close()
+
+
+async def test_closing_the_socket_is_a_disconnect(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """With grace 0, closing the socket aborts every one of its streams at the provider."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    finished = Finished(client.app[STREAMS])
+    ws = await connect(client)
+    await create(ws, 1, "one [sim stall_after=2]")
+    await create(ws, 2, "two [sim first_delay_ms=60000]")
+    await sim_stats.wait_for(lambda s: s.started == 2)
+    await ws.close()
+
+    await sim_stats.wait_for(lambda s: s.aborted == 2)
+    checkpoints = await finished.wait(2)
+    assert {c.status for c in checkpoints} == {"client_gone"}
+
+
+async def test_the_grace_window_applies_to_a_closed_socket(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A short grace: the stream outlives the socket briefly, then ends as client_gone."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0.05))
+    finished = Finished(client.app[STREAMS])
+    ws = await connect(client)
+    await create(ws, "g", "graceful [sim stall_after=3]")
+    while (await frame(ws))[0].get("seq") != 4:
+        pass
+    await ws.close()
+
+    [checkpoint] = await finished.wait()
+    assert checkpoint.status == "client_gone"
+    assert checkpoint.chunks == 4
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
+async def test_a_silent_peer_is_dropped_by_the_heartbeat(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A client that stops answering pings is disconnected, and its stream with it."""
+    custom = with_streams(settings, disconnect_grace_s=0, keepalive_s=0.05)
+    client = await gateway(custom)
+    ws = await client.ws_connect("/v1/ws", headers=AUTH, autoping=False)
+    await create(ws, "h", "heartbeat [sim stall_after=1]")
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    await ws.close()
+
+
+async def test_another_user_cannot_resume_over_the_socket(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """Resuming someone else's stream answers the same 404 as an unknown stream."""
+    custom, alice, bob = two_user_settings(with_drain(settings, 0), tmp_path)
+    client = await gateway(custom)
+    alice_ws = await connect(client, bearer(alice))
+    await create(alice_ws, "mine", "private [sim stall_after=1]")
+    started, _ = await frame(alice_ws)
+
+    bob_ws = await connect(client, bearer(bob))
+    await bob_ws.send_str(
+        orjson.dumps({"type": "resume", "stream_id": started["stream_id"]}).decode()
+    )
+    parsed, _ = await frame(bob_ws)
+    assert parsed["error"]["code"] == "stream_not_found"
+    await alice_ws.close()
+    await bob_ws.close()
+
+
+async def test_the_socket_needs_the_same_auth(gateway: GatewayFactory) -> None:
+    """Without a key the upgrade is refused with the OpenAI 401."""
+    client = await gateway()
+    response = await client.get("/v1/ws")
+    assert response.status == 401
+    error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "API key" in error["message"]
+
+
+async def test_a_plain_get_is_told_to_upgrade(gateway: GatewayFactory) -> None:
+    """Without the WebSocket handshake the route answers an OpenAI-shaped 400."""
+    client = await gateway()
+    response = await client.get("/v1/ws", headers=AUTH)
+    assert response.status == 400
+    assert set((await response.json())["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_new_streams_are_refused_while_draining(gateway: GatewayFactory) -> None:
+    """During shutdown a create is answered with a 503-type error frame."""
+    client = await gateway()
+    ws = await connect(client)
+    client.app[LIFECYCLE].draining = True
+    await create(ws, "late", "too late")
+    parsed, _ = await frame(ws)
+    assert parsed["error"]["code"] == "service_unavailable"
+    client.app[LIFECYCLE].draining = False
+    await ws.close()
+
+
+async def test_the_socket_goes_through_the_same_admission_as_sse(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Limits apply per stream on a socket too: past the user's stream cap, a 429 frame."""
+    custom = replace(
+        with_drain(settings, 0), limits=replace(settings.limits, max_streams_per_user=1)
+    )
+    client = await gateway(custom)
+    ws = await connect(client)
+    await create(ws, "one", "first [sim stall_after=1]")
+    assert (await frame(ws))[0]["type"] == "started"
+    await create(ws, "two", "second")
+    while (parsed := (await frame(ws))[0])["type"] == "chunk":
+        pass
+    assert parsed["request_id"] == "two"
+    assert parsed["error"]["code"] == "concurrent_streams_exceeded"
+    await ws.close()
