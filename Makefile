@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean k8s-validate services
+.PHONY: install run test lint bench bench-redis clean k8s-validate services node-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ lint: install
 	$(VENV)/bin/ruff check service tests bench
 	$(VENV)/bin/mypy
 
-test: lint k8s-validate services
+test: lint k8s-validate services node-deps
 	$(PY) -m pytest
+
+# The Node SDK check (tests/test_node_sdk.py): the openai package from the committed lockfile.
+node-deps:
+	@if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --silent; fi
 
 # Render k8s/ (base + overlays) offline and validate every object against the schemas.
 k8s-validate: install
@@ -34,6 +38,10 @@ services:
 
 bench: install
 	$(PY) -m bench
+
+# Shared state's cost: the same gateway with in-process state and with Redis.
+bench-redis: install services
+	$(PY) -m bench.shared
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

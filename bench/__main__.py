@@ -2,8 +2,9 @@
 
 Each group of phases gets fresh provider and gateway processes (so one phase's leftovers, such
 as retained journals or provider counters, do not colour the next). Set
-``SLUICE_BENCH_PROFILE=<file>`` to run the throughput gateway under cProfile and dump its stats
-there (the numbers are then slower; read them for where the time goes, not for the table).
+``SLUICE_BENCH_PROFILE=<file>`` to run the throughput phases' gateway under cProfile with a
+CPU-time clock (``bench/profiled.py``) and dump its stats there; the table's numbers are then
+several times slower: read the profile for where the time goes, not the table.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ import sys
 import time
 from pathlib import Path
 
-from .phases import QUICK, BenchConfig, abort_phase, memory_phase, throughput_phases
+from .held import abort_phase, memory_phase
+from .phases import QUICK, BenchConfig, throughput_phases
 from .procs import Stack
 from .report import Row, render
 
 DEFAULT_OUT = Path(".bench/latest.md")
 PROFILE_ENV = "SLUICE_BENCH_PROFILE"
-# Every stack: grace 0 so dropped clients cancel at once, no drain on teardown, and timeouts
-# long enough that held (stalled) streams stay open for the memory phase.
+# Defaults everywhere else. Grace 0 so dropped clients cancel at once; timeouts long enough
+# and a stream cap high enough that 2,000 stalled streams of the one bench user stay open;
+# no response cache, so every request reaches the provider (the bench repeats one prompt).
 GATEWAY_ENV = {
     "SLUICE_DISCONNECT_GRACE_S": "0",
     "SLUICE_FIRST_TOKEN_TIMEOUT_S": "600",
     "SLUICE_IDLE_TIMEOUT_S": "600",
+    "SLUICE_MAX_STREAMS_PER_USER": "100000",
+    "SLUICE_CACHE": "false",
 }
 
 
@@ -61,6 +66,9 @@ def notes(config: BenchConfig, elapsed_s: float) -> list[str]:
         "provider are separate processes competing for the same CPUs, so throughput and "
         "latency are lower bounds shaped by that contention; CPU per request is the gateway "
         "process's own utime+stime (from /proc) divided by the requests it served.",
+        "One load-client process: 'cores busy' shows who limits throughput. The gateway is "
+        "one process on one core, so near 1.0 it is the bottleneck; client + provider near "
+        "2.0 means the machine is (the usual case for direct non-stream).",
         f"Streams ask for {config.stream_chunks} chunks plus usage; the time to first chunk "
         "is measured to the first body bytes of a 5-chunk stream.",
         "RSS per held stream: streams stalled by the provider after their first chunk, held "

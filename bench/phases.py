@@ -1,5 +1,6 @@
-"""The benchmark phases. Each measures the same workload twice, straight at the provider
-("direct") and through the gateway, and turns the pair into table rows.
+"""The throughput phases (1-4) and the sizes of every phase. Each measures the same workload
+twice, straight at the provider ("direct") and through the gateway, and turns the pair into
+table rows; ``held.py`` has the phases that hold or drop streams.
 
 CPU figures come from ``/proc/<pid>/stat`` deltas over a phase divided by its requests, so
 they include everything the process did meanwhile (the event loop, the GC, the registry tick).
@@ -7,33 +8,18 @@ they include everything the process did meanwhile (the event loop, the GC, the r
 
 from __future__ import annotations
 
-import asyncio
 import resource
-import statistics
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
-import orjson
 
-from .load import (
-    LoadResult,
-    abort_many,
-    chat_body,
-    hold_streams,
-    new_session,
-    release,
-    run_load,
-)
+from .load import LoadResult, chat_body, new_session, run_load
 from .procs import Stack, cpu_seconds, rss_kb
 from .report import NO_TARGET, Row, ms, percentile
 
 CPU_NON_STREAM_MS = 0.4
 CPU_STREAM_MS = 0.6
-RSS_PER_STREAM_KB = 40.0
 ADDED_TTFT_MS = 1.0
-ABORT_CHUNKS = 1000  # long enough that nothing completes on its own within the wait
-ABORT_DELAY_MS = 20.0  # between provider chunks: at most one is in flight when the abort lands
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -85,6 +71,14 @@ class Measured:
 
     def per_request_ms(self, cpu_s: float) -> float:
         return cpu_s * 1000 / self.load.requests if self.load.requests else 0.0
+
+    def cores(self) -> str:
+        """CPU seconds per wall second of each process: 1.0 is one core saturated."""
+        wall = self.load.elapsed_s or 1.0
+        return " / ".join(
+            f"{cpu / wall:.2f}"
+            for cpu in (self.client_cpu_s, self.gateway_cpu_s, self.provider_cpu_s)
+        )
 
 
 def _client_cpu_s() -> float:
@@ -232,8 +226,17 @@ def _throughput_rows(
             f"{ms(percentile(g.latencies_s, 0.5))} / {ms(percentile(g.latencies_s, 0.99))}",
         ),
     ]
+    provider = Row(
+        f"{label}: provider CPU per request, ms",
+        f"{direct.per_request_ms(direct.provider_cpu_s):.3f}",
+        f"{gateway.per_request_ms(gateway.provider_cpu_s):.3f}",
+    )
     if work.target_ms is None:
-        return [*rows, Row(f"{label}: gateway CPU per request, ms", NO_TARGET, f"{cpu:.3f}")]
+        return [
+            *rows,
+            Row(f"{label}: gateway CPU per request, ms", NO_TARGET, f"{cpu:.3f}"),
+            provider,
+        ]
     return [
         *rows,
         Row(
@@ -243,15 +246,11 @@ def _throughput_rows(
             f"≤ {work.target_ms}",
             cpu <= work.target_ms,
         ),
+        provider,
         Row(
-            f"{label}: provider CPU per request, ms",
-            f"{direct.per_request_ms(direct.provider_cpu_s):.3f}",
-            f"{gateway.per_request_ms(gateway.provider_cpu_s):.3f}",
-        ),
-        Row(
-            f"{label}: load-client CPU per request, ms",
-            f"{direct.per_request_ms(direct.client_cpu_s):.3f}",
-            f"{gateway.per_request_ms(gateway.client_cpu_s):.3f}",
+            f"{label}: cores busy, load client / gateway / provider (saturation check)",
+            direct.cores(),
+            gateway.cores(),
         ),
     ]
 
@@ -272,97 +271,3 @@ def _ttft_rows(direct: LoadResult, gateway: LoadResult, concurrency: int) -> lis
             added * 1000 <= ADDED_TTFT_MS,
         ),
     ]
-
-
-async def memory_phase(stack: Stack, config: BenchConfig) -> list[Row]:
-    """Phase 5: resident memory per stream held open (stalled after its first chunks)."""
-    body = chat_body("chunks=50 stall_after=1", stream=True)
-    direct, gateway = stack.sim_url + CHAT_PATH, stack.gateway_url + CHAT_PATH
-    async with new_session(timeout_s=None) as session:
-        warm = min(config.hold_batch, config.held_streams)
-        for url in (direct, gateway):
-            release(await hold_streams(session, url, body, count=warm, batch=warm))
-        direct_kb = await _held_kb(session, direct, body, stack.sim_pid, config)
-        gateway_kb = await _held_kb(session, gateway, body, stack.gateway_pid, config)
-    return [
-        Row(
-            f"**RSS per held stream, KB** ({config.held_streams} open; direct = the provider's)",
-            f"{direct_kb:.1f}",
-            f"{gateway_kb:.1f}",
-            f"≤ {RSS_PER_STREAM_KB:.0f}",
-            gateway_kb <= RSS_PER_STREAM_KB,
-        )
-    ]
-
-
-async def _held_kb(
-    session: aiohttp.ClientSession, url: str, body: bytes, pid: int, config: BenchConfig
-) -> float:
-    before = rss_kb(pid)
-    held = await hold_streams(
-        session, url, body, count=config.held_streams, batch=config.hold_batch
-    )
-    try:
-        after = rss_kb(pid)
-    finally:
-        release(held)
-    return (after - before) / config.held_streams
-
-
-async def abort_phase(stack: Stack, config: BenchConfig) -> list[Row]:
-    """Phase 6 (issue 3): streams the client drops after a few events, with grace 0."""
-    body = chat_body(f"chunks={ABORT_CHUNKS} delay_ms={ABORT_DELAY_MS:g}", stream=True)
-    results: list[tuple[int, int, int, list[int]]] = []
-    async with new_session() as session:
-        for url in (stack.sim_url + CHAT_PATH, stack.gateway_url + CHAT_PATH):
-            before = await _sim_stats(session, stack)
-            await abort_many(session, url, body, count=config.aborts, events=config.abort_events)
-            await asyncio.sleep(config.abort_wait_s)  # the issue's fixed observation point
-            after = await _sim_stats(session, stack)
-            results.append(
-                (
-                    after["aborted"] - before["aborted"],
-                    after["open"] - before["open"],
-                    after["completed"] - before["completed"],
-                    after["chunks_sent"][len(before["chunks_sent"]) :],
-                )
-            )
-    return _abort_rows(results[0], results[1], config)
-
-
-def _abort_rows(
-    direct: tuple[int, int, int, list[int]],
-    gateway: tuple[int, int, int, list[int]],
-    config: BenchConfig,
-) -> list[Row]:
-    def counts(r: tuple[int, int, int, list[int]]) -> str:
-        return f"{r[0]} / {r[1]} / {r[2]}"
-
-    def chunks(sent: list[int]) -> str:
-        return f"{max(sent)} / {statistics.fmean(sent):.2f}" if sent else "none"
-
-    expected = (config.aborts, 0, 0)
-    allowed = config.abort_events + 1  # at ABORT_DELAY_MS per chunk, one can be in flight
-    return [
-        Row(
-            f"**abort: provider aborted / open / completed** {config.abort_wait_s:g} s after "
-            f"{config.aborts} clients left at {config.abort_events} events (grace 0)",
-            counts(direct),
-            counts(gateway),
-            f"{config.aborts} / 0 / 0",
-            gateway[:3] == expected,
-        ),
-        Row(
-            "**abort: provider chunks sent per aborted stream, max / mean**",
-            chunks(direct[3]),
-            chunks(gateway[3]),
-            f"≤ {config.abort_events} + in-flight (≤ {allowed})",
-            bool(gateway[3]) and max(gateway[3]) <= allowed,
-        ),
-    ]
-
-
-async def _sim_stats(session: aiohttp.ClientSession, stack: Stack) -> dict[str, Any]:
-    async with session.get(stack.sim_url + "/stats") as response:
-        stats: dict[str, Any] = orjson.loads(await response.read())
-        return stats

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -84,6 +85,7 @@ class Stack:
         self._profile_to = profile_to
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
+        self._data_dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def sim_pid(self) -> int:
@@ -94,6 +96,7 @@ class Stack:
         return self._procs[1].pid
 
     async def __aenter__(self) -> Stack:
+        self._data_dir = tempfile.TemporaryDirectory(prefix=f"sluice-bench-{self.name}-")
         try:
             self._spawn("sim", ["-m", "service.simulator", "--port", str(self.sim_port)], {})
             await _wait_ready(f"{self.sim_url}/stats", self._procs[0], self._log_path("sim"))
@@ -104,6 +107,8 @@ class Stack:
                 "SLUICE_PORT": str(self.gateway_port),
                 "SLUICE_DEV_KEY": DEV_KEY,
                 "SLUICE_DRAIN_S": "0",
+                # The ledger's files go to a temporary directory, not the repository's data/.
+                "SLUICE_DATA_DIR": self._data_dir.name,
                 **self._gateway_env,
             }
             args = ["-m", "service"]
@@ -156,6 +161,9 @@ class Stack:
         for log in self._logs:
             log.close()
         self._logs.clear()
+        if self._data_dir is not None:
+            self._data_dir.cleanup()
+            self._data_dir = None
 
 
 async def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:

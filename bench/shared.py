@@ -128,7 +128,9 @@ async def run(config: BenchConfig, log_dir: Path) -> list[Row]:
     redis = RedisProcess()
     try:
         local = await measure_mode(log_dir, "in-process", {}, config)
-        shared = await measure_mode(log_dir, "redis", {"SLUICE_REDIS_URL": redis.url}, config)
+        # A saturated 2-CPU box can exceed the production 0.25 s deadline: this measures cost.
+        env = {"SLUICE_REDIS_URL": redis.url, "SLUICE_REDIS_TIMEOUT_S": "2"}
+        shared = await measure_mode(log_dir, "redis", env, config)
     finally:
         redis.stop()
     added_ms = (percentile(shared[0], 0.5) - percentile(local[0], 0.5)) * 1000

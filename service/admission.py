@@ -38,6 +38,7 @@ from .errors import RateLimitError, SluiceError
 from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
 from .limits import Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
 from .pricing import PriceTable
+from .redis_budgets import reserve_budget, settle_budget  # shared across replicas (Redis)
 from .request import ChatRequest
 from .settings import LimitSettings, MoneySettings
 from .stream import Owner, Stream, StreamStatus
@@ -180,7 +181,7 @@ class Gate:
             admission.grant = outcome
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             worst = self.prices.cost(chat.model, prompt, ceiling)
-            hold = self.budgets.reserve(user, principal.tenant, worst, policy.budgets)
+            hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
             await admission.release()
             raise
@@ -242,7 +243,7 @@ class Admission:
         self._open = False
         gate = self.gate
         if self.hold is not None:
-            gate.budgets.settle(self.hold, Decimal(0))
+            await settle_budget(gate.budgets, self.hold, Decimal(0))
         if self.grant is not None:
             await gate.limiter.settle(self.grant, 0)
         await gate.limiter.close_stream(self.principal.user_id)
@@ -255,7 +256,7 @@ class Admission:
         gate = self.gate
         entry = ledger_entry(gate.prices, self.principal, stream, checkpoint, self.arrived)
         if self.hold is not None:
-            gate.budgets.settle(self.hold, Decimal(str(entry.cost_usd)))
+            await settle_budget(gate.budgets, self.hold, Decimal(str(entry.cost_usd)))
         try:
             if self.grant is not None:
                 await gate.limiter.settle(self.grant, entry.prompt_tokens + entry.completion_tokens)

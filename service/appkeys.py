@@ -21,7 +21,7 @@ from .resilience import Resilience, ResilientProvider
 from .serving import Responder
 from .settings import Settings
 from .telemetry import Telemetry
-from .telemetry.core import RequestTrace
+from .telemetry.records import RequestTrace
 from .upstream import Upstream
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")

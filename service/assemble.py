@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-_ENVELOPE = ("id", "created", "model", "system_fingerprint", "service_tier")
+_ENVELOPE = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
 
 
 def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> bytes:
@@ -68,9 +68,12 @@ def is_usage_only(payload: bytes) -> bool:
 
 
 def _envelope(source: dict[str, Any], kind: str) -> dict[str, Any]:
-    base = {name: source[name] for name in _ENVELOPE if name in source}
-    base["object"] = kind
-    return base
+    """The top-level fields of ``source`` in OpenAI's order, with ``object`` set to ``kind``."""
+    return {
+        name: kind if name == "object" else source[name]
+        for name in _ENVELOPE
+        if name in source or name == "object"
+    }
 
 
 def _chunk(base: dict[str, Any], index: int, delta: dict[str, Any], finish: str | None) -> bytes:

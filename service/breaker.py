@@ -13,7 +13,9 @@ synchronous design gets them wrong for awaited calls:
   is known, never while the call is pending (no lock is held across an ``await``). A
   cancelled attempt (the client went away) is not fed at all: pybreaker treats an excluded
   exception as a *success*, which would let a cancelled probe close the circuit. A
-  client-caused 4xx is fed as a success: the provider answered.
+  client-caused 4xx is fed as a success: the provider answered. A success on a closed
+  circuit with no failures counted is not fed at all, since it would change nothing
+  (so listeners' ``success`` fires only when it resets a count or closes the circuit).
 
 Only the part of a call before the provider's 2xx is guarded (see ``resilience.py``).
 """
@@ -151,8 +153,11 @@ class Breaker:
 
     def _record(self, *, failed: bool) -> None:
         """Feed an outcome to pybreaker: counts, opens at ``fail_max``, closes after a probe."""
-        if self._cb.current_state == OPEN:
+        state = self._cb.current_state
+        if state == OPEN:
             return  # a concurrent attempt already opened it; its clock is running
+        if not failed and state == CLOSED and self._cb.fail_counter == 0:
+            return  # nothing would change: keep the common case off pybreaker's slow path
         with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError), self._cb.calling():
             if failed:
                 raise _Failed

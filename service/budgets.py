@@ -63,6 +63,7 @@ class Budgets:
         self._spent: dict[_Key, Decimal] = {}
         self._reserved: dict[_Key, Decimal] = {}
         self._periods = ("", "")
+        self._day_number = -1  # UTC days since the epoch that ``_periods`` names
 
     def load(self, rows: Iterable[SpendRow]) -> None:
         """Add the ledger's spend (rows from the first day of this month) into the totals."""
@@ -131,12 +132,15 @@ class Budgets:
         ]
 
     def _current(self) -> tuple[str, str]:
-        now = time.gmtime(self._clock())
-        periods = (time.strftime("%Y-%m-%d", now), time.strftime("%Y-%m", now))
-        if periods != self._periods:
-            self._periods = periods
-            self._forget_except(periods)
-        return periods
+        """Today's and this month's keys; recomputed (and old periods dropped) once a day."""
+        now = self._clock()
+        day_number = int(now // 86_400)
+        if day_number != self._day_number:
+            utc = time.gmtime(now)
+            self._day_number = day_number
+            self._periods = (time.strftime("%Y-%m-%d", utc), time.strftime("%Y-%m", utc))
+            self._forget_except(self._periods)
+        return self._periods
 
     def _forget_except(self, periods: tuple[str, str]) -> None:
         """Drop finished periods that no reservation still points at."""

@@ -46,6 +46,8 @@ BUILTIN_MAX_OUTPUT: dict[str, int] = {
     "gpt-3.5-turbo": 4_096,
 }
 
+MAX_REMEMBERED_MODELS = 4096  # model names come from clients: bound the lookup cache
+
 # Reasoning models accept only ``max_completion_tokens``; others get ``max_tokens``.
 _COMPLETION_TOKENS_ONLY = ("o1", "o3", "o4", "gpt-5")
 
@@ -60,7 +62,7 @@ class OutputPlan:
 class ContextPolicy:
     """Windows, caps and the default; built once from settings."""
 
-    __slots__ = ("_cap", "_default", "_outputs", "_reject_over_cap", "_windows")
+    __slots__ = ("_cap", "_default", "_known", "_outputs", "_reject_over_cap", "_windows")
 
     def __init__(
         self,
@@ -75,14 +77,24 @@ class ContextPolicy:
         self._reject_over_cap = reject_over_cap
         self._windows = _by_prefix({**BUILTIN_CONTEXT_WINDOWS, **(windows or {})})
         self._outputs = _by_prefix(BUILTIN_MAX_OUTPUT)
+        self._known: dict[str, tuple[int | None, int | None]] = {}
 
     def window(self, model: str) -> int | None:
-        return _lookup(self._windows, model)
+        return self._model(model)[0]
 
     def cap(self, model: str, override: int | None = None) -> int | None:
         """The tightest of: the per-key override, the configured cap, the model's ceiling."""
-        limits = [c for c in (override, self._cap, _lookup(self._outputs, model)) if c]
+        limits = [c for c in (override, self._cap, self._model(model)[1]) if c]
         return min(limits) if limits else None
+
+    def _model(self, model: str) -> tuple[int | None, int | None]:
+        """(window, output ceiling), looked up once per model name."""
+        found = self._known.get(model)
+        if found is None:
+            found = (_lookup(self._windows, model), _lookup(self._outputs, model))
+            if len(self._known) < MAX_REMEMBERED_MODELS:
+                self._known[model] = found
+        return found
 
     def plan_output(
         self,

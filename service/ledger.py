@@ -17,6 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, fields
@@ -97,10 +98,12 @@ def utc_day(ts: float) -> str:
 
 
 class MemoryLedger:
-    """Entries in a list; the default without a data dir, and the test double."""
+    """The newest ``max_entries`` entries, in memory: the test double, and the ledger
+    when no data dir is configured (not durable: for tests and development only).
+    """
 
-    def __init__(self) -> None:
-        self._entries: list[LedgerEntry] = []
+    def __init__(self, *, max_entries: int = 1_000_000) -> None:
+        self._entries: deque[LedgerEntry] = deque(maxlen=max_entries)
 
     def record(self, entry: LedgerEntry) -> None:
         self._entries.append(entry)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiolimiter import AsyncLimiter
@@ -62,11 +62,6 @@ class Denial:
     requests: Quota | None = None
     token_quota: Quota | None = None
     too_large: bool = False  # the request alone exceeds the tier's per-minute tokens
-
-
-@dataclass(slots=True)
-class _Counters:
-    streams: dict[str, int] = field(default_factory=dict)
 
 
 class Limiter(Protocol):
@@ -133,7 +128,7 @@ class MemoryLimiter:
 
     def __init__(self) -> None:
         self._buckets: dict[tuple[str, str, str, int], Bucket] = {}
-        self._counters = _Counters()
+        self._streams: dict[str, int] = {}  # user -> open streams
 
     def _bucket(self, tier: Tier, unit: str, rate: int) -> Bucket:
         key = (tier.name, tier.key, unit, rate)
@@ -186,7 +181,7 @@ class MemoryLimiter:
                 self._bucket(tier, "tokens", tier.tpm).force(delta)
 
     async def open_stream(self, user: str, cap: int) -> bool:
-        streams = self._counters.streams
+        streams = self._streams
         held = streams.get(user, 0)
         if cap > 0 and held >= cap:
             return False
@@ -194,7 +189,7 @@ class MemoryLimiter:
         return True
 
     async def close_stream(self, user: str) -> None:
-        streams = self._counters.streams
+        streams = self._streams
         held = streams.get(user, 0) - 1
         if held > 0:
             streams[user] = held
@@ -202,7 +197,7 @@ class MemoryLimiter:
             streams.pop(user, None)
 
     def streams_of(self, user: str) -> int:
-        return self._counters.streams.get(user, 0)
+        return self._streams.get(user, 0)
 
 
 def _tightest(pairs: Sequence[tuple[Tier, str, Bucket, int]]) -> tuple[Quota | None, Quota | None]:

@@ -11,8 +11,8 @@ The in-process ``Budgets`` state is kept as this replica's view (``status``/``pr
 stay synchronous) and is the fail-open fallback: with Redis unavailable, fail-open
 reserves locally (per-replica budgets), fail-closed answers 503.
 
-Admission calls ``Budgets.reserve``/``settle`` synchronously today; across replicas it
-must ``await`` these two instead (see the scale-out notes in the README).
+Admission goes through ``reserve_budget``/``settle_budget`` below, which await the shared
+path when the budgets are a ``RedisBudgets`` and call the in-process one otherwise.
 """
 
 from __future__ import annotations
@@ -138,3 +138,24 @@ class RedisBudgets(Budgets):
             await self._gate.run(lambda r: self._settle(keys=keys, args=args, client=r))
         except RedisUnavailable:
             self._gate.fallback("budget settlement")  # the period's expiry bounds the error
+
+
+async def reserve_budget(
+    budgets: Budgets,
+    user: str,
+    tenant: str,
+    amount: Decimal,
+    overrides: BudgetLimits | None = None,
+) -> Hold:
+    """``budgets.reserve``, shared across replicas when the budgets live in Redis."""
+    if isinstance(budgets, RedisBudgets):
+        return await budgets.reserve_async(user, tenant, amount, overrides)
+    return budgets.reserve(user, tenant, amount, overrides)
+
+
+async def settle_budget(budgets: Budgets, hold: Hold, actual: Decimal) -> None:
+    """``budgets.settle``, shared across replicas when the budgets live in Redis."""
+    if isinstance(budgets, RedisBudgets):
+        await budgets.settle_async(hold, actual)
+    else:
+        budgets.settle(hold, actual)

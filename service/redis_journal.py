@@ -8,7 +8,9 @@ fields ``k`` (kind) and ``d`` (data). A failed append is retried with everything
 the last mirrored event on the next wakeup; the in-process path never waits on Redis.
 After the stream is retired (its checkpoint stored), a final marker entry (kind ``END``,
 field ``s`` = status) closes the journal; both keys expire with the checkpoint TTL.
-``sluice:stream:<id>`` holds the owner (user, tenant) and status.
+``sluice:stream:<id>`` holds the owner (user, tenant) and status; ``sluice:owner:<id>``
+is the owner's heartbeat (refreshed on appends and keepalive ticks, expiring after three
+missed ticks), so a reader elsewhere notices an owner that crashed without an END.
 
 Reader side (any other replica): ``RemoteStreams.serve`` replays the journal after the
 client's Last-Event-ID with XRANGE, then follows it live with XREAD BLOCK (on its own
@@ -26,7 +28,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -47,7 +49,8 @@ CONTROL_CHANNEL = f"{KEY_PREFIX}ctl"
 READ_COUNT = 512
 LISTEN_RETRY_S = 1.0
 CANCEL_WAIT_S = 10.0
-MIRROR_INTERVAL_S = 0.02  # the most a remote reader lags behind the owner's journal
+MIRROR_INTERVAL_S = 0.02
+HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
 
 
 def journal_key(stream_id: str) -> str:
@@ -58,6 +61,11 @@ def meta_key(stream_id: str) -> str:
     return f"{KEY_PREFIX}stream:{stream_id}"
 
 
+def owner_key(stream_id: str) -> str:
+    """Exists while the owning replica is alive and generating (its heartbeat)."""
+    return f"{KEY_PREFIX}owner:{stream_id}"
+
+
 def _entry_seq(entry_id: bytes | str) -> int:
     raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(raw.partition("-")[2])
@@ -66,10 +74,14 @@ def _entry_seq(entry_id: bytes | str) -> int:
 class JournalMirror:
     """Copies every local stream's journal to Redis; owned by the shared-state context."""
 
-    def __init__(self, gate: RedisGate, registry: StreamRegistry, ttl_s: float) -> None:
+    def __init__(
+        self, gate: RedisGate, registry: StreamRegistry, ttl_s: float, keepalive_s: float
+    ) -> None:
         self._gate = gate
         self._registry = registry
         self._ttl_ms = int(ttl_s * 1000)
+        # Refreshed on every append and keepalive tick; gone 3 ticks after a crash.
+        self._heartbeat_ms = max(1, int(HEARTBEAT_TICKS * keepalive_s * 1000))
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.remote_readers: dict[str, int] = {}
 
@@ -98,6 +110,7 @@ class JournalMirror:
                 pipe.pexpire(key, self._ttl_ms)
                 pipe.hset(meta_key(stream.id), "status", str(stream.status))
                 pipe.pexpire(meta_key(stream.id), self._ttl_ms)
+                pipe.delete(owner_key(stream.id))
                 await pipe.execute()
 
         try:
@@ -115,7 +128,9 @@ class JournalMirror:
         registered = False
         async for _ in stream.follow(0):
             upto = len(stream.events)
-            if registered and upto == mirrored:
+            if registered and upto == mirrored:  # a keepalive tick: still alive
+                with contextlib.suppress(RedisUnavailable):
+                    await self._gate.run(self._heartbeat(stream.id))
                 continue
             meta = None if registered else owner
             append = functools.partial(
@@ -152,7 +167,11 @@ class JournalMirror:
             for seq, (kind, data) in enumerate(stream.events[start:stop], start + 1):
                 pipe.xadd(key, {"k": kind, "d": data}, id=f"0-{seq}")
             pipe.pexpire(key, self._ttl_ms)
+            pipe.set(owner_key(stream.id), b"1", px=self._heartbeat_ms)
             await pipe.execute()
+
+    def _heartbeat(self, stream_id: str) -> Callable[[Redis], Awaitable[Any]]:
+        return lambda r: r.set(owner_key(stream_id), b"1", px=self._heartbeat_ms)
 
     def control(self, op: str, stream_id: str) -> None:
         """Apply an ``attach``/``detach``/``cancel`` sent by another replica."""
@@ -213,6 +232,17 @@ class RemoteStreams:
         with contextlib.suppress(RedisUnavailable):
             await self._gate.run(lambda r: r.publish(CONTROL_CHANNEL, f"{op} {stream_id}"))
 
+    async def _range(self, stream_id: str, after: int) -> list[tuple[int, Any]]:
+        """The journal's entries after ``after`` as they stand."""
+        key = journal_key(stream_id)
+        entries: Any = await self._gate.run(
+            lambda r: r.xrange(key, min=f"(0-{after}", max="+", count=READ_COUNT)
+        )
+        return [(_entry_seq(entry_id), fields) for entry_id, fields in entries]
+
+    async def _owner_alive(self, stream_id: str) -> bool:
+        return bool(await self._gate.run(lambda r: r.exists(owner_key(stream_id))))
+
     async def _read(self, stream_id: str, after: int, block_ms: int) -> list[tuple[int, Any]]:
         """Entries after ``after``: what is there now, else wait up to ``block_ms`` for more."""
         key = journal_key(stream_id)
@@ -251,6 +281,13 @@ class RemoteStreams:
     async def _relay(self, response: web.StreamResponse, stream_id: str, after: int) -> str:
         while True:
             entries = await self._read(stream_id, after, self._block_ms)
+            if not entries and not await self._owner_alive(stream_id):
+                # No END and no heartbeat: the owner died. Read once more (it may have
+                # closed the journal just now), else end with a retry hint.
+                entries = await self._range(stream_id, after)
+                if not entries:
+                    log.warning("remote stream %s: its replica is gone", stream_id)
+                    return StreamStatus.SHUTDOWN
             if not entries:
                 await response.write(KEEPALIVE)
                 continue

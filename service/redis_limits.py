@@ -19,7 +19,7 @@ stop counting after ``STREAM_LEASE_S``), refreshed on every open.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
@@ -28,17 +28,20 @@ from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 
 STREAM_LEASE_S = 3600
 
-# KEYS: bucket keys. ARGV: rate1, amount1, rate2, amount2, ... Returns {granted, level...}
-# with the levels after pouring (granted) or as they stand (denied), as strings: Redis
-# truncates Lua numbers to integers.
+# KEYS: bucket keys. ARGV: now ('' = Redis TIME), rate1, amount1, rate2, amount2, ...
+# Returns {granted, level...} with the levels after pouring (granted) or as they stand
+# (denied), as strings: Redis truncates Lua numbers to integers.
 _TRY_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local levels = {}
 local fits = true
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[2 * i - 1])
-  local amount = tonumber(ARGV[2 * i])
+  local rate = tonumber(ARGV[2 * i])
+  local amount = tonumber(ARGV[2 * i + 1])
   local state = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = tonumber(state[1]) or 0
   local last = tonumber(state[2]) or now
@@ -48,10 +51,10 @@ for i = 1, #KEYS do
 end
 local out = {fits and 1 or 0}
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[2 * i - 1])
+  local rate = tonumber(ARGV[2 * i])
   local level = levels[i]
   if fits then
-    level = level + tonumber(ARGV[2 * i])
+    level = level + tonumber(ARGV[2 * i + 1])
     redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
     redis.call('EXPIRE', KEYS[i], math.ceil(level * 60 / rate) + 1)
   end
@@ -60,16 +63,20 @@ end
 return out
 """
 
-# KEYS: token bucket keys. ARGV: rate1, delta1, ... Pours ``delta`` (negative: gives back).
+# KEYS: token bucket keys. ARGV: now, rate1, delta1, ... Pours ``delta`` (negative: gives
+# back).
 _SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[2 * i - 1])
+  local rate = tonumber(ARGV[2 * i])
   local state = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = tonumber(state[1]) or 0
   local last = tonumber(state[2]) or now
-  level = math.max(level - math.max(now - last, 0) * rate / 60 + tonumber(ARGV[2 * i]), 0)
+  level = math.max(level - math.max(now - last, 0) * rate / 60 + tonumber(ARGV[2 * i + 1]), 0)
   redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
   redis.call('EXPIRE', KEYS[i], math.ceil(level * 60 / rate) + 1)
 end
@@ -103,15 +110,21 @@ def streams_key(user: str) -> str:
 class RedisLimiter:
     """Shared buckets and stream caps; see the module docstring."""
 
-    def __init__(self, gate: RedisGate, local: MemoryLimiter) -> None:
+    def __init__(
+        self, gate: RedisGate, local: MemoryLimiter, *, clock: Callable[[], float] | None = None
+    ) -> None:
         self._gate = gate
         self.local = local
+        self.clock = clock  # None: Redis's own TIME (one clock for every replica); for tests
         client: Redis = gate.client
         self._try = client.register_script(_TRY_ACQUIRE)
         self._settle = client.register_script(_SETTLE)
         self._open = client.register_script(_OPEN_STREAM)
         self._close = client.register_script(_CLOSE_STREAM)
         self._shared_streams: dict[str, int] = {}  # streams of a user counted in Redis
+
+    def _now(self) -> str:
+        return "" if self.clock is None else repr(self.clock())
 
     async def try_acquire(self, tiers: Sequence[Tier], tokens: int) -> Grant | Denial:
         local = await self.local.try_acquire(tiers, tokens)
@@ -121,7 +134,8 @@ class RedisLimiter:
         if not buckets:
             return local
         keys = [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
-        args = [value for _, _, rate, amount in buckets for value in (rate, amount)]
+        args: list[str | int] = [self._now()]
+        args += [v for _, _, rate, amount in buckets for v in (rate, amount)]
         try:
             reply = await self._gate.run(lambda r: self._try(keys=keys, args=args, client=r))
         except RedisUnavailable:
@@ -151,7 +165,8 @@ class RedisLimiter:
         if delta == 0 or not limited:
             return
         keys = [bucket_key(tier, "tokens", tier.tpm) for tier in limited]
-        args = [value for tier in limited for value in (tier.tpm, delta)]
+        args: list[str | int] = [self._now()]
+        args += [value for tier in limited for value in (tier.tpm, delta)]
         try:
             await self._gate.run(lambda r: self._settle(keys=keys, args=args, client=r))
         except RedisUnavailable:

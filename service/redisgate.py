@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half_open"]
 KEY_PREFIX = "sluice:"
+POOL_SIZE = 64
 
 
 class RedisUnavailable(Exception):
@@ -70,13 +71,17 @@ class RedisGate:
         """The gate for ``SLUICE_REDIS_URL``, or None when shared state is off."""
         if settings.redis_url is None:
             return None
-        client = Redis.from_url(
+        # A blocking pool: under a burst, calls wait (within the deadline) for one of
+        # ``POOL_SIZE`` connections instead of failing with MaxConnectionsError.
+        pool = BlockingConnectionPool.from_url(
             settings.redis_url.reveal(),
+            max_connections=POOL_SIZE,
+            timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
         )
+        client = Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
         return cls(
             client,
             failure=settings.redis_failure,

@@ -102,7 +102,9 @@ class StreamRegistry:
             return
         for observe in self.observers:
             observe(stream, "client_disconnected")
-        grace = self._settings.disconnect_grace_s
+        # A non-streamed answer names its stream only in the finished response, so a client
+        # that left cannot come back for it: no grace, stop paying at once.
+        grace = self._settings.disconnect_grace_s if stream.streaming else 0.0
         if grace <= 0:
             self.cancel(stream, StreamStatus.CLIENT_GONE)
             return
@@ -135,6 +137,11 @@ class StreamRegistry:
         # by this callback the task is inside _run (or has ended, and is left alone).
         asyncio.get_running_loop().call_soon(_cancel_running, stream)
         return True
+
+    async def settled(self, stream: Stream) -> None:
+        """Wait until ``stream`` has ended, been checkpointed and run its finish hooks."""
+        if stream.task is not None:
+            await asyncio.wait({stream.task})  # not ``await task``: our cancellation isn't its
 
     async def _run(self, stream: Stream, work: Awaitable[None]) -> None:
         try:

@@ -6,7 +6,9 @@ status (``stream.cache_status``) before the stream is accepted, so the handler c
 in the response headers; a hit replays the entry into the journal exactly as a generation
 would have written it, so relaying, resuming, checkpoints and finish hooks (the ledger:
 ``stream.cache_hit`` means no provider cost) see no difference. Completed misses are stored
-by ``fill``, a finish hook, after the client already has its ``[DONE]``.
+by ``fill``, a finish hook, after the client already has its ``[DONE]``. An entry made
+by a stream answers a JSON request and the reverse (``assemble.py``); the usage chunk is
+stored once and re-sent only to clients that asked for ``include_usage``.
 """
 
 from __future__ import annotations
@@ -104,8 +106,11 @@ class Responder:
             except Exception:
                 log.exception("cache lookup failed for stream %s", stream.id)
                 return None
-            if entry is not None and entry.payloads:
-                return entry
+            if entry is None or not entry.payloads:
+                continue
+            if entry.streaming != stream.streaming and chat.body.get("logprobs"):
+                continue  # conversion does not carry logprobs: only the same form serves
+            return entry
         return None
 
 

@@ -45,10 +45,11 @@ DEFAULT_BREAKER_RESET_S = 30.0
 DEFAULT_CACHE_TTL_S = 3600.0
 DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_SERVICE_NAME = "sluice"
-DEFAULT_REDACT_PATTERNS = (
-    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",  # e-mail addresses
-    r"\bsk-[A-Za-z0-9_-]{6,}",  # OpenAI-style secret keys
+EMAIL_PATTERN = (  # starts only at a word's start: one scan per run of characters
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]++@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
 )
+SECRET_KEY_PATTERN = r"\bsk-[A-Za-z0-9_-]{6,}"  # OpenAI-style secret keys
+DEFAULT_REDACT_PATTERNS = (EMAIL_PATTERN, SECRET_KEY_PATTERN)
 OTEL_SAMPLERS = frozenset(
     {
         "always_on",

@@ -1,11 +1,12 @@
-"""Scale-out wiring: with ``SLUICE_REDIS_URL``, swap in-process state for shared state.
+"""Scale-out wiring: shared state in Redis, the ledger in PostgreSQL, both opt-in.
 
-``install_shared_state(app)`` runs at the end of ``create_app`` (no I/O) and, when Redis is
-configured, wraps each in-process store with its Redis implementation (the in-process one
-stays in front as the local tier and the fail-open fallback): checkpoints, the response
-cache, rate limits and stream caps, and the stream journals (mirrored for resume and
-cancel from any replica). Without Redis it only records that shared state is off, and
-everything stays exactly as in one process.
+``install_shared_state(app)`` runs at the end of ``create_app`` (no I/O). With
+``SLUICE_DATABASE_URL`` the ledger is ``PostgresLedger``. With ``SLUICE_REDIS_URL`` each
+in-process store is wrapped by its Redis implementation, the in-process one staying in
+front as the local tier and the fail-open fallback: checkpoints, the response cache, rate
+limits and stream caps, budgets, and the stream journals (mirrored, so any replica can
+resume or cancel a stream). Without either, nothing changes: one process, no
+infrastructure. The shared-state metrics are registered on the telemetry registry.
 
 ``shared_ctx`` pings Redis at start (logged, never fatal), runs the control-channel
 listener, and at the very end waits for the journal mirrors and closes the connections.
@@ -23,7 +24,16 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .appkeys import GATE, PRINCIPAL, REDIS, REMOTE_STREAMS, RESPONSE_CACHE, SETTINGS, STREAMS
+from .appkeys import (
+    GATE,
+    PRINCIPAL,
+    REDIS,
+    REMOTE_STREAMS,
+    RESPONSE_CACHE,
+    SETTINGS,
+    STREAMS,
+    TELEMETRY,
+)
 from .checkpoint import Checkpoint
 from .limits import MemoryLimiter
 from .pg_ledger import PostgresLedger
@@ -33,6 +43,7 @@ from .redis_checkpoints import SharedCheckpointStore
 from .redis_journal import JournalMirror, RemoteStreams
 from .redis_limits import RedisLimiter
 from .redisgate import RedisGate, RedisUnavailable
+from .shared_metrics import SharedStateCollector
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +52,19 @@ def install_shared_state(app: web.Application) -> None:
     """Put the shared stores in place of the in-process ones when Redis is configured."""
     settings = app[SETTINGS]
     database_url = settings.shared.database_url
+    ledger = None
     if database_url is not None:  # ledger_ctx then leaves it in place and closes it last
-        app[GATE].ledger = PostgresLedger(
+        ledger = PostgresLedger(
             database_url.reveal(),
             buffer=settings.shared.ledger_buffer,
             batch=settings.shared.ledger_batch,
         )
+        app[GATE].ledger = ledger
     gate = RedisGate.from_settings(settings.shared)
     app[REDIS] = gate
     app[REMOTE_STREAMS] = None
+    if gate is not None or ledger is not None:
+        app[TELEMETRY].metrics.registry.register(SharedStateCollector(gate, ledger))
     if gate is None:
         return
     registry = app[STREAMS]
@@ -66,7 +81,9 @@ def install_shared_state(app: web.Application) -> None:
     cache = app[RESPONSE_CACHE]
     if cache is not None:
         app[RESPONSE_CACHE] = RedisResponseCache(gate, cache)
-    mirror = JournalMirror(gate, registry, settings.streams.checkpoint_ttl_s)
+    mirror = JournalMirror(
+        gate, registry, settings.streams.checkpoint_ttl_s, settings.streams.keepalive_s
+    )
     registry.launch_hooks.append(mirror.launched)
     registry.finish_hooks.append(mirror.finished)
     assert settings.shared.redis_url is not None

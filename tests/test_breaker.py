@@ -6,8 +6,10 @@ clock; wire tests go through the gateway to the simulated provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
+import pybreaker
 import pytest
 
 from service.appkeys import STREAMS
@@ -124,6 +126,22 @@ def test_per_model_breakers_are_separate() -> None:
     assert breakers.for_model("gpt-4o-mini").state == CLOSED
     assert breakers.for_model("gpt-4.1-mini") is breakers.for_model("gpt-4o-mini")
     assert {b.name for b in breakers.all()} == {"openai/gpt-4o", "openai"}
+
+
+def test_why_pybreaker_needs_the_guards() -> None:
+    """pybreaker alone admits every call in half-open, and counts an excluded exception (a
+    cancellation) as a success that closes the circuit: the two things ``Breaker`` fixes."""
+    cb = pybreaker.CircuitBreaker(fail_max=1)
+    cb.half_open()
+    entered = 0
+    with cb.calling(), cb.calling():
+        entered = 2
+    assert entered == 2
+    cb = pybreaker.CircuitBreaker(fail_max=1, exclude=[asyncio.CancelledError])
+    cb.half_open()
+    with contextlib.suppress(asyncio.CancelledError), cb.calling():
+        raise asyncio.CancelledError
+    assert cb.current_state == CLOSED
 
 
 # Over the wire ---------------------------------------------------------------------------

@@ -8,6 +8,9 @@ tests check ``errors.translate`` maps every lower-level exception we expect, lik
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -276,6 +279,37 @@ async def test_connect_refused_is_502(
     assert error["code"] == "provider_connection_error"
     assert str(port) not in error["message"]
     assert "127.0.0.1" not in error["message"]
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A listener whose accept queue is full: new connections hang in SYN_SENT."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port: int = server.getsockname()[1]
+        fillers = [socket.socket() for _ in range(8)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_connect_timeout_is_504(
+    gateway: GatewayFactory, settings: Settings, unanswered_port: int
+) -> None:
+    """A provider that never completes the TCP handshake: 504 after connect_timeout_s."""
+    url = f"http://127.0.0.1:{unanswered_port}/v1"
+    client = await gateway(_quick(settings, base_url=url, connect_timeout_s=0.05))
+    response = await client.post(URL, json=chat_body(), headers=AUTH)
+    assert response.status == 504
+    error = assert_openai_error(await response.json(), type_="upstream_error")
+    assert error["code"] == "provider_connect_timeout"
 
 
 @pytest.mark.parametrize(

@@ -226,3 +226,19 @@ async def test_wire_every_request_leaves_exactly_one_row(
     assert len({r.request_id for r in rows}) == 4
     assert rows[3].error_code == "context_length_exceeded"
     assert rows[3].request_id.startswith("rej_")
+
+
+async def test_wire_cache_hit_is_recorded_at_zero_cost(gateway: GatewayFactory) -> None:
+    """A deterministic request served from the cache: its own row, completed, no provider cost."""
+    client = await gateway()
+    body = chat_body("cache me [sim chunks=3]", stream=False, temperature=0)
+    for expected in ("miss", "hit"):
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 200
+        assert response.headers["X-Sluice-Cache"] == expected
+        await finished(client, response)
+    miss, hit = await client.app[GATE].ledger.entries()
+    assert (miss.status, hit.status) == ("completed", "completed")
+    assert miss.cost_usd > 0
+    assert hit.cost_usd == 0.0
+    assert hit.request_id != miss.request_id

@@ -136,11 +136,12 @@ async def test_wire_rpm_429_with_openai_headers(
 ) -> None:
     """Over the per-user rpm: 429 rate_limit_exceeded, Retry-After, x-ratelimit-*; and a row."""
     client = await gateway(with_limits(settings, user_rpm=2))
-    for remaining in ("1", "0"):
+    for remaining, streaming in (("1", True), ("0", False)):
         ok = await client.post(
-            "/v1/chat/completions", json=chat_body("hi", stream=False), headers=AUTH
+            "/v1/chat/completions", json=chat_body("hi", stream=streaming), headers=AUTH
         )
         assert ok.status == 200
+        await ok.read()
         assert ok.headers["x-ratelimit-limit-requests"] == "2"
         assert ok.headers["x-ratelimit-remaining-requests"] == remaining
     refused = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.wire import sse_data
+from tests.wire import closed_port, sse_data
 
 REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "Running on"
@@ -109,6 +109,27 @@ async def test_sigterm_exits_cleanly(
         code = await process.wait()
     assert code == 0
     assert "Traceback" not in rest
+
+
+async def test_configured_port_is_used(tmp_path: Path) -> None:
+    """SLUICE_HOST and SLUICE_PORT choose where it listens, and the banner says so."""
+    port = closed_port()
+    process = await _spawn(_clean_env(tmp_path, SLUICE_HOST="127.0.0.1", SLUICE_PORT=str(port)))
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            banner = await _lines_until(process.stdout, "curl ")
+            await _lines_until(process.stderr, READY_LINE)
+        assert f"http://127.0.0.1:{port}/v1/chat/completions" in banner[-1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/livez") as live,
+        ):
+            assert live.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,13 @@ import time
 import asyncpg
 import pytest
 
+from service.appkeys import GATE
 from service.ledger import LedgerEntry, utc_day
 from service.pg_ledger import MIGRATIONS, PostgresLedger
-from tests.servers import PostgresServer
+from service.settings import Settings
+from tests.conftest import AUTH, GatewayFactory, chat_body
+from tests.servers import PostgresServer, with_database, with_redis
+from tests.streamwire import read_events, with_drain
 
 
 def entry(n: int, *, user: str = "alice", cost: float = 0.001) -> LedgerEntry:
@@ -127,3 +131,36 @@ async def test_a_full_buffer_drops_new_records_with_a_count_and_a_log_line(
     await ledger.close()  # flushes what was held
     assert await count_rows(postgres_url) == 5
     assert ledger.health()["dropped"] == 3
+
+
+async def test_a_rolling_restart_loses_no_ledger_row(
+    gateway: GatewayFactory, settings: Settings, postgres_url: str, redis_url: str
+) -> None:
+    """Two replicas, one PostgreSQL: A is shut down with a stream open; every request has a row."""
+    shared = with_drain(with_database(with_redis(settings, redis_url), postgres_url), 0.05)
+    a, b = await gateway(shared), await gateway(shared)
+    for client in (a, b, a, b):
+        response = await client.post(
+            "/v1/chat/completions", json=chat_body("hi [sim chunks=2]", stream=False),
+            headers=AUTH,
+        )
+        assert response.status == 200
+        await response.read()
+    held = await a.post(
+        "/v1/chat/completions", json=chat_body("long [sim chunks=500 delay_ms=10]"), headers=AUTH
+    )
+    stream_id = held.headers["X-Sluice-Stream-Id"]
+    await read_events(held, 2)
+
+    await a.close()  # SIGTERM: drain, end the stream as shutdown, flush the ledger, close
+    await b.app[GATE].ledger.flush()
+
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        rows = await connection.fetch("SELECT request_id, status, completion_tokens FROM ledger")
+    finally:
+        await connection.close()
+    assert len(rows) == 5
+    by_id = {row["request_id"]: row for row in rows}
+    assert by_id[stream_id]["status"] in ("cancelled", "completed")
+    assert by_id[stream_id]["completion_tokens"] >= 1  # billed for what was generated

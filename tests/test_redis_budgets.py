@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
 
+import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError
 from service.redis_budgets import RedisBudgets
 from service.redisgate import RedisGate
 from service.settings import Settings
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.servers import with_redis
 
 LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
@@ -62,3 +67,38 @@ async def test_settling_below_the_reservation_frees_room_on_every_replica(
     with pytest.raises(BudgetExceededError):
         await a.reserve_async("alice", "acme", Decimal("0.06"))
     await a.reserve_async("bob", "acme", Decimal("0.95"))  # another user's budget is apart
+
+
+async def test_a_budget_is_not_overspent_by_requests_spread_over_two_gateways(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """50 concurrent streams over A and B against a $0.006 daily budget: the worst-case
+    reservations admitted add up to at most the budget, and one more would not fit."""
+    shared = with_streams(with_redis(settings, redis_url), disconnect_grace_s=0.0)
+    shared = replace(shared, money=replace(shared.money, user_daily_usd=0.006))
+    a, b = await gateway(shared), await gateway(shared)
+    body = chat_body("long [sim chunks=1000 delay_ms=20]", max_tokens=1000)
+
+    async def start(n: int) -> aiohttp.ClientResponse:
+        return await (a, b)[n % 2].post("/v1/chat/completions", json=body, headers=AUTH)
+
+    responses = await asyncio.gather(*(start(n) for n in range(50)))
+    admitted = [r for r in responses if r.status == 200]
+    refused = [r for r in responses if r.status == 429]
+    assert len(admitted) + len(refused) == 50
+    assert admitted
+    assert refused
+    for response in refused:
+        assert (await response.json())["error"]["code"] == "budget_exceeded"
+
+    redis = Redis.from_url(redis_url)
+    try:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        reserved = int(await redis.hget(f"sluice:budget:user:dev:day:{day}", "reserved") or 0)
+    finally:
+        await redis.aclose()
+    worst = reserved // len(admitted)  # every request reserved the same worst case
+    assert reserved == worst * len(admitted)
+    assert reserved <= 6000 < reserved + worst  # micro-dollars: full, and never over
+    for response in admitted:
+        response.close()

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from service.appkeys import STREAMS
+from service.redis_journal import journal_key, meta_key
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats
@@ -170,3 +172,24 @@ async def test_rolling_restart_leaves_every_stream_resumable_on_the_other_replic
         if checkpoint["status"] == "shutdown":
             assert replay.endswith(b"retry: 1000\n\n")  # come back later
     assert ledger.get(ids[0]) is not None
+
+
+async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """A journal with no END and no owner heartbeat (its replica crashed) replays, then ends
+    with a retry hint instead of keeping the client waiting forever."""
+    redis = Redis.from_url(redis_url)
+    try:  # what a replica killed with SIGKILL leaves behind
+        await redis.hset(meta_key("strm_orphan"), mapping={"user": "dev", "tenant": "dev"})
+        for seq in (1, 2):
+            await redis.xadd(journal_key("strm_orphan"), {"k": 0, "d": b"{}"}, id=f"0-{seq}")
+    finally:
+        await redis.aclose()
+    b = await gateway(with_streams(with_redis(settings, redis_url), keepalive_s=0.05))
+
+    response = await b.get("/v1/streams/strm_orphan/events", headers=AUTH)
+    assert response.status == 200
+    body = await response.read()
+    assert [seq for seq, _ in events(body)] == [1, 2, None]
+    assert body.endswith(b"retry: 1000\n\n")

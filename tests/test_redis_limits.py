@@ -43,6 +43,10 @@ async def test_a_100_rpm_limit_admits_exactly_100_across_two_replicas(
     """150 concurrent requests spread over A and B: exactly 100 pass, 50 get 429."""
     shared = with_limits(with_redis(settings, redis_url), user_rpm=100)
     a, b = await gateway(shared), await gateway(shared)
+    for client in (a, b):  # one frozen clock: the bucket must not leak during the test
+        limiter = client.app[GATE].limiter
+        assert isinstance(limiter, RedisLimiter)
+        limiter.clock = lambda: 1_000_000.0
     results = await statuses([a, b], 150)
     assert results.count(200) == 100
     assert results.count(429) == 50
@@ -51,11 +55,11 @@ async def test_a_100_rpm_limit_admits_exactly_100_across_two_replicas(
 async def test_without_redis_each_replica_enforces_its_own_limit(
     gateway: GatewayFactory, settings: Settings
 ) -> None:
-    """The contrast: in-process limits let 2 x 100 through two replicas."""
+    """The contrast: in-process limits let about 2 x 100 through two replicas."""
     local = with_limits(settings, user_rpm=100)
     a, b = await gateway(local), await gateway(local)
     results = await statuses([a, b], 250)
-    assert results.count(200) == 200
+    assert results.count(200) >= 200  # (the buckets leak 100/60 a second meanwhile)
 
 
 async def test_the_stream_cap_holds_across_replicas(
@@ -91,6 +95,7 @@ async def test_token_reservations_are_settled_in_the_shared_bucket(redis_url: st
     assert gates[1] is not None
     one, two = (RedisLimiter(gate, MemoryLimiter()) for gate in gates)
     try:
+        one.clock = two.clock = lambda: 1_000_000.0  # no leak between the steps
         grant = await one.try_acquire(tier, 600)
         assert isinstance(grant, Grant)
         denied = await two.try_acquire(tier, 800)
@@ -111,7 +116,13 @@ async def test_fail_closed_answers_503_while_redis_is_frozen_then_recovers(
     gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
 ) -> None:
     """A frozen Redis never hangs a request: fail-closed answers 503, then serves again."""
-    shared = with_redis(settings, redis_url, redis_failure="closed", redis_breaker_reset_s=0.0)
+    shared = with_redis(
+        settings,
+        redis_url,
+        redis_failure="closed",
+        redis_breaker_reset_s=0.0,
+        redis_timeout_s=0.25,
+    )
     client = await gateway(with_limits(shared, user_rpm=100))
     redis_server.pause()
     try:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from service.appkeys import STREAMS
 from service.redis_checkpoints import checkpoint_key
 from service.settings import Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.servers import RedisServer, with_redis
+from tests.streamwire import Finished
 
 
 async def test_a_checkpoint_written_on_one_replica_is_read_on_another(
@@ -44,11 +46,12 @@ async def test_a_response_cached_by_one_replica_is_a_hit_on_another(
     """A deterministic request answered on A is served from the shared cache on B."""
     shared = with_redis(settings, redis_url)
     a, b = await gateway(shared), await gateway(shared)
+    finished = Finished(a.app[STREAMS])  # runs after the cache fill (a startup hook)
     body = chat_body("cache me [sim chunks=3]", stream=False, temperature=0)
     first = await a.post("/v1/chat/completions", json=body, headers=AUTH)
     assert first.headers["X-Sluice-Cache"] == "miss"
     original = await first.json()
-    await sim_stats.wait_for(lambda s: s.completed == 1)
+    await finished.wait()
 
     second = await b.post("/v1/chat/completions", json=body, headers=AUTH)
     assert second.status == 200

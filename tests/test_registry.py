@@ -208,3 +208,30 @@ async def test_drain_lets_streams_finish_then_ends_the_rest_as_shutdown() -> Non
         assert checkpoint is not None
         assert checkpoint.status is stream.status
     assert list(registry.live()) == []
+
+
+async def test_settled_waits_for_the_checkpoint_and_the_finish_hooks() -> None:
+    """``settled`` (what the cancel endpoint awaits) returns only after every hook ran, and
+    cancelling the waiter does not cancel the stream's retirement."""
+    registry, store = make_registry()
+    release, hook_running = asyncio.Event(), asyncio.Event()
+    done: list[str] = []
+
+    async def slow_hook(stream: Stream, checkpoint: Checkpoint) -> None:
+        hook_running.set()
+        await release.wait()
+        done.append(checkpoint.status)
+
+    registry.finish_hooks.append(slow_hook)
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["a"]))
+    impatient = asyncio.ensure_future(registry.settled(stream))
+    patient = asyncio.ensure_future(registry.settled(stream))
+    await hook_running.wait()
+    assert stream.ended.is_set()
+    assert not patient.done()
+    impatient.cancel()
+    release.set()
+    await patient
+    assert done == ["completed"]
+    assert await store.get(stream.id) is not None

@@ -110,6 +110,40 @@ async def test_a_cached_stream_answers_a_json_request(
     assert orjson.loads(raw) == await direct.json()
 
 
+async def test_a_cached_tool_call_stream_answers_as_json(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Streamed tool-call fragments are merged into one call in the JSON hit."""
+    rig = await start(aiohttp_client, settings)
+    text = "tools [sim chunks=0 tool_call=lookup]"
+    await post(rig, text, stream=True, temperature=0)
+    _, headers, raw = await post(rig, text, temperature=0)
+    assert headers[CACHE_HEADER] == "hit"
+    choice = orjson.loads(raw)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"] == [
+        {
+            "id": "call_sim_lookup",
+            "type": "function",
+            "function": {"name": "lookup", "arguments": '{"query": "sim"}'},
+        }
+    ]
+    assert sim_stats.requests == 1
+
+
+async def test_logprobs_requests_only_hit_the_same_form(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Conversion would drop logprobs, so such a request is only served by its own form."""
+    rig = await start(aiohttp_client, settings)
+    await post(rig, "lp", stream=True, temperature=0, logprobs=True)
+    _, headers, _ = await post(rig, "lp", temperature=0, logprobs=True)
+    assert headers[CACHE_HEADER] == "miss"
+    _, headers, _ = await post(rig, "lp", temperature=0, logprobs=True)
+    assert headers[CACHE_HEADER] == "hit"
+    assert sim_stats.requests == 2
+
+
 async def test_a_cached_json_answer_replays_as_a_stream(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:

@@ -6,6 +6,8 @@ what it counted in ``SimStats``, waiting on those counts instead of sleeping.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -145,11 +147,16 @@ async def test_reset_after(
 ) -> None:
     """reset_after=3: three words, then the connection is dropped without [DONE]."""
     response = await _post(session, sim, "[sim chunks=10 reset_after=3]")
-    received = b""
-    with pytest.raises(aiohttp.ClientPayloadError):
+    received = bytearray()
+
+    async def read_all() -> None:
         async for data in response.content.iter_any():
-            received += data
-    chunks = _chunks(received.decode())
+            received.extend(data)
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_all()
+    response.close()
+    chunks = _chunks(bytes(received).decode())
     assert len(chunks) == 1 + 3
     assert b"[DONE]" not in received
     assert sim_stats.resets == 1
@@ -163,11 +170,7 @@ async def test_stall_after(
     response = await _post(session, sim, "[sim chunks=10 stall_after=2]")
     seen = b""
     while len(_chunks(seen.decode())) < 3:  # role + two words
-        seen = (
-            await read_until(response, b"\n\n")
-            if not seen
-            else seen + await read_until(response, b"\n\n")
-        )
+        seen += await read_until(response, b"\n\n")
     assert len(_chunks(seen.decode())) == 3
     assert sim_stats.open == 1
     assert sim_stats.completed == 0
@@ -219,15 +222,17 @@ async def test_first_and_header_delays_hold_the_answer(
     await sim_stats.wait_for(lambda s: s.aborted == 1)
     assert sim_stats.chunks_sent == [0]
 
-    pending = session.post(
-        sim.make_url("/v1/chat/completions"), json=chat_body("[sim header_delay_ms=600000]")
-    )
-    import asyncio
+    async def held() -> None:
+        url = sim.make_url("/v1/chat/completions")
+        async with session.post(url, json=chat_body("[sim header_delay_ms=600000]")):
+            raise AssertionError("the status line arrived")
 
-    task = asyncio.ensure_future(pending)
+    task = asyncio.create_task(held())
     await sim_stats.wait_for(lambda s: s.requests == 2)
     assert not task.done()  # no status line yet
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     await sim_stats.wait_for(lambda s: s.aborted == 2)
     assert sim_stats.started == 1  # the second stream never started
 

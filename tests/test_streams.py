@@ -124,11 +124,13 @@ async def test_abort_before_the_provider_answers(
     assert checkpoint.status == "client_gone"
 
 
+@pytest.mark.parametrize("grace", [0, 60])
 async def test_abort_during_a_non_streaming_call(
-    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, grace: float
 ) -> None:
-    """A non-streaming request whose client hangs up stops the provider call too."""
-    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    """A non-streaming request whose client hangs up stops the provider call at once, even
+    with a grace window: its client never learnt the stream id, so nobody can come back."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=grace))
     finished = Finished(client.app[STREAMS])
     request = asyncio.ensure_future(
         client.post(

@@ -299,3 +299,79 @@ async def test_nothing_configured_means_no_provider_and_no_traceparent(
     assert response.status == 200
     await response.read()
     assert sim_stats.traceparents == [""]
+
+
+async def test_websocket_streams_get_their_own_server_spans(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """Each WebSocket message stream is a SERVER span under the socket's span, with its
+    CLIENT span under it; the socket's span ends when the socket closes."""
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    for request_id in ("r1", "r2"):
+        frame = {
+            "type": "chat.completion.create",
+            "request_id": request_id,
+            "body": chat_body("w [sim chunks=2]"),
+        }
+        await ws.send_json(frame)
+    finals = 0
+    while finals < 2:
+        message = await ws.receive_json()
+        finals += message["type"] in ("done", "error")
+    await ws.close()
+    message_span = "WS chat.completion.create"
+    spans = await exported(
+        client,
+        receiver,
+        ended,
+        "GET /v1/ws",
+        message_span,
+        message_span,
+        "chat gpt-4o-mini",
+        "chat gpt-4o-mini",
+    )
+    socket = one(spans, "GET /v1/ws")
+    messages = [s for s in spans if s.name == message_span]
+    calls = [s for s in spans if s.name == "chat gpt-4o-mini"]
+    assert {m.parent_id for m in messages} == {socket.span_id}
+    assert all(m.kind == SERVER and m.attributes["sluice.outcome"] == "completed" for m in messages)
+    assert sorted(c.parent_id for c in calls) == sorted(m.span_id for m in messages)
+    assert {c.attributes["gen_ai.usage.output_tokens"] for c in calls} == {2}
+
+
+async def test_shutdown_ends_open_streams_spans_and_flushes_them(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """Closing the app drains (here: at once) and only then flushes: the stream cut by the
+    shutdown arrives with error.type ``shutdown``, without any explicit flush."""
+    custom = traced(settings, receiver)
+    custom = replace(custom, server=replace(custom.server, drain_s=0.0))
+    client = await gateway(custom)
+    response = await client.post(
+        URL, json=chat_body("z [sim chunks=500 delay_ms=20]"), headers=AUTH
+    )
+    await read_until(response, b"id: 2\n")
+    await client.close()
+    call = one(list(receiver.app[RECEIVED]), "chat gpt-4o-mini")
+    assert call.status_code == STATUS_ERROR
+    assert call.attributes["error.type"] == "shutdown"
+
+
+async def test_sampled_out_requests_export_nothing_but_still_propagate(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, sim_stats: SimStats
+) -> None:
+    """OTEL_TRACES_SAMPLER=always_off: no span is exported; the provider still gets a
+    traceparent, flagged not-sampled, so downstream systems agree."""
+    client = await gateway(traced(settings, receiver, sampler="always_off"))
+    response = await client.post(URL, json=chat_body("n [sim chunks=2]"), headers=AUTH)
+    await response.read()
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    assert await client.app[TELEMETRY].flush()
+    assert receiver.app[RECEIVED] == []
+    flags = int(sim_stats.traceparents[0].rsplit("-", 1)[1], 16)
+    assert flags & 1 == 0  # the W3C "sampled" bit

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.appkeys import LIFECYCLE, STREAMS
+from service.handlers import ws as ws_handler
 from service.settings import Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
@@ -338,4 +339,25 @@ async def test_the_socket_goes_through_the_same_admission_as_sse(
         pass
     assert parsed["request_id"] == "two"
     assert parsed["error"]["code"] == "concurrent_streams_exceeded"
+    await ws.close()
+
+
+async def test_a_server_bug_on_one_frame_does_not_drop_the_socket(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception is logged and answered with a server_error frame; the socket
+    keeps serving."""
+    client = await gateway()
+    ws = await connect(client)
+    real = ws_handler.parse_chat_request
+    monkeypatch.setattr(ws_handler, "parse_chat_request", lambda *a: 1 / 0)
+    await create(ws, "boom", "boom")
+    parsed, _ = await frame(ws)
+    assert parsed["request_id"] == "boom"
+    assert parsed["error"]["type"] == "server_error"
+    assert "division" not in parsed["error"]["message"]
+    assert "WebSocket frame failed" in caplog.text
+    monkeypatch.setattr(ws_handler, "parse_chat_request", real)
+    await create(ws, "fine", "fine [sim chunks=2]")
+    assert (await until_final(ws, {"fine"}))["fine"][-1][0]["type"] == "done"
     await ws.close()

@@ -57,7 +57,7 @@ async def cancel_stream(request: web.Request) -> web.Response:
             )
     stream = _owned_stream(request)
     registry.cancel(stream)
-    await stream.ended.wait()
+    await registry.settled(stream)  # answer with the checkpoint as stored, hooks done
     return web.Response(
         body=orjson.dumps(registry.snapshot(stream).to_json()), content_type="application/json"
     )

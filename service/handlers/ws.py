@@ -104,6 +104,10 @@ class _Socket:
                 )
         except SluiceError as error:
             await self.send(error_frame(frame.get("request_id"), error))
+        except Exception:  # a bug: logged like the middleware does, and the socket lives on
+            log.exception("WebSocket frame failed")
+            failure = SluiceError("The server had an error while processing this frame.")
+            await self.send(error_frame(frame.get("request_id"), failure))
 
     async def send(self, frame: bytes) -> None:
         with contextlib.suppress(ConnectionResetError):  # closing: the loop ends next

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
@@ -31,7 +31,6 @@ from typing import Any
 import pybreaker
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -41,9 +40,10 @@ from ..checkpoint import Checkpoint
 from ..errors import SluiceError
 from ..settings import Settings
 from ..stream import Stream
-from . import genai
+from . import access, genai
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
+from .records import RequestTrace, StreamTrace
 from .redaction import LabelGuard, Redactor
 from .tracing import SERVICE_VERSION
 
@@ -69,98 +69,6 @@ STREAM_EVENTS = {
 # task runs (set by ``traced``): how hooks deep in other modules find their trace.
 _REQUEST: ContextVar[RequestTrace | None] = ContextVar("sluice_request", default=None)
 _GENERATION: ContextVar[StreamTrace | None] = ContextVar("sluice_generation", default=None)
-
-
-class RequestTrace:
-    """One HTTP request: its SERVER span and what its access line will say."""
-
-    __slots__ = (
-        "context_token",
-        "done",
-        "ended",
-        "error_type",
-        "header_overhead_s",
-        "id",
-        "method",
-        "outcome",
-        "path",
-        "rejection",
-        "route",
-        "span",
-        "sse",
-        "started",
-        "status",
-        "stream",
-        "tenant",
-        "user_hash",
-        "websocket",
-    )
-
-    def __init__(self, request_id: str, method: str, route: str, path: str) -> None:
-        self.id = request_id
-        self.method = method
-        self.route = route
-        self.path = path
-        self.started = time.time()
-        self.ended: float | None = None
-        self.status = 0
-        self.outcome: str | None = None
-        self.error_type: str | None = None
-        self.rejection: str | None = None
-        self.span: Span | None = None
-        self.context_token: object | None = None
-        self.stream: StreamTrace | None = None
-        self.user_hash: str | None = None
-        self.tenant: str | None = None
-        self.header_overhead_s: float | None = None
-        self.sse = False
-        self.websocket = False  # its streams are accounted one by one, each with a span
-        self.done = False
-
-
-class StreamTrace:
-    """One generation: its provider attempts (CLIENT spans) and their timing."""
-
-    __slots__ = (
-        "answered_at",
-        "attempt",
-        "attempt_started",
-        "checkpoint",
-        "cost",
-        "failed",
-        "finished",
-        "parent",
-        "provider_started",
-        "request",
-        "server_span",
-        "span",
-        "stream",
-        "websocket",
-    )
-
-    def __init__(self, stream: Stream, parent: Context, request: RequestTrace | None) -> None:
-        self.stream = stream
-        self.parent = parent
-        self.request = request
-        self.server_span: Span | None = None  # a WebSocket message stream's own SERVER span
-        self.span: Span | None = None  # the attempt that answered 2xx (or is in flight)
-        self.failed: Span | None = None  # a failed attempt, until a retry is scheduled
-        self.attempt = 0
-        self.provider_started: float | None = None
-        self.attempt_started: float | None = None
-        self.answered_at: float | None = None
-        self.checkpoint: Checkpoint | None = None
-        self.cost: float | None = None
-        self.finished = False
-        self.websocket = False
-
-    def provider_s(self, now: float, *, whole: bool) -> float:
-        """Wall time spent waiting on the provider up to its answer's headers (or its end)."""
-        if self.provider_started is None or self.stream.cache_hit:
-            return 0.0
-        end = None if whole else self.answered_at
-        end = min(end or self.stream.ended_at or now, now)
-        return max(0.0, end - self.provider_started)
 
 
 class Telemetry:
@@ -198,7 +106,7 @@ class Telemetry:
     async def shutdown(self) -> None:
         """End spans of generations that never finished, flush, and stop exporting."""
         for st in list(self._streams.values()):
-            for span in (st.failed, st.span):
+            for span in (st.failed, st.span, st.server_span):
                 if span is not None and span.is_recording():
                     span.set_status(Status(StatusCode.ERROR, "gateway stopped"))
                     span.end()
@@ -213,20 +121,20 @@ class Telemetry:
     def begin_request(
         self, method: str, route: str, path: str, headers: Any, request_id: str | None
     ) -> RequestTrace:
-        rt = RequestTrace(request_id or "req_" + secrets.token_hex(8), method, route, path)
+        rt = RequestTrace(request_id or f"req_{random.getrandbits(64):016x}", method, route, path)
         if self.recording:
             parent = self.propagator.extract(headers)
-            rt.span = self.tracer.start_span(
-                f"{method} {route}",
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={
-                    "http.request.method": method,
-                    "http.route": route,
-                    "url.path": self.redactor.redact(path),
-                    "sluice.request.id": rt.id,
-                },
+            rt.span = span = self.tracer.start_span(
+                f"{method} {route}", context=parent, kind=SpanKind.SERVER
             )
+            if span.is_recording():  # sampled: attributes cost CPU here and in the exporter
+                span.set_attributes(
+                    {
+                        "http.request.method": method,
+                        "http.route": route,
+                        "url.path": self.redactor.redact(path),
+                    }
+                )
             rt.context_token = otel_context.attach(trace.set_span_in_context(rt.span))
         return rt
 
@@ -253,11 +161,11 @@ class Telemetry:
             rt.user_hash = genai.user_hash(user_id)
             rt.tenant = tenant
         if rt.sse:
-            self.metrics.open_streams.labels("sse").dec()
+            self.metrics.child(self.metrics.open_streams, "sse").dec()
         st = rt.stream
         if rt.outcome != "client_gone" and (st is None or st.finished or not st.stream.running):
             overhead = now - rt.started - (st.provider_s(now, whole=True) if st else 0.0)
-            self.metrics.overhead.labels(rt.route, "total").observe(max(0.0, overhead))
+            self.metrics.child(self.metrics.overhead, rt.route, "total").observe(max(0.0, overhead))
         span = rt.span
         if span is not None:
             self._end_server_span(rt, span)
@@ -274,21 +182,22 @@ class Telemetry:
         provider = st.provider_s(now, whole=not st.stream.streaming) if st else 0.0
         overhead = max(0.0, now - rt.started - provider)
         rt.header_overhead_s = overhead
-        self.metrics.overhead.labels(rt.route, "headers").observe(overhead)
+        self.metrics.child(self.metrics.overhead, rt.route, "headers").observe(overhead)
         if event_stream and not rt.done:
             rt.sse = True
-            self.metrics.open_streams.labels("sse").inc()
+            self.metrics.child(self.metrics.open_streams, "sse").inc()
         return overhead
 
     def _end_server_span(self, rt: RequestTrace, span: Span) -> None:
+        if not span.is_recording():
+            span.end()
+            return
         attributes: dict[str, Any] = {"http.response.status_code": rt.status}
         if rt.user_hash is not None:
             attributes["sluice.user.hash"] = rt.user_hash
-            attributes["sluice.tenant"] = self.redactor.redact(rt.tenant or "")
-        if rt.stream is not None:
-            stream = rt.stream.stream
-            attributes["sluice.stream.id"] = stream.id
-            attributes["sluice.cache.result"] = stream.cache_status
+        if rt.stream is not None:  # the rest is on the CLIENT span, if the provider was called
+            attributes["sluice.stream.id"] = rt.stream.stream.id
+            attributes["sluice.cache.result"] = rt.stream.stream.cache_status
         if rt.header_overhead_s is not None:
             attributes["sluice.overhead_ms"] = round(rt.header_overhead_s * 1000, 3)
         if rt.outcome is not None:
@@ -309,7 +218,7 @@ class Telemetry:
             st = StreamTrace(stream, otel_context.get_current(), None)
             st.websocket = True
             self._start_message_span(st)
-            self.metrics.open_streams.labels("ws").inc()
+            self.metrics.child(self.metrics.open_streams, "ws").inc()
         else:
             st = StreamTrace(stream, otel_context.get_current(), rt)
             if rt is not None:
@@ -330,7 +239,7 @@ class Telemetry:
             attributes={
                 "sluice.stream.id": stream.id,
                 "sluice.user.hash": genai.user_hash(stream.owner.user_id),
-                "sluice.tenant": self.redactor.redact(stream.owner.tenant),
+                "sluice.tenant": self.redactor.value(stream.owner.tenant),
             },
         )
         st.parent = trace.set_span_in_context(span, st.parent)
@@ -374,6 +283,14 @@ class Telemetry:
                 otel_context.detach(token)
 
     def _start_attempt_span(self, st: StreamTrace, model: str) -> Span:
+        span = self.tracer.start_span(
+            genai.span_name(model), context=st.parent, kind=SpanKind.CLIENT
+        )
+        if span.is_recording():
+            span.set_attributes(self._attempt_attributes(st, model))
+        return span
+
+    def _attempt_attributes(self, st: StreamTrace, model: str) -> dict[str, Any]:
         stream = st.stream
         attributes = genai.request_attributes(
             stream.body, model=model, provider=self.provider_name, streaming=stream.streaming
@@ -382,7 +299,7 @@ class Telemetry:
             genai.sluice_attributes(
                 stream_id=stream.id,
                 user_id=stream.owner.user_id,
-                tenant=self.redactor.redact(stream.owner.tenant),
+                tenant=self.redactor.value(stream.owner.tenant),
                 attempt=st.attempt,
             )
         )
@@ -392,14 +309,12 @@ class Telemetry:
             attributes["gen_ai.input.messages"] = self.redactor.redact(
                 genai.input_messages(stream.body)
             )
-        return self.tracer.start_span(
-            genai.span_name(model), context=st.parent, kind=SpanKind.CLIENT, attributes=attributes
-        )
+        return attributes
 
     def retry_scheduled(self, delay_s: float, error: BaseException) -> None:
         """The failed attempt will be retried after ``delay_s`` (call before sleeping)."""
         kind = genai.failure_type(error)
-        self.metrics.retries.labels(self.metrics.label(self.provider_name), kind).inc()
+        self.metrics.child(self.metrics.retries, self.metrics.label(self.provider_name), kind).inc()
         st = _GENERATION.get()
         if st is None or st.failed is None:
             return
@@ -422,8 +337,8 @@ class Telemetry:
         st.finished = True
         self.metrics.generations.dec()
         self._end_failed(st)
-        cost = self.cost_of(stream, checkpoint) if self.cost_of is not None else None
-        st.checkpoint, st.cost = checkpoint, cost
+        st.checkpoint = checkpoint
+        st.cost = cost = self._cost(stream, checkpoint)
         error = genai.error_type(stream.status, stream.error)
         if st.span is not None:
             self._end_attempt_span(st, st.span, checkpoint, cost, error)
@@ -431,11 +346,21 @@ class Telemetry:
             st.server_span.set_attribute("sluice.outcome", str(stream.status))
             st.server_span.end()
         if st.websocket:
-            self.metrics.open_streams.labels("ws").dec()
+            self.metrics.child(self.metrics.open_streams, "ws").dec()
+            reason = REJECTION_REASONS.get(stream.error.code or "") if stream.error else None
+            if reason is not None:  # no middleware saw this refusal: count it here
+                self.rejected(reason)
         self._stream_metrics(st, checkpoint, cost, error)
         rt = st.request
         if rt is None or rt.done:
             self._account(rt, st)
+
+    def _cost(self, stream: Stream, checkpoint: Checkpoint) -> float | None:
+        try:  # never let pricing keep a span open
+            return self.cost_of(stream, checkpoint) if self.cost_of is not None else None
+        except Exception:
+            log.exception("cost of stream %s could not be computed", stream.id)
+            return None
 
     def _end_attempt_span(
         self,
@@ -445,6 +370,9 @@ class Telemetry:
         cost: float | None,
         error: str | None,
     ) -> None:
+        if not span.is_recording():
+            span.end()
+            return
         stream = st.stream
         attributes = genai.response_attributes(
             checkpoint,
@@ -471,28 +399,30 @@ class Telemetry:
         self, st: StreamTrace, checkpoint: Checkpoint, cost: float | None, error: str | None
     ) -> None:
         stream, m = st.stream, self.metrics
-        m.cache.labels(stream.cache_status).inc()
+        m.child(m.cache, stream.cache_status).inc()
         model = m.label(stream.served_model)
         if cost:
-            m.cost.labels(m.label(stream.owner.tenant), model).inc(cost)
+            m.child(m.cost, m.label(stream.owner.tenant), model).inc(cost)
         if st.attempt == 0 or stream.cache_hit:
             return  # no provider call: nothing for the GenAI client metrics
         labels = (genai.OPERATION, m.label(self.provider_name), model)
-        m.token_usage.labels(*labels, "input").observe(checkpoint.prompt_tokens)
-        m.token_usage.labels(*labels, "output").observe(checkpoint.completion_tokens)
+        m.child(m.token_usage, *labels, "input").observe(checkpoint.prompt_tokens)
+        m.child(m.token_usage, *labels, "output").observe(checkpoint.completion_tokens)
         started = st.attempt_started or stream.created_at
         if stream.ended_at is not None:
-            m.operation_duration.labels(*labels, error or "").observe(stream.ended_at - started)
+            m.child(m.operation_duration, *labels, error or "").observe(stream.ended_at - started)
         if stream.first_token_at is not None:
-            m.time_to_first_chunk.labels(*labels).observe(max(0.0, stream.first_token_at - started))
+            m.child(m.time_to_first_chunk, *labels).observe(
+                max(0.0, stream.first_token_at - started)
+            )
 
     # --- hooks for the other modules ------------------------------------------------------------
 
     def rejected(self, reason: str, *, request: RequestTrace | None = None) -> None:
         """A request was refused before the provider (rate, tokens, budget, breaker, ...)."""
-        self.metrics.rejections.labels(self.metrics.label(reason)).inc()
+        self.metrics.child(self.metrics.rejections, self.metrics.label(reason)).inc()
         rt = request or _REQUEST.get()
-        if rt is not None:
+        if rt is not None and not rt.websocket:  # a socket is not refused for one message
             rt.rejection = reason
             rt.outcome = "rejected"
         span = trace.get_current_span()
@@ -550,13 +480,15 @@ class Telemetry:
 
     def _account(self, rt: RequestTrace | None, st: StreamTrace | None) -> None:
         """Once per request (or per stream without one): the access line and the count."""
-        outcome = self._outcome(rt, st)
+        outcome = access.outcome(rt, st)
         if rt is not None:
-            self.metrics.requests.labels(rt.route, rt.method, str(rt.status), outcome).inc()
+            self.metrics.child(
+                self.metrics.requests, rt.route, rt.method, str(rt.status), outcome
+            ).inc()
         else:
-            self.metrics.requests.labels("ws", "WS", "", outcome).inc()
+            self.metrics.child(self.metrics.requests, "ws", "WS", "", outcome).inc()
         if self.settings.access_log and self.access.isEnabledFor(logging.INFO):
-            fields = _access_fields(rt, st, outcome, self.redactor)
+            fields = access.access_fields(rt, st, outcome)
             self.access.info(
                 "%s %s %s %s",
                 fields["method"],
@@ -565,17 +497,6 @@ class Telemetry:
                 outcome,
                 extra={"fields": fields},
             )
-
-    def _outcome(self, rt: RequestTrace | None, st: StreamTrace | None) -> str:
-        if st is not None and st.finished and (rt is None or rt.rejection is None):
-            return str(st.stream.status)
-        if rt is None:
-            return "unknown"
-        if rt.outcome is not None:
-            return rt.outcome
-        if rt.status >= 500:
-            return "server_error"
-        return "client_error" if rt.status >= 400 else "ok"
 
 
 class _BreakerListener(pybreaker.CircuitBreakerListener):
@@ -594,65 +515,6 @@ def _mark_failed(span: Span, error: BaseException, redactor: Redactor) -> None:
         span.set_attribute("http.response.status_code", status)
     message = error.message if isinstance(error, SluiceError) else type(error).__name__
     span.set_status(Status(StatusCode.ERROR, redactor.redact(message)))
-
-
-def _access_fields(
-    rt: RequestTrace | None, st: StreamTrace | None, outcome: str, redactor: Redactor
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "request_id": rt.id if rt else None,
-        "trace_id": _trace_id(rt, st),
-        "method": rt.method if rt else "WS",
-        "path": redactor.redact(rt.path) if rt else "/v1/ws",
-        "route": rt.route if rt else "ws",
-        "status": rt.status if rt else None,
-        "outcome": outcome,
-        "user_hash": rt.user_hash if rt else None,
-        "tenant": redactor.redact(rt.tenant) if rt and rt.tenant else None,
-    }
-    if rt is not None and rt.ended is not None:
-        fields["duration_ms"] = round((rt.ended - rt.started) * 1000, 3)
-    if rt is not None and rt.header_overhead_s is not None:
-        fields["overhead_ms"] = round(rt.header_overhead_s * 1000, 3)
-    if rt is not None and rt.error_type is not None:
-        fields["error_type"] = rt.error_type
-    if st is not None:
-        fields.update(_stream_fields(st, redactor))
-    return fields
-
-
-def _stream_fields(st: StreamTrace, redactor: Redactor) -> dict[str, Any]:
-    stream, checkpoint = st.stream, st.checkpoint
-    fields: dict[str, Any] = {
-        "stream_id": stream.id,
-        "model": redactor.redact(stream.model),
-        "served_model": redactor.redact(stream.served_model),
-        "user_hash": genai.user_hash(stream.owner.user_id),
-        "tenant": redactor.redact(stream.owner.tenant),
-        "prompt_tokens": checkpoint.prompt_tokens if checkpoint else None,
-        "completion_tokens": checkpoint.completion_tokens if checkpoint else None,
-        "cost_usd": st.cost,
-        "cache": stream.cache_status,
-        "attempts": st.attempt,
-    }
-    if stream.fallback_reason is not None:
-        fields["fallback_reason"] = stream.fallback_reason
-    started = st.attempt_started or stream.created_at
-    if stream.first_token_at is not None:
-        fields["ttft_ms"] = round((stream.first_token_at - started) * 1000, 3)
-    if stream.ended_at is not None:
-        fields["stream_ms"] = round((stream.ended_at - stream.created_at) * 1000, 3)
-    if stream.error is not None:
-        fields["error_code"] = stream.error.code
-    return fields
-
-
-def _trace_id(rt: RequestTrace | None, st: StreamTrace | None) -> str | None:
-    span = rt.span if rt is not None else None
-    if span is None and st is not None:
-        span = st.span or trace.get_current_span(st.parent)
-    context = span.get_span_context() if span is not None else None
-    return f"{context.trace_id:032x}" if context is not None and context.is_valid else None
 
 
 def _ns(seconds: float) -> int:

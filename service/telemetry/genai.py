@@ -96,7 +96,6 @@ def response_attributes(
         "gen_ai.usage.output_tokens": checkpoint.completion_tokens,
         "sluice.usage.reported": checkpoint.usage_reported,
         "sluice.stream.status": str(checkpoint.status),
-        "sluice.chunks": checkpoint.chunks,
     }
     if response_id:
         attributes["gen_ai.response.id"] = response_id

@@ -8,6 +8,8 @@ value passes through ``LabelGuard``: redacted, and bounded in cardinality.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .redaction import LabelGuard
@@ -30,6 +32,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, labels: LabelGuard) -> None:
         self.registry = registry
         self.label = labels
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
             "Tokens per provider operation (gen_ai.client.token.usage), by gen_ai.token.type.",
@@ -115,11 +118,19 @@ class Metrics:
             registry=registry,
         )
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: prometheus_client validates on every call."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
 
     def breaker(self, provider: str, state: str) -> None:
         name = self.label(provider)
-        self.breaker_state.labels(name).set(BREAKER_STATES.get(state, -1))
-        self.breaker_transitions.labels(name, state).inc()
+        self.child(self.breaker_state, name).set(BREAKER_STATES.get(state, -1))
+        self.child(self.breaker_transitions, name, state).inc()
