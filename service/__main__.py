@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -20,6 +21,10 @@ from .telemetry.redaction import Redactor
 log = logging.getLogger("service")
 
 DRAIN_MARGIN_S = 5.0
+# A request allocates a few thousand short-lived containers; with CPython's default (700)
+# the collector runs every few requests, scanning young objects that die a moment later
+# anyway. Fewer, larger young collections cost ~15% less CPU per request (``make bench``).
+GC_THRESHOLDS = (20_000, 50, 100)
 
 
 def _banner(settings: Settings, port: int) -> str:
@@ -70,9 +75,11 @@ def main() -> None:
     sock = _bind_any_port(settings.server.host) if settings.server.port == 0 else None
     port = sock.getsockname()[1] if sock is not None else settings.server.port
     print(_banner(settings, port), flush=True)
+    app = create_app(settings)
+    _tune_gc()
     try:
         web.run_app(
-            create_app(settings),
+            app,
             host=None if sock is not None else settings.server.host,
             port=None if sock is not None else settings.server.port,
             sock=sock,
@@ -84,6 +91,14 @@ def main() -> None:
         )
     except ConfigError as exc:  # raised by a cleanup context at startup
         _refuse(exc)
+
+
+def _tune_gc() -> None:
+    """Move everything made so far (modules, the app) out of the collector's sight; then
+    collect less often. Process-wide, so here and not in ``create_app`` (tests build many)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _refuse(exc: ConfigError) -> NoReturn:

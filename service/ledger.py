@@ -2,10 +2,12 @@
 
 ``Ledger`` is the storage seam (PostgreSQL can follow); ``MemoryLedger`` is the test double
 and the default when no data dir is configured; ``SqliteLedger`` is the embedded default
-under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it drops the entry into a
-bounded queue that one writer thread drains in batches, one transaction each. Queries go
-through the same thread and queue, after every record submitted before them, so a reader
-always sees its own writes. ``close`` (a cleanup context) flushes the queue on shutdown.
+under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it collects entries on the
+event loop and hands them, one batch per ``HAND_OFF_S`` (or per ``BATCH`` entries), to a
+bounded queue that one writer thread drains, one transaction a batch. Handing off batches
+rather than entries keeps the writer from waking (and taking the GIL) once per request.
+Queries go through the same thread and queue, after every record submitted before them, so
+a reader always sees its own writes. ``close`` (a cleanup context) flushes on shutdown.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_QUEUE_SIZE = 10_000  # batches waiting for the writer thread
 BATCH = 512
+HAND_OFF_S = 0.05  # the longest an entry waits on the loop before the writer has it
 _T = TypeVar("_T")
 
 
@@ -56,6 +60,7 @@ class LedgerEntry:
 
 
 COLUMNS = tuple(f.name for f in fields(LedgerEntry))
+_ROW = attrgetter(*COLUMNS)  # an entry as the INSERT's parameters (astuple deep-copies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +193,8 @@ class SqliteLedger:
         self.path = path
         self.dropped = 0
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._pending: list[LedgerEntry] = []
+        self._hand_off_timer: asyncio.TimerHandle | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")
@@ -199,13 +206,33 @@ class SqliteLedger:
         self._thread.start()
 
     def record(self, entry: LedgerEntry) -> None:
+        self._pending.append(entry)
+        if len(self._pending) >= BATCH:
+            self._hand_off()
+        elif self._hand_off_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a script): nothing would fire the timer
+                self._hand_off()
+                return
+            self._hand_off_timer = loop.call_later(HAND_OFF_S, self._hand_off)
+
+    def _hand_off(self) -> None:
+        """Give the collected entries to the writer thread as one batch."""
+        if self._hand_off_timer is not None:
+            self._hand_off_timer.cancel()
+            self._hand_off_timer = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
         try:
-            self._queue.put_nowait(entry)
+            self._queue.put_nowait(batch)
         except queue.Full:
-            self.dropped += 1
-            log.error("ledger queue full: dropped the record of %s", entry.request_id)
+            self.dropped += len(batch)
+            log.error("ledger queue full: dropped %d records", len(batch))
 
     async def _submit(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
+        self._hand_off()  # queued before the job: a reader sees every record made before it
         future: Future[_T] = Future()
         await asyncio.to_thread(self._queue.put, (job, future))
         return await asyncio.wrap_future(future)
@@ -242,7 +269,8 @@ class SqliteLedger:
         await self._submit(lambda c: None)
 
     async def close(self) -> None:
-        """Write everything queued, then stop the writer thread."""
+        """Write everything collected and queued, then stop the writer thread."""
+        self._hand_off()
         await asyncio.to_thread(self._queue.put, _STOP)
         await asyncio.to_thread(self._thread.join)
 
@@ -251,15 +279,12 @@ class SqliteLedger:
             while True:
                 item = self._queue.get()
                 batch: list[LedgerEntry] = []
-                while isinstance(item, LedgerEntry):
-                    batch.append(item)
-                    item = None
-                    if len(batch) >= BATCH:
-                        break
+                while isinstance(item, list):  # consecutive batches share one transaction
+                    batch += item
                     try:
-                        item = self._queue.get_nowait()
+                        item = self._queue.get_nowait() if len(batch) < BATCH else None
                     except queue.Empty:
-                        break
+                        item = None
                 if batch:
                     self._write(connection, batch)
                 if item is _STOP:
@@ -271,7 +296,7 @@ class SqliteLedger:
         try:
             with connection:
                 connection.execute("BEGIN")
-                connection.executemany(_INSERT, [astuple(e) for e in batch])
+                connection.executemany(_INSERT, [_ROW(e) for e in batch])
         except sqlite3.Error:
             log.exception("ledger write of %d records failed", len(batch))
 

@@ -106,7 +106,7 @@ async def test_usage_and_spend_group_by_day_and_model(kind: str, tmp_path: Path)
 
 
 async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> None:
-    """With the queue full, record returns at once and counts the drop instead of waiting."""
+    """With the queue full, a hand-off returns at once and counts the drop instead of waiting."""
     ledger = SqliteLedger(tmp_path / "l.sqlite3", queue_size=1)
     started, release = threading.Event(), threading.Event()
 
@@ -117,7 +117,9 @@ async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> 
     held = asyncio.ensure_future(ledger._submit(hold))
     await asyncio.to_thread(started.wait)
     ledger.record(entry("fits"))
+    ledger._hand_off()  # what the hand-off timer does: the one free place takes this batch
     ledger.record(entry("dropped"))
+    ledger._hand_off()
     assert ledger.dropped == 1
     release.set()
     await held
@@ -242,3 +244,14 @@ async def test_wire_cache_hit_is_recorded_at_zero_cost(gateway: GatewayFactory) 
     assert miss.cost_usd > 0
     assert hit.cost_usd == 0.0
     assert hit.request_id != miss.request_id
+
+
+async def test_records_reach_the_writer_in_one_batch(tmp_path: Path) -> None:
+    """Entries recorded within a hand-off period travel to the writer as one queue item."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    for n in range(5):
+        ledger.record(entry(f"r{n}"))
+    assert ledger._queue.qsize() == 0  # still on the loop: no thread woken per record
+    ledger._hand_off()
+    assert [e.request_id for e in await ledger.entries()] == [f"r{n}" for n in range(5)]
+    await ledger.close()
