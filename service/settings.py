@@ -437,9 +437,7 @@ def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
     return SharedStateSettings(
         redis_url=Secret(redis_url) if redis_url else None,
         redis_failure="open" if failure == "open" else "closed",
-        redis_timeout_s=reader.number(
-            "SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001
-        ),
+        redis_timeout_s=reader.number("SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001),
         database_url=Secret(database_url) if database_url else None,
         ledger_buffer=reader.integer("SLUICE_LEDGER_BUFFER", DEFAULT_LEDGER_BUFFER, low=1),
     )
