@@ -43,6 +43,7 @@ from ..stream import Stream, StreamStatus
 from . import access, genai
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
+from .otlp_metrics import MetricsPusher
 from .records import RequestTrace, StreamTrace
 from .redaction import LabelGuard, Redactor
 from .tracing import SERVICE_VERSION
@@ -84,6 +85,7 @@ class Telemetry:
         self.provider_name = settings.provider.name
         self.tracer: Tracer = NoOpTracer()
         self.tracer_provider: TracerProvider | None = None
+        self.metrics_pusher: MetricsPusher | None = None  # OTLP metrics, when configured
         self.propagator = TraceContextTextMapPropagator()
         self.cost_of: CostFunction | None = None
         self.access = logging.getLogger(ACCESS_LOGGER)
@@ -107,7 +109,11 @@ class Telemetry:
         return await asyncio.to_thread(provider.force_flush, timeout_ms)
 
     async def shutdown(self) -> None:
-        """End spans of generations that never finished, flush, and stop exporting."""
+        """End spans of generations that never finished, flush, and stop exporting (the
+        final metrics push included)."""
+        pusher, self.metrics_pusher = self.metrics_pusher, None
+        if pusher is not None:
+            await pusher.close()
         for st in list(self._streams.values()):
             for span in (st.failed, st.span, st.server_span):
                 if span is not None and span.is_recording():

@@ -22,6 +22,7 @@ from ..appkeys import PRINCIPAL, REQUEST_TRACE, SETTINGS, TELEMETRY
 from ..errors import PermissionDeniedError, SluiceError
 from .core import Telemetry
 from .metrics import CONTENT_TYPE
+from .otlp_metrics import build_metrics_pusher
 from .tracing import build_tracer_provider
 
 OVERHEAD_HEADER = "X-Sluice-Overhead-Ms"
@@ -90,12 +91,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Registered first, so it closes last: spans end and flush after the streams drained."""
+    """Registered first, so it closes last: spans end and flush, and metrics are pushed a
+    last time, after the streams drained."""
     telemetry = app[TELEMETRY]
     if telemetry.tracer_provider is None:
         provider = build_tracer_provider(telemetry.settings)
         if provider is not None:
             telemetry.install(provider)
+    if telemetry.metrics_pusher is None:
+        telemetry.metrics_pusher = build_metrics_pusher(
+            telemetry.settings, telemetry.metrics.registry
+        )
+        if telemetry.metrics_pusher is not None:
+            telemetry.metrics_pusher.start()
     yield
     await telemetry.shutdown()
 
