@@ -17,7 +17,9 @@ from service.telemetry.genai import user_hash
 from service.telemetry.logs import configure_logging
 from service.telemetry.redaction import Redactor
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.otlp import receiver_app
 from tests.test_telemetry_metrics import samples, value
+from tests.test_telemetry_traces import traced
 
 URL = "/v1/chat/completions"
 PROVIDER_KEY = "sk-provider-logs-0123456789"
@@ -184,3 +186,21 @@ async def test_websocket_streams_and_refusals_get_access_lines_and_counts(
     assert value(parsed, "sluice_rejections_total", reason="rate") == 1
     assert value(parsed, "sluice_requests_total", route="ws", status="429", outcome="rejected") == 1
     assert value(parsed, "sluice_requests_total", route="ws", outcome="completed") == 1
+
+
+async def test_access_line_carries_the_continued_trace_id(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings], aiohttp_server: Any
+) -> None:
+    """With tracing on, the access line's trace_id is the client's trace (continued), so a
+    log line leads to its spans."""
+    buffer, settings = captured
+    receiver = await aiohttp_server(receiver_app())
+    client = await gateway(traced(settings, receiver))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {**AUTH, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    response = await client.post(URL, json=chat_body("t [sim chunks=2]"), headers=headers)
+    await response.read()
+    await finished(client)
+    (access,) = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    assert access["trace_id"] == trace_id
+    assert access["outcome"] == "completed"

@@ -478,3 +478,20 @@ async def test_websocket_cancel_and_refusal_are_traced(
     assert message.status_code == STATUS_UNSET  # the client's choice, not a failure
     assert (call.status_code, call.attributes["error.type"]) == (STATUS_ERROR, "cancelled")
     assert socket.event("sluice.rejected") == {"sluice.rejection.reason": "rate"}
+
+
+async def test_a_stream_that_finishes_during_the_drain_is_flushed_after_it(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """Shutdown waits for a running stream (the drain) and only then flushes: its CLIENT
+    span arrives complete (all tokens, no error) without any explicit flush."""
+    client = await gateway(traced(settings, receiver))
+    response = await client.post(URL, json=chat_body("d [sim chunks=40 delay_ms=5]"), headers=AUTH)
+    await read_until(response, b"id: 2\n")
+    assert receiver.app[RECEIVED] == []  # batched: nothing exported mid-stream
+    await client.close()
+    call = one(list(receiver.app[RECEIVED]), "chat gpt-4o-mini")
+    assert call.status_code == STATUS_UNSET
+    assert "error.type" not in call.attributes
+    assert call.attributes["gen_ai.usage.output_tokens"] == 40
+    assert call.attributes["gen_ai.response.finish_reasons"] == ["stop"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -118,7 +119,11 @@ async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
     telemetry = app[TELEMETRY]
 
     async def serve(request: web.Request) -> web.Response:
-        return _metrics_response(telemetry)
+        started = time.perf_counter()
+        response = _metrics_response(telemetry)
+        # This listener has no telemetry middleware; its whole time is Sluice's own.
+        response.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
+        return response
 
     metrics_app = web.Application()
     metrics_app.router.add_get(METRICS_PATH, serve)
