@@ -495,3 +495,34 @@ async def test_a_stream_that_finishes_during_the_drain_is_flushed_after_it(
     assert "error.type" not in call.attributes
     assert call.attributes["gen_ai.usage.output_tokens"] == 40
     assert call.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+
+
+async def test_websocket_resume_is_an_event_on_the_new_sockets_span(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """A stream left by one socket and resumed on another: the second socket's SERVER span
+    has ``sluice.stream.resumed``; the CLIENT span (still running) records it too."""
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    body = chat_body("r [sim chunks=500 delay_ms=20]")  # still running when resumed
+    first = await client.ws_connect("/v1/ws", headers=AUTH)
+    await first.send_json({"type": "chat.completion.create", "request_id": "a", "body": body})
+    stream_id = (await first.receive_json())["stream_id"]
+    assert (await first.receive_json())["seq"] == 1
+    await first.close()
+    second = await client.ws_connect("/v1/ws", headers=AUTH)
+    resume = {"type": "resume", "stream_id": stream_id, "last_seq": 1, "request_id": "b"}
+    await second.send_json(resume)
+    assert (await second.receive_json())["seq"] == 2
+    await second.send_json({"type": "cancel", "request_id": "b"})
+    while (frame := await second.receive_json())["type"] == "chunk":
+        pass
+    assert frame["error"]["code"] == "stream_cancelled"
+    await second.close()
+    spans = await exported(client, receiver, ended, "GET /v1/ws", "GET /v1/ws", "chat gpt-4o-mini")
+    sockets = [s for s in spans if s.name == "GET /v1/ws"]
+    resumed = [s for s in sockets if any(e == "sluice.stream.resumed" for e, _ in s.events)]
+    assert len(resumed) == 1
+    event = resumed[0].event("sluice.stream.resumed")
+    assert event == {"sluice.stream.id": stream_id, "sluice.resume.after": 1}
+    one(spans, "chat gpt-4o-mini").event("sluice.stream.resumed")
