@@ -213,6 +213,10 @@ class TelemetrySettings:
     bsp_schedule_delay_ms: int = 5000
     bsp_max_queue_size: int = 2048
     bsp_max_export_batch_size: int = 512
+    metrics_endpoint: str | None = None  # the full OTLP/HTTP URL, ending in /v1/metrics
+    metrics_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    metrics_timeout_s: float = 10.0
+    metric_export_interval_s: float = 60.0
     capture_content: bool = False  # prompt and completion text on spans: opt-in only
     metrics_port: int | None = None  # None: GET /metrics on the main port, admin key needed
     log_format: Literal["json", "text"] = "text"
@@ -437,9 +441,7 @@ def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
     return SharedStateSettings(
         redis_url=Secret(redis_url) if redis_url else None,
         redis_failure="open" if failure == "open" else "closed",
-        redis_timeout_s=reader.number(
-            "SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001
-        ),
+        redis_timeout_s=reader.number("SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001),
         database_url=Secret(database_url) if database_url else None,
         ledger_buffer=reader.integer("SLUICE_LEDGER_BUFFER", DEFAULT_LEDGER_BUFFER, low=1),
     )
@@ -548,7 +550,11 @@ def _json_value(name: str, raw: str) -> object:
 
 def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> TelemetrySettings:
     """The standard ``OTEL_*`` variables (OTLP over HTTP/protobuf only) and Sluice's own."""
-    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+    for name in (
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ):
         protocol = reader.raw(name)
         if protocol not in (None, "http/protobuf"):
             raise ConfigError(f"{name}: only 'http/protobuf' is supported, got {protocol!r}")
@@ -556,16 +562,9 @@ def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> Telem
     if sampler not in OTEL_SAMPLERS:
         raise ConfigError(f"OTEL_TRACES_SAMPLER must be one of {sorted(OTEL_SAMPLERS)}")
     resource = _otel_pairs("OTEL_RESOURCE_ATTRIBUTES", reader.raw("OTEL_RESOURCE_ATTRIBUTES"))
-    header_var = (
-        "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
-        if reader.raw("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
-        else "OTEL_EXPORTER_OTLP_HEADERS"
-    )
-    timeout_ms = reader.number(
-        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-        reader.number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0, low=1.0),
-        low=1.0,
-    )
+    header_var = _signal_var(reader, "TRACES", "HEADERS")
+    metrics_header_var = _signal_var(reader, "METRICS", "HEADERS")
+    timeout_ms = reader.number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0, low=1.0)
     log_format = reader.text(
         "SLUICE_LOG_FORMAT", "text" if provider.kind == "simulated" else "json"
     ).lower()
@@ -573,9 +572,16 @@ def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> Telem
         raise ConfigError(f"SLUICE_LOG_FORMAT must be 'json' or 'text', got {log_format!r}")
     metrics_port = reader.raw("SLUICE_METRICS_PORT")
     return TelemetrySettings(
-        traces_endpoint=_traces_endpoint(reader),
+        traces_endpoint=_signal_endpoint(reader, "TRACES"),
         otlp_headers=_otel_pairs(header_var, reader.raw(header_var)),
-        otlp_timeout_s=timeout_ms / 1000,
+        otlp_timeout_s=reader.number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", timeout_ms, low=1.0)
+        / 1000,
+        metrics_endpoint=_signal_endpoint(reader, "METRICS"),
+        metrics_headers=_otel_pairs(metrics_header_var, reader.raw(metrics_header_var)),
+        metrics_timeout_s=reader.number("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", timeout_ms, low=1.0)
+        / 1000,
+        metric_export_interval_s=reader.number("OTEL_METRIC_EXPORT_INTERVAL", 60_000.0, low=1.0)
+        / 1000,
         service_name=reader.raw("OTEL_SERVICE_NAME")
         or resource.get("service.name", DEFAULT_SERVICE_NAME),
         resource_attributes=resource,
@@ -597,23 +603,36 @@ def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> Telem
     )
 
 
-def _traces_endpoint(reader: _EnvReader) -> str | None:
-    """The signal URL as the OTLP exporter spec builds it; None turns tracing off."""
+def _signal_var(reader: _EnvReader, signal: str, suffix: str) -> str:
+    """``OTEL_EXPORTER_OTLP_<SIGNAL>_<SUFFIX>`` when set, else the shared variable."""
+    specific = f"OTEL_EXPORTER_OTLP_{signal}_{suffix}"
+    return specific if reader.raw(specific) else f"OTEL_EXPORTER_OTLP_{suffix}"
+
+
+def _signal_endpoint(reader: _EnvReader, signal: str) -> str | None:
+    """A signal's URL as the OTLP exporter spec builds it; None turns its export off.
+
+    ``OTEL_TRACES_EXPORTER`` is ``otlp`` or ``none``; ``OTEL_METRICS_EXPORTER`` may also be
+    ``prometheus`` (served at ``/metrics`` either way), which means no OTLP push.
+    """
     if _flag(reader, "OTEL_SDK_DISABLED", False):
         return None
-    exporter = reader.text("OTEL_TRACES_EXPORTER", "otlp").lower()
-    if exporter not in ("otlp", "none"):
-        raise ConfigError(f"OTEL_TRACES_EXPORTER must be 'otlp' or 'none', got {exporter!r}")
-    if exporter == "none":
+    exporter_var = f"OTEL_{signal}_EXPORTER"
+    allowed = ("otlp", "none", "prometheus") if signal == "METRICS" else ("otlp", "none")
+    exporter = reader.text(exporter_var, "otlp").lower()
+    if exporter not in allowed:
+        raise ConfigError(f"{exporter_var} must be one of {list(allowed)}, got {exporter!r}")
+    if exporter != "otlp":
         return None
-    specific = reader.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    specific_var = f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"
+    specific = reader.raw(specific_var)
     base = reader.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
-    for name, url in (("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", specific), ("", base)):
+    for name, url in ((specific_var, specific), ("OTEL_EXPORTER_OTLP_ENDPOINT", base)):
         if url is not None and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{name or 'OTEL_EXPORTER_OTLP_ENDPOINT'} must be an http(s) URL")
+            raise ConfigError(f"{name} must be an http(s) URL")
     if specific is not None:
         return specific  # used as given, per the spec
-    return f"{base.rstrip('/')}/v1/traces" if base is not None else None
+    return f"{base.rstrip('/')}/v1/{signal.lower()}" if base is not None else None
 
 
 def _otel_pairs(name: str, raw: str | None) -> dict[str, str]:

@@ -1,8 +1,9 @@
-"""A real OTLP/HTTP trace receiver for tests, and readable views of what it received.
+"""A real OTLP/HTTP receiver for tests, and readable views of what it received.
 
-The gateway's exporter POSTs protobuf ``ExportTraceServiceRequest`` bodies to
-``/v1/traces`` on an aiohttp test server; the receiver decodes them with opentelemetry-proto
-(independently of the SDK that encoded them) into ``Received`` spans. ``Ended`` is a span
+The gateway's exporters POST protobuf ``ExportTraceServiceRequest`` bodies to ``/v1/traces``
+and ``ExportMetricsServiceRequest`` bodies to ``/v1/metrics`` on an aiohttp test server; the
+receiver decodes them with opentelemetry-proto (independently of the SDK that encoded them)
+into ``Received`` spans and ``Pushed`` metric exports. ``Ended`` is a span
 processor the test adds to the injected provider: it tells when spans *ended* (in the
 loop's thread), so a test waits on that, then flushes, instead of sleeping.
 """
@@ -15,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -28,6 +33,7 @@ CLIENT = ProtoSpan.SpanKind.SPAN_KIND_CLIENT
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
 RECEIVED: web.AppKey[list[Received]] = web.AppKey("received")
+PUSHED: web.AppKey[Pushes] = web.AppKey("pushed")
 
 
 @dataclass
@@ -56,9 +62,64 @@ class Received:
         return repr((self.name, self.attributes, self.events, self.status_message))
 
 
+@dataclass
+class Pushed:
+    """One metric of one export, decoded: its kind (sum, gauge, histogram) and points."""
+
+    name: str
+    unit: str
+    kind: str
+    points: list[dict[str, Any]]
+    monotonic: bool
+    temporality: int
+    resource: dict[str, Any]
+
+    def point(self, **attributes: Any) -> dict[str, Any]:
+        """The one point whose attributes include ``attributes``."""
+        found = [p for p in self.points if attributes.items() <= p["attributes"].items()]
+        assert len(found) == 1, (self.name, attributes, self.points)
+        return found[0]
+
+
+class Pushes:
+    """Every metrics export received, in order; wakes waiters on each."""
+
+    def __init__(self) -> None:
+        self.exports: list[dict[str, Pushed]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, export: dict[str, Pushed]) -> None:
+        self.exports.append(export)
+        self._changed.set()
+        self._changed.clear()
+
+    async def wait_for(self, predicate: Callable[[list[dict[str, Pushed]]], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not predicate(self.exports):
+                await self._changed.wait()
+
+
 def receiver_app() -> web.Application:
     app = web.Application()
     app[RECEIVED] = []
+    app[PUSHED] = Pushes()
+
+    async def metrics(request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        export = ExportMetricsServiceRequest.FromString(await request.read())
+        decoded: dict[str, Pushed] = {}
+        for resource_metrics in export.resource_metrics:
+            resource = _attributes(resource_metrics.resource.attributes)
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    decoded[metric.name] = _decode_metric(metric, resource)
+        app[PUSHED].add(decoded)
+        return web.Response(
+            body=ExportMetricsServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    app.router.add_post("/v1/metrics", metrics)
 
     async def traces(request: web.Request) -> web.Response:
         assert request.content_type == "application/x-protobuf"
@@ -105,6 +166,37 @@ def _decode(span: ProtoSpan, resource: dict[str, Any]) -> Received:
         events=[(e.name, _attributes(e.attributes)) for e in span.events],
         status_code=span.status.code,
         status_message=span.status.message,
+        resource=resource,
+    )
+
+
+def _decode_metric(metric: Any, resource: dict[str, Any]) -> Pushed:
+    kind = metric.WhichOneof("data")
+    data = getattr(metric, kind)
+    points = []
+    for point in data.data_points:
+        decoded: dict[str, Any] = {
+            "attributes": _attributes(point.attributes),
+            "start": point.start_time_unix_nano,
+            "time": point.time_unix_nano,
+        }
+        if kind == "histogram":
+            decoded.update(
+                count=point.count,
+                sum=point.sum,
+                bucket_counts=list(point.bucket_counts),
+                explicit_bounds=list(point.explicit_bounds),
+            )
+        else:
+            decoded["value"] = getattr(point, point.WhichOneof("value"))
+        points.append(decoded)
+    return Pushed(
+        name=metric.name,
+        unit=metric.unit,
+        kind=kind,
+        points=points,
+        monotonic=getattr(data, "is_monotonic", False),
+        temporality=getattr(data, "aggregation_temporality", 0),
         resource=resource,
     )
 

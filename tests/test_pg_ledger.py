@@ -141,7 +141,8 @@ async def test_a_rolling_restart_loses_no_ledger_row(
     a, b = await gateway(shared), await gateway(shared)
     for client in (a, b, a, b):
         response = await client.post(
-            "/v1/chat/completions", json=chat_body("hi [sim chunks=2]", stream=False),
+            "/v1/chat/completions",
+            json=chat_body("hi [sim chunks=2]", stream=False),
             headers=AUTH,
         )
         assert response.status == 200

@@ -58,9 +58,7 @@ async def test_resume_on_another_replica_gets_exactly_the_missing_bytes(
     head = await read_events(response, 3)
     response.close()  # the tab reloads; A keeps generating inside the grace window
 
-    resumed = await b.get(
-        f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "3"}
-    )
+    resumed = await b.get(f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "3"})
     assert resumed.status == 200
     assert resumed.headers[STREAM_ID_HEADER] == stream_id
     tail = await resumed.read()
@@ -129,9 +127,7 @@ async def test_another_user_cannot_resume_or_cancel_through_another_replica(
     """Ownership holds across replicas: bob gets 404 for alice's stream on B."""
     two, alice, bob = two_user_settings(with_redis(settings, redis_url), tmp_path)
     a, b = await replicas(gateway, two)
-    response = await a.post(
-        "/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice)
-    )
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice))
     stream_id = response.headers[STREAM_ID_HEADER]
     await read_events(response, 1)
 

@@ -17,6 +17,9 @@ from service.telemetry.genai import user_hash
 from service.telemetry.logs import configure_logging
 from service.telemetry.redaction import Redactor
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.otlp import receiver_app
+from tests.test_telemetry_metrics import samples, value
+from tests.test_telemetry_traces import traced
 
 URL = "/v1/chat/completions"
 PROVIDER_KEY = "sk-provider-logs-0123456789"
@@ -139,3 +142,65 @@ async def test_access_log_can_be_turned_off(
     )
     assert (await client.get("/livez")).status == 200
     assert not [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+
+
+async def test_websocket_streams_and_refusals_get_access_lines_and_counts(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """On a socket each message stream logs its own access line (joined to the upgrade by
+    request id); a message refused by the rate limit logs one too and counts as a rejection."""
+    buffer, settings = captured
+    client = await gateway(replace(settings, limits=replace(settings.limits, user_rpm=1)))
+    ws = await client.ws_connect("/v1/ws", headers={**AUTH, "X-Request-Id": "sock-1"})
+    body = chat_body("w [sim chunks=3]")
+    for request_id in ("a", "b"):
+        await ws.send_json(
+            {"type": "chat.completion.create", "request_id": request_id, "body": body}
+        )
+    finals = {}
+    while len(finals) < 2:
+        frame = await ws.receive_json()
+        if frame["type"] in ("done", "error"):
+            finals[frame["request_id"]] = frame
+    assert finals["a"]["type"] == "done"
+    assert finals["b"]["error"]["code"] == "rate_limit_exceeded"
+    await ws.close()
+    await finished(client)
+    metrics = await client.get("/metrics", headers=AUTH)
+    exposition = await metrics.text()
+
+    access = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    streamed = [line for line in access if line.get("stream_id")]
+    refused = [line for line in access if line["outcome"] == "rejected"]
+    upgrade = [line for line in access if line["status"] == 101]
+    assert len(streamed) == len(refused) == len(upgrade) == 1
+    assert {line["request_id"] for line in streamed + refused + upgrade} == {"sock-1"}
+    (stream,) = streamed
+    assert (stream["method"], stream["route"], stream["outcome"]) == ("WS", "ws", "completed")
+    assert stream["completion_tokens"] == 3
+    assert stream["user_hash"] == user_hash("dev")
+    (rejected,) = refused
+    assert (rejected["status"], rejected["error_type"]) == (429, "rate_limit_exceeded")
+    assert rejected["user_hash"] == user_hash("dev")
+    parsed = samples(exposition)
+    assert value(parsed, "sluice_rejections_total", reason="rate") == 1
+    assert value(parsed, "sluice_requests_total", route="ws", status="429", outcome="rejected") == 1
+    assert value(parsed, "sluice_requests_total", route="ws", outcome="completed") == 1
+
+
+async def test_access_line_carries_the_continued_trace_id(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings], aiohttp_server: Any
+) -> None:
+    """With tracing on, the access line's trace_id is the client's trace (continued), so a
+    log line leads to its spans."""
+    buffer, settings = captured
+    receiver = await aiohttp_server(receiver_app())
+    client = await gateway(traced(settings, receiver))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {**AUTH, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    response = await client.post(URL, json=chat_body("t [sim chunks=2]"), headers=headers)
+    await response.read()
+    await finished(client)
+    (access,) = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    assert access["trace_id"] == trace_id
+    assert access["outcome"] == "completed"

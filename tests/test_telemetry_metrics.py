@@ -183,6 +183,7 @@ async def test_metrics_port_serves_without_auth_and_main_port_has_no_route(
         session.get(client.app[METRICS_URL]) as response,
     ):
         assert response.status == 200
+        assert float(response.headers["X-Sluice-Overhead-Ms"]) >= 0
         text = await response.text()
     assert value(samples(text), "sluice_requests_total", status="404") == 1
 

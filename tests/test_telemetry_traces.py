@@ -375,3 +375,154 @@ async def test_sampled_out_requests_export_nothing_but_still_propagate(
     assert receiver.app[RECEIVED] == []
     flags = int(sim_stats.traceparents[0].rsplit("-", 1)[1], 16)
     assert flags & 1 == 0  # the W3C "sampled" bit
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason", "code"),
+    [
+        ({"user_rpm": 1}, "rate", "rate_limit_exceeded"),
+        ({"user_daily_usd": 1e-9}, "budget", "budget_exceeded"),
+    ],
+)
+async def test_rate_and_budget_rejections_are_events_on_the_server_span(
+    gateway: GatewayFactory,
+    settings: Settings,
+    receiver: TestServer,
+    limits: dict[str, Any],
+    reason: str,
+    code: str,
+) -> None:
+    """A request refused by a rate limit or a budget: its SERVER span has a ``sluice.rejected``
+    event naming the reason, ``error.type`` the code, and no CLIENT span exists for it."""
+    custom = traced(settings, receiver)
+    if "user_rpm" in limits:
+        custom = replace(custom, limits=replace(custom.limits, **limits))
+    else:
+        custom = replace(custom, money=replace(custom.money, **limits))
+    client = await gateway(custom)
+    ended = watch(client)
+    responses = [
+        await client.post(URL, json=chat_body(f"q{i} [sim chunks=2]"), headers=AUTH)
+        for i in range(2)
+    ]
+    for response in responses:
+        await response.read()
+    refused = responses[-1]
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == code
+    calls = 1 if reason == "rate" else 0
+    spans = await exported(client, receiver, ended, CHAT, CHAT, *["chat gpt-4o-mini"] * calls)
+    assert len([s for s in spans if s.kind == CLIENT]) == calls
+    rejected = [s for s in spans if s.name == CHAT and s.attributes["http.response.status_code"]]
+    refused_span = next(s for s in rejected if s.attributes["http.response.status_code"] == 429)
+    assert refused_span.event("sluice.rejected") == {"sluice.rejection.reason": reason}
+    assert refused_span.attributes["error.type"] == code
+    assert refused_span.attributes["sluice.outcome"] == "rejected"
+
+
+async def test_cancelled_sse_stream_ends_its_client_span_cancelled(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, sim_stats: SimStats
+) -> None:
+    """``POST /v1/streams/{id}/cancel`` mid-stream: the CLIENT span ends (never left open)
+    with ``error.type`` cancelled and an error status; the provider call is aborted."""
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    response = await client.post(
+        URL, json=chat_body("c [sim chunks=500 delay_ms=20]"), headers=AUTH
+    )
+    await read_until(response, b"id: 2\n")
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    cancel = await client.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancel.status == 200
+    assert b"stream_cancelled" in await response.read()
+    cancel_route = "POST /v1/streams/{stream_id}/cancel"
+    spans = await exported(client, receiver, ended, CHAT, cancel_route, "chat gpt-4o-mini")
+    call = one(spans, "chat gpt-4o-mini")
+    assert call.status_code == STATUS_ERROR
+    assert call.attributes["error.type"] == "cancelled"
+    assert call.attributes["sluice.stream.status"] == "cancelled"
+    assert 0 < call.attributes["gen_ai.usage.output_tokens"] < 500
+    assert one(spans, CHAT).attributes["sluice.outcome"] == "cancelled"
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
+async def test_websocket_cancel_and_refusal_are_traced(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """On a socket: a cancelled message stream ends its SERVER and CLIENT spans with
+    ``error.type`` cancelled; a message refused by the rate limit is a ``sluice.rejected``
+    event on the socket's span (no message span, no CLIENT span)."""
+    custom = traced(settings, receiver)
+    client = await gateway(replace(custom, limits=replace(custom.limits, user_rpm=1)))
+    ended = watch(client)
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    long = chat_body("w [sim chunks=500 delay_ms=20]")
+    await ws.send_json({"type": "chat.completion.create", "request_id": "a", "body": long})
+    assert (await ws.receive_json())["type"] == "started"
+    assert (await ws.receive_json())["type"] == "chunk"
+    await ws.send_json({"type": "cancel", "request_id": "a"})
+    while (final := await ws.receive_json())["type"] == "chunk":
+        pass
+    assert final["error"]["code"] == "stream_cancelled"
+    await ws.send_json({"type": "chat.completion.create", "request_id": "b", "body": long})
+    refused = await ws.receive_json()
+    assert (refused["type"], refused["error"]["code"]) == ("error", "rate_limit_exceeded")
+    await ws.close()
+    message_span = "WS chat.completion.create"
+    spans = await exported(client, receiver, ended, "GET /v1/ws", message_span, "chat gpt-4o-mini")
+    socket, message = one(spans, "GET /v1/ws"), one(spans, message_span)
+    call = one(spans, "chat gpt-4o-mini")
+    assert (message.parent_id, call.parent_id) == (socket.span_id, message.span_id)
+    assert message.attributes["sluice.outcome"] == "cancelled"
+    assert message.attributes["error.type"] == "cancelled"
+    assert message.status_code == STATUS_UNSET  # the client's choice, not a failure
+    assert (call.status_code, call.attributes["error.type"]) == (STATUS_ERROR, "cancelled")
+    assert socket.event("sluice.rejected") == {"sluice.rejection.reason": "rate"}
+
+
+async def test_a_stream_that_finishes_during_the_drain_is_flushed_after_it(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """Shutdown waits for a running stream (the drain) and only then flushes: its CLIENT
+    span arrives complete (all tokens, no error) without any explicit flush."""
+    client = await gateway(traced(settings, receiver))
+    response = await client.post(URL, json=chat_body("d [sim chunks=40 delay_ms=5]"), headers=AUTH)
+    await read_until(response, b"id: 2\n")
+    assert receiver.app[RECEIVED] == []  # batched: nothing exported mid-stream
+    await client.close()
+    call = one(list(receiver.app[RECEIVED]), "chat gpt-4o-mini")
+    assert call.status_code == STATUS_UNSET
+    assert "error.type" not in call.attributes
+    assert call.attributes["gen_ai.usage.output_tokens"] == 40
+    assert call.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+
+
+async def test_websocket_resume_is_an_event_on_the_new_sockets_span(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """A stream left by one socket and resumed on another: the second socket's SERVER span
+    has ``sluice.stream.resumed``; the CLIENT span (still running) records it too."""
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    body = chat_body("r [sim chunks=500 delay_ms=20]")  # still running when resumed
+    first = await client.ws_connect("/v1/ws", headers=AUTH)
+    await first.send_json({"type": "chat.completion.create", "request_id": "a", "body": body})
+    stream_id = (await first.receive_json())["stream_id"]
+    assert (await first.receive_json())["seq"] == 1
+    await first.close()
+    second = await client.ws_connect("/v1/ws", headers=AUTH)
+    resume = {"type": "resume", "stream_id": stream_id, "last_seq": 1, "request_id": "b"}
+    await second.send_json(resume)
+    assert (await second.receive_json())["seq"] == 2
+    await second.send_json({"type": "cancel", "request_id": "b"})
+    while (frame := await second.receive_json())["type"] == "chunk":
+        pass
+    assert frame["error"]["code"] == "stream_cancelled"
+    await second.close()
+    spans = await exported(client, receiver, ended, "GET /v1/ws", "GET /v1/ws", "chat gpt-4o-mini")
+    sockets = [s for s in spans if s.name == "GET /v1/ws"]
+    resumed = [s for s in sockets if any(e == "sluice.stream.resumed" for e, _ in s.events)]
+    assert len(resumed) == 1
+    event = resumed[0].event("sluice.stream.resumed")
+    assert event == {"sluice.stream.id": stream_id, "sluice.resume.after": 1}
+    one(spans, "chat gpt-4o-mini").event("sluice.stream.resumed")

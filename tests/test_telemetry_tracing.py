@@ -132,3 +132,47 @@ def test_provider_carries_the_resource_and_never_becomes_global() -> None:
         assert trace.get_tracer_provider() is before
     finally:
         provider.shutdown()
+
+
+def test_metrics_push_reads_the_standard_variables() -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT + /v1/metrics (the metrics-specific one wins, as given),
+    metrics headers over the shared ones, the export interval in ms; none/prometheus and
+    OTEL_SDK_DISABLED turn the push off; nothing configured, no push."""
+    assert telemetry().metrics_endpoint is None
+    base = telemetry(
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318/",
+        OTEL_EXPORTER_OTLP_HEADERS="a=1",
+        OTEL_EXPORTER_OTLP_METRICS_HEADERS="m=2",
+        OTEL_EXPORTER_OTLP_METRICS_TIMEOUT="1500",
+        OTEL_METRIC_EXPORT_INTERVAL="15000",
+    )
+    assert base.metrics_endpoint == "http://c:4318/v1/metrics"
+    assert (dict(base.metrics_headers), dict(base.otlp_headers)) == ({"m": "2"}, {"a": "1"})
+    assert (base.metrics_timeout_s, base.otlp_timeout_s) == (1.5, 10.0)
+    assert base.metric_export_interval_s == 15.0
+    specific = telemetry(
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318",
+        OTEL_EXPORTER_OTLP_METRICS_ENDPOINT="http://m:9/custom",
+    )
+    assert specific.metrics_endpoint == "http://m:9/custom"
+    for off in ({"OTEL_METRICS_EXPORTER": "none"}, {"OTEL_METRICS_EXPORTER": "prometheus"}):
+        settings = telemetry(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318", **off)
+        assert settings.metrics_endpoint is None
+        assert settings.traces_endpoint == "http://c:4318/v1/traces"
+    disabled = telemetry(OTEL_EXPORTER_OTLP_ENDPOINT="http://c:4318", OTEL_SDK_DISABLED="true")
+    assert disabled.metrics_endpoint is None
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"OTEL_METRICS_EXPORTER": "console"}, "OTEL_METRICS_EXPORTER"),
+        ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "m:9"}, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "soon"}, "OTEL_METRIC_EXPORT_INTERVAL"),
+    ],
+)
+def test_bad_metrics_values_name_their_variable(env: dict[str, str], variable: str) -> None:
+    """Metrics export parse errors name the variable too."""
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)

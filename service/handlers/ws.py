@@ -88,6 +88,7 @@ class _Socket:
     async def receive(self, text: str) -> None:
         """Act on one client frame; anything wrong with it is answered with an error frame."""
         frame: dict[str, Any] = {}
+        kind = None
         try:
             frame = parse_frame(text)
             kind = frame.get("type")
@@ -103,6 +104,11 @@ class _Socket:
                     param="type",
                 )
         except SluiceError as error:
+            if kind == "chat.completion.create":  # no stream will account for this one
+                principal = self._principal
+                self._app[TELEMETRY].message_refused(
+                    error, user_id=principal.user_id, tenant=principal.tenant
+                )
             await self.send(error_frame(frame.get("request_id"), error))
         except Exception:  # a bug: logged like the middleware does, and the socket lives on
             log.exception("WebSocket frame failed")

@@ -9,6 +9,7 @@
     redaction.py   pure: what never reaches a log line, span attribute or metric label
     metrics.py     the Prometheus instruments on the app's own registry
     tracing.py     the tracer provider from the OTEL_* settings (OTLP/HTTP, batched)
+    otlp_metrics.py the Prometheus registry pushed over OTLP/HTTP, when configured
     logs.py        JSON/text formatters, redacting, and the process's logging setup
 
 Only ``Telemetry`` is exported here: ``http.py`` depends on ``appkeys`` and is imported

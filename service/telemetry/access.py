@@ -33,7 +33,7 @@ def outcome(rt: RequestTrace | None, st: StreamTrace | None) -> str:
 def access_fields(rt: RequestTrace | None, st: StreamTrace | None, outcome: str) -> dict[str, Any]:
     """The access line's fields (redacted as a whole by the log formatter)."""
     fields: dict[str, Any] = {
-        "request_id": rt.id if rt else None,
+        "request_id": rt.id if rt else st.request_id if st else None,
         "trace_id": _trace_id(rt, st),
         "method": rt.method if rt else "WS",
         "path": rt.path if rt else "/v1/ws",

@@ -39,10 +39,11 @@ from prometheus_client import CollectorRegistry
 from ..checkpoint import Checkpoint
 from ..errors import SluiceError
 from ..settings import Settings
-from ..stream import Stream
+from ..stream import Stream, StreamStatus
 from . import access, genai
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
+from .otlp_metrics import MetricsPusher
 from .records import RequestTrace, StreamTrace
 from .redaction import LabelGuard, Redactor
 from .tracing import SERVICE_VERSION
@@ -60,6 +61,9 @@ REJECTION_REASONS = {
     "circuit_open": "breaker",
     "context_length_exceeded": "context_length",
 }
+# Ends the client chose: not the gateway's failures (a SERVER span's status stays unset).
+RUNNING = StreamStatus.RUNNING
+_CLIENT_ENDED = frozenset({StreamStatus.CANCELLED, StreamStatus.CLIENT_GONE})
 STREAM_EVENTS = {
     "client_disconnected": "sluice.client.disconnected",
     "grace_expired": "sluice.grace.expired",
@@ -81,6 +85,7 @@ class Telemetry:
         self.provider_name = settings.provider.name
         self.tracer: Tracer = NoOpTracer()
         self.tracer_provider: TracerProvider | None = None
+        self.metrics_pusher: MetricsPusher | None = None  # OTLP metrics, when configured
         self.propagator = TraceContextTextMapPropagator()
         self.cost_of: CostFunction | None = None
         self.access = logging.getLogger(ACCESS_LOGGER)
@@ -104,7 +109,11 @@ class Telemetry:
         return await asyncio.to_thread(provider.force_flush, timeout_ms)
 
     async def shutdown(self) -> None:
-        """End spans of generations that never finished, flush, and stop exporting."""
+        """End spans of generations that never finished, flush, and stop exporting (the
+        final metrics push included)."""
+        pusher, self.metrics_pusher = self.metrics_pusher, None
+        if pusher is not None:
+            await pusher.close()
         for st in list(self._streams.values()):
             for span in (st.failed, st.span, st.server_span):
                 if span is not None and span.is_recording():
@@ -200,8 +209,11 @@ class Telemetry:
             attributes["sluice.cache.result"] = rt.stream.stream.cache_status
         if rt.header_overhead_s is not None:
             attributes["sluice.overhead_ms"] = round(rt.header_overhead_s * 1000, 3)
-        if rt.outcome is not None:
-            attributes["sluice.outcome"] = rt.outcome
+        outcome = rt.outcome
+        if outcome is None and rt.stream is not None and rt.stream.stream.status is not RUNNING:
+            outcome = str(rt.stream.stream.status)  # the response relayed the stream's end
+        if outcome is not None:
+            attributes["sluice.outcome"] = outcome
         if rt.error_type is not None and (rt.status >= 500 or rt.rejection):
             attributes["error.type"] = rt.error_type
         span.set_attributes(attributes)
@@ -217,6 +229,7 @@ class Telemetry:
         if rt is not None and rt.websocket:
             st = StreamTrace(stream, otel_context.get_current(), None)
             st.websocket = True
+            st.request_id = rt.id  # the socket's: its access lines join the upgrade's
             self._start_message_span(st)
             self.metrics.child(self.metrics.open_streams, "ws").inc()
         else:
@@ -342,18 +355,31 @@ class Telemetry:
         error = genai.error_type(stream.status, stream.error)
         if st.span is not None:
             self._end_attempt_span(st, st.span, checkpoint, cost, error)
-        if st.server_span is not None:
-            st.server_span.set_attribute("sluice.outcome", str(stream.status))
-            st.server_span.end()
         if st.websocket:
             self.metrics.child(self.metrics.open_streams, "ws").dec()
             reason = REJECTION_REASONS.get(stream.error.code or "") if stream.error else None
-            if reason is not None:  # no middleware saw this refusal: count it here
-                self.rejected(reason)
+            if reason is not None:  # no middleware saw this refusal (breaker): count it here
+                self.rejected(reason, span=st.server_span)
+        if st.server_span is not None:
+            self._end_message_span(st.server_span, stream, error)
         self._stream_metrics(st, checkpoint, cost, error)
         rt = st.request
         if rt is None or rt.done:
             self._account(rt, st)
+
+    def _end_message_span(self, span: Span, stream: Stream, error: str | None) -> None:
+        """A WebSocket message's SERVER span: its stream's outcome, an error when it failed.
+
+        As for an HTTP SERVER span, only the gateway's or provider's failures are errors;
+        a stream the client cancelled or left still says why it ended, in ``error.type``.
+        """
+        if span.is_recording():
+            span.set_attribute("sluice.outcome", str(stream.status))
+            if error is not None:
+                span.set_attribute("error.type", error)
+                if stream.status not in _CLIENT_ENDED:
+                    span.set_status(Status(StatusCode.ERROR))
+        span.end()
 
     def _cost(self, stream: Stream, checkpoint: Checkpoint) -> float | None:
         try:  # never let pricing keep a span open
@@ -418,16 +444,36 @@ class Telemetry:
 
     # --- hooks for the other modules ------------------------------------------------------------
 
-    def rejected(self, reason: str, *, request: RequestTrace | None = None) -> None:
-        """A request was refused before the provider (rate, tokens, budget, breaker, ...)."""
+    def rejected(
+        self, reason: str, *, request: RequestTrace | None = None, span: Span | None = None
+    ) -> None:
+        """A request was refused before the provider (rate, tokens, budget, breaker, ...);
+        the event goes on ``span``, by default the current one."""
         self.metrics.child(self.metrics.rejections, self.metrics.label(reason)).inc()
         rt = request or _REQUEST.get()
         if rt is not None and not rt.websocket:  # a socket is not refused for one message
             rt.rejection = reason
             rt.outcome = "rejected"
-        span = trace.get_current_span()
+        span = span or trace.get_current_span()
         if span.is_recording():
             span.add_event("sluice.rejected", {"sluice.rejection.reason": reason})
+
+    def message_refused(self, error: SluiceError, *, user_id: str, tenant: str) -> None:
+        """A WebSocket ``chat.completion.create`` frame was refused before its stream existed
+        (bad body, rate, budget, ...): counted and logged like a refused HTTP request."""
+        socket = _REQUEST.get()
+        rt = RequestTrace(
+            socket.id if socket is not None else f"req_{random.getrandbits(64):016x}",
+            "WS",
+            "ws",
+            "/v1/ws",
+        )
+        rt.span = socket.span if socket is not None else None  # the access line's trace id
+        rt.user_hash, rt.tenant = genai.user_hash(user_id), tenant
+        self.request_failed(rt, error.http_status, error)  # a rejection: metric and event
+        rt.ended = time.time()
+        rt.done = True
+        self._account(rt, None)
 
     def breaker_state_changed(self, breaker: str, old: str | None, new: str) -> None:
         """A circuit breaker moved (closed, open, half-open): gauge and span event."""

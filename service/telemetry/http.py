@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from ..appkeys import PRINCIPAL, REQUEST_TRACE, SETTINGS, TELEMETRY
 from ..errors import PermissionDeniedError, SluiceError
 from .core import Telemetry
 from .metrics import CONTENT_TYPE
+from .otlp_metrics import build_metrics_pusher
 from .tracing import build_tracer_provider
 
 OVERHEAD_HEADER = "X-Sluice-Overhead-Ms"
@@ -90,12 +92,19 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Registered first, so it closes last: spans end and flush after the streams drained."""
+    """Registered first, so it closes last: spans end and flush, and metrics are pushed a
+    last time, after the streams drained."""
     telemetry = app[TELEMETRY]
     if telemetry.tracer_provider is None:
         provider = build_tracer_provider(telemetry.settings)
         if provider is not None:
             telemetry.install(provider)
+    if telemetry.metrics_pusher is None:
+        telemetry.metrics_pusher = build_metrics_pusher(
+            telemetry.settings, telemetry.metrics.registry
+        )
+        if telemetry.metrics_pusher is not None:
+            telemetry.metrics_pusher.start()
     yield
     await telemetry.shutdown()
 
@@ -110,7 +119,11 @@ async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
     telemetry = app[TELEMETRY]
 
     async def serve(request: web.Request) -> web.Response:
-        return _metrics_response(telemetry)
+        started = time.perf_counter()
+        response = _metrics_response(telemetry)
+        # This listener has no telemetry middleware; its whole time is Sluice's own.
+        response.headers[OVERHEAD_HEADER] = f"{(time.perf_counter() - started) * 1000:.3f}"
+        return response
 
     metrics_app = web.Application()
     metrics_app.router.add_get(METRICS_PATH, serve)

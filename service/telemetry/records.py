@@ -77,6 +77,7 @@ class StreamTrace:
         "parent",
         "provider_started",
         "request",
+        "request_id",
         "server_span",
         "span",
         "stream",
@@ -87,6 +88,7 @@ class StreamTrace:
         self.stream = stream
         self.parent = parent
         self.request = request
+        self.request_id: str | None = None  # a WebSocket stream's: its socket's request id
         self.server_span: Span | None = None  # a WebSocket message stream's own SERVER span
         self.span: Span | None = None  # the attempt that answered 2xx (or is in flight)
         self.failed: Span | None = None  # a failed attempt, until a retry is scheduled

@@ -25,6 +25,17 @@ from ..settings import TelemetrySettings
 SERVICE_VERSION = "0.1.0"
 
 
+def build_resource(settings: TelemetrySettings) -> Resource:
+    """``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES``: shared by traces and metrics."""
+    return Resource(
+        {
+            "service.version": SERVICE_VERSION,
+            **settings.resource_attributes,
+            "service.name": settings.service_name,
+        }
+    )
+
+
 def build_sampler(settings: TelemetrySettings) -> Sampler:
     """``OTEL_TRACES_SAMPLER`` (+ ``_ARG``) as the SDK spec defines the names."""
     name = settings.sampler
@@ -50,15 +61,8 @@ def build_tracer_provider(
             headers=dict(settings.otlp_headers),
             timeout=settings.otlp_timeout_s,
         )
-    resource = Resource(
-        {
-            "service.version": SERVICE_VERSION,
-            **settings.resource_attributes,
-            "service.name": settings.service_name,
-        }
-    )
     provider = TracerProvider(
-        sampler=build_sampler(settings), resource=resource, shutdown_on_exit=False
+        sampler=build_sampler(settings), resource=build_resource(settings), shutdown_on_exit=False
     )
     provider.add_span_processor(
         BatchSpanProcessor(
