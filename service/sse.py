@@ -10,6 +10,7 @@ from __future__ import annotations
 
 DONE = b"[DONE]"
 KEEPALIVE = b": keepalive\n\n"
+_NEXT = b"\n\ndata: "  # the end of one single-line event and the start of the next
 
 
 class SSEDecoder:
@@ -22,11 +23,19 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data of every event completed by ``chunk`` (possibly none)."""
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             buffer = _normalise_newlines(buffer)
-        *events, self._buffer = buffer.split(b"\n\n")
-        return [data for event in events if (data := _event_data(event)) is not None]
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        complete, self._buffer = buffer[:end], buffer[end + 2 :]
+        # What providers send: events of one ``data: `` line each. Then every newline is in a
+        # separator, and splitting on the separator yields the payloads with no per-event work.
+        if complete[:6] == b"data: " and complete.count(b"\n") == 2 * complete.count(_NEXT):
+            return complete[6:].split(_NEXT)
+        return [d for event in complete.split(b"\n\n") if (d := _event_data(event)) is not None]
 
     def flush(self) -> list[bytes]:
         """Return a final event left without its blank line when the stream ended."""

@@ -127,3 +127,19 @@ def test_encoders() -> None:
     assert KEEPALIVE == b": keepalive\n\n"
     decoded = SSEDecoder().feed(encode_event(1, b"{}") + KEEPALIVE + encode_event(2, DONE))
     assert decoded == [b"{}", DONE]
+
+
+@pytest.mark.parametrize(
+    ("wire", "payloads"),
+    [
+        (b"data: a\n\nid: 3\ndata: b\n\n", [b"a", b"b"]),  # a second field in one event
+        (b"data: a\n\ndata:b\n\n", [b"a", b"b"]),  # no space after the colon
+        (b"data: a\n\n: ping\n\ndata: b\n\n", [b"a", b"b"]),  # a comment between
+        (b"data: a\ndata: b\n\ndata: c\n\n", [b"a\nb", b"c"]),  # a multi-line payload
+    ],
+)
+def test_single_line_fast_path_gives_way_to_the_general_one(
+    wire: bytes, payloads: list[bytes]
+) -> None:
+    """A batch that is not all one-line ``data: `` events is decoded field by field."""
+    assert SSEDecoder().feed(wire) == payloads
