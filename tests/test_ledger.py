@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
@@ -242,3 +243,99 @@ async def test_wire_cache_hit_is_recorded_at_zero_cost(gateway: GatewayFactory) 
     assert miss.cost_usd > 0
     assert hit.cost_usd == 0.0
     assert hit.request_id != miss.request_id
+
+
+async def test_wire_invalid_requests_leave_a_rejected_row(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Bodies refused before admission (bad JSON, bad fields, too large): one row each."""
+    client = await gateway(replace(settings, server=replace(settings.server, max_body_bytes=4096)))
+    sent = [
+        b"{not json",
+        orjson.dumps({"model": "gpt-4o", "messages": []}),
+        orjson.dumps(chat_body("hi", max_tokens=0, model="gpt-4.1-mini")),
+        orjson.dumps(chat_body("x" * 8192)),
+    ]
+    statuses = []
+    for raw in sent:
+        response = await client.post(
+            "/v1/chat/completions",
+            data=raw,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        assert orjson.loads(await response.read())["error"]["message"]
+        statuses.append(response.status)
+    assert statuses == [400, 400, 400, 413]
+    rows = await client.app[GATE].ledger.entries()
+    assert [(r.status, r.model_requested, r.error_code) for r in rows] == [
+        ("rejected", "", "invalid_request_error"),
+        ("rejected", "gpt-4o", "invalid_request_error"),
+        ("rejected", "gpt-4.1-mini", "invalid_request_error"),
+        ("rejected", "", "request_too_large"),
+    ]
+    assert all((r.prompt_tokens, r.completion_tokens, r.cost_usd) == (0, 0, 0.0) for r in rows)
+    assert all((r.user_id, r.tenant) == ("dev", "dev") and r.key_id for r in rows)
+    assert len({r.request_id for r in rows}) == 4
+
+
+async def test_wire_websocket_refusals_and_aborts_are_recorded(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Over the WebSocket too: an invalid body is a rejected row; a socket closed after k
+    chunks is one client_gone row billed for the k tokens generated."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    await ws.send_bytes(b"")  # binary frames are refused too, but are not requests: no row
+    await ws.receive()
+    await ws.send_str(
+        orjson.dumps({"type": "chat.completion.create", "request_id": 1, "body": []}).decode()
+    )
+    assert orjson.loads((await ws.receive()).data)["type"] == "error"
+    k = 3
+    body = chat_body(f"abort me [sim chunks=40 stall_after={k}]", max_tokens=400)
+    frame = {"type": "chat.completion.create", "request_id": 2, "body": body}
+    await ws.send_str(orjson.dumps(frame).decode())
+    stream_id = None
+    while True:
+        message = orjson.loads((await ws.receive()).data)
+        stream_id = message["stream_id"]
+        if message.get("seq") == k:
+            break
+    await ws.close()
+    stream = client.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    rejected, aborted = await client.app[GATE].ledger.entries()
+    assert (rejected.status, rejected.error_code) == ("rejected", "invalid_request_error")
+    prompt = tokens.count_chat("gpt-4o-mini", {**body, "stream": True})
+    assert aborted.status == "client_gone"
+    assert aborted.stream_id == stream_id
+    assert (aborted.prompt_tokens, aborted.completion_tokens) == (prompt, k)
+    assert aborted.cost_usd == float(client.app[GATE].prices.cost("gpt-4o-mini", prompt, k))
+
+
+async def test_wire_cancelled_stream_is_billed_for_what_was_generated(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """POST /v1/streams/{id}/cancel after k chunks: one cancelled row, billed k tokens."""
+    client = await gateway()
+    k = 5
+    body = chat_body(f"cancel me [sim chunks=60 stall_after={k}]", max_tokens=600)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    seen = 0
+    while seen < k:
+        line = await response.content.readline()
+        seen += line.startswith(b"data: ") and b'"content":" ' in line
+    cancel = await client.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancel.status == 200
+    assert b'"error"' in await response.read()  # the stream ends with an error event
+    await finished(client, response)
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    (row,) = await client.app[GATE].ledger.entries()
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    assert (row.status, row.stream_id) == ("cancelled", stream_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.usage_reported) == (prompt, k, False)
+    assert row.cost_usd == float(client.app[GATE].prices.cost("gpt-4o-mini", prompt, k))
