@@ -199,6 +199,13 @@ async def test_wire_concurrent_stream_cap(gateway: GatewayFactory, settings: Set
     assert third.status == 200
     await third.read()
     held.close()
+    await finished(client, third)
+    rows = await client.app[GATE].ledger.entries()
+    assert sorted((r.status, r.error_code) for r in rows) == [
+        ("cancelled", "stream_cancelled"),
+        ("completed", None),
+        ("rejected", "concurrent_streams_exceeded"),
+    ]
 
 
 def _keys_file(path: Path, entries: dict[str, dict[str, Any]]) -> Path:
@@ -238,3 +245,38 @@ async def test_wire_per_key_overrides_and_shared_tenant_tier(
     assert [await ask("key-alice"), await ask("key-alice")] == [200, 429]  # own rpm=1
     assert [await ask("key-bob"), await ask("key-bob"), await ask("key-bob")] == [200, 200, 429]
     assert await ask("key-carol") == 200  # another tenant is unaffected
+
+
+async def test_wire_global_tier_binds_every_tenant(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """The global tier is shared by all users of all tenants; its 429 names the global tier
+    and reports the global bucket in x-ratelimit-*."""
+    keys = _keys_file(
+        tmp_path / "keys.json",
+        {
+            "key-alice": {"user": "alice", "tenant": "acme"},
+            "key-carol": {"user": "carol", "tenant": "other"},
+        },
+    )
+    custom = with_limits(
+        replace(settings, auth=AuthSettings(client_keys_file=keys, dev_key=None)),
+        user_rpm=100,
+        tenant_rpm=100,
+        global_rpm=2,
+    )
+    client = await gateway(custom)
+    answers = []
+    for key in ("key-alice", "key-carol", "key-carol", "key-alice"):
+        response = await client.post(
+            "/v1/chat/completions",
+            json=chat_body("hi", stream=False),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        answers.append((response.status, orjson.loads(await response.read())))
+        last = response
+    assert [status for status, _ in answers] == [200, 200, 429, 429]
+    assert "global" in answers[2][1]["error"]["message"]
+    assert last.headers["x-ratelimit-limit-requests"] == "2"
+    assert last.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(last.headers["Retry-After"]) >= 1

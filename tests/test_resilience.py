@@ -59,6 +59,27 @@ async def test_429_retry_after_is_honoured(
     assert rig.sleeps.delays == [2.0]
 
 
+async def test_429_storm_retry_after_ms_wins_over_retry_after(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A 429 storm carrying both headers: each wait is retry-after-ms (250 ms), not the 7 s
+    of Retry-After nor the jittered backoff; when the storm outlasts the attempts, the client
+    gets the last 429 with the provider's Retry-After."""
+    rig = await start(aiohttp_client, settings)
+    storm = "[sim fail=429 retry_after=7 retry_after_ms=250 fail_times=2 key=storm]"
+    status, _, _ = await post(rig, f"hi {storm}")
+    assert status == 200
+    assert sim_stats.requests == 3
+    assert rig.sleeps.delays == [0.25, 0.25]
+
+    status, headers, raw = await post(rig, "hi [sim fail=429 retry_after=7 retry_after_ms=250]")
+    assert status == 429
+    assert orjson.loads(raw)["error"]["type"] == "rate_limit_error"
+    assert headers["Retry-After"] == "7"
+    assert sim_stats.requests == 6
+    assert rig.sleeps.delays == [0.25, 0.25, 0.25, 0.25]
+
+
 async def test_retry_after_beyond_the_budget_goes_back_to_the_client(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:
