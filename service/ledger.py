@@ -3,7 +3,8 @@
 ``Ledger`` is the storage seam (PostgreSQL can follow); ``MemoryLedger`` is the test double
 and the default when no data dir is configured; ``SqliteLedger`` is the embedded default
 under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it drops the entry into a
-bounded queue that one writer thread drains in batches, one transaction each. Queries go
+bounded queue that one writer thread drains in batches, one transaction each; a batch
+SQLite refuses (disk full, database locked) is kept and written again. Queries go
 through the same thread and queue, after every record submitted before them, so a reader
 always sees its own writes. ``close`` (a cleanup context) flushes the queue on shutdown.
 """
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE = 10_000
 BATCH = 512
+RETRY_S = 1.0  # after a failed write, the writer tries again this soon (or on new work)
 _T = TypeVar("_T")
 
 
@@ -248,9 +250,13 @@ class SqliteLedger:
 
     def _run(self, connection: sqlite3.Connection) -> None:
         with contextlib.closing(connection):
+            unwritten: list[LedgerEntry] = []  # a batch SQLite refused: kept, tried again
             while True:
-                item = self._queue.get()
-                batch: list[LedgerEntry] = []
+                try:
+                    item = self._queue.get(timeout=RETRY_S if unwritten else None)
+                except queue.Empty:
+                    item = None
+                batch, unwritten = unwritten, []
                 while isinstance(item, LedgerEntry):
                     batch.append(item)
                     item = None
@@ -260,20 +266,25 @@ class SqliteLedger:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                if batch:
-                    self._write(connection, batch)
+                if batch and not self._write(connection, batch):
+                    unwritten = batch
                 if item is _STOP:
+                    if unwritten:
+                        log.error("ledger: %d records were never written", len(unwritten))
                     return
                 if isinstance(item, tuple):
                     _run_job(connection, *item)
 
-    def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> None:
+    def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> bool:
+        """One transaction for ``batch``; False (nothing written) when SQLite refused it."""
         try:
             with connection:
                 connection.execute("BEGIN")
                 connection.executemany(_INSERT, [astuple(e) for e in batch])
         except sqlite3.Error:
-            log.exception("ledger write of %d records failed", len(batch))
+            log.exception("ledger write of %d records failed; retrying", len(batch))
+            return False
+        return True
 
 
 def _run_job(connection: sqlite3.Connection, job: _Job, future: Future[Any]) -> None:

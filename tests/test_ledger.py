@@ -126,6 +126,20 @@ async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> 
     await ledger.close()
 
 
+async def test_a_batch_sqlite_refuses_is_written_later_not_lost(tmp_path: Path) -> None:
+    """While the database refuses writes a record waits in the writer, then lands once
+    SQLite accepts writes again: a failed transaction never loses a record."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    await ledger._submit(lambda c: c.execute("PRAGMA query_only=ON"))
+    ledger.record(entry("kept"))
+    await ledger.flush()  # the write was tried, and refused
+    count = await ledger._submit(lambda c: c.execute("SELECT COUNT(*) FROM ledger").fetchone())
+    assert count == (0,)
+    await ledger._submit(lambda c: c.execute("PRAGMA query_only=OFF"))
+    assert [e.request_id for e in await ledger.entries()] == ["kept"]
+    await ledger.close()
+
+
 async def test_wire_completed_stream_row(gateway: GatewayFactory) -> None:
     """A completed stream: the provider's usage, its cost, TTFT, latency, ids and models."""
     client = await gateway()
