@@ -15,9 +15,13 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from service import tokens
+from service.admission import Gate
 from service.appkeys import GATE, STREAMS
+from service.auth import Principal
 from service.ledger import LedgerEntry, MemoryLedger, SqliteLedger, utc_day
-from service.settings import Settings
+from service.limits import MemoryLimiter
+from service.request import parse_chat_request
+from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 
@@ -243,19 +247,27 @@ async def test_wire_every_request_leaves_exactly_one_row(
     assert rows[3].request_id.startswith("rej_")
 
 
-async def test_wire_cache_hit_is_recorded_at_zero_cost(gateway: GatewayFactory) -> None:
-    """A deterministic request served from the cache: its own row, completed, no provider cost."""
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_wire_cache_hit_is_recorded_at_zero_cost(
+    gateway: GatewayFactory, sim_stats: SimStats, streaming: bool
+) -> None:
+    """A deterministic request served from the cache (JSON, or replayed as a stream): its own
+    row, completed, with the answer's tokens and no provider cost."""
     client = await gateway()
-    body = chat_body("cache me [sim chunks=3]", stream=False, temperature=0)
+    body = chat_body("cache me [sim chunks=3]", stream=streaming, temperature=0)
     for expected in ("miss", "hit"):
         response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
         assert response.status == 200
         assert response.headers["X-Sluice-Cache"] == expected
+        await response.read()
         await finished(client, response)
+    assert sim_stats.requests == 1
     miss, hit = await client.app[GATE].ledger.entries()
     assert (miss.status, hit.status) == ("completed", "completed")
     assert miss.cost_usd > 0
     assert hit.cost_usd == 0.0
+    assert (hit.prompt_tokens, hit.completion_tokens) == (miss.prompt_tokens, 3)
+    assert hit.model_served == miss.model_served == "gpt-4o-mini"
     assert hit.request_id != miss.request_id
 
 
@@ -353,3 +365,35 @@ async def test_wire_cancelled_stream_is_billed_for_what_was_generated(
     assert (row.status, row.stream_id) == ("cancelled", stream_id)
     assert (row.prompt_tokens, row.completion_tokens, row.usage_reported) == (prompt, k, False)
     assert row.cost_usd == float(client.app[GATE].prices.cost("gpt-4o-mini", prompt, k))
+
+
+async def test_a_client_gone_while_its_prompt_is_counted_leaves_a_cancelled_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled inside admission (tiktoken still loading, off the loop): one cancelled row at
+    zero cost, and nothing left held (stream slot, rate tokens)."""
+    entered, release = threading.Event(), threading.Event()
+    real_build = tokens._build
+
+    def slow_build(name: str) -> Any:
+        entered.set()
+        release.wait()
+        return real_build(name)
+
+    monkeypatch.setattr(tokens, "_loaded", {})  # cold: the prompt is counted in a thread
+    monkeypatch.setattr(tokens, "_build", slow_build)
+    gate = Gate(LimitSettings(user_tpm=1000), MoneySettings(user_daily_usd=1.0))
+    principal = Principal("alice", "acme", "k1")
+    chat = parse_chat_request(orjson.dumps(chat_body("count me")))
+    admitting = asyncio.ensure_future(gate.admit(principal, chat))
+    await asyncio.to_thread(entered.wait)
+    admitting.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    (row,) = await gate.ledger.entries()
+    assert (row.status, row.user_id, row.model_requested) == ("cancelled", "alice", "gpt-4o-mini")
+    assert (row.prompt_tokens, row.completion_tokens, row.cost_usd) == (0, 0, 0.0)
+    assert isinstance(gate.limiter, MemoryLimiter)
+    assert gate.limiter.streams_of("alice") == 0
+    assert gate.budgets.status("alice", "acme")["user"]["daily"]["reserved_usd"] == 0.0
