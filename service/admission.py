@@ -125,6 +125,7 @@ class Gate:
         self.limiter: Limiter = limiter or MemoryLimiter()
         self.ledger: Ledger = ledger or MemoryLedger()
         self.fallbacks: Mapping[str, tuple[str, ...]] = fallbacks or {}
+        self.soft_fraction = money.soft_fraction
         self.clock = clock
         self._policies: dict[str, KeyPolicy] = {}
         self._pending: dict[str, Admission] = {}
@@ -160,6 +161,18 @@ class Gate:
         """The most ``model``'s request can cost: priced as the dearest model it may reach."""
         chain = (model, *self.fallbacks.get(model, ()))
         return max(self.prices.cost(m, prompt_tokens, output_tokens) for m in chain)
+
+    def under_pressure(self, stream: Stream) -> bool:
+        """Start ``stream`` on its first fallback: a budget (the key's own limits included)
+        is past its soft fraction, and that fallback is the cheaper model."""
+        fallbacks = self.fallbacks.get(stream.model, ())
+        if not fallbacks or not self.prices.cheaper(fallbacks[0], stream.model):
+            return False
+        owner = stream.owner
+        policy = self._policies.get(owner.key_id)
+        overrides = policy.budgets if policy is not None else None
+        pressure = self.budgets.pressure(owner.user_id, owner.tenant, overrides)
+        return pressure >= self.soft_fraction
 
     async def admit(self, principal: Principal, chat: ChatRequest) -> Admission:
         """Run the checks in order; raise the first refusal (after recording it)."""
