@@ -1,17 +1,21 @@
 """Admission: every check before a provider call, in order, and the settlement after it.
 
     admit(request, chat)                         before the stream starts
+    refuse(principal, source, code)              a body refused before admission: its row
       1. count the prompt (tiktoken), plan the output ceiling   400 context_length_exceeded
       2. the user's concurrent-stream cap                      429 concurrent_streams_exceeded
       3. requests/tokens per minute: user, tenant, global      429 rate_limit_exceeded
       4. USD budgets: user, tenant, per day and month          429 budget_exceeded
+         (reserving the dearest model the fallback chain may serve)
     admission.launch(start_stream, app, owner)   binds the stream (or undoes 2-4 if it fails)
     add_admission_headers (middleware.py)        x-ratelimit-*, X-Sluice-Budget-Warning
     Gate.on_finish(stream, checkpoint)           registry finish hook: settle + ledger row
 
-Reservations are made for the worst case (prompt + output ceiling) and settled with the
-real tokens and cost when the stream ends, for whatever reason. Every request leaves
-exactly one ledger row: a rejection here, or the finish hook's row for a started stream.
+Reservations are made for the worst case (prompt + output ceiling, priced as the dearest
+model of the request's fallback chain, since any of them may end up serving it) and
+settled with the real tokens and cost when the stream ends, for whatever reason. Every
+authenticated request leaves exactly one ledger row: a refusal here (an invalid body
+included), or the finish hook's row for a started stream.
 Per-key overrides come from the keys file (``Principal.settings``): ``rpm``, ``tpm``,
 ``max_streams``, ``max_tokens``, ``daily_usd``, ``monthly_usd``.
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from . import tokens
@@ -103,6 +108,7 @@ class Gate:
         *,
         limiter: Limiter | None = None,
         ledger: Ledger | None = None,
+        fallbacks: Mapping[str, tuple[str, ...]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = limits
@@ -118,6 +124,8 @@ class Gate:
         )
         self.limiter: Limiter = limiter or MemoryLimiter()
         self.ledger: Ledger = ledger or MemoryLedger()
+        self.fallbacks: Mapping[str, tuple[str, ...]] = fallbacks or {}
+        self.soft_fraction = money.soft_fraction
         self.clock = clock
         self._policies: dict[str, KeyPolicy] = {}
         self._pending: dict[str, Admission] = {}
@@ -141,16 +149,41 @@ class Gate:
             Tier("global", "*", s.global_rpm, s.global_tpm),
         )
 
+    def refuse(self, principal: Principal, source: object, *, code: str | None) -> None:
+        """Record a request refused before admission (its body invalid, or too large).
+
+        ``source`` is what the client sent (raw bytes or a decoded body), read only for
+        the model it names.
+        """
+        self.ledger.record(_rejection(principal, _model_named(source), self.clock(), code=code))
+
+    def worst_cost(self, model: str, prompt_tokens: int, output_tokens: int) -> Decimal:
+        """The most ``model``'s request can cost: priced as the dearest model it may reach."""
+        chain = (model, *self.fallbacks.get(model, ()))
+        return max(self.prices.cost(m, prompt_tokens, output_tokens) for m in chain)
+
+    def under_pressure(self, stream: Stream) -> bool:
+        """Start ``stream`` on its first fallback: a budget (the key's own limits included)
+        is past its soft fraction, and that fallback is the cheaper model."""
+        fallbacks = self.fallbacks.get(stream.model, ())
+        if not fallbacks or not self.prices.cheaper(fallbacks[0], stream.model):
+            return False
+        owner = stream.owner
+        policy = self._policies.get(owner.key_id)
+        overrides = policy.budgets if policy is not None else None
+        pressure = self.budgets.pressure(owner.user_id, owner.tenant, overrides)
+        return pressure >= self.soft_fraction
+
     async def admit(self, principal: Principal, chat: ChatRequest) -> Admission:
         """Run the checks in order; raise the first refusal (after recording it)."""
         arrived = self.clock()
         try:
             return await self._admit(principal, chat, arrived)
         except SluiceError as exc:
-            self.ledger.record(_rejection(principal, chat, arrived, code=exc.code))
+            self.ledger.record(_rejection(principal, chat.model, arrived, code=exc.code))
             raise
         except asyncio.CancelledError:  # the client left while we were counting
-            self.ledger.record(_rejection(principal, chat, arrived, status="cancelled"))
+            self.ledger.record(_rejection(principal, chat.model, arrived, status="cancelled"))
             raise
 
     async def _admit(self, principal: Principal, chat: ChatRequest, arrived: float) -> Admission:
@@ -180,7 +213,7 @@ class Gate:
                 raise _rate_limited(outcome)
             admission.grant = outcome
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
-            worst = self.prices.cost(chat.model, prompt, ceiling)
+            worst = self.worst_cost(chat.model, prompt, ceiling)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
             await admission.release()
@@ -227,7 +260,7 @@ class Admission:
             stream = start(app, owner, self.chat, **options)
         except SluiceError as exc:
             await self.release()
-            rejected = _rejection(self.principal, self.chat, self.arrived, code=exc.code)
+            rejected = _rejection(self.principal, self.chat.model, self.arrived, code=exc.code)
             self.gate.ledger.record(rejected)
             raise
         except BaseException:
@@ -315,7 +348,7 @@ def ledger_entry(
 
 def _rejection(
     principal: Principal,
-    chat: ChatRequest,
+    model: str,
     arrived: float,
     *,
     code: str | None = None,
@@ -328,7 +361,7 @@ def _rejection(
         user_id=principal.user_id,
         tenant=principal.tenant,
         key_id=principal.key_id,
-        model_requested=chat.model,
+        model_requested=model,
         model_served=None,
         status=status,
         prompt_tokens=0,
@@ -341,6 +374,21 @@ def _rejection(
         error_code=code,
         usage_reported=False,
     )
+
+
+MAX_MODEL_CHARS = 256  # a refused body's model name is the client's: bound what we keep
+
+
+def _model_named(source: object) -> str:
+    """The model a (possibly invalid) request names, or "" when it names none."""
+    body = source
+    if isinstance(source, bytes | bytearray):
+        try:
+            body = orjson.loads(source)
+        except orjson.JSONDecodeError:
+            return ""
+    model = body.get("model") if isinstance(body, dict) else None
+    return model[:MAX_MODEL_CHARS] if isinstance(model, str) else ""
 
 
 def _rate_limited(denial: Denial) -> RateLimitError:

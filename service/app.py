@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> web.Application:
         count_text=tokens.count_text,
         count_prompt=tokens.count_chat,
     )
-    app[GATE] = Gate(settings.limits, settings.money)
+    app[GATE] = Gate(settings.limits, settings.money, fallbacks=settings.resilience.fallbacks)
     app[STREAMS].finish_hooks.append(app[GATE].on_finish)  # settle + one ledger row
     app[STREAMS].finish_hooks.append(telemetry.stream_finished)  # after the ledger: its cost
     app[STREAMS].observers.append(telemetry.stream_event)

@@ -6,8 +6,9 @@ under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it collects entri
 event loop and hands them, one batch per ``HAND_OFF_S`` (or per ``BATCH`` entries), to a
 bounded queue that one writer thread drains, one transaction a batch. Handing off batches
 rather than entries keeps the writer from waking (and taking the GIL) once per request.
-Queries go through the same thread and queue, after every record submitted before them, so
-a reader always sees its own writes. ``close`` (a cleanup context) flushes on shutdown.
+A batch SQLite refuses (disk full, database locked) is kept and written again. Queries go
+through the same thread and queue, after every record submitted before them, so a reader
+always sees its own writes. ``close`` (a cleanup context) flushes on shutdown.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_QUEUE_SIZE = 10_000  # batches waiting for the writer thread
 BATCH = 512
 HAND_OFF_S = 0.05  # the longest an entry waits on the loop before the writer has it
+RETRY_S = 1.0  # after a failed write, the writer tries again this soon (or on new work)
 _T = TypeVar("_T")
 
 
@@ -276,29 +278,38 @@ class SqliteLedger:
 
     def _run(self, connection: sqlite3.Connection) -> None:
         with contextlib.closing(connection):
+            unwritten: list[LedgerEntry] = []  # a batch SQLite refused: kept, tried again
             while True:
-                item = self._queue.get()
-                batch: list[LedgerEntry] = []
+                try:
+                    item = self._queue.get(timeout=RETRY_S if unwritten else None)
+                except queue.Empty:
+                    item = None
+                batch, unwritten = unwritten, []
                 while isinstance(item, list):  # consecutive batches share one transaction
                     batch += item
                     try:
                         item = self._queue.get_nowait() if len(batch) < BATCH else None
                     except queue.Empty:
                         item = None
-                if batch:
-                    self._write(connection, batch)
+                if batch and not self._write(connection, batch):
+                    unwritten = batch
                 if item is _STOP:
+                    if unwritten:
+                        log.error("ledger: %d records were never written", len(unwritten))
                     return
                 if isinstance(item, tuple):
                     _run_job(connection, *item)
 
-    def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> None:
+    def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> bool:
+        """One transaction for ``batch``; False (nothing written) when SQLite refused it."""
         try:
             with connection:
                 connection.execute("BEGIN")
                 connection.executemany(_INSERT, [_ROW(e) for e in batch])
         except sqlite3.Error:
-            log.exception("ledger write of %d records failed", len(batch))
+            log.exception("ledger write of %d records failed; retrying", len(batch))
+            return False
+        return True
 
 
 def _run_job(connection: sqlite3.Connection, job: _Job, future: Future[Any]) -> None:

@@ -93,6 +93,11 @@ class PriceTable:
                 return self._exact[name]
         return self._exact.get("*") or Price.of(0, 0)
 
+    def cheaper(self, model: str, than: str) -> bool:
+        """True when ``model``'s input and output rates together are below ``than``'s."""
+        a, b = self.price(model), self.price(than)
+        return a.input + a.output < b.input + b.output
+
     def cost(
         self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
     ) -> Decimal:

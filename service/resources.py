@@ -109,10 +109,7 @@ async def responder_ctx(app: web.Application) -> AsyncIterator[None]:
         ttl_s=settings.cache.ttl_s,
         degrade_to_cache=settings.resilience.degrade_to_cache,
     )
-    gate, soft = app[GATE], settings.money.soft_fraction
-    responder.under_pressure = lambda stream: (  # past the budget warning: the cheaper model
-        gate.budgets.pressure(stream.owner.user_id, stream.owner.tenant) >= soft
-    )
+    responder.under_pressure = app[GATE].under_pressure  # past the budget warning: cheaper
     app[RESPONDER] = responder
     app[STREAMS].finish_hooks.append(responder.fill)
     yield

@@ -71,6 +71,7 @@ class Directive:
     header_delay_ms: float = 0.0  # before the response headers
     fail: int = 0  # answer with this HTTP status instead
     retry_after: float | None = None  # Retry-After on a failure
+    retry_after_ms: float | None = None  # retry-after-ms on a failure (OpenAI's own header)
     fail_times: int = 0  # with ``key``: fail only the first N attempts, then succeed
     key: str = ""  # groups attempts for ``fail_times``
     reset_after: int = -1  # drop the connection after N chunks
@@ -218,6 +219,8 @@ class Simulator:
         headers = {}
         if directive.retry_after is not None:
             headers["Retry-After"] = f"{directive.retry_after:g}"
+        if directive.retry_after_ms is not None:
+            headers["retry-after-ms"] = f"{directive.retry_after_ms:g}"
         kind = "rate_limit_error" if directive.fail == 429 else "server_error"
         if directive.fail < 500 and directive.fail != 429:
             kind = "invalid_request_error"

@@ -17,7 +17,9 @@ from service.budgets import BudgetLimits, Budgets
 from service.errors import BudgetExceededError
 from service.ledger import SpendRow
 from service.settings import Settings
+from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body
+from tests.resilient import with_resilience
 from tests.test_ledger import finished
 
 NOON = float(calendar.timegm((2026, 11, 22, 12, 0, 0)))
@@ -164,3 +166,36 @@ async def test_spend_survives_a_restart(
     report = second.app[GATE].budgets.status("dev", "dev")["user"]["daily"]
     assert report["spent_usd"] == pytest.approx(spent)
     assert report["remaining_usd"] == pytest.approx(1.0 - spent)
+
+
+async def test_the_reservation_covers_a_dearer_fallback(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A fallback chain may serve a dearer model: the hold is priced as the dearest, so a
+    budget that covers only the requested model refuses up front instead of overspending."""
+    body = chat_body("dear [sim chunks=5 fail=503 fail_times=1 key=dear]", stream=False)
+    body["max_tokens"] = 5
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    prices = (await gateway()).app[GATE].prices
+    cheap, dear = prices.cost("gpt-4o-mini", prompt, 5), prices.cost("gpt-4o", prompt, 5)
+    assert dear > 2 * cheap
+    chained = with_resilience(
+        settings, fallbacks={"gpt-4o-mini": ("gpt-4o",)}, retry_max_attempts=1
+    )
+
+    tight = await gateway(with_money(chained, user_daily_usd=float(2 * cheap)))
+    refused = await tight.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert refused.status == 429
+    assert orjson.loads(await refused.read())["error"]["code"] == "budget_exceeded"
+    assert sim_stats.requests == 0
+
+    roomy = await gateway(with_money(chained, user_daily_usd=float(2 * dear)))
+    served = await roomy.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert served.status == 200
+    assert served.headers["X-Sluice-Model"] == "gpt-4o"
+    await finished(roomy, served)
+    (row,) = await roomy.app[GATE].ledger.entries()
+    assert (row.model_requested, row.model_served) == ("gpt-4o-mini", "gpt-4o")
+    assert Decimal(str(row.cost_usd)) == dear
+    spent = roomy.app[GATE].budgets.status("dev", "dev")["user"]["daily"]
+    assert (spent["reserved_usd"], spent["spent_usd"]) == (0.0, float(dear))

@@ -9,14 +9,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from service import tokens
+from service.admission import Gate
 from service.appkeys import GATE, STREAMS
+from service.auth import Principal
 from service.ledger import LedgerEntry, MemoryLedger, SqliteLedger, utc_day
-from service.settings import Settings
+from service.limits import MemoryLimiter
+from service.request import parse_chat_request
+from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 
@@ -127,6 +132,20 @@ async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> 
     await ledger.close()
 
 
+async def test_a_batch_sqlite_refuses_is_written_later_not_lost(tmp_path: Path) -> None:
+    """While the database refuses writes a record waits in the writer, then lands once
+    SQLite accepts writes again: a failed transaction never loses a record."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    await ledger._submit(lambda c: c.execute("PRAGMA query_only=ON"))
+    ledger.record(entry("kept"))
+    await ledger.flush()  # the write was tried, and refused
+    count = await ledger._submit(lambda c: c.execute("SELECT COUNT(*) FROM ledger").fetchone())
+    assert count == (0,)
+    await ledger._submit(lambda c: c.execute("PRAGMA query_only=OFF"))
+    assert [e.request_id for e in await ledger.entries()] == ["kept"]
+    await ledger.close()
+
+
 async def test_wire_completed_stream_row(gateway: GatewayFactory) -> None:
     """A completed stream: the provider's usage, its cost, TTFT, latency, ids and models."""
     client = await gateway()
@@ -230,19 +249,27 @@ async def test_wire_every_request_leaves_exactly_one_row(
     assert rows[3].request_id.startswith("rej_")
 
 
-async def test_wire_cache_hit_is_recorded_at_zero_cost(gateway: GatewayFactory) -> None:
-    """A deterministic request served from the cache: its own row, completed, no provider cost."""
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_wire_cache_hit_is_recorded_at_zero_cost(
+    gateway: GatewayFactory, sim_stats: SimStats, streaming: bool
+) -> None:
+    """A deterministic request served from the cache (JSON, or replayed as a stream): its own
+    row, completed, with the answer's tokens and no provider cost."""
     client = await gateway()
-    body = chat_body("cache me [sim chunks=3]", stream=False, temperature=0)
+    body = chat_body("cache me [sim chunks=3]", stream=streaming, temperature=0)
     for expected in ("miss", "hit"):
         response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
         assert response.status == 200
         assert response.headers["X-Sluice-Cache"] == expected
+        await response.read()
         await finished(client, response)
+    assert sim_stats.requests == 1
     miss, hit = await client.app[GATE].ledger.entries()
     assert (miss.status, hit.status) == ("completed", "completed")
     assert miss.cost_usd > 0
     assert hit.cost_usd == 0.0
+    assert (hit.prompt_tokens, hit.completion_tokens) == (miss.prompt_tokens, 3)
+    assert hit.model_served == miss.model_served == "gpt-4o-mini"
     assert hit.request_id != miss.request_id
 
 
@@ -255,3 +282,131 @@ async def test_records_reach_the_writer_in_one_batch(tmp_path: Path) -> None:
     ledger._hand_off()
     assert [e.request_id for e in await ledger.entries()] == [f"r{n}" for n in range(5)]
     await ledger.close()
+
+
+async def test_wire_invalid_requests_leave_a_rejected_row(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Bodies refused before admission (bad JSON, bad fields, too large): one row each."""
+    client = await gateway(replace(settings, server=replace(settings.server, max_body_bytes=4096)))
+    sent = [
+        b"{not json",
+        orjson.dumps({"model": "gpt-4o", "messages": []}),
+        orjson.dumps(chat_body("hi", max_tokens=0, model="gpt-4.1-mini")),
+        orjson.dumps(chat_body("x" * 8192)),
+    ]
+    statuses = []
+    for raw in sent:
+        response = await client.post(
+            "/v1/chat/completions",
+            data=raw,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        assert orjson.loads(await response.read())["error"]["message"]
+        statuses.append(response.status)
+    assert statuses == [400, 400, 400, 413]
+    rows = await client.app[GATE].ledger.entries()
+    assert [(r.status, r.model_requested, r.error_code) for r in rows] == [
+        ("rejected", "", "invalid_request_error"),
+        ("rejected", "gpt-4o", "invalid_request_error"),
+        ("rejected", "gpt-4.1-mini", "invalid_request_error"),
+        ("rejected", "", "request_too_large"),
+    ]
+    assert all((r.prompt_tokens, r.completion_tokens, r.cost_usd) == (0, 0, 0.0) for r in rows)
+    assert all((r.user_id, r.tenant) == ("dev", "dev") and r.key_id for r in rows)
+    assert len({r.request_id for r in rows}) == 4
+
+
+async def test_wire_websocket_refusals_and_aborts_are_recorded(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Over the WebSocket too: an invalid body is a rejected row; a socket closed after k
+    chunks is one client_gone row billed for the k tokens generated."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    await ws.send_bytes(b"")  # binary frames are refused too, but are not requests: no row
+    await ws.receive()
+    await ws.send_str(
+        orjson.dumps({"type": "chat.completion.create", "request_id": 1, "body": []}).decode()
+    )
+    assert orjson.loads((await ws.receive()).data)["type"] == "error"
+    k = 3
+    body = chat_body(f"abort me [sim chunks=40 stall_after={k}]", max_tokens=400)
+    frame = {"type": "chat.completion.create", "request_id": 2, "body": body}
+    await ws.send_str(orjson.dumps(frame).decode())
+    stream_id = None
+    while True:
+        message = orjson.loads((await ws.receive()).data)
+        stream_id = message["stream_id"]
+        if message.get("seq") == k:
+            break
+    await ws.close()
+    stream = client.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    rejected, aborted = await client.app[GATE].ledger.entries()
+    assert (rejected.status, rejected.error_code) == ("rejected", "invalid_request_error")
+    prompt = tokens.count_chat("gpt-4o-mini", {**body, "stream": True})
+    assert aborted.status == "client_gone"
+    assert aborted.stream_id == stream_id
+    assert (aborted.prompt_tokens, aborted.completion_tokens) == (prompt, k)
+    assert aborted.cost_usd == float(client.app[GATE].prices.cost("gpt-4o-mini", prompt, k))
+
+
+async def test_wire_cancelled_stream_is_billed_for_what_was_generated(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """POST /v1/streams/{id}/cancel after k chunks: one cancelled row, billed k tokens."""
+    client = await gateway()
+    k = 5
+    body = chat_body(f"cancel me [sim chunks=60 stall_after={k}]", max_tokens=600)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    seen = 0
+    while seen < k:
+        line = await response.content.readline()
+        seen += line.startswith(b"data: ") and b'"content":" ' in line
+    cancel = await client.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancel.status == 200
+    assert b'"error"' in await response.read()  # the stream ends with an error event
+    await finished(client, response)
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    (row,) = await client.app[GATE].ledger.entries()
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    assert (row.status, row.stream_id) == ("cancelled", stream_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.usage_reported) == (prompt, k, False)
+    assert row.cost_usd == float(client.app[GATE].prices.cost("gpt-4o-mini", prompt, k))
+
+
+async def test_a_client_gone_while_its_prompt_is_counted_leaves_a_cancelled_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled inside admission (tiktoken still loading, off the loop): one cancelled row at
+    zero cost, and nothing left held (stream slot, rate tokens)."""
+    entered, release = threading.Event(), threading.Event()
+    real_build = tokens._build
+
+    def slow_build(name: str) -> Any:
+        entered.set()
+        release.wait()
+        return real_build(name)
+
+    monkeypatch.setattr(tokens, "_loaded", {})  # cold: the prompt is counted in a thread
+    monkeypatch.setattr(tokens, "_build", slow_build)
+    gate = Gate(LimitSettings(user_tpm=1000), MoneySettings(user_daily_usd=1.0))
+    principal = Principal("alice", "acme", "k1")
+    chat = parse_chat_request(orjson.dumps(chat_body("count me")))
+    admitting = asyncio.ensure_future(gate.admit(principal, chat))
+    await asyncio.to_thread(entered.wait)
+    admitting.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    (row,) = await gate.ledger.entries()
+    assert (row.status, row.user_id, row.model_requested) == ("cancelled", "alice", "gpt-4o-mini")
+    assert (row.prompt_tokens, row.completion_tokens, row.cost_usd) == (0, 0, 0.0)
+    assert isinstance(gate.limiter, MemoryLimiter)
+    assert gate.limiter.streams_of("alice") == 0
+    assert gate.budgets.status("alice", "acme")["user"]["daily"]["reserved_usd"] == 0.0

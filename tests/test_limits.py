@@ -23,7 +23,7 @@ from service.limits import (
     ratelimit_headers,
 )
 from service.settings import AuthSettings, Settings
-from tests.conftest import AUTH, GatewayFactory, chat_body
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.test_ledger import finished
 
 
@@ -199,6 +199,13 @@ async def test_wire_concurrent_stream_cap(gateway: GatewayFactory, settings: Set
     assert third.status == 200
     await third.read()
     held.close()
+    await finished(client, third)
+    rows = await client.app[GATE].ledger.entries()
+    assert sorted((r.status, r.error_code) for r in rows) == [
+        ("cancelled", "stream_cancelled"),
+        ("completed", None),
+        ("rejected", "concurrent_streams_exceeded"),
+    ]
 
 
 def _keys_file(path: Path, entries: dict[str, dict[str, Any]]) -> Path:
@@ -238,3 +245,94 @@ async def test_wire_per_key_overrides_and_shared_tenant_tier(
     assert [await ask("key-alice"), await ask("key-alice")] == [200, 429]  # own rpm=1
     assert [await ask("key-bob"), await ask("key-bob"), await ask("key-bob")] == [200, 200, 429]
     assert await ask("key-carol") == 200  # another tenant is unaffected
+
+
+async def test_wire_global_tier_binds_every_tenant(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """The global tier is shared by all users of all tenants; its 429 names the global tier
+    and reports the global bucket in x-ratelimit-*."""
+    keys = _keys_file(
+        tmp_path / "keys.json",
+        {
+            "key-alice": {"user": "alice", "tenant": "acme"},
+            "key-carol": {"user": "carol", "tenant": "other"},
+        },
+    )
+    custom = with_limits(
+        replace(settings, auth=AuthSettings(client_keys_file=keys, dev_key=None)),
+        user_rpm=100,
+        tenant_rpm=100,
+        global_rpm=2,
+    )
+    client = await gateway(custom)
+    answers = []
+    for key in ("key-alice", "key-carol", "key-carol", "key-alice"):
+        response = await client.post(
+            "/v1/chat/completions",
+            json=chat_body("hi", stream=False),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        answers.append((response.status, orjson.loads(await response.read())))
+        last = response
+    assert [status for status, _ in answers] == [200, 200, 429, 429]
+    assert "global" in answers[2][1]["error"]["message"]
+    assert last.headers["x-ratelimit-limit-requests"] == "2"
+    assert last.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(last.headers["Retry-After"]) >= 1
+
+
+async def test_wire_every_per_key_override_applies(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """A key's tpm, max_tokens, max_streams and monthly_usd replace the configured defaults
+    for that key only."""
+    keys = _keys_file(
+        tmp_path / "keys.json",
+        {
+            "key-alice": {
+                "user": "alice",
+                "tenant": "acme",
+                "settings": {"tpm": 5000, "max_tokens": 7, "max_streams": 1},
+            },
+            "key-bob": {"user": "bob", "tenant": "acme"},
+            "key-carol": {"user": "carol", "tenant": "acme", "settings": {"monthly_usd": 1e-9}},
+        },
+    )
+    custom = with_limits(
+        replace(settings, auth=AuthSettings(client_keys_file=keys, dev_key=None)),
+        user_tpm=100_000,
+        max_streams_per_user=5,
+    )
+    custom = with_streams(custom, disconnect_grace_s=0)
+    client = await gateway(custom)
+
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    body = chat_body("hold [sim chunks=5 stall_after=1]", max_tokens=500)
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    held = await client.post("/v1/chat/completions", json=body, headers=auth("key-alice"))
+    assert held.status == 200
+    assert held.headers["x-ratelimit-limit-tokens"] == "5000"  # own tpm
+    assert held.headers["x-ratelimit-remaining-tokens"] == str(5000 - prompt - 7)  # own cap
+    second = await client.post("/v1/chat/completions", json=body, headers=auth("key-alice"))
+    assert second.status == 429
+    assert orjson.loads(await second.read())["error"]["code"] == "concurrent_streams_exceeded"
+
+    bob = [
+        await client.post("/v1/chat/completions", json=body, headers=auth("key-bob"))
+        for _ in range(2)
+    ]
+    assert [r.status for r in bob] == [200, 200]  # the defaults: 5 streams, 100k tpm
+    assert bob[0].headers["x-ratelimit-limit-tokens"] == "100000"
+    assert bob[0].headers["x-ratelimit-remaining-tokens"] == str(100_000 - prompt - 500)
+
+    carol = await client.post(
+        "/v1/chat/completions", json=chat_body("hi", stream=False), headers=auth("key-carol")
+    )
+    assert carol.status == 429
+    assert orjson.loads(await carol.read())["error"]["code"] == "budget_exceeded"
+    for response in (held, *bob):
+        response.close()  # the stalled streams end as client_gone
+        await finished(client, response)

@@ -7,15 +7,24 @@ from __future__ import annotations
 import socket
 from dataclasses import replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
 from service.appkeys import GATE
+from service.auth import digest
 from service.breaker import OPEN
+from service.budgets import BudgetLimits
 from service.relay import FALLBACK_HEADER, MODEL_HEADER
-from service.settings import CacheSettings, ConfigError, ResilienceSettings, Settings
+from service.settings import (
+    AuthSettings,
+    CacheSettings,
+    ConfigError,
+    ResilienceSettings,
+    Settings,
+)
 from service.simulator import SimStats
 from tests.conftest import AUTH, chat_body, with_provider
 from tests.resilient import Rig, start, with_resilience
@@ -57,6 +66,27 @@ async def test_429_retry_after_is_honoured(
     assert status == 200
     assert sim_stats.requests == 2
     assert rig.sleeps.delays == [2.0]
+
+
+async def test_429_storm_retry_after_ms_wins_over_retry_after(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A 429 storm carrying both headers: each wait is retry-after-ms (250 ms), not the 7 s
+    of Retry-After nor the jittered backoff; when the storm outlasts the attempts, the client
+    gets the last 429 with the provider's Retry-After."""
+    rig = await start(aiohttp_client, settings)
+    storm = "[sim fail=429 retry_after=7 retry_after_ms=250 fail_times=2 key=storm]"
+    status, _, _ = await post(rig, f"hi {storm}")
+    assert status == 200
+    assert sim_stats.requests == 3
+    assert rig.sleeps.delays == [0.25, 0.25]
+
+    status, headers, raw = await post(rig, "hi [sim fail=429 retry_after=7 retry_after_ms=250]")
+    assert status == 429
+    assert orjson.loads(raw)["error"]["type"] == "rate_limit_error"
+    assert headers["Retry-After"] == "7"
+    assert sim_stats.requests == 6
+    assert rig.sleeps.delays == [0.25, 0.25, 0.25, 0.25]
 
 
 async def test_retry_after_beyond_the_budget_goes_back_to_the_client(
@@ -248,3 +278,44 @@ def test_bad_settings_name_the_variable(name: str, value: str) -> None:
     """A malformed value is refused at start with the variable's name in the message."""
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+async def test_budget_pressure_never_moves_to_a_dearer_fallback(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """A fallback configured for outages may cost more: budget pressure leaves the request
+    on the model it asked for."""
+    money = replace(settings.money, user_daily_usd=10.0, soft_fraction=0.8)
+    dearer = {"gpt-4o-mini": ("gpt-4o",)}
+    rig = await start(
+        aiohttp_client, replace(with_resilience(settings, fallbacks=dearer), money=money)
+    )
+    rig.client.app[GATE].budgets.reserve("dev", "dev", Decimal("8.5"))  # 85% committed
+    status, headers, raw = await post(rig, "under pressure")
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o-mini")
+    assert FALLBACK_HEADER not in headers
+    assert orjson.loads(raw)["model"] == "gpt-4o-mini"
+
+
+async def test_budget_pressure_counts_the_keys_own_budget(
+    aiohttp_client: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """Pressure is measured against a key's own daily_usd when it sets one (no default)."""
+    keys = tmp_path / "keys.json"
+    document = {"keys": {digest("key-alice"): {"user": "alice", "settings": {"daily_usd": 1}}}}
+    keys.write_bytes(orjson.dumps(document))
+    auth = AuthSettings(client_keys_file=keys, dev_key=None)
+    rig = await start(
+        aiohttp_client, replace(with_resilience(settings, fallbacks=FALLBACKS), auth=auth)
+    )
+    gate = rig.client.app[GATE]
+    own = BudgetLimits(user_daily=Decimal(1))
+    gate.budgets.reserve("alice", "alice", Decimal("0.85"), own)  # 85% of alice's own $1
+    response = await rig.client.post(
+        "/v1/chat/completions",
+        json=chat_body("under pressure", stream=False, model="gpt-4o"),
+        headers={"Authorization": "Bearer key-alice"},
+    )
+    assert response.status == 200
+    assert response.headers[MODEL_HEADER] == "gpt-4o-mini"
+    assert response.headers[FALLBACK_HEADER] == "budget_pressure"

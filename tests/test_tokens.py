@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 import pytest
+import tiktoken
+import tiktoken.registry
 
 from service import tokens
 from service.appkeys import STREAMS
@@ -93,8 +95,13 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Any]:
         attempts.append(address)
         raise OSError("network disabled in this test")
 
+    def no_dns(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args[:2])
+        raise socket.gaierror("name resolution disabled in this test")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tokens, "_loaded", {})
     return attempts
@@ -114,8 +121,22 @@ def test_encodings_load_offline_and_count_known_values(offline: list[Any], tmp_p
     assert tokens.count_text("gpt-4o-mini", "tiktoken is great!") == 6
     assert o200k.n_vocab == 200019
     assert cl100k.n_vocab == 100277
+    # The API's own prompt_tokens for the cookbook's chat (with and without tools).
+    assert tokens.count_chat("gpt-4", {"messages": COOKBOOK_MESSAGES}) == 129
+    assert tokens.count_chat("gpt-4o", {"messages": COOKBOOK_MESSAGES}) == 124
+    tool_body = {"messages": COOKBOOK_TOOL_MESSAGES, "tools": COOKBOOK_TOOLS}
+    assert tokens.count_chat("gpt-4", tool_body) == 105
+    assert tokens.count_chat("gpt-4o-mini", tool_body) == 101
     assert offline == []  # nothing tried to connect
     assert list(tmp_path.iterdir()) == []  # and tiktoken's download cache stayed empty
+
+
+def test_the_offline_fixture_really_cuts_the_network(offline: list[Any]) -> None:
+    """The contrast: tiktoken's own loader tries to download cl100k_base and fails here."""
+    tiktoken.registry.ENCODINGS.pop(tokens.CL100K, None)  # never cached: loading fails
+    with pytest.raises(Exception, match="openaipublic"):
+        tiktoken.get_encoding(tokens.CL100K)
+    assert offline  # the download was attempted, and refused
 
 
 def test_counts_agree_with_bpe_openai_rust_tokenizer() -> None:

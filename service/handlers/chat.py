@@ -16,7 +16,7 @@ from ..appkeys import (
     STREAMS,
     TELEMETRY,
 )
-from ..errors import ServiceUnavailableError, SluiceError
+from ..errors import PayloadTooLargeError, ServiceUnavailableError, SluiceError
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import Owner, Stream
@@ -50,7 +50,7 @@ def start_stream(
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     principal = request[PRINCIPAL]
-    chat = parse_chat_request(await request.read(), request.app[SERVED_MODELS])
+    chat = await _parse(request)
     owner = Owner(principal.user_id, principal.tenant, principal.key_id)
     admission = request[ADMITTED] = await request.app[GATE].admit(principal, chat)
     cache_header = request.headers.get(CACHE_HEADER)
@@ -68,6 +68,21 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             content_type="application/json",
             headers=stream_headers(stream),
         )
+
+
+async def _parse(request: web.Request) -> ChatRequest:
+    """The validated request; one refused as invalid or too large still gets its ledger row."""
+    gate, principal = request.app[GATE], request[PRINCIPAL]
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        gate.refuse(principal, b"", code=PayloadTooLargeError.default_code)
+        raise
+    try:
+        return parse_chat_request(raw, request.app[SERVED_MODELS])
+    except SluiceError as exc:
+        gate.refuse(principal, raw, code=exc.code or exc.type)
+        raise
 
 
 def _with_stream_header(error: SluiceError | None, stream: Stream) -> SluiceError:

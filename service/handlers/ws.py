@@ -129,11 +129,16 @@ class _Socket:
     async def _create(self, frame: dict[str, Any]) -> None:
         request_id = self._new_request_id(frame.get("request_id"))
         body = frame.get("body")
-        if not isinstance(body, dict):
-            raise InvalidRequestError("'body' must be a chat completion request.", param="body")
-        # The transport streams by nature: ``stream`` is implied whatever the body says.
-        chat = parse_chat_request(orjson.dumps({**body, "stream": True}), self._app[SERVED_MODELS])
         principal = self._principal
+        try:
+            if not isinstance(body, dict):
+                raise InvalidRequestError("'body' must be a chat completion request.", param="body")
+            # The transport streams by nature: ``stream`` is implied whatever the body says.
+            raw = orjson.dumps({**body, "stream": True})
+            chat = parse_chat_request(raw, self._app[SERVED_MODELS])
+        except SluiceError as exc:  # refused before admission: still one ledger row
+            self._app[GATE].refuse(principal, body, code=exc.code or exc.type)
+            raise
         owner = Owner(principal.user_id, principal.tenant, principal.key_id)
         admission = await self._app[GATE].admit(principal, chat)  # limits and budgets, as SSE
         stream = await admission.launch(start_stream, self._app, owner)
