@@ -73,20 +73,20 @@ class Progress:
         choices = chunk.get("choices")
         if not choices:
             return usage is not None
-        for choice in choices:
+        for choice in choices:  # inline, not a call a choice: this runs for every chunk
             if choice.get("index", 0) == 0:
-                self._add_choice(choice)
+                delta = choice.get("delta")
+                if delta:
+                    content = delta.get("content")
+                    if content:
+                        self.parts.append(content)
+                    calls = delta.get("tool_calls")
+                    if calls:
+                        self.tool_calls.extend(calls)
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.finish_reason = reason
         return False
-
-    def _add_choice(self, choice: dict[str, Any]) -> None:
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-        if content:
-            self.parts.append(content)
-        if delta.get("tool_calls"):
-            self.tool_calls.extend(delta["tool_calls"])
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
 
     def add_completion(self, body: dict[str, Any]) -> None:
         """Fold a whole non-streamed completion in."""
