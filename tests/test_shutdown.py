@@ -15,16 +15,20 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from service.__main__ import DRAIN_MARGIN_S
+from service.app import create_app
 from service.appkeys import LIFECYCLE, STREAMS
-from service.checkpoint import Checkpoint
+from service.checkpoint import Checkpoint, MemoryCheckpointStore
 from service.handlers import health
 from service.settings import Settings
+from service.simulator import SimStats
 from service.stream import Stream
-from tests.conftest import AUTH, GatewayFactory, chat_body
-from tests.streamwire import events, read_events, with_drain
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.streamwire import LoopClock, events, read_events, with_drain
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
@@ -74,6 +78,118 @@ async def test_shutdown_ends_stalled_streams_with_resume_hints_and_checkpoints(
         assert checkpoint.status == "shutdown"
         assert checkpoint.chunks == 3
     assert readiness == [503, 503]
+
+
+async def test_the_drain_window_lets_streams_finish_then_ends_the_rest_at_its_end(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """The shutdown sequence under the test's clock, with the default 25 s drain window: the
+    listener is closed before draining starts; a stream that finishes within the window gets
+    its [DONE]; a moment before the window's end the stalled one still runs; a moment after,
+    it gets the ``retry:`` hint and a ``shutdown`` checkpoint."""
+    assert settings.server.drain_s == 25
+    app = create_app(settings)
+    draining = asyncio.Event()
+
+    async def began(app: web.Application) -> None:
+        draining.set()
+
+    app.on_shutdown.insert(0, began)  # runs just before the app's own drain
+    client = await aiohttp_client(app)
+    registry = app[STREAMS]
+    url = client.make_url("/livez")
+    quick = await client.post(
+        "/v1/chat/completions", json=chat_body("quick [sim chunks=3 delay_ms=5000]"), headers=AUTH
+    )
+    stuck = await client.post(
+        "/v1/chat/completions", json=chat_body("stuck [sim stall_after=1]"), headers=AUTH
+    )
+    await read_events(quick, 2)
+    await read_events(stuck, 2)
+    stuck_stream = registry.get(stuck.headers["X-Sluice-Stream-Id"])
+    assert stuck_stream is not None
+
+    closing = asyncio.ensure_future(client.server.close())
+    await draining.wait()
+    async with aiohttp.ClientSession() as fresh:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await fresh.get(url)
+    await loop_clock.advance(5)
+    await loop_clock.advance(5)  # the quick stream's last word: it completes
+    quick_rest = await quick.read()
+    assert events(quick_rest)[-1] == (6, b"[DONE]")
+    await loop_clock.advance(25 - 10 - 0.1)
+    assert stuck_stream.running
+    assert stuck_stream.cancel_reason is None
+
+    await loop_clock.advance(0.2)
+    stuck_rest = await stuck.read()
+    assert stuck_rest.endswith(b"retry: 1000\n\n")
+    loop_clock.thaw()
+    await closing
+    checkpoints = {
+        name: await registry.store.get(response.headers["X-Sluice-Stream-Id"])
+        for name, response in (("quick", quick), ("stuck", stuck))
+    }
+    assert {name: c and c.status for name, c in checkpoints.items()} == {
+        "quick": "completed",
+        "stuck": "shutdown",
+    }
+    assert sim_stats.completed == 1
+
+
+class _SlowStore(MemoryCheckpointStore):
+    """Holds each write until shutdown has begun, recording when it lands."""
+
+    def __init__(self, order: list[str], shutdown: asyncio.Event) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+        self._order = order
+        self._shutdown = shutdown
+
+    async def put(self, checkpoint: Checkpoint, ttl_s: float) -> None:
+        self.writing.set()
+        await self._shutdown.wait()
+        await super().put(checkpoint, ttl_s)
+        self._order.append(f"checkpoint {checkpoint.status}")
+
+
+async def test_a_checkpoint_write_outlives_the_disconnect_and_holds_up_shutdown(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The write a disconnect triggers runs in the stream's task, not the cancelled handler,
+    and the shutdown drain waits for it (and the finish hooks) before it returns."""
+    order: list[str] = []
+    shutdown = asyncio.Event()
+    custom = with_streams(with_drain(settings, 0), disconnect_grace_s=0)
+    app = create_app(custom)
+    store = _SlowStore(order, shutdown)
+    app[STREAMS].store = store
+
+    async def began(app: web.Application) -> None:
+        shutdown.set()
+
+    async def drained(app: web.Application) -> None:
+        order.append("drained")
+
+    async def ledger_row(stream: Stream, checkpoint: Checkpoint) -> None:
+        order.append("finish hooks")
+
+    app.on_shutdown.insert(0, began)
+    app.on_shutdown.append(drained)
+    app[STREAMS].finish_hooks.append(ledger_row)
+    client = await aiohttp_client(app)
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("gone [sim stall_after=2]"), headers=AUTH
+    )
+    await read_events(response, 3)
+    response.close()
+    await store.writing.wait()  # the handler is long gone; the write is still pending
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+    await client.server.close()
+    assert order == ["checkpoint client_gone", "finish hooks", "drained"]
+    assert await store.get(response.headers["X-Sluice-Stream-Id"]) is not None
 
 
 async def test_readiness_and_new_streams_are_refused_while_draining(

@@ -26,8 +26,11 @@ from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_
 from tests.streamwire import (
     FIXED_CREATED,
     Finished,
+    LoopClock,
+    Observed,
     bearer,
     events,
+    journaled,
     last_error,
     read_events,
     two_user_settings,
@@ -208,6 +211,83 @@ async def test_resume_after_the_window_finds_the_partial_text_checkpointed(
     rest = await resumed.read()
     assert [seq for seq, _ in events(rest)] == [5, 6, 7, 8]
     assert last_error(rest)["code"] == "client_gone"
+
+
+WINDOW_S = 28.0  # the grace window of the clocked tests below
+WORD_EVERY_S = 5  # their simulated words: one every 5 s, so none lands on the window's end
+
+
+async def test_the_grace_window_keeps_generating_then_cuts_the_provider_at_its_end(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """With the loop clock in the test's hands: after the client leaves, the provider's words
+    keep going into the journal for the whole window; a moment before its end nothing has been
+    cancelled; a moment after it, with the clock held there, the provider sees its connection
+    closed, having sent only what the window allowed."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=WINDOW_S))
+    registry = client.app[STREAMS]
+    observed = Observed(registry)
+    text = f"window [sim chunks=40 delay_ms={WORD_EVERY_S * 1000}]"
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    await read_events(response, 2)  # the role chunk and the first word
+    stream_id = response.headers[STREAM_ID_HEADER]
+    stream = registry.get(stream_id)
+    assert stream is not None
+    response.close()
+    await observed.wait(stream_id, "client_disconnected")
+
+    for words in range(2, 7):  # nobody reading, the words still arrive and are journaled
+        await loop_clock.advance(WORD_EVERY_S)
+        await journaled(stream, 1 + words)
+    await loop_clock.advance(WINDOW_S - 5 * WORD_EVERY_S - 0.1)
+    assert stream.running
+    assert stream.cancel_reason is None
+    assert sim_stats.aborted == 0
+
+    await loop_clock.advance(0.2)  # 0.1 s past the window's end, and no further
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    assert sim_stats.chunks_sent == [6]
+    assert (stream_id, "grace_expired") in observed.seen
+    checkpoint = await get_checkpoint(client, stream_id)
+    assert checkpoint["status"] == "client_gone"
+    assert checkpoint["text"] == "".join(sim_words(text, 40)[:6])
+
+
+async def test_coming_back_within_the_window_keeps_the_stream_past_its_end(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """A reload 10 s into the window stops its timer: the window's end passes without a
+    cancel, the resumed reader gets every event after its last one through [DONE], and the
+    provider was called once and never cut off."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=WINDOW_S))
+    registry = client.app[STREAMS]
+    observed = Observed(registry)
+    text = f"reload [sim chunks=8 delay_ms={WORD_EVERY_S * 1000}]"
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    head = await read_events(response, 2)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    stream = registry.get(stream_id)
+    assert stream is not None
+    response.close()
+    await observed.wait(stream_id, "client_disconnected")
+
+    resumed = None
+    for words in range(2, 9):  # the last word arrives 35 s in, past the window's end
+        await loop_clock.advance(WORD_EVERY_S)
+        await journaled(stream, 1 + words)
+        if words == 3:
+            resumed = await client.get(
+                f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "2"}
+            )
+    assert resumed is not None
+    rest = await resumed.read()
+
+    numbered = [(seq, data) for seq, data in events(head + rest) if seq is not None]
+    assert [seq for seq, _ in numbered] == list(range(1, 12))  # keepalives aside
+    assert numbered[-1][1] == b"[DONE]"
+    assert (stream_id, "grace_expired") not in observed.seen
+    assert (await get_checkpoint(client, stream_id))["status"] == "completed"
+    assert (sim_stats.requests, sim_stats.completed, sim_stats.aborted) == (1, 1, 0)
 
 
 async def test_cancel_from_a_second_connection_stops_the_stream(
