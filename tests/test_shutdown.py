@@ -6,9 +6,11 @@ One test drives the app's own shutdown in process; one sends SIGTERM to ``python
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -223,9 +225,11 @@ async def _drain_output(stderr: asyncio.StreamReader, seen: list[bytes]) -> None
         seen.append(line)
 
 
-async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
-    """SIGTERM to ``python -m service``: the open stream gets ``retry:``, the process exits 0
-    within the drain window, and it logged no traceback."""
+async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
+    """SIGTERM to ``python -m service`` with an SSE stream and a WebSocket stream open: the
+    SSE reader gets ``retry:``, the socket closes with 1001, both streams
+    are recorded (the ledger row is written after the checkpoint, in the same task), and the
+    process exits 0 within the drain window without logging a traceback."""
     drain_s = 1.0
     env: dict[str, Any] = {
         "PATH": os.environ.get("PATH", ""),
@@ -233,6 +237,7 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
         "SLUICE_PORT": "0",
         "SLUICE_PROVIDER": "simulated",
         "SLUICE_DRAIN_S": str(drain_s),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -248,16 +253,30 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
     try:
         port = await asyncio.wait_for(_listening_port(process.stderr, seen), 30)
         output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             response = await session.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
+                f"{base}/v1/chat/completions",
                 json=chat_body("bye [sim stall_after=1]"),
                 headers=AUTH,
             )
             await read_events(response, 2)
+            ws = await session.ws_connect(f"{base}/v1/ws", headers=AUTH)
+            create = {
+                "type": "chat.completion.create",
+                "request_id": 1,
+                "body": chat_body("ws [sim stall_after=1]"),
+            }
+            await ws.send_str(orjson.dumps(create).decode())
+            ws_stream = orjson.loads((await ws.receive()).data)["stream_id"]
             process.send_signal(signal.SIGTERM)
             rest = await response.read()
+            closing = await ws.receive()
+            while closing.type is aiohttp.WSMsgType.TEXT:  # chunks sent before the drain ended
+                closing = await ws.receive()
         assert rest.endswith(b"retry: 1000\n\n")
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
         assert await asyncio.wait_for(process.wait(), drain_s + DRAIN_MARGIN_S) == 0
         await output
     finally:
@@ -266,3 +285,6 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
             await process.wait()
     log = b"".join(seen).decode(errors="replace")
     assert "Traceback" not in log, log
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
+        rows = dict(ledger.execute("SELECT stream_id, error_code FROM ledger").fetchall())
+    assert rows == {response.headers["X-Sluice-Stream-Id"]: "shutdown", ws_stream: "shutdown"}
