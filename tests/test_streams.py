@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
-from service.appkeys import STREAMS
+from service.appkeys import GATE, STREAMS
 from service.checkpoint import MemoryCheckpointStore
 from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
@@ -469,6 +469,16 @@ ENDINGS = {
         last_seq=9,  # the usage chunk is withheld; [DONE] is journaled
         usage_reported=True,
     ),
+    "completed_without_usage": Ending(  # a provider that ignores stream_options
+        _read_all,
+        "done [sim chunks=3 tool_call=lookup usage=0]",
+        None,
+        words=3,
+        tool_calls=3,
+        finish_reason="tool_calls",
+        chunks=8,  # role, 3 words, 3 tool-call deltas, finish
+        last_seq=9,  # + [DONE]
+    ),
     "cancelled": Ending(_cancelled, "halt [sim stall_after=2]", "stream_cancelled"),
     "client_gone": Ending(
         _client_gone,
@@ -501,9 +511,10 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     finished = Finished(registry)
     await ending.drive(client, sim_stats, ending.text)
     [checkpoint] = await finished.wait()
-    assert await registry.store.get(checkpoint.stream_id) == checkpoint
+    stream_id = checkpoint.stream_id
+    assert await registry.store.get(stream_id) == checkpoint
 
-    assert checkpoint.status == reason
+    assert checkpoint.status == reason.removesuffix("_without_usage")
     chunks = 3 if "chunks=3" in ending.text else 12
     assert checkpoint.text == "".join(sim_words(ending.text, chunks)[: ending.words])
     assert len(checkpoint.tool_calls) == ending.tool_calls
@@ -514,12 +525,19 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert (checkpoint.error or {}).get("code") == ending.error
     if ending.usage_reported:
         assert checkpoint.completion_tokens == ending.words
-    else:
-        assert checkpoint.completion_tokens == registry.count_text("gpt-4o-mini", checkpoint.text)
+    else:  # counted: the text, and the tool call's name and arguments
+        calls = "lookup" + '{"query": "sim"}' if ending.tool_calls else ""
+        assert checkpoint.completion_tokens == registry.count_text(
+            "gpt-4o-mini", checkpoint.text
+        ) + registry.count_text("gpt-4o-mini", calls)
         body = chat_body(ending.text)
         assert checkpoint.prompt_tokens == registry.count_prompt("gpt-4o-mini", body)
+    if ending.tool_calls:  # the deltas as streamed: id and name first, then arguments
+        assert checkpoint.tool_calls[0]["function"] == {"name": "lookup", "arguments": ""}
     assert checkpoint.completion_tokens > 0
     assert checkpoint.prompt_tokens > 0
+    [row] = [e for e in await client.app[GATE].ledger.entries() if e.stream_id == stream_id]
+    assert row.completion_tokens == checkpoint.completion_tokens  # billed as checkpointed
     assert checkpoint.first_token_at is not None
     assert checkpoint.ended_at is not None
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at
