@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from service.app import create_app
 from service.appkeys import GATE, STREAMS
+from service.auth import add_key
 from service.checkpoint import MemoryCheckpointStore
 from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
@@ -64,6 +65,20 @@ async def test_every_event_carries_its_sequence_number(gateway: GatewayFactory) 
     assert parsed[-1][1] == b"[DONE]"
 
 
+async def test_a_non_streamed_answer_names_its_stream_too(gateway: GatewayFactory) -> None:
+    """stream=false: the JSON response carries the stream id, and the id works in URLs."""
+    client = await gateway()
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("whole [sim chunks=3]", stream=False), headers=AUTH
+    )
+    assert response.status == 200
+    stream_id = response.headers[STREAM_ID_HEADER]
+    assert stream_id.startswith("strm_")
+    checkpoint = await get_checkpoint(client, stream_id)
+    assert checkpoint["status"] == "completed"
+    assert checkpoint["text"] == (await response.json())["choices"][0]["message"]["content"]
+
+
 async def test_abort_mid_stream_without_grace_closes_the_provider_connection(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
 ) -> None:
@@ -83,6 +98,29 @@ async def test_abort_mid_stream_without_grace_closes_the_provider_connection(
     assert sim_stats.chunks_sent[0] <= read + IN_FLIGHT
     checkpoint = await get_checkpoint(client, response.headers[STREAM_ID_HEADER])
     assert checkpoint["status"] == "client_gone"
+
+
+async def test_abort_without_grace_with_the_clock_held_sends_nothing_more(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """Grace 0 with the loop clock stopped at the moment of the disconnect: the provider's
+    connection is closed before its next word is due, so it sent exactly the words read."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    response = await client.post(
+        "/v1/chat/completions",
+        json=chat_body("abort me [sim chunks=50 delay_ms=1000]"),
+        headers=AUTH,
+    )
+    await read_events(response, 2)  # the role chunk and the first word
+    await loop_clock.advance(1)
+    await read_events(response, 1)  # the second word
+    response.close()
+
+    await sim_stats.wait_for(lambda s: s.aborted == 1)  # no time passes from here on
+    assert sim_stats.chunks_sent == [2]
+    checkpoint = await get_checkpoint(client, response.headers[STREAM_ID_HEADER])
+    assert checkpoint["status"] == "client_gone"
+    assert checkpoint["chunks"] == 3
 
 
 async def test_abort_before_the_first_token(
@@ -332,6 +370,31 @@ async def test_another_user_can_neither_read_resume_nor_cancel(
     owner_view = await client.get(f"/v1/streams/{stream_id}", headers=bearer(alice))
     assert (await owner_view.json())["status"] == "running"
     assert sim_stats.aborted == 0
+
+
+async def test_the_same_user_may_stop_it_with_another_key(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, tmp_path: Path
+) -> None:
+    """Ownership is the user's, not the key's: alice's phone (a second key) sees and stops the
+    stream her laptop started; bob still gets 404 once it has ended."""
+    custom, laptop, bob = two_user_settings(with_drain(settings, 0), tmp_path)
+    assert custom.auth.client_keys_file is not None
+    phone = add_key(custom.auth.client_keys_file, user="alice", tenant="acme")
+    client = await gateway(custom)
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("mine [sim stall_after=2]"), headers=bearer(laptop)
+    )
+    await read_events(response, 2)
+    stream_id = response.headers[STREAM_ID_HEADER]
+
+    cancelled = await client.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(phone))
+    assert cancelled.status == 200
+    assert (await cancelled.json())["status"] == "cancelled"
+    assert last_error(await response.read())["code"] == "stream_cancelled"
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    seen = await client.get(f"/v1/streams/{stream_id}", headers=bearer(phone))
+    assert (await seen.json())["status"] == "cancelled"
+    assert (await client.get(f"/v1/streams/{stream_id}", headers=bearer(bob))).status == 404
 
 
 async def test_several_readers_follow_one_stream(
