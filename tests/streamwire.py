@@ -108,6 +108,7 @@ class LoopClock:
         self._real = loop.time
         self._start = loop.time()
         self.elapsed = 0.0
+        self._thawed = False
         loop.time = self._frozen  # type: ignore[method-assign]
 
     def _frozen(self) -> float:
@@ -123,6 +124,9 @@ class LoopClock:
         await fired
 
     def thaw(self) -> None:
+        if self._thawed:
+            return
+        self._thawed = True
         offset = self._frozen() - self._real()
         real = self._real
         self._loop.time = lambda: real() + max(offset, 0.0)  # type: ignore[method-assign]

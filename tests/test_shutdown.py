@@ -1,6 +1,8 @@
 """Graceful shutdown: not ready, drain, then end the rest with a resume hint and a checkpoint.
 
-One test drives the app's own shutdown in process; one sends SIGTERM to ``python -m service``.
+In-process tests drive the app's own shutdown (one with the loop clock in the test's hands,
+to stand just before and after the drain window's end); one sends SIGTERM to
+``python -m service``.
 """
 
 from __future__ import annotations
@@ -226,10 +228,10 @@ async def _drain_output(stderr: asyncio.StreamReader, seen: list[bytes]) -> None
 
 
 async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
-    """SIGTERM to ``python -m service`` with an SSE stream and a WebSocket stream open: the
-    SSE reader gets ``retry:``, the socket closes with 1001, both streams
-    are recorded (the ledger row is written after the checkpoint, in the same task), and the
-    process exits 0 within the drain window without logging a traceback."""
+    """SIGTERM to ``python -m service`` with an SSE stream and a WebSocket stream open: the SSE
+    reader gets ``retry:``, the socket closes with 1001, both streams are recorded (the ledger
+    row is written after the checkpoint, in the same task), and the process exits 0 within the
+    drain window without logging a traceback."""
     drain_s = 1.0
     env: dict[str, Any] = {
         "PATH": os.environ.get("PATH", ""),
