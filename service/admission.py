@@ -319,8 +319,6 @@ def ledger_entry(
     if checkpoint.usage_reported:
         details = usage.get("prompt_tokens_details") or {}
         cached = int(details.get("cached_tokens") or 0)
-    elif checkpoint.tool_calls:
-        completion += tokens.count_text(stream.model, _tool_call_text(checkpoint.tool_calls))
     served = stream.served_model or stream.model
     cost = Decimal(0) if stream.cache_hit else prices.cost(served, prompt, completion, cached)
     error = checkpoint.error or {}
@@ -421,15 +419,6 @@ def _rough_chars(body: Mapping[str, Any]) -> int:
         content = message.get("content") if isinstance(message, dict) else None
         total += len(content) if isinstance(content, str) else 256
     return total + 512 * len(body.get("tools") or ())
-
-
-def _tool_call_text(tool_calls: list[Any]) -> str:
-    parts = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
-    return "".join(parts)
 
 
 def _budget_limits(money: MoneySettings) -> BudgetLimits:

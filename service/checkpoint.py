@@ -3,7 +3,8 @@
 ``CheckpointStore`` is the storage seam: the in-memory store below is the default and the
 test double; a shared store (Redis) implements the same protocol for many replicas.
 Completion tokens come from the provider's usage when it arrived, else are counted from
-the text generated so far, so a partial stream is never recorded as zero.
+the text and tool-call deltas generated so far, so a partial stream is never recorded as
+zero (the ledger bills this same count).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def checkpoint_of(
     reported = "completion_tokens" in usage
     prompt = usage.get("prompt_tokens") if reported else count_prompt(stream.model, stream.body)
     completion = (
-        usage.get("completion_tokens") if reported else count_text(stream.model, progress.text)
+        usage.get("completion_tokens") if reported else _generated_tokens(stream, count_text)
     )
     return Checkpoint(
         stream_id=stream.id,
@@ -83,6 +84,24 @@ def checkpoint_of(
         first_token_at=stream.first_token_at,
         ended_at=stream.ended_at,
     )
+
+
+def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:
+    progress = stream.progress
+    tokens = count_text(stream.model, progress.text)
+    if progress.tool_calls:  # a function call's name and arguments are generated tokens too
+        tokens += count_text(stream.model, tool_call_text(progress.tool_calls))
+    return tokens
+
+
+def tool_call_text(tool_calls: list[Any]) -> str:
+    """The names and argument fragments of streamed tool-call deltas, joined."""
+    parts = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
+    return "".join(parts)
 
 
 class CheckpointStore(Protocol):

@@ -82,6 +82,7 @@ class Directive:
     tool_call: str = ""  # after the text, stream a call to this function (finish: tool_calls)
     error_after: int = -1  # send an OpenAI ``data: {"error": ...}`` event after N chunks, stop
     echo_key: int = 0  # 1: error messages quote the Authorization header received (leak tests)
+    usage: int = 1  # 0: never stream usage, as OpenAI-compatible servers ignoring stream_options
 
     @classmethod
     def parse(cls, text: str) -> Directive:
@@ -277,6 +278,7 @@ class Simulator:
         """Send the stream, counting content chunks in ``progress[0]``."""
         base = _chunk_base(body, directive)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = include_usage and bool(directive.usage)
         await _sleep_ms(directive.first_delay_ms)
         await response.write(
             _event(base, {"role": "assistant", "content": ""}, None, include_usage)

@@ -6,7 +6,8 @@ provider's own counters through ``sim_stats`` and wait on them instead of sleepi
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +20,7 @@ from service.settings import ProviderSettings, Settings, StreamSettings
 from service.simulator import SIM_STATS, SimStats, Simulator, create_simulator_app
 from service.tokens import count_body
 from tests.servers import postgres_server, postgres_url, redis_server, redis_url  # noqa: F401
+from tests.streamwire import LoopClock
 
 DEV_KEY = "sluice-dev-key"
 AUTH = {"Authorization": f"Bearer {DEV_KEY}"}
@@ -83,3 +85,14 @@ def chat_body(text: str = "Hello", *, stream: bool = True, **extra: Any) -> dict
     }
     body.update(extra)
     return body
+
+
+@pytest.fixture
+async def loop_clock() -> AsyncIterator[LoopClock]:
+    """The test loop's clock, frozen until the test advances it; see ``LoopClock``.
+
+    Request it after ``gateway`` so it thaws before the servers shut down.
+    """
+    clock = LoopClock(asyncio.get_running_loop())
+    yield clock
+    clock.thaw()

@@ -92,3 +92,66 @@ class Finished:
                 self._changed.clear()
                 await self._changed.wait()
         return self.checkpoints
+
+
+class LoopClock:
+    """The running loop's clock, frozen and moved only by the test (aiolimiter's trick).
+
+    Every ``call_later`` deadline (grace windows, the drain window, the simulator's delays)
+    is then reached only by ``advance``, so a test can stand just before or just after one
+    and look; I/O still flows. ``thaw`` hands the loop back a running clock, no earlier than
+    the frozen one, so timers set meanwhile keep their order.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._real = loop.time
+        self._start = loop.time()
+        self.elapsed = 0.0
+        self._thawed = False
+        loop.time = self._frozen  # type: ignore[method-assign]
+
+    def _frozen(self) -> float:
+        return self._start + self.elapsed
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock on and return once every timer now due has run."""
+        self.elapsed += seconds
+        # A probe due at the new time: timers due by then run in the same loop pass, before
+        # the probe's waiter is woken.
+        fired = self._loop.create_future()
+        self._loop.call_at(self._frozen(), fired.set_result, None)
+        await fired
+
+    def thaw(self) -> None:
+        if self._thawed:
+            return
+        self._thawed = True
+        offset = self._frozen() - self._real()
+        real = self._real
+        self._loop.time = lambda: real() + max(offset, 0.0)  # type: ignore[method-assign]
+
+
+async def journaled(stream: Stream, count: int) -> None:
+    """Return once ``stream`` has journaled ``count`` events (or ended short of them)."""
+    async for _ in stream.follow(0):
+        if stream.last_seq >= count:
+            return
+
+
+class Observed:
+    """Registry observer events ("client_disconnected", "grace_expired") to wait on."""
+
+    def __init__(self, registry: StreamRegistry) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self._changed = asyncio.Event()
+        registry.observers.append(self._observe)
+
+    def _observe(self, stream: Stream, event: str) -> None:
+        self.seen.append((stream.id, event))
+        self._changed.set()
+        self._changed.clear()
+
+    async def wait(self, stream_id: str, event: str) -> None:
+        while (stream_id, event) not in self.seen:
+            await self._changed.wait()

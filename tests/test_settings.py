@@ -26,6 +26,9 @@ def test_defaults_from_an_empty_environment() -> None:
     assert (provider.connect_timeout_s, provider.first_token_timeout_s) == (10.0, 60.0)
     assert provider.idle_timeout_s == 30.0
     assert settings.streams.keepalive_s == 15.0
+    streams = settings.streams  # the defaults: 10 s grace, 1 h checkpoints, 25 s drain
+    assert (streams.disconnect_grace_s, streams.checkpoint_ttl_s) == (10.0, 3600.0)
+    assert settings.server.drain_s == 25.0
     assert settings.auth.client_keys_file is None
     assert settings.auth.dev_key == Secret("sluice-dev-key")
 

@@ -1,30 +1,38 @@
 """Graceful shutdown: not ready, drain, then end the rest with a resume hint and a checkpoint.
 
-One test drives the app's own shutdown in process; one sends SIGTERM to ``python -m service``.
+In-process tests drive the app's own shutdown (one with the loop clock in the test's hands,
+to stand just before and after the drain window's end); one sends SIGTERM to
+``python -m service``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from service.__main__ import DRAIN_MARGIN_S
+from service.app import create_app
 from service.appkeys import LIFECYCLE, STREAMS
-from service.checkpoint import Checkpoint
+from service.checkpoint import Checkpoint, MemoryCheckpointStore
 from service.handlers import health
 from service.settings import Settings
+from service.simulator import SimStats
 from service.stream import Stream
-from tests.conftest import AUTH, GatewayFactory, chat_body
-from tests.streamwire import events, read_events, with_drain
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.streamwire import LoopClock, events, read_events, with_drain
 
 REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
@@ -76,6 +84,118 @@ async def test_shutdown_ends_stalled_streams_with_resume_hints_and_checkpoints(
     assert readiness == [503, 503]
 
 
+async def test_the_drain_window_lets_streams_finish_then_ends_the_rest_at_its_end(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """The shutdown sequence under the test's clock, with the default 25 s drain window: the
+    listener is closed before draining starts; a stream that finishes within the window gets
+    its [DONE]; a moment before the window's end the stalled one still runs; a moment after,
+    it gets the ``retry:`` hint and a ``shutdown`` checkpoint."""
+    assert settings.server.drain_s == 25
+    app = create_app(settings)
+    draining = asyncio.Event()
+
+    async def began(app: web.Application) -> None:
+        draining.set()
+
+    app.on_shutdown.insert(0, began)  # runs just before the app's own drain
+    client = await aiohttp_client(app)
+    registry = app[STREAMS]
+    url = client.make_url("/livez")
+    quick = await client.post(
+        "/v1/chat/completions", json=chat_body("quick [sim chunks=3 delay_ms=5000]"), headers=AUTH
+    )
+    stuck = await client.post(
+        "/v1/chat/completions", json=chat_body("stuck [sim stall_after=1]"), headers=AUTH
+    )
+    await read_events(quick, 2)
+    await read_events(stuck, 2)
+    stuck_stream = registry.get(stuck.headers["X-Sluice-Stream-Id"])
+    assert stuck_stream is not None
+
+    closing = asyncio.ensure_future(client.server.close())
+    await draining.wait()
+    async with aiohttp.ClientSession() as fresh:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await fresh.get(url)
+    await loop_clock.advance(5)
+    await loop_clock.advance(5)  # the quick stream's last word: it completes
+    quick_rest = await quick.read()
+    assert events(quick_rest)[-1] == (6, b"[DONE]")
+    await loop_clock.advance(25 - 10 - 0.1)
+    assert stuck_stream.running
+    assert stuck_stream.cancel_reason is None
+
+    await loop_clock.advance(0.2)
+    stuck_rest = await stuck.read()
+    assert stuck_rest.endswith(b"retry: 1000\n\n")
+    loop_clock.thaw()
+    await closing
+    checkpoints = {
+        name: await registry.store.get(response.headers["X-Sluice-Stream-Id"])
+        for name, response in (("quick", quick), ("stuck", stuck))
+    }
+    assert {name: c and c.status for name, c in checkpoints.items()} == {
+        "quick": "completed",
+        "stuck": "shutdown",
+    }
+    assert sim_stats.completed == 1
+
+
+class _SlowStore(MemoryCheckpointStore):
+    """Holds each write until shutdown has begun, recording when it lands."""
+
+    def __init__(self, order: list[str], shutdown: asyncio.Event) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+        self._order = order
+        self._shutdown = shutdown
+
+    async def put(self, checkpoint: Checkpoint, ttl_s: float) -> None:
+        self.writing.set()
+        await self._shutdown.wait()
+        await super().put(checkpoint, ttl_s)
+        self._order.append(f"checkpoint {checkpoint.status}")
+
+
+async def test_a_checkpoint_write_outlives_the_disconnect_and_holds_up_shutdown(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The write a disconnect triggers runs in the stream's task, not the cancelled handler,
+    and the shutdown drain waits for it (and the finish hooks) before it returns."""
+    order: list[str] = []
+    shutdown = asyncio.Event()
+    custom = with_streams(with_drain(settings, 0), disconnect_grace_s=0)
+    app = create_app(custom)
+    store = _SlowStore(order, shutdown)
+    app[STREAMS].store = store
+
+    async def began(app: web.Application) -> None:
+        shutdown.set()
+
+    async def drained(app: web.Application) -> None:
+        order.append("drained")
+
+    async def ledger_row(stream: Stream, checkpoint: Checkpoint) -> None:
+        order.append("finish hooks")
+
+    app.on_shutdown.insert(0, began)
+    app.on_shutdown.append(drained)
+    app[STREAMS].finish_hooks.append(ledger_row)
+    client = await aiohttp_client(app)
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("gone [sim stall_after=2]"), headers=AUTH
+    )
+    await read_events(response, 3)
+    response.close()
+    await store.writing.wait()  # the handler is long gone; the write is still pending
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+    await client.server.close()
+    assert order == ["checkpoint client_gone", "finish hooks", "drained"]
+    assert await store.get(response.headers["X-Sluice-Stream-Id"]) is not None
+
+
 async def test_readiness_and_new_streams_are_refused_while_draining(
     gateway: GatewayFactory,
 ) -> None:
@@ -107,9 +227,11 @@ async def _drain_output(stderr: asyncio.StreamReader, seen: list[bytes]) -> None
         seen.append(line)
 
 
-async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
-    """SIGTERM to ``python -m service``: the open stream gets ``retry:``, the process exits 0
-    within the drain window, and it logged no traceback."""
+async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
+    """SIGTERM to ``python -m service`` with an SSE stream and a WebSocket stream open: the SSE
+    reader gets ``retry:``, the socket closes with 1001, both streams are recorded (the ledger
+    row is written after the checkpoint, in the same task), and the process exits 0 within the
+    drain window without logging a traceback."""
     drain_s = 1.0
     env: dict[str, Any] = {
         "PATH": os.environ.get("PATH", ""),
@@ -117,6 +239,7 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
         "SLUICE_PORT": "0",
         "SLUICE_PROVIDER": "simulated",
         "SLUICE_DRAIN_S": str(drain_s),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -132,16 +255,30 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
     try:
         port = await asyncio.wait_for(_listening_port(process.stderr, seen), 30)
         output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+        base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             response = await session.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
+                f"{base}/v1/chat/completions",
                 json=chat_body("bye [sim stall_after=1]"),
                 headers=AUTH,
             )
             await read_events(response, 2)
+            ws = await session.ws_connect(f"{base}/v1/ws", headers=AUTH)
+            create = {
+                "type": "chat.completion.create",
+                "request_id": 1,
+                "body": chat_body("ws [sim stall_after=1]"),
+            }
+            await ws.send_str(orjson.dumps(create).decode())
+            ws_stream = orjson.loads((await ws.receive()).data)["stream_id"]
             process.send_signal(signal.SIGTERM)
             rest = await response.read()
+            closing = await ws.receive()
+            while closing.type is aiohttp.WSMsgType.TEXT:  # chunks sent before the drain ended
+                closing = await ws.receive()
         assert rest.endswith(b"retry: 1000\n\n")
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
         assert await asyncio.wait_for(process.wait(), drain_s + DRAIN_MARGIN_S) == 0
         await output
     finally:
@@ -150,3 +287,6 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
             await process.wait()
     log = b"".join(seen).decode(errors="replace")
     assert "Traceback" not in log, log
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
+        rows = dict(ledger.execute("SELECT stream_id, error_code FROM ledger").fetchall())
+    assert rows == {response.headers["X-Sluice-Stream-Id"]: "shutdown", ws_stream: "shutdown"}

@@ -78,6 +78,17 @@ async def test_usage_equals_text_tokens(session: aiohttp.ClientSession, sim: Tes
     assert usage["total_tokens"] == usage["prompt_tokens"] + 17
 
 
+async def test_usage_0_ignores_include_usage(
+    session: aiohttp.ClientSession, sim: TestServer
+) -> None:
+    """usage=0: like servers that ignore stream_options, no usage chunk and no usage field."""
+    body = chat_body("quiet [sim chunks=3 usage=0]", stream_options={"include_usage": True})
+    response = await session.post(sim.make_url("/v1/chat/completions"), json=body)
+    chunks = _chunks(await response.text())
+    assert len(chunks) == 1 + 3 + 1
+    assert all("usage" not in c for c in chunks)
+
+
 async def test_non_stream_completion(session: aiohttp.ClientSession, sim: TestServer) -> None:
     """stream=false: one chat.completion whose text and usage match the streamed version."""
     prompt = "same prompt [sim chunks=9]"

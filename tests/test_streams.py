@@ -16,7 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from service.app import create_app
-from service.appkeys import STREAMS
+from service.appkeys import GATE, STREAMS
+from service.auth import add_key
 from service.checkpoint import MemoryCheckpointStore
 from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
@@ -26,8 +27,11 @@ from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_
 from tests.streamwire import (
     FIXED_CREATED,
     Finished,
+    LoopClock,
+    Observed,
     bearer,
     events,
+    journaled,
     last_error,
     read_events,
     two_user_settings,
@@ -61,6 +65,20 @@ async def test_every_event_carries_its_sequence_number(gateway: GatewayFactory) 
     assert parsed[-1][1] == b"[DONE]"
 
 
+async def test_a_non_streamed_answer_names_its_stream_too(gateway: GatewayFactory) -> None:
+    """stream=false: the JSON response carries the stream id, and the id works in URLs."""
+    client = await gateway()
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("whole [sim chunks=3]", stream=False), headers=AUTH
+    )
+    assert response.status == 200
+    stream_id = response.headers[STREAM_ID_HEADER]
+    assert stream_id.startswith("strm_")
+    checkpoint = await get_checkpoint(client, stream_id)
+    assert checkpoint["status"] == "completed"
+    assert checkpoint["text"] == (await response.json())["choices"][0]["message"]["content"]
+
+
 async def test_abort_mid_stream_without_grace_closes_the_provider_connection(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
 ) -> None:
@@ -80,6 +98,29 @@ async def test_abort_mid_stream_without_grace_closes_the_provider_connection(
     assert sim_stats.chunks_sent[0] <= read + IN_FLIGHT
     checkpoint = await get_checkpoint(client, response.headers[STREAM_ID_HEADER])
     assert checkpoint["status"] == "client_gone"
+
+
+async def test_abort_without_grace_with_the_clock_held_sends_nothing_more(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """Grace 0 with the loop clock stopped at the moment of the disconnect: the provider's
+    connection is closed before its next word is due, so it sent exactly the words read."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    response = await client.post(
+        "/v1/chat/completions",
+        json=chat_body("abort me [sim chunks=50 delay_ms=1000]"),
+        headers=AUTH,
+    )
+    await read_events(response, 2)  # the role chunk and the first word
+    await loop_clock.advance(1)
+    await read_events(response, 1)  # the second word
+    response.close()
+
+    await sim_stats.wait_for(lambda s: s.aborted == 1)  # no time passes from here on
+    assert sim_stats.chunks_sent == [2]
+    checkpoint = await get_checkpoint(client, response.headers[STREAM_ID_HEADER])
+    assert checkpoint["status"] == "client_gone"
+    assert checkpoint["chunks"] == 3
 
 
 async def test_abort_before_the_first_token(
@@ -210,6 +251,83 @@ async def test_resume_after_the_window_finds_the_partial_text_checkpointed(
     assert last_error(rest)["code"] == "client_gone"
 
 
+WINDOW_S = 28.0  # the grace window of the clocked tests below
+WORD_EVERY_S = 5  # their simulated words: one every 5 s, so none lands on the window's end
+
+
+async def test_the_grace_window_keeps_generating_then_cuts_the_provider_at_its_end(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """With the loop clock in the test's hands: after the client leaves, the provider's words
+    keep going into the journal for the whole window; a moment before its end nothing has been
+    cancelled; a moment after it, with the clock held there, the provider sees its connection
+    closed, having sent only what the window allowed."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=WINDOW_S))
+    registry = client.app[STREAMS]
+    observed = Observed(registry)
+    text = f"window [sim chunks=40 delay_ms={WORD_EVERY_S * 1000}]"
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    await read_events(response, 2)  # the role chunk and the first word
+    stream_id = response.headers[STREAM_ID_HEADER]
+    stream = registry.get(stream_id)
+    assert stream is not None
+    response.close()
+    await observed.wait(stream_id, "client_disconnected")
+
+    for words in range(2, 7):  # nobody reading, the words still arrive and are journaled
+        await loop_clock.advance(WORD_EVERY_S)
+        await journaled(stream, 1 + words)
+    await loop_clock.advance(WINDOW_S - 5 * WORD_EVERY_S - 0.1)
+    assert stream.running
+    assert stream.cancel_reason is None
+    assert sim_stats.aborted == 0
+
+    await loop_clock.advance(0.2)  # 0.1 s past the window's end, and no further
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    assert sim_stats.chunks_sent == [6]
+    assert (stream_id, "grace_expired") in observed.seen
+    checkpoint = await get_checkpoint(client, stream_id)
+    assert checkpoint["status"] == "client_gone"
+    assert checkpoint["text"] == "".join(sim_words(text, 40)[:6])
+
+
+async def test_coming_back_within_the_window_keeps_the_stream_past_its_end(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
+) -> None:
+    """A reload 10 s into the window stops its timer: the window's end passes without a
+    cancel, the resumed reader gets every event after its last one through [DONE], and the
+    provider was called once and never cut off."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=WINDOW_S))
+    registry = client.app[STREAMS]
+    observed = Observed(registry)
+    text = f"reload [sim chunks=8 delay_ms={WORD_EVERY_S * 1000}]"
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    head = await read_events(response, 2)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    stream = registry.get(stream_id)
+    assert stream is not None
+    response.close()
+    await observed.wait(stream_id, "client_disconnected")
+
+    resumed = None
+    for words in range(2, 9):  # the last word arrives 35 s in, past the window's end
+        await loop_clock.advance(WORD_EVERY_S)
+        await journaled(stream, 1 + words)
+        if words == 3:
+            resumed = await client.get(
+                f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "2"}
+            )
+    assert resumed is not None
+    rest = await resumed.read()
+
+    numbered = [(seq, data) for seq, data in events(head + rest) if seq is not None]
+    assert [seq for seq, _ in numbered] == list(range(1, 12))  # keepalives aside
+    assert numbered[-1][1] == b"[DONE]"
+    assert (stream_id, "grace_expired") not in observed.seen
+    assert (await get_checkpoint(client, stream_id))["status"] == "completed"
+    assert (sim_stats.requests, sim_stats.completed, sim_stats.aborted) == (1, 1, 0)
+
+
 async def test_cancel_from_a_second_connection_stops_the_stream(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
 ) -> None:
@@ -252,6 +370,31 @@ async def test_another_user_can_neither_read_resume_nor_cancel(
     owner_view = await client.get(f"/v1/streams/{stream_id}", headers=bearer(alice))
     assert (await owner_view.json())["status"] == "running"
     assert sim_stats.aborted == 0
+
+
+async def test_the_same_user_may_stop_it_with_another_key(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, tmp_path: Path
+) -> None:
+    """Ownership is the user's, not the key's: alice's phone (a second key) sees and stops the
+    stream her laptop started; bob still gets 404 once it has ended."""
+    custom, laptop, bob = two_user_settings(with_drain(settings, 0), tmp_path)
+    assert custom.auth.client_keys_file is not None
+    phone = add_key(custom.auth.client_keys_file, user="alice", tenant="acme")
+    client = await gateway(custom)
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("mine [sim stall_after=2]"), headers=bearer(laptop)
+    )
+    await read_events(response, 2)
+    stream_id = response.headers[STREAM_ID_HEADER]
+
+    cancelled = await client.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(phone))
+    assert cancelled.status == 200
+    assert (await cancelled.json())["status"] == "cancelled"
+    assert last_error(await response.read())["code"] == "stream_cancelled"
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    seen = await client.get(f"/v1/streams/{stream_id}", headers=bearer(phone))
+    assert (await seen.json())["status"] == "cancelled"
+    assert (await client.get(f"/v1/streams/{stream_id}", headers=bearer(bob))).status == 404
 
 
 async def test_several_readers_follow_one_stream(
@@ -389,6 +532,16 @@ ENDINGS = {
         last_seq=9,  # the usage chunk is withheld; [DONE] is journaled
         usage_reported=True,
     ),
+    "completed_without_usage": Ending(  # a provider that ignores stream_options
+        _read_all,
+        "done [sim chunks=3 tool_call=lookup usage=0]",
+        None,
+        words=3,
+        tool_calls=3,
+        finish_reason="tool_calls",
+        chunks=8,  # role, 3 words, 3 tool-call deltas, finish
+        last_seq=9,  # + [DONE]
+    ),
     "cancelled": Ending(_cancelled, "halt [sim stall_after=2]", "stream_cancelled"),
     "client_gone": Ending(
         _client_gone,
@@ -421,9 +574,10 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     finished = Finished(registry)
     await ending.drive(client, sim_stats, ending.text)
     [checkpoint] = await finished.wait()
-    assert await registry.store.get(checkpoint.stream_id) == checkpoint
+    stream_id = checkpoint.stream_id
+    assert await registry.store.get(stream_id) == checkpoint
 
-    assert checkpoint.status == reason
+    assert checkpoint.status == reason.removesuffix("_without_usage")
     chunks = 3 if "chunks=3" in ending.text else 12
     assert checkpoint.text == "".join(sim_words(ending.text, chunks)[: ending.words])
     assert len(checkpoint.tool_calls) == ending.tool_calls
@@ -434,12 +588,19 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert (checkpoint.error or {}).get("code") == ending.error
     if ending.usage_reported:
         assert checkpoint.completion_tokens == ending.words
-    else:
-        assert checkpoint.completion_tokens == registry.count_text("gpt-4o-mini", checkpoint.text)
+    else:  # counted: the text, and the tool call's name and arguments
+        calls = "lookup" + '{"query": "sim"}' if ending.tool_calls else ""
+        assert checkpoint.completion_tokens == registry.count_text(
+            "gpt-4o-mini", checkpoint.text
+        ) + registry.count_text("gpt-4o-mini", calls)
         body = chat_body(ending.text)
         assert checkpoint.prompt_tokens == registry.count_prompt("gpt-4o-mini", body)
+    if ending.tool_calls:  # the deltas as streamed: id and name first, then arguments
+        assert checkpoint.tool_calls[0]["function"] == {"name": "lookup", "arguments": ""}
     assert checkpoint.completion_tokens > 0
     assert checkpoint.prompt_tokens > 0
+    [row] = [e for e in await client.app[GATE].ledger.entries() if e.stream_id == stream_id]
+    assert row.completion_tokens == checkpoint.completion_tokens  # billed as checkpointed
     assert checkpoint.first_token_at is not None
     assert checkpoint.ended_at is not None
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at

@@ -22,6 +22,7 @@ from tests.streamwire import (
     Finished,
     bearer,
     events,
+    read_events,
     two_user_settings,
     with_drain,
 )
@@ -163,6 +164,31 @@ async def test_resume_on_a_new_socket_continues_without_gap_or_duplicate(
     assert sim_stats.requests == 2  # the WS stream and the SSE comparison run
     assert sim_stats.aborted == 0
     await second.close()
+
+
+async def test_a_stream_started_over_sse_resumes_over_the_socket(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """One journal, two transports: the socket picks up after the SSE client's last event id,
+    with the same chunk bytes and numbering, and the provider is called once."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=60))
+    text = f"cross [sim chunks=10 created={FIXED_CREATED}]"
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    head = await read_events(response, 3)
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    response.close()
+
+    ws = await connect(client)
+    resume = {"type": "resume", "stream_id": stream_id, "last_seq": 3, "request_id": "back"}
+    await ws.send_str(orjson.dumps(resume).decode())
+    rest = (await until_final(ws, {"back"}))["back"]
+
+    assert [p["seq"] for p, _ in rest] == list(range(4, 14))  # 9 chunks, then done as 13
+    assert rest[-1][0]["type"] == "done"
+    sse = [data for _, data in events(head)] + [raw_chunk(raw) for _, raw in rest[:-1]]
+    assert sse == await sse_chunks(client, text)
+    assert sim_stats.aborted == 0
+    await ws.close()
 
 
 @pytest.mark.parametrize(
