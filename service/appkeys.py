@@ -14,7 +14,7 @@ from .admission import Admission, Gate
 from .auth import KeyRing, Principal
 from .cache import ResponseCache
 from .lifecycle import Lifecycle
-from .redis_journal import RemoteStreams
+from .redis_journal import JournalMirror, RemoteStreams
 from .redisgate import RedisGate
 from .registry import StreamRegistry
 from .resilience import Resilience, ResilientProvider
@@ -40,6 +40,7 @@ GATE: web.AppKey[Gate] = web.AppKey("gate")  # limits, budgets, prices, ledger
 
 REDIS: web.AppKey[RedisGate | None] = web.AppKey("redis")  # None: no shared state
 REMOTE_STREAMS: web.AppKey[RemoteStreams | None] = web.AppKey("remote_streams")
+JOURNAL_MIRROR: web.AppKey[JournalMirror | None] = web.AppKey("journal_mirror")
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")  # tracer, metrics, access log
 
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")

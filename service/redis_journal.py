@@ -1,8 +1,11 @@
 """Stream journals mirrored to Redis Streams, so any replica can resume or cancel a stream.
 
-Producer side (the replica that owns the generation): ``JournalMirror`` follows every
-launched SSE stream like a reader and appends what arrived (at most one round trip per
-``MIRROR_INTERVAL_S``) to the Redis Stream
+Producer side (the replica that owns the generation): ``JournalMirror`` registers every
+launched SSE stream's owner at once (in parallel with the provider call; the handler waits
+for it, bounded by the gate's deadline, before the client learns the stream id, so a
+cancel or resume sent straight to another replica finds it), then follows the stream like
+a reader and appends what arrived (at most one round trip per ``MIRROR_INTERVAL_S``) to
+the Redis Stream
 ``sluice:journal:<id>``, entry id ``0-<seq>`` (so ids are the SSE sequence numbers),
 fields ``k`` (kind) and ``d`` (data). A failed append is retried with everything since
 the last mirrored event on the next wakeup; the in-process path never waits on Redis.
@@ -83,6 +86,7 @@ class JournalMirror:
         # Refreshed on every append and keepalive tick; gone 3 ticks after a crash.
         self._heartbeat_ms = max(1, int(HEARTBEAT_TICKS * keepalive_s * 1000))
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._registered: dict[str, asyncio.Event] = {}  # set once the first attempt ended
         self.remote_readers: dict[str, int] = {}
 
     def launched(self, stream: Stream) -> None:
@@ -90,9 +94,17 @@ class JournalMirror:
         answer cannot be resumed, its checkpoint is what another replica serves)."""
         if not stream.streaming:
             return
+        registered = self._registered[stream.id] = asyncio.Event()
         self._tasks[stream.id] = asyncio.create_task(
-            self._mirror(stream), name=f"mirror-{stream.id}"
+            self._mirror(stream, registered), name=f"mirror-{stream.id}"
         )
+
+    async def registered(self, stream: Stream) -> None:
+        """Wait until ``stream``'s owner is in Redis, or registering it failed (bounded by
+        the gate's deadline): only then may the client learn the stream id."""
+        event = self._registered.get(stream.id)
+        if event is not None and not event.is_set():
+            await event.wait()
 
     async def finished(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """Registry finish hook (after the checkpoint is stored): flush, then close the journal."""
@@ -100,6 +112,7 @@ class JournalMirror:
         if task is None:
             return
         await task
+        self._registered.pop(stream.id, None)
         self.remote_readers.pop(stream.id, None)
         end: dict[Any, Any] = {"k": END, "s": str(stream.status)}
         key = journal_key(stream.id)
@@ -118,14 +131,22 @@ class JournalMirror:
         except RedisUnavailable as exc:
             log.warning("journal of %s not closed in redis: %s", stream.id, exc)
 
-    async def _mirror(self, stream: Stream) -> None:
+    async def _mirror(self, stream: Stream, announced: asyncio.Event) -> None:
         owner: dict[Any, Any] = {
             "user": stream.owner.user_id,
             "tenant": stream.owner.tenant,
             "status": "running",
         }
         mirrored = 0
-        registered = False
+        try:
+            await self._gate.run(
+                functools.partial(self._append, stream=stream, start=0, stop=0, owner=owner)
+            )
+            registered = True
+        except RedisUnavailable:
+            registered = False  # the first append that succeeds registers it instead
+        finally:
+            announced.set()
         async for _ in stream.follow(0):
             upto = len(stream.events)
             if registered and upto == mirrored:  # a keepalive tick: still alive

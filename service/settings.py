@@ -31,6 +31,8 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_DEV_KEY = "sluice-dev-key"
 DEFAULT_REDIS_TIMEOUT_S = 0.25
 DEFAULT_LEDGER_BUFFER = 10_000
+DEFAULT_REDIS_BREAKER_FAIL_MAX = 3
+DEFAULT_REDIS_BREAKER_RESET_S = 5.0
 DEFAULT_SIMULATED_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_MAX_STREAMS_PER_USER = 256
@@ -153,8 +155,8 @@ class SharedStateSettings:
     redis_url: Secret | None = None  # may carry a password
     redis_failure: Literal["open", "closed"] = "closed"
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
-    redis_breaker_fail_max: int = 3
-    redis_breaker_reset_s: float = 5.0
+    redis_breaker_fail_max: int = DEFAULT_REDIS_BREAKER_FAIL_MAX
+    redis_breaker_reset_s: float = DEFAULT_REDIS_BREAKER_RESET_S
     database_url: Secret | None = None
     ledger_buffer: int = DEFAULT_LEDGER_BUFFER
     ledger_batch: int = 500
@@ -441,7 +443,15 @@ def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
     return SharedStateSettings(
         redis_url=Secret(redis_url) if redis_url else None,
         redis_failure="open" if failure == "open" else "closed",
-        redis_timeout_s=reader.number("SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001),
+        redis_timeout_s=reader.number(
+            "SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001
+        ),
+        redis_breaker_fail_max=reader.integer(
+            "SLUICE_REDIS_BREAKER_FAIL_MAX", DEFAULT_REDIS_BREAKER_FAIL_MAX, low=1
+        ),
+        redis_breaker_reset_s=reader.number(
+            "SLUICE_REDIS_BREAKER_RESET_S", DEFAULT_REDIS_BREAKER_RESET_S
+        ),
         database_url=Secret(database_url) if database_url else None,
         ledger_buffer=reader.integer("SLUICE_LEDGER_BUFFER", DEFAULT_LEDGER_BUFFER, low=1),
     )

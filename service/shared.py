@@ -26,6 +26,7 @@ from redis.backoff import NoBackoff
 
 from .appkeys import (
     GATE,
+    JOURNAL_MIRROR,
     PRINCIPAL,
     REDIS,
     REMOTE_STREAMS,
@@ -63,6 +64,7 @@ def install_shared_state(app: web.Application) -> None:
     gate = RedisGate.from_settings(settings.shared)
     app[REDIS] = gate
     app[REMOTE_STREAMS] = None
+    app[JOURNAL_MIRROR] = None
     if gate is not None or ledger is not None:
         app[TELEMETRY].metrics.registry.register(SharedStateCollector(gate, ledger))
     if gate is None:
@@ -85,6 +87,7 @@ def install_shared_state(app: web.Application) -> None:
         gate, registry, settings.streams.checkpoint_ttl_s, settings.streams.keepalive_s
     )
     registry.launch_hooks.append(mirror.launched)
+    app[JOURNAL_MIRROR] = mirror
     registry.finish_hooks.append(mirror.finished)
     assert settings.shared.redis_url is not None
     follower = Redis.from_url(  # blocking reads and pub/sub: no socket read timeout

@@ -13,8 +13,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from service.appkeys import STREAMS
-from service.redis_journal import journal_key, meta_key
+from service.appkeys import JOURNAL_MIRROR, STREAMS
+from service.redis_journal import journal_key, meta_key, owner_key
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats
@@ -119,6 +119,76 @@ async def test_cancel_through_another_replica_stops_generation(
     await sim_stats.wait_for(lambda s: s.aborted == 1)
     rest = await response.read()
     assert last_error(rest)["code"] == "stream_cancelled"
+
+
+async def test_a_stream_is_known_to_every_replica_before_its_first_token(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """The owner is registered in Redis at launch, and the handler waits for that before
+    the client learns the stream id: a cancel sent straight to B (the load balancer's
+    choice) finds the stream even while the provider has not answered yet."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    launched: list[Stream] = []
+    a.app[STREAMS].launch_hooks.append(launched.append)
+    held = f"wait [sim header_delay_ms=60000 created={FIXED_CREATED}]"
+    request = asyncio.create_task(
+        a.post("/v1/chat/completions", json=chat_body(held), headers=AUTH)
+    )
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    (stream,) = launched
+    mirror = a.app[JOURNAL_MIRROR]
+    assert mirror is not None
+    await mirror.registered(stream)
+    assert stream.events == []  # no token yet, and already known to Redis
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.hget(meta_key(stream.id), "user") == b"dev"
+        assert await redis.exists(owner_key(stream.id))
+    finally:
+        await redis.aclose()
+
+    cancelled = await b.post(f"/v1/streams/{stream.id}/cancel", headers=AUTH)
+    assert cancelled.status == 200
+    assert (await cancelled.json())["status"] == "cancelled"
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    response = await request
+    assert response.headers[STREAM_ID_HEADER] == stream.id
+    assert (await response.json())["error"]["code"] == "stream_cancelled"
+
+
+async def test_the_grace_window_expires_when_the_reader_on_another_replica_leaves(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """With grace 0, A's client left while B's reader held the stream; when B's reader
+    leaves too (its detach travels to A), A cancels the generation."""
+    shared = with_streams(with_redis(settings, redis_url), disconnect_grace_s=0.0)
+    a, b = await replicas(gateway, shared)
+    slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+
+    registry = a.app[STREAMS]
+    stream = registry.get(stream_id)
+    assert stream is not None
+    remote_reader = asyncio.Event()
+    attach = registry.attach
+
+    def counting_attach(attached: Stream) -> None:
+        attach(attached)
+        remote_reader.set()
+
+    registry.attach = counting_attach  # type: ignore[method-assign]
+    follower = await b.get(f"/v1/streams/{stream_id}/events", headers=AUTH)
+    await read_events(follower, 1)
+    await remote_reader.wait()  # A counts B's reader
+    response.close()
+    follower.close()  # the last reader anywhere: B's detach reaches A, which cancels at once
+
+    await registry.settled(stream)
+    assert stream.status is StreamStatus.CLIENT_GONE
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    assert sim_stats.completed == 0
 
 
 async def test_another_user_cannot_resume_or_cancel_through_another_replica(

@@ -25,12 +25,15 @@ def test_shared_state_is_off_by_default_and_read_from_the_environment() -> None:
             "SLUICE_REDIS_TIMEOUT_S": "0.1",
             "SLUICE_DATABASE_URL": "postgresql://sluice:pw@db/sluice",
             "SLUICE_LEDGER_BUFFER": "50",
+            "SLUICE_REDIS_BREAKER_FAIL_MAX": "5",
+            "SLUICE_REDIS_BREAKER_RESET_S": "0.5",
         }
     ).shared
     assert shared.redis_url is not None
     assert shared.redis_url.reveal() == "redis://:hunter2@redis:6379/0"
     assert "hunter2" not in repr(shared)
     assert (shared.redis_failure, shared.redis_timeout_s, shared.ledger_buffer) == ("open", 0.1, 50)
+    assert (shared.redis_breaker_fail_max, shared.redis_breaker_reset_s) == (5, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +43,8 @@ def test_shared_state_is_off_by_default_and_read_from_the_environment() -> None:
         ("SLUICE_REDIS_URL", "http://redis"),
         ("SLUICE_DATABASE_URL", "mysql://db"),
         ("SLUICE_REDIS_TIMEOUT_S", "soon"),
+        ("SLUICE_REDIS_BREAKER_FAIL_MAX", "0"),
+        ("SLUICE_REDIS_BREAKER_RESET_S", "-1"),
     ],
 )
 def test_a_bad_shared_state_setting_names_its_variable(name: str, value: str) -> None:

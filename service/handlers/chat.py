@@ -9,6 +9,7 @@ from aiohttp import web
 from ..appkeys import (
     ADMITTED,
     GATE,
+    JOURNAL_MIRROR,
     LIFECYCLE,
     PRINCIPAL,
     RESPONDER,
@@ -62,6 +63,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         if stream.failed_before_output or (stream.error and not chat.streaming):
             raise _with_stream_header(stream.error, stream)
         if chat.streaming:
+            mirror = request.app[JOURNAL_MIRROR]
+            if mirror is not None:  # the id goes out next: every replica must know it
+                await mirror.registered(stream)
             return await stream_sse(request, registry, stream)
         return web.Response(
             body=stream.events[0][1],
