@@ -321,7 +321,7 @@ async def test_n_choices(session: aiohttp.ClientSession, sim: TestServer, stream
     assert response.status == 200
     if stream:
         chunks = _chunks(await response.text())
-        texts = {i: "" for i in range(3)}
+        texts = dict.fromkeys(range(3), "")
         finishes = {}
         for chunk in chunks[:-1]:
             (choice,) = chunk["choices"]
