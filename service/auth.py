@@ -40,7 +40,9 @@ class Principal:
 
 
 def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 this way; encoding
+    # them back gives the bytes the client sent (a wrong key), not a UnicodeEncodeError.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class KeyRing:

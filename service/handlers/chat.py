@@ -16,7 +16,7 @@ from ..appkeys import (
     STREAMS,
     TELEMETRY,
 )
-from ..errors import ServiceUnavailableError, SluiceError
+from ..errors import InvalidRequestError, ServiceUnavailableError, SluiceError
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import Owner, Stream
@@ -50,7 +50,7 @@ def start_stream(
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     principal = request[PRINCIPAL]
-    chat = parse_chat_request(await request.read(), request.app[SERVED_MODELS])
+    chat = parse_chat_request(await _read_body(request), request.app[SERVED_MODELS])
     owner = Owner(principal.user_id, principal.tenant, principal.key_id)
     admission = request[ADMITTED] = await request.app[GATE].admit(principal, chat)
     cache_header = request.headers.get(CACHE_HEADER)
@@ -68,6 +68,19 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             content_type="application/json",
             headers=stream_headers(stream),
         )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.RequestPayloadError:  # e.g. a Content-Encoding that does not decode
+        # The rest of the connection's bytes cannot be trusted: answer, then close it. EOF
+        # on the body stops aiohttp draining it afterwards (and logging the error again).
+        request.content.feed_eof()
+        request.protocol.close()
+        raise InvalidRequestError(
+            "The request body could not be decoded.", headers={"Connection": "close"}
+        ) from None
 
 
 def _with_stream_header(error: SluiceError | None, stream: Stream) -> SluiceError:
