@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import NoReturn
@@ -12,7 +13,9 @@ from typing import NoReturn
 from aiohttp import web
 
 from .app import create_app
+from .appkeys import SETTINGS
 from .auth import KeyRing
+from .resources import drain
 from .settings import ConfigError, Settings
 from .telemetry.logs import configure_logging
 from .telemetry.redaction import Redactor
@@ -52,6 +55,42 @@ def _log_listening(text: str) -> None:
     log.info("%s", text.splitlines()[0].strip("= "))
 
 
+def _drain_on_sigterm(app: web.Application) -> None:
+    """SIGTERM drains while the port still listens, then lets aiohttp close.
+
+    aiohttp's own handler closes the listening socket before ``on_shutdown`` runs, so a
+    probe during the drain would see a refused connection, not ``/readyz`` 503, and a new
+    request could not be told to go elsewhere. A second SIGTERM stops at once.
+    """
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        draining: list[asyncio.Task[None]] = []
+
+        def on_sigterm() -> None:
+            if draining:
+                raise web.GracefulExit
+            window = app[SETTINGS].server.drain_s
+            log.info("SIGTERM: draining for up to %gs; /readyz answers 503", window)
+            task = loop.create_task(drain(app), name="sigterm-drain")
+            task.add_done_callback(_exit_after_drain)
+            draining.append(task)
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)  # replaces run_app's handler
+
+    app.on_startup.append(install)  # after run_app installed its handlers
+
+
+def _exit_after_drain(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("drain failed", exc_info=exc)
+    task.get_loop().call_soon(_graceful_exit)
+
+
+def _graceful_exit() -> None:
+    raise web.GracefulExit  # what run_app's own handler raises: it then runs the cleanup
+
+
 def main() -> None:
     try:
         settings = Settings.from_env(os.environ)
@@ -71,8 +110,10 @@ def main() -> None:
     port = sock.getsockname()[1] if sock is not None else settings.server.port
     print(_banner(settings, port), flush=True)
     try:
+        app = create_app(settings)
+        _drain_on_sigterm(app)
         web.run_app(
-            create_app(settings),
+            app,
             host=None if sock is not None else settings.server.host,
             port=None if sock is not None else settings.server.port,
             sock=sock,
