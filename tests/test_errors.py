@@ -517,8 +517,11 @@ async def test_midstream_failure_is_final_error_event(
     directive: str,
     code: str,
     words: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """After the first byte a provider failure is the last event; no [DONE]; then EOF."""
+    """After the first byte a provider failure is the last event; no [DONE]; then EOF. An
+    expected provider failure is translated where it is read: no "unexpected" traceback."""
+    caplog.set_level(logging.ERROR)
     client = await gateway(_quick(settings, idle_timeout_s=0.05))
     _, text = await _stream_text(client, f"go [sim chunks=10 {directive}]")
     data = sse_data(text)
@@ -529,6 +532,7 @@ async def test_midstream_failure_is_final_error_event(
     error = assert_openai_error(payloads[-1], type_="upstream_error")
     assert error["code"] == code
     assert text.endswith("\n\n")
+    assert not caplog.records
 
 
 async def test_provider_error_event_midstream_is_relayed(
