@@ -147,6 +147,7 @@ class SimStats:
         self.attempts: dict[str, int] = {}
         self.authorizations: list[str] = []  # the Authorization header of each chat request
         self.traceparents: list[str] = []  # the W3C traceparent header of each chat request
+        self.last_body: dict[str, Any] | None = None  # the last chat request, as parsed
         self._changed = asyncio.Event()
 
     def bump(self, **changes: int) -> None:
@@ -220,6 +221,7 @@ class Simulator:
             body = orjson.loads(await request.read())
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
+            stats.last_body = body
             directive = Directive.parse(last_user_text(body))
             choices = _choices(body)
         except ValueError as exc:
