@@ -26,7 +26,12 @@ READY_LINE = "Running on"
 
 
 def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
+        **extra,
+    }
 
 
 async def _spawn(env: dict[str, str]) -> asyncio.subprocess.Process:

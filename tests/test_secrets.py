@@ -290,6 +290,7 @@ async def test_process_output_never_has_the_key(
     env = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
         "SLUICE_PORT": "0",
         "OPENAI_API_KEY_FILE": str(key_file),
         "OPENAI_BASE_URL": sim_url,

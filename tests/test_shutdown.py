@@ -114,6 +114,7 @@ async def test_sigterm_with_a_stream_open(tmp_path: Path) -> None:
     env: dict[str, Any] = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
         "SLUICE_PORT": "0",
         "SLUICE_PROVIDER": "simulated",
         "SLUICE_DRAIN_S": str(drain_s),
@@ -168,6 +169,7 @@ async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) 
     env: dict[str, Any] = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
         "SLUICE_PORT": "0",
         "SLUICE_DRAIN_S": "3600",  # far beyond the safety net below: only the stream ends it
         "SLUICE_DISCONNECT_GRACE_S": "0",
