@@ -43,10 +43,22 @@ def _banner(settings: Settings, port: int) -> str:
     return "\n".join(lines)
 
 
-def _bind_any_port(host: str) -> socket.socket:
-    """SLUICE_PORT=0: bind here, so the banner names the port the OS chose."""
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before the banner: it then names the port really bound (the OS's choice for 0),
+    and a port already in use is one clear line, not a traceback after the banner."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as run_app would
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        print(
+            f"sluice: cannot listen on {host}:{port}: {reason} "
+            "(SLUICE_HOST and SLUICE_PORT choose the address)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     return sock
 
 
@@ -106,16 +118,13 @@ def main() -> None:
     else:
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-    sock = _bind_any_port(settings.server.host) if settings.server.port == 0 else None
-    port = sock.getsockname()[1] if sock is not None else settings.server.port
-    print(_banner(settings, port), flush=True)
+    sock = _bind(settings.server.host, settings.server.port)
+    print(_banner(settings, sock.getsockname()[1]), flush=True)
     try:
         app = create_app(settings)
         _drain_on_sigterm(app)
         web.run_app(
             app,
-            host=None if sock is not None else settings.server.host,
-            port=None if sock is not None else settings.server.port,
             sock=sock,
             handler_cancellation=True,
             shutdown_timeout=settings.server.drain_s + DRAIN_MARGIN_S,
