@@ -7,8 +7,8 @@ only SHA-256 digests of the keys it accepts.
 from __future__ import annotations
 
 import asyncio
-import os
 import hashlib
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
