@@ -72,7 +72,8 @@ def _drain_on_sigterm(app: web.Application) -> None:
 
     aiohttp's own handler closes the listening socket before ``on_shutdown`` runs, so a
     probe during the drain would see a refused connection, not ``/readyz`` 503, and a new
-    request could not be told to go elsewhere. A second SIGTERM stops at once.
+    request could not be told to go elsewhere. A second SIGTERM stops listening at once
+    (what still runs then gets the rest of the window in ``on_shutdown``).
     """
 
     async def install(app: web.Application) -> None:
