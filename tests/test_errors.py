@@ -14,7 +14,7 @@ import gzip
 import logging
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -167,6 +167,31 @@ async def test_body_over_limit_is_413(
     assert len(small) < limit
     ok = await client.post(URL, data=small, headers=AUTH)
     assert ok.status == 200
+
+
+async def test_body_over_limit_without_a_length_is_413(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The limit holds for a chunked body (no Content-Length to check up front) and for a
+    small gzip body that inflates past it: counted as read, decompressed."""
+    limit = 2048
+    client = await gateway(replace(settings, server=replace(settings.server, max_body_bytes=limit)))
+    big = orjson.dumps(chat_body("x" * limit, stream=False))
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 256):
+            yield big[start : start + 256]
+
+    response = await client.post(URL, data=chunked(), headers=AUTH)
+    assert response.status == 413
+    assert assert_openai_error(await response.json())["code"] == "request_too_large"
+    bomb = gzip.compress(orjson.dumps(chat_body("x" * 50 * limit, stream=False)))
+    assert len(bomb) < limit
+    headers = {**AUTH, "Content-Encoding": "gzip"}
+    response = await client.post(URL, data=bomb, headers=headers)
+    assert response.status == 413
+    assert assert_openai_error(await response.json())["code"] == "request_too_large"
+    assert sim_stats.requests == 0
 
 
 async def test_no_input_gives_a_500(gateway: GatewayFactory) -> None:
