@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import NoReturn
@@ -13,7 +14,9 @@ from typing import NoReturn
 from aiohttp import web
 
 from .app import create_app
+from .appkeys import SETTINGS
 from .auth import KeyRing
+from .resources import drain
 from .settings import ConfigError, Settings
 from .telemetry.logs import configure_logging
 from .telemetry.redaction import Redactor
@@ -45,16 +48,65 @@ def _banner(settings: Settings, port: int) -> str:
     return "\n".join(lines)
 
 
-def _bind_any_port(host: str) -> socket.socket:
-    """SLUICE_PORT=0: bind here, so the banner names the port the OS chose."""
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before the banner: it then names the port really bound (the OS's choice for 0),
+    and a port already in use is one clear line, not a traceback after the banner."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as run_app would
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        print(
+            f"sluice: cannot listen on {host}:{port}: {reason} "
+            "(SLUICE_HOST and SLUICE_PORT choose the address)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     return sock
 
 
 def _log_listening(text: str) -> None:
     """run_app's announcement, sent once every site is bound (names the port chosen for 0)."""
     log.info("%s", text.splitlines()[0].strip("= "))
+
+
+def _drain_on_sigterm(app: web.Application) -> None:
+    """SIGTERM drains while the port still listens, then lets aiohttp close.
+
+    aiohttp's own handler closes the listening socket before ``on_shutdown`` runs, so a
+    probe during the drain would see a refused connection, not ``/readyz`` 503, and a new
+    request could not be told to go elsewhere. A second SIGTERM stops listening at once
+    (what still runs then gets the rest of the window in ``on_shutdown``).
+    """
+
+    async def install(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        draining: list[asyncio.Task[None]] = []
+
+        def on_sigterm() -> None:
+            if draining:
+                raise web.GracefulExit
+            window = app[SETTINGS].server.drain_s
+            log.info("SIGTERM: draining for up to %gs; /readyz answers 503", window)
+            task = loop.create_task(drain(app), name="sigterm-drain")
+            task.add_done_callback(_exit_after_drain)
+            draining.append(task)
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)  # replaces run_app's handler
+
+    app.on_startup.append(install)  # after run_app installed its handlers
+
+
+def _exit_after_drain(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("drain failed", exc_info=exc)
+    task.get_loop().call_soon(_graceful_exit)
+
+
+def _graceful_exit() -> None:
+    raise web.GracefulExit  # what run_app's own handler raises: it then runs the cleanup
 
 
 def main() -> None:
@@ -72,16 +124,14 @@ def main() -> None:
     else:
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
-    sock = _bind_any_port(settings.server.host) if settings.server.port == 0 else None
-    port = sock.getsockname()[1] if sock is not None else settings.server.port
-    print(_banner(settings, port), flush=True)
-    app = create_app(settings)
-    _tune_gc()
+    sock = _bind(settings.server.host, settings.server.port)
+    print(_banner(settings, sock.getsockname()[1]), flush=True)
     try:
+        app = create_app(settings)
+        _drain_on_sigterm(app)
+        _tune_gc()
         web.run_app(
             app,
-            host=None if sock is not None else settings.server.host,
-            port=None if sock is not None else settings.server.port,
             sock=sock,
             handler_cancellation=True,
             shutdown_timeout=settings.server.drain_s + DRAIN_MARGIN_S,

@@ -40,7 +40,9 @@ class Principal:
 
 
 def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 this way; encoding
+    # them back gives the bytes the client sent (a wrong key), not a UnicodeEncodeError.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class KeyRing:
@@ -106,13 +108,24 @@ def _principal(hexdigest: str, entry: Any) -> Principal:
 
 
 def add_key(path: Path, *, user: str, tenant: str, admin: bool = False) -> str:
-    """Create a key for ``user``, store its digest in ``path``, and return the key."""
+    """Create a key for ``user``, store its digest in ``path``, and return the key.
+
+    An existing file must be a valid keys file (``ConfigError`` otherwise, and it is left
+    alone); the new one replaces it atomically, so a gateway never reads half a file.
+    """
     document: dict[str, Any] = {"keys": {}}
     if path.exists():
+        load_keys_file(path)  # refuse to extend (and so rewrite) a file the gateway rejects
         document = orjson.loads(path.read_bytes())
     key = "sk-sluice-" + secrets.token_urlsafe(24)
-    document.setdefault("keys", {})[digest(key)] = {"user": user, "tenant": tenant, "admin": admin}
-    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    document["keys"][digest(key)] = {"user": user, "tenant": tenant, "admin": admin}
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        partial.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
     return key
 
 
@@ -127,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("--tenant", required=True)
     add.add_argument("--admin", action="store_true")
     args = parser.parse_args(argv)
-    print(add_key(args.file, user=args.user, tenant=args.tenant, admin=args.admin))
+    try:
+        key = add_key(args.file, user=args.user, tenant=args.tenant, admin=args.admin)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(key)
 
 
 if __name__ == "__main__":

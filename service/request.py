@@ -17,7 +17,24 @@ from .errors import InvalidRequestError, NotFoundError
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _T = TypeVar("_T")
 _NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
-_INTEGERS = ("max_tokens", "max_completion_tokens", "n", "seed")
+_INTEGERS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
+# Other documented parameters whose JSON type is fixed: checked here, so a wrong type is a
+# 400 naming it rather than whatever the provider (or the simulator) makes of it.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "tools": (list,),
+    "functions": (list,),
+    "tool_choice": (str, dict),
+    "function_call": (str, dict),
+    "stop": (str, list),
+    "user": (str,),
+    "response_format": (dict,),
+    "logit_bias": (dict,),
+    "metadata": (dict,),
+    "logprobs": (bool,),
+    "parallel_tool_calls": (bool,),
+    "store": (bool,),
+}
+_JSON_NAMES = {list: "an array", dict: "an object", str: "a string", bool: "a boolean"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +74,13 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
         )
-    include_usage = bool(options and options.get("include_usage"))
+    usage_option = (options or {}).get("include_usage")
+    if usage_option is not None and not isinstance(usage_option, bool):
+        raise InvalidRequestError(
+            "Invalid type for 'stream_options.include_usage': expected a boolean.",
+            param="stream_options.include_usage",
+        )
+    include_usage = bool(usage_option)
     return ChatRequest(body=body, model=model, streaming=streaming, include_usage=include_usage)
 
 
@@ -94,6 +117,22 @@ def _check_messages(messages: Any) -> None:
                 f"Invalid type for '{param}.content': expected a string or an array.",
                 param=f"{param}.content",
             )
+        if isinstance(content, list):
+            _check_parts(content, f"{param}.content")
+
+
+def _check_parts(parts: list[Any], param: str) -> None:
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequestError(
+                f"Invalid value for '{param}[{index}]': expected an object with a 'type'.",
+                param=f"{param}[{index}]",
+            )
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise InvalidRequestError(
+                f"Invalid type for '{param}[{index}].text': expected a string.",
+                param=f"{param}[{index}].text",
+            )
 
 
 def _check_scalars(body: dict[str, Any]) -> None:
@@ -109,6 +148,12 @@ def _check_scalars(body: dict[str, Any]) -> None:
             )
         if name in ("max_tokens", "max_completion_tokens", "n") and value is not None and value < 1:
             raise InvalidRequestError(f"'{name}' must be at least 1.", param=name)
+    for name, kinds in _TYPES.items():
+        value = body.get(name)
+        if value is not None and not isinstance(value, kinds):
+            expected = " or ".join(_JSON_NAMES[kind] for kind in kinds)
+            message = f"Invalid type for '{name}': expected {expected}."
+            raise InvalidRequestError(message, param=name)
 
 
 def _optional(body: dict[str, Any], name: str, kind: type[_T]) -> _T | None:

@@ -134,10 +134,15 @@ async def _tick_forever(tick: object, interval: float) -> None:
         tick()
 
 
-async def on_shutdown(app: web.Application) -> None:
-    """SIGTERM: refuse readiness, let streams finish for the drain window, end the rest."""
+async def drain(app: web.Application) -> None:
+    """Refuse readiness and new streams; let running ones finish for the drain window."""
     app[LIFECYCLE].draining = True
     await app[STREAMS].drain(app[SETTINGS].server.drain_s)
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """Shutdown: drain (at once if SIGTERM already drained while listening), close sockets."""
+    await drain(app)
     # All at once: a dead peer holds its close for the whole timeout.
     websockets = app[WEBSOCKETS]
     await asyncio.gather(*(_going_away(ws) for ws in list(websockets)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import random
 import re
 import time
@@ -31,6 +32,9 @@ from aiohttp import web
 SIM_STATS: web.AppKey[SimStats] = web.AppKey("sim_stats")
 SIM_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 
+MAX_CHUNKS = 100_000  # the simulator shares the gateway's loop in `make run`: bound its work
+MAX_DELAY_MS = 3_600_000.0
+MAX_CHOICES = 128  # OpenAI's own limit on ``n``
 _DIRECTIVE = re.compile(r"\[sim(?P<args>(?:\s+[a-z_]+=[\w.\-]+)*)\s*\]")
 # Each is a single token, with its leading space, in cl100k_base and o200k_base.
 _WORDS = (
@@ -95,16 +99,40 @@ class Directive:
             name, _, raw = pair.partition("=")
             if name not in kinds:
                 raise ValueError(f"unknown sim directive {name!r}")
-            setattr(directive, name, _coerce(str(kinds[name]), raw))
+            setattr(directive, name, _coerce(name, str(kinds[name]), raw))
+        directive._check()
         return directive
 
+    def _check(self) -> None:
+        """Refuse values that would make no sense, or let one request hog a shared loop."""
+        _bounded("chunks", self.chunks, 0, MAX_CHUNKS)
+        for name in ("delay_ms", "first_delay_ms", "header_delay_ms"):
+            _bounded(name, getattr(self, name), 0, MAX_DELAY_MS)
+        if self.fail and not 400 <= self.fail <= 599:
+            raise ValueError("sim directive fail must be an HTTP error status, 400-599")
+        if self.retry_after is not None:
+            _bounded("retry_after", self.retry_after, 0, MAX_DELAY_MS / 1000)
+        _bounded("fail_times", self.fail_times, 0, MAX_CHUNKS)
+        for name in ("reset_after", "stall_after", "malformed_after", "error_after"):
+            _bounded(name, getattr(self, name), -1, MAX_CHUNKS)
+        _bounded("echo_key", self.echo_key, 0, 1)
+        _bounded("created", self.created, 0, 2**31)
 
-def _coerce(kind: str, raw: str) -> Any:
-    if kind == "int":
-        return int(raw)
-    if "float" in kind:
-        return float(raw)
+
+def _coerce(name: str, kind: str, raw: str) -> Any:
+    try:
+        if kind == "int":
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"sim directive {name}={raw!r} is not a number") from None
     return raw
+
+
+def _bounded(name: str, value: float, low: float, high: float) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"sim directive {name} must be between {low:g} and {high:g}")
 
 
 class SimStats:
@@ -121,6 +149,7 @@ class SimStats:
         self.attempts: dict[str, int] = {}
         self.authorizations: list[str] = []  # the Authorization header of each chat request
         self.traceparents: list[str] = []  # the W3C traceparent header of each chat request
+        self.last_body: dict[str, Any] | None = None  # the last chat request, as parsed
         self._changed = asyncio.Event()
 
     def bump(self, **changes: int) -> None:
@@ -143,7 +172,8 @@ def prompt_text(body: dict[str, Any]) -> str:
         if isinstance(content, str):
             parts.append(content)
         elif isinstance(content, list):
-            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+            texts = (p.get("text") for p in content if isinstance(p, dict))
+            parts.extend(text for text in texts if isinstance(text, str))
     return "\n".join(parts)
 
 
@@ -189,25 +219,34 @@ class Simulator:
         stats.authorizations.append(request.headers.get("Authorization", ""))
         stats.traceparents.append(request.headers.get("traceparent", ""))
         stats.bump(requests=1)
-        body = orjson.loads(await request.read())
         try:
+            body = orjson.loads(await request.read())
+            if not isinstance(body, dict):
+                raise ValueError("the request body must be a JSON object")
+            stats.last_body = body
             directive = Directive.parse(last_user_text(body))
+            choices = _choices(body)
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error")
         if failure := self._failure(directive, stats, _echo(request, directive)):
             return failure
-        words = completion_words(prompt_text(body), directive.chunks)
-        usage = self._usage(body, len(words))
+        prompt = prompt_text(body)
+        # Choice 0 is the reply to the prompt; choice i (n > 1) the reply to "prompt#i".
+        replies = [
+            completion_words(f"{prompt}#{i}" if i else prompt, directive.chunks)
+            for i in range(choices)
+        ]
+        usage = self._usage(body, directive.chunks * choices)
         try:
             await _sleep_ms(directive.header_delay_ms)
             if not body.get("stream"):
                 await _sleep_ms(directive.first_delay_ms)
-                return _json(_completion(body, words, usage, directive))
+                return _json(_completion(body, replies, usage, directive))
         except asyncio.CancelledError:  # the gateway hung up before we answered
             stats.chunks_sent.append(0)
             stats.bump(aborted=1)
             raise
-        return await self._stream(request, body, words, usage, directive)
+        return await self._stream(request, body, replies, usage, directive)
 
     def _failure(self, directive: Directive, stats: SimStats, echo: str) -> web.Response | None:
         if not directive.fail:
@@ -240,7 +279,7 @@ class Simulator:
         self,
         request: web.Request,
         body: dict[str, Any],
-        words: list[str],
+        replies: list[list[str]],
         usage: dict[str, int],
         directive: Directive,
     ) -> web.StreamResponse:
@@ -251,7 +290,7 @@ class Simulator:
         progress = [0]
         try:
             await self._send_chunks(
-                response, body, words, usage, directive, progress, _echo(request, directive)
+                response, body, replies, usage, directive, progress, _echo(request, directive)
             )
         except _Reset:
             stats.bump(resets=1, open=-1)
@@ -269,21 +308,26 @@ class Simulator:
         self,
         response: web.StreamResponse,
         body: dict[str, Any],
-        words: list[str],
+        replies: list[list[str]],
         usage: dict[str, int],
         directive: Directive,
         progress: list[int],
         echo: str = "",
     ) -> None:
-        """Send the stream, counting content chunks in ``progress[0]``."""
+        """Send the stream, counting content positions in ``progress[0]``.
+
+        With ``n`` > 1 the choices' chunks interleave, one word of each per position, as
+        OpenAI sends them; the directive's counts are positions.
+        """
         base = _chunk_base(body, directive)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         include_usage = include_usage and bool(directive.usage)
         await _sleep_ms(directive.first_delay_ms)
+        role = {"role": "assistant", "content": ""}
         await response.write(
-            _event(base, {"role": "assistant", "content": ""}, None, include_usage)
+            b"".join(_event(base, role, None, include_usage, i) for i in range(len(replies)))
         )
-        for index, word in enumerate(words):
+        for index in range(directive.chunks):
             if index == directive.reset_after:
                 raise _Reset
             if index == directive.stall_after:
@@ -295,11 +339,15 @@ class Simulator:
                 return
             if index and directive.delay_ms:
                 await _sleep_ms(directive.delay_ms)
-            await response.write(_event(base, {"content": word}, None, include_usage))
+            for choice, words in enumerate(replies):
+                await response.write(
+                    _event(base, {"content": words[index]}, None, include_usage, choice)
+                )
             progress[0] = index + 1
-        for delta in _tool_call_deltas(directive.tool_call):
-            await response.write(_event(base, delta, None, include_usage))
-        await response.write(_event(base, {}, _finish(directive), include_usage))
+        for choice in range(len(replies)):
+            for delta in _tool_call_deltas(directive.tool_call):
+                await response.write(_event(base, delta, None, include_usage, choice))
+            await response.write(_event(base, {}, _finish(directive), include_usage, choice))
         if include_usage:
             await response.write(
                 b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n"
@@ -352,11 +400,15 @@ def _finish(directive: Directive) -> str:
 
 
 def _event(
-    base: dict[str, Any], delta: dict[str, Any], finish: str | None, usage_field: bool
+    base: dict[str, Any],
+    delta: dict[str, Any],
+    finish: str | None,
+    usage_field: bool,
+    choice: int = 0,
 ) -> bytes:
     chunk: dict[str, Any] = {
         **base,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": choice, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
     if usage_field:
         chunk["usage"] = None
@@ -364,12 +416,29 @@ def _event(
 
 
 def _completion(
-    body: dict[str, Any], words: list[str], usage: dict[str, int], d: Directive
+    body: dict[str, Any], replies: list[list[str]], usage: dict[str, int], d: Directive
 ) -> dict[str, Any]:
     base = _chunk_base(body, d)
-    message = {"role": "assistant", "content": "".join(words), "refusal": None}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": d.finish}
-    return {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(words), "refusal": None},
+            "logprobs": None,
+            "finish_reason": d.finish,
+        }
+        for index, words in enumerate(replies)
+    ]
+    return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """``n``: how many independent replies to generate."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise ValueError(f"n must be an integer between 1 and {MAX_CHOICES}")
+    return n
 
 
 def _error(

@@ -16,7 +16,12 @@ import aiohttp
 import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .errors import ProviderConnectionError, ProviderStatusError, ProviderTimeoutError
+from .errors import (
+    ProviderConnectionError,
+    ProviderStatusError,
+    ProviderTimeoutError,
+    translate,
+)
 from .settings import ProviderSettings, Secret
 from .sse import SSEDecoder
 
@@ -111,12 +116,17 @@ class Upstream:
                         return
         except TimeoutError:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
+        except (aiohttp.ClientError, OSError) as exc:  # reset mid-stream: a provider failure
+            raise translate(exc) from exc
         raise ProviderConnectionError("The provider ended the stream without finishing it.")
 
     async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
         """Read a whole (non-streamed) body under the first-token deadline."""
-        async with asyncio.timeout(self._settings.first_token_timeout_s):
-            return await response.read()
+        try:
+            async with asyncio.timeout(self._settings.first_token_timeout_s):
+                return await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise translate(exc) from exc
 
 
 class _Deadline:

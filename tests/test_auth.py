@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -196,3 +197,43 @@ def test_bad_keys_file_names_the_variable(tmp_path: Path, content: bytes | None)
         path.write_bytes(content)
     with pytest.raises(ConfigError, match="SLUICE_CLIENT_KEYS_FILE"):
         load_keys_file(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "mentions"),
+    [(b"{bad", "not valid JSON"), (b'{"keys": []}', '{"keys"'), (None, "cannot write")],
+)
+async def test_cli_refuses_a_bad_keys_file(
+    tmp_path: Path, content: bytes | None, mentions: str
+) -> None:
+    """The add command on a file the gateway would reject, or cannot write: exit 2, one line,
+    no traceback, and the file is left exactly as it was."""
+    path = tmp_path / "keys.json" if content is not None else tmp_path / "missing" / "keys.json"
+    if content is not None:
+        path.write_bytes(content)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.auth",
+        "add",
+        "--file",
+        str(path),
+        "--user",
+        "alice",
+        "--tenant",
+        "acme",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert process.returncode == 2
+    assert out == b""  # no key was issued
+    assert err.decode().startswith("python -m service.auth: error:")
+    assert mentions in err.decode()
+    assert b"Traceback" not in err
+    if content is not None:
+        assert path.read_bytes() == content
+    leftovers = os.listdir(tmp_path)  # no temporary file left behind
+    assert leftovers == ([path.name] if content is not None else [])

@@ -176,3 +176,57 @@ async def test_models_list(sdk: openai.AsyncOpenAI) -> None:
     """models.list() through the SDK returns the served models."""
     page = await sdk.models.list()
     assert {m.id for m in page.data} == {"gpt-4o-mini", "gpt-4o", "gpt-4.1-mini"}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_n_choices_pass_through(sdk: openai.AsyncOpenAI, stream: bool) -> None:
+    """n=3 is relayed as asked: three choices, each complete, usage counting all of them."""
+    prompt = "choose [sim chunks=4]"
+    texts: dict[int, str] = {}
+    if stream:
+        chunks = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=_messages(prompt),
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        finishes = {}
+        async for chunk in chunks:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+        assert finishes == {0: "stop", 1: "stop", 2: "stop"}
+    else:
+        completion = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=_messages(prompt), n=3
+        )
+        texts = {c.index: c.message.content or "" for c in completion.choices}
+        usage = completion.usage
+    assert sorted(texts) == [0, 1, 2]
+    assert texts[0] == _expected_text(prompt, 4)
+    assert len(set(texts.values())) > 1  # three replies, not one copied
+    assert usage is not None
+    assert usage.completion_tokens == 3 * 4
+
+
+async def test_unknown_parameters_reach_the_provider(
+    sdk: openai.AsyncOpenAI, sim_stats: SimStats
+) -> None:
+    """Parameters Sluice does not know (a newer API's, or a provider's own) pass through."""
+    completion = await sdk.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=_messages("hi [sim chunks=2]"),
+        seed=7,
+        logit_bias={"1234": -100},
+        extra_body={"provider_specific": {"top_k": 40}, "reasoning_effort": "low"},
+    )
+    assert completion.choices[0].message.content == _expected_text("hi [sim chunks=2]", 2)
+    assert sim_stats.last_body is not None
+    sent = sim_stats.last_body
+    assert sent["provider_specific"] == {"top_k": 40}
+    assert sent["reasoning_effort"] == "low"
+    assert (sent["seed"], sent["logit_bias"]) == (7, {"1234": -100})

@@ -8,9 +8,13 @@ tests check ``errors.translate`` maps every lower-level exception we expect, lik
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gzip
+import logging
+import re
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -165,6 +169,31 @@ async def test_body_over_limit_is_413(
     assert ok.status == 200
 
 
+async def test_body_over_limit_without_a_length_is_413(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The limit holds for a chunked body (no Content-Length to check up front) and for a
+    small gzip body that inflates past it: counted as read, decompressed."""
+    limit = 2048
+    client = await gateway(replace(settings, server=replace(settings.server, max_body_bytes=limit)))
+    big = orjson.dumps(chat_body("x" * limit, stream=False))
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(big), 256):
+            yield big[start : start + 256]
+
+    response = await client.post(URL, data=chunked(), headers=AUTH)
+    assert response.status == 413
+    assert assert_openai_error(await response.json())["code"] == "request_too_large"
+    bomb = gzip.compress(orjson.dumps(chat_body("x" * 50 * limit, stream=False)))
+    assert len(bomb) < limit
+    headers = {**AUTH, "Content-Encoding": "gzip"}
+    response = await client.post(URL, data=bomb, headers=headers)
+    assert response.status == 413
+    assert assert_openai_error(await response.json())["code"] == "request_too_large"
+    assert sim_stats.requests == 0
+
+
 async def test_no_input_gives_a_500(gateway: GatewayFactory) -> None:
     """A spread of odd requests never yields a 500 or a traceback."""
     client = await gateway()
@@ -183,6 +212,145 @@ async def test_no_input_gives_a_500(gateway: GatewayFactory) -> None:
         assert response.status < 500, (method, path, response.status, text)
         assert "Traceback" not in text
         assert_openai_error(orjson.loads(text))
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"messages": [{"role": "user", "content": [1]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0]"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages[0].content[0].text",
+        ),
+        ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tool_choice": 1}, "tool_choice"),
+        ({"stop": 5}, "stop"),
+        ({"user": ["alice"]}, "user"),
+        ({"response_format": "json"}, "response_format"),
+        ({"logit_bias": [1]}, "logit_bias"),
+        ({"logprobs": "true"}, "logprobs"),
+        ({"top_logprobs": 1.5}, "top_logprobs"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 10**30}, "max_tokens"),  # beyond a 64-bit integer
+    ],
+)
+async def test_more_wrong_types_name_the_param(
+    gateway: GatewayFactory, sim_stats: SimStats, extra: dict[str, Any], param: str
+) -> None:
+    """Content parts, stream_options and the other typed parameters: 400 naming the field."""
+    client = await gateway()
+    response = await client.post(URL, json=chat_body(**extra), headers=AUTH)
+    assert response.status == 400, await response.text()
+    error = assert_openai_error(await response.json(), type_="invalid_request_error")
+    assert error["param"] == param
+    assert sim_stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "gpt-4o-mini", "temperature": NaN, "messages": []}',
+        b'{"model": "gpt-4o-mini", "max_tokens": 1e400, "messages": []}',
+        b'{"model": "gpt-4o-mini", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\xc3"}]}',
+        '{"model": "gpt-4o-mini"}'.encode("utf-16"),
+        b"\xef\xbb\xbf{}",
+    ],
+)
+async def test_json_edge_cases_are_400(
+    gateway: GatewayFactory, sim_stats: SimStats, raw: bytes
+) -> None:
+    """NaN, overflowing numbers, deep nesting, bytes that are not UTF-8 (raw or a lone
+    surrogate escape), UTF-16, a BOM: all a 400 "could not parse", none reach the provider."""
+    client = await gateway()
+    response = await client.post(URL, data=raw, headers=AUTH)
+    assert response.status == 400
+    error = assert_openai_error(await response.json(), type_="invalid_request_error")
+    assert "parse the JSON body" in error["message"]
+    assert sim_stats.requests == 0
+
+
+async def test_undecodable_body_is_400(
+    gateway: GatewayFactory, sim_stats: SimStats, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Content-Encoding the body does not match is the client's error: 400, not a 500."""
+    client = await gateway()
+    caplog.set_level(logging.ERROR)
+    for encoding in ("gzip", "deflate"):
+        headers = {**AUTH, "Content-Encoding": encoding, "Content-Type": "application/json"}
+        response = await client.post(URL, data=b"this is not compressed", headers=headers)
+        assert response.status == 400
+        error = assert_openai_error(await response.json(), type_="invalid_request_error")
+        assert "could not be decoded" in error["message"]
+    assert not caplog.records  # no traceback logged, by us or by aiohttp
+    # A body that really is gzip-compressed JSON is served.
+    body = gzip.compress(orjson.dumps(chat_body("[sim chunks=2]", stream=False)))
+    ok = await client.post(URL, data=body, headers={**AUTH, "Content-Encoding": "gzip"})
+    assert ok.status == 200
+    assert sim_stats.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("text/plain", 200),  # lenient: a JSON body is read as JSON whatever it is labelled
+        ("application/x-www-form-urlencoded", 200),  # what `curl -d` sends without -H
+        (None, 200),
+    ],
+)
+async def test_content_type_is_not_required(
+    gateway: GatewayFactory, content_type: str | None, status: int
+) -> None:
+    """A JSON body is accepted under any Content-Type; a body that is not JSON is a 400."""
+    client = await gateway()
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    good = orjson.dumps(chat_body("[sim chunks=2]", stream=False))
+    response = await client.post(URL, data=good, headers=headers)
+    assert response.status == status
+    form = await client.post(URL, data=b"model=gpt-4o-mini&messages=hi", headers=headers)
+    assert form.status == 400
+    assert "parse the JSON body" in assert_openai_error(await form.json())["message"]
+
+
+async def _raw_http(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` as raw bytes (so headers need not be valid UTF-8); status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer \xff\xfe\xfd", b"Bearer sluice-dev-key\xc3", b"\xe2\x82\xac", b"Bearer  "],
+)
+async def test_authorization_that_is_not_utf8_is_401(
+    gateway: GatewayFactory, authorization: bytes
+) -> None:
+    """Header bytes that are not UTF-8 are just a wrong key: 401, not a 500."""
+    client = await gateway()
+    assert client.server.port is not None
+    status, body = await _raw_http(
+        client.server.port,
+        b"GET /v1/models HTTP/1.1\r\nHost: sluice\r\nAuthorization: "
+        + authorization
+        + b"\r\nConnection: close\r\n\r\n",
+    )
+    assert status == 401
+    assert assert_openai_error(orjson.loads(body))["code"] == "invalid_api_key"
 
 
 @pytest.mark.parametrize(
@@ -374,8 +542,11 @@ async def test_midstream_failure_is_final_error_event(
     directive: str,
     code: str,
     words: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """After the first byte a provider failure is the last event; no [DONE]; then EOF."""
+    """After the first byte a provider failure is the last event; no [DONE]; then EOF. An
+    expected provider failure is translated where it is read: no "unexpected" traceback."""
+    caplog.set_level(logging.ERROR)
     client = await gateway(_quick(settings, idle_timeout_s=0.05))
     _, text = await _stream_text(client, f"go [sim chunks=10 {directive}]")
     data = sse_data(text)
@@ -386,6 +557,7 @@ async def test_midstream_failure_is_final_error_event(
     error = assert_openai_error(payloads[-1], type_="upstream_error")
     assert error["code"] == code
     assert text.endswith("\n\n")
+    assert not caplog.records
 
 
 async def test_provider_error_event_midstream_is_relayed(

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,7 +27,12 @@ READY_LINE = "Running on"
 
 
 def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
+        **extra,
+    }
 
 
 async def _spawn(env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -155,3 +161,20 @@ async def test_bad_config_exits_with_a_clear_message(
     assert "Traceback" not in message
     assert "sk-refused-0123456789" not in message + out.decode()
     assert "listening" not in out.decode()  # refused before claiming to serve
+
+
+async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    """A port already taken: exit 2 before the banner, one line naming the variables."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await _spawn(_clean_env(tmp_path, SLUICE_PORT=str(port)))
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    assert process.returncode == 2
+    message = err.decode()
+    assert message.startswith(f"sluice: cannot listen on 127.0.0.1:{port}:")
+    assert "SLUICE_PORT" in message
+    assert "Traceback" not in message
+    assert "listening" not in out.decode()  # no banner claiming to serve

@@ -1,20 +1,27 @@
 """``service.relay`` through the whole gateway: SSE headers, byte-exact relay, no buffering,
-keepalives while the provider is silent (issue 2, points 2 and 7).
+keepalives while the provider is silent, on a test-controlled loop clock (issue 2, points
+2 and 7).
 
 (``test_relay.py`` covers the writer alone when a client vanishes mid-write.)
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from service.settings import Settings
 from service.simulator import SimStats
-from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
 from tests.wire import read_until, sse_blocks, sse_data
+
+KEEPALIVE = b": keepalive\n\n"
 
 URL = "/v1/chat/completions"
 
@@ -79,32 +86,70 @@ async def test_events_flow_while_the_provider_stalls(
     await sim_stats.wait_for(lambda s: s.aborted == 1)
 
 
-async def test_keepalive_while_waiting_for_first_token(
-    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+class LoopClock:
+    """The running loop's clock, moved forward by the test: timers (the keepalive ticker's
+    ``asyncio.sleep``) fire as if that much time had passed, without waiting for it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.time
+        self._offset = 0.0
+        monkeypatch.setattr(loop, "time", lambda: real() + self._offset)
+
+    def advance(self, seconds: float) -> None:
+        self._offset += seconds
+
+
+@pytest.fixture
+async def clock(monkeypatch: pytest.MonkeyPatch) -> LoopClock:
+    return LoopClock(monkeypatch)  # before the gateway starts, so its ticker runs on it
+
+
+async def _settle(client: TestClient[web.Request, web.Application]) -> None:
+    """Let the loop run due timers and deliver what they wrote: one round trip to /livez."""
+    assert (await client.get("/livez")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("directive", "events_first"),
+    [
+        ("[sim first_delay_ms=600000]", 0),  # waiting for the first token
+        ("[sim chunks=5 stall_after=2]", 3),  # a stall mid-stream: role + two words first
+    ],
+)
+async def test_keepalive_every_15_s_on_a_controlled_clock(
+    gateway: GatewayFactory,
+    settings: Settings,
+    sim_stats: SimStats,
+    clock: LoopClock,
+    directive: str,
+    events_first: int,
 ) -> None:
-    """While the provider is silent before its first chunk, ``: keepalive`` comments flow."""
-    client = await gateway(_quick(settings, keepalive_s=0.05))
-    response = await client.post(URL, json=chat_body("[sim first_delay_ms=600000]"), headers=AUTH)
+    """While the provider is silent, the default settings send one ``: keepalive`` comment
+    per 15 s of loop time, none in between, and nothing else (no data, no error)."""
+    assert settings.streams.keepalive_s == 15.0
+    # Provider deadlines beyond the 45 s moved here (the idle one is 30 s by default).
+    client = await gateway(
+        with_provider(_quick(settings), first_token_timeout_s=600.0, idle_timeout_s=600.0)
+    )
+    response = await client.post(URL, json=chat_body(directive), headers=AUTH)
     assert response.status == 200
-    seen = await read_until(response, b": keepalive\n\n")
-    while seen.count(b": keepalive\n\n") < 3:
-        seen += await read_until(response, b": keepalive\n\n")
-    assert b"data:" not in seen  # nothing but keepalives so far
-    response.close()
-    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    seen = b""
+    while seen.count(b"\n\n") < events_first:
+        seen += await read_until(response, b"\n\n")
+    assert seen.count(b"id: ") == events_first
+    await _settle(client)
+    assert response.content.read_nowait() == b""  # silent provider, no tick yet: nothing
 
-
-async def test_keepalive_during_a_mid_stream_stall(
-    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
-) -> None:
-    """A silent gap after some chunks also gets keepalives, after the chunks already sent."""
-    client = await gateway(_quick(settings, keepalive_s=0.05))
-    response = await client.post(URL, json=chat_body("[sim chunks=5 stall_after=2]"), headers=AUTH)
-    seen = await read_until(response, b": keepalive\n\n")
-    while seen.count(b": keepalive\n\n") < 2:
-        seen += await read_until(response, b": keepalive\n\n")
-    before_keepalive = seen[: seen.index(b": keepalive")]
-    assert before_keepalive.count(b"id: ") == 3  # role + two words came first
+    clock.advance(15.0)  # the first tick (the ticker started with the app, just before)
+    assert await read_until(response, KEEPALIVE) == KEEPALIVE
+    for _ in range(2):
+        clock.advance(14.0)  # (< 1 s of real time passes in this test)
+        await _settle(client)
+        assert response.content.read_nowait() == b""  # not before the next 15 s tick
+        clock.advance(1.0)
+        assert await read_until(response, KEEPALIVE) == KEEPALIVE
+    assert sim_stats.open == 1  # the provider is still silent; the stream is still open
     response.close()
     await sim_stats.wait_for(lambda s: s.aborted == 1)
 
@@ -112,3 +157,37 @@ async def test_keepalive_during_a_mid_stream_stall(
 def test_default_keepalive_interval() -> None:
     """The default keepalive is 15 s, under common 30-60 s proxy idle timeouts."""
     assert Settings.from_env({}).streams.keepalive_s == 15.0
+
+
+@pytest.mark.parametrize(
+    ("directive", "deadline_s"),
+    [
+        ("[sim first_delay_ms=600000]", 60.0),  # SLUICE_FIRST_TOKEN_TIMEOUT_S
+        ("[sim chunks=5 stall_after=2]", 30.0),  # SLUICE_IDLE_TIMEOUT_S
+    ],
+)
+async def test_default_provider_deadlines_on_a_controlled_clock(
+    gateway: GatewayFactory,
+    settings: Settings,
+    sim_stats: SimStats,
+    clock: LoopClock,
+    directive: str,
+    deadline_s: float,
+) -> None:
+    """With the default deadlines, a silent provider is given exactly its time (keepalives
+    meanwhile), then the stream ends with a ``provider_timeout`` error event, no [DONE]."""
+    client = await gateway(_quick(settings))
+    response = await client.post(URL, json=chat_body(directive), headers=AUTH)
+    assert response.status == 200
+    clock.advance(deadline_s - 1.0)
+    await _settle(client)
+    early = await read_until(response, KEEPALIVE)  # the ticks in between were keepalives
+    await _settle(client)
+    early += response.content.read_nowait()
+    assert b"error" not in early
+    clock.advance(1.5)
+    rest = await response.content.read()  # the error event, then the end of the body
+    assert b'"code":"provider_timeout"' in rest
+    assert rest.endswith(b"\n\n")
+    assert b"[DONE]" not in early + rest
+    await sim_stats.wait_for(lambda s: s.aborted == 1)  # the provider was hung up on

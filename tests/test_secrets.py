@@ -5,26 +5,41 @@ simulator, and is made to fail in every way it supports. Every response status l
 header and body (SSE included), every log record at DEBUG from every logger, and all of
 stdout/stderr are searched for the key. The simulator's ``echo_key=1`` directive makes it
 quote the Authorization header it received in its error messages, as careless providers
-do, so the gateway's scrubbing is exercised rather than assumed.
+do, so the gateway's scrubbing is exercised rather than assumed. The same failures are
+also requested over the WebSocket route, every span is exported to a real OTLP receiver
+and searched too, and a breaker that opens and a provider that never accepts the TCP
+connection add their own outputs. ``test_process_output_never_has_the_key`` does the same
+for ``python -m service`` itself: its banner and its real log format, at DEBUG.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import re
 import secrets
+import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
+from service.appkeys import TELEMETRY
 from service.auth import add_key
 from service.settings import AuthSettings, ProviderSettings, Secret, Settings
 from service.simulator import SimStats
 from tests.conftest import GatewayFactory, chat_body
+from tests.otlp import RECEIVED, receiver_app
+from tests.test_errors import unanswered_port  # noqa: F401  (a fixture)
 from tests.wire import closed_port
+
+REPO = Path(__file__).resolve().parent.parent
 
 URL = "/v1/chat/completions"
 CORE = secrets.token_hex(16)
@@ -54,8 +69,9 @@ FAILING_REQUESTS = [
 ]
 
 
-def _openai_mode(sim_url: str, keys_file: Path) -> Settings:
-    """SLUICE_PROVIDER=openai semantics: a real key, a keys file, no dev key."""
+def _openai_mode(sim_url: str, keys_file: Path, traces: str | None = None) -> Settings:
+    """SLUICE_PROVIDER=openai semantics: a real key, a keys file, no dev key; ``traces``:
+    the OTLP endpoint spans are exported to."""
     settings = Settings(
         provider=ProviderSettings(
             kind="openai",
@@ -78,6 +94,7 @@ def _openai_mode(sim_url: str, keys_file: Path) -> Settings:
             breaker_fail_max=1000,  # every request must reach the provider
         ),
         server=replace(settings.server, drain_s=0.0),
+        telemetry=replace(settings.telemetry, traces_endpoint=traces, otlp_timeout_s=2.0),
     )
     return replace(settings, streams=replace(settings.streams, disconnect_grace_s=0.0))
 
@@ -95,6 +112,28 @@ class Transcript:
         self.parts.append(body)
         return body
 
+    async def record_ws(self, client: TestClient[Any, Any], headers: dict[str, str]) -> int:
+        """Every failing streamed request over ``/v1/ws``; every frame kept. Returns errors."""
+        errors = 0
+        async with client.ws_connect("/v1/ws", headers=headers) as ws:
+            for index, (text, _) in enumerate(FAILING_REQUESTS):
+                frame = {"type": "chat.completion.create", "request_id": index}
+                await ws.send_str(orjson.dumps({**frame, "body": chat_body(text)}).decode())
+                while True:
+                    message = await ws.receive_str()
+                    self.parts.append(message)
+                    kind = orjson.loads(message)["type"]
+                    if kind in ("done", "error"):
+                        errors += kind == "error"
+                        break
+        return errors
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(receiver_app())
+    return server
+
 
 @pytest.fixture
 def keys_file(tmp_path: Path) -> tuple[Path, str]:
@@ -109,15 +148,18 @@ async def test_provider_key_never_leaks(
     sim_url: str,
     sim_stats: SimStats,
     keys_file: tuple[Path, str],
+    receiver: TestServer,
+    unanswered_port: int,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """No failure mode puts the provider key in a response, a header, a log line or stderr."""
+    """No failure mode puts the provider key in a response, a header, a WebSocket frame,
+    a span, a log line or stderr."""
     caplog.set_level(logging.DEBUG)  # the root logger: every logger propagates here
     path, client_key = keys_file
     auth = {"Authorization": f"Bearer {client_key}"}
     transcript = Transcript()
-    client = await gateway(_openai_mode(sim_url, path))
+    client = await gateway(_openai_mode(sim_url, path, str(receiver.make_url("/v1/traces"))))
 
     statuses = []
     stream_ids = []
@@ -140,6 +182,10 @@ async def test_provider_key_never_leaks(
         await transcript.record(await client.get(f"/v1/streams/{stream_id}", headers=auth))
     await transcript.record(await client.get("/v1/models", headers=auth))
     await transcript.record(await client.get("/metrics", headers=auth))
+    # The same failures over the WebSocket route; then a socket that presents our key.
+    assert await transcript.record_ws(client, auth) >= 10
+    for header in (f"Bearer {PROVIDER_KEY}", PROVIDER_KEY):
+        await transcript.record(await client.get("/v1/ws", headers={"Authorization": header}))
 
     # The provider was really asked, with the key, so the searches below could have failed.
     assert sim_stats.requests >= len(FAILING_REQUESTS)
@@ -157,12 +203,36 @@ async def test_provider_key_never_leaks(
         assert response.status == 502
         await transcript.record(response)
     await transcript.record(await broken.get("/v1/models", headers=auth))
+    # A provider that never completes the TCP handshake (504), and a breaker that opens (503).
+    hung = f"http://127.0.0.1:{unanswered_port}/v1"
+    slow = replace(settings.provider, base_url=hung, connect_timeout_s=0.05)
+    timing_out = await gateway(replace(settings, provider=slow))
+    response = await timing_out.post(URL, json=chat_body(), headers=auth)
+    assert response.status == 504
+    await transcript.record(response)
+    tripping = await gateway(
+        replace(settings, resilience=replace(settings.resilience, breaker_fail_max=1))
+    )
+    for _ in range(2):
+        body = chat_body("[sim fail=500 echo_key=1]", stream=False)
+        await transcript.record(await tripping.post(URL, json=body, headers=auth))
+    assert "circuit_open" in transcript.parts[-1]
+
+    assert await client.app[TELEMETRY].flush()
+    spans = receiver.app[RECEIVED]
+    assert any(span.status_message for span in spans)  # failures were traced, with messages
 
     out, err = capfd.readouterr()
     logs = "\n".join(
         f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records
     )
-    everything = {"responses": "\n".join(transcript.parts), "logs": logs, "out": out, "err": err}
+    everything = {
+        "responses": "\n".join(transcript.parts),
+        "spans": "\n".join(span.text() + repr(span.resource) for span in spans),
+        "logs": logs,
+        "out": out,
+        "err": err,
+    }
     for where, text in everything.items():
         assert PROVIDER_KEY not in text, f"provider key leaked in {where}"
         assert CORE not in text, f"part of the provider key leaked in {where}"
@@ -196,3 +266,92 @@ def test_secret_repr_hides_the_key() -> None:
     for text in (repr(provider), str(provider), repr(Settings(provider=provider))):
         assert PROVIDER_KEY not in text
     assert Secret(PROVIDER_KEY).reveal() == PROVIDER_KEY
+
+
+async def _collect(stream: asyncio.StreamReader, lines: list[bytes]) -> None:
+    while line := await stream.readline():
+        lines.append(line)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_process_output_never_has_the_key(
+    sim: TestServer,
+    sim_url: str,
+    sim_stats: SimStats,
+    keys_file: tuple[Path, str],
+    tmp_path: Path,
+    log_format: str,
+) -> None:
+    """``python -m service`` with the key in a file (a Kubernetes secret mount), logging at
+    DEBUG in its real format: nothing it prints, from start to SIGTERM, holds the key."""
+    path, client_key = keys_file
+    key_file = tmp_path / "openai-key"
+    key_file.write_text(PROVIDER_KEY + "\n")
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
+        "SLUICE_PORT": "0",
+        "OPENAI_API_KEY_FILE": str(key_file),
+        "OPENAI_BASE_URL": sim_url,
+        "SLUICE_CLIENT_KEYS_FILE": str(path),
+        "SLUICE_LOG_LEVEL": "DEBUG",
+        "SLUICE_LOG_FORMAT": log_format,
+        "SLUICE_FIRST_TOKEN_TIMEOUT_S": "0.1",
+        "SLUICE_IDLE_TIMEOUT_S": "0.1",
+        "SLUICE_RETRY_MAX_ATTEMPTS": "2",
+        "SLUICE_RETRY_BASE_DELAY_S": "0.001",
+        "SLUICE_RETRY_MAX_DELAY_S": "0.001",
+        "SLUICE_BREAKER_FAIL_MAX": "1000",
+        "SLUICE_DISCONNECT_GRACE_S": "0",
+        "SLUICE_DRAIN_S": "0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    transcript = Transcript()
+    stderr: list[bytes] = []
+    try:
+        async with asyncio.timeout(60):  # a safety net, not a clock
+            while b"Running on" not in (line := await process.stderr.readline()):
+                assert line, b"".join(stderr).decode(errors="replace")
+                stderr.append(line)
+            stderr.append(line)
+            port = re.search(rb"Running on http://127\.0\.0\.1:(\d+)", line)
+            assert port is not None
+            base = f"http://127.0.0.1:{int(port.group(1))}"
+            logs = asyncio.ensure_future(_collect(process.stderr, stderr))  # never let it block
+            auth = {"Authorization": f"Bearer {client_key}"}
+            async with aiohttp.ClientSession() as session:
+                for text, stream in FAILING_REQUESTS:
+                    body = chat_body(text, stream=stream)
+                    response = await session.post(f"{base}{URL}", json=body, headers=auth)
+                    await transcript.record(response)
+                for headers in ({"Authorization": f"Bearer {PROVIDER_KEY}"}, {}):
+                    response = await session.get(f"{base}/v1/models", headers=headers)
+                    await transcript.record(response)
+            process.send_signal(signal.SIGTERM)
+            out = await process.stdout.read()
+            await process.wait()
+            await logs
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0
+    assert set(sim_stats.authorizations) == {f"Bearer {PROVIDER_KEY}"}  # it was really used
+    output = (out + b"".join(stderr)).decode(errors="replace")
+    assert "sluice.access" in output or '"sluice.access"' in output  # DEBUG logs were on
+    assert output.count("\n") > len(FAILING_REQUESTS)
+    for where, text in {"output": output, "responses": "\n".join(transcript.parts)}.items():
+        assert PROVIDER_KEY not in text, f"provider key leaked in the process {where}"
+        assert CORE not in text, f"part of the provider key leaked in the process {where}"
+    assert "[redacted]" in "\n".join(transcript.parts)

@@ -236,10 +236,10 @@ async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
     env: dict[str, Any] = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
         "SLUICE_PORT": "0",
         "SLUICE_PROVIDER": "simulated",
         "SLUICE_DRAIN_S": str(drain_s),
-        "SLUICE_DATA_DIR": str(tmp_path / "data"),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -290,3 +290,70 @@ async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
         rows = dict(ledger.execute("SELECT stream_id, error_code FROM ledger").fetchall())
     assert rows == {response.headers["X-Sluice-Stream-Id"]: "shutdown", ws_stream: "shutdown"}
+
+
+async def _line_containing(stderr: asyncio.StreamReader, needle: bytes, seen: list[bytes]) -> None:
+    while needle not in (line := await stderr.readline()):
+        if not line:
+            raise AssertionError(b"".join(seen).decode(errors="replace"))
+        seen.append(line)
+    seen.append(line)
+
+
+async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) -> None:
+    """After SIGTERM the port keeps listening while streams drain: a probe gets /readyz 503
+    "draining" (not a refused connection), /livez 200, a new completion an OpenAI 503. Once
+    the last stream ends (its client left) the process exits 0 without waiting out the window.
+    """
+    env: dict[str, Any] = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
+        "SLUICE_PORT": "0",
+        "SLUICE_DRAIN_S": "3600",  # far beyond the safety net below: only the stream ends it
+        "SLUICE_DISCONNECT_GRACE_S": "0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    seen: list[bytes] = []
+    try:
+        async with asyncio.timeout(60):  # a safety net, not a clock
+            port = await _listening_port(process.stderr, seen)
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session:
+                held = await session.post(
+                    f"{base}/v1/chat/completions",
+                    json=chat_body("hold [sim stall_after=1]"),
+                    headers=AUTH,
+                )
+                await read_events(held, 2)
+                process.send_signal(signal.SIGTERM)
+                await _line_containing(process.stderr, b"SIGTERM: draining", seen)
+                output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+                async with aiohttp.ClientSession() as probe:  # a fresh connection, as a kubelet's
+                    ready = await probe.get(f"{base}/readyz")
+                    assert ready.status == 503
+                    assert await ready.json() == {"status": "draining"}
+                    assert (await probe.get(f"{base}/livez")).status == 200
+                    refused = await probe.post(
+                        f"{base}/v1/chat/completions", json=chat_body(), headers=AUTH
+                    )
+                    assert refused.status == 503
+                    assert (await refused.json())["error"]["code"] == "service_unavailable"
+                held.close()  # the last stream's client leaves: nothing is left to drain
+            assert await process.wait() == 0
+            await output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = b"".join(seen).decode(errors="replace")
+    assert "Traceback" not in log, log

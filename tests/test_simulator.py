@@ -271,6 +271,87 @@ async def test_unknown_directive_is_400(session: aiohttp.ClientSession, sim: Tes
     assert "chunkz" in (await response.json())["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("directive", "named"),
+    [
+        ("chunks=99999999999999999999", "chunks"),  # would hog the loop `make run` shares
+        ("chunks=-1", "chunks"),
+        ("chunks=abc", "chunks"),
+        ("delay_ms=-5", "delay_ms"),
+        ("first_delay_ms=inf", "first_delay_ms"),
+        ("header_delay_ms=nan", "header_delay_ms"),
+        ("fail=200", "fail"),
+        ("fail=99", "fail"),
+        ("fail=1000", "fail"),
+        ("fail=429 retry_after=nan", "retry_after"),
+        ("fail=429 retry_after=-1", "retry_after"),
+        ("reset_after=-2", "reset_after"),
+        ("echo_key=2", "echo_key"),
+    ],
+)
+async def test_out_of_range_directive_is_400(
+    session: aiohttp.ClientSession, sim: TestServer, sim_stats: SimStats, directive: str, named: str
+) -> None:
+    """A directive value that makes no sense is a 400 naming it, never a hang or a crash."""
+    for stream in (True, False):
+        response = await _post(session, sim, f"[sim {directive}]", stream=stream)
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert error["type"] == "invalid_request_error"
+        assert named in error["message"]
+    assert sim_stats.started == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}, 7]}]}',
+        b'{"messages": [{"role": "user", "content": "x"}], "n": "two"}',
+        b'{"messages": [{"role": "user", "content": "x"}], "n": 0}',
+    ],
+)
+async def test_odd_bodies_do_not_crash_it(
+    session: aiohttp.ClientSession, sim: TestServer, raw: bytes
+) -> None:
+    """Whatever it is sent, the simulator answers in OpenAI's shape: no 500, no traceback."""
+    response = await session.post(sim.make_url("/v1/chat/completions"), data=raw)
+    assert response.status in (200, 400)
+    payload = await response.json()
+    if response.status == 400:
+        assert set(payload) == {"error"}
+    assert "Traceback" not in str(payload)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_n_choices(session: aiohttp.ClientSession, sim: TestServer, stream: bool) -> None:
+    """n=3: three choices, each its own deterministic text; usage counts every choice."""
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
+    response = await _post(session, sim, "many [sim chunks=4]", stream=stream, n=3, **extra)
+    assert response.status == 200
+    if stream:
+        chunks = _chunks(await response.text())
+        texts = dict.fromkeys(range(3), "")
+        finishes = {}
+        for chunk in chunks[:-1]:
+            (choice,) = chunk["choices"]
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+            if choice["finish_reason"]:
+                finishes[choice["index"]] = choice["finish_reason"]
+        usage = chunks[-1]["usage"]
+        assert finishes == {0: "stop", 1: "stop", 2: "stop"}
+    else:
+        payload = await response.json()
+        texts = {c["index"]: c["message"]["content"] for c in payload["choices"]}
+        usage = payload["usage"]
+    prompt = prompt_text(chat_body("many [sim chunks=4]"))
+    assert texts[0] == "".join(completion_words(prompt, 4))  # choice 0 is the n=1 reply
+    assert len(set(texts.values())) > 1
+    encoding = get_encoding(O200K)
+    assert usage["completion_tokens"] == sum(len(encoding.encode(t)) for t in texts.values())
+
+
 async def test_models(session: aiohttp.ClientSession, sim: TestServer) -> None:
     """GET /v1/models lists the simulated models in OpenAI's list shape."""
     payload = await (await session.get(sim.make_url("/v1/models"))).json()

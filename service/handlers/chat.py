@@ -17,7 +17,12 @@ from ..appkeys import (
     STREAMS,
     TELEMETRY,
 )
-from ..errors import PayloadTooLargeError, ServiceUnavailableError, SluiceError
+from ..errors import (
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    SluiceError,
+)
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import Owner, Stream
@@ -77,16 +82,29 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 async def _parse(request: web.Request) -> ChatRequest:
     """The validated request; one refused as invalid or too large still gets its ledger row."""
     gate, principal = request.app[GATE], request[PRINCIPAL]
+    raw = b""
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        gate.refuse(principal, b"", code=PayloadTooLargeError.default_code)
-        raise
-    try:
+        raw = await _read_body(request)
         return parse_chat_request(raw, request.app[SERVED_MODELS])
+    except web.HTTPRequestEntityTooLarge:
+        gate.refuse(principal, raw, code=PayloadTooLargeError.default_code)
+        raise
     except SluiceError as exc:
         gate.refuse(principal, raw, code=exc.code or exc.type)
         raise
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.RequestPayloadError:  # e.g. a Content-Encoding that does not decode
+        # The rest of the connection's bytes cannot be trusted: answer, then close it. EOF
+        # on the body stops aiohttp draining it afterwards (and logging the error again).
+        request.content.feed_eof()
+        request.protocol.close()
+        raise InvalidRequestError(
+            "The request body could not be decoded.", headers={"Connection": "close"}
+        ) from None
 
 
 def _with_stream_header(error: SluiceError | None, stream: Stream) -> SluiceError:
