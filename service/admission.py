@@ -288,6 +288,7 @@ class Admission:
         self._open = False
         gate = self.gate
         entry = ledger_entry(gate.prices, self.principal, stream, checkpoint, self.arrived)
+        stream.cost_usd = entry.cost_usd  # telemetry reports the billed cost, not a recount
         if self.hold is not None:
             await settle_budget(gate.budgets, self.hold, Decimal(str(entry.cost_usd)))
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import sqlite3
@@ -101,7 +102,12 @@ class Ledger(Protocol):
 
 
 def utc_day(ts: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+    return _day_of(int(ts // 86_400))
+
+
+@functools.lru_cache(maxsize=64)
+def _day_of(days_since_epoch: int) -> str:  # strftime is slow, and a day is 86,400 seconds
+    return time.strftime("%Y-%m-%d", time.gmtime(days_since_epoch * 86_400))
 
 
 class MemoryLedger:

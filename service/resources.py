@@ -93,7 +93,13 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     async with aiohttp.ClientSession(
-        timeout=timeout, connector=connector, auto_decompress=False, raise_for_status=False
+        timeout=timeout,
+        connector=connector,
+        auto_decompress=False,
+        raise_for_status=False,
+        # One session serves every user: a cookie the provider sets for one request must not
+        # ride on the next user's. No jar also skips cookie filtering on every request.
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[UPSTREAM] = Upstream(session, provider, app[PROVIDER_URL])
         yield

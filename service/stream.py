@@ -116,6 +116,7 @@ class Stream:
         "body",
         "cache_status",
         "cancel_reason",
+        "cost_usd",
         "created_at",
         "ended",
         "ended_at",
@@ -145,6 +146,7 @@ class Stream:
         self.served_model = model  # differs when a fallback served (see resilience.py)
         self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
         self.cache_status = "bypass"  # hit, miss or bypass (see cache.py)
+        self.cost_usd: float | None = None  # set once the ledger row is made (admission.py)
         self.streaming = streaming
         self.include_usage = include_usage
         self.body: dict[str, Any] = {}

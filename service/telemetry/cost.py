@@ -13,6 +13,8 @@ def ledger_cost(gate: Gate) -> CostFunction:
     """USD for a stream exactly as its ledger row will record it."""
 
     def cost(stream: Stream, checkpoint: Checkpoint) -> float:
+        if stream.cost_usd is not None:  # the row is made: the same number, not computed twice
+            return stream.cost_usd
         owner = stream.owner
         principal = Principal(owner.user_id, owner.tenant, owner.key_id)
         return ledger_entry(gate.prices, principal, stream, checkpoint, stream.created_at).cost_usd
