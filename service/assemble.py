@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from .jsonbytes import dumps_kept
+
 _ENVELOPE = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
 
 
@@ -33,7 +35,7 @@ def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> bytes:
     body = envelope or {"object": "chat.completion"}
     body["choices"] = [_finished(choices[index]) for index in sorted(choices)]
     body["usage"] = usage
-    return orjson.dumps(body)
+    return dumps_kept(body)
 
 
 def chunks(completion: bytes) -> list[bytes]:
@@ -59,7 +61,7 @@ def chunks(completion: bytes) -> list[bytes]:
 def usage_chunk(template: bytes, usage: dict[str, Any]) -> bytes:
     """The usage-only chunk, with the envelope (id, model, ...) of ``template``."""
     base = _envelope(orjson.loads(template), "chat.completion.chunk")
-    return orjson.dumps({**base, "choices": [], "usage": usage})
+    return dumps_kept({**base, "choices": [], "usage": usage})
 
 
 def is_usage_only(payload: bytes) -> bool:
@@ -78,7 +80,7 @@ def _envelope(source: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def _chunk(base: dict[str, Any], index: int, delta: dict[str, Any], finish: str | None) -> bytes:
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return orjson.dumps({**base, "choices": [choice]})
+    return dumps_kept({**base, "choices": [choice]})
 
 
 def _fold(choices: dict[int, dict[str, Any]], choice: dict[str, Any]) -> None:

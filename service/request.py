@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import orjson
 
 from .errors import InvalidRequestError, NotFoundError
+from .jsonbytes import dumps_kept
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _T = TypeVar("_T")
@@ -47,10 +48,10 @@ class ChatRequest:
     def upstream_body(self) -> bytes:
         """The body sent to the provider: always asks for usage when streaming."""
         if not self.streaming:
-            return orjson.dumps(self.body)
+            return dumps_kept(self.body)  # held for the whole provider call
         options = dict(self.body.get("stream_options") or {})
         options["include_usage"] = True
-        return orjson.dumps({**self.body, "stream_options": options})
+        return dumps_kept({**self.body, "stream_options": options})
 
 
 def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) -> ChatRequest:

@@ -32,6 +32,7 @@ import orjson
 
 from .breaker import Breakers
 from .errors import CircuitOpenError, ProviderError, SluiceError, translate
+from .jsonbytes import dumps_kept
 from .retry import RetryBudget, RetryPolicy, is_retryable
 from .settings import ResilienceSettings, Settings
 from .telemetry import Telemetry
@@ -195,4 +196,4 @@ class ResilientProvider:
 
 def _with_model(body: bytes, model: str) -> bytes:
     """The same request for another model (once per tier, never per chunk)."""
-    return orjson.dumps({**orjson.loads(body), "model": model})
+    return dumps_kept({**orjson.loads(body), "model": model})

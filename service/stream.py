@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import orjson
-
 from .errors import SluiceError
+from .jsonbytes import dumps_kept
+from .latch import Latch, Pulse
 from .sse import DONE
 
 
@@ -157,9 +157,9 @@ class Stream:
         self.progress = Progress()
         self.readers = 0
         self.task: asyncio.Task[None] | None = None
-        self.accepted = asyncio.Event()  # the provider answered 2xx, or the stream ended
-        self.ended = asyncio.Event()
-        self._wake = asyncio.Event()
+        self.accepted = Latch()  # the provider answered 2xx, or the stream ended
+        self.ended = Latch()
+        self._wake = Pulse()
         self.ticks = 0
         self.created_at = time.time()
         self.first_token_at: float | None = None
@@ -191,8 +191,7 @@ class Stream:
 
     def notify(self) -> None:
         """Wake every reader (after a batch of appends, or for a keepalive tick)."""
-        self._wake.set()
-        self._wake.clear()
+        self._wake.fire()
 
     def tick(self) -> None:
         """Wake idle readers so they can send a keepalive."""
@@ -206,7 +205,7 @@ class Stream:
         self.status = status
         self.error = error
         if error is not None and status is not StreamStatus.SHUTDOWN:
-            self.events.append((Kind.ERROR, orjson.dumps(error.payload())))
+            self.events.append((Kind.ERROR, dumps_kept(error.payload())))
         elif status is StreamStatus.COMPLETED and self.streaming:
             self.events.append((Kind.DONE, DONE))
         self.ended_at = time.time()
