@@ -9,6 +9,7 @@ https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,7 @@ def span_name(model: str) -> str:
     return f"{OPERATION} {model}"
 
 
+@functools.lru_cache(maxsize=4096)  # a few users make most requests; each line needs it
 def user_hash(user_id: str) -> str:
     """A stable pseudonym for a user id: telemetry joins on it without holding the id."""
     return hashlib.sha256(user_id.encode()).hexdigest()[:16]

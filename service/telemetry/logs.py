@@ -8,6 +8,7 @@ The access log (``sluice.access``) is one such line per request or stream.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -87,5 +88,9 @@ def configure_logging(
 
 
 def _iso(created: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+    return f"{_second(int(created))}.{int(created % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)  # lines come in order: strftime once a second, not once a line
+def _second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
