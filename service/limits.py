@@ -3,9 +3,10 @@
 ``Limiter`` is the storage seam (a Redis implementation follows for many replicas);
 ``MemoryLimiter`` keeps one aiolimiter ``AsyncLimiter`` leaky bucket per (tier, key, rate)
 and per unit (requests, tokens). Nothing ever waits in a hidden queue: ``try_acquire``
-checks every bucket with ``has_capacity`` first and only then pours into all of them with
-``acquire``, which returns without suspending when capacity is there, so the whole
-check-and-take is atomic on the event loop.
+checks every bucket with ``has_capacity`` first and only then pours into all of them, with
+no await in between, so the whole check-and-take is atomic on the event loop. (The pour sets
+the level ``has_capacity`` has just brought up to date, as ``acquire`` would after the same
+check; ``acquire`` itself would check a second time, and admission runs per request.)
 
 Tokens are reserved up front (estimated prompt + the output ceiling) and settled with the
 real usage afterwards. A leaky bucket's level falls at a constant rate whatever was poured,
@@ -91,8 +92,9 @@ class Bucket:
     def fits(self, amount: float) -> bool:
         return self.limiter.has_capacity(amount)
 
-    async def take(self, amount: float) -> None:
-        await self.limiter.acquire(amount)  # never suspends: ``fits`` was just true
+    def take(self, amount: float) -> None:
+        """Pour ``amount`` in, right after ``fits(amount)`` was true (the level is current)."""
+        self.limiter._level += amount
 
     def force(self, amount: float) -> None:
         """Pour ``amount`` in (or, negative, take it out) without any check."""
@@ -107,9 +109,11 @@ class Bucket:
         excess = limiter._level + amount - limiter.max_rate
         return max(excess, 0.0) / limiter._rate_per_sec
 
-    def quota(self) -> Quota:
+    def quota(self, *, current: bool = False) -> Quota:
+        """The bucket's state; ``current``: its level was just brought up to date."""
         limiter = self.limiter
-        limiter.has_capacity(0)
+        if not current:
+            limiter.has_capacity(0)
         level = limiter._level
         return Quota(
             limit=int(limiter.max_rate),
@@ -168,8 +172,8 @@ class MemoryLimiter:
                 too_large=math.isinf(wait),
             )
         for _, _, bucket, amount in pairs:
-            await bucket.take(amount)
-        requests, token_quota = _tightest(pairs)
+            bucket.take(amount)
+        requests, token_quota = _tightest(pairs, current=True)
         return Grant(tuple(tiers), tokens, requests, token_quota)
 
     async def settle(self, grant: Grant, used_tokens: int) -> None:
@@ -200,13 +204,15 @@ class MemoryLimiter:
         return self._streams.get(user, 0)
 
 
-def _tightest(pairs: Sequence[tuple[Tier, str, Bucket, int]]) -> tuple[Quota | None, Quota | None]:
+def _tightest(
+    pairs: Sequence[tuple[Tier, str, Bucket, int]], *, current: bool = False
+) -> tuple[Quota | None, Quota | None]:
     """The quota with the fewest remaining, per unit (what OpenAI-style headers report)."""
     best: dict[str, Quota] = {}
     for _, unit, bucket, _ in pairs:
-        quota = bucket.quota()
-        current = best.get(unit)
-        if current is None or quota.remaining < current.remaining:
+        quota = bucket.quota(current=current)
+        tightest = best.get(unit)
+        if tightest is None or quota.remaining < tightest.remaining:
             best[unit] = quota
     return best.get("requests"), best.get("tokens")
 
