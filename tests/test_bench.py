@@ -44,8 +44,13 @@ async def test_tiny_run_renders_every_phase(tmp_path: Path) -> None:
         "RSS per held stream",
         "abort: provider aborted / open / completed",
         "chunks sent per aborted stream",
+        "non-stream, tracing every trace: **gateway CPU per request",
+        "3-chunk stream, tracing 1 in 10 traces: **gateway CPU per request",
     ):
         assert phase in metrics
+    exports = [row for row in rows if "OTLP exports received" in row.metric]
+    assert len(exports) == 2
+    assert exports[0].passed, exports[0].gateway  # every trace sampled: spans were sent
     throughput = [row for row in rows if row.target == "0 errors"]
     assert len(throughput) == 3
     assert all(row.passed for row in throughput), [row.metric for row in throughput]

@@ -276,7 +276,11 @@ class Telemetry:
         st.attempt_started = now = time.time()
         if st.provider_started is None:
             st.provider_started = now
-        span = self._start_attempt_span(st, model) if self.recording else None
+        # A parent the sampler dropped has children it drops too (ParentBased; and a ratio
+        # sampler decides by trace id, the same for both): skip making one. The provider
+        # then gets the parent's context, flagged not sampled, which is all it needs.
+        sampled = self.recording and trace.get_current_span(st.parent).is_recording()
+        span = self._start_attempt_span(st, model) if sampled else None
         token = otel_context.attach(trace.set_span_in_context(span)) if span else None
         try:
             yield
