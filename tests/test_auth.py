@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from service.auth import DEV_USER, KeyRing, add_key, load_keys_file
 from service.errors import AuthenticationError
 from service.settings import AuthSettings, ConfigError, Secret, Settings
 from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body
+from tests.processes import python_module
 from tests.wire import assert_openai_error
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _with_keys_file(settings: Settings, path: Path) -> Settings:
@@ -31,17 +29,12 @@ def _with_keys_file(settings: Settings, path: Path) -> Settings:
 
 async def _add_key_cli(path: Path, *args: str) -> str:
     """Run ``python -m service.auth add`` as a user would; return what it printed."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    process = await python_module(
         "service.auth",
         "add",
         "--file",
         str(path),
         *args,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(30):
         out, err = await process.communicate()
@@ -211,9 +204,7 @@ async def test_cli_refuses_a_bad_keys_file(
     path = tmp_path / "keys.json" if content is not None else tmp_path / "missing" / "keys.json"
     if content is not None:
         path.write_bytes(content)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    process = await python_module(
         "service.auth",
         "add",
         "--file",
@@ -222,9 +213,6 @@ async def test_cli_refuses_a_bad_keys_file(
         "alice",
         "--tenant",
         "acme",
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(30):
         out, err = await process.communicate()

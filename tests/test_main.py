@@ -13,16 +13,15 @@ import re
 import shlex
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.processes import python_module
 from tests.wire import closed_port, sse_data
 
-REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "Running on"
 
 
@@ -36,14 +35,9 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 async def _spawn(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    return await python_module(
         "service",
-        cwd=REPO,
         env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
 
 

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -30,10 +29,10 @@ from redis.asyncio import Redis
 
 from service.simulator import SimStats
 from tests.conftest import AUTH, chat_body
+from tests.processes import DEVNULL, python_module
 from tests.servers import RedisServer, free_port
 from tests.streamwire import FIXED_CREATED, events, last_error, read_events
 
-REPO = Path(__file__).resolve().parent.parent
 READY_LINE = "Running on"
 CHAT = "/v1/chat/completions"
 QUICK = "hi [sim chunks=1]"
@@ -84,14 +83,10 @@ async def replicas(tmp_path: Path, redis_url: str, sim_url: str) -> AsyncIterato
             "SLUICE_LEDGER": "memory",
             **extra,
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        process = await python_module(
             module,
-            cwd=REPO,
             env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=DEVNULL,
         )
         started.append(process)
         assert process.stderr is not None
@@ -222,9 +217,7 @@ async def test_cancel_through_b_stops_generation_on_a(
     async with session.post(a.at(CHAT), json=chat_body(SLOW), headers=AUTH) as response:
         stream_id = response.headers["X-Sluice-Stream-Id"]
 
-        async with session.post(
-            b.at(f"/v1/streams/{stream_id}/cancel"), headers=AUTH
-        ) as cancelled:
+        async with session.post(b.at(f"/v1/streams/{stream_id}/cancel"), headers=AUTH) as cancelled:
             assert cancelled.status == 200
             checkpoint = await cancelled.json()
         assert (checkpoint["id"], checkpoint["status"]) == (stream_id, "cancelled")

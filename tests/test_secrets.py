@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import signal
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,9 @@ from service.settings import AuthSettings, ProviderSettings, Secret, Settings
 from service.simulator import SimStats
 from tests.conftest import GatewayFactory, chat_body
 from tests.otlp import RECEIVED, receiver_app
+from tests.processes import python_module
 from tests.test_errors import unanswered_port  # noqa: F401  (a fixture)
 from tests.wire import closed_port
-
-REPO = Path(__file__).resolve().parent.parent
 
 URL = "/v1/chat/completions"
 CORE = secrets.token_hex(16)
@@ -306,14 +304,9 @@ async def test_process_output_never_has_the_key(
         "SLUICE_DISCONNECT_GRACE_S": "0",
         "SLUICE_DRAIN_S": "0",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    process = await python_module(
         "service",
-        cwd=REPO,
         env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
     assert process.stderr is not None

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Stream
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.processes import DEVNULL, python_module
 from tests.streamwire import LoopClock, events, read_events, with_drain
 
-REPO = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 
 
@@ -241,14 +240,10 @@ async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
         "SLUICE_PROVIDER": "simulated",
         "SLUICE_DRAIN_S": str(drain_s),
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    process = await python_module(
         "service",
-        cwd=REPO,
         env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=DEVNULL,
     )
     assert process.stderr is not None
     seen: list[bytes] = []
@@ -313,14 +308,10 @@ async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) 
         "SLUICE_DRAIN_S": "3600",  # far beyond the safety net below: only the stream ends it
         "SLUICE_DISCONNECT_GRACE_S": "0",
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    process = await python_module(
         "service",
-        cwd=REPO,
         env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=DEVNULL,
     )
     assert process.stderr is not None
     seen: list[bytes] = []
