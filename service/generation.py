@@ -49,11 +49,17 @@ def _relay(stream: Stream, payloads: list[bytes], redact: Callable[[str], str]) 
     """Journal a batch of provider payloads; return True once [DONE] arrived."""
     done = False
     progress = stream.progress
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError  # inline: once per chunk
     for raw in payloads:
         if raw == DONE:
             done = True
             break
-        chunk = _parse(raw)
+        try:
+            chunk = loads(raw)
+        except decode_error:
+            raise ProviderProtocolError("The provider sent a malformed chunk.") from None
+        if type(chunk) is not dict:
+            raise ProviderProtocolError("The provider sent a chunk that is not an object.")
         if "error" in chunk:
             raise _midstream_error(chunk["error"], redact)
         if progress.add_chunk(chunk) and not stream.include_usage:
@@ -67,9 +73,9 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise ProviderProtocolError("The provider sent a malformed chunk.") from None
+        raise ProviderProtocolError("The provider sent a malformed completion.") from None
     if not isinstance(value, dict):
-        raise ProviderProtocolError("The provider sent a chunk that is not an object.")
+        raise ProviderProtocolError("The provider sent a completion that is not an object.")
     return value
 
 

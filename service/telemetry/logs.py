@@ -48,7 +48,7 @@ class TextFormatter(logging.Formatter):
         line = f"{_iso(record.created)} {record.levelname} {record.name} {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            line += "".join(f" {k}={v}" for k, v in fields.items() if v is not None)
+            line += "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
