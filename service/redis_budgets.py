@@ -111,7 +111,7 @@ class RedisBudgets(Budgets):
                 -1 if limit is None else micros(limit),
             ]
         try:
-            reply = await self._gate.run(lambda r: self._reserve(keys=keys, args=args, client=r))
+            reply = await self._gate.evalsha(self._reserve, keys, args)
         except RedisUnavailable:
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
@@ -141,7 +141,7 @@ class RedisBudgets(Budgets):
         keys = [budget_key(key) for key in hold.keys]
         args = [micros(hold.amount, up=True), micros(actual)]
         try:
-            await self._gate.run(lambda r: self._settle(keys=keys, args=args, client=r))
+            await self._gate.evalsha(self._settle, keys, args)
         except RedisUnavailable:
             self._gate.fallback("budget settlement")  # the period's expiry bounds the error
 

@@ -141,7 +141,7 @@ class RedisLimiter:
         args: list[str | int] = [self._now(), max(cap, 0), STREAM_LEASE_S]
         args += [v for _, _, rate, amount in buckets for v in (rate, amount)]
         try:
-            reply = await self._gate.run(lambda r: self._admit(keys=keys, args=args, client=r))
+            reply = await self._gate.evalsha(self._admit, keys, args)
         except RedisUnavailable:
             if self._gate.fail_open:
                 self._gate.fallback("rate limits and stream caps")
@@ -177,7 +177,7 @@ class RedisLimiter:
         args: list[str | int] = [self._now(), 1 if close else 0]
         args += [value for tier in limited for value in (tier.tpm, delta)]
         try:
-            await self._gate.run(lambda r: self._finish(keys=keys, args=args, client=r))
+            await self._gate.evalsha(self._finish, keys, args)
         except RedisUnavailable:  # the stream lease and the bucket leak bound the error
             self._gate.fallback("settlement and stream close")
 

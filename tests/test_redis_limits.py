@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from service.appkeys import GATE, REDIS
 from service.errors import ServiceUnavailableError
 from service.limits import STREAM_CAP, Denial, Grant, MemoryLimiter, Tier
+from service.redis_checkpoints import checkpoint_key
 from service.redis_limits import RedisLimiter, streams_key
 from service.redisgate import RedisGate
 from service.settings import Settings
@@ -293,32 +294,45 @@ async def test_readyz_reports_the_redis_breaker(
 TOP_LEVEL = ("eval", "evalsha", "set", "xadd", "publish", "ping", "script|load")
 
 
-async def round_trips_since_reset(redis: Redis) -> dict[str, int]:
+async def commands_since_reset(redis: Redis) -> dict[str, int]:
     """Client commands since ``CONFIG RESETSTAT``, by name."""
     stats = await redis.info("commandstats")
     calls = {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
     return {name: calls[name] for name in TOP_LEVEL if name in calls}
 
 
+async def round_trips_since_reset(redis: Redis) -> int:
+    """Requests Redis read since ``CONFIG RESETSTAT`` (a pipeline is one), INFO's own left out."""
+    return int((await redis.info("stats"))["total_reads_processed"]) - 1
+
+
+LIMITED = {"user_rpm": 1000, "user_tpm": 10**6, "max_streams_per_user": 5}
+
+
 @pytest.mark.parametrize(
-    ("daily_usd", "expected"),
+    ("limits", "daily_usd", "trips", "commands"),
     [
-        (None, {"evalsha": 2, "set": 1}),  # admit, finish; the checkpoint
-        (5.0, {"evalsha": 4, "set": 1}),  # a budget applies: its reserve and settle too
+        # admit; finish with the checkpoint in front (one pipeline)
+        (LIMITED, None, 2, {"evalsha": 2, "set": 1}),
+        # a budget applies: its reserve, and its settle (carrying the checkpoint), too
+        (LIMITED, 5.0, 4, {"evalsha": 4, "set": 1}),
+        # nothing shared to enforce: only the checkpoint, sent by the flush hook
+        ({"max_streams_per_user": 0}, None, 1, {"set": 1}),
     ],
 )
 async def test_round_trips_of_one_non_streamed_request(
     gateway: GatewayFactory,
     settings: Settings,
     redis_url: str,
+    limits: dict[str, int],
     daily_usd: float | None,
-    expected: dict[str, int],
+    trips: int,
+    commands: dict[str, int],
 ) -> None:
     """With rate limits and a stream cap on: one script admits, one settles and frees the
-    slot, and budgets cost round trips only when one of them has a limit."""
-    shared = with_limits(
-        with_redis(settings, redis_url), user_rpm=1000, user_tpm=10**6, max_streams_per_user=5
-    )
+    slot with the checkpoint's write in the same pipeline, and budgets cost round trips
+    only when one of them has a limit."""
+    shared = with_limits(with_redis(settings, redis_url), **limits)
     shared = replace(shared, money=replace(shared.money, user_daily_usd=daily_usd))
     client = await gateway(shared)
     redis = Redis.from_url(redis_url)
@@ -332,6 +346,9 @@ async def test_round_trips_of_one_non_streamed_request(
             assert response.status == 200
             await response.read()
             await finished(client, response)
-        assert await round_trips_since_reset(redis) == expected
+        assert await commands_since_reset(redis) == commands
+        assert await round_trips_since_reset(redis) == trips + 1  # + the INFO above
+        stored = await redis.get(checkpoint_key(response.headers["X-Sluice-Stream-Id"]))
+        assert stored is not None  # by the time the finish hooks are done
     finally:
         await redis.aclose()
