@@ -41,7 +41,7 @@ from .checkpoint import Checkpoint
 from .context import ContextPolicy
 from .errors import RateLimitError, SluiceError
 from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
-from .limits import Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
+from .limits import STREAM_CAP, Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
 from .pricing import PriceTable
 from .redis_budgets import reserve_budget, settle_budget  # shared across replicas (Redis)
 from .request import ChatRequest
@@ -198,20 +198,20 @@ class Gate:
         ceiling = plan.max_tokens * (choices if isinstance(choices, int) and choices > 1 else 1)
         user = principal.user_id
         cap = _pick(policy.max_streams, self.settings.max_streams_per_user)
-        if not await self.limiter.open_stream(user, cap):
-            raise RateLimitError(
-                f"Too many concurrent streams for this user (limit {cap}).",
-                code="concurrent_streams_exceeded",
-                headers={"Retry-After": "1"},
-            )
-        admission = Admission(self, principal, chat, prompt, ceiling, arrived)
+        # The stream slot and the rate buckets together: one round trip when shared.
+        outcome = await self.limiter.admit(
+            user, cap, self.tiers(principal, policy), prompt + ceiling
+        )
+        if isinstance(outcome, Denial):
+            if outcome.unit == STREAM_CAP:
+                raise RateLimitError(
+                    f"Too many concurrent streams for this user (limit {cap}).",
+                    code="concurrent_streams_exceeded",
+                    headers={"Retry-After": "1"},
+                )
+            raise _rate_limited(outcome)
+        admission = Admission(self, principal, chat, prompt, ceiling, arrived, outcome)
         try:
-            outcome = await self.limiter.try_acquire(
-                self.tiers(principal, policy), prompt + ceiling
-            )
-            if isinstance(outcome, Denial):
-                raise _rate_limited(outcome)
-            admission.grant = outcome
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             worst = self.worst_cost(chat.model, prompt, ceiling)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
@@ -240,7 +240,7 @@ class Admission:
     prompt_tokens: int  # counted with tiktoken
     max_output_tokens: int  # the ceiling, times ``n``
     arrived: float
-    grant: Grant | None = None
+    grant: Grant  # the stream slot and rate buckets taken (``Limiter.admit``)
     hold: Hold | None = None
     headers: dict[str, str] = field(default_factory=dict)
     _open: bool = True
@@ -277,9 +277,7 @@ class Admission:
         gate = self.gate
         if self.hold is not None:
             await settle_budget(gate.budgets, self.hold, Decimal(0))
-        if self.grant is not None:
-            await gate.limiter.settle(self.grant, 0)
-        await gate.limiter.close_stream(self.principal.user_id)
+        await gate.limiter.finish(self.grant, 0)
 
     async def settle(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """Replace the reservations with what the stream really used; write its ledger row."""
@@ -292,9 +290,8 @@ class Admission:
         if self.hold is not None:
             await settle_budget(gate.budgets, self.hold, Decimal(str(entry.cost_usd)))
         try:
-            if self.grant is not None:
-                await gate.limiter.settle(self.grant, entry.prompt_tokens + entry.completion_tokens)
-            await gate.limiter.close_stream(self.principal.user_id)
+            used = entry.prompt_tokens + entry.completion_tokens
+            await gate.limiter.finish(self.grant, used)  # settle + free the slot: one trip
         finally:
             gate.ledger.record(entry)
 

@@ -8,6 +8,10 @@ no await in between, so the whole check-and-take is atomic on the event loop. (T
 the level ``has_capacity`` has just brought up to date, as ``acquire`` would after the same
 check; ``acquire`` itself would check a second time, and admission runs per request.)
 
+Admission calls ``admit`` once per request: the user's concurrent-stream slot and every
+bucket together, all or nothing (one round trip for a shared implementation); ``finish``
+settles and frees the slot after the response.
+
 Tokens are reserved up front (estimated prompt + the output ceiling) and settled with the
 real usage afterwards. A leaky bucket's level falls at a constant rate whatever was poured,
 so taking ``reserved - used`` back out of the level (clamped at zero) leaves the bucket
@@ -53,6 +57,9 @@ class Grant:
     tokens: int
     requests: Quota | None = None
     token_quota: Quota | None = None
+    user: str | None = None  # ``admit``: the user whose stream slot this grant holds
+    cap: int = 0  # ``admit``: that user's stream cap then (0: uncapped, counted locally only)
+    shared: bool = False  # taken in the shared (Redis) state too, not only in this process
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,16 +72,23 @@ class Denial:
     too_large: bool = False  # the request alone exceeds the tier's per-minute tokens
 
 
+STREAM_CAP = "streams"  # ``Denial.unit`` of a refused stream slot
+
+
 class Limiter(Protocol):
     """Where rate state lives; every method answers without waiting for capacity."""
 
-    async def try_acquire(self, tiers: Sequence[Tier], tokens: int) -> Grant | Denial: ...
+    async def admit(
+        self, user: str, cap: int, tiers: Sequence[Tier], tokens: int
+    ) -> Grant | Denial:
+        """Take one of ``user``'s ``cap`` stream slots (0: no cap) and ``tokens`` plus one
+        request from every bucket of ``tiers``: all of them, or nothing. A full stream cap
+        is a ``Denial`` with ``unit == STREAM_CAP``, checked before the buckets."""
+        ...
 
-    async def settle(self, grant: Grant, used_tokens: int) -> None: ...
-
-    async def open_stream(self, user: str, cap: int) -> bool: ...
-
-    async def close_stream(self, user: str) -> None: ...
+    async def finish(self, grant: Grant, used_tokens: int) -> None:
+        """Settle an ``admit`` grant with the tokens really used and free its stream slot."""
+        ...
 
 
 class Bucket:
@@ -176,7 +190,36 @@ class MemoryLimiter:
         requests, token_quota = _tightest(pairs, current=True)
         return Grant(tuple(tiers), tokens, requests, token_quota)
 
+    async def admit(
+        self, user: str, cap: int, tiers: Sequence[Tier], tokens: int
+    ) -> Grant | Denial:
+        if not await self.open_stream(user, cap):
+            return stream_denial(user)
+        outcome = await self.try_acquire(tiers, tokens)
+        if isinstance(outcome, Denial):
+            await self.close_stream(user)
+            return outcome
+        outcome.user, outcome.cap = user, cap
+        return outcome
+
+    async def finish(self, grant: Grant, used_tokens: int) -> None:
+        await self.settle(grant, used_tokens)
+        if grant.user is not None:
+            await self.close_stream(grant.user)
+
+    def give_back(self, grant: Grant) -> None:
+        """Undo an ``admit`` grant entirely, its request included (the shared tier refused)."""
+        self._settle(grant, 0)
+        for tier in grant.tiers:
+            if tier.rpm > 0:
+                self._bucket(tier, "requests", tier.rpm).force(-1)
+        if grant.user is not None:
+            self._close(grant.user)
+
     async def settle(self, grant: Grant, used_tokens: int) -> None:
+        self._settle(grant, used_tokens)
+
+    def _settle(self, grant: Grant, used_tokens: int) -> None:
         delta = used_tokens - grant.tokens
         if delta == 0:
             return
@@ -193,6 +236,9 @@ class MemoryLimiter:
         return True
 
     async def close_stream(self, user: str) -> None:
+        self._close(user)
+
+    def _close(self, user: str) -> None:
         streams = self._streams
         held = streams.get(user, 0) - 1
         if held > 0:
@@ -202,6 +248,11 @@ class MemoryLimiter:
 
     def streams_of(self, user: str) -> int:
         return self._streams.get(user, 0)
+
+
+def stream_denial(user: str) -> Denial:
+    """The refusal of a stream slot: the user's cap is full (try again in a second)."""
+    return Denial(Tier("user", user, 0, 0), STREAM_CAP, retry_after_s=1.0)
 
 
 def _tightest(

@@ -9,7 +9,9 @@ float drift); a period's hash expires after the period ends.
 
 The in-process ``Budgets`` state is kept as this replica's view (``status``/``pressure``
 stay synchronous) and is the fail-open fallback: with Redis unavailable, fail-open
-reserves locally (per-replica budgets), fail-closed answers 503.
+reserves locally (per-replica budgets), fail-closed answers 503. A request none of whose
+budgets has a limit (after the key's overrides) has nothing to enforce: it reserves and
+settles in this view only, without a round trip (its spend is in the ledger).
 
 Admission goes through ``reserve_budget``/``settle_budget`` below, which await the shared
 path when the budgets are a ``RedisBudgets`` and call the in-process one otherwise.
@@ -97,6 +99,10 @@ class RedisBudgets(Budgets):
     ) -> Hold:
         """Reserve ``amount`` on every applicable budget of every replica, or raise 429."""
         checks = self._checks(user, tenant, overrides)
+        if all(limit is None for _, limit in checks):
+            # Nothing to enforce: no round trip. This replica's view still records the
+            # reservation; the spend totals live in the ledger.
+            return self.reserve(user, tenant, amount, overrides)
         keys = [budget_key(key) for key, _ in checks]
         args: list[Any] = [micros(amount, up=True)]
         for key, limit in checks:
@@ -105,7 +111,7 @@ class RedisBudgets(Budgets):
                 -1 if limit is None else micros(limit),
             ]
         try:
-            reply = await self._gate.run(lambda r: self._reserve(keys=keys, args=args, client=r))
+            reply = await self._gate.evalsha(self._reserve, keys, args)
         except RedisUnavailable:
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
@@ -128,14 +134,14 @@ class RedisBudgets(Budgets):
         """Replace the reservation with the real cost, on every replica's view."""
         self.settle(hold, actual)  # this replica's view (and the fail-open path)
         held = self._shared.pop(hold, 0)
-        if held == 0:
+        if held == 0:  # reserved locally only: unlimited, or Redis was unavailable
             return
         if held > 1:
             self._shared[hold] = held - 1
         keys = [budget_key(key) for key in hold.keys]
         args = [micros(hold.amount, up=True), micros(actual)]
         try:
-            await self._gate.run(lambda r: self._settle(keys=keys, args=args, client=r))
+            await self._gate.evalsha(self._settle, keys, args)
         except RedisUnavailable:
             self._gate.fallback("budget settlement")  # the period's expiry bounds the error
 

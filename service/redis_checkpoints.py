@@ -3,13 +3,15 @@
 ``SharedCheckpointStore`` implements ``CheckpointStore``: each checkpoint is one JSON
 string under ``sluice:ckpt:<stream id>`` with the checkpoint TTL as its Redis expiry. It
 also writes to an in-process store first, so a Redis outage loses nothing this replica
-knows; reads try the local store, then Redis. Redis failures never raise from here.
+knows; reads try the local store, then Redis. Redis failures never raise from here. The
+Redis write rides with the stream's next round trip (usually its limits' settlement);
+``shared.py`` makes ``RedisGate.flush`` a finish hook, so it is stored before the journal
+closes and before ``StreamRegistry.settled`` returns.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 import orjson
@@ -17,8 +19,6 @@ import orjson
 from .checkpoint import Checkpoint, CheckpointStore
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .stream import StreamStatus
-
-log = logging.getLogger(__name__)
 
 _FIELDS = frozenset(f.name for f in fields(Checkpoint))
 
@@ -28,7 +28,7 @@ def checkpoint_key(stream_id: str) -> str:
 
 
 def dump_checkpoint(checkpoint: Checkpoint) -> bytes:
-    return orjson.dumps(asdict(checkpoint))
+    return orjson.dumps(checkpoint)  # a dataclass, natively: no ``asdict`` deep copy
 
 
 def load_checkpoint(raw: bytes | str) -> Checkpoint:
@@ -45,14 +45,18 @@ class SharedCheckpointStore:
         self._local = local
 
     async def put(self, checkpoint: Checkpoint, ttl_s: float) -> None:
+        """Store locally now; the Redis copy is posted (``RedisGate.post``) and is stored
+        by the time the stream's finish hooks have run (``RedisGate.flush``)."""
         await self._local.put(checkpoint, ttl_s)
-        raw = dump_checkpoint(checkpoint)
-        try:
-            await self._gate.run(
-                lambda r: r.set(checkpoint_key(checkpoint.stream_id), raw, px=int(ttl_s * 1000))
-            )
-        except RedisUnavailable as exc:
-            log.warning("checkpoint of %s kept locally only: redis %s", checkpoint.stream_id, exc)
+        stream_id = checkpoint.stream_id
+        self._gate.post(
+            f"checkpoint of {stream_id}",
+            "SET",
+            checkpoint_key(stream_id),
+            dump_checkpoint(checkpoint),
+            "PX",
+            int(ttl_s * 1000),
+        )
 
     async def get(self, stream_id: str) -> Checkpoint | None:
         found = await self._local.get(stream_id)

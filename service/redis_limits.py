@@ -2,18 +2,22 @@
 
 ``RedisLimiter`` implements ``limits.Limiter`` with the same leaky buckets as
 ``MemoryLimiter`` (level falls at ``rate / 60`` per second; a request fits when
-``level + amount <= rate``), but each bucket is a Redis hash and one Lua script checks
-every bucket of a request and pours into all of them only if all fit, so N replicas admit
-exactly the configured numbers. Time is Redis's own (``TIME``), never a replica's clock.
+``level + amount <= rate``), but each bucket is a Redis hash, and one Lua script per
+request (``admit``) checks the user's stream cap and every bucket and takes the slot and
+pours into all of them only if all fit, so N replicas admit exactly the configured numbers.
+After the response, one more script (``finish``) settles the tokens and frees the slot:
+two round trips per request. Time is Redis's own (``TIME``), never a replica's clock.
 
 The in-process ``MemoryLimiter`` stays in front: it is asked first (no network), and since
 a replica's own traffic is a subset of the shared traffic, its denial is always right and
 saves a round trip. Its grant is given back when Redis then denies. When Redis is
-unavailable the policy decides: fail-open keeps the local answer (per-replica limits),
-fail-closed answers 503 (``RedisGate.unavailable_error``).
+unavailable the policy decides: fail-open keeps the local answer (per-replica limits;
+such a grant is settled locally only), fail-closed answers 503
+(``RedisGate.unavailable_error``).
 
 Stream caps are a counter per user with a safety expiry (a crashed replica's streams
-stop counting after ``STREAM_LEASE_S``), refreshed on every open.
+stop counting after ``STREAM_LEASE_S``), refreshed on every open. Uncapped users are not
+counted in Redis.
 """
 
 from __future__ import annotations
@@ -23,23 +27,32 @@ from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 
-from .limits import PERIOD_S, Denial, Grant, MemoryLimiter, Quota, Tier
+from .limits import PERIOD_S, Denial, Grant, MemoryLimiter, Quota, Tier, stream_denial
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 
 STREAM_LEASE_S = 3600
 
-# KEYS: bucket keys. ARGV: now ('' = Redis TIME), rate1, amount1, rate2, amount2, ...
-# Returns {granted, level...} with the levels after pouring (granted) or as they stand
-# (denied), as strings: Redis truncates Lua numbers to integers.
-_TRY_ACQUIRE = """
+# Redis's own clock unless the caller gives one (ARGV[1], '' = TIME): one for every replica.
+_NOW = """
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+"""
+
+# KEYS[1]: the user's stream counter; KEYS[2..]: bucket keys. ARGV: now, cap (0: no cap),
+# lease seconds, then rate, amount per bucket (ARGV[2i], ARGV[2i+1] for KEYS[i]).
+# Returns {-1} when the stream cap is full; else {granted, level...} with the levels after
+# pouring (granted) or as they stand (denied), as strings: Redis truncates Lua numbers.
+_ADMIT = (
+    _NOW
+    + """
+local cap = tonumber(ARGV[2])
+if cap > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= cap then return {-1} end
 local levels = {}
 local fits = true
-for i = 1, #KEYS do
+for i = 2, #KEYS do
   local rate = tonumber(ARGV[2 * i])
   local amount = tonumber(ARGV[2 * i + 1])
   local state = redis.call('HMGET', KEYS[i], 'l', 't')
@@ -50,7 +63,7 @@ for i = 1, #KEYS do
   if level + amount > rate then fits = false end
 end
 local out = {fits and 1 or 0}
-for i = 1, #KEYS do
+for i = 2, #KEYS do
   local rate = tonumber(ARGV[2 * i])
   local level = levels[i]
   if fits then
@@ -58,43 +71,34 @@ for i = 1, #KEYS do
     redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
     redis.call('EXPIRE', KEYS[i], math.ceil(level * 60 / rate) + 1)
   end
-  out[i + 1] = tostring(level)
+  out[i] = tostring(level)
+end
+if fits and cap > 0 then
+  redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 end
 return out
 """
+)
 
-# KEYS: token bucket keys. ARGV: now, rate1, delta1, ... Pours ``delta`` (negative: gives
-# back).
-_SETTLE = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-for i = 1, #KEYS do
-  local rate = tonumber(ARGV[2 * i])
+# KEYS[1]: the user's stream counter; KEYS[2..]: token bucket keys. ARGV: now, close (1:
+# free a stream slot), then rate, delta per bucket: pours ``delta`` (negative: gives back).
+_FINISH = (
+    _NOW
+    + """
+if ARGV[2] == '1' and redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
+for i = 2, #KEYS do
+  local rate = tonumber(ARGV[2 * i - 1])
   local state = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = tonumber(state[1]) or 0
   local last = tonumber(state[2]) or now
-  level = math.max(level - math.max(now - last, 0) * rate / 60 + tonumber(ARGV[2 * i + 1]), 0)
+  level = math.max(level - math.max(now - last, 0) * rate / 60 + tonumber(ARGV[2 * i]), 0)
   redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
   redis.call('EXPIRE', KEYS[i], math.ceil(level * 60 / rate) + 1)
 end
 return 1
 """
-
-_OPEN_STREAM = """
-local held = tonumber(redis.call('GET', KEYS[1]) or '0')
-if held >= tonumber(ARGV[1]) then return 0 end
-redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-
-_CLOSE_STREAM = """
-if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
-return 1
-"""
+)
 
 _Bucket = tuple[Tier, str, int, int]  # tier, unit, rate, amount
 
@@ -117,94 +121,68 @@ class RedisLimiter:
         self.local = local
         self.clock = clock  # None: Redis's own TIME (one clock for every replica); for tests
         client: Redis = gate.client
-        self._try = client.register_script(_TRY_ACQUIRE)
-        self._settle = client.register_script(_SETTLE)
-        self._open = client.register_script(_OPEN_STREAM)
-        self._close = client.register_script(_CLOSE_STREAM)
-        self._shared_streams: dict[str, int] = {}  # streams of a user counted in Redis
+        self._admit = client.register_script(_ADMIT)
+        self._finish = client.register_script(_FINISH)
 
     def _now(self) -> str:
         return "" if self.clock is None else repr(self.clock())
 
-    async def try_acquire(self, tiers: Sequence[Tier], tokens: int) -> Grant | Denial:
-        local = await self.local.try_acquire(tiers, tokens)
+    async def admit(
+        self, user: str, cap: int, tiers: Sequence[Tier], tokens: int
+    ) -> Grant | Denial:
+        local = await self.local.admit(user, cap, tiers, tokens)
         if isinstance(local, Denial):
-            return local
+            return local  # this replica's traffic alone is over: so is everyone's
         buckets = _buckets(tiers, tokens)
-        if not buckets:
-            return local
-        keys = [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
-        args: list[str | int] = [self._now()]
+        if cap <= 0 and not buckets:
+            return local  # nothing shared to take
+        keys = [streams_key(user)]
+        keys += [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
+        args: list[str | int] = [self._now(), max(cap, 0), STREAM_LEASE_S]
         args += [v for _, _, rate, amount in buckets for v in (rate, amount)]
         try:
-            reply = await self._gate.run(lambda r: self._try(keys=keys, args=args, client=r))
+            reply = await self._gate.evalsha(self._admit, keys, args)
         except RedisUnavailable:
             if self._gate.fail_open:
-                self._gate.fallback("rate limits")
+                self._gate.fallback("rate limits and stream caps")
                 return local
-            await self._give_back(local)
+            self.local.give_back(local)
             raise self._gate.unavailable_error() from None
-        levels = [float(level) for level in reply[1:]]
+        except BaseException:  # cancelled: whether Redis took it is unknown; its expiry bounds it
+            self.local.give_back(local)
+            raise
         if int(reply[0]) == 1:
+            levels = [float(level) for level in reply[1:]]
             requests, token_quota = _quotas(buckets, levels)
-            return Grant(tuple(tiers), tokens, requests, token_quota)
-        await self._give_back(local)
-        return _denial(buckets, levels)
+            return Grant(
+                tuple(tiers), tokens, requests, token_quota, user=user, cap=cap, shared=True
+            )
+        self.local.give_back(local)
+        if int(reply[0]) == -1:
+            return stream_denial(user)
+        return _denial(buckets, [float(level) for level in reply[1:]])
 
-    async def _give_back(self, grant: Grant) -> None:
-        """Undo a local grant that the shared buckets then refused."""
-        await self.local.settle(grant, 0)
-        for tier in grant.tiers:
-            if tier.rpm > 0:
-                self.local._bucket(tier, "requests", tier.rpm).force(-1)
-
-    async def settle(self, grant: Grant, used_tokens: int) -> None:
-        await self.local.settle(grant, used_tokens)
+    async def finish(self, grant: Grant, used_tokens: int) -> None:
+        await self.local.finish(grant, used_tokens)
+        if not grant.shared:
+            return  # admitted while Redis was unavailable (fail-open): nothing shared held
         delta = used_tokens - grant.tokens
-        limited = [tier for tier in grant.tiers if tier.tpm > 0]
-        if delta == 0 or not limited:
+        limited = [tier for tier in grant.tiers if tier.tpm > 0] if delta else []
+        user = grant.user
+        close = user is not None and grant.cap > 0
+        if not close and not limited:
             return
-        keys = [bucket_key(tier, "tokens", tier.tpm) for tier in limited]
-        args: list[str | int] = [self._now()]
+        keys = [streams_key(user or "")]
+        keys += [bucket_key(tier, "tokens", tier.tpm) for tier in limited]
+        args: list[str | int] = [self._now(), 1 if close else 0]
         args += [value for tier in limited for value in (tier.tpm, delta)]
         try:
-            await self._gate.run(lambda r: self._settle(keys=keys, args=args, client=r))
-        except RedisUnavailable:
-            self._gate.fallback("token settlement")
-
-    async def open_stream(self, user: str, cap: int) -> bool:
-        if cap <= 0:
-            return await self.local.open_stream(user, cap)
-        try:
-            opened = await self._gate.run(
-                lambda r: self._open(keys=[streams_key(user)], args=[cap, STREAM_LEASE_S], client=r)
-            )
-        except RedisUnavailable:
-            if not self._gate.fail_open:
-                raise self._gate.unavailable_error() from None
-            self._gate.fallback("stream caps")
-            return await self.local.open_stream(user, cap)
-        if int(opened) != 1:
-            return False
-        self._shared_streams[user] = self._shared_streams.get(user, 0) + 1
-        return True
-
-    async def close_stream(self, user: str) -> None:
-        held = self._shared_streams.get(user, 0)
-        if held == 0:
-            await self.local.close_stream(user)
-            return
-        if held == 1:
-            del self._shared_streams[user]
-        else:
-            self._shared_streams[user] = held - 1
-        try:
-            await self._gate.run(lambda r: self._close(keys=[streams_key(user)], client=r))
-        except RedisUnavailable:
-            self._gate.fallback("stream close")  # the lease expiry frees it eventually
+            await self._gate.evalsha(self._finish, keys, args)
+        except RedisUnavailable:  # the stream lease and the bucket leak bound the error
+            self._gate.fallback("settlement and stream close")
 
     def streams_of(self, user: str) -> int:
-        return self._shared_streams.get(user, 0) + self.local.streams_of(user)
+        return self.local.streams_of(user)
 
 
 def _buckets(tiers: Sequence[Tier], tokens: int) -> list[_Bucket]:

@@ -9,6 +9,11 @@ probe is let through. A failed call raises ``RedisUnavailable``; what happens ne
 caller's ``SLUICE_REDIS_FAILURE`` policy: ``open`` falls back to in-process state,
 ``closed`` answers 503 (``unavailable_error``).
 
+Each round trip costs this process far more CPU than the work Redis does for it, so writes
+whose reply nobody waits on (a finished stream's checkpoint) are ``post``-ed: they travel
+in front of the next script call (``evalsha``) in one pipeline, and ``flush`` (a finish
+hook) sends any still queued and waits until they are stored.
+
 The client is made without I/O in ``create_app`` (``shared.py`` wires it in).
 """
 
@@ -16,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Literal, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
+from redis.typing import EncodableT
 
 from .errors import ServiceUnavailableError
 from .settings import SharedStateSettings
@@ -37,6 +45,12 @@ POOL_SIZE = 64
 
 class RedisUnavailable(Exception):
     """Redis did not answer in time, failed, or the gate's breaker is open."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    what: str  # for the log line if it is lost, e.g. "checkpoint of strm_..."
+    command: tuple[EncodableT, ...]
 
 
 class RedisGate:
@@ -61,6 +75,8 @@ class RedisGate:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._outbox: list[_Write] = []  # posted, not yet taken by a round trip
+        self._sending: set[asyncio.Future[None]] = set()  # round trips carrying posts
         # Counters for /metrics and /readyz.
         self.errors_total = 0
         self.rejected_total = 0
@@ -121,6 +137,67 @@ class RedisGate:
         self._succeeded()
         return result
 
+    def post(self, what: str, *command: EncodableT) -> None:
+        """Queue a write whose reply nobody waits on; see the module docstring."""
+        self._outbox.append(_Write(what, command))
+
+    async def evalsha(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        """``script(keys, args)`` under the deadline, the posted writes in the same trip."""
+        if not self._outbox:
+            return await self.run(lambda r: script(keys=keys, args=args, client=r))
+        return await self.run(lambda r: self._evalsha_after_posts(r, script, keys, args))
+
+    async def flush(self) -> None:
+        """Send the posted writes no round trip has taken, and wait for those under way."""
+        queued = self._outbox
+        if queued:
+            try:
+                await self.run(lambda r: self._send(r, None))
+            except RedisUnavailable:
+                if self._outbox is queued:  # the breaker refused the trip: nothing was sent
+                    self._drop_outbox("breaker open")
+        if self._sending:
+            await asyncio.wait(self._sending)
+
+    async def _evalsha_after_posts(
+        self, client: Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
+    ) -> Any:
+        reply = await self._send(client, ("EVALSHA", script.sha, len(keys), *keys, *args))
+        if isinstance(reply, NoScriptError):  # Redis restarted or was flushed: load it
+            return await script(keys=keys, args=args, client=client)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def _send(self, client: Redis, call: tuple[EncodableT, ...] | None) -> Any:
+        """The posted writes, then ``call``, in one pipeline; ``call``'s reply (or error)."""
+        writes, self._outbox = self._outbox, []
+        sent = asyncio.get_running_loop().create_future()
+        self._sending.add(sent)
+        try:
+            pipe = client.pipeline(transaction=False)
+            for write in writes:
+                pipe.execute_command(*write.command)
+            if call is not None:
+                pipe.execute_command(*call)
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            _lost(writes, type(exc).__name__)
+            raise
+        finally:
+            self._sending.discard(sent)
+            sent.set_result(None)
+        for write, reply in zip(writes, replies, strict=False):
+            if isinstance(reply, Exception):
+                _lost([write], type(reply).__name__)
+        return replies[-1] if call is not None else None
+
+    def _drop_outbox(self, reason: str) -> None:
+        writes, self._outbox = self._outbox, []
+        _lost(writes, reason)
+
     def _admit(self) -> bool:
         """True when this call is the half-open probe; raise while the breaker is open."""
         if self._opened_at is None:
@@ -174,3 +251,8 @@ class RedisGate:
             "rejected": self.rejected_total,
             "fallbacks": self.fallbacks_total,
         }
+
+
+def _lost(writes: Sequence[_Write], reason: str) -> None:
+    for write in writes:
+        log.warning("%s kept locally only: redis %s", write.what, reason)

@@ -45,6 +45,7 @@ from .redis_journal import JournalMirror, RemoteStreams
 from .redis_limits import RedisLimiter
 from .redisgate import RedisGate, RedisUnavailable
 from .shared_metrics import SharedStateCollector
+from .stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,12 @@ def install_shared_state(app: web.Application) -> None:
     )
     registry.launch_hooks.append(mirror.launched)
     app[JOURNAL_MIRROR] = mirror
-    registry.finish_hooks.append(mirror.finished)
+
+    async def store_posted(stream: Stream, checkpoint: Checkpoint) -> None:
+        await gate.flush()  # the checkpoint, unless the settlement's round trip took it
+
+    registry.finish_hooks.append(store_posted)  # before the journal closes: readers then
+    registry.finish_hooks.append(mirror.finished)  # find the checkpoint in Redis
     assert settings.shared.redis_url is not None
     follower = Redis.from_url(  # blocking reads and pub/sub: no socket read timeout
         settings.shared.redis_url.reveal(),

@@ -14,6 +14,7 @@ import pytest
 from service import tokens
 from service.appkeys import GATE, STREAMS
 from service.limits import (
+    STREAM_CAP,
     Denial,
     Grant,
     MemoryLimiter,
@@ -109,6 +110,40 @@ async def test_stream_cap_counts_open_streams() -> None:
     await limiter.close_stream("alice")
     assert await limiter.open_stream("alice", 2)
     assert all([await limiter.open_stream("bob", 0) for _ in range(50)])
+
+
+async def test_admit_takes_the_stream_slot_and_the_buckets_together(clock: list[float]) -> None:
+    """admit: a full stream cap is a ``streams`` denial that takes no bucket; a full bucket
+    is a rate denial that leaves the slot free; finish settles and frees the slot."""
+    limiter = MemoryLimiter()
+    tiers = [Tier("user", "alice", rpm=2, tpm=1000)]
+    grant = _granted(await limiter.admit("alice", 1, tiers, 600))
+    assert (grant.user, grant.cap, grant.shared) == ("alice", 1, False)
+    assert limiter.streams_of("alice") == 1
+    full = await limiter.admit("alice", 1, tiers, 1)
+    assert isinstance(full, Denial)
+    assert full.unit == STREAM_CAP
+    assert full.retry_after_s == 1.0
+    await limiter.finish(grant, 100)  # 900 tokens are free again, and the slot
+    assert limiter.streams_of("alice") == 0
+    denied = await limiter.admit("alice", 1, tiers, 901)
+    assert isinstance(denied, Denial)
+    assert denied.unit == "tokens"
+    assert limiter.streams_of("alice") == 0  # the refused request holds no slot
+    second = _granted(await limiter.admit("alice", 1, tiers, 900))
+    assert second.token_quota is not None
+    assert second.token_quota.remaining == 0
+    assert second.requests is not None
+    assert second.requests.remaining == 0  # the stream-cap denial took no request
+
+
+async def test_give_back_undoes_an_admission_entirely(clock: list[float]) -> None:
+    """What the shared tier refused is returned to the local buckets, request included."""
+    limiter = MemoryLimiter()
+    tiers = [Tier("user", "alice", rpm=1, tpm=100)]
+    limiter.give_back(_granted(await limiter.admit("alice", 1, tiers, 100)))
+    assert limiter.streams_of("alice") == 0
+    _granted(await limiter.admit("alice", 1, tiers, 100))
 
 
 def test_headers_look_like_openai() -> None:

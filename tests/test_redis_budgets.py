@@ -13,12 +13,12 @@ import pytest
 from redis.asyncio import Redis
 
 from service.budgets import BudgetLimits
-from service.errors import BudgetExceededError
+from service.errors import BudgetExceededError, ServiceUnavailableError
 from service.redis_budgets import RedisBudgets
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
-from tests.servers import with_redis
+from tests.servers import RedisServer, with_redis
 
 LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
 
@@ -102,3 +102,51 @@ async def test_a_budget_is_not_overspent_by_requests_spread_over_two_gateways(
     assert reserved <= 6000 < reserved + worst  # micro-dollars: full, and never over
     for response in admitted:
         response.close()
+
+
+async def test_requests_without_a_budget_limit_never_touch_redis(
+    gates: list[RedisGate], redis_url: str
+) -> None:
+    """No limit applies (none configured, none for the key): reserve and settle stay in
+    this replica's view, with no budget state in Redis; a key's own limit goes shared."""
+    a, b = (RedisBudgets(gate, BudgetLimits()) for gate in gates)
+    hold = await a.reserve_async("alice", "acme", Decimal("0.50"))
+    await a.settle_async(hold, Decimal("0.20"))
+    status = a.status("alice", "acme")
+    assert status["user"]["daily"]["spent_usd"] == 0.2  # this replica still records it
+    assert status["user"]["daily"]["reserved_usd"] == 0.0
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.keys("sluice:budget:*") == []
+        own = BudgetLimits(user_daily=Decimal("1.00"))  # a per-key override: exact again
+        first = await a.reserve_async("bob", "acme", Decimal("0.60"), own)
+        with pytest.raises(BudgetExceededError):
+            await b.reserve_async("bob", "acme", Decimal("0.60"), own)
+        await a.settle_async(first, Decimal("0.60"))
+        assert await redis.keys("sluice:budget:user:bob:*")
+        assert not await redis.keys("sluice:budget:user:alice:*")
+    finally:
+        await redis.aclose()
+
+
+async def test_an_unlimited_request_is_admitted_while_redis_is_down_even_fail_closed(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """Without a limit there is nothing to enforce, so a fail-closed replica does not 503."""
+    gate = RedisGate.from_settings(
+        with_redis(Settings(), redis_url, redis_failure="closed", redis_timeout_s=0.25).shared
+    )
+    assert gate is not None
+    budgets = RedisBudgets(gate, BudgetLimits())
+    redis_server.stop()
+    try:
+        hold = await budgets.reserve_async("alice", "acme", Decimal("0.10"))
+        await budgets.settle_async(hold, Decimal("0.05"))
+        with pytest.raises(ServiceUnavailableError):  # a limit applies: fail-closed holds
+            await budgets.reserve_async(
+                "alice", "acme", Decimal("0.10"), BudgetLimits(user_daily=Decimal("1"))
+            )
+    finally:
+        redis_server.start()
+        await gate.client.aclose()
+    assert gate.errors_total == 1

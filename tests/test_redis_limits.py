@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from service.appkeys import GATE, REDIS
-from service.limits import Denial, Grant, MemoryLimiter, Tier
-from service.redis_limits import RedisLimiter
+from service.errors import ServiceUnavailableError
+from service.limits import STREAM_CAP, Denial, Grant, MemoryLimiter, Tier
+from service.redis_checkpoints import checkpoint_key
+from service.redis_limits import RedisLimiter, streams_key
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.servers import RedisServer, with_redis
+from tests.test_ledger import finished
 
 QUICK = "hi [sim chunks=1]"
 
@@ -87,27 +93,131 @@ async def test_the_stream_cap_holds_across_replicas(
     assert (await b.post(f"/v1/streams/{other}/cancel", headers=AUTH)).status == 200
 
 
-async def test_token_reservations_are_settled_in_the_shared_bucket(redis_url: str) -> None:
-    """Reserve 600 of 1000 tokens on one replica, settle at 100: the other can take 800."""
-    tier = (Tier("user", "alice", rpm=0, tpm=1000),)
+@pytest.fixture
+async def replicas(redis_url: str) -> AsyncIterator[list[RedisLimiter]]:
+    """Two replicas' limiters on the same Redis, on one frozen clock (no leak meanwhile)."""
     gates = [RedisGate.from_settings(with_redis(Settings(), redis_url).shared) for _ in range(2)]
-    assert gates[0] is not None
-    assert gates[1] is not None
-    one, two = (RedisLimiter(gate, MemoryLimiter()) for gate in gates)
+    ready = [gate for gate in gates if gate is not None]
+    assert len(ready) == 2
+    limiters = [RedisLimiter(gate, MemoryLimiter(), clock=lambda: 1_000_000.0) for gate in ready]
+    yield limiters
+    for gate in ready:
+        await gate.client.aclose()
+
+
+async def test_token_reservations_are_settled_in_the_shared_bucket(
+    replicas: list[RedisLimiter],
+) -> None:
+    """Reserve 600 of 1000 tokens on one replica, settle at 100: the other can take 800."""
+    one, two = replicas
+    tier = (Tier("user", "alice", rpm=0, tpm=1000),)
+    grant = await one.admit("alice", 0, tier, 600)
+    assert isinstance(grant, Grant)
+    assert grant.shared
+    denied = await two.admit("alice", 0, tier, 800)
+    assert isinstance(denied, Denial)
+    assert denied.unit == "tokens"
+    assert denied.retry_after_s > 0
+    assert two.streams_of("alice") == 0  # the denied request's local slot was given back
+    await one.finish(grant, 100)
+    allowed = await two.admit("alice", 0, tier, 800)
+    assert isinstance(allowed, Grant)
+    assert allowed.token_quota is not None
+    assert allowed.token_quota.remaining <= 100
+
+
+async def test_one_admission_script_counts_exactly_across_two_replicas(
+    replicas: list[RedisLimiter], redis_url: str
+) -> None:
+    """60 concurrent admissions over A and B against rpm=40 and a stream cap of 30: the
+    cap binds first (30 admitted, the rest refused for it, no request poured for them),
+    and every slot freed lets exactly one more in until the rate bucket is full."""
+    tiers = (Tier("user", "alice", rpm=40, tpm=0),)
+
+    async def admit(n: int) -> Grant | Denial:
+        return await replicas[n % 2].admit("alice", 30, tiers, 10)
+
+    first = await asyncio.gather(*(admit(n) for n in range(60)))
+    grants = [(n, g) for n, g in enumerate(first) if isinstance(g, Grant)]
+    denials = [d for d in first if isinstance(d, Denial)]
+    assert len(grants) == 30
+    assert {d.unit for d in denials} == {STREAM_CAP}
+    redis = Redis.from_url(redis_url)
     try:
-        one.clock = two.clock = lambda: 1_000_000.0  # no leak between the steps
-        grant = await one.try_acquire(tier, 600)
-        assert isinstance(grant, Grant)
-        denied = await two.try_acquire(tier, 800)
-        assert isinstance(denied, Denial)
-        assert denied.unit == "tokens"
-        assert denied.retry_after_s > 0
-        await one.settle(grant, 100)
-        allowed = await two.try_acquire(tier, 800)
-        assert isinstance(allowed, Grant)
-        assert allowed.token_quota is not None
-        assert allowed.token_quota.remaining <= 100
+        assert int(await redis.get(streams_key("alice"))) == 30
+        for n, grant in grants[:20]:
+            await replicas[n % 2].finish(grant, 10)
+        assert int(await redis.get(streams_key("alice"))) == 10
+        second = await asyncio.gather(*(admit(n) for n in range(20)))
+        assert sum(isinstance(g, Grant) for g in second) == 10  # 40 requests in the bucket
+        rate = [d for d in second if isinstance(d, Denial)]
+        assert {d.unit for d in rate} == {"requests"}
+        assert int(await redis.get(streams_key("alice"))) == 20  # refused: no slot taken
     finally:
+        await redis.aclose()
+
+
+async def test_a_full_stream_cap_on_another_replica_refuses_and_gives_back(
+    replicas: list[RedisLimiter],
+) -> None:
+    """A holds the only slot: B is refused for the cap (not a rate limit), its local grant
+    is given back, and once A finishes, B is admitted."""
+    one, two = replicas
+    tiers = (Tier("user", "alice", rpm=2, tpm=0),)
+    held = await one.admit("alice", 1, tiers, 1)
+    assert isinstance(held, Grant)
+    refused = await two.admit("alice", 1, tiers, 1)
+    assert isinstance(refused, Denial)
+    assert refused.unit == STREAM_CAP
+    assert two.streams_of("alice") == 0
+    await one.finish(held, 1)
+    assert one.streams_of("alice") == 0
+    second = await two.admit("alice", 1, tiers, 1)
+    assert isinstance(second, Grant)
+    assert second.requests is not None
+    assert second.requests.remaining == 0  # the refused admission poured no request
+
+
+async def test_admission_while_redis_is_down_follows_the_failure_policy(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """Fail-open: the local grant, settled locally only, so the shared count stays right
+    when Redis returns. Fail-closed: 503, and the local grant is given back."""
+    made = [
+        RedisGate.from_settings(
+            with_redis(Settings(), redis_url, redis_failure=policy, redis_timeout_s=0.25).shared
+        )
+        for policy in ("open", "closed")
+    ]
+    gates = [gate for gate in made if gate is not None]
+    assert len(gates) == 2
+    opened, closed = (RedisLimiter(gate, MemoryLimiter()) for gate in gates)
+    tiers = (Tier("user", "alice", rpm=100, tpm=0),)
+    shared = await opened.admit("alice", 5, tiers, 1)  # counted in Redis
+    assert isinstance(shared, Grant)
+    redis_server.stop()
+    try:
+        local = await opened.admit("alice", 5, tiers, 1)
+        assert isinstance(local, Grant)
+        assert not local.shared
+        assert opened.streams_of("alice") == 2
+        with pytest.raises(ServiceUnavailableError):
+            await closed.admit("alice", 5, tiers, 1)
+        assert closed.streams_of("alice") == 0
+        unshared = await closed.admit("alice", 0, (Tier("user", "alice", 0, 0),), 1)
+        assert isinstance(unshared, Grant)  # no cap, no rate: nothing to ask Redis
+    finally:
+        redis_server.start()
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.set(streams_key("alice"), 1)  # the restarted Redis, as before the outage
+        await opened.finish(local, 1)  # held nothing in Redis: frees nothing there
+        assert int(await redis.get(streams_key("alice"))) == 1
+        await opened.finish(shared, 1)
+        assert await redis.get(streams_key("alice")) is None
+        assert opened.streams_of("alice") == 0
+    finally:
+        await redis.aclose()
         for gate in gates:
             await gate.client.aclose()
 
@@ -178,3 +288,67 @@ async def test_readyz_reports_the_redis_breaker(
     assert report["failure_policy"] == "open"
     assert report["errors"] >= 3
     assert client.app[GATE].limiter is not None
+
+
+# Commands only a client sends (INFO commandstats also counts those a script runs).
+TOP_LEVEL = ("eval", "evalsha", "set", "xadd", "publish", "ping", "script|load")
+
+
+async def commands_since_reset(redis: Redis) -> dict[str, int]:
+    """Client commands since ``CONFIG RESETSTAT``, by name."""
+    stats = await redis.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+    return {name: calls[name] for name in TOP_LEVEL if name in calls}
+
+
+async def round_trips_since_reset(redis: Redis) -> int:
+    """Requests Redis read since ``CONFIG RESETSTAT`` (a pipeline is one), INFO's own left out."""
+    return int((await redis.info("stats"))["total_reads_processed"]) - 1
+
+
+LIMITED = {"user_rpm": 1000, "user_tpm": 10**6, "max_streams_per_user": 5}
+
+
+@pytest.mark.parametrize(
+    ("limits", "daily_usd", "trips", "commands"),
+    [
+        # admit; finish with the checkpoint in front (one pipeline)
+        (LIMITED, None, 2, {"evalsha": 2, "set": 1}),
+        # a budget applies: its reserve, and its settle (carrying the checkpoint), too
+        (LIMITED, 5.0, 4, {"evalsha": 4, "set": 1}),
+        # nothing shared to enforce: only the checkpoint, sent by the flush hook
+        ({"max_streams_per_user": 0}, None, 1, {"set": 1}),
+    ],
+)
+async def test_round_trips_of_one_non_streamed_request(
+    gateway: GatewayFactory,
+    settings: Settings,
+    redis_url: str,
+    limits: dict[str, int],
+    daily_usd: float | None,
+    trips: int,
+    commands: dict[str, int],
+) -> None:
+    """With rate limits and a stream cap on: one script admits, one settles and frees the
+    slot with the checkpoint's write in the same pipeline, and budgets cost round trips
+    only when one of them has a limit."""
+    shared = with_limits(with_redis(settings, redis_url), **limits)
+    shared = replace(shared, money=replace(shared.money, user_daily_usd=daily_usd))
+    client = await gateway(shared)
+    redis = Redis.from_url(redis_url)
+    try:
+        for measured in (False, True):  # the first one also loads the scripts
+            if measured:
+                await redis.config_resetstat()
+            response = await client.post(
+                "/v1/chat/completions", json=chat_body(QUICK, stream=False), headers=AUTH
+            )
+            assert response.status == 200
+            await response.read()
+            await finished(client, response)
+        assert await commands_since_reset(redis) == commands
+        assert await round_trips_since_reset(redis) == trips + 1  # + the INFO above
+        stored = await redis.get(checkpoint_key(response.headers["X-Sluice-Stream-Id"]))
+        assert stored is not None  # by the time the finish hooks are done
+    finally:
+        await redis.aclose()

@@ -84,3 +84,73 @@ def test_fail_closed_renders_an_openai_shaped_503() -> None:
     assert error.http_status == 503
     assert error.payload()["error"]["code"] == "shared_state_unavailable"
     assert error.headers["Retry-After"] == "4"
+
+
+async def reads_since_reset(redis: Redis) -> int:
+    """Requests Redis read since ``CONFIG RESETSTAT`` (a pipeline is one), INFO's own left out."""
+    return int((await redis.info("stats"))["total_reads_processed"]) - 1
+
+
+async def test_posted_writes_ride_with_the_next_script_call(client: Redis, redis_url: str) -> None:
+    """Two posts and a script call: one round trip, the writes stored before the script
+    runs (it sees them), the script's own reply returned."""
+    gate = RedisGate(client, failure="closed", timeout_s=2)
+    script = client.register_script("return (redis.call('GET', KEYS[1]) or '') .. ARGV[1]")
+    await gate.evalsha(script, ["k"], ["!"])  # Redis loads the script once
+    observer = Redis.from_url(redis_url)
+    try:
+        await observer.config_resetstat()
+        gate.post("first", "SET", "k", "one")
+        gate.post("second", "SET", "k", "two")
+        assert await gate.evalsha(script, ["k"], ["!"]) == b"two!"
+        assert await reads_since_reset(observer) == 1
+        await gate.flush()  # nothing left to send
+        assert await reads_since_reset(observer) == 2  # just the INFO above
+    finally:
+        await observer.aclose()
+
+
+async def test_posted_writes_survive_a_flushed_script_cache(client: Redis) -> None:
+    """After SCRIPT FLUSH (a restarted Redis) the script is loaded again; the writes stand."""
+    gate = RedisGate(client, failure="closed", timeout_s=2)
+    script = client.register_script("return redis.call('GET', KEYS[1])")
+    await gate.run(lambda r: r.script_flush())
+    gate.post("the write", "SET", "k", "v")
+    assert await gate.evalsha(script, ["k"], []) == b"v"
+
+
+async def test_flush_sends_what_no_round_trip_took(client: Redis) -> None:
+    """With no script call in between, ``flush`` stores the posted writes itself."""
+    gate = RedisGate(client, failure="closed", timeout_s=2)
+    gate.post("the write", "SET", "k", "v", "PX", 60_000)
+    assert await client.get("k") is None
+    await gate.flush()
+    assert await client.get("k") == b"v"
+
+
+async def test_posted_writes_lost_to_an_outage_are_logged_never_raised(
+    client: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down: ``flush`` logs each lost write and returns; with the breaker open the
+    queued writes are dropped (logged) rather than kept for a later trip."""
+    clock = Clock()
+    gate = RedisGate(client, failure="open", timeout_s=0.2, fail_max=1, reset_s=5, clock=clock)
+    redis_server.stop()
+    try:
+        gate.post("checkpoint of strm_a", "SET", "a", "1")
+        await gate.flush()
+        assert gate.state == "open"
+        gate.post("checkpoint of strm_b", "SET", "b", "1")
+        with pytest.raises(RedisUnavailable, match="breaker open"):
+            await gate.evalsha(client.register_script("return 1"), [], [])
+        await gate.flush()
+    finally:
+        redis_server.start()
+    lost = [r.getMessage() for r in caplog.records if "kept locally only" in r.getMessage()]
+    assert lost == [
+        "checkpoint of strm_a kept locally only: redis ConnectionError",
+        "checkpoint of strm_b kept locally only: redis breaker open",
+    ]
+    clock.now += 5
+    await gate.flush()  # nothing queued: no call, the breaker untouched
+    assert await gate.run(lambda r: r.exists("a", "b")) == 0
