@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -11,13 +12,15 @@ from typing import Any
 import orjson
 import pytest
 
-from service.appkeys import STREAMS
+from service.appkeys import STREAMS, TELEMETRY
 from service.settings import Secret, Settings, TelemetrySettings
+from service.telemetry.access import BATCH_S
 from service.telemetry.genai import user_hash
 from service.telemetry.logs import configure_logging
 from service.telemetry.redaction import Redactor
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.otlp import receiver_app
+from tests.streamwire import LoopClock
 from tests.test_telemetry_metrics import samples, value
 from tests.test_telemetry_traces import traced
 
@@ -43,9 +46,11 @@ def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
 
 
 async def finished(client: Any) -> None:
+    """Every stream ended and every access line written (they go out in batches)."""
     for stream in list(client.app[STREAMS].live()):
         assert stream.task is not None
         await stream.task
+    client.app[TELEMETRY].access.write()
 
 
 async def test_one_json_access_line_per_request_with_the_stream_outcome(
@@ -61,6 +66,7 @@ async def test_one_json_access_line_per_request_with_the_stream_outcome(
     await response.read()
     await finished(client)
     assert (await client.get("/missing", headers=AUTH)).status == 404
+    await finished(client)
     access = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
     assert len(access) == 2
     chat, missing = access
@@ -204,3 +210,25 @@ async def test_access_line_carries_the_continued_trace_id(
     (access,) = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
     assert access["trace_id"] == trace_id
     assert access["outcome"] == "completed"
+
+
+async def test_access_lines_wait_for_their_batch_and_keep_their_own_time(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings], loop_clock: LoopClock
+) -> None:
+    """Lines are written a batch at a time, when the batch period has passed (not one per
+    request as it ends), each stamped with the time its request ended."""
+    buffer, settings = captured
+    client = await gateway(settings)
+    for _ in range(3):
+        assert (await client.get("/missing", headers=AUTH)).status == 404
+    assert not [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    queued = [rt for rt, _, _ in client.app[TELEMETRY].access._lines]
+    assert len(queued) == 3
+    await loop_clock.advance(BATCH_S)
+    access = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    assert [line["status"] for line in access] == [404, 404, 404]
+    for line, rt in zip(access, queued, strict=True):
+        assert rt is not None
+        assert rt.ended is not None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rt.ended))
+        assert line["ts"] == f"{stamp}.{int(rt.ended % 1 * 1000):03d}Z"

@@ -88,7 +88,7 @@ class Telemetry:
         self.metrics_pusher: MetricsPusher | None = None  # OTLP metrics, when configured
         self.propagator = TraceContextTextMapPropagator()
         self.cost_of: CostFunction | None = None
-        self.access = logging.getLogger(ACCESS_LOGGER)
+        self.access = access.AccessLog(logging.getLogger(ACCESS_LOGGER))
         self._streams: dict[str, StreamTrace] = {}
 
     # --- the tracer provider (installed and shut down by ``telemetry_ctx``) -----------------
@@ -111,6 +111,7 @@ class Telemetry:
     async def shutdown(self) -> None:
         """End spans of generations that never finished, flush, and stop exporting (the
         final metrics push included)."""
+        self.access.write()
         pusher, self.metrics_pusher = self.metrics_pusher, None
         if pusher is not None:
             await pusher.close()
@@ -537,16 +538,8 @@ class Telemetry:
             ).inc()
         else:
             self.metrics.child(self.metrics.requests, "ws", "WS", "", outcome).inc()
-        if self.settings.access_log and self.access.isEnabledFor(logging.INFO):
-            fields = access.access_fields(rt, st, outcome)
-            self.access.info(
-                "%s %s %s %s",
-                fields["method"],
-                fields["path"],
-                fields["status"],
-                outcome,
-                extra={"fields": fields},
-            )
+        if self.settings.access_log and self.access.logger.isEnabledFor(logging.INFO):
+            self.access.add(rt, st, outcome)
 
 
 class _BreakerListener(pybreaker.CircuitBreakerListener):
