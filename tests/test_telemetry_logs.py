@@ -14,7 +14,7 @@ import pytest
 
 from service.appkeys import STREAMS, TELEMETRY
 from service.settings import Secret, Settings, TelemetrySettings
-from service.telemetry.access import BATCH_S
+from service.telemetry.batch import BATCH_S
 from service.telemetry.genai import user_hash
 from service.telemetry.logs import configure_logging
 from service.telemetry.redaction import Redactor
@@ -50,7 +50,7 @@ async def finished(client: Any) -> None:
     for stream in list(client.app[STREAMS].live()):
         assert stream.task is not None
         await stream.task
-    client.app[TELEMETRY].access.write()
+    client.app[TELEMETRY].later.run()
 
 
 async def test_one_json_access_line_per_request_with_the_stream_outcome(
@@ -222,8 +222,9 @@ async def test_access_lines_wait_for_their_batch_and_keep_their_own_time(
     for _ in range(3):
         assert (await client.get("/missing", headers=AUTH)).status == 404
     assert not [line for line in lines(buffer) if line["logger"] == "sluice.access"]
-    queued = [rt for rt, _, _ in client.app[TELEMETRY].access._lines]
-    assert len(queued) == 3
+    later = client.app[TELEMETRY].later
+    assert later.pending == 3
+    queued = [job.args[0] for job in later._jobs]  # type: ignore[attr-defined]
     await loop_clock.advance(BATCH_S)
     access = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
     assert [line["status"] for line in access] == [404, 404, 404]

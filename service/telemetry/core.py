@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -41,6 +42,7 @@ from ..errors import SluiceError
 from ..settings import Settings
 from ..stream import Stream, StreamStatus
 from . import access, genai
+from .batch import Later
 from .logs import ACCESS_LOGGER
 from .metrics import Metrics
 from .otlp_metrics import MetricsPusher
@@ -88,7 +90,8 @@ class Telemetry:
         self.metrics_pusher: MetricsPusher | None = None  # OTLP metrics, when configured
         self.propagator = TraceContextTextMapPropagator()
         self.cost_of: CostFunction | None = None
-        self.access = access.AccessLog(logging.getLogger(ACCESS_LOGGER))
+        self.access = logging.getLogger(ACCESS_LOGGER)
+        self.later = Later()  # access lines and stream metrics, off the request's path
         self._streams: dict[str, StreamTrace] = {}
 
     # --- the tracer provider (installed and shut down by ``telemetry_ctx``) -----------------
@@ -111,7 +114,7 @@ class Telemetry:
     async def shutdown(self) -> None:
         """End spans of generations that never finished, flush, and stop exporting (the
         final metrics push included)."""
-        self.access.write()
+        self.later.run()
         pusher, self.metrics_pusher = self.metrics_pusher, None
         if pusher is not None:
             await pusher.close()
@@ -367,7 +370,7 @@ class Telemetry:
                 self.rejected(reason, span=st.server_span)
         if st.server_span is not None:
             self._end_message_span(st.server_span, stream, error)
-        self._stream_metrics(st, checkpoint, cost, error)
+        self.later.add(functools.partial(self._stream_metrics, st, checkpoint, cost, error))
         rt = st.request
         if rt is None or rt.done:
             self._account(rt, st)
@@ -530,7 +533,10 @@ class Telemetry:
     # --- the access line and request counts -----------------------------------------------------
 
     def _account(self, rt: RequestTrace | None, st: StreamTrace | None) -> None:
-        """Once per request (or per stream without one): the access line and the count."""
+        """Once per request (or per stream without one): the count and the access line."""
+        self.later.add(functools.partial(self._account_now, rt, st))
+
+    def _account_now(self, rt: RequestTrace | None, st: StreamTrace | None) -> None:
         outcome = access.outcome(rt, st)
         if rt is not None:
             self.metrics.child(
@@ -538,8 +544,8 @@ class Telemetry:
             ).inc()
         else:
             self.metrics.child(self.metrics.requests, "ws", "WS", "", outcome).inc()
-        if self.settings.access_log and self.access.logger.isEnabledFor(logging.INFO):
-            self.access.add(rt, st, outcome)
+        if self.settings.access_log and self.access.isEnabledFor(logging.INFO):
+            access.write_line(self.access, rt, st, outcome)
 
 
 class _BreakerListener(pybreaker.CircuitBreakerListener):

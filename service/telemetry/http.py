@@ -101,7 +101,7 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
             telemetry.install(provider)
     if telemetry.metrics_pusher is None:
         telemetry.metrics_pusher = build_metrics_pusher(
-            telemetry.settings, telemetry.metrics.registry
+            telemetry.settings, telemetry.metrics.registry, before=telemetry.later.run
         )
         if telemetry.metrics_pusher is not None:
             telemetry.metrics_pusher.start()
@@ -138,6 +138,7 @@ async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _metrics_response(telemetry: Telemetry) -> web.Response:
+    telemetry.later.run()  # the requests that ended in the last batch period count too
     response = web.Response(body=telemetry.metrics.render())
     response.headers["Content-Type"] = CONTENT_TYPE
     return response

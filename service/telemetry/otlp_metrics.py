@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -159,8 +159,10 @@ class MetricsPusher:
         *,
         interval_s: float,
         timeout_s: float,
+        before: Callable[[], None] | None = None,
     ) -> None:
         self._registry = registry
+        self._before = before  # brings the registry up to date (telemetry's pending batch)
         self._exporter = exporter
         self._resource = resource
         self._interval_s = interval_s
@@ -173,6 +175,8 @@ class MetricsPusher:
 
     async def export(self) -> bool:
         """Collect and send now (the exporter blocks: in a thread); False if it failed."""
+        if self._before is not None:
+            self._before()
         data = translate(
             self._registry.collect(), self._resource, start_ns=self._start_ns, now_ns=time.time_ns()
         )
@@ -205,6 +209,7 @@ def build_metrics_pusher(
     registry: CollectorRegistry,
     *,
     exporter: MetricExporter | None = None,
+    before: Callable[[], None] | None = None,
 ) -> MetricsPusher | None:
     """A pusher to the configured OTLP/HTTP endpoint, or None when metrics export is off."""
     if exporter is None:
@@ -221,4 +226,5 @@ def build_metrics_pusher(
         build_resource(settings),
         interval_s=settings.metric_export_interval_s,
         timeout_s=settings.metrics_timeout_s,
+        before=before,
     )
