@@ -14,10 +14,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .load import chat_body, new_session
-from .phases import CHAT_PATH, CPU_NON_STREAM_MS, CPU_STREAM_MS, BenchConfig, _measure, _run
+from .phases import BenchConfig
 from .procs import Stack, free_port
 from .report import NO_TARGET, Row
+from .variants import cpu_rows
 
 SAMPLERS = (
     ("every trace", {"OTEL_TRACES_SAMPLER": "always_on"}),
@@ -76,7 +76,7 @@ async def tracing_phase(
                 "OTEL_BSP_SCHEDULE_DELAY": "200",  # export within the phase, not after it
             }
             async with Stack(log_dir, "tracing", gateway_env=env) as stack:
-                rows += await _traced_rows(stack, config, label)
+                rows += await cpu_rows(stack, config, f"tracing {label}")
             every = sampler["OTEL_TRACES_SAMPLER"] == "always_on"
             rows.append(
                 Row(
@@ -86,43 +86,6 @@ async def tracing_phase(
                     f"{sink.posts['metrics']}",
                     "traces > 0" if every else NO_TARGET,
                     sink.posts["traces"] > 0 if every else None,
-                )
-            )
-    return rows
-
-
-async def _traced_rows(stack: Stack, config: BenchConfig, label: str) -> list[Row]:
-    url = stack.gateway_url + CHAT_PATH
-    chunks = config.stream_chunks
-    workloads = (
-        ("non-stream", chat_body(f"chunks={chunks}", stream=False), False, CPU_NON_STREAM_MS),
-        (f"{chunks}-chunk stream", chat_body(f"chunks={chunks}", stream=True), True, CPU_STREAM_MS),
-    )
-    rows = []
-    async with new_session() as session:
-        for _, body, streaming, _ in workloads:
-            await _run(session, url, body, config.warmup_requests, config, streaming)
-        for name, body, streaming, target in workloads:
-            total = config.non_stream_requests if not streaming else config.stream_requests
-            measured = await _measure(
-                stack,
-                session,
-                url,
-                body,
-                total=total,
-                concurrency=config.concurrency,
-                config=config,
-                streaming=streaming,
-            )
-            cpu = measured.per_request_ms(measured.gateway_cpu_s)
-            rows.append(
-                Row(
-                    f"{name}, tracing {label}: **gateway CPU per request, ms** "
-                    f"({measured.load.requests}/{measured.load.errors} ok/errors)",
-                    NO_TARGET,
-                    f"{cpu:.3f}",
-                    f"≤ {target}",
-                    cpu <= target and measured.load.errors == 0,
                 )
             )
     return rows

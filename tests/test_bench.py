@@ -44,6 +44,7 @@ async def test_tiny_run_renders_every_phase(tmp_path: Path) -> None:
         "RSS per held stream",
         "abort: provider aborted / open / completed",
         "chunks sent per aborted stream",
+        "non-stream, limits + budgets + ledger + breaker: **gateway CPU per request",
         "non-stream, tracing every trace: **gateway CPU per request",
         "3-chunk stream, tracing 1 in 10 traces: **gateway CPU per request",
     ):
