@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from service.settings import Secret, Settings
 
@@ -259,3 +260,13 @@ async def postgres_url(postgres_server: PostgresServer) -> str:
 def with_database(settings: Settings, url: str) -> Settings:
     """``settings`` with the ledger in the PostgreSQL database at ``url``."""
     return replace(settings, shared=replace(settings.shared, database_url=Secret(url)))
+
+
+async def reserved_micros(redis_url: str, user: str = "dev") -> int:
+    """What ``user``'s daily budget holds reserved in Redis right now, in micro-dollars."""
+    redis = Redis.from_url(redis_url)
+    try:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        return int(await redis.hget(f"sluice:budget:user:{user}:day:{day}", "reserved") or 0)
+    finally:
+        await redis.aclose()

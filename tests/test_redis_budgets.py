@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
@@ -18,7 +17,7 @@ from service.redis_budgets import RedisBudgets
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
-from tests.servers import RedisServer, with_redis
+from tests.servers import RedisServer, reserved_micros, with_redis
 
 LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
 
@@ -91,12 +90,7 @@ async def test_a_budget_is_not_overspent_by_requests_spread_over_two_gateways(
     for response in refused:
         assert (await response.json())["error"]["code"] == "budget_exceeded"
 
-    redis = Redis.from_url(redis_url)
-    try:
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        reserved = int(await redis.hget(f"sluice:budget:user:dev:day:{day}", "reserved") or 0)
-    finally:
-        await redis.aclose()
+    reserved = await reserved_micros(redis_url)
     worst = reserved // len(admitted)  # every request reserved the same worst case
     assert reserved == worst * len(admitted)
     assert reserved <= 6000 < reserved + worst  # micro-dollars: full, and never over

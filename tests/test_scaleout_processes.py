@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,11 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from redis.asyncio import Redis
 
 from service.simulator import SimStats
 from tests.conftest import AUTH, chat_body
 from tests.processes import DEVNULL, python_module
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisServer, free_port, reserved_micros
 from tests.streamwire import FIXED_CREATED, events, last_error, read_events
 
 READY_LINE = "Running on"
@@ -169,12 +167,7 @@ async def test_a_budget_is_not_overspent_by_concurrent_requests_over_two_process
         hosts = {str(r.url.port) for r in admitted}
         assert len(hosts) == 2  # both replicas admitted some: the budget really is shared
 
-        redis = Redis.from_url(redis_url)
-        try:
-            day = time.strftime("%Y-%m-%d", time.gmtime())
-            reserved = int(await redis.hget(f"sluice:budget:user:dev:day:{day}", "reserved") or 0)
-        finally:
-            await redis.aclose()
+        reserved = await reserved_micros(redis_url)
         worst = reserved // len(admitted)  # every request reserved the same worst case
         assert reserved == worst * len(admitted)
         assert reserved <= 6000 < reserved + worst  # micro-dollars: full, and never over
