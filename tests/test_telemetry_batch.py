@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from service.telemetry.batch import BATCH_S, Later
 from tests.streamwire import LoopClock
 
@@ -39,3 +43,14 @@ def test_off_the_loop_a_job_runs_at_once() -> None:
     ran: list[str] = []
     Later().add(lambda: ran.append("now"))
     assert ran == ["now"]
+
+
+def test_a_failing_job_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
+    """A job that raises is logged; the jobs after it in the batch still run."""
+    ran: list[str] = []
+    later = Later()
+    later._jobs += [lambda: ran.append("a"), lambda: 1 / 0, lambda: ran.append("c")]
+    with caplog.at_level(logging.ERROR, logger="service.telemetry.batch"):
+        later.run()
+    assert ran == ["a", "c"]
+    assert "telemetry job" in caplog.text

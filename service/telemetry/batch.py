@@ -11,7 +11,10 @@ the OTLP push call it before reading the registry, and shutdown before the last 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 BATCH_S = 0.05
 
@@ -43,7 +46,10 @@ class Later:
             self._timer = None
         jobs, self._jobs = self._jobs, []
         for job in jobs:
-            job()
+            try:
+                job()
+            except Exception:  # one bad record must not cost the rest of the batch
+                log.exception("telemetry job %r failed", job)
 
     @property
     def pending(self) -> int:
