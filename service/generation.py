@@ -8,7 +8,7 @@ because Sluice always asks the provider for usage so it can bill exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -46,27 +46,49 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
 
 
 def _relay(stream: Stream, payloads: list[bytes], redact: Callable[[str], str]) -> bool:
-    """Journal a batch of provider payloads; return True once [DONE] arrived."""
-    done = False
+    """Journal a batch of provider payloads (one read's worth); return True at [DONE].
+
+    The batch is parsed as one JSON array, one orjson call for all its chunks; a batch that
+    does not parse so is parsed chunk by chunk, so the chunks before a bad one still reach
+    the client before its error does.
+    """
+    done = DONE in payloads
+    if done:
+        payloads = payloads[: payloads.index(DONE)]
+    chunks: Iterable[Any] = _parse_batch(payloads)
     progress = stream.progress
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError  # inline: once per chunk
-    for raw in payloads:
-        if raw == DONE:
-            done = True
-            break
-        try:
-            chunk = loads(raw)
-        except decode_error:
-            raise ProviderProtocolError("The provider sent a malformed chunk.") from None
-        if type(chunk) is not dict:
-            raise ProviderProtocolError("The provider sent a chunk that is not an object.")
-        if "error" in chunk:
-            raise _midstream_error(chunk["error"], redact)
-        if progress.add_chunk(chunk) and not stream.include_usage:
-            continue
-        stream.append(Kind.CHUNK, raw)
+    kept: list[bytes] = []
+    try:
+        for raw, chunk in zip(payloads, chunks, strict=True):
+            if type(chunk) is not dict:
+                raise ProviderProtocolError("The provider sent a chunk that is not an object.")
+            if "error" in chunk:
+                raise _midstream_error(chunk["error"], redact)
+            if progress.add_chunk(chunk) and not stream.include_usage:
+                continue  # usage Sluice asked for on its own account: not the client's
+            kept.append(raw)
+    finally:
+        stream.extend(kept)
     stream.notify()
     return done
+
+
+def _parse_batch(payloads: list[bytes]) -> Iterable[Any]:
+    if not payloads:
+        return ()
+    try:
+        chunks = orjson.loads(b"[" + b",".join(payloads) + b"]")
+    except orjson.JSONDecodeError:
+        return map(_parse_chunk, payloads)
+    # A payload holding two values ("{...},{...}") joins into more elements than payloads.
+    return chunks if len(chunks) == len(payloads) else map(_parse_chunk, payloads)
+
+
+def _parse_chunk(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ProviderProtocolError("The provider sent a malformed chunk.") from None
 
 
 def _parse(raw: bytes) -> dict[str, Any]:

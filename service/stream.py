@@ -189,6 +189,13 @@ class Stream:
             self.first_token_at = time.time()
         self.events.append((kind, data))
 
+    def extend(self, chunks: list[bytes]) -> None:
+        """Add chunk events (a read's worth at once); readers see them after ``notify``."""
+        if chunks:
+            if self.first_token_at is None:
+                self.first_token_at = time.time()
+            self.events += [(Kind.CHUNK, data) for data in chunks]
+
     def notify(self) -> None:
         """Wake every reader (after a batch of appends, or for a keepalive tick)."""
         self._wake.fire()
