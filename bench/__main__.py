@@ -20,7 +20,7 @@ from pathlib import Path
 from .held import abort_phase, memory_phase
 from .phases import QUICK, BenchConfig, throughput_phases
 from .procs import Stack
-from .report import Row, render
+from .report import Row, calibration_ms, render
 from .tracing import tracing_phase
 from .variants import protection_phase
 
@@ -104,9 +104,15 @@ def main(argv: list[str] | None = None) -> None:
         runner = uvloop.run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     load_average = os.getloadavg()[0]
+    calibration = calibration_ms()
     started = time.monotonic()
     rows = runner(run_bench(config, args.out.parent, profile_to=Path(profile) if profile else None))
-    table = render(rows, notes(config, time.monotonic() - started), load_average=load_average)
+    table = render(
+        rows,
+        notes(config, time.monotonic() - started),
+        load_average=load_average,
+        calibration=calibration,
+    )
     args.out.write_text(table)
     sys.stdout.write(table)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,33 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def render(rows: Sequence[Row], notes: Sequence[str], *, load_average: float | None = None) -> str:
+def calibration_ms(rounds: int = 5) -> float:
+    """The best of ``rounds`` timings of a fixed pure-Python workload (dicts, strings, calls):
+    how fast this machine runs Python right now. The CPU figures of two runs compare only
+    as far as their calibrations agree (on a shared VM they have differed by 30%)."""
+
+    def work() -> int:
+        total = 0
+        for i in range(20_000):
+            d = {"id": i, "text": f"word{i}", "n": [i, i + 1]}
+            total += len(d["text"]) + d["n"][1]
+        return total
+
+    best = math.inf
+    for _ in range(rounds):
+        started = time.process_time()
+        work()
+        best = min(best, time.process_time() - started)
+    return best * 1000
+
+
+def render(
+    rows: Sequence[Row],
+    notes: Sequence[str],
+    *,
+    load_average: float | None = None,
+    calibration: float | None = None,
+) -> str:
     """The report as markdown: a context line, the table, then notes."""
     context = (
         f"{os.cpu_count()} CPUs shared by the load client, the gateway and the provider; "
@@ -49,6 +76,11 @@ def render(rows: Sequence[Row], notes: Sequence[str], *, load_average: float | N
         context += (
             f" 1-minute load average before the run: {load_average:.2f} "
             "(anything else running on the machine skews every number)."
+        )
+    if calibration is not None:
+        context += (
+            f" Calibration (a fixed pure-Python loop, best of 5): {calibration:.1f} ms; "
+            "compare runs only at similar calibrations."
         )
     lines = [
         context,
