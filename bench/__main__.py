@@ -53,7 +53,9 @@ async def run_bench(
 ) -> list[Row]:
     """Run every phase on fresh processes and return the table's rows (logs in ``log_dir``)."""
     rows: list[Row] = []
-    async with Stack(log_dir, "throughput", gateway_env=GATEWAY_ENV, profile_to=profile_to) as s:
+    async with Stack(
+        log_dir, "throughput", gateway_env=GATEWAY_ENV, profile_to=profile_to, bare=True
+    ) as s:
         rows += await throughput_phases(s, config)
     async with Stack(log_dir, "memory", gateway_env=GATEWAY_ENV) as s:
         rows += await memory_phase(s, config)

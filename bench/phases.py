@@ -133,6 +133,8 @@ async def throughput_phases(stack: Stack, config: BenchConfig) -> list[Row]:
                 for url in urls
             ]
             rows += _throughput_rows(work, direct, gateway, config.concurrency)
+            if stack.bare_url is not None and work.target_ms is not None:
+                rows.append(await _bare_row(stack, session, work, gateway, config))
         short = chat_body("chunks=5", stream=True)
         ttft = [
             await _run(session, url, short, config.ttft_requests, config, True, ttft=True)
@@ -253,6 +255,35 @@ def _throughput_rows(
             gateway.cores(),
         ),
     ]
+
+
+async def _bare_row(
+    stack: Stack,
+    session: aiohttp.ClientSession,
+    work: _Workload,
+    gateway: Measured,
+    config: BenchConfig,
+) -> Row:
+    """The same workload through ``bench/bare.py``: what the gateway costs over the floor."""
+    assert stack.bare_url is not None
+    marks = cpu_seconds(stack.bare_pid)
+    load = await run_load(
+        session,
+        stack.bare_url + CHAT_PATH,
+        work.body,
+        total=work.total,
+        concurrency=config.concurrency,
+        time_limit_s=config.phase_limit_s,
+        streaming=work.streaming,
+    )
+    bare_ms = (cpu_seconds(stack.bare_pid) - marks) * 1000 / max(load.requests, 1)
+    gateway_ms = gateway.per_request_ms(gateway.gateway_cpu_s)
+    return Row(
+        f"{work.label}: bare aiohttp relay CPU per request, ms (reference: no features; "
+        f"gateway ÷ bare = {gateway_ms / bare_ms if bare_ms else 0:.1f}×)",
+        NO_TARGET,
+        f"{bare_ms:.3f}",
+    )
 
 
 def _ttft_rows(direct: LoadResult, gateway: LoadResult, concurrency: int) -> list[Row]:

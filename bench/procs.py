@@ -74,12 +74,16 @@ class Stack:
         *,
         gateway_env: dict[str, str] | None = None,
         profile_to: Path | None = None,
+        bare: bool = False,
     ) -> None:
         self.name = name
         self.sim_port = free_port()
         self.gateway_port = free_port()
         self.sim_url = f"http://127.0.0.1:{self.sim_port}"
         self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        # The reference relay (bench/bare.py), when asked for: the same workload's floor.
+        self.bare_port = free_port() if bare else None
+        self.bare_url = f"http://127.0.0.1:{self.bare_port}" if bare else None
         self._log_dir = log_dir
         self._gateway_env = gateway_env or {}
         self._profile_to = profile_to
@@ -94,6 +98,10 @@ class Stack:
     @property
     def gateway_pid(self) -> int:
         return self._procs[1].pid
+
+    @property
+    def bare_pid(self) -> int:
+        return self._procs[2].pid
 
     async def __aenter__(self) -> Stack:
         self._data_dir = tempfile.TemporaryDirectory(prefix=f"sluice-bench-{self.name}-")
@@ -118,6 +126,11 @@ class Stack:
             await _wait_ready(
                 f"{self.gateway_url}/readyz", self._procs[1], self._log_path("gateway")
             )
+            if self.bare_port is not None:
+                upstream = f"{self.sim_url}/v1"
+                bare = ["-m", "bench.bare", "--port", str(self.bare_port), "--upstream", upstream]
+                self._spawn("bare", bare, {})
+                await _wait_ready(f"{self.bare_url}/ready", self._procs[2], self._log_path("bare"))
         except BaseException:
             self.stop()
             raise

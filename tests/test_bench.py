@@ -45,6 +45,8 @@ async def test_tiny_run_renders_every_phase(tmp_path: Path) -> None:
         "abort: provider aborted / open / completed",
         "chunks sent per aborted stream",
         "non-stream, limits + budgets + ledger + breaker: **gateway CPU per request",
+        "non-stream: bare aiohttp relay CPU per request",
+        "3-chunk stream: bare aiohttp relay CPU per request",
         "non-stream, tracing every trace: **gateway CPU per request",
         "3-chunk stream, tracing 1 in 10 traces: **gateway CPU per request",
     ):
@@ -59,7 +61,7 @@ async def test_tiny_run_renders_every_phase(tmp_path: Path) -> None:
     table = render(rows, ["a note"], load_average=0.5)
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row
     assert "- a note" in table
-    assert _names(tmp_path) >= {"throughput-gateway.log", "abort-sim.log"}
+    assert _names(tmp_path) >= {"throughput-gateway.log", "throughput-bare.log", "abort-sim.log"}
 
 
 async def test_stack_tears_down_both_processes_on_error(tmp_path: Path) -> None:
