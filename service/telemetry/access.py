@@ -6,8 +6,8 @@ model, served_model, prompt_tokens, completion_tokens, cost_usd, cache, attempts
 fallback_reason, ttft_ms, stream_ms, error_code. Values are not redacted here: the log
 formatter redacts the whole formatted line.
 
-``write_line`` sends one through stdlib logging (``sluice.access``), stamped with the time
-its request ended (telemetry writes lines in batches, see ``batch.py``).
+``write_lines`` sends a batch of them through stdlib logging (``sluice.access``) as one
+record, each line stamped with the time its request ended (see ``batch.py``, ``logs.py``).
 """
 
 from __future__ import annotations
@@ -21,24 +21,29 @@ from opentelemetry import trace
 from . import genai
 from .records import RequestTrace, StreamTrace
 
+_Finished = tuple[RequestTrace | None, StreamTrace | None, str]  # request, stream, outcome
 
-def write_line(
-    logger: logging.Logger, rt: RequestTrace | None, st: StreamTrace | None, result: str
-) -> None:
-    """The access line of a finished request (or WebSocket stream), at its end time."""
-    fields = access_fields(rt, st, result)
+
+def write_lines(logger: logging.Logger, finished: list[_Finished]) -> None:
+    """The access lines of finished requests (or WebSocket streams) as one record: its
+    ``lines`` hold each line's end time, message and fields (see ``logs.py``)."""
+    if not finished:
+        return
+    lines = []
+    for rt, st, result in finished:
+        fields = access_fields(rt, st, result)
+        message = f"{fields['method']} {fields['path']} {fields['status']} {result}"
+        lines.append((_ended_at(rt, st), message, fields))
     record = logger.makeRecord(
         logger.name,
         logging.INFO,
         "(access)",
         0,
-        "%s %s %s %s",
-        (fields["method"], fields["path"], fields["status"], result),
+        "%d access lines",
+        (len(lines),),
         None,
-        extra={"fields": fields},
+        extra={"lines": lines},
     )
-    ended = _ended_at(rt, st)
-    record.created, record.msecs = ended, (ended % 1) * 1000
     logger.handle(record)
 
 

@@ -22,10 +22,13 @@ BATCH_S = 0.05
 class Later:
     """Jobs queued by ``add`` and run together within ``period_s`` (or on ``run``)."""
 
-    __slots__ = ("_jobs", "_period_s", "_timer")
+    __slots__ = ("_after", "_jobs", "_period_s", "_timer")
 
-    def __init__(self, period_s: float = BATCH_S) -> None:
+    def __init__(
+        self, period_s: float = BATCH_S, *, after: Callable[[], None] | None = None
+    ) -> None:
         self._period_s = period_s
+        self._after = after  # runs once after each batch (e.g. writes the collected lines)
         self._jobs: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
 
@@ -50,6 +53,11 @@ class Later:
                 job()
             except Exception:  # one bad record must not cost the rest of the batch
                 log.exception("telemetry job %r failed", job)
+        if jobs and self._after is not None:
+            try:
+                self._after()
+            except Exception:
+                log.exception("telemetry batch end %r failed", self._after)
 
     @property
     def pending(self) -> int:

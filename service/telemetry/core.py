@@ -91,7 +91,9 @@ class Telemetry:
         self.propagator = TraceContextTextMapPropagator()
         self.cost_of: CostFunction | None = None
         self.access = logging.getLogger(ACCESS_LOGGER)
-        self.later = Later()  # access lines and stream metrics, off the request's path
+        # Access lines and stream metrics, off the request's path; lines go out per batch.
+        self._finished: list[tuple[RequestTrace | None, StreamTrace | None, str]] = []
+        self.later = Later(after=self._write_access_lines)
         self._streams: dict[str, StreamTrace] = {}
 
     # --- the tracer provider (installed and shut down by ``telemetry_ctx``) -----------------
@@ -545,7 +547,11 @@ class Telemetry:
         else:
             self.metrics.child(self.metrics.requests, "ws", "WS", "", outcome).inc()
         if self.settings.access_log and self.access.isEnabledFor(logging.INFO):
-            access.write_line(self.access, rt, st, outcome)
+            self._finished.append((rt, st, outcome))
+
+    def _write_access_lines(self) -> None:
+        finished, self._finished = self._finished, []
+        access.write_lines(self.access, finished)
 
 
 class _BreakerListener(pybreaker.CircuitBreakerListener):

@@ -3,7 +3,10 @@
 Redaction runs on the finished line (message, arguments, extra fields and tracebacks
 alike), so nothing a caller logs can carry a secret out. Structured fields ride in
 ``extra={"fields": {...}}``: JSON puts them at the top level, text appends ``key=value``.
-The access log (``sluice.access``) is one such line per request or stream.
+The access log (``sluice.access``) is one such line per request or stream. Access lines
+travel in batches (``telemetry/batch.py``): one record carries ``lines``, a list of
+``(time, message, fields)``, and these formatters write one line for each, with its own
+time; a formatter that does not know ``lines`` prints the record's message instead.
 """
 
 from __future__ import annotations
@@ -27,31 +30,58 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message, then the record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        payload: dict[str, Any] = {
-            "ts": _iso(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            payload.update(fields)
-        if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(payload, default=str).decode()
+        batch = getattr(record, "lines", None)
+        if isinstance(batch, list):
+            return "\n".join([_json(t, record, m, f) for t, m, f in batch])
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return _json(record.created, record, record.getMessage(), _fields(record), exc)
 
 
 class TextFormatter(logging.Formatter):
     """``2026-01-01T00:00:00.000Z INFO logger message key=value ...`` for humans."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_iso(record.created)} {record.levelname} {record.name} {record.getMessage()}"
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            line += "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+        batch = getattr(record, "lines", None)
+        if isinstance(batch, list):
+            return "\n".join([_text(t, record, m, f) for t, m, f in batch])
+        line = _text(record.created, record, record.getMessage(), _fields(record))
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any] | None:
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else None
+
+
+def _json(
+    created: float,
+    record: logging.LogRecord,
+    message: str,
+    fields: dict[str, Any] | None,
+    exc: str | None = None,
+) -> str:
+    payload: dict[str, Any] = {
+        "ts": _iso(created),
+        "level": record.levelname,
+        "logger": record.name,
+        "message": message,
+    }
+    if fields:
+        payload.update(fields)
+    if exc is not None:
+        payload["exc"] = exc
+    return orjson.dumps(payload, default=str).decode()
+
+
+def _text(
+    created: float, record: logging.LogRecord, message: str, fields: dict[str, Any] | None
+) -> str:
+    line = f"{_iso(created)} {record.levelname} {record.name} {message}"
+    if fields:
+        line += "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    return line
 
 
 class RedactingFormatter(logging.Formatter):
