@@ -16,7 +16,7 @@ from service.appkeys import STREAMS, TELEMETRY
 from service.settings import Secret, Settings, TelemetrySettings
 from service.telemetry.batch import BATCH_S
 from service.telemetry.genai import user_hash
-from service.telemetry.logs import configure_logging
+from service.telemetry.logs import JsonFormatter, TextFormatter, configure_logging
 from service.telemetry.redaction import Redactor
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.otlp import receiver_app
@@ -233,3 +233,34 @@ async def test_access_lines_wait_for_their_batch_and_keep_their_own_time(
         assert rt.ended is not None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rt.ended))
         assert line["ts"] == f"{stamp}.{int(rt.ended % 1 * 1000):03d}Z"
+
+
+def test_a_batch_record_is_written_one_line_per_request() -> None:
+    """A batch of access lines is one record; both formatters write each line with its
+    own time and fields, and a formatter that does not know batches prints the count."""
+    record = logging.getLogger("sluice.access").makeRecord(
+        "sluice.access",
+        logging.INFO,
+        "(access)",
+        0,
+        "%d access lines",
+        (2,),
+        None,
+        extra={"lines": [(0.5, "GET /a 200 ok", {"n": 1}), (1.25, "GET /b 404 x", {"n": None})]},
+    )
+    first, second = (orjson.loads(line) for line in JsonFormatter().format(record).split("\n"))
+    assert (first["ts"], first["message"], first["n"]) == (
+        "1970-01-01T00:00:00.500Z",
+        "GET /a 200 ok",
+        1,
+    )
+    assert (second["ts"], second["message"], second["n"]) == (
+        "1970-01-01T00:00:01.250Z",
+        "GET /b 404 x",
+        None,
+    )
+    assert TextFormatter().format(record).split("\n") == [
+        "1970-01-01T00:00:00.500Z INFO sluice.access GET /a 200 ok n=1",
+        "1970-01-01T00:00:01.250Z INFO sluice.access GET /b 404 x",
+    ]
+    assert logging.Formatter("%(message)s").format(record) == "2 access lines"
