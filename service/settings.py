@@ -160,7 +160,6 @@ class SharedStateSettings:
     database_url: Secret | None = None
     ledger_buffer: int = DEFAULT_LEDGER_BUFFER
     ledger_batch: int = 500
-    ledger_flush_s: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)

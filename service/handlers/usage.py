@@ -23,7 +23,7 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 async def get_usage(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     gate = request.app[GATE]
-    user, tenant = _scope(request, principal.user_id, principal.tenant, principal.admin)
+    user, tenant = _scope(request, principal.user_id, principal.admin)
     now = gate.clock()
     start = _day(request, "start", month_start(now))
     end = _day(request, "end", utc_day(now))
@@ -58,9 +58,7 @@ async def get_usage(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
-def _scope(
-    request: web.Request, own_user: str, own_tenant: str, admin: bool
-) -> tuple[str | None, str | None]:
+def _scope(request: web.Request, own_user: str, admin: bool) -> tuple[str | None, str | None]:
     """(user, tenant) to report on: exactly one of them is set."""
     user, tenant = request.query.get("user"), request.query.get("tenant")
     if user and tenant:
