@@ -225,6 +225,16 @@ async def _drain_output(stderr: asyncio.StreamReader, seen: list[bytes]) -> None
     while line := await stderr.readline():
         seen.append(line)
 
+async def _gateway(tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
+    """``python -m service`` on a free port, its ledger in ``tmp_path`` (not ./data)."""
+    base = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),
+        "SLUICE_PORT": "0",
+    }
+    return await python_module("service", env={**base, **env}, stdout=DEVNULL)
+
 
 async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
     """SIGTERM to ``python -m service`` with an SSE stream and a WebSocket stream open: the SSE
@@ -232,19 +242,7 @@ async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
     row is written after the checkpoint, in the same task), and the process exits 0 within the
     drain window without logging a traceback."""
     drain_s = 1.0
-    env: dict[str, Any] = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
-        "SLUICE_PORT": "0",
-        "SLUICE_PROVIDER": "simulated",
-        "SLUICE_DRAIN_S": str(drain_s),
-    }
-    process = await python_module(
-        "service",
-        env=env,
-        stdout=DEVNULL,
-    )
+    process = await _gateway(tmp_path, SLUICE_PROVIDER="simulated", SLUICE_DRAIN_S=str(drain_s))
     assert process.stderr is not None
     seen: list[bytes] = []
     try:
@@ -300,19 +298,8 @@ async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) 
     "draining" (not a refused connection), /livez 200, a new completion an OpenAI 503. Once
     the last stream ends (its client left) the process exits 0 without waiting out the window.
     """
-    env: dict[str, Any] = {
-        "PATH": os.environ.get("PATH", ""),
-        "HOME": str(tmp_path),
-        "SLUICE_DATA_DIR": str(tmp_path / "data"),  # the ledger: not the checkout's ./data
-        "SLUICE_PORT": "0",
-        "SLUICE_DRAIN_S": "3600",  # far beyond the safety net below: only the stream ends it
-        "SLUICE_DISCONNECT_GRACE_S": "0",
-    }
-    process = await python_module(
-        "service",
-        env=env,
-        stdout=DEVNULL,
-    )
+    # A drain far beyond the safety net below: only the stream ends it.
+    process = await _gateway(tmp_path, SLUICE_DRAIN_S="3600", SLUICE_DISCONNECT_GRACE_S="0")
     assert process.stderr is not None
     seen: list[bytes] = []
     try:
