@@ -33,7 +33,7 @@ from .ledger import SqliteLedger
 from .resilience import ResilientProvider
 from .serving import Responder
 from .simulator import Simulator, create_simulator_app
-from .upstream import Upstream
+from .upstream import ProviderConnector, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     timeout = aiohttp.ClientTimeout(
         total=None, connect=provider.connect_timeout_s, sock_connect=provider.connect_timeout_s
     )
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+    connector = ProviderConnector(limit=0, keepalive_timeout=30)
     async with aiohttp.ClientSession(
         timeout=timeout,
         connector=connector,

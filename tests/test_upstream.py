@@ -1,0 +1,90 @@
+"""``service.upstream``: what the provider connection asks for and how it reads, against real
+sockets: a provider that compresses whenever the client allows it, and a body big enough
+that aiohttp's flow control pauses and resumes reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from service.simulator import Simulator, create_simulator_app
+from service.tokens import count_body
+from service.upstream import ProviderConnector, _ResponseHandler
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.wire import sse_data
+
+URL = "/v1/chat/completions"
+
+
+async def _compressing_provider(aiohttp_server: Any, seen: list[str]) -> TestServer:
+    """The simulator, compressing every answer with whatever encoding the client accepts."""
+    app = create_simulator_app(Simulator(prompt_tokens=count_body))
+
+    async def compress(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append(request.headers.get("Accept-Encoding", ""))
+        response.enable_compression()
+
+    app.on_response_prepare.append(compress)
+    server: TestServer = await aiohttp_server(app)
+    return server
+
+
+async def test_provider_answers_are_not_compressed(
+    gateway: GatewayFactory, settings: Any, aiohttp_server: Any
+) -> None:
+    """The gateway parses and relays the provider's bytes: it asks for them uncompressed."""
+    seen: list[str] = []
+    provider = await _compressing_provider(aiohttp_server, seen)
+    client = await gateway(with_provider(settings, base_url=str(provider.make_url("/v1"))))
+
+    plain = await client.post(URL, json=chat_body("[sim chunks=5]", stream=False), headers=AUTH)
+    assert plain.status == 200
+    assert (await plain.json())["usage"]["completion_tokens"] == 5
+
+    streamed = await client.post(URL, json=chat_body("[sim chunks=5]"), headers=AUTH)
+    data = sse_data(await streamed.text())
+    assert data[-1] == "[DONE]"
+    assert sum(bool(orjson.loads(d)["choices"][0]["delta"].get("content")) for d in data[:-1]) == 5
+    assert seen == ["identity", "identity"]
+
+
+async def test_reading_pauses_and_resumes_under_back_pressure(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body that outruns its reader pauses the connection; reading it all resumes it."""
+    paused = asyncio.Event()
+    pause = _ResponseHandler.pause_reading
+
+    def pause_and_tell(self: _ResponseHandler) -> None:
+        pause(self)
+        paused.set()
+
+    monkeypatch.setattr(_ResponseHandler, "pause_reading", pause_and_tell)
+    piece = b"x" * 1000
+
+    async def burst(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(1000):
+            await response.write(piece)  # one HTTP chunk each, as a provider sends events
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/burst", burst)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession(
+        connector=ProviderConnector(), auto_decompress=False
+    ) as session, session.get(server.make_url("/burst")) as response:
+        async with asyncio.timeout(10):  # a reader that never resumes fails instead of hanging
+            await paused.wait()  # unread, the body passed the high-water mark
+            body = b"".join([data async for data in response.content.iter_any()])
+    assert body == piece * 1000
