@@ -19,6 +19,7 @@ run: install
 
 lint: install
 	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/ruff format --check service tests bench
 	$(VENV)/bin/mypy
 
 test: lint k8s-validate services node-deps

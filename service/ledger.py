@@ -209,6 +209,8 @@ def _statement_sizes(n: int) -> list[int]:
         sizes.append(size)
         n -= size
     return sizes
+
+
 _Job = Callable[[sqlite3.Connection], Any]
 _STOP = object()
 

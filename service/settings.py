@@ -442,9 +442,7 @@ def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
     return SharedStateSettings(
         redis_url=Secret(redis_url) if redis_url else None,
         redis_failure="open" if failure == "open" else "closed",
-        redis_timeout_s=reader.number(
-            "SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001
-        ),
+        redis_timeout_s=reader.number("SLUICE_REDIS_TIMEOUT_S", DEFAULT_REDIS_TIMEOUT_S, low=0.001),
         redis_breaker_fail_max=reader.integer(
             "SLUICE_REDIS_BREAKER_FAIL_MAX", DEFAULT_REDIS_BREAKER_FAIL_MAX, low=1
         ),

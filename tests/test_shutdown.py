@@ -225,6 +225,7 @@ async def _drain_output(stderr: asyncio.StreamReader, seen: list[bytes]) -> None
     while line := await stderr.readline():
         seen.append(line)
 
+
 async def _gateway(tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
     """``python -m service`` on a free port, its ledger in ``tmp_path`` (not ./data)."""
     base = {

@@ -81,9 +81,10 @@ async def test_reading_pauses_and_resumes_under_back_pressure(
     app = web.Application()
     app.router.add_get("/burst", burst)
     server = await aiohttp_server(app)
-    async with aiohttp.ClientSession(
-        connector=ProviderConnector(), auto_decompress=False
-    ) as session, session.get(server.make_url("/burst")) as response:
+    async with (
+        aiohttp.ClientSession(connector=ProviderConnector(), auto_decompress=False) as session,
+        session.get(server.make_url("/burst")) as response,
+    ):
         async with asyncio.timeout(10):  # a reader that never resumes fails instead of hanging
             await paused.wait()  # unread, the body passed the high-water mark
             body = b"".join([data async for data in response.content.iter_any()])
