@@ -3,8 +3,10 @@
 Used for a fresh completion and for a resumed one alike: the reader attaches, replays every
 event after ``after``, follows live events until the stream ends, and detaches in
 ``finally``, which is what starts the grace window when the client goes away. Each wakeup's
-events go out in one write. Idle periods get a ``: keepalive`` comment on the registry's
-tick; a stream ended by shutdown closes with a ``retry:`` hint instead of ``[DONE]``.
+events go out in one write, and the journal's last ones with the end of the body (a stream
+that arrives in one read leaves in one write, headers included). Idle periods get a
+``: keepalive`` comment on the registry's tick; a stream ended by shutdown closes with a
+``retry:`` hint instead of ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -38,14 +40,19 @@ async def stream_sse(
         # ConnectionResetError: the client left mid-write (before handler cancellation
         # reached us); leaving the block detaches, which is all a disconnect needs.
         await response.prepare(request)
+        tail = b""  # the journal's last events: they go out with the end of the body
         async for batch in stream.follow(after):
-            if batch:
-                await response.write(b"".join(encode_event(seq, data) for seq, _, data in batch))
-            else:
+            if not batch:
                 await response.write(KEEPALIVE)
+                continue
+            data = b"".join(encode_event(seq, data) for seq, _, data in batch)
+            if stream.running or batch[-1][0] < stream.last_seq:
+                await response.write(data)
+            else:
+                tail = data
         if stream.status is StreamStatus.SHUTDOWN:
-            await response.write(encode_retry(RESUME_RETRY_MS))
-        await response.write_eof()
+            tail += encode_retry(RESUME_RETRY_MS)
+        await response.write_eof(tail)
     return response
 
 
