@@ -156,6 +156,8 @@ class StreamRegistry:
             stream.end(StreamStatus.PROVIDER_ERROR, translate(exc))
         else:
             stream.end(StreamStatus.COMPLETED)
+        # The readers end() woke write their last bytes first; the bookkeeping can wait a turn.
+        await asyncio.sleep(0)
         await self._retire(stream)
 
     async def _retire(self, stream: Stream) -> None:
