@@ -111,6 +111,8 @@ class ProviderSettings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    organization: str | None = None  # OpenAI-Organization, as the openai SDK sends it
+    project: str | None = None  # OpenAI-Project
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +341,11 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
     first = reader.number("SLUICE_FIRST_TOKEN_TIMEOUT_S", DEFAULT_FIRST_TOKEN_TIMEOUT_S, low=0.001)
     idle = reader.number("SLUICE_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S, low=0.001)
     common = ProviderSettings(
-        connect_timeout_s=connect, first_token_timeout_s=first, idle_timeout_s=idle
+        connect_timeout_s=connect,
+        first_token_timeout_s=first,
+        idle_timeout_s=idle,
+        organization=reader.raw("OPENAI_ORG_ID") or None,
+        project=reader.raw("OPENAI_PROJECT_ID") or None,
     )
     if kind == "simulated":
         return replace(common, base_url=base_url, models=models or DEFAULT_SIMULATED_MODELS)

@@ -47,6 +47,10 @@ class Upstream:
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if settings.api_key is not None:
             self._headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
+        if settings.organization:
+            self._headers["OpenAI-Organization"] = settings.organization
+        if settings.project:
+            self._headers["OpenAI-Project"] = settings.project
 
     @property
     def name(self) -> str:

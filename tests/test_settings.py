@@ -118,6 +118,19 @@ def test_openai_key_selects_the_real_provider(tmp_path: Path) -> None:
     assert settings.provider.models == ()  # passthrough of the provider's list
     assert settings.auth.client_keys_file == keys
     assert settings.auth.dev_key is None
+    assert (settings.provider.organization, settings.provider.project) == (None, None)
+
+
+def test_openai_organization_and_project(tmp_path: Path) -> None:
+    """The openai SDK's OPENAI_ORG_ID and OPENAI_PROJECT_ID are read the same way."""
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "SLUICE_CLIENT_KEYS_FILE": str(tmp_path / "keys.json"),
+        "OPENAI_ORG_ID": "org-123",
+        "OPENAI_PROJECT_ID": "proj_456",
+    }
+    provider = Settings.from_env(env).provider
+    assert (provider.organization, provider.project) == ("org-123", "proj_456")
 
 
 def test_base_url_and_forced_kinds(tmp_path: Path) -> None:

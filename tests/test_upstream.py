@@ -55,6 +55,31 @@ async def test_provider_answers_are_not_compressed(
     assert seen == ["identity", "identity"]
 
 
+async def test_organization_and_project_reach_the_provider(
+    gateway: GatewayFactory, settings: Any, aiohttp_server: Any
+) -> None:
+    """Configured, OpenAI-Organization and OpenAI-Project ride on every provider call."""
+    seen: list[tuple[str | None, str | None]] = []
+    app = create_simulator_app(Simulator(prompt_tokens=count_body))
+
+    async def record(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append(
+            (request.headers.get("OpenAI-Organization"), request.headers.get("OpenAI-Project"))
+        )
+
+    app.on_response_prepare.append(record)
+    provider = await aiohttp_server(app)
+    custom = with_provider(
+        settings, base_url=str(provider.make_url("/v1")), organization="org-1", project="proj_2"
+    )
+    client = await gateway(custom)
+    for stream in (False, True):
+        response = await client.post(URL, json=chat_body("hi", stream=stream), headers=AUTH)
+        assert response.status == 200
+        await response.read()
+    assert seen == [("org-1", "proj_2")] * 2
+
+
 async def test_reading_pauses_and_resumes_under_back_pressure(
     aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
