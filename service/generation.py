@@ -22,21 +22,22 @@ from .stream import Kind, Stream
 async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> None:
     """Run the provider call for ``stream``; raises ``SluiceError`` on provider failure.
 
-    ``post_chat`` retries and falls back only until the provider answers 2xx; from then on
-    nothing is repeated.
+    A stream is retried and falls back only until the provider answers 2xx; from then on
+    nothing is repeated. A non-streamed completion can be retried until its whole body is in.
     """
-    response = await upstream.post_chat(body, streaming=stream.streaming, route=stream)
+    if not stream.streaming:
+        raw = await upstream.complete(body, route=stream)
+        stream.accepted.set()
+        stream.progress.add_completion(_parse(raw))
+        stream.append(Kind.CHUNK, raw)
+        stream.notify()
+        return
+    response = await upstream.post_chat(body, route=stream)
     completed = False
     try:
         stream.accepted.set()
-        if stream.streaming:
-            redact = upstream.redact
-            await upstream.pump(response, lambda payloads: _relay(stream, payloads, redact))
-        else:
-            raw = await upstream.read_body(response)
-            stream.progress.add_completion(_parse(raw))
-            stream.append(Kind.CHUNK, raw)
-            stream.notify()
+        redact = upstream.redact
+        await upstream.pump(response, lambda payloads: _relay(stream, payloads, redact))
         completed = True
     finally:
         if completed:

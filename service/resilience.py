@@ -1,9 +1,10 @@
 """The one place provider calls are retried, guarded by breakers and moved down the fallbacks.
 
-An *attempt* is one HTTP call to the provider, from the request until its status line:
-``ResilientProvider._attempt`` (the boundary a tracing span wraps). Everything here happens
-before the provider's 2xx; once it answered 2xx the generation streams to the client and is
-never repeated (``generation.py`` owns that part).
+An *attempt* is one HTTP call to the provider (``ResilientProvider._attempt``, the boundary
+a tracing span wraps): for a stream, from the request until its status line; for a
+non-streamed completion, until its whole body, since the client has not had a byte of it
+yet. A stream that answered 2xx goes to the client and is never repeated (``generation.py``
+owns that part).
 
 For a request the provider tries its model's tier, then each configured fallback
 (``SLUICE_FALLBACKS``), each tier with fresh attempts but a shared waiting budget:
@@ -25,7 +26,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -39,6 +40,9 @@ from .telemetry import Telemetry
 from .upstream import Sink, Upstream
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Call = Callable[[bytes], Awaitable[T]]  # one provider call: Upstream.post_chat or .complete
 
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
@@ -125,10 +129,16 @@ class ResilientProvider:
         route.fallback_reason = reason
         return True
 
-    async def post_chat(
-        self, body: bytes, *, streaming: bool, route: Route
-    ) -> aiohttp.ClientResponse:
-        """Return the first 2xx response along the chain, or raise the last tier's error."""
+    async def post_chat(self, body: bytes, *, route: Route) -> aiohttp.ClientResponse:
+        """A stream: the first 2xx response along the chain, or the last tier's error."""
+        return await self._along_chain(body, route, self.upstream.post_chat)
+
+    async def complete(self, body: bytes, *, route: Route) -> bytes:
+        """A non-streamed completion: the first whole 2xx body along the chain, or the
+        last tier's error."""
+        return await self._along_chain(body, route, self.upstream.complete)
+
+    async def _along_chain(self, body: bytes, route: Route, call: _Call[T]) -> T:
         budget = RetryBudget(self._r.policy, random=self._r.random, now=self._r.now)
         chain = self._r.chain(route.served_model)
         reason = route.fallback_reason
@@ -139,7 +149,7 @@ class ResilientProvider:
                 budget.next_model()
             sent = body if model == route.model else _with_model(body, model)
             try:
-                return await self._with_retries(sent, streaming, model, budget)
+                return await self._with_retries(call, sent, model, budget)
             except SluiceError as exc:
                 reason = degrade_reason(exc)
                 if reason is None or tier == len(chain) - 1:
@@ -150,12 +160,12 @@ class ResilientProvider:
         raise AssertionError("unreachable: the chain is never empty")
 
     async def _with_retries(
-        self, body: bytes, streaming: bool, model: str, budget: RetryBudget
-    ) -> aiohttp.ClientResponse:
+        self, call: _Call[T], body: bytes, model: str, budget: RetryBudget
+    ) -> T:
         while True:
             budget.record_attempt()
             try:
-                return await self._attempt(body, streaming, model)
+                return await self._attempt(call, body, model)
             except CircuitOpenError:
                 raise
             except ProviderError as exc:
@@ -173,12 +183,12 @@ class ResilientProvider:
                     self._telemetry.retry_scheduled(delay, exc)
             await self._r.sleep(delay)
 
-    async def _attempt(self, body: bytes, streaming: bool, model: str) -> aiohttp.ClientResponse:
+    async def _attempt(self, call: _Call[T], body: bytes, model: str) -> T:
         """One call, guarded by the model's breaker; lower-level errors enter the tree here."""
         traced = self._telemetry.attempt(model) if self._telemetry else contextlib.nullcontext()
         with self._r.breakers.for_model(model).attempt(), traced:
             try:
-                return await self.upstream.post_chat(body, streaming=streaming)
+                return await call(body)
             except SluiceError:
                 raise
             except Exception as exc:
@@ -186,9 +196,6 @@ class ResilientProvider:
 
     async def pump(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
         await self.upstream.pump(response, sink)
-
-    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
-        return await self.upstream.read_body(response)
 
     def redact(self, text: str) -> str:
         return self.upstream.redact(text)

@@ -76,10 +76,10 @@ class Directive:
     fail: int = 0  # answer with this HTTP status instead
     retry_after: float | None = None  # Retry-After on a failure
     retry_after_ms: float | None = None  # retry-after-ms on a failure (OpenAI's own header)
-    fail_times: int = 0  # with ``key``: fail only the first N attempts, then succeed
+    fail_times: int = 0  # with ``key``: misbehave only the first N attempts, then succeed
     key: str = ""  # groups attempts for ``fail_times``
-    reset_after: int = -1  # drop the connection after N chunks
-    stall_after: int = -1  # stop sending (but keep the socket) after N chunks
+    reset_after: int = -1  # drop the connection after N chunks (not streamed: mid-body)
+    stall_after: int = -1  # stop sending (but keep the socket) after N chunks (or mid-body)
     malformed_after: int = -1  # send a chunk that is not JSON after N chunks
     finish: str = "stop"
     created: int = 0  # a fixed ``created`` timestamp (0: now), for byte-exact comparisons
@@ -228,8 +228,9 @@ class Simulator:
             choices = _choices(body)
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error")
-        if failure := self._failure(directive, stats, _echo(request, directive)):
-            return failure
+        misbehave = _misbehaves(directive, stats)
+        if directive.fail and misbehave:
+            return self._failure(directive, _echo(request, directive))
         prompt = prompt_text(body)
         # Choice 0 is the reply to the prompt; choice i (n > 1) the reply to "prompt#i".
         replies = [
@@ -241,21 +242,18 @@ class Simulator:
             await _sleep_ms(directive.header_delay_ms)
             if not body.get("stream"):
                 await _sleep_ms(directive.first_delay_ms)
-                return _json(_completion(body, replies, usage, directive))
+                completion = _json(_completion(body, replies, usage, directive))
+                broken = directive.reset_after >= 0 or directive.stall_after >= 0
+                if broken and misbehave:
+                    return await _broken(request, completion, reset=directive.reset_after >= 0)
+                return completion
         except asyncio.CancelledError:  # the gateway hung up before we answered
             stats.chunks_sent.append(0)
             stats.bump(aborted=1)
             raise
         return await self._stream(request, body, replies, usage, directive)
 
-    def _failure(self, directive: Directive, stats: SimStats, echo: str) -> web.Response | None:
-        if not directive.fail:
-            return None
-        if directive.fail_times:
-            seen = stats.attempts.get(directive.key, 0)
-            stats.attempts[directive.key] = seen + 1
-            if seen >= directive.fail_times:
-                return None
+    def _failure(self, directive: Directive, echo: str) -> web.Response:
         headers = {}
         if directive.retry_after is not None:
             headers["Retry-After"] = f"{directive.retry_after:g}"
@@ -354,6 +352,32 @@ class Simulator:
             )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
+
+
+def _misbehaves(directive: Directive, stats: SimStats) -> bool:
+    """False once ``fail_times`` attempts with the directive's ``key`` have misbehaved."""
+    if not directive.fail_times:
+        return True
+    seen = stats.attempts.get(directive.key, 0)
+    stats.attempts[directive.key] = seen + 1
+    return seen < directive.fail_times
+
+
+async def _broken(request: web.Request, whole: web.Response, *, reset: bool) -> web.StreamResponse:
+    """A non-streamed answer cut off: its headers and half its body, then a reset or silence."""
+    stats = request.app[SIM_STATS]
+    body = whole.body
+    assert isinstance(body, bytes)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    if not reset:
+        await asyncio.Event().wait()  # hold the socket open, send nothing, forever
+    stats.bump(resets=1)
+    if request.transport is not None:
+        request.transport.abort()
+    return response
 
 
 def _echo(request: web.Request, directive: Directive) -> str:

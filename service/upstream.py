@@ -51,6 +51,7 @@ class Upstream:
             self._headers["OpenAI-Organization"] = settings.organization
         if settings.project:
             self._headers["OpenAI-Project"] = settings.project
+        self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
 
     @property
     def name(self) -> str:
@@ -60,21 +61,35 @@ class Upstream:
         """``text`` without our provider key, for any provider words shown to a client."""
         return scrub(text, self._key)
 
-    async def post_chat(self, body: bytes, *, streaming: bool) -> aiohttp.ClientResponse:
-        """POST a chat completion; return the 2xx response, or raise the provider's error."""
-        headers = self._headers
-        if streaming:
-            headers = {**headers, "Accept": "text/event-stream"}
+    async def post_chat(self, body: bytes) -> aiohttp.ClientResponse:
+        """POST a streamed chat completion; return the 2xx response (its body unread), or
+        raise the provider's error."""
+        # The first-token deadline also bounds the wait for the status line (a provider may
+        # hold its headers until the first token); TimeoutError is translated to a 504.
+        async with asyncio.timeout(self._settings.first_token_timeout_s):
+            return await self._post(body, self._stream_headers)
+
+    async def complete(self, body: bytes) -> bytes:
+        """POST a non-streamed chat completion and read it whole, or raise the provider's
+        error. One first-token deadline covers both: the whole answer is its first token."""
+        async with asyncio.timeout(self._settings.first_token_timeout_s):
+            response = await self._post(body, self._headers)
+            try:
+                raw = await response.read()
+            except BaseException:
+                response.close()  # drop the connection: the provider sees it and stops
+                raise
+        response.release()
+        return raw
+
+    async def _post(self, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         trace_context: dict[str, str] = {}
         _PROPAGATOR.inject(trace_context)  # the current attempt's CLIENT span, when tracing
         if trace_context:
             headers = {**headers, **trace_context}
-        # The first-token deadline also bounds the wait for the status line (a provider may
-        # hold its headers until the first token); TimeoutError is translated to a 504.
-        async with asyncio.timeout(self._settings.first_token_timeout_s):
-            response = await self._session.post(
-                f"{self._url}/chat/completions", data=body, headers=headers
-            )
+        response = await self._session.post(
+            f"{self._url}/chat/completions", data=body, headers=headers
+        )
         if response.status >= 300:
             async with response:
                 raise await self._status_error(response)
@@ -127,14 +142,6 @@ class Upstream:
         except (aiohttp.ClientError, OSError) as exc:  # reset mid-stream: a provider failure
             raise translate(exc) from exc
         raise ProviderConnectionError("The provider ended the stream without finishing it.")
-
-    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
-        """Read a whole (non-streamed) body under the first-token deadline."""
-        try:
-            async with asyncio.timeout(self._settings.first_token_timeout_s):
-                return await response.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise translate(exc) from exc
 
 
 class ProviderConnector(aiohttp.TCPConnector):

@@ -486,6 +486,7 @@ async def test_connect_timeout_is_504(
         ("header_delay_ms=600000", True),
         ("header_delay_ms=600000", False),
         ("first_delay_ms=600000", False),  # a non-streamed body comes with its headers
+        ("stall_after=1", False),  # half a body, then silence: one deadline for all of it
     ],
 )
 async def test_first_token_timeout_is_504(

@@ -174,6 +174,23 @@ async def test_reset_after(
     assert sim_stats.open == 0
 
 
+async def test_reset_cuts_a_completion_short_until_fail_times(
+    session: aiohttp.ClientSession, sim: TestServer, sim_stats: SimStats
+) -> None:
+    """Not streamed, reset_after cuts the body in half; with fail_times only the first N
+    attempts of the key are cut, then the completion comes whole."""
+    text = "[sim chunks=4 reset_after=1 fail_times=1 key=cut]"
+    cut = await _post(session, sim, text, stream=False)
+    assert cut.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await cut.read()
+    cut.close()
+    whole = await _post(session, sim, text, stream=False)
+    body = await whole.json()
+    assert body["usage"]["completion_tokens"] == 4
+    assert (sim_stats.resets, sim_stats.attempts) == (1, {"cut": 2})
+
+
 async def test_stall_after(
     session: aiohttp.ClientSession, sim: TestServer, sim_stats: SimStats
 ) -> None:
