@@ -15,10 +15,11 @@ field ``s`` = status) closes the journal; both keys expire with the checkpoint T
 is the owner's heartbeat (refreshed on appends and keepalive ticks, expiring after three
 missed ticks), so a reader elsewhere notices an owner that crashed without an END.
 
-Reader side (any other replica): ``RemoteStreams.serve`` replays the journal after the
+Reader side (any other replica): ``RemoteStreams.follow`` replays the journal after the
 client's Last-Event-ID with XRANGE, then follows it live with XREAD BLOCK (on its own
-connection without a socket timeout) until the END marker, writing the same SSE bytes as
-the owner would. While it reads, the owner counts it as a reader: ``attach``/``detach``
+connection without a socket timeout) until the END marker; ``serve`` writes what it reads
+as the same SSE bytes the owner would, and a WebSocket ``resume`` (``handlers/ws.py``)
+as the same frames. While it reads, the owner counts it as a reader: ``attach``/``detach``
 go over the pub/sub channel ``sluice:ctl``, so the grace window does not cancel a stream
 someone reads elsewhere. ``cancel`` travels the same way; the canceller then waits for
 the END marker and answers with the checkpoint.
@@ -31,7 +32,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -54,6 +55,8 @@ LISTEN_RETRY_S = 1.0
 CANCEL_WAIT_S = 10.0
 MIRROR_INTERVAL_S = 0.02
 HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
+
+Event = tuple[int, int, bytes]  # (seq, kind, data), as ``Stream.follow`` yields them
 
 
 def journal_key(stream_id: str) -> str:
@@ -282,50 +285,80 @@ class RemoteStreams:
     async def serve(self, request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
         """Replay then follow the journal of ``stream_id`` to the client, as SSE."""
         response = web.StreamResponse(headers={**SSE_HEADERS, STREAM_ID_HEADER: stream_id})
-        await self._publish("attach", stream_id)
-        try:
-            await response.prepare(request)
+
+        async def deliver(batch: list[Event]) -> None:
+            await response.write(b"".join(encode_event(seq, data) for seq, _, data in batch))
+
+        async with self.reading(stream_id):
             try:
-                status = await self._relay(response, stream_id, after)
-            except (RedisUnavailable, RedisError, TimeoutError) as exc:
-                log.warning("remote stream %s: redis failed mid-read (%s)", stream_id, exc)
-                status = StreamStatus.SHUTDOWN  # come back later, maybe elsewhere
-            if status == StreamStatus.SHUTDOWN:
-                await response.write(encode_retry(RESUME_RETRY_MS))
-            await response.write_eof()
-        except ConnectionResetError:
-            pass  # the client left; detaching is all there is to do
-        finally:
-            await self._publish("detach", stream_id)
+                await response.prepare(request)
+                status = await self.follow(
+                    stream_id, after, deliver, lambda: response.write(KEEPALIVE)
+                )
+                if status == StreamStatus.SHUTDOWN:
+                    await response.write(encode_retry(RESUME_RETRY_MS))
+                await response.write_eof()
+            except ConnectionResetError:
+                pass  # the client left; detaching is all there is to do
         return response
 
-    async def _relay(self, response: web.StreamResponse, stream_id: str, after: int) -> str:
-        while True:
-            entries = await self._read(stream_id, after, self._block_ms)
-            if not entries and not await self._owner_alive(stream_id):
-                # No END and no heartbeat: the owner died. Read once more (it may have
-                # closed the journal just now), else end with a retry hint.
-                entries = await self._range(stream_id, after)
+    @contextlib.asynccontextmanager
+    async def reading(self, stream_id: str) -> AsyncIterator[None]:
+        """Count the caller as a reader on the owning replica, whose grace window then waits."""
+        await self._publish("attach", stream_id)
+        try:
+            yield
+        finally:
+            await self._publish("detach", stream_id)
+
+    async def follow(
+        self,
+        stream_id: str,
+        after: int,
+        deliver: Callable[[list[Event]], Awaitable[None]],
+        idle: Callable[[], Awaitable[None]],
+    ) -> str:
+        """Replay the journal after ``after``, then follow it live: each batch of ``(seq,
+        kind, data)`` goes to ``deliver``, each quiet keepalive period to ``idle``. Return
+        the stream's final status; ``shutdown`` when its replica or Redis went away (what
+        was generated stays in the journal and the checkpoint)."""
+        try:
+            while True:
+                entries = await self._read(stream_id, after, self._block_ms)
+                if not entries and not await self._owner_alive(stream_id):
+                    # No END and no heartbeat: the owner died. Read once more (it may have
+                    # closed the journal just now), else it is gone.
+                    entries = await self._range(stream_id, after)
+                    if not entries:
+                        log.warning("remote stream %s: its replica is gone", stream_id)
+                        return StreamStatus.SHUTDOWN
                 if not entries:
-                    log.warning("remote stream %s: its replica is gone", stream_id)
-                    return StreamStatus.SHUTDOWN
-            if not entries:
-                await response.write(KEEPALIVE)
-                continue
-            out: list[bytes] = []
-            for seq, fields in entries:
-                kind = int(fields[b"k"])
-                if kind == END:
-                    if out:
-                        await response.write(b"".join(out))
-                    return str(fields[b"s"].decode())
-                out.append(encode_event(seq, fields[b"d"]))
-                after = seq
-            await response.write(b"".join(out))
+                    await idle()
+                    continue
+                batch: list[Event] = []
+                for seq, fields in entries:
+                    kind = int(fields[b"k"])
+                    if kind == END:
+                        if batch:
+                            await deliver(batch)
+                        return str(fields[b"s"].decode())
+                    batch.append((seq, kind, fields[b"d"]))
+                    after = seq
+                await deliver(batch)
+        except (RedisUnavailable, RedisError, TimeoutError) as exc:
+            log.warning("remote stream %s: redis failed mid-read (%s)", stream_id, exc)
+            return StreamStatus.SHUTDOWN  # come back later, maybe elsewhere
+
+    async def request_cancel(self, stream_id: str) -> None:
+        """Ask the owning replica to cancel ``stream_id``; its readers see the journal end."""
+        await self._publish("cancel", stream_id)
+
+    async def checkpoint(self, stream_id: str) -> Checkpoint | None:
+        return await self._store.get(stream_id)
 
     async def cancel(self, stream_id: str) -> Checkpoint | None:
         """Ask the owner to cancel, wait for the journal's END, and return the checkpoint."""
-        await self._publish("cancel", stream_id)
+        await self.request_cancel(stream_id)
         after = 0
         deadline = time.monotonic() + CANCEL_WAIT_S
         with contextlib.suppress(RedisUnavailable, RedisError, OSError, TimeoutError):

@@ -80,3 +80,7 @@ class StreamFrames:
 
     def error(self, seq: int, error: SluiceError) -> bytes:
         return orjson.dumps({"type": "error", **self._ids, "seq": seq, **error.payload()})
+
+    def error_event(self, seq: int, payload: bytes) -> bytes:
+        """``error`` from a journal's error event (``{"error": {...}}``, as SSE sends it)."""
+        return orjson.dumps({"type": "error", **self._ids, "seq": seq, **orjson.loads(payload)})

@@ -45,6 +45,12 @@ def events(raw: bytes) -> list[tuple[int | None, bytes]]:
     return parsed
 
 
+def raw_chunk(raw: str) -> bytes:
+    """The chunk object inside a WebSocket chunk frame, exactly as the server wrote it."""
+    start = raw.index('"chunk":') + len('"chunk":')
+    return raw[start:-1].encode()
+
+
 def last_error(raw: bytes) -> dict[str, Any]:
     """The ``error`` object of the last event of an SSE body."""
     payload = orjson.loads(events(raw)[-1][1])

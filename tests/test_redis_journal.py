@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -259,3 +260,48 @@ async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
     body = await response.read()
     assert [seq for seq, _ in events(body)] == [1, 2, None]
     assert body.endswith(b"retry: 1000\n\n")
+
+
+async def _ws_resume(client: TestClient[Any, Any], stream_id: str, key: str = "") -> Any:
+    ws = await client.ws_connect("/v1/ws", headers=bearer(key) if key else AUTH)
+    frame = {"type": "resume", "stream_id": stream_id, "last_seq": 0, "request_id": "r"}
+    await ws.send_str(orjson.dumps(frame).decode())
+    return ws
+
+
+async def test_a_socket_elsewhere_notices_an_owner_that_died_mid_stream(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """Over a WebSocket, the orphaned journal's chunks come as frames, then an error frame
+    ``stream_interrupted``, instead of a socket left waiting forever."""
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.hset(meta_key("strm_orphan"), mapping={"user": "dev", "tenant": "dev"})
+        for seq in (1, 2):
+            await redis.xadd(journal_key("strm_orphan"), {"k": 0, "d": b"{}"}, id=f"0-{seq}")
+    finally:
+        await redis.aclose()
+    b = await gateway(with_streams(with_redis(settings, redis_url), keepalive_s=0.05))
+
+    ws = await _ws_resume(b, "strm_orphan")
+    frames = [orjson.loads((await ws.receive()).data) for _ in range(3)]
+    assert [(f["type"], f["seq"]) for f in frames] == [("chunk", 1), ("chunk", 2), ("error", 3)]
+    assert frames[-1]["error"]["code"] == "stream_interrupted"
+    await ws.close()
+
+
+async def test_another_user_cannot_resume_over_a_socket_on_another_replica(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    """bob's ``resume`` of alice's stream on B is answered like a stream that never was."""
+    two, alice, bob = two_user_settings(with_redis(settings, redis_url), tmp_path)
+    a, b = await replicas(gateway, two)
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice))
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+
+    ws = await _ws_resume(b, stream_id, bob)
+    refused = orjson.loads((await ws.receive()).data)
+    assert (refused["type"], refused["error"]["code"]) == ("error", "stream_not_found")
+    await ws.close()
+    response.close()

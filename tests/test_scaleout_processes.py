@@ -29,7 +29,7 @@ from service.simulator import SimStats
 from tests.conftest import AUTH, chat_body
 from tests.processes import DEVNULL, python_module
 from tests.servers import RedisServer, free_port, reserved_micros
-from tests.streamwire import FIXED_CREATED, events, last_error, read_events
+from tests.streamwire import FIXED_CREATED, events, last_error, raw_chunk, read_events
 
 READY_LINE = "Running on"
 CHAT = "/v1/chat/completions"
@@ -215,6 +215,69 @@ async def test_cancel_through_b_stops_generation_on_a(
             checkpoint = await cancelled.json()
         assert (checkpoint["id"], checkpoint["status"]) == (stream_id, "cancelled")
 
+        await sim_stats.wait_for(lambda s: s.aborted == 1)
+        async with asyncio.timeout(SAFETY_S):
+            rest = await response.read()
+    assert last_error(rest)["code"] == "stream_cancelled"
+    assert sim_stats.completed == 0
+
+
+async def _ws_frame(ws: aiohttp.ClientWebSocketResponse) -> tuple[dict[str, Any], str]:
+    async with asyncio.timeout(SAFETY_S):
+        message = await ws.receive()
+    assert message.type is aiohttp.WSMsgType.TEXT, message
+    return orjson.loads(message.data), message.data
+
+
+async def _ws_send(ws: aiohttp.ClientWebSocketResponse, **frame: Any) -> None:
+    await ws.send_str(orjson.dumps(frame).decode())
+
+
+async def test_a_websocket_stream_started_on_a_resumes_over_a_socket_on_b(
+    replicas: Start, session: aiohttp.ClientSession, sim_stats: SimStats
+) -> None:
+    """Three chunk frames from A, socket closed, ``resume`` on a socket to B: B follows A's
+    journal with the same numbering and bytes, and ends with A's ``done``."""
+    a, b = await replicas(), await replicas()
+    async with session.ws_connect(a.at("/v1/ws"), headers=AUTH) as first:
+        await _ws_send(first, type="chat.completion.create", request_id="r", body=chat_body(LONG))
+        started, _ = await _ws_frame(first)
+        head = [await _ws_frame(first) for _ in range(3)]
+    stream_id = started["stream_id"]
+
+    async with session.ws_connect(b.at("/v1/ws"), headers=AUTH) as second:
+        await _ws_send(second, type="resume", stream_id=stream_id, last_seq=3, request_id="r")
+        rest = [await _ws_frame(second)]
+        while rest[-1][0]["type"] == "chunk":
+            rest.append(await _ws_frame(second))
+
+    frames = head + rest
+    assert [f["seq"] for f, _ in frames] == list(range(1, len(frames) + 1))
+    done = rest[-1][0]
+    assert (done["type"], done["stream_id"], done["finish_reason"]) == ("done", stream_id, "stop")
+    assert done["usage"]["completion_tokens"] == 60
+    replay = [data for _, data in events(await full_replay(session, a, stream_id))]
+    assert [raw_chunk(raw) for _, raw in frames[:-1]] == replay[:-1]  # all but [DONE]
+    assert sim_stats.requests == 1  # generated once, on A
+
+
+async def test_cancel_over_a_socket_on_b_stops_generation_on_a(
+    replicas: Start, session: aiohttp.ClientSession, sim_stats: SimStats
+) -> None:
+    """A stream generated on A, followed over a socket on B: ``cancel`` there stops A's
+    provider call, and both readers get ``stream_cancelled``."""
+    a, b = await replicas(), await replicas()
+    async with session.post(a.at(CHAT), json=chat_body(SLOW), headers=AUTH) as response:
+        stream_id = response.headers["X-Sluice-Stream-Id"]
+        async with session.ws_connect(b.at("/v1/ws"), headers=AUTH) as ws:
+            await _ws_send(ws, type="resume", stream_id=stream_id, last_seq=0, request_id=7)
+            first, _ = await _ws_frame(ws)
+            assert (first["type"], first["request_id"]) == ("chunk", 7)  # following A's journal
+            await _ws_send(ws, type="cancel", request_id=7)
+            final, _ = await _ws_frame(ws)
+            while final["type"] == "chunk":
+                final, _ = await _ws_frame(ws)
+        assert (final["type"], final["error"]["code"]) == ("error", "stream_cancelled")
         await sim_stats.wait_for(lambda s: s.aborted == 1)
         async with asyncio.timeout(SAFETY_S):
             rest = await response.read()

@@ -22,6 +22,7 @@ from tests.streamwire import (
     Finished,
     bearer,
     events,
+    raw_chunk,
     read_events,
     two_user_settings,
     with_drain,
@@ -64,12 +65,6 @@ async def until_final(
         if parsed["type"] in ("done", "error"):
             open_ids.discard(parsed["request_id"])
     return by_request
-
-
-def raw_chunk(raw: str) -> bytes:
-    """The chunk object inside a chunk frame, exactly as the server wrote it."""
-    start = raw.index('"chunk":') + len('"chunk":')
-    return raw[start:-1].encode()
 
 
 async def sse_chunks(client: Client, text: str) -> list[bytes]:

@@ -7,6 +7,10 @@ peer misses its heartbeat) every reader is cancelled and detaches, which is a di
 the grace window applies. A frame the server cannot act on is answered with an ``error``
 frame and the socket stays open. A stream ended by shutdown gets no final frame: the socket
 closes with 1001 and the client resumes elsewhere.
+
+With shared state (Redis), ``resume`` and ``cancel`` work for a stream another replica
+generates: its reader follows the Redis journal (``RemoteStreams.follow``) and sends the
+same frames; ``done`` then takes the finish reason and usage from the stored checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from aiohttp import WSMsgType, web
 
 from ..appkeys import (
     GATE,
+    JOURNAL_MIRROR,
     PRINCIPAL,
+    REMOTE_STREAMS,
     SERVED_MODELS,
     SETTINGS,
     STREAMS,
@@ -30,7 +36,9 @@ from ..appkeys import (
     WEBSOCKETS,
 )
 from ..auth import Principal
-from ..errors import InvalidRequestError, NotFoundError, SluiceError
+from ..checkpoint import Checkpoint
+from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, SluiceError
+from ..redis_journal import Event, RemoteStreams
 from ..request import parse_chat_request
 from ..stream import Kind, Owner, Stream, StreamStatus
 from ..wsproto import (
@@ -83,7 +91,7 @@ class _Socket:
         self._principal = principal
         self._registry = app[STREAMS]
         self._ws = ws
-        self._readers: dict[RequestId, tuple[Stream, asyncio.Task[None]]] = {}
+        self._readers: dict[RequestId, tuple[str, asyncio.Task[None]]] = {}  # stream id, task
 
     async def receive(self, text: str) -> None:
         """Act on one client frame; anything wrong with it is answered with an error frame."""
@@ -95,9 +103,9 @@ class _Socket:
             if kind == "chat.completion.create":
                 await self._create(frame)
             elif kind == "cancel":
-                self._cancel(frame)
+                await self._cancel(frame)
             elif kind == "resume":
-                self._resume(frame)
+                await self._resume(frame)
             else:
                 raise InvalidRequestError(
                     "Unknown frame type; expected chat.completion.create, cancel or resume.",
@@ -144,7 +152,7 @@ class _Socket:
         stream = await admission.launch(start_stream, self._app, owner)
         self._follow(request_id, stream, after=0, announce=True)
 
-    def _cancel(self, frame: dict[str, Any]) -> None:
+    async def _cancel(self, frame: dict[str, Any]) -> None:
         request_id = frame.get("request_id")
         entry = self._readers.get(request_id) if is_request_id(request_id) else None
         if entry is None:
@@ -153,9 +161,13 @@ class _Socket:
                 param="request_id",
                 code="request_not_found",
             )
-        self._registry.cancel(entry[0])  # its reader sends the final error frame
+        stream = self._registry.get(entry[0])  # its reader sends the final error frame
+        if stream is not None:
+            self._registry.cancel(stream)
+        elif (remote := self._app[REMOTE_STREAMS]) is not None:
+            await remote.request_cancel(entry[0])
 
-    def _resume(self, frame: dict[str, Any]) -> None:
+    async def _resume(self, frame: dict[str, Any]) -> None:
         stream_id = frame.get("stream_id")
         if not isinstance(stream_id, str):
             raise InvalidRequestError("'stream_id' must be a string.", param="stream_id")
@@ -163,6 +175,12 @@ class _Socket:
         if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
             raise InvalidRequestError("'last_seq' must be an integer >= 0.", param="last_seq")
         request_id = self._new_request_id(frame.get("request_id", stream_id))
+        remote = self._app[REMOTE_STREAMS]
+        if self._registry.get(stream_id) is None and remote is not None:  # another replica's?
+            principal = self._principal
+            if await remote.owner_of(stream_id) == (principal.user_id, principal.tenant):
+                self._follow_remote(remote, request_id, stream_id, last_seq)
+                return
         stream = owned_stream(self._registry, stream_id, self._principal)
         after = check_resume_point(stream, last_seq)
         self._app[TELEMETRY].stream_resumed(stream, after)
@@ -189,14 +207,25 @@ class _Socket:
         self._registry.attach(stream)
         frames = StreamFrames(request_id, stream.id)
         task = asyncio.create_task(self._relay(frames, stream, after, announce))
-        self._readers[request_id] = (stream, task)
+        self._readers[request_id] = (stream.id, task)
         task.add_done_callback(functools.partial(self._reader_done, request_id, stream))
 
-    def _reader_done(self, request_id: RequestId, stream: Stream, task: asyncio.Task[None]) -> None:
-        self._readers.pop(request_id, None)
-        self._registry.detach(stream)
+    def _follow_remote(
+        self, remote: RemoteStreams, request_id: RequestId, stream_id: str, after: int
+    ) -> None:
+        frames = StreamFrames(request_id, stream_id)
+        task = asyncio.create_task(self._relay_remote(remote, frames, after))
+        self._readers[request_id] = (stream_id, task)
+        task.add_done_callback(functools.partial(self._reader_done, request_id, None))
+
+    def _reader_done(
+        self, request_id: RequestId, stream: Stream | None, task: asyncio.Task[None]
+    ) -> None:
+        stream_id, _ = self._readers.pop(request_id, ("?", task))
+        if stream is not None:
+            self._registry.detach(stream)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("WebSocket reader of stream %s failed", stream.id, exc_info=exc)
+            log.error("WebSocket reader of stream %s failed", stream_id, exc_info=exc)
 
     async def _relay(
         self, frames: StreamFrames, stream: Stream, after: int, announce: bool
@@ -204,6 +233,9 @@ class _Socket:
         send = self._ws.send_frame
         with contextlib.suppress(ConnectionResetError):  # the socket went away mid-send
             if announce:
+                mirror = self._app[JOURNAL_MIRROR]
+                if mirror is not None:  # the id goes out next: every replica must know it
+                    await mirror.registered(stream)
                 await send(frames.started(), TEXT)
             async for batch in stream.follow(after):
                 for seq, kind, data in batch:
@@ -218,3 +250,49 @@ class _Socket:
                 await send(
                     frames.done(stream.last_seq, progress.finish_reason, progress.usage), TEXT
                 )
+
+    async def _relay_remote(self, remote: RemoteStreams, frames: StreamFrames, after: int) -> None:
+        """``_relay`` for a stream another replica generates, read from the Redis journal."""
+        send = self._ws.send_frame
+        final: list[Event] = []  # the journal's own last event: [DONE] or the error
+        last_seq = after
+
+        async def deliver(batch: list[Event]) -> None:
+            nonlocal last_seq
+            for seq, kind, data in batch:
+                if kind == Kind.CHUNK:
+                    await send(frames.chunk(seq, data), TEXT)
+                else:
+                    final[:] = [(seq, kind, data)]
+                last_seq = seq
+
+        with contextlib.suppress(ConnectionResetError):
+            async with remote.reading(frames.stream_id):
+                status = await remote.follow(frames.stream_id, after, deliver, _nothing)
+            if final and final[0][1] == Kind.ERROR:
+                await send(frames.error_event(final[0][0], final[0][2]), TEXT)
+            elif final and status == StreamStatus.COMPLETED:
+                checkpoint = await remote.checkpoint(frames.stream_id)
+                finish = checkpoint.finish_reason if checkpoint is not None else None
+                await send(frames.done(final[0][0], finish, _usage(checkpoint)), TEXT)
+            else:  # its replica stopped before the end: what it made is in the checkpoint
+                interrupted = ServiceUnavailableError(
+                    "The replica generating this stream stopped before it finished.",
+                    code="stream_interrupted",
+                )
+                await send(frames.error(last_seq + 1, interrupted), TEXT)
+
+
+async def _nothing() -> None:
+    """A quiet period on a remote journal: the socket's own heartbeat keeps it alive."""
+
+
+def _usage(checkpoint: Checkpoint | None) -> dict[str, int] | None:
+    if checkpoint is None or not checkpoint.usage_reported:
+        return None
+    prompt, completion = checkpoint.prompt_tokens, checkpoint.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
