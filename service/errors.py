@@ -18,6 +18,7 @@
         ├── ProviderTimeoutError       504 connect, first-token or idle timeout
         │   └── ProviderConnectTimeoutError  504 no connection in time (safe to retry)
         ├── ProviderConnectionError    502 refused, reset, closed mid-stream
+        │   └── ProviderCutOffError    502 closed mid-answer, after it was paid for (no retry)
         └── ProviderProtocolError      502 the upstream sent something that is not a chunk
 
 Every leaf renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as a
@@ -217,6 +218,10 @@ class ProviderConnectTimeoutError(ProviderTimeoutError):
 
 class ProviderConnectionError(ProviderError):
     default_code = "provider_connection_error"
+
+
+class ProviderCutOffError(ProviderConnectionError):
+    """A non-streamed answer broke off mid-body: the provider had generated (and billed) it."""
 
 
 class ProviderProtocolError(ProviderError):

@@ -22,8 +22,8 @@ from .stream import Kind, Stream
 async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> None:
     """Run the provider call for ``stream``; raises ``SluiceError`` on provider failure.
 
-    A stream is retried and falls back only until the provider answers 2xx; from then on
-    nothing is repeated. A non-streamed completion can be retried until its whole body is in.
+    Retries and fallbacks happen only until the provider answers 2xx; from then on nothing
+    is repeated (a non-streamed answer cut off mid-body is not retried: it was paid for).
     """
     if not stream.streaming:
         raw = await upstream.complete(body, route=stream)

@@ -2,9 +2,9 @@
 
 An *attempt* is one HTTP call to the provider (``ResilientProvider._attempt``, the boundary
 a tracing span wraps): for a stream, from the request until its status line; for a
-non-streamed completion, until its whole body, since the client has not had a byte of it
-yet. A stream that answered 2xx goes to the client and is never repeated (``generation.py``
-owns that part).
+non-streamed completion, until its whole body. A stream that answered 2xx goes to the
+client and is never repeated (``generation.py`` owns that part); a completion cut off
+mid-body is not repeated either (``retry.is_retryable``: it was already paid for).
 
 For a request the provider tries its model's tier, then each configured fallback
 (``SLUICE_FALLBACKS``), each tier with fresh attempts but a shared waiting budget:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .errors import (
     ProviderConnectionError,
     ProviderConnectTimeoutError,
+    ProviderCutOffError,
     ProviderStatusError,
 )
 
@@ -50,7 +51,10 @@ def is_retryable(error: BaseException) -> bool:
         status = error.provider_status
         return status in RETRYABLE_STATUSES or status >= 500
     # A connect timeout is retryable; a first-token or idle timeout is not, because the
-    # provider may be generating (and billing) the answer we would ask for again.
+    # provider may be generating (and billing) the answer we would ask for again, nor an
+    # answer cut off mid-body, which the provider has already generated and billed.
+    if isinstance(error, ProviderCutOffError):
+        return False
     return isinstance(error, ProviderConnectionError | ProviderConnectTimeoutError)
 
 

@@ -20,6 +20,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .errors import (
     ProviderConnectionError,
+    ProviderCutOffError,
     ProviderStatusError,
     ProviderTimeoutError,
     translate,
@@ -76,6 +77,11 @@ class Upstream:
             response = await self._post(body, self._headers)
             try:
                 raw = await response.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                response.close()
+                raise ProviderCutOffError(
+                    "The provider closed the connection in the middle of its answer."
+                ) from exc
             except BaseException:
                 response.close()  # drop the connection: the provider sees it and stops
                 raise

@@ -10,6 +10,7 @@ from service.errors import (
     InvalidRequestError,
     ProviderConnectionError,
     ProviderConnectTimeoutError,
+    ProviderCutOffError,
     ProviderProtocolError,
     ProviderStatusError,
     ProviderTimeoutError,
@@ -44,6 +45,7 @@ def test_connection_failures_retry_but_generation_timeouts_do_not() -> None:
     assert is_retryable(ProviderConnectionError("refused"))
     assert is_retryable(ProviderConnectTimeoutError("slow connect"))
     assert not is_retryable(ProviderTimeoutError("no first token"))
+    assert not is_retryable(ProviderCutOffError("half a body, already paid for"))
     assert not is_retryable(ProviderProtocolError("garbage"))
     assert not is_retryable(InvalidRequestError("bad"))
 
