@@ -52,6 +52,7 @@ END = 9  # the journal's closing marker; never sent to clients
 CONTROL_CHANNEL = f"{KEY_PREFIX}ctl"
 READ_COUNT = 512
 LISTEN_RETRY_S = 1.0
+LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it should stop
 CANCEL_WAIT_S = 10.0
 MIRROR_INTERVAL_S = 0.02
 HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
@@ -90,6 +91,7 @@ class JournalMirror:
         self._heartbeat_ms = max(1, int(HEARTBEAT_TICKS * keepalive_s * 1000))
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._registered: dict[str, asyncio.Event] = {}  # set once the first attempt ended
+        self._stop = asyncio.Event()
         self.remote_readers: dict[str, int] = {}
 
     def launched(self, stream: Stream) -> None:
@@ -212,17 +214,30 @@ class JournalMirror:
             self._registry.cancel(stream)
 
     async def listen(self, client: Redis) -> None:
-        """Apply control messages until cancelled; reconnects after a Redis outage."""
-        while True:
+        """Apply control messages until ``stop_listening``; reconnects after a Redis outage.
+
+        It polls instead of blocking in ``PubSub.listen``: redis-py (8.1) can swallow a
+        cancellation that lands while a subscription starts, and a listener that cannot be
+        cancelled would hang the shutdown. The stop flag ends it within one poll anyway.
+        """
+        while not self._stop.is_set():
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CONTROL_CHANNEL)
-                    async for message in pubsub.listen():
-                        op, _, stream_id = message["data"].decode().partition(" ")
-                        self.control(op, stream_id)
+                    while not self._stop.is_set():
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
+                        )
+                        if message is not None:
+                            op, _, stream_id = message["data"].decode().partition(" ")
+                            self.control(op, stream_id)
             except (RedisError, OSError) as exc:
                 log.debug("control channel lost (%s); reconnecting", type(exc).__name__)
-                await asyncio.sleep(LISTEN_RETRY_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), LISTEN_RETRY_S)
+
+    def stop_listening(self) -> None:
+        self._stop.set()
 
     async def close(self) -> None:
         """Wait for the mirrors of streams that ended during shutdown."""
@@ -304,12 +319,30 @@ class RemoteStreams:
 
     @contextlib.asynccontextmanager
     async def reading(self, stream_id: str) -> AsyncIterator[None]:
-        """Count the caller as a reader on the owning replica, whose grace window then waits."""
-        await self._publish("attach", stream_id)
+        """Count the caller as a reader on the owning replica, whose grace window then waits.
+
+        Every ``attach`` that may have gone out is matched by a ``detach``, even for a reader
+        cancelled while publishing it (the owner ignores a detach it counts no reader for):
+        an unmatched attach would keep a stream nobody reads running to its end.
+        """
         try:
+            await self._publish("attach", stream_id)
             yield
         finally:
-            await self._publish("detach", stream_id)
+            await asyncio.shield(self._publish("detach", stream_id))
+
+    async def last_seq(self, stream_id: str) -> int | None:
+        """The last event's number once the journal is closed; None while it runs (or if
+        Redis is unavailable): the mirror may lag the owner, so no bound is known."""
+        try:
+            entries: Any = await self._gate.run(
+                lambda r: r.xrevrange(journal_key(stream_id), count=1)
+            )
+        except RedisUnavailable:
+            return None
+        if not entries or int(entries[0][1][b"k"]) != END:
+            return None
+        return _entry_seq(entries[0][0]) - 1
 
     async def follow(
         self,

@@ -15,7 +15,6 @@ listener, and at the very end waits for the journal mirrors and closes the conne
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -41,11 +40,11 @@ from .pg_ledger import PostgresLedger
 from .redis_budgets import RedisBudgets
 from .redis_cache import RedisResponseCache
 from .redis_checkpoints import SharedCheckpointStore
-from .redis_journal import JournalMirror, RemoteStreams
+from .redis_journal import LISTEN_POLL_S, JournalMirror, RemoteStreams
 from .redis_limits import RedisLimiter
 from .redisgate import RedisGate, RedisUnavailable
 from .shared_metrics import SharedStateCollector
-from .stream import Stream
+from .stream import Stream, check_resume_point
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +111,9 @@ def install_shared_state(app: web.Application) -> None:
             log.warning("redis not reachable at start (%s); policy: fail-%s", exc, gate.failure)
         listener = asyncio.create_task(mirror.listen(follower), name="redis-control")
         yield
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        mirror.stop_listening()
+        listener.cancel()  # at once, usually; else the stop flag within one poll
+        await asyncio.wait({listener}, timeout=2 * LISTEN_POLL_S)
         await mirror.close()
         await follower.aclose()
         await gate.client.aclose()
@@ -129,6 +128,7 @@ async def remote_events(
     remote = request.app[REMOTE_STREAMS]
     if remote is None or not await _owns(request, remote, stream_id):
         return None
+    after = check_resume_point(await remote.last_seq(stream_id), after)
     return await remote.serve(request, stream_id, after)
 
 

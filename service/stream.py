@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import SluiceError
+from .errors import InvalidRequestError, SluiceError
 from .jsonbytes import dumps_kept
 from .latch import Latch, Pulse
 from .sse import DONE
@@ -236,3 +236,14 @@ class Stream:
             await self._wake.wait()
             if self.ticks != ticks and position == len(self.events) and self.running:
                 yield []
+
+
+def check_resume_point(last_seq: int | None, after: int) -> int:
+    """``after`` (a Last-Event-ID), unless it names an event past ``last_seq``, the
+    stream's last event (None: not known yet, as for a stream still running elsewhere)."""
+    if last_seq is not None and after > last_seq:
+        raise InvalidRequestError(
+            f"Event {after} is past the stream's last event ({last_seq}).",
+            param="last_event_id",
+        )
+    return after

@@ -14,7 +14,7 @@ import orjson
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from service.appkeys import JOURNAL_MIRROR, STREAMS
+from service.appkeys import JOURNAL_MIRROR, REMOTE_STREAMS, STREAMS
 from service.redis_journal import journal_key, meta_key, owner_key
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
@@ -305,3 +305,89 @@ async def test_another_user_cannot_resume_over_a_socket_on_another_replica(
     assert (refused["type"], refused["error"]["code"]) == ("error", "stream_not_found")
     await ws.close()
     response.close()
+
+
+async def _finished_on_a(a: TestClient[Any, Any], text: str) -> tuple[str, int]:
+    """Run ``text`` to its end on A and wait until its journal is closed in Redis."""
+    response = await a.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    body = await response.read()
+    stream = a.app[STREAMS].get(stream_id)
+    assert stream is not None
+    await a.app[STREAMS].settled(stream)  # finish hooks done: checkpoint stored, END written
+    return stream_id, len(events(body))
+
+
+async def _resume_frames(
+    client: TestClient[Any, Any], stream_id: str, last_seq: int
+) -> list[dict[str, Any]]:
+    """The frames a socket gets for ``resume`` until its final (or refusal) frame."""
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    frame = {"type": "resume", "stream_id": stream_id, "last_seq": last_seq, "request_id": "r"}
+    await ws.send_str(orjson.dumps(frame).decode())
+    frames = [orjson.loads((await ws.receive()).data)]
+    while frames[-1]["type"] == "chunk":
+        frames.append(orjson.loads((await ws.receive()).data))
+    await ws.close()
+    return frames
+
+
+async def test_a_socket_on_another_replica_ends_a_finished_stream_like_its_owner(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """Resumed after its last chunk, at its final event, or past it: B's socket answers
+    exactly as A's does (the ``done`` frame again; a 400 naming ``last_event_id``)."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    stream_id, count = await _finished_on_a(a, f"end [sim chunks=3 created={FIXED_CREATED}]")
+    for last_seq in (count - 1, count, count + 1):
+        here, there = (
+            await _resume_frames(a, stream_id, last_seq),
+            await _resume_frames(b, stream_id, last_seq),
+        )
+        assert there == here, last_seq
+    assert there[-1]["error"]["param"] == "last_event_id"
+    assert here[0]["type"] == "done" or here[0]["type"] == "error"
+
+
+async def test_sse_resume_past_the_end_on_another_replica_is_400(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """A Last-Event-ID past a finished stream's last event: 400 on B as on A."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    stream_id, count = await _finished_on_a(a, f"end [sim chunks=2 created={FIXED_CREATED}]")
+    for client in (a, b):
+        response = await client.get(
+            f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": str(count + 1)}
+        )
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == "last_event_id"
+
+
+async def test_a_remote_reader_cancelled_while_attaching_still_detaches(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, monkeypatch: Any
+) -> None:
+    """The attach may have reached the owner before the cancellation: a detach follows it,
+    or the owner would count a reader forever and never start the grace window."""
+    b = await gateway(with_redis(settings, redis_url))
+    remote = b.app[REMOTE_STREAMS]
+    assert remote is not None
+    published: list[str] = []
+    attaching = asyncio.Event()
+
+    async def publish(op: str, stream_id: str) -> None:
+        published.append(op)
+        if op == "attach":
+            attaching.set()
+            await asyncio.Event().wait()  # in flight until cancelled
+
+    monkeypatch.setattr(remote, "_publish", publish)
+
+    async def read() -> None:
+        async with remote.reading("strm_x"):
+            raise AssertionError("not reached: cancelled while attaching")
+
+    reader = asyncio.create_task(read())
+    await attaching.wait()
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert published == ["attach", "detach"]

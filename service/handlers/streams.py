@@ -15,7 +15,7 @@ from ..errors import InvalidRequestError, NotFoundError
 from ..registry import StreamRegistry
 from ..relay import stream_sse
 from ..shared import remote_cancel, remote_events
-from ..stream import Stream
+from ..stream import Stream, check_resume_point
 
 
 async def get_stream(request: web.Request) -> web.Response:
@@ -41,7 +41,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         if remote is not None:
             return remote
     stream = _owned_stream(request)
-    after = check_resume_point(stream, _last_event_id(request))
+    after = check_resume_point(stream.last_seq, _last_event_id(request))
     request.app[TELEMETRY].stream_resumed(stream, after)
     return await stream_sse(request, request.app[STREAMS], stream, after=after)
 
@@ -73,16 +73,6 @@ def owned_stream(registry: StreamRegistry, stream_id: str, principal: Principal)
     if stream is None or not _owns(principal, stream.owner.user_id, stream.owner.tenant):
         raise _not_found(stream_id)
     return stream
-
-
-def check_resume_point(stream: Stream, after: int) -> int:
-    """``after`` (a Last-Event-ID), unless it names an event this stream never sent."""
-    if after > stream.last_seq:
-        raise InvalidRequestError(
-            f"Event {after} is past the stream's last event ({stream.last_seq}).",
-            param="last_event_id",
-        )
-    return after
 
 
 def _check_owner(request: web.Request, user_id: str, tenant: str) -> None:

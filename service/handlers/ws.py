@@ -40,7 +40,7 @@ from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, SluiceError
 from ..redis_journal import Event, RemoteStreams
 from ..request import parse_chat_request
-from ..stream import Kind, Owner, Stream, StreamStatus
+from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
 from ..wsproto import (
     MAX_REQUEST_ID_CHARS,
     RequestId,
@@ -50,7 +50,7 @@ from ..wsproto import (
     parse_frame,
 )
 from .chat import start_stream
-from .streams import check_resume_point, owned_stream
+from .streams import owned_stream
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,11 @@ class _Socket:
         if self._registry.get(stream_id) is None and remote is not None:  # another replica's?
             principal = self._principal
             if await remote.owner_of(stream_id) == (principal.user_id, principal.tenant):
-                self._follow_remote(remote, request_id, stream_id, last_seq)
+                after = check_resume_point(await remote.last_seq(stream_id), last_seq)
+                self._follow_remote(remote, request_id, stream_id, after)
                 return
         stream = owned_stream(self._registry, stream_id, self._principal)
-        after = check_resume_point(stream, last_seq)
+        after = check_resume_point(stream.last_seq, last_seq)
         self._app[TELEMETRY].stream_resumed(stream, after)
         self._follow(request_id, stream, after=after, announce=False)
 
@@ -260,15 +261,17 @@ class _Socket:
         async def deliver(batch: list[Event]) -> None:
             nonlocal last_seq
             for seq, kind, data in batch:
-                if kind == Kind.CHUNK:
-                    await send(frames.chunk(seq, data), TEXT)
-                else:
+                if kind != Kind.CHUNK:
                     final[:] = [(seq, kind, data)]
-                last_seq = seq
+                elif seq > after:
+                    await send(frames.chunk(seq, data), TEXT)
+                last_seq = max(last_seq, seq)
 
+        # From the event before ``after``: if the client had the final event, its frame goes
+        # out again, as it does for a local stream.
         with contextlib.suppress(ConnectionResetError):
             async with remote.reading(frames.stream_id):
-                status = await remote.follow(frames.stream_id, after, deliver, _nothing)
+                status = await remote.follow(frames.stream_id, max(after - 1, 0), deliver, _nothing)
             if final and final[0][1] == Kind.ERROR:
                 await send(frames.error_event(final[0][0], final[0][2]), TEXT)
             elif final and status == StreamStatus.COMPLETED:
