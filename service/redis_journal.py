@@ -216,9 +216,10 @@ class JournalMirror:
     async def listen(self, client: Redis) -> None:
         """Apply control messages until ``stop_listening``; reconnects after a Redis outage.
 
-        It polls instead of blocking in ``PubSub.listen``: redis-py (8.1) can swallow a
-        cancellation that lands while a subscription starts, and a listener that cannot be
-        cancelled would hang the shutdown. The stop flag ends it within one poll anyway.
+        It polls instead of blocking in ``PubSub.listen``: redis-py sends through
+        ``asyncio.wait_for``, which on Python 3.11 drops a cancellation that lands as the
+        send completes (CPython gh-86296, fixed in 3.12), and a listener that missed its
+        cancellation would block forever and hang the shutdown. The flag ends it anyway.
         """
         while not self._stop.is_set():
             try:
