@@ -87,10 +87,15 @@ def checkpoint_of(
 
 
 def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:
+    """Every choice's text and tool calls (``n`` > 1 generates, and costs, each of them)."""
     progress = stream.progress
-    tokens = count_text(stream.model, progress.text)
-    if progress.tool_calls:  # a function call's name and arguments are generated tokens too
-        tokens += count_text(stream.model, tool_call_text(progress.tool_calls))
+    text, calls = progress.text, list(progress.tool_calls)
+    if progress.others:
+        text += "".join(str(d.get("content") or "") for d in progress.others)
+        calls += [call for d in progress.others for call in d.get("tool_calls") or ()]
+    tokens = count_text(stream.model, text)
+    if calls:  # a function call's name and arguments are generated tokens too
+        tokens += count_text(stream.model, tool_call_text(calls))
     return tokens
 
 

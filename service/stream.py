@@ -55,6 +55,7 @@ class Progress:
 
     parts: list[str] = field(default_factory=list)
     tool_calls: list[Any] = field(default_factory=list)
+    others: list[Any] = field(default_factory=list)  # deltas of choices past 0 (``n`` > 1)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     response_id: str | None = None
@@ -86,6 +87,8 @@ class Progress:
                 reason = choice.get("finish_reason")
                 if reason:
                     self.finish_reason = reason
+            elif choice.get("delta"):
+                self.others.append(choice["delta"])  # billed too, if usage never comes
         return False
 
     def add_completion(self, body: dict[str, Any]) -> None:
@@ -94,12 +97,14 @@ class Progress:
         self.response_model = body.get("model")
         self.usage = body.get("usage") or None
         for choice in body.get("choices") or ():
-            if choice.get("index", 0) == 0:
-                message = choice.get("message") or {}
-                if message.get("content"):
-                    self.parts.append(message["content"])
-                self.tool_calls.extend(message.get("tool_calls") or ())
-                self.finish_reason = choice.get("finish_reason")
+            message = choice.get("message") or {}
+            if choice.get("index", 0) != 0:
+                self.others.append(message)
+                continue
+            if message.get("content"):
+                self.parts.append(message["content"])
+            self.tool_calls.extend(message.get("tool_calls") or ())
+            self.finish_reason = choice.get("finish_reason")
         self.chunks = 1
 
     @property

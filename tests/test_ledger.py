@@ -197,6 +197,28 @@ async def test_wire_aborted_stream_is_billed_for_what_was_generated(
     assert sim_stats.chunks_sent == [k]
 
 
+async def test_wire_aborted_stream_with_n_choices_is_billed_for_every_choice(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """``n`` = 3, the client drops after k positions: each choice generated k tokens, and the
+    row bills all 3k (usage never came), not choice 0's k."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0))
+    k, n = 4, 3
+    body = chat_body(f"abort us [sim chunks=50 stall_after={k}]", n=n, max_tokens=500)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    seen = 0
+    async for line in response.content:
+        if line.startswith(b"data: ") and b'"content":" ' in line:
+            seen += 1
+            if seen == k * n:
+                break
+    response.close()
+    await finished(client, response)
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    (row,) = await client.app[GATE].ledger.entries()
+    assert (row.status, row.completion_tokens, row.usage_reported) == ("client_gone", k * n, False)
+
+
 async def test_wire_provider_errors_are_recorded(gateway: GatewayFactory) -> None:
     """Refused upstream: a provider_error row at zero cost; failed mid-stream: billed output."""
     client = await gateway()

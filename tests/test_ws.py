@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.appkeys import LIFECYCLE, STREAMS
+from service.appkeys import GATE, LIFECYCLE, STREAMS
 from service.handlers import ws as ws_handler
 from service.settings import Settings
 from service.simulator import SimStats
@@ -244,6 +244,31 @@ async def test_binary_frames_and_duplicate_request_ids_are_refused(
     assert parsed["type"] == "error"
     assert parsed["request_id"] == "dup"
     assert parsed["error"]["code"] == "duplicate_request_id"
+    await ws.close()
+
+
+async def test_create_frames_refused_for_their_request_id_are_in_the_ledger(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A create frame without a request id, or with one already streaming, is a refused
+    request: it gets its error frame and its ledger row, like any other refusal."""
+    client = await gateway(with_drain(settings, 0))
+    ws = await connect(client)
+    missing = {"type": "chat.completion.create", "body": chat_body("no id")}
+    await ws.send_str(orjson.dumps(missing).decode())
+    refused, _ = await frame(ws)
+    assert (refused["type"], refused["error"]["param"]) == ("error", "request_id")
+    await create(ws, "dup", "long [sim stall_after=1]")
+    assert (await frame(ws))[0]["type"] == "started"
+    await create(ws, "dup", "again")
+    while (refused := (await frame(ws))[0])["type"] == "chunk":
+        pass
+    assert refused["error"]["code"] == "duplicate_request_id"
+    rows = await client.app[GATE].ledger.entries()
+    assert [(r.status, r.error_code) for r in rows] == [
+        ("rejected", "invalid_request_error"),
+        ("rejected", "duplicate_request_id"),
+    ]
     await ws.close()
 
 

@@ -135,10 +135,10 @@ class _Socket:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _create(self, frame: dict[str, Any]) -> None:
-        request_id = self._new_request_id(frame.get("request_id"))
         body = frame.get("body")
         principal = self._principal
         try:
+            request_id = self._new_request_id(frame.get("request_id"))
             if not isinstance(body, dict):
                 raise InvalidRequestError("'body' must be a chat completion request.", param="body")
             # The transport streams by nature: ``stream`` is implied whatever the body says.
