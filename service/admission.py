@@ -149,18 +149,25 @@ class Gate:
             Tier("global", "*", s.global_rpm, s.global_tpm),
         )
 
-    def refuse(self, principal: Principal, source: object, *, code: str | None) -> None:
-        """Record a request refused before admission (its body invalid, or too large).
+    def refuse(
+        self, principal: Principal, source: object, *, code: str | None, status: str = "rejected"
+    ) -> None:
+        """Record a request refused before admission (its body invalid, or too large), or
+        given up by its client before then (``status="cancelled"``).
 
         ``source`` is what the client sent (raw bytes or a decoded body), read only for
         the model it names.
         """
-        self.ledger.record(_rejection(principal, _model_named(source), self.clock(), code=code))
+        model = _model_named(source)
+        self.ledger.record(_rejection(principal, model, self.clock(), code=code, status=status))
 
     def worst_cost(self, model: str, prompt_tokens: int, output_tokens: int) -> Decimal:
-        """The most ``model``'s request can cost: priced as the dearest model it may reach."""
-        chain = (model, *self.fallbacks.get(model, ()))
-        return max(self.prices.cost(m, prompt_tokens, output_tokens) for m in chain)
+        """The most ``model``'s request can cost: priced as the dearest model it may reach,
+        its fallbacks' own fallbacks included (a degraded start follows the fallback's chain)."""
+        reachable = [model]
+        for tried in reachable:  # grows while it is walked: a breadth-first walk
+            reachable += [m for m in self.fallbacks.get(tried, ()) if m not in reachable]
+        return max(self.prices.cost(m, prompt_tokens, output_tokens) for m in reachable)
 
     def under_pressure(self, stream: Stream) -> bool:
         """Start ``stream`` on its first fallback: a budget (the key's own limits included)

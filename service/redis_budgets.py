@@ -139,7 +139,7 @@ class RedisBudgets(Budgets):
         if held > 1:
             self._shared[hold] = held - 1
         keys = [budget_key(key) for key in hold.keys]
-        args = [micros(hold.amount, up=True), micros(actual)]
+        args = [micros(hold.amount, up=True), micros(actual, up=True)]  # never spend 0
         try:
             await self._gate.evalsha(self._settle, keys, args)
         except RedisUnavailable:

@@ -12,11 +12,12 @@ import orjson
 import pytest
 
 from service import tokens
+from service.admission import Gate
 from service.appkeys import GATE
 from service.budgets import BudgetLimits, Budgets
 from service.errors import BudgetExceededError
 from service.ledger import SpendRow
-from service.settings import Settings
+from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.resilient import with_resilience
@@ -199,3 +200,12 @@ async def test_the_reservation_covers_a_dearer_fallback(
     assert Decimal(str(row.cost_usd)) == dear
     spent = roomy.app[GATE].budgets.status("dev", "dev")["user"]["daily"]
     assert (spent["reserved_usd"], spent["spent_usd"]) == (0.0, float(dear))
+
+
+def test_the_worst_case_covers_the_fallbacks_of_fallbacks() -> None:
+    """Under budget pressure a request starts on its fallback and follows that model's own
+    chain: the reservation prices the dearest model reachable, however deep."""
+    fallbacks = {"gpt-4o-mini": ("gpt-4.1-nano",), "gpt-4.1-nano": ("gpt-4",)}
+    gate = Gate(LimitSettings(), MoneySettings(), fallbacks=fallbacks)
+    assert gate.worst_cost("gpt-4o-mini", 1000, 1000) == gate.prices.cost("gpt-4", 1000, 1000)
+    assert gate.worst_cost("gpt-4", 1000, 1000) == gate.prices.cost("gpt-4", 1000, 1000)

@@ -18,6 +18,7 @@ from service import tokens
 from service.admission import Gate
 from service.appkeys import GATE, STREAMS
 from service.auth import Principal
+from service.handlers import chat as chat_handler
 from service.ledger import LedgerEntry, MemoryLedger, SqliteLedger, utc_day
 from service.limits import MemoryLimiter
 from service.request import parse_chat_request
@@ -432,3 +433,40 @@ async def test_a_client_gone_while_its_prompt_is_counted_leaves_a_cancelled_row(
     assert isinstance(gate.limiter, MemoryLimiter)
     assert gate.limiter.streams_of("alice") == 0
     assert gate.budgets.status("alice", "acme")["user"]["daily"]["reserved_usd"] == 0.0
+
+
+async def test_a_client_gone_while_its_body_arrives_leaves_a_cancelled_row(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers and a tenth of the body, then the socket closes: the handler is cancelled
+    while reading, and the request still has its one row (cancelled, zero cost)."""
+    client = await gateway()
+    reading, recorded = asyncio.Event(), asyncio.Event()
+    read_body = chat_handler._read_body
+
+    async def spy_read(request: web.Request) -> bytes:
+        reading.set()
+        return await read_body(request)
+
+    monkeypatch.setattr(chat_handler, "_read_body", spy_read)
+    ledger = client.app[GATE].ledger
+    record = ledger.record
+
+    def spy_record(entry: LedgerEntry) -> None:
+        record(entry)
+        recorded.set()
+
+    monkeypatch.setattr(ledger, "record", spy_record)
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + AUTH["Authorization"].encode() + b"\r\n"
+        b"Content-Length: 100\r\n\r\n" + b'{"model": "'
+    )
+    await writer.drain()
+    await reading.wait()
+    writer.close()
+    async with asyncio.timeout(10):  # a safety net: without the row this would wait forever
+        await recorded.wait()
+    (row,) = await ledger.entries()
+    assert (row.status, row.user_id, row.cost_usd) == ("cancelled", "dev", 0.0)

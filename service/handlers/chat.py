@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from aiohttp import web
@@ -91,6 +92,9 @@ async def _parse(request: web.Request) -> ChatRequest:
         raise
     except SluiceError as exc:
         gate.refuse(principal, raw, code=exc.code or exc.type)
+        raise
+    except asyncio.CancelledError:  # the client left while its body was arriving
+        gate.refuse(principal, raw, code=None, status="cancelled")
         raise
 
 
