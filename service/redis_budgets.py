@@ -5,7 +5,11 @@ with awaitable ``reserve_async``/``settle_async``: one Lua script checks every a
 budget (user/tenant x day/month) against ``spent + reserved + amount`` and reserves on all
 of them only if all fit, so concurrent requests spread over any number of replicas can
 commit at most the limit. Amounts are integer micro-dollars in Redis (``HINCRBY``: no
-float drift); a period's hash expires after the period ends.
+float drift); a period's hash expires after the period ends. A hash Redis lacks (it
+restarted empty, was flushed, or evicted the key) starts from this replica's view of the
+period's spend, loaded from the ledger at start: Redis does not forget what was spent
+(with PostgreSQL that view is every replica's; with SQLite, this replica's). A reservation
+whose caller is cancelled in flight is given back (``RedisGate.evalsha_or_undo``).
 
 The in-process ``Budgets`` state is kept as this replica's view (``status``/``pressure``
 stay synchronous) and is the fail-open fallback: with Redis unavailable, fail-open
@@ -19,6 +23,7 @@ path when the budgets are a ``RedisBudgets`` and call the in-process one otherwi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from decimal import Decimal
@@ -33,21 +38,28 @@ MICROS = Decimal(1_000_000)
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 
-# KEYS: budget hashes. ARGV: amount, ttl1, limit1, ttl2, limit2, ... (limit -1: none).
+# KEYS: budget hashes. ARGV: amount, then ttl, limit (-1: none), seed per key (ARGV[3i-1],
+# ARGV[3i], ARGV[3i+1]). A hash Redis does not have (restarted, flushed, evicted) starts
+# from the seed: the replica's own view of the period's spend, loaded from the ledger.
 # Returns {0, index} when budget ``index`` would be exceeded, else {1, committed...}.
 _RESERVE = """
 local amount = tonumber(ARGV[1])
 local committed = {}
 for i = 1, #KEYS do
+  local seed = tonumber(ARGV[3 * i + 1])
+  if seed > 0 and redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HSET', KEYS[i], 'spent', seed)
+    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i - 1]))
+  end
   local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
   committed[i] = (tonumber(state[1]) or 0) + (tonumber(state[2]) or 0)
-  local limit = tonumber(ARGV[2 * i + 1])
+  local limit = tonumber(ARGV[3 * i])
   if limit >= 0 and committed[i] + amount > limit then return {0, i} end
 end
 local out = {1}
 for i = 1, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'reserved', amount)
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 * i]))
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i - 1]))
   out[i + 1] = committed[i] + amount
 end
 return out
@@ -104,14 +116,17 @@ class RedisBudgets(Budgets):
             # reservation; the spend totals live in the ledger.
             return self.reserve(user, tenant, amount, overrides)
         keys = [budget_key(key) for key, _ in checks]
-        args: list[Any] = [micros(amount, up=True)]
+        reserved = micros(amount, up=True)
+        args: list[Any] = [reserved]
         for key, limit in checks:
             args += [
                 DAY_TTL_S if key[2] == "day" else MONTH_TTL_S,
                 -1 if limit is None else micros(limit),
+                micros(self._spent.get(key, Decimal(0))),
             ]
+        undo = functools.partial(self._undo_reserve, keys=keys, reserved=reserved)
         try:
-            reply = await self._gate.evalsha(self._reserve, keys, args)
+            reply = await self._gate.evalsha_or_undo(self._reserve, keys, args, undo)
         except RedisUnavailable:
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
@@ -129,6 +144,11 @@ class RedisBudgets(Budgets):
         hold = Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
         self._shared[hold] = self._shared.get(hold, 0) + 1
         return hold
+
+    async def _undo_reserve(self, reply: Any, *, keys: list[str], reserved: int) -> None:
+        """Give back a reservation whose caller was cancelled before it saw it."""
+        if int(reply[0]) == 1:
+            await self._gate.evalsha(self._settle, keys, [reserved, 0])
 
     async def settle_async(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost, on every replica's view."""

@@ -22,8 +22,10 @@ counted in Redis.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -140,8 +142,9 @@ class RedisLimiter:
         keys += [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
         args: list[str | int] = [self._now(), max(cap, 0), STREAM_LEASE_S]
         args += [v for _, _, rate, amount in buckets for v in (rate, amount)]
+        undo = functools.partial(self._undo_admit, user=user, cap=cap, tiers=tiers, tokens=tokens)
         try:
-            reply = await self._gate.evalsha(self._admit, keys, args)
+            reply = await self._gate.evalsha_or_undo(self._admit, keys, args, undo)
         except RedisUnavailable:
             if self._gate.fail_open:
                 self._gate.fallback("rate limits and stream caps")
@@ -162,10 +165,22 @@ class RedisLimiter:
             return stream_denial(user)
         return _denial(buckets, [float(level) for level in reply[1:]])
 
+    async def _undo_admit(
+        self, reply: Any, *, user: str, cap: int, tiers: Sequence[Tier], tokens: int
+    ) -> None:
+        """Give back an admission whose caller was cancelled before it saw the grant."""
+        if int(reply[0]) == 1:
+            await self._finish_shared(
+                Grant(tuple(tiers), tokens, None, None, user=user, cap=cap), 0
+            )
+
     async def finish(self, grant: Grant, used_tokens: int) -> None:
         await self.local.finish(grant, used_tokens)
         if not grant.shared:
             return  # admitted while Redis was unavailable (fail-open): nothing shared held
+        await self._finish_shared(grant, used_tokens)
+
+    async def _finish_shared(self, grant: Grant, used_tokens: int) -> None:
         delta = used_tokens - grant.tokens
         limited = [tier for tier in grant.tiers if tier.tpm > 0] if delta else []
         user = grant.user

@@ -77,6 +77,7 @@ class RedisGate:
         self._probing = False
         self._outbox: list[_Write] = []  # posted, not yet taken by a round trip
         self._sending: set[asyncio.Future[None]] = set()  # round trips carrying posts
+        self._undoing: set[asyncio.Task[None]] = set()  # give-backs of cancelled calls
         # Counters for /metrics and /readyz.
         self.errors_total = 0
         self.rejected_total = 0
@@ -148,6 +149,34 @@ class RedisGate:
         if not self._outbox:
             return await self.run(lambda r: script(keys=keys, args=args, client=r))
         return await self.run(lambda r: self._evalsha_after_posts(r, script, keys, args))
+
+    async def evalsha_or_undo(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[EncodableT],
+        undo: Callable[[Any], Awaitable[object]],
+    ) -> Any:
+        """``evalsha`` for a script that takes something (a stream slot, a reservation).
+
+        If the caller is cancelled (its client left) while the script is in flight, the
+        round trip still completes, and ``undo(reply)`` gives back what the script took:
+        otherwise it would stay taken in Redis, for every replica, until it expired.
+        (A timeout leaves it unknown whether the script ran; the key's expiry bounds that.)
+        """
+        call = asyncio.ensure_future(self.evalsha(script, keys, args))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            task = asyncio.create_task(_undo_when_done(call, undo))
+            self._undoing.add(task)
+            task.add_done_callback(self._undoing.discard)
+            raise
+
+    async def undone(self) -> None:
+        """Wait for the give-backs of cancelled calls still under way (before closing)."""
+        if self._undoing:
+            await asyncio.wait(self._undoing, timeout=2 * self.timeout_s)
 
     async def flush(self) -> None:
         """Send the posted writes no round trip has taken, and wait for those under way."""
@@ -251,6 +280,19 @@ class RedisGate:
             "rejected": self.rejected_total,
             "fallbacks": self.fallbacks_total,
         }
+
+
+async def _undo_when_done(
+    call: asyncio.Future[Any], undo: Callable[[Any], Awaitable[object]]
+) -> None:
+    try:
+        reply = await call
+    except (RedisUnavailable, asyncio.CancelledError):
+        return  # whether the script ran is unknown: its key's expiry bounds what it took
+    try:
+        await undo(reply)
+    except RedisUnavailable as exc:
+        log.warning("what a cancelled request took in redis was not given back: %s", exc)
 
 
 def _lost(writes: Sequence[_Write], reason: str) -> None:

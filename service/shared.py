@@ -115,6 +115,7 @@ def install_shared_state(app: web.Application) -> None:
         listener.cancel()  # at once, usually; else the stop flag within one poll
         await asyncio.wait({listener}, timeout=2 * LISTEN_POLL_S)
         await mirror.close()
+        await gate.undone()
         await follower.aclose()
         await gate.client.aclose()
 

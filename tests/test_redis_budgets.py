@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
@@ -13,6 +14,7 @@ from redis.asyncio import Redis
 
 from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError, ServiceUnavailableError
+from service.ledger import SpendRow, utc_day
 from service.redis_budgets import RedisBudgets
 from service.redisgate import RedisGate
 from service.settings import Settings
@@ -144,3 +146,38 @@ async def test_an_unlimited_request_is_admitted_while_redis_is_down_even_fail_cl
         redis_server.start()
         await gate.client.aclose()
     assert gate.errors_total == 1
+
+
+async def test_spend_in_the_ledger_counts_when_redis_starts_empty(
+    gates: list[RedisGate], redis_server: RedisServer
+) -> None:
+    """$0.90 already spent today (the ledger, loaded at start) against $1.00: Redis knew
+    nothing of it, at first and again after a flush, and still $0.15 more is refused."""
+    budgets = RedisBudgets(gates[0], LIMITS)
+    budgets.load([SpendRow("alice", "acme", utc_day(time.time()), 0.90)])
+    with pytest.raises(BudgetExceededError):
+        await budgets.reserve_async("alice", "acme", Decimal("0.15"))
+    hold = await budgets.reserve_async("alice", "acme", Decimal("0.05"))
+    await budgets.settle_async(hold, Decimal("0.05"))
+    redis_server.flush()  # restarted empty, or the key evicted
+    with pytest.raises(BudgetExceededError):
+        await budgets.reserve_async("alice", "acme", Decimal("0.10"))
+
+
+async def test_a_reservation_whose_caller_is_cancelled_in_flight_is_given_back(
+    gates: list[RedisGate], redis_server: RedisServer, redis_url: str
+) -> None:
+    """The client leaves while the reservation script is on its way: Redis still runs it,
+    and the reservation is then given back instead of holding the budget all day."""
+    budgets = RedisBudgets(gates[0], LIMITS)
+    redis_server.pause()  # the script is sent, and waits for its reply
+    try:
+        reserving = asyncio.ensure_future(budgets.reserve_async("alice", "acme", Decimal("0.5")))
+        await asyncio.sleep(0)  # one loop step: the reservation is sent (not a wait for time)
+        reserving.cancel()
+    finally:
+        redis_server.resume()
+    with pytest.raises(asyncio.CancelledError):
+        await reserving
+    await gates[0].undone()
+    assert await reserved_micros(redis_url, "alice") == 0

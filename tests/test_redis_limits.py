@@ -126,6 +126,31 @@ async def test_token_reservations_are_settled_in_the_shared_bucket(
     assert allowed.token_quota.remaining <= 100
 
 
+async def test_an_admission_whose_caller_is_cancelled_in_flight_is_given_back(
+    replicas: list[RedisLimiter], redis_server: RedisServer, redis_url: str
+) -> None:
+    """The client leaves while the admission script is on its way: Redis still takes the
+    stream slot and the tokens, and both are then given back, not held for an hour."""
+    one, two = replicas
+    tier = (Tier("user", "alice", rpm=0, tpm=1000),)
+    redis_server.pause()  # the script is sent, and waits for its reply
+    try:
+        admitting = asyncio.ensure_future(one.admit("alice", 1, tier, 900))
+        await asyncio.sleep(0)  # one loop step: the script is sent (not a wait for time)
+        admitting.cancel()
+    finally:
+        redis_server.resume()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    await one._gate.undone()
+    redis = Redis.from_url(redis_url)
+    try:
+        assert int(await redis.get(streams_key("alice")) or 0) == 0
+    finally:
+        await redis.aclose()
+    assert isinstance(await two.admit("alice", 1, tier, 900), Grant)  # slot and tokens free
+
+
 async def test_one_admission_script_counts_exactly_across_two_replicas(
     replicas: list[RedisLimiter], redis_url: str
 ) -> None:
