@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from aiohttp import web
@@ -84,14 +85,22 @@ def _drain_on_sigterm(app: web.Application) -> None:
     async def install(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         draining: list[asyncio.Task[None]] = []
+        exiting = False  # run_app's cleanup has been asked for: once is all it takes
+
+        def exit_once() -> None:
+            nonlocal exiting
+            if not exiting:
+                exiting = True
+                raise web.GracefulExit  # what run_app's own handler raises: then the cleanup
 
         def on_sigterm() -> None:
             if draining:
-                raise web.GracefulExit
+                exit_once()
+                return
             window = app[SETTINGS].server.drain_s
             log.info("SIGTERM: draining for up to %gs; /readyz answers 503", window)
             task = loop.create_task(drain(app), name="sigterm-drain")
-            task.add_done_callback(_exit_after_drain)
+            task.add_done_callback(lambda done: _exit_after_drain(done, exit_once))
             draining.append(task)
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)  # replaces run_app's handler
@@ -99,14 +108,10 @@ def _drain_on_sigterm(app: web.Application) -> None:
     app.on_startup.append(install)  # after run_app installed its handlers
 
 
-def _exit_after_drain(task: asyncio.Task[None]) -> None:
+def _exit_after_drain(task: asyncio.Task[None], exit_once: Callable[[], None]) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("drain failed", exc_info=exc)
-    task.get_loop().call_soon(_graceful_exit)
-
-
-def _graceful_exit() -> None:
-    raise web.GracefulExit  # what run_app's own handler raises: it then runs the cleanup
+    task.get_loop().call_soon(exit_once)  # a no-op if a second SIGTERM got there first
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """The one connection to shared state (Redis), with its own timeouts, breaker and policy.
 
 Every Redis call in the service goes through ``RedisGate.run``, which bounds it by
-``SLUICE_REDIS_TIMEOUT_S`` (socket connect/read timeouts as well as an overall deadline,
-and no client-side retries), so a dead or slow Redis can never hang a request. Failures
+``SLUICE_REDIS_TIMEOUT_S`` (the connect timeout and an overall deadline; no client-side
+retries), so a dead or slow Redis can never hang a request. Failures
 count towards a small loop-clocked breaker: after ``fail_max`` consecutive failures it
 opens for ``reset_s`` and calls fail at once without touching the network; then a single
 probe is let through. A failed call raises ``RedisUnavailable``; what happens next is the
@@ -90,11 +90,14 @@ class RedisGate:
             return None
         # A blocking pool: under a burst, calls wait (within the deadline) for one of
         # ``POOL_SIZE`` connections instead of failing with MaxConnectionsError.
+        # No socket_timeout: ``run``'s deadline bounds every call, and with one redis-py
+        # sends through ``asyncio.wait_for``, which on Python 3.11 can drop a cancellation
+        # (CPython gh-86296): a stream cancelled during a cache lookup would run on unpaid.
         pool = BlockingConnectionPool.from_url(
             settings.redis_url.reveal(),
             max_connections=POOL_SIZE,
             timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s,
+            socket_timeout=None,
             socket_connect_timeout=settings.redis_timeout_s,
             retry=Retry(NoBackoff(), 0),
         )

@@ -31,6 +31,7 @@ from .settings import StreamSettings
 from .stream import Stream, StreamStatus
 
 log = logging.getLogger(__name__)
+RECANCEL_S = 0.5  # how soon a cancel that did not stop the stream is repeated
 
 FinishHook = Callable[[Stream, Checkpoint], Awaitable[None]]
 
@@ -215,6 +216,9 @@ class StreamRegistry:
 def _cancel_running(stream: Stream) -> None:
     if stream.running and stream.task is not None:
         stream.task.cancel()
+        # Again later if it is still running: Python 3.11's ``asyncio.wait_for`` (inside
+        # libraries) can drop a cancellation that lands as what it awaits completes.
+        asyncio.get_running_loop().call_later(RECANCEL_S, _cancel_running, stream)
 
 
 @dataclass(frozen=True, slots=True)

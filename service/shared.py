@@ -97,6 +97,7 @@ def install_shared_state(app: web.Application) -> None:
     assert settings.shared.redis_url is not None
     follower = Redis.from_url(  # blocking reads and pub/sub: no socket read timeout
         settings.shared.redis_url.reveal(),
+        socket_timeout=None,  # said outright: redis-py 8 would cut an XREAD BLOCK at 5 s
         socket_connect_timeout=settings.shared.redis_timeout_s,
         retry=Retry(NoBackoff(), 0),
     )

@@ -9,8 +9,11 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from service.appkeys import REDIS, REMOTE_STREAMS
 from service.redisgate import RedisGate, RedisUnavailable
-from tests.servers import RedisServer
+from service.settings import Settings
+from tests.conftest import GatewayFactory
+from tests.servers import RedisServer, with_redis
 
 
 class Clock:
@@ -154,3 +157,21 @@ async def test_posted_writes_lost_to_an_outage_are_logged_never_raised(
     clock.now += 5
     await gate.flush()  # nothing queued: no call, the breaker untouched
     assert await gate.run(lambda r: r.exists("a", "b")) == 0
+
+
+async def test_connections_carry_no_socket_timeout_of_their_own(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """The gate's deadline bounds every call, so its connections have no socket timeout:
+    with one, redis-py sends through ``asyncio.wait_for``, which on Python 3.11 can drop a
+    cancellation. The follower's blocking XREAD must not be cut at redis-py's 5 s default."""
+    client = await gateway(with_redis(settings, redis_url))
+    gate, remote = client.app[REDIS], client.app[REMOTE_STREAMS]
+    assert gate is not None
+    assert remote is not None
+    for pool in (gate.client.connection_pool, remote._follower.connection_pool):
+        connection = await pool.get_connection()
+        try:
+            assert connection.socket_timeout is None
+        finally:
+            await pool.release(connection)

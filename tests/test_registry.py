@@ -17,6 +17,7 @@ from service.checkpoint import Checkpoint, MemoryCheckpointStore
 from service.registry import StreamRegistry
 from service.settings import StreamSettings
 from service.stream import Kind, Owner, Stream, StreamStatus
+from tests.streamwire import LoopClock
 
 OWNER = Owner("alice", "acme", "key1")
 
@@ -111,6 +112,31 @@ async def test_cancel_reports_whether_it_stopped_anything() -> None:
     await stream.ended.wait()
     assert stream.status is StreamStatus.CANCELLED
     assert registry.cancel(stream) is False
+
+
+async def test_a_cancellation_the_generation_missed_is_sent_again(
+    loop_clock: LoopClock,
+) -> None:
+    """A library swallowed the first cancellation (as Python 3.11's wait_for can): the
+    stream is cancelled again until it stops, instead of running on at full cost."""
+    registry, _ = make_registry()
+    stream = make_stream()
+    swallowed = asyncio.Event()
+
+    async def deaf() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # lost: the generation goes on waiting
+        await asyncio.Event().wait()
+
+    registry.launch(stream, deaf())
+    assert registry.cancel(stream) is True
+    await swallowed.wait()
+    assert stream.running
+    await loop_clock.advance(registry_module.RECANCEL_S)
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.CANCELLED
 
 
 async def test_a_failing_finish_hook_neither_loses_the_checkpoint_nor_the_other_hooks(

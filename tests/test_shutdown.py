@@ -336,3 +336,39 @@ async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) 
             await process.wait()
     log = b"".join(seen).decode(errors="replace")
     assert "Traceback" not in log, log
+
+
+async def test_a_second_sigterm_during_the_drain_still_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM, then SIGTERM again while a stream drains: listening stops at once, the
+    stream still ends and is recorded, and the process exits 0 (the first drain finishing
+    during the cleanup must not ask for a second one)."""
+    process = await _gateway(tmp_path, SLUICE_DRAIN_S="3600", SLUICE_DISCONNECT_GRACE_S="0")
+    assert process.stderr is not None
+    seen: list[bytes] = []
+    try:
+        async with asyncio.timeout(60):  # a safety net, not a clock
+            port = await _listening_port(process.stderr, seen)
+            async with aiohttp.ClientSession() as session:
+                held = await session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json=chat_body("hold [sim stall_after=1]"),
+                    headers=AUTH,
+                )
+                stream_id = held.headers["X-Sluice-Stream-Id"]
+                await read_events(held, 2)
+                process.send_signal(signal.SIGTERM)
+                await _line_containing(process.stderr, b"SIGTERM: draining", seen)
+                process.send_signal(signal.SIGTERM)
+                output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+                held.close()  # the stream ends: both the drain and the cleanup are done
+            assert await process.wait() == 0
+            await output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = b"".join(seen).decode(errors="replace")
+    assert "Traceback" not in log, log
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
+        rows = ledger.execute("SELECT stream_id FROM ledger").fetchall()
+    assert rows == [(stream_id,)]
