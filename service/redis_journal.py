@@ -19,10 +19,12 @@ Reader side (any other replica): ``RemoteStreams.follow`` replays the journal af
 client's Last-Event-ID with XRANGE, then follows it live with XREAD BLOCK (on its own
 connection without a socket timeout) until the END marker; ``serve`` writes what it reads
 as the same SSE bytes the owner would, and a WebSocket ``resume`` (``handlers/ws.py``)
-as the same frames. While it reads, the owner counts it as a reader: ``attach``/``detach``
-go over the pub/sub channel ``sluice:ctl``, so the grace window does not cancel a stream
-someone reads elsewhere. ``cancel`` travels the same way; the canceller then waits for
-the END marker and answers with the checkpoint.
+as the same frames. While it reads, the owner counts it as a reader, so the grace window
+does not cancel a stream someone reads elsewhere: ``attach``, ``beat`` (once a keepalive)
+and ``detach`` of a reader id go over the pub/sub channel ``sluice:ctl``, and a reader
+that stops beating (its detach lost in an outage, its replica killed) is let go after
+``HEARTBEAT_TICKS`` keepalives. ``cancel`` travels the same way; the canceller then waits
+for the END marker and answers with the checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -92,7 +95,11 @@ class JournalMirror:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._registered: dict[str, asyncio.Event] = {}  # set once the first attempt ended
         self._stop = asyncio.Event()
-        self.remote_readers: dict[str, int] = {}
+        # Readers on other replicas: stream id -> reader id -> when last heard of (loop
+        # time). A reader is a lease: one that stops beating (its detach lost in an outage,
+        # its replica gone) is let go after ``HEARTBEAT_TICKS`` keepalives.
+        self.remote_readers: dict[str, dict[str, float]] = {}
+        self._lease_s = HEARTBEAT_TICKS * keepalive_s
 
     def launched(self, stream: Stream) -> None:
         """Registry launch hook: start mirroring ``stream`` (SSE streams only: a JSON
@@ -153,6 +160,7 @@ class JournalMirror:
         finally:
             announced.set()
         async for _ in stream.follow(0):
+            self._expire_readers(stream)
             upto = len(stream.events)
             if registered and upto == mirrored:  # a keepalive tick: still alive
                 with contextlib.suppress(RedisUnavailable):
@@ -199,19 +207,33 @@ class JournalMirror:
     def _heartbeat(self, stream_id: str) -> Callable[[Redis], Awaitable[Any]]:
         return lambda r: r.set(owner_key(stream_id), b"1", px=self._heartbeat_ms)
 
-    def control(self, op: str, stream_id: str) -> None:
-        """Apply an ``attach``/``detach``/``cancel`` sent by another replica."""
+    def control(self, op: str, stream_id: str, reader: str = "") -> None:
+        """Apply an ``attach``/``beat``/``detach`` of a reader on another replica, or a
+        ``cancel``. A detach only ends a reader this replica counts, once."""
         stream = self._registry.get(stream_id)
         if stream is None or not stream.running:
             return
-        if op == "attach":
-            self.remote_readers[stream_id] = self.remote_readers.get(stream_id, 0) + 1
-            self._registry.attach(stream)
-        elif op == "detach" and self.remote_readers.get(stream_id, 0) > 0:
-            self.remote_readers[stream_id] -= 1
-            self._registry.detach(stream)
-        elif op == "cancel":
+        if op == "cancel":
             self._registry.cancel(stream)
+            return
+        readers = self.remote_readers.setdefault(stream_id, {})
+        if op in ("attach", "beat"):
+            if reader not in readers:
+                self._registry.attach(stream)
+            readers[reader] = asyncio.get_running_loop().time()
+        elif op == "detach" and readers.pop(reader, None) is not None:
+            self._registry.detach(stream)
+
+    def _expire_readers(self, stream: Stream) -> None:
+        readers = self.remote_readers.get(stream.id)
+        if not readers:
+            return
+        oldest = asyncio.get_running_loop().time() - self._lease_s
+        for reader, seen in list(readers.items()):
+            if seen < oldest:
+                log.info("remote reader of stream %s stopped beating; let go", stream.id)
+                del readers[reader]
+                self._registry.detach(stream)
 
     async def listen(self, client: Redis) -> None:
         """Apply control messages until ``stop_listening``; reconnects after a Redis outage.
@@ -230,8 +252,9 @@ class JournalMirror:
                             ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
                         )
                         if message is not None:
-                            op, _, stream_id = message["data"].decode().partition(" ")
-                            self.control(op, stream_id)
+                            words = [*message["data"].decode().split(" "), "", ""]
+                            op, stream_id, reader = words[:3]
+                            self.control(op, stream_id, reader)
             except (RedisError, OSError) as exc:
                 log.debug("control channel lost (%s); reconnecting", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
@@ -256,6 +279,7 @@ class RemoteStreams:
         self._gate = gate
         self._follower = follower  # no socket timeout: it blocks in XREAD
         self._store = store
+        self._keepalive_s = keepalive_s
         self._block_ms = max(1, int(keepalive_s * 1000))
 
     async def owner_of(self, stream_id: str) -> tuple[str, str] | None:
@@ -268,9 +292,10 @@ class RemoteStreams:
             return None
         return meta[b"user"].decode(), meta.get(b"tenant", b"").decode()
 
-    async def _publish(self, op: str, stream_id: str) -> None:
+    async def _publish(self, op: str, stream_id: str, reader: str = "") -> None:
+        message = f"{op} {stream_id} {reader}" if reader else f"{op} {stream_id}"
         with contextlib.suppress(RedisUnavailable):
-            await self._gate.run(lambda r: r.publish(CONTROL_CHANNEL, f"{op} {stream_id}"))
+            await self._gate.run(lambda r: r.publish(CONTROL_CHANNEL, message))
 
     async def _range(self, stream_id: str, after: int) -> list[tuple[int, Any]]:
         """The journal's entries after ``after`` as they stand."""
@@ -326,11 +351,22 @@ class RemoteStreams:
         cancelled while publishing it (the owner ignores a detach it counts no reader for):
         an unmatched attach would keep a stream nobody reads running to its end.
         """
+        reader = secrets.token_hex(8)
+        beating: asyncio.Task[None] | None = None
         try:
-            await self._publish("attach", stream_id)
+            await self._publish("attach", stream_id, reader)
+            beating = asyncio.create_task(self._beat(stream_id, reader))
             yield
         finally:
-            await asyncio.shield(self._publish("detach", stream_id))
+            if beating is not None:
+                beating.cancel()
+            await asyncio.shield(self._publish("detach", stream_id, reader))
+
+    async def _beat(self, stream_id: str, reader: str) -> None:
+        """Renew this reader's lease on the owning replica once a keepalive period."""
+        while True:
+            await asyncio.sleep(self._keepalive_s)
+            await self._publish("beat", stream_id, reader)
 
     async def last_seq(self, stream_id: str) -> int | None:
         """The last event's number once the journal is closed; None while it runs (or if

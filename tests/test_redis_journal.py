@@ -374,7 +374,7 @@ async def test_a_remote_reader_cancelled_while_attaching_still_detaches(
     published: list[str] = []
     attaching = asyncio.Event()
 
-    async def publish(op: str, stream_id: str) -> None:
+    async def publish(op: str, stream_id: str, reader: str = "") -> None:
         published.append(op)
         if op == "attach":
             attaching.set()
@@ -391,3 +391,45 @@ async def test_a_remote_reader_cancelled_while_attaching_still_detaches(
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
     assert published == ["attach", "detach"]
+
+
+async def test_a_remote_reader_that_stops_beating_is_let_go(
+    gateway: GatewayFactory,
+    settings: Settings,
+    redis_url: str,
+    sim_stats: SimStats,
+    monkeypatch: Any,
+) -> None:
+    """A reader elsewhere attached, then went silent (its detach lost in a Redis outage):
+    after three missed beats A lets it go, and with nobody left the grace window ends the
+    stream, instead of A generating to the end for nobody."""
+    shared = with_streams(with_redis(settings, redis_url), keepalive_s=0.05, disconnect_grace_s=0.0)
+    a = await gateway(shared)
+    mirror = a.app[JOURNAL_MIRROR]
+    assert mirror is not None
+    attached = asyncio.Event()
+    control = mirror.control
+
+    def spy(op: str, stream_id: str, reader: str = "") -> None:
+        control(op, stream_id, reader)
+        if op == "attach":
+            attached.set()
+
+    monkeypatch.setattr(mirror, "control", spy)
+    slow = f"long [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 2)
+    redis = Redis.from_url(redis_url)
+    try:  # a reader on another replica: it attaches, and is never heard of again
+        await redis.publish("sluice:ctl", f"attach {stream_id} ghost")
+    finally:
+        await redis.aclose()
+    async with asyncio.timeout(10):  # safety nets: a leaked reader would run for 20 s
+        await attached.wait()
+        response.close()  # A's own client leaves: only the ghost holds the stream
+        stream = a.app[STREAMS].get(stream_id)
+        assert stream is not None
+        await stream.ended.wait()
+    assert stream.status is StreamStatus.CLIENT_GONE
+    assert mirror.remote_readers.get(stream_id, {}) == {}
