@@ -8,8 +8,8 @@ because Sluice always asks the provider for usage so it can bill exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import orjson
 
@@ -36,8 +36,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
     completed = False
     try:
         stream.accepted.set()
-        redact = upstream.redact
-        await upstream.pump(response, lambda payloads: _relay(stream, payloads, redact))
+        await upstream.pump(response, lambda payloads: _relay(stream, payloads, upstream))
         completed = True
     finally:
         if completed:
@@ -46,7 +45,15 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             response.close()  # drop the connection: the provider sees it and stops generating
 
 
-def _relay(stream: Stream, payloads: list[bytes], redact: Callable[[str], str]) -> bool:
+class Scrubber(Protocol):
+    """What makes a provider's words fit to pass on (``ResilientProvider`` is one)."""
+
+    def redact(self, text: str) -> str: ...
+
+    def field(self, value: object) -> str | None: ...
+
+
+def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber) -> bool:
     """Journal a batch of provider payloads (one read's worth); return True at [DONE].
 
     The batch is parsed as one JSON array, one orjson call for all its chunks; a batch that
@@ -64,7 +71,7 @@ def _relay(stream: Stream, payloads: list[bytes], redact: Callable[[str], str]) 
             if type(chunk) is not dict:
                 raise ProviderProtocolError("The provider sent a chunk that is not an object.")
             if "error" in chunk:
-                raise _midstream_error(chunk["error"], redact)
+                raise _midstream_error(chunk["error"], upstream)
             if progress.add_chunk(chunk) and not stream.include_usage:
                 continue  # usage Sluice asked for on its own account: not the client's
             kept.append(raw)
@@ -102,11 +109,12 @@ def _parse(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _midstream_error(detail: Any, redact: Callable[[str], str]) -> ProviderStatusError:
+def _midstream_error(detail: Any, upstream: Scrubber) -> ProviderStatusError:
     detail = detail if isinstance(detail, dict) else {}
     return ProviderStatusError(
-        redact(str(detail.get("message") or "The provider reported an error mid-stream.")),
+        upstream.redact(str(detail.get("message") or "The provider reported an error mid-stream.")),
         provider_status=502,
-        type_=detail.get("type") if isinstance(detail.get("type"), str) else None,
-        code=detail.get("code") if isinstance(detail.get("code"), str) else None,
+        type_=upstream.field(detail.get("type")),
+        param=upstream.field(detail.get("param")),
+        code=upstream.field(detail.get("code")),
     )

@@ -200,6 +200,9 @@ class ResilientProvider:
     def redact(self, text: str) -> str:
         return self.upstream.redact(text)
 
+    def field(self, value: object) -> str | None:
+        return self.upstream.field(value)
+
 
 def _with_model(body: bytes, model: str) -> bytes:
     """The same request for another model (once per tier, never per chunk)."""

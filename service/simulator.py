@@ -263,7 +263,8 @@ class Simulator:
         if directive.fail < 500 and directive.fail != 429:
             kind = "invalid_request_error"
         message = f"simulated failure {directive.fail}{echo}"
-        return _error(directive.fail, message, kind, headers)
+        code = "rate_limit_exceeded" if directive.fail == 429 else None  # as OpenAI sends it
+        return _error(directive.fail, message, kind, headers, code=code, echo=echo)
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, int]:
         prompt = self._prompt_tokens(body)
@@ -381,7 +382,8 @@ async def _broken(request: web.Request, whole: web.Response, *, reset: bool) -> 
 
 
 def _echo(request: web.Request, directive: Directive) -> str:
-    """With ``echo_key=1``, a careless provider's habit: quoting the credential it got."""
+    """With ``echo_key=1``, a careless provider's habit: quoting the credential it got (in
+    an error's message, and in its ``param`` and ``code`` too)."""
     if not directive.echo_key:
         return ""
     return f" (received Authorization: {request.headers.get('Authorization', '')})"
@@ -389,7 +391,8 @@ def _echo(request: web.Request, directive: Directive) -> str:
 
 def _error_event(echo: str) -> bytes:
     error = {"message": f"simulated mid-stream error{echo}", "type": "server_error"}
-    return b"data: " + orjson.dumps({"error": {**error, "param": None, "code": None}}) + b"\n\n"
+    echoed = echo.strip() or None
+    return b"data: " + orjson.dumps({"error": {**error, "param": echoed, "code": echoed}}) + b"\n\n"
 
 
 class _Reset(Exception):
@@ -466,10 +469,17 @@ def _choices(body: dict[str, Any]) -> int:
 
 
 def _error(
-    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    *,
+    code: str | None = None,
+    echo: str = "",
 ) -> web.Response:
-    payload = {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return _json(payload, status, headers)
+    echoed = echo.strip() or None
+    error = {"message": message, "type": kind, "param": echoed, "code": echoed or code}
+    return _json({"error": error}, status, headers)
 
 
 def _json(

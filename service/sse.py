@@ -9,7 +9,10 @@ See https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-
 from __future__ import annotations
 
 DONE = b"[DONE]"
-KEEPALIVE = b": keepalive\n\n"
+# A comment line with no blank line after it: a blank line ends an event, and a client that
+# keeps the last event id (the openai Python SDK does, as the spec says) would then dispatch
+# an event with empty data and fail to parse it as JSON.
+KEEPALIVE = b": keepalive\n"
 _NEXT = b"\n\ndata: "  # the end of one single-line event and the start of the next
 
 
@@ -65,10 +68,14 @@ def _field_value(value: bytes) -> bytes:
 
 
 def encode_event(seq: int, data: bytes) -> bytes:
-    """One SSE event with its sequence number as ``id``."""
+    """One SSE event with its sequence number as ``id``; a payload of several lines (a
+    provider that sent pretty-printed JSON) keeps one ``data:`` field a line."""
+    if b"\n" in data:
+        data = data.replace(b"\n", b"\ndata: ")
     return b"id: %d\ndata: %b\n\n" % (seq, data)
 
 
 def encode_retry(milliseconds: int) -> bytes:
-    """A reconnection hint with no data: the client should come back later."""
-    return b"retry: %d\n\n" % milliseconds
+    """A reconnection hint: the client should come back later. No blank line after it, so
+    no (empty) event is dispatched; the field takes effect as it is read."""
+    return b"retry: %d\n" % milliseconds

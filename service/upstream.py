@@ -31,6 +31,7 @@ from .sse import SSEDecoder
 Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True at [DONE]
 
 REDACTED = "[redacted]"
+MAX_FIELD_CHARS = 256  # a provider's error type, code or param: more is not a code
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
 
@@ -61,6 +62,11 @@ class Upstream:
     def redact(self, text: str) -> str:
         """``text`` without our provider key, for any provider words shown to a client."""
         return scrub(text, self._key)
+
+    def field(self, value: object) -> str | None:
+        """A provider's short error field (type, code, param) fit to pass on: a string, our
+        key scrubbed out (a careless provider echoes credentials anywhere), bounded."""
+        return scrub(value, self._key)[:MAX_FIELD_CHARS] if isinstance(value, str) else None
 
     async def post_chat(self, body: bytes) -> aiohttp.ClientResponse:
         """POST a streamed chat completion; return the 2xx response (its body unread), or
@@ -121,9 +127,9 @@ class Upstream:
         return ProviderStatusError(
             message,
             provider_status=response.status,
-            type_=_str_or_none(detail.get("type")),
-            param=_str_or_none(detail.get("param")),
-            code=_str_or_none(detail.get("code")),
+            type_=self.field(detail.get("type")),
+            param=self.field(detail.get("param")),
+            code=self.field(detail.get("code")),
             headers=headers,
         )
 

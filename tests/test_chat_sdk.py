@@ -119,6 +119,22 @@ async def test_chunks_arrive_while_provider_stalls(
     assert sim_stats.chunks_sent == [3]
 
 
+async def test_keepalives_between_chunks_do_not_disturb_the_sdk(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Keepalive comments every 20 ms while chunks trickle in every 30 ms: the Python SDK
+    (which keeps the last event id, so a blank line alone would be an empty event to it)
+    reads every chunk and ends cleanly."""
+    client = await gateway(with_streams(_quick_teardown(settings), keepalive_s=0.02))
+    prompt = "slowly [sim chunks=12 delay_ms=30 first_delay_ms=100]"
+    async with _sdk(client) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=_messages(prompt), stream=True
+        )
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert "".join(parts) == _expected_text(prompt, 12)
+
+
 @pytest.mark.parametrize("directive", ["reset_after=2", "malformed_after=2"])
 async def test_midstream_failure_raises_api_error(sdk: openai.AsyncOpenAI, directive: str) -> None:
     """A provider failure after the first byte reaches the SDK as APIError after the chunks."""

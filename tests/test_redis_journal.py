@@ -237,7 +237,7 @@ async def test_rolling_restart_leaves_every_stream_resumable_on_the_other_replic
         numbered = [seq for seq, _ in events(replay) if seq is not None]
         assert numbered == list(range(1, checkpoint["last_seq"] + 1))
         if checkpoint["status"] == "shutdown":
-            assert replay.endswith(b"retry: 1000\n\n")  # come back later
+            assert replay.endswith(b"retry: 1000\n")  # come back later
     assert ledger.get(ids[0]) is not None
 
 
@@ -259,7 +259,7 @@ async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
     assert response.status == 200
     body = await response.read()
     assert [seq for seq, _ in events(body)] == [1, 2, None]
-    assert body.endswith(b"retry: 1000\n\n")
+    assert body.endswith(b"retry: 1000\n")
 
 
 async def _ws_resume(client: TestClient[Any, Any], stream_id: str, key: str = "") -> Any:

@@ -21,7 +21,7 @@ from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
 from tests.wire import read_until, sse_blocks, sse_data
 
-KEEPALIVE = b": keepalive\n\n"
+KEEPALIVE = b": keepalive\n"
 
 URL = "/v1/chat/completions"
 

@@ -390,7 +390,7 @@ async def test_sigterm_on_one_replica_leaves_every_stream_complete_or_resumable_
             assert body.endswith(b"data: [DONE]\n\n")
         else:
             assert checkpoint["status"] == "shutdown"
-            assert body.endswith(b"retry: 1000\n\n")  # come back later, through B
+            assert body.endswith(b"retry: 1000\n")  # come back later, through B
         journal = await full_replay(session, b, stream_id)
         assert journal == body  # every byte A sent, in order, and nothing else
         assert [s for s, _ in events(journal) if s is not None][-1] == checkpoint["last_seq"]

@@ -70,7 +70,7 @@ async def test_shutdown_ends_stalled_streams_with_resume_hints_and_checkpoints(
     await client.server.close()
 
     rest = await sse_rest
-    assert rest.endswith(b"retry: 1000\n\n")
+    assert rest.endswith(b"retry: 1000\n")
     assert events(rest)[-1] == (None, b"")
     closing = await ws_end
     assert closing.type is aiohttp.WSMsgType.CLOSE
@@ -127,7 +127,7 @@ async def test_the_drain_window_lets_streams_finish_then_ends_the_rest_at_its_en
 
     await loop_clock.advance(0.2)
     stuck_rest = await stuck.read()
-    assert stuck_rest.endswith(b"retry: 1000\n\n")
+    assert stuck_rest.endswith(b"retry: 1000\n")
     loop_clock.thaw()
     await closing
     checkpoints = {
@@ -270,7 +270,7 @@ async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
             closing = await ws.receive()
             while closing.type is aiohttp.WSMsgType.TEXT:  # chunks sent before the drain ended
                 closing = await ws.receive()
-        assert rest.endswith(b"retry: 1000\n\n")
+        assert rest.endswith(b"retry: 1000\n")
         assert closing.type is aiohttp.WSMsgType.CLOSE
         assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
         assert await asyncio.wait_for(process.wait(), drain_s + DRAIN_MARGIN_S) == 0

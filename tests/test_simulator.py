@@ -115,7 +115,8 @@ async def test_deterministic_text(session: aiohttp.ClientSession, sim: TestServe
 async def test_fail_with_retry_after(
     session: aiohttp.ClientSession, sim: TestServer, sim_stats: SimStats, stream: bool
 ) -> None:
-    """fail=429 retry_after=2: an OpenAI-shaped 429 with Retry-After; nothing streamed."""
+    """fail=429 retry_after=2: an OpenAI-shaped 429 (OpenAI's code too) with Retry-After;
+    nothing streamed."""
     response = await _post(session, sim, "[sim fail=429 retry_after=2]", stream=stream)
     assert response.status == 429
     assert response.headers["Retry-After"] == "2"
@@ -124,7 +125,7 @@ async def test_fail_with_retry_after(
         "message": "simulated failure 429",
         "type": "rate_limit_error",
         "param": None,
-        "code": None,
+        "code": "rate_limit_exceeded",
     }
     assert sim_stats.started == 0
 

@@ -123,10 +123,20 @@ def test_payload_bytes_are_the_providers() -> None:
 def test_encoders() -> None:
     """Our events carry the sequence number as id; retry hints and keepalives are exact."""
     assert encode_event(3, b'{"a":1}') == b'id: 3\ndata: {"a":1}\n\n'
-    assert encode_retry(1000) == b"retry: 1000\n\n"
-    assert KEEPALIVE == b": keepalive\n\n"
+    assert encode_retry(1000) == b"retry: 1000\n"
+    assert KEEPALIVE == b": keepalive\n"
     decoded = SSEDecoder().feed(encode_event(1, b"{}") + KEEPALIVE + encode_event(2, DONE))
     assert decoded == [b"{}", DONE]
+
+
+def test_a_payload_of_several_lines_keeps_a_data_field_a_line() -> None:
+    """A provider's multi-line event, decoded and encoded again, decodes to the same bytes."""
+    provider = b'data: {\ndata:   "a": 1\ndata: }\n\n'
+    (payload,) = SSEDecoder().feed(provider)
+    assert payload == b'{\n  "a": 1\n}'
+    wire = encode_event(7, payload)
+    assert wire == b'id: 7\ndata: {\ndata:   "a": 1\ndata: }\n\n'
+    assert SSEDecoder().feed(wire) == [payload]
 
 
 @pytest.mark.parametrize(

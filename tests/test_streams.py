@@ -495,7 +495,7 @@ async def _shutdown(client: Client, sim_stats: SimStats, text: str) -> None:
     await read_events(response, 3)
     rest = asyncio.ensure_future(response.read())
     await client.server.close()
-    assert (await rest).endswith(b"retry: 1000\n\n")
+    assert (await rest).endswith(b"retry: 1000\n")
 
 
 async def _post(client: Client, text: str) -> Any:

@@ -94,6 +94,40 @@ async def test_metrics_count_known_traffic(gateway: GatewayFactory, settings: Se
     assert value(parsed, "sluice_gateway_overhead_seconds_count", route=ROUTE, phase="total") == 4
 
 
+async def test_a_providers_refusal_is_not_counted_as_ours(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """The provider's own 429 (after the gateway's one attempt) is a provider error: no
+    rate rejection by Sluice is counted, and the request is not an outcome "rejected"."""
+    one_try = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    client = await gateway(one_try)
+    response = await client.post(URL, json=chat_body("[sim fail=429]"), headers=AUTH)
+    assert response.status == 429
+    assert (await response.json())["error"]["type"] == "rate_limit_error"
+    await settled(client)
+    parsed = samples(await scrape(client))
+    assert not [k for k in parsed if k[0] == "sluice_rejections_total"]
+    assert value(parsed, "sluice_requests_total", route=ROUTE, status="429") == 1
+    assert not [k for k in parsed if ("outcome", "rejected") in k[1]]
+
+
+async def test_a_stray_upgrade_header_on_a_post_is_one_request(
+    gateway: GatewayFactory,
+) -> None:
+    """``Upgrade: websocket`` on a completion POST (not the socket route) is counted once, as
+    an HTTP request, with no WebSocket stream behind it."""
+    client = await gateway()
+    headers = {**AUTH, "Upgrade": "websocket"}
+    response = await client.post(URL, json=chat_body("[sim chunks=2]"), headers=headers)
+    assert response.status == 200
+    await response.read()
+    await settled(client)
+    parsed = samples(await scrape(client))
+    assert value(parsed, "sluice_requests_total") == 1
+    assert value(parsed, "sluice_requests_total", route=ROUTE, outcome="completed") == 1
+    assert parsed.get(("sluice_open_streams", frozenset({("transport", "ws")})), 0) == 0
+
+
 async def test_open_streams_gauge_follows_a_live_stream(
     gateway: GatewayFactory, settings: Settings
 ) -> None:

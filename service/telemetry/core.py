@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeGuard
 
 import pybreaker
 from opentelemetry import context as otel_context
@@ -38,7 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry
 
 from ..checkpoint import Checkpoint
-from ..errors import SluiceError
+from ..errors import ProviderError, SluiceError
 from ..settings import Settings
 from ..stream import Stream, StreamStatus
 from . import access, genai
@@ -165,7 +165,7 @@ class Telemetry:
     def request_failed(self, rt: RequestTrace, status: int, error: BaseException) -> None:
         rt.status = status
         rt.error_type = genai.failure_type(error)
-        if isinstance(error, SluiceError) and rt.rejection is None:
+        if _ours(error) and rt.rejection is None:
             reason = REJECTION_REASONS.get(error.code or "")
             if reason is not None:
                 self.rejected(reason, request=rt)
@@ -337,7 +337,8 @@ class Telemetry:
     def retry_scheduled(self, delay_s: float, error: BaseException) -> None:
         """The failed attempt will be retried after ``delay_s`` (call before sleeping)."""
         kind = genai.failure_type(error)
-        self.metrics.child(self.metrics.retries, self.metrics.label(self.provider_name), kind).inc()
+        m = self.metrics
+        m.child(m.retries, m.label(self.provider_name), m.label(kind)).inc()
         st = _GENERATION.get()
         if st is None or st.failed is None:
             return
@@ -367,7 +368,8 @@ class Telemetry:
             self._end_attempt_span(st, st.span, checkpoint, cost, error)
         if st.websocket:
             self.metrics.child(self.metrics.open_streams, "ws").dec()
-            reason = REJECTION_REASONS.get(stream.error.code or "") if stream.error else None
+            error_ = stream.error
+            reason = REJECTION_REASONS.get(error_.code or "") if _ours(error_) else None
             if reason is not None:  # no middleware saw this refusal (breaker): count it here
                 self.rejected(reason, span=st.server_span)
         if st.server_span is not None:
@@ -446,7 +448,8 @@ class Telemetry:
         m.child(m.token_usage, *labels, "output").observe(checkpoint.completion_tokens)
         started = st.attempt_started or stream.created_at
         if stream.ended_at is not None:
-            m.child(m.operation_duration, *labels, error or "").observe(stream.ended_at - started)
+            outcome = m.label(error) if error else ""  # a provider's code: guarded, bounded
+            m.child(m.operation_duration, *labels, outcome).observe(stream.ended_at - started)
         if stream.first_token_at is not None:
             m.child(m.time_to_first_chunk, *labels).observe(
                 max(0.0, stream.first_token_at - started)
@@ -574,3 +577,9 @@ def _mark_failed(span: Span, error: BaseException, redactor: Redactor) -> None:
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
+
+
+def _ours(error: BaseException | None) -> TypeGuard[SluiceError]:
+    """A refusal the gateway made, not a provider's error carrying the same code (a
+    provider's 429 or ``context_length_exceeded`` is its failure, not our rejection)."""
+    return isinstance(error, SluiceError) and not isinstance(error, ProviderError)

@@ -39,10 +39,13 @@ def telemetry_middleware(telemetry: Telemetry) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = _route(request)
         rt = telemetry.begin_request(
-            request.method, _route(request), request.path, request.headers, _request_id(request)
+            request.method, route, request.path, request.headers, _request_id(request)
         )
-        rt.websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+        # Only the socket route upgrades: a stray Upgrade header on a POST changes nothing.
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        rt.websocket = upgrade and route == WEBSOCKET_ROUTE
         request[REQUEST_TRACE] = rt
         try:
             with telemetry.serving(rt):
@@ -142,6 +145,9 @@ def _metrics_response(telemetry: Telemetry) -> web.Response:
     response = web.Response(body=telemetry.metrics.render())
     response.headers["Content-Type"] = CONTENT_TYPE
     return response
+
+
+WEBSOCKET_ROUTE = "/v1/ws"  # app.py serves ``handlers.ws.websocket`` there
 
 
 def _route(request: web.Request) -> str:
