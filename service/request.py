@@ -68,6 +68,7 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
         )
     _check_messages(body.get("messages"))
     _check_scalars(body)
+    _check_functions(body)
     streaming = _optional(body, "stream", bool) or False
     options = _optional(body, "stream_options", dict)
     if options is not None and not streaming:
@@ -107,7 +108,8 @@ def _check_messages(messages: Any) -> None:
         param = f"messages[{index}]"
         if not isinstance(message, dict):
             raise InvalidRequestError(f"{param} must be an object.", param=param)
-        if message.get("role") not in _ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequestError(
                 f"Invalid value for '{param}.role': expected one of {', '.join(sorted(_ROLES))}.",
                 param=f"{param}.role",
@@ -134,6 +136,28 @@ def _check_parts(parts: list[Any], param: str) -> None:
                 f"Invalid type for '{param}[{index}].text': expected a string.",
                 param=f"{param}[{index}].text",
             )
+
+
+def _check_functions(body: dict[str, Any]) -> None:
+    """``tools[i]`` and ``functions[i]`` are objects; a function's ``parameters``, an object."""
+    for name in ("tools", "functions"):
+        for index, item in enumerate(body.get(name) or ()):
+            param = f"{name}[{index}]"
+            function = item.get("function") if name == "tools" and isinstance(item, dict) else item
+            if name == "tools" and isinstance(item, dict) and function is not None:
+                param += ".function"
+            if not isinstance(item, dict) or (
+                function is not None and not isinstance(function, dict)
+            ):
+                raise InvalidRequestError(
+                    f"Invalid type for '{param}': expected an object.", param=param
+                )
+            parameters = function.get("parameters") if function is not None else None
+            if parameters is not None and not isinstance(parameters, dict):
+                raise InvalidRequestError(
+                    f"Invalid type for '{param}.parameters': expected an object.",
+                    param=f"{param}.parameters",
+                )
 
 
 def _check_scalars(body: dict[str, Any]) -> None:

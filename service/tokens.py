@@ -238,7 +238,7 @@ def _part_tokens(encoding: tiktoken.Encoding, part: dict[str, Any]) -> int:
     return len(encoding.encode_ordinary(text)) if isinstance(text, str) else 0
 
 
-def count_tools(encoding: tiktoken.Encoding, functions: Iterable[dict[str, Any]]) -> int:
+def count_tools(encoding: tiktoken.Encoding, functions: Iterable[Any]) -> int:
     """Function definitions, per the cookbook's ``num_tokens_for_tools`` approximation.
 
     Each function costs a fixed overhead plus ``name:description``; each top-level property
@@ -249,8 +249,13 @@ def count_tools(encoding: tiktoken.Encoding, functions: Iterable[dict[str, Any]]
     func_init = spec.func_init if spec is not None else _SPECS[DEFAULT_ENCODING].func_init
     total = 0
     for function in functions:
+        if not isinstance(function, dict):
+            continue
         total += func_init + _len(encoding, f"{function.get('name', '')}:{_desc(function)}")
-        properties = (function.get("parameters") or {}).get("properties") or {}
+        parameters = function.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        if not isinstance(properties, dict):  # the schema's own business: not counted
+            properties = {}
         if properties:
             total += _FUNC_PROP_INIT
         for key, prop in properties.items():

@@ -282,3 +282,12 @@ async def test_checkpoint_counts_with_tiktoken_when_the_provider_sends_no_usage(
     assert not checkpoint.usage_reported
     assert checkpoint.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
     assert checkpoint.completion_tokens == tokens.count_text("gpt-4o-mini", checkpoint.text) == 2
+
+
+def test_odd_function_schemas_are_counted_not_fatal() -> None:
+    """A schema whose ``properties`` is not an object, or a function that is not one, is the
+    provider's to refuse: counting passes over it instead of failing the request."""
+    encoding = tokens.get_encoding(tokens.O200K)
+    odd = [{"name": "f", "parameters": {"properties": [1]}}, 7, {"name": "g", "parameters": 1}]
+    plain = [{"name": "f"}, {"name": "g"}]
+    assert tokens.count_tools(encoding, odd) == tokens.count_tools(encoding, plain)
