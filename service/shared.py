@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -124,13 +124,15 @@ def install_shared_state(app: web.Application) -> None:
 
 
 async def remote_events(
-    request: web.Request, stream_id: str, after: int
+    request: web.Request, stream_id: str, last_event_id: Callable[[], int]
 ) -> web.StreamResponse | None:
-    """Serve a stream another replica generates, if Redis knows it and the caller owns it."""
+    """Serve a stream another replica generates, if Redis knows it and the caller owns it
+    (``last_event_id`` is read only then: the answer for a stream that is not the caller's
+    is the same 404 whatever else the request gets wrong)."""
     remote = request.app[REMOTE_STREAMS]
     if remote is None or not await _owns(request, remote, stream_id):
         return None
-    after = check_resume_point(await remote.last_seq(stream_id), after)
+    after = check_resume_point(await remote.last_seq(stream_id), last_event_id())
     return await remote.serve(request, stream_id, after)
 
 

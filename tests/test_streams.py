@@ -367,6 +367,12 @@ async def test_another_user_can_neither_read_resume_nor_cancel(
         denied = await client.request(method, path, headers=bearer(bob))
         assert denied.status == 404, path
         assert (await denied.json())["error"]["code"] == "stream_not_found"
+    # An id that does not exist and a bad Last-Event-ID: the same 404, so nothing is learnt.
+    for target in (stream_id, "strm_made_up"):
+        probe = await client.get(
+            f"/v1/streams/{target}/events", headers={**bearer(bob), "Last-Event-ID": "x"}
+        )
+        assert probe.status == 404, target
     owner_view = await client.get(f"/v1/streams/{stream_id}", headers=bearer(alice))
     assert (await owner_view.json())["status"] == "running"
     assert sim_stats.aborted == 0

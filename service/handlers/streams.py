@@ -37,10 +37,10 @@ async def get_stream(request: web.Request) -> web.Response:
 async def stream_events(request: web.Request) -> web.StreamResponse:
     stream_id = request.match_info["stream_id"]
     if request.app[STREAMS].get(stream_id) is None:  # generated on another replica?
-        remote = await remote_events(request, stream_id, _last_event_id(request))
+        remote = await remote_events(request, stream_id, lambda: _last_event_id(request))
         if remote is not None:
             return remote
-    stream = _owned_stream(request)
+    stream = _owned_stream(request)  # first: an unknown stream is a 404, whatever else is off
     after = check_resume_point(stream.last_seq, _last_event_id(request))
     request.app[TELEMETRY].stream_resumed(stream, after)
     return await stream_sse(request, request.app[STREAMS], stream, after=after)
