@@ -98,9 +98,11 @@ def _principal(hexdigest: str, entry: Any) -> Principal:
         raise ConfigError(
             f"SLUICE_CLIENT_KEYS_FILE: entry {hexdigest[:12]}... needs a sha256 and a user"
         )
+    # A key without a tenant is a tenant of one; the prefix keeps it from sharing a cache,
+    # limits and budgets with a real tenant that happens to bear the user's name.
     return Principal(
         user_id=entry["user"],
-        tenant=str(entry.get("tenant") or entry["user"]),
+        tenant=str(entry.get("tenant") or f"user:{entry['user']}"),
         key_id=hexdigest[:12],
         admin=bool(entry.get("admin", False)),
         settings=dict(entry.get("settings") or {}),

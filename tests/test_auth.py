@@ -164,6 +164,18 @@ def test_keyring_from_keys_file(tmp_path: Path) -> None:
         keyring.authenticate(f"Bearer {DEV_KEY}")
 
 
+def test_a_key_without_a_tenant_is_a_tenant_of_one(tmp_path: Path) -> None:
+    """No tenant: the user's own, in a namespace no named tenant can share (so a user
+    called "acme" shares no cache, limits or budgets with tenant "acme")."""
+    path = tmp_path / "keys.json"
+    key = "sk-sluice-solo"
+    digest_hex = hashlib.sha256(key.encode()).hexdigest()
+    path.write_bytes(orjson.dumps({"keys": {digest_hex: {"user": "acme"}}}))
+    keyring = KeyRing.from_settings(AuthSettings(client_keys_file=path, dev_key=None))
+    principal = keyring.authenticate(f"Bearer {key}")
+    assert (principal.user_id, principal.tenant) == ("acme", "user:acme")
+
+
 def test_dev_keyring() -> None:
     """Without a keys file the dev key is the only key, as an admin dev user."""
     keyring = KeyRing.from_settings(AuthSettings())

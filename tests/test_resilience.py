@@ -323,7 +323,7 @@ async def test_budget_pressure_counts_the_keys_own_budget(
     )
     gate = rig.client.app[GATE]
     own = BudgetLimits(user_daily=Decimal(1))
-    gate.budgets.reserve("alice", "alice", Decimal("0.85"), own)  # 85% of alice's own $1
+    gate.budgets.reserve("alice", "user:alice", Decimal("0.85"), own)  # 85% of her own $1
     response = await rig.client.post(
         "/v1/chat/completions",
         json=chat_body("under pressure", stream=False, model="gpt-4o"),
