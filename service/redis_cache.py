@@ -9,6 +9,7 @@ to both. A cache that cannot reach Redis is only a miss, whatever the failure po
 from __future__ import annotations
 
 import orjson
+from redis.asyncio import Redis
 
 from .cache import CachedResponse, ResponseCache
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
@@ -54,14 +55,15 @@ class RedisResponseCache:
         if found is not None:
             return found
         try:
-            raw = await self._gate.run(lambda r: r.get(cache_key_of(key)))
+            raw, left_ms = await self._gate.run(lambda r: _get_with_ttl(r, cache_key_of(key)))
         except RedisUnavailable:
             self._gate.fallback("response cache")
             return None
         if raw is None:
             return None
         entry = load_entry(raw)
-        await self._local.put(key, entry, LOCAL_TTL_S)
+        if left_ms > 0:  # the local copy lives no longer than the shared entry has left
+            await self._local.put(key, entry, min(left_ms / 1000, LOCAL_TTL_S))
         return entry
 
     async def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
@@ -71,3 +73,12 @@ class RedisResponseCache:
             await self._gate.run(lambda r: r.set(cache_key_of(key), raw, px=int(ttl_s * 1000)))
         except RedisUnavailable:
             self._gate.fallback("response cache")
+
+
+async def _get_with_ttl(r: Redis, key: str) -> tuple[bytes | None, int]:
+    """The entry and its milliseconds to live, in one round trip."""
+    async with r.pipeline(transaction=False) as pipe:
+        pipe.get(key)
+        pipe.pttl(key)
+        raw, left_ms = await pipe.execute()
+    return raw, int(left_ms)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from service.appkeys import STREAMS
+from service.cache import CachedResponse, MemoryResponseCache
+from service.redis_cache import RedisResponseCache
 from service.redis_checkpoints import checkpoint_key
+from service.redisgate import RedisGate
 from service.settings import Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
@@ -78,3 +81,24 @@ async def test_with_redis_down_checkpoints_stay_local_and_the_cache_misses(
         assert found.status == 200
     finally:
         redis_server.start()
+
+
+async def test_a_local_copy_lives_no_longer_than_the_shared_entry(redis_url: str) -> None:
+    """Replica B keeps what it read from Redis for at most what the entry had left (here
+    about a second), not a flat minute: an expired answer is not served from B's memory."""
+    gates = [RedisGate.from_settings(with_redis(Settings(), redis_url).shared) for _ in (1, 2)]
+    a_gate, b_gate = (gate for gate in gates if gate is not None)
+    now = [1000.0]
+    b_local = MemoryResponseCache(max_bytes=1 << 20, clock=lambda: now[0])
+    a = RedisResponseCache(a_gate, MemoryResponseCache(max_bytes=1 << 20))
+    b = RedisResponseCache(b_gate, b_local)
+    try:
+        entry = CachedResponse(model="gpt-4o-mini", streaming=False, payloads=(b"{}",))
+        await a.put("k", entry, ttl_s=1.0)
+        assert await b.get("k") == entry
+        assert await b_local.get("k") == entry  # kept locally...
+        now[0] += 2.0
+        assert await b_local.get("k") is None  # ...for no more than the entry had left
+    finally:
+        for gate in (a_gate, b_gate):
+            await gate.client.aclose()
