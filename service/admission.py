@@ -37,7 +37,7 @@ from aiohttp import web
 from . import tokens
 from .auth import Principal
 from .budgets import BudgetLimits, Budgets, Hold
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, billed_tokens
 from .context import ContextPolicy
 from .errors import RateLimitError, SluiceError
 from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
@@ -316,11 +316,8 @@ def ledger_entry(
     """
     progress = stream.progress
     usage = progress.usage or {}
-    nothing = progress.chunks == 0 and not checkpoint.usage_reported
-    failed = stream.status in (StreamStatus.PROVIDER_ERROR, StreamStatus.TIMEOUT)
-    prompt, completion, cached = checkpoint.prompt_tokens, checkpoint.completion_tokens, 0
-    if nothing and failed:
-        prompt = completion = 0
+    prompt, completion = billed_tokens(stream, checkpoint)
+    cached = 0
     if checkpoint.usage_reported:
         details = usage.get("prompt_tokens_details") or {}
         cached = int(details.get("cached_tokens") or 0)

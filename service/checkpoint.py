@@ -150,3 +150,12 @@ def approx_prompt_tokens(model: str, body: dict[str, Any]) -> int:
     messages = body.get("messages") or []
     chars = sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
     return 3 + 4 * len(messages) + (chars + 3) // 4
+
+
+def billed_tokens(stream: Stream, checkpoint: Checkpoint) -> tuple[int, int]:
+    """(prompt, completion) tokens as the ledger bills them: a provider failure that
+    produced nothing, not even usage, costs nothing (the telemetry reports the same)."""
+    failed = stream.status in (StreamStatus.PROVIDER_ERROR, StreamStatus.TIMEOUT)
+    if failed and stream.progress.chunks == 0 and not checkpoint.usage_reported:
+        return 0, 0
+    return checkpoint.prompt_tokens, checkpoint.completion_tokens

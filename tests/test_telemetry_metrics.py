@@ -259,3 +259,19 @@ async def test_insane_request_id_is_replaced(gateway: GatewayFactory) -> None:
     client = await gateway()
     response = await client.get("/livez", headers={"X-Request-Id": "a b\tc"})
     assert response.headers["X-Request-Id"].startswith("req_")
+
+
+async def test_token_metrics_count_what_the_ledger_bills(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A provider failure that produced nothing is billed no tokens; the token metric
+    records the same zero, not the prompt Sluice counted before the call."""
+    one_try = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    client = await gateway(one_try)
+    response = await client.post(URL, json=chat_body("[sim fail=500]"), headers=AUTH)
+    assert response.status == 502
+    await settled(client)
+    parsed = samples(await scrape(client))
+    usage = "gen_ai_client_token_usage"
+    assert value(parsed, f"{usage}_count", gen_ai_token_type="input") == 1
+    assert value(parsed, f"{usage}_sum", gen_ai_token_type="input") == 0

@@ -37,7 +37,7 @@ from opentelemetry.trace import NoOpTracer, Span, SpanKind, Status, StatusCode, 
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, billed_tokens
 from ..errors import ProviderError, SluiceError
 from ..settings import Settings
 from ..stream import Stream, StreamStatus
@@ -417,6 +417,9 @@ class Telemetry:
             started_at=st.attempt_started or stream.created_at,
             response_id=stream.progress.response_id,
         )
+        prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
+        attributes["gen_ai.usage.input_tokens"] = prompt
+        attributes["gen_ai.usage.output_tokens"] = completion
         attributes["sluice.cache.result"] = stream.cache_status
         if cost is not None:
             attributes["sluice.cost_usd"] = cost
@@ -444,8 +447,9 @@ class Telemetry:
         if st.attempt == 0 or stream.cache_hit:
             return  # no provider call: nothing for the GenAI client metrics
         labels = (genai.OPERATION, m.label(self.provider_name), model)
-        m.child(m.token_usage, *labels, "input").observe(checkpoint.prompt_tokens)
-        m.child(m.token_usage, *labels, "output").observe(checkpoint.completion_tokens)
+        prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
+        m.child(m.token_usage, *labels, "input").observe(prompt)
+        m.child(m.token_usage, *labels, "output").observe(completion)
         started = st.attempt_started or stream.created_at
         if stream.ended_at is not None:
             outcome = m.label(error) if error else ""  # a provider's code: guarded, bounded
