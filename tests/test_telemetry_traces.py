@@ -30,7 +30,7 @@ from tests.otlp import (
     Received,
     receiver_app,
 )
-from tests.resilient import start, with_resilience
+from tests.resilient import Sleeps, start, with_resilience
 from tests.wire import read_until
 
 URL = "/v1/chat/completions"
@@ -183,6 +183,42 @@ async def test_retried_call_has_one_client_span_per_attempt(
     assert second.status_code == STATUS_UNSET
     assert second.attributes["gen_ai.usage.output_tokens"] == 2
     assert [tp.split("-")[2] for tp in sim_stats.traceparents] == [first.span_id, second.span_id]
+
+
+async def test_a_retry_after_the_client_left_still_gets_its_client_span(
+    aiohttp_client: Any,
+    settings: Settings,
+    receiver: TestServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client leaves during the backoff; the stream goes on in its grace window and the
+    second attempt answers: it has its CLIENT span too, though the SERVER span has ended."""
+    backing_off, resume = asyncio.Event(), asyncio.Event()
+
+    async def held_sleep(self: Sleeps, delay: float) -> None:
+        self.delays.append(delay)
+        backing_off.set()
+        await resume.wait()
+
+    monkeypatch.setattr(Sleeps, "__call__", held_sleep)
+    rig = await start(
+        aiohttp_client, with_streams(traced(settings, receiver), disconnect_grace_s=60)
+    )
+    ended = watch(rig.client)
+    body = chat_body("hi [sim fail=500 fail_times=1 key=left-trace chunks=2]")
+    request = asyncio.ensure_future(rig.client.post(URL, json=body, headers=AUTH))
+    await backing_off.wait()
+    request.cancel()  # the client gives up while the gateway waits to retry
+    await asyncio.gather(request, return_exceptions=True)
+    await ended.wait_for(lambda seen: CHAT in seen)  # its SERVER span has ended
+    resume.set()
+    spans = await exported(rig.client, receiver, ended, "chat gpt-4o-mini", "chat gpt-4o-mini")
+    attempts = sorted(
+        (s for s in spans if s.name == "chat gpt-4o-mini"),
+        key=lambda s: s.attributes["sluice.retry.attempt"],
+    )
+    assert [a.attributes["sluice.retry.attempt"] for a in attempts] == [1, 2]
+    assert attempts[1].attributes["gen_ai.usage.output_tokens"] == 2
 
 
 async def test_aborted_stream_ends_client_span_with_its_real_status(

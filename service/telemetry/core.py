@@ -285,7 +285,10 @@ class Telemetry:
         # A parent the sampler dropped has children it drops too (ParentBased; and a ratio
         # sampler decides by trace id, the same for both): skip making one. The provider
         # then gets the parent's context, flagged not sampled, which is all it needs.
-        sampled = self.recording and trace.get_current_span(st.parent).is_recording()
+        # The parent's sampling decision, not whether it still records: a retry after the
+        # client left (its SERVER span ended) still gets its CLIENT span.
+        parent = trace.get_current_span(st.parent).get_span_context()
+        sampled = self.recording and parent.trace_flags.sampled
         span = self._start_attempt_span(st, model) if sampled else None
         token = otel_context.attach(trace.set_span_in_context(span)) if span else None
         try:
