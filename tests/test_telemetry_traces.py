@@ -321,6 +321,26 @@ async def test_no_key_reaches_a_span(
     assert call.attributes["http.response.status_code"] == 400
 
 
+async def test_client_words_in_models_and_stop_sequences_are_redacted_on_spans(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """With passthrough models the model name is the client's, like its stop sequences:
+    an e-mail address in either never reaches a span."""
+    client = await gateway(with_provider(traced(settings, receiver), models=()))
+    ended = watch(client)
+    model = "gpt-4o-mini-alice@example.com"
+    body = chat_body("hi [sim chunks=2]", model=model, stop=["carol@example.com"])
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == 200
+    await response.read()
+    await ended.wait_for(lambda seen: CHAT in seen and any(n.startswith("chat ") for n in seen))
+    assert await client.app[TELEMETRY].flush()
+    spans = list(receiver.app[RECEIVED])
+    assert [s.kind for s in spans].count(CLIENT) == 1
+    for span in spans:
+        assert "example.com" not in span.text(), span.name
+
+
 async def test_nothing_configured_means_no_provider_and_no_traceparent(
     gateway: GatewayFactory, sim_stats: SimStats
 ) -> None:

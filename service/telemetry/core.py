@@ -309,6 +309,7 @@ class Telemetry:
                 otel_context.detach(token)
 
     def _start_attempt_span(self, st: StreamTrace, model: str) -> Span:
+        model = self.redactor.value(model)  # a client's words (passthrough models): redacted
         span = self.tracer.start_span(
             genai.span_name(model), context=st.parent, kind=SpanKind.CLIENT
         )
@@ -321,6 +322,9 @@ class Telemetry:
         attributes = genai.request_attributes(
             stream.body, model=model, provider=self.provider_name, streaming=stream.streaming
         )
+        stop = attributes.get("gen_ai.request.stop_sequences")
+        if stop:  # the client's text
+            attributes["gen_ai.request.stop_sequences"] = [self.redactor.redact(s) for s in stop]
         attributes.update(
             genai.sluice_attributes(
                 stream_id=stream.id,
@@ -421,6 +425,10 @@ class Telemetry:
             response_id=stream.progress.response_id,
         )
         prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
+        if "gen_ai.response.model" in attributes:
+            attributes["gen_ai.response.model"] = self.redactor.value(
+                str(attributes["gen_ai.response.model"])
+            )
         attributes["gen_ai.usage.input_tokens"] = prompt
         attributes["gen_ai.usage.output_tokens"] = completion
         attributes["sluice.cache.result"] = stream.cache_status
