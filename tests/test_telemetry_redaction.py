@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from service.settings import DEFAULT_REDACT_PATTERNS, ProviderSettings, Secret, Settings
+from service.telemetry.metrics import Metrics
 from service.telemetry.redaction import REDACTED, LabelGuard, Redactor
 
 PROVIDER_KEY = "prov-key-without-a-known-shape-42"
@@ -67,3 +69,16 @@ def test_label_guard_redacts_and_bounds_cardinality(redactor: Redactor) -> None:
     assert guard("gpt-4o-mini") == "other"
     assert guard("gpt-4o") == "gpt-4o"
     assert guard(None) == ""
+
+
+def test_operator_labels_keep_their_names_after_a_flood_of_client_values() -> None:
+    """Client model names use up their label budget ("other" from then on); a breaker's
+    provider name, set by the operator, still exports as itself."""
+    redactor = Redactor(DEFAULT_REDACT_PATTERNS)
+    metrics = Metrics(CollectorRegistry(), LabelGuard(redactor, max_values=3), LabelGuard(redactor))
+    for n in range(10):
+        metrics.label(f"client-model-{n}")
+    assert metrics.label("client-model-99") == "other"
+    metrics.breaker("openai", "open")
+    exported = metrics.render().decode()
+    assert 'sluice_breaker_state{provider="openai"}' in exported

@@ -83,7 +83,11 @@ class Telemetry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.telemetry
         self.redactor = Redactor.from_settings(settings)
-        self.metrics = Metrics(CollectorRegistry(auto_describe=True), LabelGuard(self.redactor))
+        self.metrics = Metrics(
+            CollectorRegistry(auto_describe=True),
+            LabelGuard(self.redactor),
+            LabelGuard(self.redactor),
+        )
         self.provider_name = settings.provider.name
         self.tracer: Tracer = NoOpTracer()
         self.tracer_provider: TracerProvider | None = None
@@ -345,7 +349,7 @@ class Telemetry:
         """The failed attempt will be retried after ``delay_s`` (call before sleeping)."""
         kind = genai.failure_type(error)
         m = self.metrics
-        m.child(m.retries, m.label(self.provider_name), m.label(kind)).inc()
+        m.child(m.retries, m.fixed(self.provider_name), m.label(kind)).inc()
         st = _GENERATION.get()
         if st is None or st.failed is None:
             return
@@ -457,7 +461,7 @@ class Telemetry:
             m.child(m.cost, m.label(stream.owner.tenant), model).inc(cost)
         if st.attempt == 0 or stream.cache_hit:
             return  # no provider call: nothing for the GenAI client metrics
-        labels = (genai.OPERATION, m.label(self.provider_name), model)
+        labels = (genai.OPERATION, m.fixed(self.provider_name), model)
         prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
         m.child(m.token_usage, *labels, "input").observe(prompt)
         m.child(m.token_usage, *labels, "output").observe(completion)
@@ -477,7 +481,7 @@ class Telemetry:
     ) -> None:
         """A request was refused before the provider (rate, tokens, budget, breaker, ...);
         the event goes on ``span``, by default the current one."""
-        self.metrics.child(self.metrics.rejections, self.metrics.label(reason)).inc()
+        self.metrics.child(self.metrics.rejections, self.metrics.fixed(reason)).inc()
         rt = request or _REQUEST.get()
         if rt is not None and not rt.websocket:  # a socket is not refused for one message
             rt.rejection = reason

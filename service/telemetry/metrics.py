@@ -29,9 +29,14 @@ _GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model
 class Metrics:
     """Every instrument Sluice exports, and the one place labels are cleaned."""
 
-    def __init__(self, registry: CollectorRegistry, labels: LabelGuard) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, labels: LabelGuard, operator: LabelGuard | None = None
+    ) -> None:
         self.registry = registry
-        self.label = labels
+        self.label = labels  # values clients influence: models, tenants, provider codes
+        # Values the operator sets (provider, breaker names) or Sluice fixes (reasons): a
+        # budget of their own, so a flood of client values cannot turn them into "other".
+        self.fixed = operator or labels
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.token_usage = Histogram(
             "gen_ai_client_token_usage",
@@ -131,6 +136,6 @@ class Metrics:
         return generate_latest(self.registry)
 
     def breaker(self, provider: str, state: str) -> None:
-        name = self.label(provider)
+        name = self.fixed(provider)
         self.child(self.breaker_state, name).set(BREAKER_STATES.get(state, -1))
         self.child(self.breaker_transitions, name, state).inc()
