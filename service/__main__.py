@@ -32,7 +32,8 @@ GC_THRESHOLDS = (20_000, 50, 100)
 
 
 def _banner(settings: Settings, port: int) -> str:
-    base = f"http://{settings.server.host}:{port}"
+    host = settings.server.host
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # IPv6
     lines = [f"Sluice listening on {base} (provider: {settings.provider.kind})"]
     if settings.provider.kind == "simulated":
         lines.append("SIMULATED PROVIDER: responses are generated locally, not by a model.")

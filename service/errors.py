@@ -18,7 +18,8 @@
         ├── ProviderTimeoutError       504 connect, first-token or idle timeout
         │   └── ProviderConnectTimeoutError  504 no connection in time (safe to retry)
         ├── ProviderConnectionError    502 refused, reset, closed mid-stream
-        │   └── ProviderCutOffError    502 closed mid-answer, after it was paid for (no retry)
+        │   ├── ProviderCutOffError    502 closed mid-answer, after it was paid for (no retry)
+        │   └── ProviderEndedEarly     502 a stream's body ended without [DONE]
         └── ProviderProtocolError      502 the upstream sent something that is not a chunk
 
 Every leaf renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as a
@@ -222,6 +223,10 @@ class ProviderConnectionError(ProviderError):
 
 class ProviderCutOffError(ProviderConnectionError):
     """A non-streamed answer broke off mid-body: the provider had generated (and billed) it."""
+
+
+class ProviderEndedEarly(ProviderConnectionError):
+    """A stream's body ended cleanly but without ``[DONE]``."""
 
 
 class ProviderProtocolError(ProviderError):

@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 import orjson
 
-from .errors import ProviderProtocolError, ProviderStatusError
+from .errors import ProviderEndedEarly, ProviderProtocolError, ProviderStatusError
 from .resilience import ResilientProvider
 from .sse import DONE
 from .stream import Kind, Stream
+from .upstream import error_object
 
 
 async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> None:
@@ -27,8 +28,16 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
     """
     if not stream.streaming:
         raw = await upstream.complete(body, route=stream)
+        completion = _parse(raw)
+        if "error" in completion and "choices" not in completion:  # a 200 that is an error
+            raise _midstream_error(error_object(completion["error"]), upstream)
         stream.accepted.set()
-        stream.progress.add_completion(_parse(raw))
+        try:
+            stream.progress.add_completion(completion)
+        except (AttributeError, TypeError, KeyError):  # valid JSON of the wrong shape
+            raise ProviderProtocolError(
+                "The provider sent a completion of the wrong shape."
+            ) from None
         stream.append(Kind.CHUNK, raw)
         stream.notify()
         return
@@ -36,7 +45,12 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
     completed = False
     try:
         stream.accepted.set()
-        await upstream.pump(response, lambda payloads: _relay(stream, payloads, upstream))
+        try:
+            await upstream.pump(response, lambda payloads: _relay(stream, payloads, upstream))
+        except ProviderEndedEarly:
+            if stream.progress.finish_reason is None:
+                raise
+            # Finished, but no [DONE] (some servers omit it): complete the stream as it is.
         completed = True
     finally:
         if completed:
@@ -70,11 +84,13 @@ def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber) -> bool:
         for raw, chunk in zip(payloads, chunks, strict=True):
             if type(chunk) is not dict:
                 raise ProviderProtocolError("The provider sent a chunk that is not an object.")
-            if "error" in chunk:
-                raise _midstream_error(chunk["error"], upstream)
+            if chunk.get("error"):
+                raise _midstream_error(error_object(chunk["error"]), upstream)
             if progress.add_chunk(chunk) and not stream.include_usage:
                 continue  # usage Sluice asked for on its own account: not the client's
             kept.append(raw)
+    except (AttributeError, TypeError, KeyError):  # valid JSON of the wrong shape
+        raise ProviderProtocolError("The provider sent a chunk of the wrong shape.") from None
     finally:
         stream.extend(kept)
     stream.notify()

@@ -23,6 +23,7 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_FIRST_TOKEN_TIMEOUT_S = 60.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
+DEFAULT_COMPLETION_TIMEOUT_S = 600.0  # the openai SDK's own default
 DEFAULT_KEEPALIVE_S = 15.0
 DEFAULT_DISCONNECT_GRACE_S = 10.0
 DEFAULT_CHECKPOINT_TTL_S = 3600.0
@@ -111,6 +112,7 @@ class ProviderSettings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    completion_timeout_s: float = DEFAULT_COMPLETION_TIMEOUT_S  # a whole non-streamed answer
     organization: str | None = None  # OpenAI-Organization, as the openai SDK sends it
     project: str | None = None  # OpenAI-Project
 
@@ -340,10 +342,12 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
     connect = reader.number("SLUICE_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S, low=0.001)
     first = reader.number("SLUICE_FIRST_TOKEN_TIMEOUT_S", DEFAULT_FIRST_TOKEN_TIMEOUT_S, low=0.001)
     idle = reader.number("SLUICE_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S, low=0.001)
+    whole = reader.number("SLUICE_COMPLETION_TIMEOUT_S", DEFAULT_COMPLETION_TIMEOUT_S, low=0.001)
     common = ProviderSettings(
         connect_timeout_s=connect,
         first_token_timeout_s=first,
         idle_timeout_s=idle,
+        completion_timeout_s=whole,
         organization=reader.raw("OPENAI_ORG_ID") or None,
         project=reader.raw("OPENAI_PROJECT_ID") or None,
     )
@@ -369,9 +373,11 @@ def _api_key(reader: _EnvReader) -> Secret | None:
     if path is None:
         return None
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
+        value = Path(path).read_text(encoding="utf-8-sig").strip()  # -sig: a BOM is not key
     except OSError as exc:
         raise ConfigError(f"OPENAI_API_KEY_FILE cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("OPENAI_API_KEY_FILE must hold the key as UTF-8 text") from None
     if not value:
         raise ConfigError("OPENAI_API_KEY_FILE names an empty file")
     return Secret(value)

@@ -19,8 +19,9 @@ from aiohttp.client_proto import ResponseHandler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .errors import (
-    ProviderConnectionError,
     ProviderCutOffError,
+    ProviderEndedEarly,
+    ProviderProtocolError,
     ProviderStatusError,
     ProviderTimeoutError,
     translate,
@@ -74,12 +75,17 @@ class Upstream:
         # The first-token deadline also bounds the wait for the status line (a provider may
         # hold its headers until the first token); TimeoutError is translated to a 504.
         async with asyncio.timeout(self._settings.first_token_timeout_s):
-            return await self._post(body, self._stream_headers)
+            response = await self._post(body, self._stream_headers)
+            if response.content_type == "application/json":  # an answer, not a stream
+                async with response:
+                    raise _json_instead_of_stream(await response.read(), self)
+            return response
 
     async def complete(self, body: bytes) -> bytes:
         """POST a non-streamed chat completion and read it whole, or raise the provider's
-        error. One first-token deadline covers both: the whole answer is its first token."""
-        async with asyncio.timeout(self._settings.first_token_timeout_s):
+        error. One deadline covers both (``SLUICE_COMPLETION_TIMEOUT_S``): a non-streamed
+        answer comes only once it is whole, so the first-token deadline would be too short."""
+        async with asyncio.timeout(self._settings.completion_timeout_s):
             response = await self._post(body, self._headers)
             try:
                 raw = await response.read()
@@ -108,11 +114,20 @@ class Upstream:
         return response
 
     async def list_models(self) -> list[dict[str, Any]]:
-        async with self._session.get(f"{self._url}/models", headers=self._headers) as response:
-            if response.status >= 300:
-                raise await self._status_error(response)
-            payload = orjson.loads(await response.read())
-        return [m for m in payload.get("data", []) if isinstance(m, dict)]
+        async with asyncio.timeout(self._settings.first_token_timeout_s):
+            url = f"{self._url}/models"
+            async with self._session.get(url, headers=self._headers) as response:
+                if response.status >= 300:
+                    raise await self._status_error(response)
+                raw = await response.read()
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            payload = None
+        models = payload.get("data") if isinstance(payload, dict) else None
+        if not isinstance(models, list):
+            raise ProviderProtocolError("The provider sent a malformed model list.")
+        return [m for m in models if isinstance(m, dict)]
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> ProviderStatusError:
         raw = await response.read()
@@ -120,6 +135,12 @@ class Upstream:
         message = scrub(
             str(detail.get("message") or f"The provider answered {response.status}."), self._key
         )
+        if response.status in (401, 403):  # about our credentials: none of a client's business
+            return ProviderStatusError(
+                "The provider refused the gateway's credentials.",
+                provider_status=response.status,
+                code="provider_auth_failed",
+            )
         headers = {}
         for name in ("Retry-After", "retry-after-ms"):
             if name in response.headers:
@@ -153,7 +174,7 @@ class Upstream:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
         except (aiohttp.ClientError, OSError) as exc:  # reset mid-stream: a provider failure
             raise translate(exc) from exc
-        raise ProviderConnectionError("The provider ended the stream without finishing it.")
+        raise ProviderEndedEarly("The provider ended the stream without finishing it.")
 
 
 class ProviderConnector(aiohttp.TCPConnector):
@@ -235,13 +256,31 @@ def scrub(text: str, key: Secret | None) -> str:
 
 
 def _error_detail(raw: bytes) -> dict[str, Any]:
+    """The error object of a provider's error body, in the shapes servers send: OpenAI's
+    ``{"error": {...}}``, ``{"error": "text"}`` (TGI), ``{"message": ...}`` (older vLLM)."""
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return {}
-    detail = payload.get("error") if isinstance(payload, dict) else None
-    return detail if isinstance(detail, dict) else {}
+    if not isinstance(payload, dict):
+        return {}
+    return error_object(payload.get("error")) or (payload if "message" in payload else {})
 
 
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+def error_object(detail: Any) -> dict[str, Any]:
+    """A provider's ``error`` value as an object (a bare string is its message)."""
+    if isinstance(detail, dict):
+        return detail
+    return {"message": detail} if isinstance(detail, str) and detail else {}
+
+
+def _json_instead_of_stream(raw: bytes, upstream: Upstream) -> ProviderStatusError:
+    """A provider that answered a stream request with a JSON body (often a 200 error)."""
+    detail = _error_detail(raw)
+    return ProviderStatusError(
+        upstream.redact(str(detail.get("message") or "The provider sent no stream.")),
+        provider_status=502,
+        type_=upstream.field(detail.get("type")),
+        param=upstream.field(detail.get("param")),
+        code=upstream.field(detail.get("code")),
+    )

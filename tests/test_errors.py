@@ -502,8 +502,11 @@ async def test_connect_timeout_is_504(
 async def test_first_token_timeout_is_504(
     gateway: GatewayFactory, settings: Settings, directive: str, stream: bool
 ) -> None:
-    """No headers or no first event within first_token_timeout_s: 504 provider_timeout."""
-    client = await gateway(_quick(settings, first_token_timeout_s=0.05))
+    """No headers or no first event within first_token_timeout_s (a stream), no whole answer
+    within completion_timeout_s (not streamed; the other deadline then does not apply):
+    504 provider_timeout."""
+    deadline = {"first_token_timeout_s" if stream else "completion_timeout_s": 0.05}
+    client = await gateway(_quick(settings, **deadline))
     body = chat_body(f"[sim {directive}]", stream=stream)
     response = await client.post(URL, json=body, headers=AUTH)
     assert response.status == 504

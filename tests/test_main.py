@@ -19,6 +19,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import service.__main__ as entry
+from service.settings import Settings
 from tests.processes import python_module
 from tests.wire import closed_port, sse_data
 
@@ -172,3 +174,11 @@ async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     assert "SLUICE_PORT" in message
     assert "Traceback" not in message
     assert "listening" not in out.decode()  # no banner claiming to serve
+
+
+def test_an_ipv6_host_is_bracketed_in_the_banner() -> None:
+    """``SLUICE_HOST=::``: the URLs printed (and the curl line) are usable as they are."""
+    settings = Settings.from_env({"SLUICE_HOST": "::"})
+    banner = entry._banner(settings, 8080)
+    assert "http://[::]:8080" in banner
+    assert ":::" not in banner

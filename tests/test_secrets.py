@@ -79,6 +79,7 @@ def _openai_mode(sim_url: str, keys_file: Path, traces: str | None = None) -> Se
             models=(),
             first_token_timeout_s=0.1,
             idle_timeout_s=0.1,
+            completion_timeout_s=0.1,
         ),
         auth=AuthSettings(client_keys_file=keys_file, dev_key=None),
     )
@@ -296,6 +297,7 @@ async def test_process_output_never_has_the_key(
         "SLUICE_LOG_LEVEL": "DEBUG",
         "SLUICE_LOG_FORMAT": log_format,
         "SLUICE_FIRST_TOKEN_TIMEOUT_S": "0.1",
+        "SLUICE_COMPLETION_TIMEOUT_S": "0.1",
         "SLUICE_IDLE_TIMEOUT_S": "0.1",
         "SLUICE_RETRY_MAX_ATTEMPTS": "2",
         "SLUICE_RETRY_BASE_DELAY_S": "0.001",

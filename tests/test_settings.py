@@ -52,6 +52,7 @@ def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ("SLUICE_DRAIN_S", "3.5", lambda s: s.server.drain_s),
         ("SLUICE_CONNECT_TIMEOUT_S", "2", lambda s: s.provider.connect_timeout_s),
         ("SLUICE_FIRST_TOKEN_TIMEOUT_S", "5", lambda s: s.provider.first_token_timeout_s),
+        ("SLUICE_COMPLETION_TIMEOUT_S", "5", lambda s: s.provider.completion_timeout_s),
         ("SLUICE_IDLE_TIMEOUT_S", "7.5", lambda s: s.provider.idle_timeout_s),
         ("SLUICE_KEEPALIVE_S", "0.5", lambda s: s.streams.keepalive_s),
         ("SLUICE_DISCONNECT_GRACE_S", "0", lambda s: s.streams.disconnect_grace_s),
@@ -159,14 +160,16 @@ def test_api_key_from_file(tmp_path: Path) -> None:
     assert settings.provider.api_key == Secret("sk-from-file")
     both = Settings.from_env({**env, "OPENAI_API_KEY": "sk-direct"})
     assert both.provider.api_key == Secret("sk-direct")  # the variable wins over the file
+    secret.write_bytes(b"\xef\xbb\xbfsk-with-bom\n")  # a Windows editor's byte-order mark
+    assert Settings.from_env(env).provider.api_key == Secret("sk-with-bom")
 
 
-@pytest.mark.parametrize("content", [None, "", "   \n"])
-def test_api_key_file_errors_name_the_variable(tmp_path: Path, content: str | None) -> None:
-    """A missing or empty key file is a ConfigError naming OPENAI_API_KEY_FILE."""
+@pytest.mark.parametrize("content", [None, b"", b"   \n", b"\xff\xfe\x00sk"])
+def test_api_key_file_errors_name_the_variable(tmp_path: Path, content: bytes | None) -> None:
+    """A missing, empty or non-UTF-8 key file is a ConfigError naming OPENAI_API_KEY_FILE."""
     secret = tmp_path / "openai-key"
     if content is not None:
-        secret.write_text(content, encoding="utf-8")
+        secret.write_bytes(content)
     with pytest.raises(ConfigError, match="OPENAI_API_KEY_FILE"):
         Settings.from_env({"OPENAI_API_KEY_FILE": str(secret)})
 

@@ -1,0 +1,176 @@
+"""What real OpenAI-compatible servers do that the simulator does not: a stream without
+``[DONE]``, chunks of the wrong shape, a 200 that is an error, other error-body shapes, a
+401 about our own key, a malformed model list. A stand-in provider (a small aiohttp app on
+a real port) answers each test's way; the gateway in front of it is the real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from service.settings import Settings
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.wire import sse_data
+
+URL = "/v1/chat/completions"
+Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _delta(content: str | None, finish: str | None = None) -> bytes:
+    delta = {"content": content} if content is not None else {}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return _event({**CHUNK, "choices": [choice]})
+
+
+async def _stream(request: web.Request, *events: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for event in events:
+        await response.write(event)
+    await response.write_eof()
+    return response
+
+
+async def _gateway(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, answer: Answer
+) -> TestClient[Any, Any]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    app.router.add_get("/v1/models", answer)
+    provider = await aiohttp_server(app)
+    custom = with_provider(settings, base_url=str(provider.make_url("/v1")), models=())
+    client: TestClient[Any, Any] = await gateway(custom)
+    return client
+
+
+async def test_a_finished_stream_without_done_completes(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Content, a finish reason, then the body ends without ``[DONE]``: the client gets
+    the stream completed, ``[DONE]`` included, as it would from the provider directly."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, _delta("Hi"), _delta(None, "stop"))
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    data = sse_data(await (await client.post(URL, json=chat_body("x"), headers=AUTH)).text())
+    assert data[-1] == "[DONE]"
+    assert not any("error" in orjson.loads(d) for d in data[:-1])
+
+
+async def test_a_chunk_that_says_error_null_is_not_an_error(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        chunk = {**CHUNK, "error": None, "choices": [{"index": 0, "delta": {"content": "a"}}]}
+        return await _stream(request, _event(chunk), _delta(None, "stop"), b"data: [DONE]\n\n")
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    data = sse_data(await (await client.post(URL, json=chat_body("x"), headers=AUTH)).text())
+    assert data[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_chunk_of_the_wrong_shape_is_a_protocol_error(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool
+) -> None:
+    """Valid JSON, wrong shape: a 502 (or the stream's error event), never a 500."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if stream:
+            bad = _event({**CHUNK, "choices": [{"index": 0, "delta": "oops"}]})
+            return await _stream(request, _delta("fine"), bad)
+        return web.json_response({**CHUNK, "choices": {"a": 1}})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", stream=stream), headers=AUTH)
+    if stream:
+        *_, last = sse_data(await response.text())
+        error = orjson.loads(last)["error"]
+    else:
+        assert response.status == 502
+        error = (await response.json())["error"]
+    assert error["code"] == "provider_protocol_error"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_200_that_is_an_error_is_a_502_with_the_providers_message(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "model overloaded", "type": "x"}})
+
+    one_try = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    client = await _gateway(aiohttp_server, gateway, one_try, answer)
+    body = chat_body("x", stream=stream, temperature=0)
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == 502
+    assert (await response.json())["error"]["message"] == "model overloaded"
+    again = await client.post(URL, json=body, headers=AUTH)
+    assert again.headers["X-Sluice-Cache"] != "hit"  # nothing of it was cached
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "message"),
+    [
+        (422, {"error": "Input validation error: too long"}, "Input validation error: too long"),
+        (400, {"object": "error", "message": "maximum context length"}, "maximum context length"),
+    ],
+)
+async def test_other_servers_error_shapes_keep_their_message(
+    aiohttp_server: Any,
+    gateway: GatewayFactory,
+    settings: Settings,
+    status: int,
+    payload: dict[str, Any],
+    message: str,
+) -> None:
+    """TGI's ``{"error": "text"}`` and older vLLM's top-level ``message`` are understood."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response(payload, status=status)
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", stream=False), headers=AUTH)
+    assert response.status == status
+    assert (await response.json())["error"]["message"] == message
+
+
+async def test_a_provider_401_about_our_key_tells_the_client_nothing_of_it(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        error = {"message": "Incorrect API key provided: sk-proj-****wxyz", "code": "x"}
+        return web.json_response({"error": error}, status=401)
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", stream=False), headers=AUTH)
+    assert response.status == 502
+    error = (await response.json())["error"]
+    assert error["code"] == "provider_auth_failed"
+    assert "wxyz" not in error["message"]
+
+
+async def test_a_malformed_model_list_is_a_502(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"data": None})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.get("/v1/models", headers=AUTH)
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "provider_protocol_error"
