@@ -68,6 +68,10 @@ RETRY_MAX_S = 2.0
 QUERY_FLUSH_S = 5.0
 CLOSE_FLUSH_S = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# A database that accepts connections but stops answering must not hold a batch (or the
+# shutdown) forever: each batch, and closing, is bounded.
+BATCH_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
 
 
 class PostgresLedger:
@@ -128,7 +132,11 @@ class PostgresLedger:
     async def _connect(self) -> asyncpg.Pool:
         if self._pool is None:
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=0, max_size=4, timeout=self._connect_timeout_s
+                self._dsn,
+                min_size=0,
+                max_size=4,
+                timeout=self._connect_timeout_s,
+                command_timeout=BATCH_TIMEOUT_S,
             )
             try:
                 async with pool.acquire() as connection:
@@ -149,9 +157,10 @@ class PostgresLedger:
                 continue
             batch = [self._buffer[i] for i in range(min(self._batch, len(self._buffer)))]
             try:
-                pool = await self._connect()
-                async with pool.acquire() as connection, connection.transaction():
-                    await connection.executemany(_INSERT, [astuple(e) for e in batch])
+                async with asyncio.timeout(BATCH_TIMEOUT_S):
+                    pool = await self._connect()
+                    async with pool.acquire() as connection, connection.transaction():
+                        await connection.executemany(_INSERT, [astuple(e) for e in batch])
             except _DB_ERRORS as exc:
                 self.failures += 1
                 if self.healthy:
@@ -229,10 +238,13 @@ class PostgresLedger:
             log.error("ledger: %d records not written to PostgreSQL at shutdown", self.pending)
         if self._writer is not None:
             self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            await asyncio.wait({self._writer}, timeout=CLOSE_TIMEOUT_S)
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._pool.close()
+            except TimeoutError:
+                self._pool.terminate()  # a database that stopped answering: just drop it
 
     def health(self) -> dict[str, object]:
         return {
