@@ -159,3 +159,14 @@ def test_the_configmap_is_accepted_by_the_service_and_every_key_is_read(
     assert config.keys() <= recording.asked
     assert settings.shared.redis_url is not None  # replicas > 1 need shared state
     assert settings.shared.redis_failure in ("open", "closed")
+
+
+def test_production_requires_the_database_secret() -> None:
+    """In production a missing database Secret stops the pod from starting, instead of the
+    ledger silently going to SQLite on an emptyDir that every rollout wipes."""
+    _, container = gateway(rendered("overlays/production"))
+    (database,) = [e for e in container["env"] if e["name"] == "SLUICE_DATABASE_URL"]
+    assert database["valueFrom"]["secretKeyRef"]["optional"] is False
+    _, dev = gateway(rendered("overlays/dev"))
+    (dev_database,) = [e for e in dev["env"] if e["name"] == "SLUICE_DATABASE_URL"]
+    assert dev_database["valueFrom"]["secretKeyRef"]["optional"] is True
