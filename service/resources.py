@@ -29,6 +29,7 @@ from .appkeys import (
 )
 from .auth import KeyRing
 from .budgets import month_start
+from .errors import ServiceUnavailableError
 from .ledger import SqliteLedger
 from .resilience import ResilientProvider
 from .serving import Responder
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PROVIDER_URL: web.AppKey[str] = web.AppKey("provider_url")
 SHUTDOWN_CLOSE_TIMEOUT_S = 5.0
+SPEND_RETRY_S = 2.0  # how often a replica started without its ledger tries again
 
 
 async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -56,9 +58,33 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     if money.data_dir is not None and app[SETTINGS].shared.database_url is None:  # else shared.py
         path = money.data_dir / "ledger.sqlite3"
         gate.ledger = await asyncio.to_thread(SqliteLedger, path)
-    gate.budgets.load(await gate.ledger.spend_since(month_start(gate.clock())))
+    loading: asyncio.Task[None] | None = None
+    try:
+        gate.budgets.load(await gate.ledger.spend_since(month_start(gate.clock())))
+    except ServiceUnavailableError:  # PostgreSQL away at start: not ready until it is back
+        log.warning("ledger unavailable at start; not ready until budgets have its spend")
+        app[LIFECYCLE].waiting.add("ledger")
+        loading = asyncio.create_task(_load_spend_later(app), name="ledger-spend")
     yield
+    if loading is not None:
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
     await gate.ledger.close()
+
+
+async def _load_spend_later(app: web.Application) -> None:
+    """Retry loading the month's spend until the ledger answers, then become ready."""
+    gate = app[GATE]
+    while True:
+        await asyncio.sleep(SPEND_RETRY_S)
+        try:
+            rows = await gate.ledger.spend_since(month_start(gate.clock()))
+        except ServiceUnavailableError:
+            continue
+        gate.budgets.load(rows)
+        app[LIFECYCLE].waiting.discard("ledger")
+        log.info("ledger reachable: budgets loaded, ready")
+        return
 
 
 async def keyring_ctx(app: web.Application) -> AsyncIterator[None]:

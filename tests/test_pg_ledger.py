@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from service import pg_ledger
+from service import pg_ledger, resources
 from service.appkeys import GATE
 from service.ledger import LedgerEntry, utc_day
 from service.pg_ledger import MIGRATIONS, PostgresLedger
@@ -233,3 +233,27 @@ async def test_a_database_that_stops_answering_holds_neither_a_batch_nor_the_shu
         assert "not written to PostgreSQL at shutdown" in caplog.text
     finally:
         await proxy.close()
+
+
+async def test_a_replica_started_while_postgresql_is_away_waits_not_ready(
+    gateway: GatewayFactory,
+    settings: Settings,
+    postgres_url: str,
+    postgres_server: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL down at start: the replica starts (no crash loop) but stays not ready,
+    its budgets lacking the month's spend; once PostgreSQL is back it loads it and is ready."""
+    monkeypatch.setattr(resources, "SPEND_RETRY_S", 0.05)
+    postgres_server.stop()
+    try:
+        client = await gateway(with_database(settings, postgres_url))
+        probe = await client.get("/readyz")
+        assert probe.status == 503
+        assert (await probe.json()) == {"status": "starting", "waiting_for": ["ledger"]}
+    finally:
+        postgres_server.start()
+    (loading,) = [t for t in asyncio.all_tasks() if t.get_name() == "ledger-spend"]
+    async with asyncio.timeout(30):  # a safety net: retries every 0.05 s
+        await loading
+    assert (await client.get("/readyz")).status == 200

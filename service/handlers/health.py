@@ -23,7 +23,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
     if lifecycle.ready:
         return web.Response(body=_OK, content_type="application/json")
-    state = b"draining" if lifecycle.draining else b"starting"
-    return web.Response(
-        body=b'{"status":"%s"}' % state, status=503, content_type="application/json"
-    )
+    state = "draining" if lifecycle.draining else "starting"
+    report: dict[str, object] = {"status": state}
+    if lifecycle.waiting and not lifecycle.draining:
+        report["waiting_for"] = sorted(lifecycle.waiting)
+    return web.Response(body=orjson.dumps(report), status=503, content_type="application/json")
