@@ -281,6 +281,7 @@ class RemoteStreams:
         self._store = store
         self._keepalive_s = keepalive_s
         self._block_ms = max(1, int(keepalive_s * 1000))
+        self.leaving = False  # this replica drains: its readers send their clients elsewhere
 
     async def owner_of(self, stream_id: str) -> tuple[str, str] | None:
         """(user, tenant) of a stream known to Redis; None when unknown or Redis is down."""
@@ -394,6 +395,8 @@ class RemoteStreams:
         was generated stays in the journal and the checkpoint)."""
         try:
             while True:
+                if self.leaving:  # within one keepalive of the drain: resume elsewhere
+                    return StreamStatus.SHUTDOWN
                 entries = await self._read(stream_id, after, self._block_ms)
                 if not entries and not await self._owner_alive(stream_id):
                     # No END and no heartbeat: the owner died. Read once more (it may have

@@ -18,6 +18,7 @@ from .appkeys import (
     KEYRING,
     LIFECYCLE,
     PROVIDER,
+    REMOTE_STREAMS,
     RESILIENCE,
     RESPONDER,
     RESPONSE_CACHE,
@@ -169,6 +170,9 @@ async def _tick_forever(tick: object, interval: float) -> None:
 async def drain(app: web.Application) -> None:
     """Refuse readiness and new streams; let running ones finish for the drain window."""
     app[LIFECYCLE].draining = True
+    remote = app.get(REMOTE_STREAMS)
+    if remote is not None:  # readers of other replicas' streams: nothing to wait for here
+        remote.leaving = True
     await app[STREAMS].drain(app[SETTINGS].server.drain_s)
 
 

@@ -14,6 +14,7 @@ import orjson
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from service import resources
 from service.appkeys import JOURNAL_MIRROR, REMOTE_STREAMS, STREAMS
 from service.redis_journal import journal_key, meta_key, owner_key
 from service.relay import STREAM_ID_HEADER
@@ -433,3 +434,29 @@ async def test_a_remote_reader_that_stops_beating_is_let_go(
         await stream.ended.wait()
     assert stream.status is StreamStatus.CLIENT_GONE
     assert mirror.remote_readers.get(stream_id, {}) == {}
+
+
+async def test_a_draining_replica_sends_its_readers_of_other_streams_elsewhere(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """B follows a stream A generates; B starts draining: B's reader ends with a retry
+    hint within a keepalive (instead of holding B's shutdown), and A generates on."""
+    shared = with_drain(with_streams(with_redis(settings, redis_url), keepalive_s=0.05), 0)
+    a, b = await replicas(gateway, shared)
+    held = f"hold [sim chunks=10 stall_after=3 created={FIXED_CREATED}]"  # runs until stopped
+    response = await a.post("/v1/chat/completions", json=chat_body(held), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+    following = await b.get(
+        f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "1"}
+    )
+    assert following.status == 200
+    await read_events(following, 1)
+    async with asyncio.timeout(10):  # a safety net: it ends within one keepalive
+        await resources.drain(b.app)
+        rest = await following.read()
+    assert rest.endswith(b"retry: 1000\n")
+    stream = a.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.running  # A's generation is not B's to stop
+    response.close()

@@ -278,6 +278,8 @@ class _Socket:
                 checkpoint = await remote.checkpoint(frames.stream_id)
                 finish = checkpoint.finish_reason if checkpoint is not None else None
                 await send(frames.done(final[0][0], finish, _usage(checkpoint)), TEXT)
+            elif remote.leaving:
+                return  # this replica drains: the socket closes with 1001, resume elsewhere
             else:  # its replica stopped before the end: what it made is in the checkpoint
                 interrupted = ServiceUnavailableError(
                     "The replica generating this stream stopped before it finished.",
