@@ -9,15 +9,17 @@ because Sluice always asks the provider for usage so it can bill exactly.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
-from .errors import ProviderEndedEarly, ProviderProtocolError, ProviderStatusError
+from .errors import ProviderEndedEarly, ProviderProtocolError
 from .resilience import ResilientProvider
 from .sse import DONE
 from .stream import Kind, Stream
-from .upstream import error_object
+from .upstream import Scrubber, relayed_error
+
+MIDSTREAM_ERROR = "The provider reported an error mid-stream."
 
 
 async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> None:
@@ -30,7 +32,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         raw = await upstream.complete(body, route=stream)
         completion = _parse(raw)
         if "error" in completion and "choices" not in completion:  # a 200 that is an error
-            raise _midstream_error(error_object(completion["error"]), upstream)
+            raise relayed_error(completion["error"], upstream, "The provider answered an error.")
         stream.accepted.set()
         try:
             stream.progress.add_completion(completion)
@@ -59,14 +61,6 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             response.close()  # drop the connection: the provider sees it and stops generating
 
 
-class Scrubber(Protocol):
-    """What makes a provider's words fit to pass on (``ResilientProvider`` is one)."""
-
-    def redact(self, text: str) -> str: ...
-
-    def field(self, value: object) -> str | None: ...
-
-
 def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber) -> bool:
     """Journal a batch of provider payloads (one read's worth); return True at [DONE].
 
@@ -85,7 +79,7 @@ def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber) -> bool:
             if type(chunk) is not dict:
                 raise ProviderProtocolError("The provider sent a chunk that is not an object.")
             if chunk.get("error"):
-                raise _midstream_error(error_object(chunk["error"]), upstream)
+                raise relayed_error(chunk["error"], upstream, MIDSTREAM_ERROR)
             if progress.add_chunk(chunk) and not stream.include_usage:
                 continue  # usage Sluice asked for on its own account: not the client's
             kept.append(raw)
@@ -123,14 +117,3 @@ def _parse(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProviderProtocolError("The provider sent a completion that is not an object.")
     return value
-
-
-def _midstream_error(detail: Any, upstream: Scrubber) -> ProviderStatusError:
-    detail = detail if isinstance(detail, dict) else {}
-    return ProviderStatusError(
-        upstream.redact(str(detail.get("message") or "The provider reported an error mid-stream.")),
-        provider_status=502,
-        type_=upstream.field(detail.get("type")),
-        param=upstream.field(detail.get("param")),
-        code=upstream.field(detail.get("code")),
-    )

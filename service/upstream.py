@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -77,8 +77,9 @@ class Upstream:
         async with asyncio.timeout(self._settings.first_token_timeout_s):
             response = await self._post(body, self._stream_headers)
             if response.content_type == "application/json":  # an answer, not a stream
-                async with response:
-                    raise _json_instead_of_stream(await response.read(), self)
+                async with response:  # an answer where a stream was asked: often an error
+                    detail = _error_detail(await response.read())
+                    raise relayed_error(detail, self, "The provider sent no stream.")
             return response
 
     async def complete(self, body: bytes) -> bytes:
@@ -274,13 +275,22 @@ def error_object(detail: Any) -> dict[str, Any]:
     return {"message": detail} if isinstance(detail, str) and detail else {}
 
 
-def _json_instead_of_stream(raw: bytes, upstream: Upstream) -> ProviderStatusError:
-    """A provider that answered a stream request with a JSON body (often a 200 error)."""
-    detail = _error_detail(raw)
+class Scrubber(Protocol):
+    """What makes a provider's words fit to pass on (``Upstream``, ``ResilientProvider``)."""
+
+    def redact(self, text: str) -> str: ...
+
+    def field(self, value: object) -> str | None: ...
+
+
+def relayed_error(detail: Any, scrubber: Scrubber, default: str) -> ProviderStatusError:
+    """A provider's error in a 2xx answer (an ``error`` object or bare message, in a chunk
+    or a whole body) as our 502, its words scrubbed of our key."""
+    detail = error_object(detail)
     return ProviderStatusError(
-        upstream.redact(str(detail.get("message") or "The provider sent no stream.")),
+        scrubber.redact(str(detail.get("message") or default)),
         provider_status=502,
-        type_=upstream.field(detail.get("type")),
-        param=upstream.field(detail.get("param")),
-        code=upstream.field(detail.get("code")),
+        type_=scrubber.field(detail.get("type")),
+        param=scrubber.field(detail.get("param")),
+        code=scrubber.field(detail.get("code")),
     )
