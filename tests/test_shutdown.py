@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,12 +296,20 @@ async def _line_containing(stderr: asyncio.StreamReader, needle: bytes, seen: li
     seen.append(line)
 
 
-async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) -> None:
-    """After SIGTERM the port keeps listening while streams drain: a probe gets /readyz 503
-    "draining" (not a refused connection), /livez 200, a new completion an OpenAI 503. Once
-    the last stream ends (its client left) the process exits 0 without waiting out the window.
-    """
-    # A drain far beyond the safety net below: only the stream ends it.
+@dataclass
+class _Draining:
+    """A gateway process in its drain: one stream held open (the provider stalled)."""
+
+    process: asyncio.subprocess.Process
+    base: str
+    held: aiohttp.ClientResponse
+
+
+@contextlib.asynccontextmanager
+async def _draining(tmp_path: Path) -> AsyncIterator[_Draining]:
+    """Start ``python -m service`` (a drain far beyond the safety net, no grace), hold one
+    stream, send SIGTERM and wait until it says it drains. On leaving, the process must
+    have exited 0 without logging a traceback; it is killed if it still runs."""
     process = await _gateway(tmp_path, SLUICE_DRAIN_S="3600", SLUICE_DISCONNECT_GRACE_S="0")
     assert process.stderr is not None
     seen: list[bytes] = []
@@ -317,17 +327,7 @@ async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) 
                 process.send_signal(signal.SIGTERM)
                 await _line_containing(process.stderr, b"SIGTERM: draining", seen)
                 output = asyncio.ensure_future(_drain_output(process.stderr, seen))
-                async with aiohttp.ClientSession() as probe:  # a fresh connection, as a kubelet's
-                    ready = await probe.get(f"{base}/readyz")
-                    assert ready.status == 503
-                    assert await ready.json() == {"status": "draining"}
-                    assert (await probe.get(f"{base}/livez")).status == 200
-                    refused = await probe.post(
-                        f"{base}/v1/chat/completions", json=chat_body(), headers=AUTH
-                    )
-                    assert refused.status == 503
-                    assert (await refused.json())["error"]["code"] == "service_unavailable"
-                held.close()  # the last stream's client leaves: nothing is left to drain
+                yield _Draining(process, base, held)
             assert await process.wait() == 0
             await output
     finally:
@@ -336,39 +336,36 @@ async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) 
             await process.wait()
     log = b"".join(seen).decode(errors="replace")
     assert "Traceback" not in log, log
+
+
+async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) -> None:
+    """After SIGTERM the port keeps listening while streams drain: a probe gets /readyz 503
+    "draining" (not a refused connection), /livez 200, a new completion an OpenAI 503. Once
+    the last stream ends (its client left) the process exits 0 without waiting out the window.
+    """
+    async with _draining(tmp_path) as gateway:
+        base = gateway.base
+        async with aiohttp.ClientSession() as probe:  # a fresh connection, as a kubelet's
+            ready = await probe.get(f"{base}/readyz")
+            assert ready.status == 503
+            assert await ready.json() == {"status": "draining"}
+            assert (await probe.get(f"{base}/livez")).status == 200
+            refused = await probe.post(
+                f"{base}/v1/chat/completions", json=chat_body(), headers=AUTH
+            )
+            assert refused.status == 503
+            assert (await refused.json())["error"]["code"] == "service_unavailable"
+        gateway.held.close()  # the last stream's client leaves: nothing is left to drain
 
 
 async def test_a_second_sigterm_during_the_drain_still_exits_cleanly(tmp_path: Path) -> None:
     """SIGTERM, then SIGTERM again while a stream drains: listening stops at once, the
     stream still ends and is recorded, and the process exits 0 (the first drain finishing
     during the cleanup must not ask for a second one)."""
-    process = await _gateway(tmp_path, SLUICE_DRAIN_S="3600", SLUICE_DISCONNECT_GRACE_S="0")
-    assert process.stderr is not None
-    seen: list[bytes] = []
-    try:
-        async with asyncio.timeout(60):  # a safety net, not a clock
-            port = await _listening_port(process.stderr, seen)
-            async with aiohttp.ClientSession() as session:
-                held = await session.post(
-                    f"http://127.0.0.1:{port}/v1/chat/completions",
-                    json=chat_body("hold [sim stall_after=1]"),
-                    headers=AUTH,
-                )
-                stream_id = held.headers["X-Sluice-Stream-Id"]
-                await read_events(held, 2)
-                process.send_signal(signal.SIGTERM)
-                await _line_containing(process.stderr, b"SIGTERM: draining", seen)
-                process.send_signal(signal.SIGTERM)
-                output = asyncio.ensure_future(_drain_output(process.stderr, seen))
-                held.close()  # the stream ends: both the drain and the cleanup are done
-            assert await process.wait() == 0
-            await output
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    log = b"".join(seen).decode(errors="replace")
-    assert "Traceback" not in log, log
+    async with _draining(tmp_path) as gateway:
+        stream_id = gateway.held.headers["X-Sluice-Stream-Id"]
+        gateway.process.send_signal(signal.SIGTERM)
+        gateway.held.close()  # the stream ends: both the drain and the cleanup are done
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
         rows = ledger.execute("SELECT stream_id FROM ledger").fetchall()
     assert rows == [(stream_id,)]
