@@ -9,6 +9,7 @@ missing server fails them: CI skips nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import itertools
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,20 @@ async def postgres_url(postgres_server: PostgresServer) -> str:
 def with_database(settings: Settings, url: str) -> Settings:
     """``settings`` with the ledger in the PostgreSQL database at ``url``."""
     return replace(settings, shared=replace(settings.shared, database_url=Secret(url)))
+
+
+async def cancelled_in_flight(redis_server: RedisServer, call: Coroutine[Any, Any, Any]) -> None:
+    """Send ``call`` (one Redis script) to a frozen Redis and cancel its caller before the
+    reply: Redis runs the script once unfrozen, and its reply comes back to nobody."""
+    redis_server.pause()
+    try:
+        caller = asyncio.ensure_future(call)
+        await asyncio.sleep(0)  # one loop step: the script is sent (not a wait for time)
+        caller.cancel()
+    finally:
+        redis_server.resume()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
 
 
 async def reserved_micros(redis_url: str, user: str = "dev") -> int:

@@ -19,7 +19,7 @@ from service.redis_budgets import RedisBudgets
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
-from tests.servers import RedisServer, reserved_micros, with_redis
+from tests.servers import RedisServer, cancelled_in_flight, reserved_micros, with_redis
 
 LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
 
@@ -170,14 +170,6 @@ async def test_a_reservation_whose_caller_is_cancelled_in_flight_is_given_back(
     """The client leaves while the reservation script is on its way: Redis still runs it,
     and the reservation is then given back instead of holding the budget all day."""
     budgets = RedisBudgets(gates[0], LIMITS)
-    redis_server.pause()  # the script is sent, and waits for its reply
-    try:
-        reserving = asyncio.ensure_future(budgets.reserve_async("alice", "acme", Decimal("0.5")))
-        await asyncio.sleep(0)  # one loop step: the reservation is sent (not a wait for time)
-        reserving.cancel()
-    finally:
-        redis_server.resume()
-    with pytest.raises(asyncio.CancelledError):
-        await reserving
+    await cancelled_in_flight(redis_server, budgets.reserve_async("alice", "acme", Decimal("0.5")))
     await gates[0].undone()
     assert await reserved_micros(redis_url, "alice") == 0

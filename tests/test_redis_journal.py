@@ -196,7 +196,8 @@ async def test_the_grace_window_expires_when_the_reader_on_another_replica_leave
 async def test_another_user_cannot_resume_or_cancel_through_another_replica(
     gateway: GatewayFactory, settings: Settings, redis_url: str, tmp_path: Path
 ) -> None:
-    """Ownership holds across replicas: bob gets 404 for alice's stream on B."""
+    """Ownership holds across replicas: bob gets 404 for alice's stream on B, and over a
+    socket the same refusal as for a stream that never was."""
     two, alice, bob = two_user_settings(with_redis(settings, redis_url), tmp_path)
     a, b = await replicas(gateway, two)
     response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice))
@@ -207,6 +208,10 @@ async def test_another_user_cannot_resume_or_cancel_through_another_replica(
     assert resumed.status == 404
     cancelled = await b.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(bob))
     assert cancelled.status == 404
+    ws = await _ws_resume(b, stream_id, bob)  # over a socket: like a stream that never was
+    refused = orjson.loads((await ws.receive()).data)
+    assert (refused["type"], refused["error"]["code"]) == ("error", "stream_not_found")
+    await ws.close()
     stream = a.app[STREAMS].get(stream_id)
     assert stream is not None
     assert stream.running or stream.status is StreamStatus.COMPLETED
@@ -242,19 +247,27 @@ async def test_rolling_restart_leaves_every_stream_resumable_on_the_other_replic
     assert ledger.get(ids[0]) is not None
 
 
-async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
+async def _orphaned(
     gateway: GatewayFactory, settings: Settings, redis_url: str
-) -> None:
-    """A journal with no END and no owner heartbeat (its replica crashed) replays, then ends
-    with a retry hint instead of keeping the client waiting forever."""
+) -> TestClient[Any, Any]:
+    """What a replica killed with SIGKILL leaves behind (``strm_orphan``: two events, no
+    END, no owner heartbeat), and a replica B to read it through."""
     redis = Redis.from_url(redis_url)
-    try:  # what a replica killed with SIGKILL leaves behind
+    try:
         await redis.hset(meta_key("strm_orphan"), mapping={"user": "dev", "tenant": "dev"})
         for seq in (1, 2):
             await redis.xadd(journal_key("strm_orphan"), {"k": 0, "d": b"{}"}, id=f"0-{seq}")
     finally:
         await redis.aclose()
-    b = await gateway(with_streams(with_redis(settings, redis_url), keepalive_s=0.05))
+    return await gateway(with_streams(with_redis(settings, redis_url), keepalive_s=0.05))
+
+
+async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """A journal with no END and no owner heartbeat (its replica crashed) replays, then ends
+    with a retry hint instead of keeping the client waiting forever."""
+    b = await _orphaned(gateway, settings, redis_url)
 
     response = await b.get("/v1/streams/strm_orphan/events", headers=AUTH)
     assert response.status == 200
@@ -275,37 +288,13 @@ async def test_a_socket_elsewhere_notices_an_owner_that_died_mid_stream(
 ) -> None:
     """Over a WebSocket, the orphaned journal's chunks come as frames, then an error frame
     ``stream_interrupted``, instead of a socket left waiting forever."""
-    redis = Redis.from_url(redis_url)
-    try:
-        await redis.hset(meta_key("strm_orphan"), mapping={"user": "dev", "tenant": "dev"})
-        for seq in (1, 2):
-            await redis.xadd(journal_key("strm_orphan"), {"k": 0, "d": b"{}"}, id=f"0-{seq}")
-    finally:
-        await redis.aclose()
-    b = await gateway(with_streams(with_redis(settings, redis_url), keepalive_s=0.05))
+    b = await _orphaned(gateway, settings, redis_url)
 
     ws = await _ws_resume(b, "strm_orphan")
     frames = [orjson.loads((await ws.receive()).data) for _ in range(3)]
     assert [(f["type"], f["seq"]) for f in frames] == [("chunk", 1), ("chunk", 2), ("error", 3)]
     assert frames[-1]["error"]["code"] == "stream_interrupted"
     await ws.close()
-
-
-async def test_another_user_cannot_resume_over_a_socket_on_another_replica(
-    gateway: GatewayFactory, settings: Settings, redis_url: str, tmp_path: Path
-) -> None:
-    """bob's ``resume`` of alice's stream on B is answered like a stream that never was."""
-    two, alice, bob = two_user_settings(with_redis(settings, redis_url), tmp_path)
-    a, b = await replicas(gateway, two)
-    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice))
-    stream_id = response.headers[STREAM_ID_HEADER]
-    await read_events(response, 1)
-
-    ws = await _ws_resume(b, stream_id, bob)
-    refused = orjson.loads((await ws.receive()).data)
-    assert (refused["type"], refused["error"]["code"]) == ("error", "stream_not_found")
-    await ws.close()
-    response.close()
 
 
 async def _finished_on_a(a: TestClient[Any, Any], text: str) -> tuple[str, int]:

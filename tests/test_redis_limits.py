@@ -19,7 +19,7 @@ from service.redis_limits import RedisLimiter, streams_key
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
-from tests.servers import RedisServer, with_redis
+from tests.servers import RedisServer, cancelled_in_flight, with_redis
 from tests.test_ledger import finished
 
 QUICK = "hi [sim chunks=1]"
@@ -133,15 +133,7 @@ async def test_an_admission_whose_caller_is_cancelled_in_flight_is_given_back(
     stream slot and the tokens, and both are then given back, not held for an hour."""
     one, two = replicas
     tier = (Tier("user", "alice", rpm=0, tpm=1000),)
-    redis_server.pause()  # the script is sent, and waits for its reply
-    try:
-        admitting = asyncio.ensure_future(one.admit("alice", 1, tier, 900))
-        await asyncio.sleep(0)  # one loop step: the script is sent (not a wait for time)
-        admitting.cancel()
-    finally:
-        redis_server.resume()
-    with pytest.raises(asyncio.CancelledError):
-        await admitting
+    await cancelled_in_flight(redis_server, one.admit("alice", 1, tier, 900))
     await one._gate.undone()
     redis = Redis.from_url(redis_url)
     try:
