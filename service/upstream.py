@@ -265,10 +265,10 @@ def _error_detail(raw: bytes) -> dict[str, Any]:
         return {}
     if not isinstance(payload, dict):
         return {}
-    return error_object(payload.get("error")) or (payload if "message" in payload else {})
+    return _error_object(payload.get("error")) or (payload if "message" in payload else {})
 
 
-def error_object(detail: Any) -> dict[str, Any]:
+def _error_object(detail: Any) -> dict[str, Any]:
     """A provider's ``error`` value as an object (a bare string is its message)."""
     if isinstance(detail, dict):
         return detail
@@ -286,7 +286,7 @@ class Scrubber(Protocol):
 def relayed_error(detail: Any, scrubber: Scrubber, default: str) -> ProviderStatusError:
     """A provider's error in a 2xx answer (an ``error`` object or bare message, in a chunk
     or a whole body) as our 502, its words scrubbed of our key."""
-    detail = error_object(detail)
+    detail = _error_object(detail)
     return ProviderStatusError(
         scrubber.redact(str(detail.get("message") or default)),
         provider_status=502,
