@@ -1,18 +1,19 @@
 """One generation: call the provider and write what it sends into the stream's journal.
 
-Per chunk the hot path does one ``orjson.loads`` (to validate the chunk and fold its text,
-usage and finish reason into ``Progress``) and appends the provider's own bytes; nothing is
-re-serialised. The usage-only chunk is withheld from clients that did not ask for it,
+Per chunk the hot path validates the chunk and folds its text, usage and finish reason into
+``Progress``, then appends the provider's own bytes; nothing is re-serialised. A chunk shaped
+like the one before costs a decode of its text alone (``chunkshape.py``); others one
+``orjson.loads``. The usage-only chunk is withheld from clients that did not ask for it,
 because Sluice always asks the provider for usage so it can bill exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
+from .chunkshape import ChunkShape
 from .errors import ProviderEndedEarly, ProviderProtocolError
 from .resilience import ResilientProvider
 from .sse import DONE
@@ -48,7 +49,10 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
     try:
         stream.accepted.set()
         try:
-            await upstream.pump(response, lambda payloads: _relay(stream, payloads, upstream))
+            shape = ChunkShape()
+            await upstream.pump(
+                response, lambda payloads: _relay(stream, payloads, upstream, shape)
+            )
         except ProviderEndedEarly:
             if stream.progress.finish_reason is None:
                 raise
@@ -61,45 +65,46 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             response.close()  # drop the connection: the provider sees it and stops generating
 
 
-def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber) -> bool:
+def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber, shape: ChunkShape) -> bool:
     """Journal a batch of provider payloads (one read's worth); return True at [DONE].
 
-    The batch is parsed as one JSON array, one orjson call for all its chunks; a batch that
-    does not parse so is parsed chunk by chunk, so the chunks before a bad one still reach
-    the client before its error does.
+    A chunk that has the stream's learnt shape costs one small string decode; any other is
+    parsed in full. The chunks before a bad one reach the client before its error does.
     """
     done = DONE in payloads
     if done:
         payloads = payloads[: payloads.index(DONE)]
-    chunks: Iterable[Any] = _parse_batch(payloads)
     progress = stream.progress
     kept: list[bytes] = []
     try:
-        for raw, chunk in zip(payloads, chunks, strict=True):
-            if type(chunk) is not dict:
-                raise ProviderProtocolError("The provider sent a chunk that is not an object.")
-            if chunk.get("error"):
-                raise relayed_error(chunk["error"], upstream, MIDSTREAM_ERROR)
-            if progress.add_chunk(chunk) and not stream.include_usage:
-                continue  # usage Sluice asked for on its own account: not the client's
+        for raw in payloads:
+            text = shape.text_of(raw)
+            if text is not None:
+                progress.add_text(text)
+            elif not _fold(stream, raw, upstream, shape):
+                continue
             kept.append(raw)
-    except (AttributeError, TypeError, KeyError):  # valid JSON of the wrong shape
-        raise ProviderProtocolError("The provider sent a chunk of the wrong shape.") from None
     finally:
         stream.extend(kept)
     stream.notify()
     return done
 
 
-def _parse_batch(payloads: list[bytes]) -> Iterable[Any]:
-    if not payloads:
-        return ()
+def _fold(stream: Stream, raw: bytes, upstream: Scrubber, shape: ChunkShape) -> bool:
+    """Parse one chunk in full and fold it into the stream's progress; False when it is
+    not the client's: usage Sluice asked for on its own account."""
+    chunk = _parse_chunk(raw)
     try:
-        chunks = orjson.loads(b"[" + b",".join(payloads) + b"]")
-    except orjson.JSONDecodeError:
-        return map(_parse_chunk, payloads)
-    # A payload holding two values ("{...},{...}") joins into more elements than payloads.
-    return chunks if len(chunks) == len(payloads) else map(_parse_chunk, payloads)
+        if type(chunk) is not dict:
+            raise ProviderProtocolError("The provider sent a chunk that is not an object.")
+        if chunk.get("error"):
+            raise relayed_error(chunk["error"], upstream, MIDSTREAM_ERROR)
+        if stream.progress.add_chunk(chunk) and not stream.include_usage:
+            return False
+    except (AttributeError, TypeError, KeyError):  # valid JSON of the wrong shape
+        raise ProviderProtocolError("The provider sent a chunk of the wrong shape.") from None
+    shape.learn(raw, chunk)
+    return True
 
 
 def _parse_chunk(raw: bytes) -> Any:

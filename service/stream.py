@@ -91,6 +91,12 @@ class Progress:
                 self.others.append(choice["delta"])  # billed too, if usage never comes
         return False
 
+    def add_text(self, text: str) -> None:
+        """Fold in a chunk that carries only text for choice 0 (``chunkshape.py`` found it)."""
+        self.chunks += 1
+        if text:
+            self.parts.append(text)
+
     def add_completion(self, body: dict[str, Any]) -> None:
         """Fold a whole non-streamed completion in."""
         self.response_id = body.get("id")

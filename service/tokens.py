@@ -12,6 +12,10 @@ Nothing here opens a socket.
 Encodings load lazily, once per process, under a lock (about 0.3 s each): the app warms
 them in a thread at startup (``warm``), so requests never pay the cost on the event loop.
 
+Chat frontends send the whole conversation again every turn, so most of a prompt has been
+counted before: prompt texts' counts are kept in a small LRU (``_Counts``) keyed by the
+text's hash, not the text, so an entry costs the same for a line or a book.
+
 Chat prompts are counted the way OpenAI's cookbook does ("How to count tokens with
 tiktoken"): 3 tokens per message, +1 per ``name``, +3 to prime the reply. Tool definitions
 follow the cookbook's ``num_tokens_for_tools`` approximation (see ``count_tools``).
@@ -23,6 +27,7 @@ import base64
 import gzip
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -42,6 +47,7 @@ TOKENS_PER_MESSAGE = 3  # <|start|>{role/name}\n{content}<|end|>\n
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 IMAGE_PART_TOKENS = 85  # a low-detail image; a floor for high-detail ones
+COUNTS_KEPT = 8192  # prompt texts whose counts are remembered
 
 _ENDOFTEXT = "<|endoftext|>"
 _FIM_PREFIX = "<|fim_prefix|>"
@@ -225,17 +231,17 @@ def _value_tokens(encoding: tiktoken.Encoding, value: Any) -> int:
     if value is None:
         return 0
     if isinstance(value, str):
-        return len(encoding.encode_ordinary(value))
+        return _len(encoding, value)
     if isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value):
         return sum(_part_tokens(encoding, part) for part in value)
-    return len(encoding.encode_ordinary(orjson.dumps(value).decode()))
+    return _len(encoding, orjson.dumps(value).decode())
 
 
 def _part_tokens(encoding: tiktoken.Encoding, part: dict[str, Any]) -> int:
     if part["type"] in ("image_url", "input_image"):
         return IMAGE_PART_TOKENS
     text = part.get("text")
-    return len(encoding.encode_ordinary(text)) if isinstance(text, str) else 0
+    return _len(encoding, text) if isinstance(text, str) else 0
 
 
 def count_tools(encoding: tiktoken.Encoding, functions: Iterable[Any]) -> int:
@@ -284,5 +290,34 @@ def _desc(item: dict[str, Any]) -> str:
     return description.removesuffix(".") if isinstance(description, str) else ""
 
 
-def _len(encoding: tiktoken.Encoding, text: str) -> int:
-    return len(encoding.encode_ordinary(text))
+class _Counts:
+    """Token counts of the texts counted lately, least recently used dropped first.
+
+    Keyed by the encoding, the text's length and its ``hash``: Python's string hash is keyed
+    per process (SipHash), so two texts colliding by chance or by a client's design is not a
+    practical concern, and the worst it could do is misestimate one prompt. Thread-safe:
+    long prompts are counted in a worker thread (``admission.py``)."""
+
+    __slots__ = ("_counts", "_kept", "_lock")
+
+    def __init__(self, kept: int) -> None:
+        self._counts: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        self._kept = kept
+        self._lock = threading.Lock()
+
+    def __call__(self, encoding: tiktoken.Encoding, text: str) -> int:
+        key = (encoding.name, len(text), hash(text))
+        with self._lock:
+            count = self._counts.get(key)
+            if count is not None:
+                self._counts.move_to_end(key)
+                return count
+        count = len(encoding.encode_ordinary(text))  # outside the lock: it is the slow part
+        with self._lock:
+            self._counts[key] = count
+            if len(self._counts) > self._kept:
+                self._counts.popitem(last=False)
+        return count
+
+
+_len = _Counts(COUNTS_KEPT)

@@ -7,6 +7,7 @@ the provider itself saw (``SimStats``), waiting on conditions rather than sleepi
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from service.app import create_app
 from service.appkeys import GATE, STREAMS
 from service.auth import add_key
 from service.checkpoint import MemoryCheckpointStore
+from service.handlers.chat import new_stream_id
 from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
@@ -610,3 +612,11 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert checkpoint.first_token_at is not None
     assert checkpoint.ended_at is not None
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at
+
+
+def test_stream_ids_stay_unique_and_well_formed_across_refills() -> None:
+    """Ids come 256 to a read of ``os.urandom``; past several reads none repeats, and each
+    is ``strm_`` and 22 URL-safe characters (128 bits)."""
+    ids = [new_stream_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"strm_[A-Za-z0-9_-]{22}", i) for i in ids)

@@ -291,3 +291,41 @@ def test_odd_function_schemas_are_counted_not_fatal() -> None:
     odd = [{"name": "f", "parameters": {"properties": [1]}}, 7, {"name": "g", "parameters": 1}]
     plain = [{"name": "f"}, {"name": "g"}]
     assert tokens.count_tools(encoding, odd) == tokens.count_tools(encoding, plain)
+
+
+class _CountingEncoding:
+    """An encoding that counts characters and how often it was asked."""
+
+    name = "chars"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.calls += 1
+        return [0] * len(text)
+
+
+def test_a_conversation_resent_is_not_counted_again() -> None:
+    """The turns a frontend sends again are answered from the cache; the least recently used
+    text is the one forgotten when the cache is full."""
+    counts = tokens._Counts(kept=2)
+    encoding: Any = _CountingEncoding()
+    assert [counts(encoding, t) for t in ("one", "three", "one")] == [3, 5, 3]
+    assert encoding.calls == 2
+    counts(encoding, "four")  # full: "three" was used least recently
+    assert [counts(encoding, t) for t in ("one", "four")] == [3, 4]
+    assert encoding.calls == 3
+    assert counts(encoding, "three") == 5
+    assert encoding.calls == 4
+
+
+def test_cached_counts_are_kept_apart_by_encoding() -> None:
+    """The same text under another encoding is counted again, never taken from the cache."""
+    counts = tokens._Counts(kept=8)
+    words = "hello hello hello 🤖"
+    o200k, cl100k = tokens.get_encoding(tokens.O200K), tokens.get_encoding(tokens.CL100K)
+    expected = [len(o200k.encode_ordinary(words)), len(cl100k.encode_ordinary(words))]
+    assert expected[0] != expected[1]
+    assert [counts(o200k, words), counts(cl100k, words)] == expected
+    assert [counts(o200k, words), counts(cl100k, words)] == expected

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
+import base64
+import os
 
 from aiohttp import web
 
@@ -29,8 +30,25 @@ from ..request import ChatRequest, parse_chat_request
 from ..stream import Owner, Stream
 
 
-def new_stream_id() -> str:
-    return "strm_" + secrets.token_urlsafe(16)
+class _StreamIds:
+    """Unguessable stream ids (128 random bits) without a system call each: ``os.urandom``
+    is read 4 KiB at a time, and each id takes the next 16 bytes."""
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at + 16 > len(self._pool):
+            self._pool, at = os.urandom(4096), 0
+        self._at = at + 16
+        return "strm_" + base64.urlsafe_b64encode(self._pool[at : at + 16]).rstrip(b"=").decode()
+
+
+new_stream_id = _StreamIds()
 
 
 def start_stream(

@@ -1,0 +1,143 @@
+"""The relay's fast path: recognising a chunk that is the last one with other words in it.
+
+Nearly every chunk of a streamed completion is the one before with another text: the same
+id, model, timestamp and key order, one ``delta.content`` string that differs, and with
+OpenAI an ``obfuscation`` string of random letters at the end that differs too. Parsing
+each such chunk into dicts to read one string costs most of what Sluice spends per chunk.
+``ChunkShape`` learns the shape from a chunk that was parsed in full, then takes a chunk that
+has the same bytes around those strings by decoding just the text.
+
+It is exact, not a heuristic: a chunk it takes is the learnt chunk (valid JSON, checked by
+the full parse) with another JSON string (validated by ``orjson``) in place of the text and
+other ASCII letters and digits in place of the padding's; so it is valid JSON whose parse
+differs from the learnt one only in those two strings. Anything
+else (the role chunk, tool calls, the finish and usage chunks, an error, a malformed chunk)
+misses and takes the full parse. A provider whose chunks never repeat a shape stops being
+tried after a few misses, so it pays almost nothing for the attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+_CONTENT = b'"content":'
+_OBFUSCATION = b',"obfuscation":'  # OpenAI's padding, last in its chunks
+_WHITESPACE = b" \t\r\n"
+MAX_MISSES = 4  # full parses in a row, with no chunk taken between, before giving up
+
+
+class ChunkShape:
+    """One stream's learnt chunk shape; see the module docstring for why it is exact."""
+
+    __slots__ = ("_end", "_middle", "_misses", "_padded", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = b""  # up to the content string; empty: nothing learnt
+        self._padded = False  # an ``obfuscation`` string ends the chunk
+        self._middle = b""  # padded: from the content string to the padding's letters
+        self._end = b""  # after the content string, or after the padding's letters
+        self._misses = 0
+
+    def text_of(self, raw: bytes) -> str | None:
+        """The chunk's ``delta.content`` if ``raw`` has the learnt shape, else None."""
+        prefix = self._prefix
+        if not prefix or not raw.startswith(prefix) or not raw.endswith(self._end):
+            return None
+        stop = len(raw) - len(self._end)
+        if self._padded:  # the text, the middle, then the padding's letters (no quote in them)
+            quote = raw.rfind(b'"', len(prefix), stop) + 1  # the middle ends with it
+            if not raw.endswith(self._middle, 0, quote) or not raw[quote:stop].isalnum():
+                return None
+            stop = quote - len(self._middle)
+        try:
+            text = orjson.loads(raw[len(prefix) : stop])
+        except orjson.JSONDecodeError:
+            return None
+        if type(text) is not str:
+            return None
+        self._misses = 0
+        return text
+
+    def learn(self, raw: bytes, chunk: dict[str, Any]) -> None:
+        """Take ``raw``, which parsed as ``chunk``, as the shape if it is a plain text chunk."""
+        self._misses += 1
+        if self._misses > MAX_MISSES:
+            self._prefix = b""  # give up: ``text_of`` returns at its first test from now on
+            return
+        content = _plain_text(chunk)
+        if content is None or raw.count(_CONTENT) != 1:
+            return  # keep the shape: it may fit the chunks after this one
+        start = raw.index(_CONTENT) + len(_CONTENT)
+        while raw[start : start + 1] and raw[start] in _WHITESPACE:
+            start += 1
+        stop = _string_end(raw, start)
+        if stop is None or _string(raw[start:stop]) != content:
+            return
+        padding = _padding(raw, chunk)
+        if padding is None:
+            self._prefix, self._middle, self._end, self._padded = (
+                raw[:start],
+                b"",
+                raw[stop:],
+                False,
+            )
+        else:
+            self._prefix, self._middle = raw[:start], raw[stop : padding[0]]
+            self._end, self._padded = raw[padding[1] :], True
+
+
+def _plain_text(chunk: dict[str, Any]) -> str | None:
+    """The text of a chunk that carries only text for choice 0: no usage, no tool calls,
+    no finish, no other choices, no error. Anything else is not learnt."""
+    if chunk.get("usage") or chunk.get("error"):
+        return None
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1 or type(choices[0]) is not dict:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if choice.get("index", 0) != 0 or choice.get("finish_reason") or type(delta) is not dict:
+        return None
+    content = delta.get("content")
+    if type(content) is not str or delta.get("tool_calls"):
+        return None
+    return content
+
+
+def _padding(raw: bytes, chunk: dict[str, Any]) -> tuple[int, int] | None:
+    """Where the letters of an ``obfuscation`` string that ends the chunk start and stop."""
+    padding = chunk.get("obfuscation")
+    if type(padding) is not str or not padding.isalnum() or not padding.isascii():
+        return None
+    if not raw.endswith(b'%s"%s"}' % (_OBFUSCATION, padding.encode())):
+        return None
+    stop = len(raw) - 2  # before '"}'
+    return stop - len(padding), stop
+
+
+def _string_end(raw: bytes, start: int) -> int | None:
+    """The index just past the JSON string starting at ``start`` (None: no string there)."""
+    if raw[start : start + 1] != b'"':
+        return None
+    at = start + 1
+    while True:
+        at = raw.find(b'"', at)
+        if at < 0:
+            return None
+        backslashes = 0
+        while raw[at - 1 - backslashes] == 0x5C:  # an escaped quote is inside the string
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return at + 1
+        at += 1
+
+
+def _string(value: bytes) -> str | None:
+    """``value`` decoded if it is exactly one JSON string (surrounding whitespace allowed)."""
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return decoded if type(decoded) is str else None

@@ -1,0 +1,146 @@
+"""The relay's fast path for chunks shaped like the last: it takes exactly what a full
+parse would read the same way, and nothing else."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from service.chunkshape import MAX_MISSES, ChunkShape
+
+BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+TEXTS = ["plain", "", 'say "hi"', "back\\slash\\", "line\nbreak\t", "é中🤖", "\u2028", '\\"']
+TEXTS += ['","x":"y', '"},"logprobs":null,"finish_reason":null}],"usage":null,"x":"']
+
+
+def chunk(text: Any, *, padding: str | None = None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+    value = {**BASE, "choices": [choice], "usage": None, **extra}
+    if padding is not None:
+        value["obfuscation"] = padding
+    return value
+
+
+def learnt(value: dict[str, Any]) -> ChunkShape:
+    shape = ChunkShape()
+    raw = orjson.dumps(value)
+    shape.learn(raw, orjson.loads(raw))
+    return shape
+
+
+@pytest.mark.parametrize("padding", [None, "aZ09"], ids=["plain", "obfuscated"])
+def test_chunks_of_the_shape_give_their_text(padding: str | None) -> None:
+    """Quotes, backslashes, control characters and text that looks like the JSON around
+    it all come back exactly as a full parse reads them."""
+    shape = learnt(chunk("first", padding=padding))
+    for text in TEXTS:
+        raw = orjson.dumps(chunk(text, padding=padding and padding + text.isascii() * "x"))
+        assert shape.text_of(raw) == orjson.loads(raw)["choices"][0]["delta"]["content"]
+
+
+def test_a_provider_that_escapes_differently_still_matches() -> None:
+    """Escapes orjson would not write (``\\u00e9``, ``\\/``) are the text's own business."""
+    shape = learnt(chunk("first"))
+    raw = orjson.dumps(chunk("X")).replace(b'"X"', b'"caf\\u00e9 a\\/b"')
+    assert shape.text_of(raw) == "café a/b"
+
+
+def test_whitespace_around_the_text_is_learnt_too() -> None:
+    raw = b'{"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": null}]}'
+    shape = ChunkShape()
+    shape.learn(raw, orjson.loads(raw))
+    assert shape.text_of(raw.replace(b'"a"', b'"b c"')) == "b c"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"a","x":"b"',  # valid JSON around it, but another member: not the same shape
+        b'"a"  ,"x":1',
+        b'"unterminated',
+        b'"bad \\q escape"',
+        b'"raw\ncontrol"',
+        b'"\\ud800"',  # a lone surrogate: orjson refuses it, as the full parse would
+        b"123",
+        b"null",
+        b'["a"]',
+        b"",
+    ],
+)
+def test_anything_but_one_json_string_in_the_slot_misses(raw: bytes) -> None:
+    """What a full parse would reject, or read as another structure, is never taken."""
+    shape = learnt(chunk("first"))
+    candidate = orjson.dumps(chunk("SLOT")).replace(b'"SLOT"', raw)
+    assert shape.text_of(candidate) is None
+
+
+@pytest.mark.parametrize("padding", ["a-b", "", 'a"}', "é"], ids=["dash", "empty", "quote", "utf8"])
+def test_padding_that_is_not_plain_letters_misses(padding: str) -> None:
+    """The padding is checked as ASCII letters and digits; anything else takes the full
+    parse (which will accept it if it is valid)."""
+    shape = learnt(chunk("first", padding="abc"))
+    raw = orjson.dumps(chunk("next", padding="PAD")).replace(b"PAD", padding.encode())
+    assert shape.text_of(raw) is None
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {**BASE, "choices": [], "usage": {"prompt_tokens": 1}},
+        {**BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**BASE, "choices": [{"index": 1, "delta": {"content": "x"}, "finish_reason": None}]},
+        {"error": {"message": "overloaded"}},
+        chunk("x", model="other-model"),
+        chunk("x", padding="abc"),
+    ],
+    ids=["usage", "finish", "second-choice", "error", "other-model", "padded"],
+)
+def test_chunks_of_another_shape_miss(other: dict[str, Any]) -> None:
+    shape = learnt(chunk("first"))
+    assert shape.text_of(orjson.dumps(other)) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {**BASE, "choices": [{"index": 0, "delta": {"role": "x", "tool_calls": [{}]}}]},
+        {**BASE, "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "stop"}]},
+        {**BASE, "choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {"content": []}}]},
+        {**BASE, "choices": [{"index": 0, "delta": {"content": 7}}]},
+        chunk("a", usage={"prompt_tokens": 1}),
+    ],
+    ids=["tool-calls", "finish", "key-twice", "not-text", "usage"],
+)
+def test_only_plain_text_chunks_are_learnt(value: dict[str, Any]) -> None:
+    """A chunk that does more than carry text would lose that something on the fast path."""
+    shape = learnt(value)
+    assert shape.text_of(orjson.dumps(value)) is None
+
+
+def test_the_fast_path_gives_up_on_a_provider_whose_chunks_never_repeat() -> None:
+    """A shape learnt and never used counts as a miss; after MAX_MISSES in a row the shape
+    is dropped, and a hit in between starts the count again."""
+    shape = ChunkShape()
+    for i in range(MAX_MISSES):
+        value = chunk("a", created=i)
+        shape.learn(orjson.dumps(value), value)
+    assert shape.text_of(orjson.dumps(chunk("b", created=MAX_MISSES - 1))) == "b"  # a hit
+    for i in range(MAX_MISSES + 1):
+        value = chunk("a", created=100 + i)
+        shape.learn(orjson.dumps(value), value)
+    assert shape.text_of(orjson.dumps(chunk("b", created=100 + MAX_MISSES))) is None
+
+
+def test_random_texts_agree_with_the_full_parse() -> None:
+    """Random texts over an alphabet rich in JSON's special characters: the fast path,
+    when it answers, answers what orjson reads from the whole chunk."""
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "/", "{", "}", ",", ":", "\n", "\x00", "é", "🤖", "a", " ", "u"]
+    shape = learnt(chunk("seed", padding="p1"))
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        raw = orjson.dumps(chunk(text, padding=f"p{rng.randrange(1000)}"))
+        assert shape.text_of(raw) == text
