@@ -16,7 +16,7 @@ import contextlib
 from aiohttp import web
 
 from .registry import StreamRegistry
-from .sse import KEEPALIVE, encode_event, encode_retry
+from .sse import KEEPALIVE, encode_events, encode_retry
 from .stream import Stream, StreamStatus
 
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
@@ -41,12 +41,12 @@ async def stream_sse(
         # reached us); leaving the block detaches, which is all a disconnect needs.
         await response.prepare(request)
         tail = b""  # the journal's last events: they go out with the end of the body
-        async for batch in stream.follow(after):
+        async for first, batch in stream.follow(after):
             if not batch:
                 await response.write(KEEPALIVE)
                 continue
-            data = b"".join(encode_event(seq, data) for seq, _, data in batch)
-            if stream.running or batch[-1][0] < stream.last_seq:
+            data = encode_events(first, batch)
+            if stream.running or first + len(batch) <= stream.last_seq:
                 await response.write(data)
             else:
                 tail = data

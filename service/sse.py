@@ -29,13 +29,18 @@ class SSEDecoder:
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             buffer = _normalise_newlines(buffer)
+        # What providers send: events of one ``data: `` line each. Then every newline is in a
+        # separator, and splitting on the separator yields the payloads with no per-event work.
+        if buffer.endswith(b"\n\n") and buffer[:6] == b"data: ":  # a read of whole events
+            payloads = buffer[6:-2].split(_NEXT)
+            if buffer.count(b"\n") == 2 * len(payloads):
+                self._buffer = b""
+                return payloads
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._buffer = buffer
             return []
         complete, self._buffer = buffer[:end], buffer[end + 2 :]
-        # What providers send: events of one ``data: `` line each. Then every newline is in a
-        # separator, and splitting on the separator yields the payloads with no per-event work.
         if complete[:6] == b"data: " and complete.count(b"\n") == 2 * complete.count(_NEXT):
             return complete[6:].split(_NEXT)
         return [d for event in complete.split(b"\n\n") if (d := _event_data(event)) is not None]
@@ -73,6 +78,17 @@ def encode_event(seq: int, data: bytes) -> bytes:
     if b"\n" in data:
         data = data.replace(b"\n", b"\ndata: ")
     return b"id: %d\ndata: %b\n\n" % (seq, data)
+
+
+def encode_events(first: int, events: list[tuple[int, bytes]]) -> bytes:
+    """``encode_event`` for journal events ``(kind, data)`` numbered from ``first``, joined.
+    Formatted as single-line events first: three newlines an event say they were."""
+    joined = b"".join(
+        [b"id: %d\ndata: %b\n\n" % (seq, data) for seq, (_, data) in enumerate(events, first)]
+    )
+    if joined.count(b"\n") == 3 * len(events):
+        return joined
+    return b"".join([encode_event(seq, data) for seq, (_, data) in enumerate(events, first)])
 
 
 def encode_retry(milliseconds: int) -> bytes:

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import repeat
 from typing import Any
 
 from .errors import InvalidRequestError, SluiceError
@@ -205,7 +206,7 @@ class Stream:
         if chunks:
             if self.first_token_at is None:
                 self.first_token_at = time.time()
-            self.events += [(Kind.CHUNK, data) for data in chunks]
+            self.events += zip(repeat(Kind.CHUNK), chunks)
 
     def notify(self) -> None:
         """Wake every reader (after a batch of appends, or for a keepalive tick)."""
@@ -231,22 +232,22 @@ class Stream:
         self.ended.set()
         self.notify()
 
-    async def follow(self, after: int) -> AsyncIterator[list[tuple[int, int, bytes]]]:
-        """Yield ``(seq, kind, data)`` batches after ``after``; an empty batch is a tick."""
+    async def follow(self, after: int) -> AsyncIterator[tuple[int, list[tuple[int, bytes]]]]:
+        """Yield the ``(kind, data)`` events after ``after`` in batches, each with the
+        sequence number of its first event; an empty batch is a tick."""
         position = max(0, after)
         while True:
             if position < len(self.events):
                 batch = self.events[position:]
-                first = position + 1
+                yield position + 1, batch
                 position += len(batch)
-                yield [(first + i, kind, data) for i, (kind, data) in enumerate(batch)]
                 continue
             if not self.running:
                 return
             ticks = self.ticks
             await self._wake.wait()
             if self.ticks != ticks and position == len(self.events) and self.running:
-                yield []
+                yield position + 1, []
 
 
 def check_resume_point(last_seq: int | None, after: int) -> int:

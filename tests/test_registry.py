@@ -56,8 +56,8 @@ async def test_the_last_detach_with_no_grace_cancels_at_once() -> None:
     stream = make_stream()
     registry.launch(stream, produce(stream, ["a", "b"], asyncio.Event()))
     with registry.reading(stream):
-        async for batch in stream.follow(0):  # the first batch: both words
-            assert [data for _, _, data in batch][-1].endswith(b'"b"}}]}')
+        async for _, batch in stream.follow(0):  # the first batch: both words
+            assert [data for _, data in batch][-1].endswith(b'"b"}}]}')
             break
     await stream.ended.wait()
     assert stream.task is not None

@@ -10,7 +10,14 @@ import random
 
 import pytest
 
-from service.sse import DONE, KEEPALIVE, SSEDecoder, encode_event, encode_retry
+from service.sse import (
+    DONE,
+    KEEPALIVE,
+    SSEDecoder,
+    encode_event,
+    encode_events,
+    encode_retry,
+)
 
 STREAM = (
     b'data: {"id":"a","n":1}\n\n'
@@ -137,6 +144,16 @@ def test_a_payload_of_several_lines_keeps_a_data_field_a_line() -> None:
     wire = encode_event(7, payload)
     assert wire == b'id: 7\ndata: {\ndata:   "a": 1\ndata: }\n\n'
     assert SSEDecoder().feed(wire) == [payload]
+
+
+def test_a_run_of_events_encodes_as_each_would() -> None:
+    """Numbered from the first; a multi-line payload among single-line ones still gets a
+    ``data:`` field a line."""
+    events = [(0, b"{}"), (0, b'{\n"a": 1\n}'), (1, DONE)]
+    expected = b"".join(encode_event(seq, data) for seq, (_, data) in enumerate(events, 4))
+    assert encode_events(4, events) == expected
+    assert encode_events(4, events[::2]) == encode_event(4, b"{}") + encode_event(5, DONE)
+    assert SSEDecoder().feed(expected) == [data for _, data in events]
 
 
 @pytest.mark.parametrize(

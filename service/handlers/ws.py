@@ -238,8 +238,8 @@ class _Socket:
                 if mirror is not None:  # the id goes out next: every replica must know it
                     await mirror.registered(stream)
                 await send(frames.started(), TEXT)
-            async for batch in stream.follow(after):
-                for seq, kind, data in batch:
+            async for first, batch in stream.follow(after):
+                for seq, (kind, data) in enumerate(batch, first):
                     if kind == Kind.CHUNK:
                         await send(frames.chunk(seq, data), TEXT)
             # The journal's own final event ([DONE] or the error) is replaced by the
