@@ -89,8 +89,8 @@ class ChunkShape:
 
 
 def _plain_text(chunk: dict[str, Any]) -> str | None:
-    """The text of a chunk that carries only text for choice 0: no usage, no tool calls,
-    no finish, no other choices, no error. Anything else is not learnt."""
+    """The text of a chunk that carries only text for choice 0: some text, and no usage,
+    tool calls, finish, other choices or error. Anything else is not learnt."""
     if chunk.get("usage") or chunk.get("error"):
         return None
     choices = chunk.get("choices")
@@ -101,8 +101,8 @@ def _plain_text(chunk: dict[str, Any]) -> str | None:
     if choice.get("index", 0) != 0 or choice.get("finish_reason") or type(delta) is not dict:
         return None
     content = delta.get("content")
-    if type(content) is not str or delta.get("tool_calls"):
-        return None
+    if type(content) is not str or not content or delta.get("tool_calls"):
+        return None  # no text: the role chunk that opens a stream, not one of its words
     return content
 
 

@@ -111,8 +111,9 @@ def test_chunks_of_another_shape_miss(other: dict[str, Any]) -> None:
         {**BASE, "choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": {"content": []}}]},
         {**BASE, "choices": [{"index": 0, "delta": {"content": 7}}]},
         chunk("a", usage={"prompt_tokens": 1}),
+        {**BASE, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
     ],
-    ids=["tool-calls", "finish", "key-twice", "not-text", "usage"],
+    ids=["tool-calls", "finish", "key-twice", "not-text", "usage", "role-no-text"],
 )
 def test_only_plain_text_chunks_are_learnt(value: dict[str, Any]) -> None:
     """A chunk that does more than carry text would lose that something on the fast path."""
