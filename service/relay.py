@@ -5,8 +5,9 @@ event after ``after``, follows live events until the stream ends, and detaches i
 ``finally``, which is what starts the grace window when the client goes away. Each wakeup's
 events go out in one write, and the journal's last ones with the end of the body (a stream
 that arrives in one read leaves in one write, headers included). Idle periods get a
-``: keepalive`` comment on the registry's tick; a stream ended by shutdown closes with a
-``retry:`` hint instead of ``[DONE]``.
+``: keepalive`` comment on the registry's tick (and one right after the headers when the
+response goes out before the provider has answered, see ``handlers/chat.py``); a stream
+ended by shutdown closes with a ``retry:`` hint instead of ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,22 @@ SSE_HEADERS = {
 
 
 async def stream_sse(
-    request: web.Request, registry: StreamRegistry, stream: Stream, *, after: int = 0
+    request: web.Request,
+    registry: StreamRegistry,
+    stream: Stream,
+    *,
+    after: int = 0,
+    waiting: bool = False,
 ) -> web.StreamResponse:
-    """Send ``stream`` from ``after`` to the client until it ends or the client leaves."""
+    """Send ``stream`` from ``after`` to the client until it ends or the client leaves.
+    ``waiting``: the provider has not answered yet; a keepalive follows the headers."""
     response = web.StreamResponse(headers={**SSE_HEADERS, **stream_headers(stream)})
     with registry.reading(stream), contextlib.suppress(ConnectionResetError):
         # ConnectionResetError: the client left mid-write (before handler cancellation
         # reached us); leaving the block detaches, which is all a disconnect needs.
         await response.prepare(request)
+        if waiting:
+            await response.write(KEEPALIVE)
         tail = b""  # the journal's last events: they go out with the end of the body
         async for first, batch in stream.follow(after):
             if not batch:

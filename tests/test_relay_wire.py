@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from service.settings import Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
+from tests.resilient import with_resilience
 from tests.wire import read_until, sse_blocks, sse_data
 
 KEEPALIVE = b": keepalive\n"
@@ -152,6 +153,53 @@ async def test_keepalive_every_15_s_on_a_controlled_clock(
     assert sim_stats.open == 1  # the provider is still silent; the stream is still open
     response.close()
     await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
+async def test_a_provider_holding_its_headers_gets_the_200_out_after_one_interval(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+) -> None:
+    """Nothing goes out while the provider may still refuse (a refusal keeps its status);
+    after one keepalive interval the 200 goes out with a keepalive, and keepalives follow."""
+    client = await gateway(
+        with_provider(_quick(settings), first_token_timeout_s=600.0, idle_timeout_s=600.0)
+    )
+    body = chat_body("[sim header_delay_ms=600000]")
+    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    await _settle(client)
+    assert not pending.done()
+    clock.advance(15.0)
+    response = await pending
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert await read_until(response, KEEPALIVE) == KEEPALIVE
+    clock.advance(15.0)
+    assert await read_until(response, KEEPALIVE) == KEEPALIVE
+    assert sim_stats.open == 0  # the provider has still not answered
+    response.close()
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
+async def test_a_refusal_after_the_200_went_out_is_the_streams_error_event(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+) -> None:
+    """A retry that waits out a 20 s Retry-After: the 200 and a keepalive go out at 15 s,
+    and the retry's refusal ends the stream as an error event (no [DONE])."""
+    custom = with_resilience(_quick(settings), retry_max_attempts=2, retry_budget_s=100.0)
+    client = await gateway(custom)
+    body = chat_body("[sim fail=503 retry_after=20]")
+    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    await _settle(client)
+    assert not pending.done()
+    clock.advance(15.0)
+    response = await pending
+    assert response.status == 200
+    assert await read_until(response, KEEPALIVE) == KEEPALIVE
+    clock.advance(5.5)
+    (event,) = sse_data((await response.content.read()).decode())
+    assert orjson.loads(event)["error"]["type"] == "server_error"
+    assert sim_stats.requests == 2
 
 
 def test_default_keepalive_interval() -> None:

@@ -16,6 +16,7 @@ from ..appkeys import (
     PRINCIPAL,
     RESPONDER,
     SERVED_MODELS,
+    SETTINGS,
     STREAMS,
     TELEMETRY,
 )
@@ -82,20 +83,36 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     stream = await admission.launch(start_stream, request.app, owner, cache_header=cache_header)
     registry = request.app[STREAMS]
     with registry.reading(stream):
-        # Hold the response until the provider answers, so its errors keep their status.
-        await (stream.accepted if chat.streaming else stream.ended).wait()
-        if stream.failed_before_output or (stream.error and not chat.streaming):
+        # Hold the response until the provider answers, so its errors keep their status;
+        # a stream waits at most one keepalive interval, then its 200 and keepalives go out
+        # (a provider that holds its headers must not leave a proxy's idle timer running).
+        if chat.streaming:
+            answered = await _answered_within(stream, request.app[SETTINGS].streams.keepalive_s)
+        else:
+            await stream.ended.wait()
+            answered = True
+        if answered and (stream.failed_before_output or (stream.error and not chat.streaming)):
             raise _with_stream_header(stream.error, stream)
         if chat.streaming:
             mirror = request.app[JOURNAL_MIRROR]
             if mirror is not None:  # the id goes out next: every replica must know it
                 await mirror.registered(stream)
-            return await stream_sse(request, registry, stream)
+            return await stream_sse(request, registry, stream, waiting=not answered)
         return web.Response(
             body=stream.events[0][1],
             content_type="application/json",
             headers=stream_headers(stream),
         )
+
+
+async def _answered_within(stream: Stream, seconds: float) -> bool:
+    """Whether the provider answered (or the stream ended) within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            await stream.accepted.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _parse(request: web.Request) -> ChatRequest:
