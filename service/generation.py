@@ -44,15 +44,14 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         stream.append(Kind.CHUNK, raw)
         stream.notify()
         return
-    response = await upstream.post_chat(body, route=stream)
+    answer = await upstream.post_chat(body, route=stream)
+    response = answer.response
     completed = False
     try:
         stream.accepted.set()
         try:
             shape = ChunkShape()
-            await upstream.pump(
-                response, lambda payloads: _relay(stream, payloads, upstream, shape)
-            )
+            await upstream.pump(answer, lambda payloads: _relay(stream, payloads, upstream, shape))
         except ProviderEndedEarly:
             if stream.progress.finish_reason is None:
                 raise

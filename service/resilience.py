@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-import aiohttp
 import orjson
 
 from .breaker import Breakers
@@ -37,7 +36,7 @@ from .jsonbytes import dumps_kept
 from .retry import RetryBudget, RetryPolicy, is_retryable
 from .settings import ResilienceSettings, Settings
 from .telemetry import Telemetry
-from .upstream import Sink, Upstream
+from .upstream import ProviderStream, Sink, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class ResilientProvider:
         route.fallback_reason = reason
         return True
 
-    async def post_chat(self, body: bytes, *, route: Route) -> aiohttp.ClientResponse:
+    async def post_chat(self, body: bytes, *, route: Route) -> ProviderStream:
         """A stream: the first 2xx response along the chain, or the last tier's error."""
         return await self._along_chain(body, route, self.upstream.post_chat)
 
@@ -194,8 +193,8 @@ class ResilientProvider:
             except Exception as exc:
                 raise translate(exc) from exc
 
-    async def pump(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
-        await self.upstream.pump(response, sink)
+    async def pump(self, answer: ProviderStream, sink: Sink) -> None:
+        await self.upstream.pump(answer, sink)
 
     def redact(self, text: str) -> str:
         return self.upstream.redact(text)

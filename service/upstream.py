@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -69,18 +70,20 @@ class Upstream:
         key scrubbed out (a careless provider echoes credentials anywhere), bounded."""
         return scrub(value, self._key)[:MAX_FIELD_CHARS] if isinstance(value, str) else None
 
-    async def post_chat(self, body: bytes) -> aiohttp.ClientResponse:
+    async def post_chat(self, body: bytes) -> ProviderStream:
         """POST a streamed chat completion; return the 2xx response (its body unread), or
         raise the provider's error."""
-        # The first-token deadline also bounds the wait for the status line (a provider may
-        # hold its headers until the first token); TimeoutError is translated to a 504.
-        async with asyncio.timeout(self._settings.first_token_timeout_s):
+        # The first-token deadline counts from the request: it bounds the wait for the
+        # status line (a provider may hold its headers until the first token) and for the
+        # first event after it together. TimeoutError is translated to a 504.
+        due = asyncio.get_running_loop().time() + self._settings.first_token_timeout_s
+        async with asyncio.timeout_at(due):
             response = await self._post(body, self._stream_headers)
             if response.content_type == "application/json":  # an answer, not a stream
                 async with response:  # an answer where a stream was asked: often an error
                     detail = _error_detail(await response.read())
                     raise relayed_error(detail, self, "The provider sent no stream.")
-            return response
+            return ProviderStream(response, due)
 
     async def complete(self, body: bytes) -> bytes:
         """POST a non-streamed chat completion and read it whole, or raise the provider's
@@ -155,14 +158,14 @@ class Upstream:
             headers=headers,
         )
 
-    async def pump(self, response: aiohttp.ClientResponse, sink: Sink) -> None:
+    async def pump(self, answer: ProviderStream, sink: Sink) -> None:
         """Feed the streamed body to ``sink`` until [DONE] or EOF, enforcing the deadlines."""
         decoder = SSEDecoder()
-        first_s, idle_s = self._settings.first_token_timeout_s, self._settings.idle_timeout_s
         try:
             async with asyncio.timeout(None) as timeout:
-                with _Deadline(timeout, first_s, idle_s) as deadline:
-                    async for data in response.content.iter_any():
+                idle_s = self._settings.idle_timeout_s
+                with _Deadline(timeout, answer.first_due, idle_s) as deadline:
+                    async for data in answer.response.content.iter_any():
                         payloads = decoder.feed(data)
                         if payloads:
                             deadline.touch()
@@ -176,6 +179,14 @@ class Upstream:
         except (aiohttp.ClientError, OSError) as exc:  # reset mid-stream: a provider failure
             raise translate(exc) from exc
         raise ProviderEndedEarly("The provider ended the stream without finishing it.")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStream:
+    """A provider's 2xx streamed answer, its body unread, and when its first event is due."""
+
+    response: aiohttp.ClientResponse
+    first_due: float  # loop time: the first-token deadline, counted from the request
 
 
 class ProviderConnector(aiohttp.TCPConnector):
@@ -201,7 +212,8 @@ class _ResponseHandler(ResponseHandler):
 
 
 class _Deadline:
-    """Expires ``timeout`` ``first_s`` after entry, or ``idle_s`` after the last ``touch()``.
+    """Expires ``timeout`` at ``first_due`` (loop time), or ``idle_s`` after the last
+    ``touch()``.
 
     ``touch`` mostly just records the time: the timer re-arms itself when it fires before
     the due time, so a stream costs about one timer per idle period instead of one per read
@@ -211,11 +223,11 @@ class _Deadline:
 
     __slots__ = ("_armed_at", "_due", "_handle", "_idle_s", "_loop", "_timeout")
 
-    def __init__(self, timeout: asyncio.Timeout, first_s: float, idle_s: float) -> None:
+    def __init__(self, timeout: asyncio.Timeout, first_due: float, idle_s: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._timeout = timeout
         self._idle_s = idle_s
-        self._due = self._loop.time() + first_s
+        self._due = first_due
         self._armed_at = self._due
         self._handle: asyncio.TimerHandle | None = None
 

@@ -239,3 +239,27 @@ async def test_default_provider_deadlines_on_a_controlled_clock(
     assert rest.endswith(b"\n\n")
     assert b"[DONE]" not in early + rest
     await sim_stats.wait_for(lambda s: s.aborted == 1)  # the provider was hung up on
+
+
+async def test_the_first_token_deadline_counts_from_the_request_not_the_headers(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+) -> None:
+    """Headers after 40 s and the first event 30 s later: the default 60 s first-token
+    deadline runs out at 60 s from the request (not at 100 s, 60 s after the headers)."""
+    client = await gateway(_quick(settings))
+    body = chat_body("[sim header_delay_ms=40000 first_delay_ms=30000]")
+    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    await _settle(client)
+    clock.advance(15.0)  # the 200 goes out (see above)
+    response = await pending
+    clock.advance(25.0)
+    await sim_stats.wait_for(lambda s: s.started == 1)  # t = 40 s: the provider's headers
+    clock.advance(19.0)
+    await _settle(client)
+    assert b"error" not in await read_until(response, KEEPALIVE)
+    clock.advance(1.5)
+    async with asyncio.timeout(10):  # a safety net, not a sync: the error is already due
+        rest = await response.content.read()
+    assert b'"code":"provider_timeout"' in rest
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
