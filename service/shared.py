@@ -133,6 +133,7 @@ async def remote_events(
     if remote is None or not await _owns(request, remote, stream_id):
         return None
     after = check_resume_point(await remote.last_seq(stream_id), last_event_id())
+    request.app[TELEMETRY].stream_resumed(stream_id, after)
     return await remote.serve(request, stream_id, after)
 
 

@@ -31,6 +31,7 @@ from tests.otlp import (
     receiver_app,
 )
 from tests.resilient import Sleeps, start, with_resilience
+from tests.servers import with_redis
 from tests.wire import read_until
 
 URL = "/v1/chat/completions"
@@ -293,6 +294,27 @@ async def test_resumed_stream_records_a_resume_event(
     await resumed.read()
     name = "GET /v1/streams/{stream_id}/events"
     spans = await exported(client, receiver, ended, CHAT, name)
+    event = one(spans, name).event("sluice.stream.resumed")
+    assert event == {"sluice.stream.id": stream_id, "sluice.resume.after": 2}
+
+
+async def test_a_resume_served_from_another_replicas_journal_records_the_event(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, redis_url: str
+) -> None:
+    """Replica B serves a stream A generated (from the Redis journal): B's request span
+    gets ``sluice.stream.resumed`` all the same."""
+    shared = traced(with_redis(settings, redis_url), receiver)
+    a, b = await gateway(shared), await gateway(shared)
+    response = await a.post(URL, json=chat_body("r [sim chunks=3]"), headers=AUTH)
+    await response.read()
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    assert b.app[STREAMS].get(stream_id) is None  # B has only the journal
+    ended = watch(b)
+    resumed = await b.get(f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "2"})
+    assert resumed.status == 200
+    await resumed.read()
+    name = "GET /v1/streams/{stream_id}/events"
+    spans = await exported(b, receiver, ended, name)
     event = one(spans, name).event("sluice.stream.resumed")
     assert event == {"sluice.stream.id": stream_id, "sluice.resume.after": 2}
 

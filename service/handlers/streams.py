@@ -42,7 +42,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             return remote
     stream = _owned_stream(request)  # first: an unknown stream is a 404, whatever else is off
     after = check_resume_point(stream.last_seq, _last_event_id(request))
-    request.app[TELEMETRY].stream_resumed(stream, after)
+    request.app[TELEMETRY].stream_resumed(stream.id, after)
     return await stream_sse(request, request.app[STREAMS], stream, after=after)
 
 

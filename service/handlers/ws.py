@@ -180,11 +180,12 @@ class _Socket:
             principal = self._principal
             if await remote.owner_of(stream_id) == (principal.user_id, principal.tenant):
                 after = check_resume_point(await remote.last_seq(stream_id), last_seq)
+                self._app[TELEMETRY].stream_resumed(stream_id, after)
                 self._follow_remote(remote, request_id, stream_id, after)
                 return
         stream = owned_stream(self._registry, stream_id, self._principal)
         after = check_resume_point(stream.last_seq, last_seq)
-        self._app[TELEMETRY].stream_resumed(stream, after)
+        self._app[TELEMETRY].stream_resumed(stream.id, after)
         self._follow(request_id, stream, after=after, announce=False)
 
     def _new_request_id(self, value: Any) -> RequestId:

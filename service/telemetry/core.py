@@ -538,13 +538,15 @@ class Telemetry:
             if parent.is_recording():
                 parent.add_event(name)
 
-    def stream_resumed(self, stream: Stream, after: int) -> None:
-        """A client re-attached to ``stream`` after event ``after`` (SSE or WebSocket)."""
+    def stream_resumed(self, stream_id: str, after: int) -> None:
+        """A client re-attached to a stream after event ``after`` (SSE or WebSocket): the
+        request's span gets the event, and so does the stream's CLIENT span when the stream
+        is generated here (not when it is followed from another replica's journal)."""
         attributes: dict[str, str | int] = {
-            "sluice.stream.id": stream.id,
+            "sluice.stream.id": stream_id,
             "sluice.resume.after": after,
         }
-        st = self._streams.get(stream.id)
+        st = self._streams.get(stream_id)
         if st is not None and st.span is not None and st.span.is_recording():
             st.span.add_event("sluice.stream.resumed", attributes)
         current = trace.get_current_span()
@@ -552,7 +554,7 @@ class Telemetry:
             current.add_event("sluice.stream.resumed", attributes)
         rt = _REQUEST.get()
         if rt is not None and rt.span is not None and rt.span.is_recording():
-            rt.span.set_attribute("sluice.stream.id", stream.id)
+            rt.span.set_attribute("sluice.stream.id", stream_id)
 
     # --- the access line and request counts -----------------------------------------------------
 
