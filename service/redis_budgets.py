@@ -11,6 +11,12 @@ period's spend, loaded from the ledger at start: Redis does not forget what was 
 (with PostgreSQL that view is every replica's; with SQLite, this replica's). A reservation
 whose caller is cancelled in flight is given back (``RedisGate.evalsha_or_undo``).
 
+Each reservation is a hold with an id and an expiry (``HOLD_TTL_S``): settling releases
+exactly that hold (a second release, or one after expiry, releases nothing), and a hold
+nobody settles (its replica died mid-request, or the reply was lost to a timeout) is
+released by the first reservation after it expires: a budget is never blocked for longer
+than that by a reservation that will not be settled.
+
 The in-process ``Budgets`` state is kept as this replica's view (``status``/``pressure``
 stay synchronous) and is the fail-open fallback: with Redis unavailable, fail-open
 reserves locally (per-replica budgets), fail-closed answers 503. A request none of whose
@@ -25,7 +31,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -37,39 +44,66 @@ from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 MICROS = Decimal(1_000_000)
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
+# How long a reservation holds its budget without being settled: longer than any request
+# runs (the completion deadline is 10 minutes), short enough that a reservation orphaned by
+# a replica that died mid-request, or by a reply lost to a timeout, is back within the hour.
+HOLD_TTL_S = 3_600
 
-# KEYS: budget hashes. ARGV: amount, then ttl, limit (-1: none), seed per key (ARGV[3i-1],
-# ARGV[3i], ARGV[3i+1]). A hash Redis does not have (restarted, flushed, evicted) starts
-# from the seed: the replica's own view of the period's spend, loaded from the ledger.
-# Returns {0, index} when budget ``index`` would be exceeded, else {1, committed...}.
+# KEYS: the budget hashes, then each one's holds (a sorted set: hold id by expiry, ms).
+# ARGV: amount, hold id, now (ms), hold expiry (ms); then ttl, limit (-1: none) and seed per
+# key (ARGV[3i+2], ARGV[3i+3], ARGV[3i+4]). A hash Redis does not have (restarted, flushed,
+# evicted) starts from the seed: the replica's own view of the period's spend, from the
+# ledger. Holds past their expiry (their replica died, or lost the reply) are released
+# first. Returns {0, index} when budget ``index`` would be exceeded, else {1, committed...}.
 _RESERVE = """
+local n = #KEYS / 2
 local amount = tonumber(ARGV[1])
 local committed = {}
-for i = 1, #KEYS do
-  local seed = tonumber(ARGV[3 * i + 1])
+for i = 1, n do
+  local seed = tonumber(ARGV[3 * i + 4])
   if seed > 0 and redis.call('EXISTS', KEYS[i]) == 0 then
     redis.call('HSET', KEYS[i], 'spent', seed)
-    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i - 1]))
+    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i + 2]))
   end
+  for _, stale in ipairs(redis.call('ZRANGEBYSCORE', KEYS[n + i], '-inf', ARGV[3])) do
+    local held = redis.call('HGET', KEYS[i], 'h:' .. stale)
+    if held then
+      redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(held))
+      redis.call('HDEL', KEYS[i], 'h:' .. stale)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', ARGV[3])
   local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
   committed[i] = (tonumber(state[1]) or 0) + (tonumber(state[2]) or 0)
-  local limit = tonumber(ARGV[3 * i])
+  local limit = tonumber(ARGV[3 * i + 3])
   if limit >= 0 and committed[i] + amount > limit then return {0, i} end
 end
 local out = {1}
-for i = 1, #KEYS do
+for i = 1, n do
+  local ttl = tonumber(ARGV[3 * i + 2])
   redis.call('HINCRBY', KEYS[i], 'reserved', amount)
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i - 1]))
+  redis.call('HSET', KEYS[i], 'h:' .. ARGV[2], amount)
+  redis.call('ZADD', KEYS[n + i], ARGV[4], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ttl)
+  redis.call('EXPIRE', KEYS[n + i], ttl)
   out[i + 1] = committed[i] + amount
 end
 return out
 """
 
-# KEYS: the hold's hashes. ARGV: reserved amount, actual cost.
+# KEYS: as for _RESERVE. ARGV: hold id, actual cost, then ttl per key. Releases the hold
+# if it is still there (settling twice, or after the hold expired, releases nothing twice).
 _SETTLE = """
-for i = 1, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(ARGV[1]))
+local n = #KEYS / 2
+for i = 1, n do
+  local held = redis.call('HGET', KEYS[i], 'h:' .. ARGV[1])
+  if held then
+    redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(held))
+    redis.call('HDEL', KEYS[i], 'h:' .. ARGV[1])
+    redis.call('ZREM', KEYS[n + i], ARGV[1])
+  end
   redis.call('HINCRBY', KEYS[i], 'spent', tonumber(ARGV[2]))
+  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 + i]))
 end
 return 1
 """
@@ -78,6 +112,16 @@ return 1
 def budget_key(key: tuple[str, str, str, str]) -> str:
     scope, who, period, value = key
     return f"{KEY_PREFIX}budget:{scope}:{who}:{period}:{value}"
+
+
+def _script_keys(keys: Iterable[tuple[str, str, str, str]]) -> list[str]:
+    """The budget hashes, then their holds' sorted sets."""
+    hashes = [budget_key(key) for key in keys]
+    return hashes + [f"{h}:holds" for h in hashes]
+
+
+def _ttl(key: tuple[str, str, str, str]) -> int:
+    return DAY_TTL_S if key[2] == "day" else MONTH_TTL_S
 
 
 def micros(amount: Decimal, *, up: bool = False) -> int:
@@ -104,7 +148,7 @@ class RedisBudgets(Budgets):
         client: Redis = gate.client
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
-        self._shared: dict[Hold, int] = {}  # holds reserved in Redis, not yet settled
+        self._shared: dict[Hold, list[str]] = {}  # ids of holds in Redis, not yet settled
 
     async def reserve_async(
         self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
@@ -115,16 +159,18 @@ class RedisBudgets(Budgets):
             # Nothing to enforce: no round trip. This replica's view still records the
             # reservation; the spend totals live in the ledger.
             return self.reserve(user, tenant, amount, overrides)
-        keys = [budget_key(key) for key, _ in checks]
+        keys = _script_keys(key for key, _ in checks)
         reserved = micros(amount, up=True)
-        args: list[Any] = [reserved]
+        hold_id = secrets.token_hex(8)
+        now_ms = round(self._clock() * 1000)
+        args: list[Any] = [reserved, hold_id, now_ms, now_ms + HOLD_TTL_S * 1000]
         for key, limit in checks:
             args += [
-                DAY_TTL_S if key[2] == "day" else MONTH_TTL_S,
+                _ttl(key),
                 -1 if limit is None else micros(limit),
                 micros(self._spent.get(key, Decimal(0))),
             ]
-        undo = functools.partial(self._undo_reserve, keys=keys, reserved=reserved)
+        undo = functools.partial(self._undo_reserve, keys=keys, hold_id=hold_id, checks=checks)
         try:
             reply = await self._gate.evalsha_or_undo(self._reserve, keys, args, undo)
         except RedisUnavailable:
@@ -142,28 +188,36 @@ class RedisBudgets(Budgets):
             # This replica's view takes every replica's commitments from Redis.
             self._spent[key] = Decimal(int(committed)) / MICROS - self._reserved[key]
         hold = Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
-        self._shared[hold] = self._shared.get(hold, 0) + 1
+        self._shared.setdefault(hold, []).append(hold_id)
         return hold
 
-    async def _undo_reserve(self, reply: Any, *, keys: list[str], reserved: int) -> None:
+    async def _undo_reserve(
+        self, reply: Any, *, keys: list[str], hold_id: str, checks: list[Any]
+    ) -> None:
         """Give back a reservation whose caller was cancelled before it saw it."""
         if int(reply[0]) == 1:
-            await self._gate.evalsha(self._settle, keys, [reserved, 0])
+            await self._gate.evalsha(self._settle, keys, [hold_id, 0, *_ttls(checks)])
 
     async def settle_async(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost, on every replica's view."""
         self.settle(hold, actual)  # this replica's view (and the fail-open path)
-        held = self._shared.pop(hold, 0)
-        if held == 0:  # reserved locally only: unlimited, or Redis was unavailable
+        ids = self._shared.get(hold)
+        if not ids:  # reserved locally only: unlimited, or Redis was unavailable
             return
-        if held > 1:
-            self._shared[hold] = held - 1
-        keys = [budget_key(key) for key in hold.keys]
-        args = [micros(hold.amount, up=True), micros(actual, up=True)]  # never spend 0
-        try:
-            await self._gate.evalsha(self._settle, keys, args)
+        hold_id = ids.pop()
+        if not ids:
+            del self._shared[hold]
+        args: list[Any] = [hold_id, micros(actual, up=True), *(_ttl(key) for key in hold.keys)]
+        try:  # never spend 0: the cost rounds up to a micro-dollar
+            await self._gate.evalsha(self._settle, _script_keys(hold.keys), args)
         except RedisUnavailable:
-            self._gate.fallback("budget settlement")  # the period's expiry bounds the error
+            # The hold is released by the next reservation after it expires; the spend is
+            # in the ledger, which seeds Redis when the period's budget is next missing.
+            self._gate.fallback("budget settlement")
+
+
+def _ttls(checks: list[Any]) -> list[int]:
+    return [_ttl(key) for key, _ in checks]
 
 
 async def reserve_budget(

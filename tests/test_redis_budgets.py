@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError, ServiceUnavailableError
 from service.ledger import SpendRow, utc_day
-from service.redis_budgets import RedisBudgets
+from service.redis_budgets import HOLD_TTL_S, RedisBudgets
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
@@ -173,3 +174,71 @@ async def test_a_reservation_whose_caller_is_cancelled_in_flight_is_given_back(
     await cancelled_in_flight(redis_server, budgets.reserve_async("alice", "acme", Decimal("0.5")))
     await gates[0].undone()
     assert await reserved_micros(redis_url, "alice") == 0
+
+
+NOON = calendar.timegm((2026, 11, 27, 12, 0, 0))  # an hour from the day's end either way
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = float(NOON)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _budget_state(redis_url: str) -> tuple[int, int]:
+    """alice's budget for the clock's day in Redis: (reserved, spent) micro-dollars."""
+    redis = Redis.from_url(redis_url)
+    try:
+        state = await redis.hmget("sluice:budget:user:alice:day:2026-11-27", "reserved", "spent")
+    finally:
+        await redis.aclose()
+    return int(state[0] or 0), int(state[1] or 0)
+
+
+async def test_a_hold_nobody_settles_is_released_once_it_expires(
+    gates: list[RedisGate], redis_url: str
+) -> None:
+    """Replica A reserves and dies (or loses the reply): the budget stays held for B until
+    the hold expires, then B's next reservation releases it."""
+    clock = Clock()
+    a, b = (RedisBudgets(gate, LIMITS, clock=clock) for gate in gates)
+    await a.reserve_async("alice", "acme", Decimal("0.90"))  # never settled
+    with pytest.raises(BudgetExceededError):
+        await b.reserve_async("alice", "acme", Decimal("0.20"))
+    clock.now += HOLD_TTL_S - 1
+    with pytest.raises(BudgetExceededError):
+        await b.reserve_async("alice", "acme", Decimal("0.20"))
+    clock.now += 2
+    await b.reserve_async("alice", "acme", Decimal("0.20"))
+    assert await _budget_state(redis_url) == (200_000, 0)
+
+
+async def test_a_late_settle_releases_nothing_twice(gates: list[RedisGate], redis_url: str) -> None:
+    """A hold released on expiry and then settled after all: the spend counts, the
+    reservation is not taken off a second time (B's own hold stays whole)."""
+    clock = Clock()
+    a, b = (RedisBudgets(gate, LIMITS, clock=clock) for gate in gates)
+    late = await a.reserve_async("alice", "acme", Decimal("0.50"))
+    clock.now += HOLD_TTL_S + 1
+    current = await b.reserve_async("alice", "acme", Decimal("0.10"))  # releases A's hold
+    await a.settle_async(late, Decimal("0.30"))
+    assert await _budget_state(redis_url) == (100_000, 300_000)
+    await b.settle_async(current, Decimal("0.05"))
+    assert await _budget_state(redis_url) == (0, 350_000)
+
+
+async def test_identical_reservations_settle_their_own_holds(
+    gates: list[RedisGate], redis_url: str
+) -> None:
+    """Two equal reservations on one replica are two holds: settling both releases both."""
+    clock = Clock()
+    budgets = RedisBudgets(gates[0], LIMITS, clock=clock)
+    first = await budgets.reserve_async("alice", "acme", Decimal("0.25"))
+    second = await budgets.reserve_async("alice", "acme", Decimal("0.25"))
+    assert first == second
+    await budgets.settle_async(first, Decimal("0.10"))
+    assert await _budget_state(redis_url) == (250_000, 100_000)
+    await budgets.settle_async(second, Decimal("0.10"))
+    assert await _budget_state(redis_url) == (0, 200_000)
