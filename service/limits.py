@@ -60,6 +60,7 @@ class Grant:
     user: str | None = None  # ``admit``: the user whose stream slot this grant holds
     cap: int = 0  # ``admit``: that user's stream cap then (0: uncapped, counted locally only)
     shared: bool = False  # taken in the shared (Redis) state too, not only in this process
+    slot: str | None = None  # the stream slot taken in Redis (``redis_limits.py``), if any
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,15 +15,18 @@ unavailable the policy decides: fail-open keeps the local answer (per-replica li
 such a grant is settled locally only), fail-closed answers 503
 (``RedisGate.unavailable_error``).
 
-Stream caps are a counter per user with a safety expiry (a crashed replica's streams
-stop counting after ``STREAM_LEASE_S``), refreshed on every open. Uncapped users are not
-counted in Redis.
+Stream caps count each user's open streams as slots in a sorted set, one member per
+stream with its own expiry (``STREAM_LEASE_S``): closing a stream removes exactly its
+slot, and a slot nobody closes (its replica died, or the closing reply was lost) stops
+counting when it expires, whatever the user does meanwhile. Uncapped users are not counted
+in Redis.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +35,7 @@ from redis.asyncio import Redis
 from .limits import PERIOD_S, Denial, Grant, MemoryLimiter, Quota, Tier, stream_denial
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 
-STREAM_LEASE_S = 3600
+STREAM_LEASE_S = 3600  # longer than any stream runs; how long an orphaned slot counts
 
 # Redis's own clock unless the caller gives one (ARGV[1], '' = TIME): one for every replica.
 _NOW = """
@@ -43,20 +46,23 @@ if not now then
 end
 """
 
-# KEYS[1]: the user's stream counter; KEYS[2..]: bucket keys. ARGV: now, cap (0: no cap),
-# lease seconds, then rate, amount per bucket (ARGV[2i], ARGV[2i+1] for KEYS[i]).
+# KEYS[1]: the user's stream slots; KEYS[2..]: bucket keys. ARGV: now, cap (0: no cap),
+# lease seconds, slot id, then rate, amount per bucket (ARGV[2i+1], ARGV[2i+2], KEYS[i]).
 # Returns {-1} when the stream cap is full; else {granted, level...} with the levels after
 # pouring (granted) or as they stand (denied), as strings: Redis truncates Lua numbers.
 _ADMIT = (
     _NOW
     + """
 local cap = tonumber(ARGV[2])
-if cap > 0 and tonumber(redis.call('GET', KEYS[1]) or '0') >= cap then return {-1} end
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= cap then return {-1} end
+end
 local levels = {}
 local fits = true
 for i = 2, #KEYS do
-  local rate = tonumber(ARGV[2 * i])
-  local amount = tonumber(ARGV[2 * i + 1])
+  local rate = tonumber(ARGV[2 * i + 1])
+  local amount = tonumber(ARGV[2 * i + 2])
   local state = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = tonumber(state[1]) or 0
   local last = tonumber(state[2]) or now
@@ -66,29 +72,29 @@ for i = 2, #KEYS do
 end
 local out = {fits and 1 or 0}
 for i = 2, #KEYS do
-  local rate = tonumber(ARGV[2 * i])
+  local rate = tonumber(ARGV[2 * i + 1])
   local level = levels[i]
   if fits then
-    level = level + tonumber(ARGV[2 * i + 1])
+    level = level + tonumber(ARGV[2 * i + 2])
     redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
     redis.call('EXPIRE', KEYS[i], math.ceil(level * 60 / rate) + 1)
   end
   out[i] = tostring(level)
 end
 if fits and cap > 0 then
-  redis.call('INCR', KEYS[1])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 end
 return out
 """
 )
 
-# KEYS[1]: the user's stream counter; KEYS[2..]: token bucket keys. ARGV: now, close (1:
-# free a stream slot), then rate, delta per bucket: pours ``delta`` (negative: gives back).
+# KEYS[1]: the user's stream slots; KEYS[2..]: token bucket keys. ARGV: now, the slot to
+# free ('': none), then rate, delta per bucket: pours ``delta`` (negative: gives back).
 _FINISH = (
     _NOW
     + """
-if ARGV[2] == '1' and redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
+if ARGV[2] ~= '' then redis.call('ZREM', KEYS[1], ARGV[2]) end
 for i = 2, #KEYS do
   local rate = tonumber(ARGV[2 * i - 1])
   local state = redis.call('HMGET', KEYS[i], 'l', 't')
@@ -110,7 +116,7 @@ def bucket_key(tier: Tier, unit: str, rate: int) -> str:
 
 
 def streams_key(user: str) -> str:
-    return f"{KEY_PREFIX}streams:{user}"
+    return f"{KEY_PREFIX}stream-slots:{user}"
 
 
 class RedisLimiter:
@@ -140,9 +146,12 @@ class RedisLimiter:
             return local  # nothing shared to take
         keys = [streams_key(user)]
         keys += [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
-        args: list[str | int] = [self._now(), max(cap, 0), STREAM_LEASE_S]
+        slot = secrets.token_hex(8)
+        args: list[str | int] = [self._now(), max(cap, 0), STREAM_LEASE_S, slot]
         args += [v for _, _, rate, amount in buckets for v in (rate, amount)]
-        undo = functools.partial(self._undo_admit, user=user, cap=cap, tiers=tiers, tokens=tokens)
+        undo = functools.partial(
+            self._undo_admit, user=user, cap=cap, tiers=tiers, tokens=tokens, slot=slot
+        )
         try:
             reply = await self._gate.evalsha_or_undo(self._admit, keys, args, undo)
         except RedisUnavailable:
@@ -158,7 +167,14 @@ class RedisLimiter:
             levels = [float(level) for level in reply[1:]]
             requests, token_quota = _quotas(buckets, levels)
             return Grant(
-                tuple(tiers), tokens, requests, token_quota, user=user, cap=cap, shared=True
+                tuple(tiers),
+                tokens,
+                requests,
+                token_quota,
+                user=user,
+                cap=cap,
+                shared=True,
+                slot=slot if cap > 0 else None,
             )
         self.local.give_back(local)
         if int(reply[0]) == -1:
@@ -166,12 +182,13 @@ class RedisLimiter:
         return _denial(buckets, [float(level) for level in reply[1:]])
 
     async def _undo_admit(
-        self, reply: Any, *, user: str, cap: int, tiers: Sequence[Tier], tokens: int
+        self, reply: Any, *, user: str, cap: int, tiers: Sequence[Tier], tokens: int, slot: str
     ) -> None:
         """Give back an admission whose caller was cancelled before it saw the grant."""
         if int(reply[0]) == 1:
+            taken = slot if cap > 0 else None
             await self._finish_shared(
-                Grant(tuple(tiers), tokens, None, None, user=user, cap=cap), 0
+                Grant(tuple(tiers), tokens, None, None, user=user, cap=cap, slot=taken), 0
             )
 
     async def finish(self, grant: Grant, used_tokens: int) -> None:
@@ -183,17 +200,15 @@ class RedisLimiter:
     async def _finish_shared(self, grant: Grant, used_tokens: int) -> None:
         delta = used_tokens - grant.tokens
         limited = [tier for tier in grant.tiers if tier.tpm > 0] if delta else []
-        user = grant.user
-        close = user is not None and grant.cap > 0
-        if not close and not limited:
+        if grant.slot is None and not limited:
             return
-        keys = [streams_key(user or "")]
+        keys = [streams_key(grant.user or "")]
         keys += [bucket_key(tier, "tokens", tier.tpm) for tier in limited]
-        args: list[str | int] = [self._now(), 1 if close else 0]
+        args: list[str | int] = [self._now(), grant.slot or ""]
         args += [value for tier in limited for value in (tier.tpm, delta)]
         try:
             await self._gate.evalsha(self._finish, keys, args)
-        except RedisUnavailable:  # the stream lease and the bucket leak bound the error
+        except RedisUnavailable:  # the slot's expiry and the bucket's leak bound the error
             self._gate.fallback("settlement and stream close")
 
     def streams_of(self, user: str) -> int:

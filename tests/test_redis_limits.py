@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -15,7 +16,7 @@ from service.appkeys import GATE, REDIS
 from service.errors import ServiceUnavailableError
 from service.limits import STREAM_CAP, Denial, Grant, MemoryLimiter, Tier
 from service.redis_checkpoints import checkpoint_key
-from service.redis_limits import RedisLimiter, streams_key
+from service.redis_limits import STREAM_LEASE_S, RedisLimiter, streams_key
 from service.redisgate import RedisGate
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
@@ -137,7 +138,7 @@ async def test_an_admission_whose_caller_is_cancelled_in_flight_is_given_back(
     await one._gate.undone()
     redis = Redis.from_url(redis_url)
     try:
-        assert int(await redis.get(streams_key("alice")) or 0) == 0
+        assert await redis.zcard(streams_key("alice")) == 0
     finally:
         await redis.aclose()
     assert isinstance(await two.admit("alice", 1, tier, 900), Grant)  # slot and tokens free
@@ -161,15 +162,15 @@ async def test_one_admission_script_counts_exactly_across_two_replicas(
     assert {d.unit for d in denials} == {STREAM_CAP}
     redis = Redis.from_url(redis_url)
     try:
-        assert int(await redis.get(streams_key("alice"))) == 30
+        assert await redis.zcard(streams_key("alice")) == 30
         for n, grant in grants[:20]:
             await replicas[n % 2].finish(grant, 10)
-        assert int(await redis.get(streams_key("alice"))) == 10
+        assert await redis.zcard(streams_key("alice")) == 10
         second = await asyncio.gather(*(admit(n) for n in range(20)))
         assert sum(isinstance(g, Grant) for g in second) == 10  # 40 requests in the bucket
         rate = [d for d in second if isinstance(d, Denial)]
         assert {d.unit for d in rate} == {"requests"}
-        assert int(await redis.get(streams_key("alice"))) == 20  # refused: no slot taken
+        assert await redis.zcard(streams_key("alice")) == 20  # refused: no slot taken
     finally:
         await redis.aclose()
 
@@ -193,6 +194,23 @@ async def test_a_full_stream_cap_on_another_replica_refuses_and_gives_back(
     assert isinstance(second, Grant)
     assert second.requests is not None
     assert second.requests.remaining == 0  # the refused admission poured no request
+
+
+async def test_a_slot_nobody_frees_stops_counting_when_its_lease_ends(
+    replicas: list[RedisLimiter],
+) -> None:
+    """A dies holding the user's only slot (or its closing reply is lost): B is refused
+    until that slot's lease ends, however often the user asks meanwhile, then admitted."""
+    one, two = replicas
+    tiers = (Tier("user", "alice", rpm=0, tpm=0),)
+    assert isinstance(await one.admit("alice", 1, tiers, 1), Grant)  # never finished
+    for elapsed in (0.0, STREAM_LEASE_S / 2, STREAM_LEASE_S - 1):
+        two.clock = lambda elapsed=elapsed: 1_000_000.0 + elapsed
+        refused = await two.admit("alice", 1, tiers, 1)
+        assert isinstance(refused, Denial)
+        assert refused.unit == STREAM_CAP
+    two.clock = lambda: 1_000_000.0 + STREAM_LEASE_S + 1
+    assert isinstance(await two.admit("alice", 1, tiers, 1), Grant)
 
 
 async def test_admission_while_redis_is_down_follows_the_failure_policy(
@@ -227,11 +245,13 @@ async def test_admission_while_redis_is_down_follows_the_failure_policy(
         redis_server.start()
     redis = Redis.from_url(redis_url)
     try:
-        await redis.set(streams_key("alice"), 1)  # the restarted Redis, as before the outage
+        assert shared.slot is not None
+        # The restarted Redis, as before the outage: the shared grant's slot is there.
+        await redis.zadd(streams_key("alice"), {shared.slot: time.time() + 3600})
         await opened.finish(local, 1)  # held nothing in Redis: frees nothing there
-        assert int(await redis.get(streams_key("alice"))) == 1
+        assert await redis.zcard(streams_key("alice")) == 1
         await opened.finish(shared, 1)
-        assert await redis.get(streams_key("alice")) is None
+        assert not await redis.exists(streams_key("alice"))
         assert opened.streams_of("alice") == 0
     finally:
         await redis.aclose()
