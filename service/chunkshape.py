@@ -10,7 +10,9 @@ has the same bytes around those strings by decoding just the text.
 It is exact, not a heuristic: a chunk it takes is the learnt chunk (valid JSON, checked by
 the full parse) with another JSON string (validated by ``orjson``) in place of the text and
 other ASCII letters and digits in place of the padding's; so it is valid JSON whose parse
-differs from the learnt one only in those two strings. Anything
+differs from the learnt one only in those two strings. Learning proves that the slots are
+the members the parser reads as the text and the padding (``_probed``), not merely bytes
+that look so. Anything
 else (the role chunk, tool calls, the finish and usage chunks, an error, a malformed chunk)
 misses and takes the full parse. A provider whose chunks never repeat a shape stops being
 tried after a few misses, so it pays almost nothing for the attempt.
@@ -25,7 +27,10 @@ import orjson
 _CONTENT = b'"content":'
 _OBFUSCATION = b',"obfuscation":'  # OpenAI's padding, last in its chunks
 _WHITESPACE = b" \t\r\n"
-MAX_MISSES = 4  # full parses in a row, with no chunk taken between, before giving up
+MAX_MISSES = 4  # text chunks parsed in full in a row, none taken between, before giving up
+_PROBE = "sluiceprobe7"  # letters and digits: fit for either slot
+_PROBE_TEXT = orjson.dumps(_PROBE)
+_PROBE_PADDING = _PROBE.encode()
 
 
 class ChunkShape:
@@ -61,31 +66,61 @@ class ChunkShape:
         return text
 
     def learn(self, raw: bytes, chunk: dict[str, Any]) -> None:
-        """Take ``raw``, which parsed as ``chunk``, as the shape if it is a plain text chunk."""
+        """Take ``raw``, which parsed as ``chunk``, as the shape if it is a plain text chunk.
+
+        Only text chunks count towards giving up: a stream may open with any number of
+        others (a role chunk, reasoning, tool calls) before its text."""
+        if self._misses > MAX_MISSES:
+            return  # given up
+        content = _plain_text(chunk)
+        if content is None:
+            return  # keep the shape: it may fit the chunks after this one
         self._misses += 1
         if self._misses > MAX_MISSES:
             self._prefix = b""  # give up: ``text_of`` returns at its first test from now on
             return
-        content = _plain_text(chunk)
-        if content is None or raw.count(_CONTENT) != 1:
-            return  # keep the shape: it may fit the chunks after this one
+        if raw.count(_CONTENT) != 1:
+            return
         start = raw.index(_CONTENT) + len(_CONTENT)
         while raw[start : start + 1] and raw[start] in _WHITESPACE:
             start += 1
         stop = _string_end(raw, start)
-        if stop is None or _string(raw[start:stop]) != content:
+        if stop is None:
             return
         padding = _padding(raw, chunk)
+        if not _probed(raw, chunk, (start, stop), padding):
+            return
         if padding is None:
-            self._prefix, self._middle, self._end, self._padded = (
-                raw[:start],
-                b"",
-                raw[stop:],
-                False,
-            )
+            self._prefix, self._middle, self._end = raw[:start], b"", raw[stop:]
+            self._padded = False
         else:
             self._prefix, self._middle = raw[:start], raw[stop : padding[0]]
             self._end, self._padded = raw[padding[1] :], True
+
+
+def _probed(
+    raw: bytes, chunk: dict[str, Any], text: tuple[int, int], padding: tuple[int, int] | None
+) -> bool:
+    """Whether the slots are what the parser reads as the text (and the padding), and
+    nothing else: with probe values in them, the chunk must parse as ``chunk`` with just
+    those two values changed. (Finding the bytes ``"content":`` is not proof: a duplicate
+    key, an escaped key or another object's ``content`` member can hold the same string.)"""
+    probe = raw[: text[0]] + _PROBE_TEXT
+    if padding is None:
+        probe += raw[text[1] :]
+    else:
+        probe += raw[text[1] : padding[0]] + _PROBE_PADDING + raw[padding[1] :]
+    try:
+        parsed = orjson.loads(probe)
+        delta = parsed["choices"][0]["delta"]
+        if delta["content"] != _PROBE or (padding and parsed["obfuscation"] != _PROBE):
+            return False
+        delta["content"] = chunk["choices"][0]["delta"]["content"]
+        if padding:
+            parsed["obfuscation"] = chunk["obfuscation"]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return False
+    return bool(parsed == chunk)
 
 
 def _plain_text(chunk: dict[str, Any]) -> str | None:
@@ -132,12 +167,3 @@ def _string_end(raw: bytes, start: int) -> int | None:
         if backslashes % 2 == 0:
             return at + 1
         at += 1
-
-
-def _string(value: bytes) -> str | None:
-    """``value`` decoded if it is exactly one JSON string (surrounding whitespace allowed)."""
-    try:
-        decoded = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    return decoded if type(decoded) is str else None

@@ -121,6 +121,42 @@ def test_only_plain_text_chunks_are_learnt(value: dict[str, Any]) -> None:
     assert shape.text_of(orjson.dumps(value)) is None
 
 
+@pytest.mark.parametrize(
+    "learnt",
+    [
+        b'{"choices":[{"index":0,"delta":{"content":"a","content" :"a"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"a","\\u0063ontent":"a"}}]}',
+        b'{"meta":{"content":"a"},"choices":[{"index":0,"delta":{"content" :"a"}}]}',
+        b'{"x\\"content":"a","choices":[{"index":0,"delta":{"content" : "a"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"a"}}],'
+        b'"choices":[{"index":0,"delta":{"content" :"a"}}]}',
+        b'{"choices":[{"index":0,"delta":{"content":"a","content" :"a"}}],"obfuscation":"xy"}',
+    ],
+    ids=["duplicate-key", "escaped-key", "other-member", "quote-in-key", "twice", "padded"],
+)
+def test_a_string_that_is_not_the_one_the_parser_reads_is_never_learnt(learnt: bytes) -> None:
+    """``"content":`` once in the bytes, its string equal to the text, and yet not the
+    member the parser keeps: learning probes the slot, so later chunks are parsed in full."""
+    value = orjson.loads(learnt)
+    assert value["choices"][0]["delta"]["content"] == "a"
+    shape = ChunkShape()
+    shape.learn(learnt, value)
+    later = learnt.replace(b'"content":"a"', b'"content":"HIJACK"', 1)
+    assert later != learnt
+    assert shape.text_of(later) is None
+
+
+def test_chunks_without_text_do_not_count_towards_giving_up() -> None:
+    """Reasoning or tool-call chunks before the text, however many, leave the fast path
+    to the text that follows."""
+    shape = ChunkShape()
+    for _ in range(3 * MAX_MISSES):
+        value = {**BASE, "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
+        shape.learn(orjson.dumps(value), value)
+    shape.learn(orjson.dumps(chunk("first")), chunk("first"))
+    assert shape.text_of(orjson.dumps(chunk("next"))) == "next"
+
+
 def test_the_fast_path_gives_up_on_a_provider_whose_chunks_never_repeat() -> None:
     """A shape learnt and never used counts as a miss; after MAX_MISSES in a row the shape
     is dropped, and a hit in between starts the count again."""
