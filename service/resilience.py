@@ -56,6 +56,7 @@ class Route(Protocol):
     model: str
     served_model: str
     fallback_reason: str | None
+    backing_off: bool  # waiting out a retry's delay (the response may still get a status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,7 @@ class ResilientProvider:
                 budget.next_model()
             sent = body if model == route.model else _with_model(body, model)
             try:
-                return await self._with_retries(call, sent, model, budget)
+                return await self._with_retries(call, sent, model, budget, route)
             except SluiceError as exc:
                 reason = degrade_reason(exc)
                 if reason is None or tier == len(chain) - 1:
@@ -159,7 +160,7 @@ class ResilientProvider:
         raise AssertionError("unreachable: the chain is never empty")
 
     async def _with_retries(
-        self, call: _Call[T], body: bytes, model: str, budget: RetryBudget
+        self, call: _Call[T], body: bytes, model: str, budget: RetryBudget, route: Route
     ) -> T:
         while True:
             budget.record_attempt()
@@ -180,7 +181,11 @@ class ResilientProvider:
                 )
                 if self._telemetry is not None:
                     self._telemetry.retry_scheduled(delay, exc)
-            await self._r.sleep(delay)
+            route.backing_off = True
+            try:
+                await self._r.sleep(delay)
+            finally:
+                route.backing_off = False
 
     async def _attempt(self, call: _Call[T], body: bytes, model: str) -> T:
         """One call, guarded by the model's breaker; lower-level errors enter the tree here."""

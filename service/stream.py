@@ -125,6 +125,7 @@ class Stream:
     __slots__ = (
         "_wake",
         "accepted",
+        "backing_off",
         "body",
         "cache_status",
         "cancel_reason",
@@ -157,6 +158,7 @@ class Stream:
         self.model = model
         self.served_model = model  # differs when a fallback served (see resilience.py)
         self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
+        self.backing_off = False  # a retry is waiting out its delay (see resilience.py)
         self.cache_status = "bypass"  # hit, miss or bypass (see cache.py)
         self.cost_usd: float | None = None  # set once the ledger row is made (admission.py)
         self.streaming = streaming

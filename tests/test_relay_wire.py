@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from service.appkeys import STREAMS
 from service.settings import Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
@@ -166,9 +167,10 @@ async def test_a_provider_holding_its_headers_gets_the_200_out_after_one_interva
     body = chat_body("[sim header_delay_ms=600000]")
     pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
     await sim_stats.wait_for(lambda s: s.requests == 1)
+    clock.advance(14.0)
     await _settle(client)
     assert not pending.done()
-    clock.advance(15.0)
+    clock.advance(1.0)
     response = await pending
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
@@ -180,26 +182,51 @@ async def test_a_provider_holding_its_headers_gets_the_200_out_after_one_interva
     await sim_stats.wait_for(lambda s: s.aborted == 1)
 
 
-async def test_a_refusal_after_the_200_went_out_is_the_streams_error_event(
+async def test_a_retry_waiting_out_its_delay_keeps_the_refusals_status(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
 ) -> None:
-    """A retry that waits out a 20 s Retry-After: the 200 and a keepalive go out at 15 s,
-    and the retry's refusal ends the stream as an error event (no [DONE])."""
+    """The gateway retries after a 20 s Retry-After: nothing goes out meanwhile (the
+    keepalive interval passes during the delay), so the retry's refusal is a plain 429
+    with its Retry-After, which the SDKs act on; not a 200 with an error event."""
     custom = with_resilience(_quick(settings), retry_max_attempts=2, retry_budget_s=100.0)
     client = await gateway(custom)
-    body = chat_body("[sim fail=503 retry_after=20]")
+    body = chat_body("[sim fail=429 retry_after=20]")
     pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
     await sim_stats.wait_for(lambda s: s.requests == 1)
     await _settle(client)
-    assert not pending.done()
     clock.advance(15.0)
+    await _settle(client)
+    assert not pending.done()
+    clock.advance(5.5)
+    response = await pending
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "20"
+    assert (await response.json())["error"]["type"] == "rate_limit_error"
+    assert sim_stats.requests == 2
+
+
+async def test_after_a_retry_a_provider_holding_its_headers_gets_the_200_out(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+) -> None:
+    """A refusal retried at once, then an attempt the provider holds: once the interval
+    has passed with that attempt in flight, the 200 and a keepalive go out; the answer,
+    when it comes, streams as usual."""
+    client = await gateway(
+        with_provider(_quick(settings), first_token_timeout_s=600.0, idle_timeout_s=600.0)
+    )
+    body = chat_body("[sim fail=503 retry_after=1 fail_times=1 key=held header_delay_ms=30000]")
+    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    await _settle(client)
+    clock.advance(1.0)
+    await sim_stats.wait_for(lambda s: s.requests == 2)  # the retry, now held by the provider
+    clock.advance(14.0)
     response = await pending
     assert response.status == 200
     assert await read_until(response, KEEPALIVE) == KEEPALIVE
-    clock.advance(5.5)
-    (event,) = sse_data((await response.content.read()).decode())
-    assert orjson.loads(event)["error"]["type"] == "server_error"
-    assert sim_stats.requests == 2
+    clock.advance(16.0)  # the provider answers
+    data = sse_data((await response.content.read()).decode())
+    assert data[-1] == "[DONE]"
 
 
 def test_default_keepalive_interval() -> None:
@@ -257,7 +284,9 @@ async def test_the_first_token_deadline_counts_from_the_request_not_the_headers(
     await sim_stats.wait_for(lambda s: s.started == 1)  # t = 40 s: the provider's headers
     clock.advance(19.0)
     await _settle(client)
-    assert b"error" not in await read_until(response, KEEPALIVE)
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.running  # t = 59 s: still waiting for the first token
     clock.advance(1.5)
     async with asyncio.timeout(10):  # a safety net, not a sync: the error is already due
         rest = await response.content.read()

@@ -83,21 +83,11 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     stream = await admission.launch(start_stream, request.app, owner, cache_header=cache_header)
     registry = request.app[STREAMS]
     with registry.reading(stream):
-        # Hold the response until the provider answers, so its errors keep their status;
-        # a stream waits at most one keepalive interval, then its 200 and keepalives go out
-        # (a provider that holds its headers must not leave a proxy's idle timer running).
         if chat.streaming:
-            answered = await _answered_within(stream, request.app[SETTINGS].streams.keepalive_s)
-        else:
-            await stream.ended.wait()
-            answered = True
-        if answered and (stream.failed_before_output or (stream.error and not chat.streaming)):
+            return await _respond_streaming(request, stream)
+        await stream.ended.wait()
+        if stream.error:
             raise _with_stream_header(stream.error, stream)
-        if chat.streaming:
-            mirror = request.app[JOURNAL_MIRROR]
-            if mirror is not None:  # the id goes out next: every replica must know it
-                await mirror.registered(stream)
-            return await stream_sse(request, registry, stream, waiting=not answered)
         return web.Response(
             body=stream.events[0][1],
             content_type="application/json",
@@ -105,14 +95,33 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         )
 
 
-async def _answered_within(stream: Stream, seconds: float) -> bool:
-    """Whether the provider answered (or the stream ended) within ``seconds``."""
-    try:
-        async with asyncio.timeout(seconds):
-            await stream.accepted.wait()
-    except TimeoutError:
-        return False
-    return True
+async def _respond_streaming(request: web.Request, stream: Stream) -> web.StreamResponse:
+    """Hold the response until the provider answers, so that a refusal keeps its status;
+    but not for long: a provider that holds its headers must not leave a proxy's idle
+    timer running (see ``_wait_for_answer``)."""
+    await _wait_for_answer(stream, request.app[SETTINGS].streams.keepalive_s)
+    if not stream.failed_before_output:
+        mirror = request.app[JOURNAL_MIRROR]
+        if mirror is not None:  # the id goes out next: every replica must know it
+            await mirror.registered(stream)
+    if stream.failed_before_output:  # nothing has gone out: the status is still ours to give
+        raise _with_stream_header(stream.error, stream)
+    return await stream_sse(
+        request, request.app[STREAMS], stream, waiting=not stream.accepted.is_set()
+    )
+
+
+async def _wait_for_answer(stream: Stream, interval: float) -> None:
+    """Until the provider answers (or the stream ends), or one keepalive interval passes
+    with no retry waiting out its delay: a retry's refusal still gets its HTTP status (and
+    Retry-After, which the SDKs act on); the retry budget bounds those waits."""
+    while not stream.accepted.is_set():
+        try:
+            async with asyncio.timeout(interval):
+                await stream.accepted.wait()
+        except TimeoutError:
+            if not stream.backing_off:
+                return
 
 
 async def _parse(request: web.Request) -> ChatRequest:
