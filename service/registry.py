@@ -103,9 +103,10 @@ class StreamRegistry:
             return
         for observe in self.observers:
             observe(stream, "client_disconnected")
-        # A non-streamed answer names its stream only in the finished response, so a client
-        # that left cannot come back for it: no grace, stop paying at once.
-        grace = self._settings.disconnect_grace_s if stream.streaming else 0.0
+        # A client that was never sent the stream's id (a non-streamed answer names it only
+        # in the finished response; a stream's headers may not have gone out yet) cannot
+        # come back for it: no grace, stop paying at once.
+        grace = self._settings.disconnect_grace_s if stream.announced else 0.0
         if grace <= 0:
             self.cancel(stream, StreamStatus.CLIENT_GONE)
             return

@@ -47,6 +47,7 @@ async def stream_sse(
         # ConnectionResetError: the client left mid-write (before handler cancellation
         # reached us); leaving the block detaches, which is all a disconnect needs.
         await response.prepare(request)
+        stream.announced = True
         if waiting:
             await response.write(KEEPALIVE)
         tail = b""  # the journal's last events: they go out with the end of the body

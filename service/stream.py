@@ -125,6 +125,7 @@ class Stream:
     __slots__ = (
         "_wake",
         "accepted",
+        "announced",
         "backing_off",
         "body",
         "cache_status",
@@ -159,6 +160,7 @@ class Stream:
         self.served_model = model  # differs when a fallback served (see resilience.py)
         self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
         self.backing_off = False  # a retry is waiting out its delay (see resilience.py)
+        self.announced = False  # a client has been sent the id: it can come back for it
         self.cache_status = "bypass"  # hit, miss or bypass (see cache.py)
         self.cost_usd: float | None = None  # set once the ledger row is made (admission.py)
         self.streaming = streaming

@@ -36,6 +36,7 @@ def make_registry(
 def make_stream(stream_id: str = "strm_1") -> Stream:
     stream = Stream(stream_id, OWNER, model="gpt-4o-mini", streaming=True, include_usage=False)
     stream.body = {"messages": [{"role": "user", "content": "hello there"}]}
+    stream.announced = True  # its client has the id: it may come back within the grace
     return stream
 
 
@@ -87,6 +88,19 @@ async def test_a_reader_coming_back_within_the_grace_window_keeps_the_stream() -
     release.set()
     await stream.ended.wait()
     assert stream.status is StreamStatus.COMPLETED
+
+
+async def test_a_stream_whose_id_no_client_has_gets_no_grace() -> None:
+    """Its last reader leaves before the id went out: nobody can come back, so it stops."""
+    registry, _ = make_registry(grace=60)
+    stream = make_stream()
+    stream.announced = False
+    registry.launch(stream, produce(stream, ["a"], asyncio.Event()))
+    with registry.reading(stream):
+        pass
+    assert stream.id not in registry._grace
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.CLIENT_GONE
 
 
 async def test_the_grace_window_expiring_cancels_the_stream() -> None:

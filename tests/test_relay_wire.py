@@ -229,6 +229,21 @@ async def test_after_a_retry_a_provider_holding_its_headers_gets_the_200_out(
     assert data[-1] == "[DONE]"
 
 
+async def test_a_client_gone_before_the_headers_is_not_waited_for(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+) -> None:
+    """A client that leaves before the headers went out never learnt the stream's id, so
+    it cannot resume: the provider call stops at once, without the (default, 10 s) grace
+    window a client that has the id gets."""
+    assert settings.streams.disconnect_grace_s == 10.0
+    client = await gateway(with_provider(settings, first_token_timeout_s=600.0))
+    body = chat_body("[sim header_delay_ms=600000]")
+    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    pending.cancel()
+    await sim_stats.wait_for(lambda s: s.aborted == 1)  # the loop clock never moved
+
+
 def test_default_keepalive_interval() -> None:
     """The default keepalive is 15 s, under common 30-60 s proxy idle timeouts."""
     assert Settings.from_env({}).streams.keepalive_s == 15.0

@@ -193,7 +193,9 @@ async def test_a_retry_after_the_client_left_still_gets_its_client_span(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The client leaves during the backoff; the stream goes on in its grace window and the
-    second attempt answers: it has its CLIENT span too, though the SERVER span has ended."""
+    second attempt answers: it has its CLIENT span too, though the SERVER span has ended.
+    (Over a WebSocket, which names the stream at once: an SSE client that leaves before its
+    headers could never come back, so its stream stops without a grace window.)"""
     backing_off, resume = asyncio.Event(), asyncio.Event()
 
     async def held_sleep(self: Sleeps, delay: float) -> None:
@@ -207,11 +209,12 @@ async def test_a_retry_after_the_client_left_still_gets_its_client_span(
     )
     ended = watch(rig.client)
     body = chat_body("hi [sim fail=500 fail_times=1 key=left-trace chunks=2]")
-    request = asyncio.ensure_future(rig.client.post(URL, json=body, headers=AUTH))
+    ws = await rig.client.ws_connect("/v1/ws", headers=AUTH)
+    await ws.send_json({"type": "chat.completion.create", "request_id": "a", "body": body})
+    assert (await ws.receive_json())["type"] == "started"
     await backing_off.wait()
-    request.cancel()  # the client gives up while the gateway waits to retry
-    await asyncio.gather(request, return_exceptions=True)
-    await ended.wait_for(lambda seen: CHAT in seen)  # its SERVER span has ended
+    await ws.close()  # the client gives up while the gateway waits to retry
+    await ended.wait_for(lambda seen: "GET /v1/ws" in seen)  # its SERVER span has ended
     resume.set()
     spans = await exported(rig.client, receiver, ended, "chat gpt-4o-mini", "chat gpt-4o-mini")
     attempts = sorted(

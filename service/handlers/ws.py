@@ -239,6 +239,7 @@ class _Socket:
                 if mirror is not None:  # the id goes out next: every replica must know it
                     await mirror.registered(stream)
                 await send(frames.started(), TEXT)
+                stream.announced = True
             async for first, batch in stream.follow(after):
                 for seq, (kind, data) in enumerate(batch, first):
                     if kind == Kind.CHUNK:
