@@ -45,6 +45,7 @@ class Hold:
     keys: tuple[_Key, ...]
     amount: Decimal
     warning: str | None
+    shared_id: str | None = None  # its hold in Redis (``redis_budgets.py``); None: local only
 
 
 class Budgets:

@@ -50,7 +50,8 @@ MONTH_TTL_S = 40 * 86_400
 HOLD_TTL_S = 3_600
 
 # KEYS: the budget hashes, then each one's holds (a sorted set: hold id by expiry, ms).
-# ARGV: amount, hold id, now (ms), hold expiry (ms); then ttl, limit (-1: none) and seed per
+# ARGV: amount, hold id, now (ms; '' = Redis's own TIME, one clock for every replica), the
+# hold's life (ms); then ttl, limit (-1: none) and seed per
 # key (ARGV[3i+2], ARGV[3i+3], ARGV[3i+4]). A hash Redis does not have (restarted, flushed,
 # evicted) starts from the seed: the replica's own view of the period's spend, from the
 # ledger. Holds past their expiry (their replica died, or lost the reply) are released
@@ -58,6 +59,11 @@ HOLD_TTL_S = 3_600
 _RESERVE = """
 local n = #KEYS / 2
 local amount = tonumber(ARGV[1])
+local now = tonumber(ARGV[3])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local committed = {}
 for i = 1, n do
   local seed = tonumber(ARGV[3 * i + 4])
@@ -65,14 +71,14 @@ for i = 1, n do
     redis.call('HSET', KEYS[i], 'spent', seed)
     redis.call('EXPIRE', KEYS[i], tonumber(ARGV[3 * i + 2]))
   end
-  for _, stale in ipairs(redis.call('ZRANGEBYSCORE', KEYS[n + i], '-inf', ARGV[3])) do
+  for _, stale in ipairs(redis.call('ZRANGEBYSCORE', KEYS[n + i], '-inf', now)) do
     local held = redis.call('HGET', KEYS[i], 'h:' .. stale)
     if held then
       redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(held))
       redis.call('HDEL', KEYS[i], 'h:' .. stale)
     end
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', now)
   local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
   committed[i] = (tonumber(state[1]) or 0) + (tonumber(state[2]) or 0)
   local limit = tonumber(ARGV[3 * i + 3])
@@ -83,7 +89,7 @@ for i = 1, n do
   local ttl = tonumber(ARGV[3 * i + 2])
   redis.call('HINCRBY', KEYS[i], 'reserved', amount)
   redis.call('HSET', KEYS[i], 'h:' .. ARGV[2], amount)
-  redis.call('ZADD', KEYS[n + i], ARGV[4], ARGV[2])
+  redis.call('ZADD', KEYS[n + i], now + tonumber(ARGV[4]), ARGV[2])
   redis.call('EXPIRE', KEYS[i], ttl)
   redis.call('EXPIRE', KEYS[n + i], ttl)
   out[i + 1] = committed[i] + amount
@@ -93,17 +99,21 @@ return out
 
 # KEYS: as for _RESERVE. ARGV: hold id, actual cost, then ttl per key. Releases the hold
 # if it is still there (settling twice, or after the hold expired, releases nothing twice).
+# A budget Redis no longer has is left alone: the next reservation seeds it from the ledger
+# (creating it here, with this spend alone, would stop that).
 _SETTLE = """
 local n = #KEYS / 2
 for i = 1, n do
-  local held = redis.call('HGET', KEYS[i], 'h:' .. ARGV[1])
-  if held then
-    redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(held))
-    redis.call('HDEL', KEYS[i], 'h:' .. ARGV[1])
-    redis.call('ZREM', KEYS[n + i], ARGV[1])
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local held = redis.call('HGET', KEYS[i], 'h:' .. ARGV[1])
+    if held then
+      redis.call('HINCRBY', KEYS[i], 'reserved', -tonumber(held))
+      redis.call('HDEL', KEYS[i], 'h:' .. ARGV[1])
+      redis.call('ZREM', KEYS[n + i], ARGV[1])
+    end
+    redis.call('HINCRBY', KEYS[i], 'spent', tonumber(ARGV[2]))
+    redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 + i]))
   end
-  redis.call('HINCRBY', KEYS[i], 'spent', tonumber(ARGV[2]))
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2 + i]))
 end
 return 1
 """
@@ -145,10 +155,10 @@ class RedisBudgets(Budgets):
         else:
             super().__init__(limits, soft_fraction=soft_fraction, clock=clock)
         self._gate = gate
+        self._hold_clock = clock  # None: holds expire by Redis's own clock (tests give one)
         client: Redis = gate.client
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
-        self._shared: dict[Hold, list[str]] = {}  # ids of holds in Redis, not yet settled
 
     async def reserve_async(
         self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
@@ -162,8 +172,8 @@ class RedisBudgets(Budgets):
         keys = _script_keys(key for key, _ in checks)
         reserved = micros(amount, up=True)
         hold_id = secrets.token_hex(8)
-        now_ms = round(self._clock() * 1000)
-        args: list[Any] = [reserved, hold_id, now_ms, now_ms + HOLD_TTL_S * 1000]
+        now_ms = "" if self._hold_clock is None else round(self._hold_clock() * 1000)
+        args: list[Any] = [reserved, hold_id, now_ms, HOLD_TTL_S * 1000]
         for key, limit in checks:
             args += [
                 _ttl(key),
@@ -187,9 +197,7 @@ class RedisBudgets(Budgets):
         for (key, _), committed in zip(checks, reply[1:], strict=True):
             # This replica's view takes every replica's commitments from Redis.
             self._spent[key] = Decimal(int(committed)) / MICROS - self._reserved[key]
-        hold = Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
-        self._shared.setdefault(hold, []).append(hold_id)
-        return hold
+        return Hold(tuple(key for key, _ in checks), amount, self._warning(checks), hold_id)
 
     async def _undo_reserve(
         self, reply: Any, *, keys: list[str], hold_id: str, checks: list[Any]
@@ -201,19 +209,18 @@ class RedisBudgets(Budgets):
     async def settle_async(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost, on every replica's view."""
         self.settle(hold, actual)  # this replica's view (and the fail-open path)
-        ids = self._shared.get(hold)
-        if not ids:  # reserved locally only: unlimited, or Redis was unavailable
+        if hold.shared_id is None:  # reserved locally only: unlimited, or Redis was unavailable
             return
-        hold_id = ids.pop()
-        if not ids:
-            del self._shared[hold]
-        args: list[Any] = [hold_id, micros(actual, up=True), *(_ttl(key) for key in hold.keys)]
+        args: list[Any] = [hold.shared_id, micros(actual, up=True), *map(_ttl, hold.keys)]
+        keys = _script_keys(hold.keys)
         try:  # never spend 0: the cost rounds up to a micro-dollar
-            await self._gate.evalsha(self._settle, _script_keys(hold.keys), args)
+            await self._gate.evalsha(self._settle, keys, args)
         except RedisUnavailable:
-            # The hold is released by the next reservation after it expires; the spend is
-            # in the ledger, which seeds Redis when the period's budget is next missing.
+            # Sent again in front of the next round trip (if that settle had in fact run,
+            # the spend counts twice: erring towards refusing, never towards overspending).
             self._gate.fallback("budget settlement")
+            command = ("EVALSHA", self._settle.sha, len(keys), *keys, *args)
+            self._gate.post(f"budget settlement of hold {hold.shared_id}", *command)
 
 
 def _ttls(checks: list[Any]) -> list[int]:

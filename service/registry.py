@@ -146,8 +146,16 @@ class StreamRegistry:
             await asyncio.wait({stream.task})  # not ``await task``: our cancellation isn't its
 
     async def _run(self, stream: Stream, work: Awaitable[None]) -> None:
+        limit_s = self._settings.max_generation_s
         try:
-            await work
+            async with asyncio.timeout(limit_s) as deadline:
+                await work
+        except TimeoutError as exc:
+            if not deadline.expired():
+                log.exception("stream %s failed unexpectedly", stream.id)
+                stream.end(StreamStatus.PROVIDER_ERROR, translate(exc))
+            else:  # the whole generation, retries and fallbacks included, ran too long
+                stream.end(StreamStatus.TIMEOUT, _too_long(limit_s))
         except asyncio.CancelledError:
             stream.end(*_ended(stream.cancel_reason or StreamStatus.CANCELLED))
         except SluiceError as exc:
@@ -228,6 +236,13 @@ class _Retained:
     stream: Stream
     checkpoint: Checkpoint
     size: int  # journal bytes
+
+
+def _too_long(limit_s: float) -> ProviderTimeoutError:
+    return ProviderTimeoutError(
+        f"The generation ran longer than this gateway allows ({limit_s:g} s).",
+        code="generation_too_long",
+    )
 
 
 def _ended(status: StreamStatus) -> tuple[StreamStatus, SluiceError]:

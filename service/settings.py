@@ -7,6 +7,7 @@ them all. Every parse error names the variable that caused it.
 
 from __future__ import annotations
 
+import math
 import re
 import secrets as _secrets
 from collections.abc import Mapping
@@ -27,6 +28,11 @@ DEFAULT_COMPLETION_TIMEOUT_S = 600.0  # the openai SDK's own default
 DEFAULT_KEEPALIVE_S = 15.0
 DEFAULT_DISCONNECT_GRACE_S = 10.0
 DEFAULT_CHECKPOINT_TTL_S = 3600.0
+DEFAULT_MAX_GENERATION_S = 1800.0
+# A generation's whole time (retries and fallbacks included) stays under this, so that the
+# Redis budget hold and stream slot it takes (an hour: redis_budgets.HOLD_TTL_S,
+# redis_limits.STREAM_LEASE_S) outlast it: they expire on their own only when orphaned.
+MAX_GENERATION_CAP_S = 3000.0
 DEFAULT_DRAIN_S = 25.0
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_DEV_KEY = "sluice-dev-key"
@@ -122,6 +128,7 @@ class StreamSettings:
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     disconnect_grace_s: float = DEFAULT_DISCONNECT_GRACE_S
     checkpoint_ttl_s: float = DEFAULT_CHECKPOINT_TTL_S
+    max_generation_s: float = DEFAULT_MAX_GENERATION_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +273,12 @@ class Settings:
                 checkpoint_ttl_s=reader.number(
                     "SLUICE_CHECKPOINT_TTL_S", DEFAULT_CHECKPOINT_TTL_S, low=1.0
                 ),
+                max_generation_s=reader.number(
+                    "SLUICE_MAX_GENERATION_S",
+                    DEFAULT_MAX_GENERATION_S,
+                    low=1.0,
+                    high=MAX_GENERATION_CAP_S,
+                ),
             ),
             auth=_auth_from_env(reader, provider),
             shared=_shared_from_env(reader),
@@ -308,7 +321,9 @@ class _EnvReader:
             raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
         return _bounded(name, value, low, high)
 
-    def number(self, name: str, default: float, *, low: float = 0.0) -> float:
+    def number(
+        self, name: str, default: float, *, low: float = 0.0, high: float | None = None
+    ) -> float:
         raw = self.raw(name)
         if raw is None:
             return default
@@ -316,7 +331,9 @@ class _EnvReader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-        return _bounded(name, value, low, None)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+        return _bounded(name, value, low, high)
 
 
 _N = TypeVar("_N", int, float)

@@ -229,16 +229,35 @@ async def test_a_late_settle_releases_nothing_twice(gates: list[RedisGate], redi
     assert await _budget_state(redis_url) == (0, 350_000)
 
 
-async def test_identical_reservations_settle_their_own_holds(
-    gates: list[RedisGate], redis_url: str
-) -> None:
-    """Two equal reservations on one replica are two holds: settling both releases both."""
+async def test_each_request_settles_its_own_hold(gates: list[RedisGate], redis_url: str) -> None:
+    """Two equal reservations 50 minutes apart: the first to finish releases its own hold
+    (not the later one's), so the request still running keeps the budget held until its
+    own hold expires."""
     clock = Clock()
     budgets = RedisBudgets(gates[0], LIMITS, clock=clock)
-    first = await budgets.reserve_async("alice", "acme", Decimal("0.25"))
-    second = await budgets.reserve_async("alice", "acme", Decimal("0.25"))
-    assert first == second
+    first = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
+    clock.now += 50 * 60
+    second = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
+    assert first.shared_id != second.shared_id
     await budgets.settle_async(first, Decimal("0.10"))
-    assert await _budget_state(redis_url) == (250_000, 100_000)
+    clock.now += 15 * 60  # past the first hold's expiry, well within the second's
+    with pytest.raises(BudgetExceededError):
+        await budgets.reserve_async("alice", "acme", Decimal("0.55"))
     await budgets.settle_async(second, Decimal("0.10"))
     assert await _budget_state(redis_url) == (0, 200_000)
+
+
+async def test_a_settle_does_not_recreate_a_budget_redis_lost(
+    gates: list[RedisGate], redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis is flushed while a request runs: its settle leaves the budget missing, so the
+    next reservation seeds it from the ledger's spend instead of starting from this one."""
+    clock = Clock()
+    budgets = RedisBudgets(gates[0], LIMITS, clock=clock)
+    budgets.load([SpendRow("alice", "acme", "2026-11-27", 0.90)])
+    hold = await budgets.reserve_async("alice", "acme", Decimal("0.05"))
+    redis_server.flush()
+    await budgets.settle_async(hold, Decimal("0.01"))
+    assert await _budget_state(redis_url) == (0, 0)
+    with pytest.raises(BudgetExceededError):
+        await budgets.reserve_async("alice", "acme", Decimal("0.50"))

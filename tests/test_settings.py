@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from service import settings as config
-from service.settings import ConfigError, Secret, Settings
+from service.redis_budgets import HOLD_TTL_S
+from service.redis_limits import STREAM_LEASE_S
+from service.settings import MAX_GENERATION_CAP_S, ConfigError, Secret, Settings
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -57,6 +59,7 @@ def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ("SLUICE_KEEPALIVE_S", "0.5", lambda s: s.streams.keepalive_s),
         ("SLUICE_DISCONNECT_GRACE_S", "0", lambda s: s.streams.disconnect_grace_s),
         ("SLUICE_CHECKPOINT_TTL_S", "60", lambda s: s.streams.checkpoint_ttl_s),
+        ("SLUICE_MAX_GENERATION_S", "120", lambda s: s.streams.max_generation_s),
         ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1", lambda s: s.provider.base_url),
         ("SLUICE_MODELS", " a, b ,,c ", lambda s: ",".join(s.provider.models)),
         ("SLUICE_DEV_KEY", "my-dev-key", lambda s: s.auth.dev_key.reveal()),
@@ -74,6 +77,14 @@ def test_each_variable_is_read(name: str, value: str, read: object) -> None:
     elif name.endswith("_S"):
         expected = float(value)
     assert got == expected
+
+
+def test_a_generation_never_outlives_what_it_holds_in_redis() -> None:
+    """The longest generation allowed ends well before its budget hold and stream slot in
+    Redis expire on their own (they do only for requests nobody will finish)."""
+    margin_s = 300
+    assert MAX_GENERATION_CAP_S + margin_s < min(HOLD_TTL_S, STREAM_LEASE_S)
+    assert Settings.from_env({}).streams.max_generation_s <= MAX_GENERATION_CAP_S
 
 
 def test_blank_values_count_as_unset() -> None:
@@ -96,7 +107,10 @@ def test_blank_values_count_as_unset() -> None:
         ("SLUICE_FIRST_TOKEN_TIMEOUT_S", "0"),
         ("SLUICE_IDLE_TIMEOUT_S", "-3"),
         ("SLUICE_KEEPALIVE_S", "0"),
+        ("SLUICE_KEEPALIVE_S", "nan"),
         ("SLUICE_DRAIN_S", "x"),
+        ("SLUICE_DRAIN_S", "inf"),
+        ("SLUICE_MAX_GENERATION_S", "3601"),
         ("SLUICE_PROVIDER", "anthropic"),
     ],
 )
