@@ -30,9 +30,12 @@ path when the budgets are a ``RedisBudgets`` and call the in-process one otherwi
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -44,6 +47,8 @@ from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 MICROS = Decimal(1_000_000)
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
+log = logging.getLogger(__name__)
+MAX_UNSENT = 10_000  # settlements kept for Redis while it is unavailable
 # How long a reservation holds its budget without being settled: longer than any request
 # runs (the completion deadline is 10 minutes), short enough that a reservation orphaned by
 # a replica that died mid-request, or by a reply lost to a timeout, is back within the hour.
@@ -149,16 +154,20 @@ class RedisBudgets(Budgets):
         *,
         soft_fraction: float = 0.8,
         clock: Callable[[], float] | None = None,
+        hold_clock: Callable[[], float] | None = None,
     ) -> None:
         if clock is None:
             super().__init__(limits, soft_fraction=soft_fraction)
         else:
             super().__init__(limits, soft_fraction=soft_fraction, clock=clock)
         self._gate = gate
-        self._hold_clock = clock  # None: holds expire by Redis's own clock (tests give one)
+        self._hold_clock = hold_clock  # None: holds expire by Redis's own clock (one for all)
         client: Redis = gate.client
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
+        # Settlements Redis has not had (it was unavailable), oldest first: replayed in one
+        # pipeline before the next reservation that reaches it.
+        self._unsent: deque[tuple[list[str], list[Any]]] = deque(maxlen=MAX_UNSENT)
 
     async def reserve_async(
         self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
@@ -169,6 +178,8 @@ class RedisBudgets(Budgets):
             # Nothing to enforce: no round trip. This replica's view still records the
             # reservation; the spend totals live in the ledger.
             return self.reserve(user, tenant, amount, overrides)
+        if self._unsent:
+            await self._replay()
         keys = _script_keys(key for key, _ in checks)
         reserved = micros(amount, up=True)
         hold_id = secrets.token_hex(8)
@@ -187,7 +198,10 @@ class RedisBudgets(Budgets):
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
             self._gate.fallback("budgets")
-            return self.reserve(user, tenant, amount, overrides)
+            local = self.reserve(user, tenant, amount, overrides)
+            # Its spend still goes to Redis when it settles: under a hold id Redis never
+            # had, so settling releases nothing there and adds the spend.
+            return replace(local, shared_id=f"local-{hold_id}")
         if int(reply[0]) == 0:
             key, limit = checks[int(reply[1]) - 1]
             assert limit is not None
@@ -216,11 +230,36 @@ class RedisBudgets(Budgets):
         try:  # never spend 0: the cost rounds up to a micro-dollar
             await self._gate.evalsha(self._settle, keys, args)
         except RedisUnavailable:
-            # Sent again in front of the next round trip (if that settle had in fact run,
-            # the spend counts twice: erring towards refusing, never towards overspending).
+            # Replayed once Redis answers (if this one had in fact run, the spend counts
+            # twice: erring towards refusing, never towards overspending).
             self._gate.fallback("budget settlement")
-            command = ("EVALSHA", self._settle.sha, len(keys), *keys, *args)
-            self._gate.post(f"budget settlement of hold {hold.shared_id}", *command)
+            self._keep_unsent(keys, args)
+
+    def _keep_unsent(self, keys: list[str], args: list[Any]) -> None:
+        if len(self._unsent) == self._unsent.maxlen:
+            log.warning("budgets: %d settlements wait for redis; the oldest is dropped", MAX_UNSENT)
+        self._unsent.append((keys, args))
+
+    async def _replay(self) -> None:
+        """Send the settlements Redis missed, in one pipeline; keep them if it fails."""
+        batch = list(self._unsent)
+
+        async def send(client: Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for keys, args in batch:  # a Script in a pipeline is loaded first if need be
+                await self._settle(keys=keys, args=args, client=pipe)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
+        try:
+            replies = await self._gate.run(send)
+        except RedisUnavailable:
+            return
+        for _ in batch:
+            self._unsent.popleft()
+        failed = sum(isinstance(reply, Exception) for reply in replies)
+        if failed:
+            log.warning("budgets: %d replayed settlements failed in redis", failed)
 
 
 def _ttls(checks: list[Any]) -> list[int]:

@@ -57,6 +57,7 @@ class Route(Protocol):
     served_model: str
     fallback_reason: str | None
     backing_off: bool  # waiting out a retry's delay (the response may still get a status)
+    attempt_started_at: float | None  # loop time the attempt in flight began
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +163,10 @@ class ResilientProvider:
     async def _with_retries(
         self, call: _Call[T], body: bytes, model: str, budget: RetryBudget, route: Route
     ) -> T:
+        loop = asyncio.get_running_loop()
         while True:
             budget.record_attempt()
+            route.attempt_started_at = loop.time()
             try:
                 return await self._attempt(call, body, model)
             except CircuitOpenError:

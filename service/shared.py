@@ -78,7 +78,7 @@ def install_shared_state(app: web.Application) -> None:
         gate,
         admission.budgets.limits,
         soft_fraction=settings.money.soft_fraction,
-        clock=admission.clock,
+        clock=admission.clock,  # periods; holds expire by Redis's own clock
     )
     cache = app[RESPONSE_CACHE]
     if cache is not None:

@@ -126,6 +126,7 @@ class Stream:
         "_wake",
         "accepted",
         "announced",
+        "attempt_started_at",
         "backing_off",
         "body",
         "cache_status",
@@ -160,6 +161,7 @@ class Stream:
         self.served_model = model  # differs when a fallback served (see resilience.py)
         self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
         self.backing_off = False  # a retry is waiting out its delay (see resilience.py)
+        self.attempt_started_at: float | None = None  # loop time of the provider attempt
         self.announced = False  # a client has been sent the id: it can come back for it
         self.cache_status = "bypass"  # hit, miss or bypass (see cache.py)
         self.cost_usd: float | None = None  # set once the ledger row is made (admission.py)

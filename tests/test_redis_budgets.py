@@ -17,7 +17,7 @@ from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError, ServiceUnavailableError
 from service.ledger import SpendRow, utc_day
 from service.redis_budgets import HOLD_TTL_S, RedisBudgets
-from service.redisgate import RedisGate
+from service.redisgate import RedisGate, RedisUnavailable
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.servers import RedisServer, cancelled_in_flight, reserved_micros, with_redis
@@ -203,7 +203,7 @@ async def test_a_hold_nobody_settles_is_released_once_it_expires(
     """Replica A reserves and dies (or loses the reply): the budget stays held for B until
     the hold expires, then B's next reservation releases it."""
     clock = Clock()
-    a, b = (RedisBudgets(gate, LIMITS, clock=clock) for gate in gates)
+    a, b = (RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock) for gate in gates)
     await a.reserve_async("alice", "acme", Decimal("0.90"))  # never settled
     with pytest.raises(BudgetExceededError):
         await b.reserve_async("alice", "acme", Decimal("0.20"))
@@ -219,7 +219,7 @@ async def test_a_late_settle_releases_nothing_twice(gates: list[RedisGate], redi
     """A hold released on expiry and then settled after all: the spend counts, the
     reservation is not taken off a second time (B's own hold stays whole)."""
     clock = Clock()
-    a, b = (RedisBudgets(gate, LIMITS, clock=clock) for gate in gates)
+    a, b = (RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock) for gate in gates)
     late = await a.reserve_async("alice", "acme", Decimal("0.50"))
     clock.now += HOLD_TTL_S + 1
     current = await b.reserve_async("alice", "acme", Decimal("0.10"))  # releases A's hold
@@ -234,7 +234,7 @@ async def test_each_request_settles_its_own_hold(gates: list[RedisGate], redis_u
     (not the later one's), so the request still running keeps the budget held until its
     own hold expires."""
     clock = Clock()
-    budgets = RedisBudgets(gates[0], LIMITS, clock=clock)
+    budgets = RedisBudgets(gates[0], LIMITS, clock=clock, hold_clock=clock)
     first = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
     clock.now += 50 * 60
     second = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
@@ -253,7 +253,7 @@ async def test_a_settle_does_not_recreate_a_budget_redis_lost(
     """Redis is flushed while a request runs: its settle leaves the budget missing, so the
     next reservation seeds it from the ledger's spend instead of starting from this one."""
     clock = Clock()
-    budgets = RedisBudgets(gates[0], LIMITS, clock=clock)
+    budgets = RedisBudgets(gates[0], LIMITS, clock=clock, hold_clock=clock)
     budgets.load([SpendRow("alice", "acme", "2026-11-27", 0.90)])
     hold = await budgets.reserve_async("alice", "acme", Decimal("0.05"))
     redis_server.flush()
@@ -261,3 +261,70 @@ async def test_a_settle_does_not_recreate_a_budget_redis_lost(
     assert await _budget_state(redis_url) == (0, 0)
     with pytest.raises(BudgetExceededError):
         await budgets.reserve_async("alice", "acme", Decimal("0.50"))
+
+
+async def _broken_gate(redis_url: str, now: list[float]) -> RedisGate:
+    """A fail-open gate on a clock the test moves, whose breaker opens at the first failure."""
+    client = Redis.from_url(redis_url)
+    return RedisGate(
+        client, failure="open", timeout_s=1.0, fail_max=1, reset_s=5, clock=lambda: now[0]
+    )
+
+
+async def _trip(gate: RedisGate) -> None:
+    with pytest.raises(RedisUnavailable):
+        await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))
+
+
+async def test_a_settlement_redis_missed_is_replayed_once_it_answers(redis_url: str) -> None:
+    """The settle finds the breaker open: nothing reaches Redis then, and the hold stays.
+    The next reservation that reaches Redis sends it first: hold released, spend counted."""
+    now, clock = [0.0], Clock()
+    gate = await _broken_gate(redis_url, now)
+    budgets = RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock)
+    hold = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
+    await _trip(gate)
+    await budgets.settle_async(hold, Decimal("0.10"))
+    assert await _budget_state(redis_url) == (400_000, 0)
+    now[0] += 6  # the breaker lets a probe through
+    await budgets.reserve_async("alice", "acme", Decimal("0.05"))
+    assert await _budget_state(redis_url) == (50_000, 100_000)
+    await gate.client.aclose()
+
+
+async def test_spend_admitted_on_local_state_reaches_redis_later(redis_url: str) -> None:
+    """Fail-open: a request admitted while Redis was away is settled locally, and its
+    spend is sent to Redis once it answers, so other replicas count it too."""
+    now, clock = [0.0], Clock()
+    gate = await _broken_gate(redis_url, now)
+    budgets = RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock)
+    first = await budgets.reserve_async("alice", "acme", Decimal("0.10"))
+    await budgets.settle_async(first, Decimal("0.10"))  # the budget exists in Redis
+    await _trip(gate)
+    local = await budgets.reserve_async("alice", "acme", Decimal("0.50"))  # fail-open
+    await budgets.settle_async(local, Decimal("0.30"))
+    assert await _budget_state(redis_url) == (0, 100_000)
+    now[0] += 6
+    await budgets.reserve_async("alice", "acme", Decimal("0.05"))
+    assert await _budget_state(redis_url) == (50_000, 400_000)
+    await gate.client.aclose()
+
+
+async def test_holds_expire_by_redis_clock_not_a_replicas(
+    gates: list[RedisGate], redis_url: str
+) -> None:
+    """A replica whose clock runs two hours ahead still gives its hold an hour from now by
+    Redis's own clock, so it cannot release other replicas' live holds early."""
+    ahead = RedisBudgets(gates[0], LIMITS, clock=lambda: time.time() + 7200)
+    hold = await ahead.reserve_async("alice", "acme", Decimal("0.10"))
+    assert hold.shared_id is not None
+    redis = Redis.from_url(redis_url)
+    try:
+        holds_key = f"sluice:budget:user:alice:day:{hold.keys[0][3]}:holds"
+        expiry_ms = await redis.zscore(holds_key, hold.shared_id)
+        seconds, micros_ = await redis.time()
+    finally:
+        await redis.aclose()
+    assert expiry_ms is not None
+    redis_now_ms = seconds * 1000 + micros_ // 1000
+    assert abs(expiry_ms - (redis_now_ms + HOLD_TTL_S * 1000)) < 60_000

@@ -17,8 +17,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.appkeys import STREAMS
+from service.handlers.chat import _wait_for_answer
 from service.settings import Settings
 from service.simulator import SimStats
+from service.stream import Owner, Stream, StreamStatus
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
 from tests.resilient import with_resilience
 from tests.wire import read_until, sse_blocks, sse_data
@@ -242,6 +244,38 @@ async def test_a_client_gone_before_the_headers_is_not_waited_for(
     await sim_stats.wait_for(lambda s: s.requests == 1)
     pending.cancel()
     await sim_stats.wait_for(lambda s: s.aborted == 1)  # the loop clock never moved
+
+
+async def _turns() -> None:
+    """Let the loop run what is due now (timers the clock moved past): a few loop turns."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_the_200_waits_for_the_attempt_in_flight_not_another_interval(
+    clock: LoopClock,
+) -> None:
+    """Attempt 1 runs 14 s and fails, the retry waits 2 s, attempt 2 is held: the 200 goes
+    out 5 s (a third of an interval) into attempt 2, at 21 s; not at 15 s (a retry was
+    waiting), nor at 30 s (a whole interval later)."""
+    loop = asyncio.get_running_loop()
+    stream = Stream("strm_w", Owner("u", "t", "k"), model="m", streaming=True, include_usage=False)
+    stream.attempt_started_at = loop.time()
+    waiter = asyncio.create_task(_wait_for_answer(stream, 15.0))
+    await _turns()
+    clock.advance(14.0)
+    stream.backing_off = True  # attempt 1 failed; the retry waits 2 s
+    await _turns()
+    clock.advance(2.0)
+    stream.backing_off, stream.attempt_started_at = False, loop.time()  # attempt 2
+    await _turns()
+    clock.advance(4.9)
+    await _turns()
+    assert not waiter.done()
+    clock.advance(0.2)
+    await _turns()
+    assert waiter.done()
+    stream.end(StreamStatus.CANCELLED)
 
 
 def test_default_keepalive_interval() -> None:

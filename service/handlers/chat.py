@@ -30,6 +30,8 @@ from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import Owner, Stream
 
+ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs before the 200
+
 
 class _StreamIds:
     """Unguessable stream ids (128 random bits) without a system call each: ``os.urandom``
@@ -112,15 +114,25 @@ async def _respond_streaming(request: web.Request, stream: Stream) -> web.Stream
 
 
 async def _wait_for_answer(stream: Stream, interval: float) -> None:
-    """Until the provider answers (or the stream ends), or one keepalive interval passes
-    with no retry waiting out its delay: a retry's refusal still gets its HTTP status (and
-    Retry-After, which the SDKs act on); the retry budget bounds those waits."""
+    """Until the provider answers (or the stream ends), or the response must start: once
+    the wait has lasted a keepalive interval and the attempt in flight a third of one.
+
+    Never during a retry's delay, and not just as an attempt begins: a refusal that comes
+    quickly, first or after a retry, still gets its HTTP status (and Retry-After, which the
+    SDKs act on). The retry budget bounds the delays, so the silence stays bounded."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + interval
     while not stream.accepted.is_set():
+        attempt = stream.attempt_started_at
+        if attempt is not None:
+            due = max(due, attempt + interval * ATTEMPT_SHARE)
+        if stream.backing_off:
+            due = max(due, loop.time() + interval * ATTEMPT_SHARE)  # look again then
         try:
-            async with asyncio.timeout(interval):
+            async with asyncio.timeout_at(due):
                 await stream.accepted.wait()
         except TimeoutError:
-            if not stream.backing_off:
+            if not stream.backing_off and stream.attempt_started_at == attempt:
                 return
 
 

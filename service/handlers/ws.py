@@ -238,8 +238,8 @@ class _Socket:
                 mirror = self._app[JOURNAL_MIRROR]
                 if mirror is not None:  # the id goes out next: every replica must know it
                     await mirror.registered(stream)
+                stream.announced = True  # before the send: it may be read before it returns
                 await send(frames.started(), TEXT)
-                stream.announced = True
             async for first, batch in stream.follow(after):
                 for seq, (kind, data) in enumerate(batch, first):
                     if kind == Kind.CHUNK:
