@@ -240,6 +240,13 @@ class RedisBudgets(Budgets):
             log.warning("budgets: %d settlements wait for redis; the oldest is dropped", MAX_UNSENT)
         self._unsent.append((keys, args))
 
+    async def flush(self) -> None:
+        """At shutdown: try once more to send the settlements Redis missed."""
+        if self._unsent:
+            await self._replay()
+            if self._unsent:
+                log.warning("budgets: %d settlements never reached redis", len(self._unsent))
+
     async def _replay(self) -> None:
         """Send the settlements Redis missed, in one pipeline; keep them if it fails."""
         batch = list(self._unsent)

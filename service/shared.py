@@ -74,7 +74,7 @@ def install_shared_state(app: web.Application) -> None:
     admission = app[GATE]
     if isinstance(admission.limiter, MemoryLimiter):
         admission.limiter = RedisLimiter(gate, admission.limiter)
-    admission.budgets = RedisBudgets(
+    budgets = admission.budgets = RedisBudgets(
         gate,
         admission.budgets.limits,
         soft_fraction=settings.money.soft_fraction,
@@ -117,6 +117,7 @@ def install_shared_state(app: web.Application) -> None:
         await asyncio.wait({listener}, timeout=2 * LISTEN_POLL_S)
         await mirror.close()
         await gate.undone()
+        await budgets.flush()  # settlements Redis missed, if it answers now
         await follower.aclose()
         await gate.client.aclose()
 

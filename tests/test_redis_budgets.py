@@ -328,3 +328,17 @@ async def test_holds_expire_by_redis_clock_not_a_replicas(
     assert expiry_ms is not None
     redis_now_ms = seconds * 1000 + micros_ // 1000
     assert abs(expiry_ms - (redis_now_ms + HOLD_TTL_S * 1000)) < 60_000
+
+
+async def test_missed_settlements_are_sent_at_shutdown(redis_url: str) -> None:
+    """No reservation came after Redis returned: shutdown sends what it missed."""
+    now, clock = [0.0], Clock()
+    gate = await _broken_gate(redis_url, now)
+    budgets = RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock)
+    hold = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
+    await _trip(gate)
+    await budgets.settle_async(hold, Decimal("0.10"))
+    now[0] += 6
+    await budgets.flush()
+    assert await _budget_state(redis_url) == (0, 100_000)
+    await gate.client.aclose()
