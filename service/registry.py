@@ -87,6 +87,7 @@ class StreamRegistry:
     def launch(self, stream: Stream, work: Awaitable[None]) -> None:
         """Run ``work`` as the stream's generation task, owned by the registry."""
         self._live[stream.id] = stream
+        stream.launched_at = self._clock()
         stream.task = asyncio.create_task(self._run(stream, work), name=f"stream-{stream.id}")
         for hook in self.launch_hooks:
             hook(stream)
@@ -146,18 +147,14 @@ class StreamRegistry:
             await asyncio.wait({stream.task})  # not ``await task``: our cancellation isn't its
 
     async def _run(self, stream: Stream, work: Awaitable[None]) -> None:
-        limit_s = self._settings.max_generation_s
         try:
-            async with asyncio.timeout(limit_s) as deadline:
-                await work
-        except TimeoutError as exc:
-            if not deadline.expired():
-                log.exception("stream %s failed unexpectedly", stream.id)
-                stream.end(StreamStatus.PROVIDER_ERROR, translate(exc))
-            else:  # the whole generation, retries and fallbacks included, ran too long
-                stream.end(StreamStatus.TIMEOUT, _too_long(limit_s))
+            await work
         except asyncio.CancelledError:
-            stream.end(*_ended(stream.cancel_reason or StreamStatus.CANCELLED))
+            reason = stream.cancel_reason or StreamStatus.CANCELLED
+            if reason is StreamStatus.TIMEOUT:  # ``tick``: it ran past the generation limit
+                stream.end(reason, _too_long(self._settings.max_generation_s))
+            else:
+                stream.end(*_ended(reason))
         except SluiceError as exc:
             timed_out = isinstance(exc, ProviderTimeoutError)
             stream.end(StreamStatus.TIMEOUT if timed_out else StreamStatus.PROVIDER_ERROR, exc)
@@ -203,10 +200,15 @@ class StreamRegistry:
         return checkpoint_of(stream, self.count_text, self.count_prompt)
 
     def tick(self) -> None:
-        """Wake idle readers for keepalives and forget expired ended streams."""
+        """Wake idle readers for keepalives, stop generations that have run past the limit
+        (``SLUICE_MAX_GENERATION_S``, checked on this tick rather than a timer a stream: a
+        held stream costs less), and forget expired ended streams."""
+        now = self._clock()
+        started_by = now - self._settings.max_generation_s
         for stream in self._live.values():
             stream.tick()
-        now = self._clock()
+            if stream.launched_at < started_by:
+                self.cancel(stream, StreamStatus.TIMEOUT)
         while self._ended and next(iter(self._ended.values())).expires_at <= now:
             self._forget_oldest()
 

@@ -141,6 +141,7 @@ class Stream:
         "first_token_at",
         "id",
         "include_usage",
+        "launched_at",
         "model",
         "owner",
         "progress",
@@ -180,6 +181,7 @@ class Stream:
         self._wake = Pulse()
         self.ticks = 0
         self.created_at = time.time()
+        self.launched_at = 0.0  # the registry's clock, when its generation started
         self.first_token_at: float | None = None
         self.ended_at: float | None = None
 

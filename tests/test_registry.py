@@ -103,6 +103,27 @@ async def test_a_stream_whose_id_no_client_has_gets_no_grace() -> None:
     assert stream.status is StreamStatus.CLIENT_GONE
 
 
+async def test_a_generation_past_the_limit_is_stopped_on_the_tick() -> None:
+    """The tick after SLUICE_MAX_GENERATION_S ends the stream as a timeout with
+    ``generation_too_long``; a tick before it leaves the stream running."""
+    now = [1000.0]
+    registry, _ = make_registry(clock=lambda: now[0])
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["a"], asyncio.Event()))
+    limit = StreamSettings().max_generation_s
+    now[0] += limit - 1
+    registry.tick()
+    await asyncio.sleep(0)  # one loop turn: a cancel would be scheduled by now
+    assert stream.running
+    now[0] += 2
+    registry.tick()
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.TIMEOUT
+    assert stream.error is not None
+    assert stream.error.code == "generation_too_long"
+    assert stream.error.status == 504
+
+
 async def test_the_grace_window_expiring_cancels_the_stream() -> None:
     """Nobody back before the window ends: the generation is cancelled as client_gone."""
     registry, _ = make_registry(grace=0.01)

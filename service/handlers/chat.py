@@ -86,7 +86,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     registry = request.app[STREAMS]
     with registry.reading(stream):
         if chat.streaming:
-            return await _respond_streaming(request, stream)
+            await _ready_to_stream(request, stream)
+            waiting = not stream.accepted.is_set()
+            return await stream_sse(request, registry, stream, waiting=waiting)
         await stream.ended.wait()
         if stream.error:
             raise _with_stream_header(stream.error, stream)
@@ -97,10 +99,11 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         )
 
 
-async def _respond_streaming(request: web.Request, stream: Stream) -> web.StreamResponse:
-    """Hold the response until the provider answers, so that a refusal keeps its status;
-    but not for long: a provider that holds its headers must not leave a proxy's idle
-    timer running (see ``_wait_for_answer``)."""
+async def _ready_to_stream(request: web.Request, stream: Stream) -> None:
+    """Hold the response until the provider answers, so that a refusal keeps its status
+    (raised here); but not for long: a provider that holds its headers must not leave a
+    proxy's idle timer running (see ``_wait_for_answer``). Returns before the streaming
+    starts, so that no frame of its own stays for the stream's whole life."""
     await _wait_for_answer(stream, request.app[SETTINGS].streams.keepalive_s)
     if not stream.failed_before_output:
         mirror = request.app[JOURNAL_MIRROR]
@@ -108,9 +111,6 @@ async def _respond_streaming(request: web.Request, stream: Stream) -> web.Stream
             await mirror.registered(stream)
     if stream.failed_before_output:  # nothing has gone out: the status is still ours to give
         raise _with_stream_header(stream.error, stream)
-    return await stream_sse(
-        request, request.app[STREAMS], stream, waiting=not stream.accepted.is_set()
-    )
 
 
 async def _wait_for_answer(stream: Stream, interval: float) -> None:
