@@ -59,6 +59,30 @@ class Latch(_Waiters):
         if not self._set:
             await self._park()
 
+    async def wait_until(self, when: float) -> bool:
+        """``wait``, but no later than ``when`` (loop time); True if set by then. One timer
+        handle, not an ``asyncio.timeout`` (which costs several times as much a wait)."""
+        if self._set:
+            return True
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(future)
+        timer = loop.call_at(when, _resolve, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
+            if not self._set and self._waiters is not None and future in self._waiters:
+                self._waiters.remove(future)
+        return self._set
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
 
 class Pulse(_Waiters):
     """``fire`` wakes the tasks waiting at that moment; ``wait`` always waits for the next."""

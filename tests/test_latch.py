@@ -48,3 +48,22 @@ async def test_pulse_wakes_only_the_tasks_waiting_when_it_fires() -> None:
     assert not later.done()
     pulse.fire()
     await later
+
+
+async def test_a_wait_until_a_time_answers_whether_the_latch_was_set() -> None:
+    """Set before the time: True at once. The time passes first: False, and the latch
+    keeps no future of it. A cancelled one leaves none either."""
+    loop = asyncio.get_running_loop()
+    latch = Latch()
+    assert await latch.wait_until(loop.time() - 1) is False  # already past: one loop turn
+    assert latch._waiters == []
+    cancelled = asyncio.ensure_future(latch.wait_until(loop.time() + 3600))
+    setter = asyncio.ensure_future(latch.wait_until(loop.time() + 3600))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert latch._waiters is not None
+    assert len(latch._waiters) == 1  # the setter's only
+    latch.set()
+    assert await setter is True
+    assert await latch.wait_until(loop.time() - 1) is True

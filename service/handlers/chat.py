@@ -128,12 +128,10 @@ async def _wait_for_answer(stream: Stream, interval: float) -> None:
             due = max(due, attempt + interval * ATTEMPT_SHARE)
         if stream.backing_off:
             due = max(due, loop.time() + interval * ATTEMPT_SHARE)  # look again then
-        try:
-            async with asyncio.timeout_at(due):
-                await stream.accepted.wait()
-        except TimeoutError:
-            if not stream.backing_off and stream.attempt_started_at == attempt:
-                return
+        if await stream.accepted.wait_until(due):
+            return
+        if not stream.backing_off and stream.attempt_started_at == attempt:
+            return
 
 
 async def _parse(request: web.Request) -> ChatRequest:
