@@ -161,13 +161,20 @@ class Gate:
         model = _model_named(source)
         self.ledger.record(_rejection(principal, model, self.clock(), code=code, status=status))
 
-    def worst_cost(self, model: str, prompt_tokens: int, output_tokens: int) -> Decimal:
+    def worst_cost(
+        self, model: str, prompt_tokens: int, output_tokens: int, images: int = 0
+    ) -> Decimal:
         """The most ``model``'s request can cost: priced as the dearest model it may reach,
-        its fallbacks' own fallbacks included (a degraded start follows the fallback's chain)."""
+        its fallbacks' own fallbacks included (a degraded start follows the fallback's chain).
+        ``prompt_tokens`` counts each of its ``images`` at the low-detail floor; here each
+        costs the most an image can on that model (its size is not known before the call)."""
         reachable = [model]
         for tried in reachable:  # grows while it is walked: a breadth-first walk
             reachable += [m for m in self.fallbacks.get(tried, ()) if m not in reachable]
-        return max(self.prices.cost(m, prompt_tokens, output_tokens) for m in reachable)
+        return max(
+            self.prices.cost(m, prompt_tokens + images * _image_extra(m), output_tokens)
+            for m in reachable
+        )
 
     def under_pressure(self, stream: Stream) -> bool:
         """Start ``stream`` on its first fallback: a budget (the key's own limits included)
@@ -220,7 +227,8 @@ class Gate:
         admission = Admission(self, principal, chat, prompt, ceiling, arrived, outcome)
         try:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
-            worst = self.worst_cost(chat.model, prompt, ceiling)
+            images = tokens.count_images(chat.body)
+            worst = self.worst_cost(chat.model, prompt, ceiling, images)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
             await admission.release()
@@ -421,6 +429,10 @@ def _rough_chars(body: Mapping[str, Any]) -> int:
         content = message.get("content") if isinstance(message, dict) else None
         total += len(content) if isinstance(content, str) else 256
     return total + 512 * len(body.get("tools") or ())
+
+
+def _image_extra(model: str) -> int:
+    return tokens.image_max_tokens(model) - tokens.IMAGE_PART_TOKENS
 
 
 def _budget_limits(money: MoneySettings) -> BudgetLimits:

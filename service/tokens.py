@@ -47,6 +47,12 @@ TOKENS_PER_MESSAGE = 3  # <|start|>{role/name}\n{content}<|end|>\n
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 IMAGE_PART_TOKENS = 85  # a low-detail image; a floor for high-detail ones
+# The most one image can cost, in the model's input tokens, at high detail and the largest
+# size OpenAI documents: 85 + 8 tiles x 170 for gpt-4o and the like; patch-priced models
+# (gpt-4.1-nano: 1536 patches x 2.46) cost up to 3779; gpt-4o-mini prices images as
+# 2833 + 8 x 5667 tokens (its tokens are that much cheaper). Budgets reserve with these.
+IMAGE_MAX_TOKENS = 3_779
+IMAGE_MAX_TOKENS_BY_PREFIX = {"gpt-4o-mini": 48_169}
 COUNTS_KEPT = 8192  # prompt texts whose counts are remembered
 
 _ENDOFTEXT = "<|endoftext|>"
@@ -242,6 +248,29 @@ def _part_tokens(encoding: tiktoken.Encoding, part: dict[str, Any]) -> int:
         return IMAGE_PART_TOKENS
     text = part.get("text")
     return _len(encoding, text) if isinstance(text, str) else 0
+
+
+def count_images(body: Mapping[str, Any]) -> int:
+    """How many image parts the request's messages carry."""
+    images = 0
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            images += sum(
+                1
+                for part in content
+                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
+            )
+    return images
+
+
+def image_max_tokens(model: str) -> int:
+    """The most one image can cost ``model``, in input tokens (see ``IMAGE_MAX_TOKENS``)."""
+    base = model.removeprefix("ft:")
+    for prefix, tokens in IMAGE_MAX_TOKENS_BY_PREFIX.items():
+        if base.startswith(prefix):
+            return tokens
+    return IMAGE_MAX_TOKENS
 
 
 def count_tools(encoding: tiktoken.Encoding, functions: Iterable[Any]) -> int:

@@ -209,3 +209,41 @@ def test_the_worst_case_covers_the_fallbacks_of_fallbacks() -> None:
     gate = Gate(LimitSettings(), MoneySettings(), fallbacks=fallbacks)
     assert gate.worst_cost("gpt-4o-mini", 1000, 1000) == gate.prices.cost("gpt-4", 1000, 1000)
     assert gate.worst_cost("gpt-4", 1000, 1000) == gate.prices.cost("gpt-4", 1000, 1000)
+
+
+def test_the_worst_case_prices_each_image_at_its_most() -> None:
+    """The prompt count takes an image at its low-detail floor; the reservation at the most
+    it can cost on the dearest reachable model."""
+    gate = Gate(LimitSettings(), MoneySettings(), fallbacks={"gpt-4o": ("gpt-4o-mini",)})
+    floor = tokens.IMAGE_PART_TOKENS
+    expected = max(
+        gate.prices.cost("gpt-4o", 1000 + 2 * (tokens.IMAGE_MAX_TOKENS - floor), 100),
+        gate.prices.cost("gpt-4o-mini", 1000 + 2 * (48_169 - floor), 100),
+    )
+    assert gate.worst_cost("gpt-4o", 1000, 100, images=2) == expected
+    assert gate.worst_cost("gpt-4o", 1000, 100, images=2) > gate.worst_cost("gpt-4o", 1000, 100)
+
+
+async def test_image_requests_cannot_overspend_a_budget(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A budget that fits three image requests at their most: of ten fired at once,
+    three are admitted, whatever the images turn out to cost."""
+    parts = [{"type": "text", "text": "look [sim chunks=5]"}]
+    parts.append({"type": "image_url", "image_url": {"url": "data:,"}})
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": parts}], "max_tokens": 5}
+    probe = await gateway()
+    gate = probe.app[GATE]
+    worst = gate.worst_cost("gpt-4o", tokens.count_chat("gpt-4o", body), 5, images=1)
+    client = await gateway(with_money(settings, user_daily_usd=float(worst * 3)))
+
+    async def spend() -> int:
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        await response.read()
+        if response.status == 200:
+            await finished(client, response)
+        return response.status
+
+    statuses = await asyncio.gather(*(spend() for _ in range(10)))
+    assert statuses.count(200) == 3
+    assert statuses.count(429) == 7

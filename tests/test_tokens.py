@@ -212,6 +212,26 @@ def test_special_tokens_and_multipart_content_count_as_text() -> None:
     assert as_parts == plain + tokens.IMAGE_PART_TOKENS
 
 
+def test_images_are_counted_and_priced_at_their_most() -> None:
+    """Image parts of either API's shape are counted; the most an image can cost depends on
+    how the model prices images (gpt-4o-mini's tokens are many and cheap)."""
+    image = {"type": "image_url", "image_url": {"url": "data:,"}}
+    body = {
+        "messages": [
+            {"role": "system", "content": "plain"},
+            {"role": "user", "content": [{"type": "text", "text": "two"}, image, image]},
+            {"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]},
+            "not a message",
+        ]
+    }
+    assert tokens.count_images(body) == 3
+    assert tokens.count_images({"messages": [{"role": "user", "content": "none"}]}) == 0
+    assert tokens.image_max_tokens("gpt-4o") == tokens.IMAGE_MAX_TOKENS
+    assert tokens.image_max_tokens("gpt-4o-mini-2024-07-18") == 48_169
+    assert tokens.image_max_tokens("ft:gpt-4o-mini:acme::abc") == 48_169
+    assert tokens.IMAGE_MAX_TOKENS > tokens.IMAGE_PART_TOKENS
+
+
 def test_loading_is_once_per_process_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Threads racing to load an encoding build it once and all get the same object."""
     monkeypatch.setattr(tokens, "_loaded", {})
