@@ -276,15 +276,21 @@ async def _trip(gate: RedisGate) -> None:
         await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))
 
 
-async def test_a_settlement_redis_missed_is_replayed_once_it_answers(redis_url: str) -> None:
-    """The settle finds the breaker open: nothing reaches Redis then, and the hold stays.
-    The next reservation that reaches Redis sends it first: hold released, spend counted."""
+async def _missed_settlement(redis_url: str) -> tuple[RedisGate, RedisBudgets, list[float]]:
+    """A $0.40 hold settled at $0.10 while the breaker was open: Redis has not had that."""
     now, clock = [0.0], Clock()
     gate = await _broken_gate(redis_url, now)
     budgets = RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock)
     hold = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
     await _trip(gate)
     await budgets.settle_async(hold, Decimal("0.10"))
+    return gate, budgets, now
+
+
+async def test_a_settlement_redis_missed_is_replayed_once_it_answers(redis_url: str) -> None:
+    """The settle finds the breaker open: nothing reaches Redis then, and the hold stays.
+    The next reservation that reaches Redis sends it first: hold released, spend counted."""
+    gate, budgets, now = await _missed_settlement(redis_url)
     assert await _budget_state(redis_url) == (400_000, 0)
     now[0] += 6  # the breaker lets a probe through
     await budgets.reserve_async("alice", "acme", Decimal("0.05"))
@@ -332,12 +338,7 @@ async def test_holds_expire_by_redis_clock_not_a_replicas(
 
 async def test_missed_settlements_are_sent_at_shutdown(redis_url: str) -> None:
     """No reservation came after Redis returned: shutdown sends what it missed."""
-    now, clock = [0.0], Clock()
-    gate = await _broken_gate(redis_url, now)
-    budgets = RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock)
-    hold = await budgets.reserve_async("alice", "acme", Decimal("0.40"))
-    await _trip(gate)
-    await budgets.settle_async(hold, Decimal("0.10"))
+    gate, budgets, now = await _missed_settlement(redis_url)
     now[0] += 6
     await budgets.flush()
     assert await _budget_state(redis_url) == (0, 100_000)

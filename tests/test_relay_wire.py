@@ -158,6 +158,15 @@ async def test_keepalive_every_15_s_on_a_controlled_clock(
     await sim_stats.wait_for(lambda s: s.aborted == 1)
 
 
+async def _sent(
+    client: TestClient[web.Request, web.Application], body: dict[str, object], sim: SimStats
+) -> asyncio.Task[aiohttp.ClientResponse]:
+    """POST ``body`` without waiting for the answer; return once the provider has it."""
+    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
+    await sim.wait_for(lambda s: s.requests == 1)
+    return pending
+
+
 async def test_a_provider_holding_its_headers_gets_the_200_out_after_one_interval(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
 ) -> None:
@@ -167,8 +176,7 @@ async def test_a_provider_holding_its_headers_gets_the_200_out_after_one_interva
         with_provider(_quick(settings), first_token_timeout_s=600.0, idle_timeout_s=600.0)
     )
     body = chat_body("[sim header_delay_ms=600000]")
-    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
-    await sim_stats.wait_for(lambda s: s.requests == 1)
+    pending = await _sent(client, body, sim_stats)
     clock.advance(14.0)
     await _settle(client)
     assert not pending.done()
@@ -193,8 +201,7 @@ async def test_a_retry_waiting_out_its_delay_keeps_the_refusals_status(
     custom = with_resilience(_quick(settings), retry_max_attempts=2, retry_budget_s=100.0)
     client = await gateway(custom)
     body = chat_body("[sim fail=429 retry_after=20]")
-    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
-    await sim_stats.wait_for(lambda s: s.requests == 1)
+    pending = await _sent(client, body, sim_stats)
     await _settle(client)
     clock.advance(15.0)
     await _settle(client)
@@ -217,8 +224,7 @@ async def test_after_a_retry_a_provider_holding_its_headers_gets_the_200_out(
         with_provider(_quick(settings), first_token_timeout_s=600.0, idle_timeout_s=600.0)
     )
     body = chat_body("[sim fail=503 retry_after=1 fail_times=1 key=held header_delay_ms=30000]")
-    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
-    await sim_stats.wait_for(lambda s: s.requests == 1)
+    pending = await _sent(client, body, sim_stats)
     await _settle(client)
     clock.advance(1.0)
     await sim_stats.wait_for(lambda s: s.requests == 2)  # the retry, now held by the provider
@@ -240,8 +246,7 @@ async def test_a_client_gone_before_the_headers_is_not_waited_for(
     assert settings.streams.disconnect_grace_s == 10.0
     client = await gateway(with_provider(settings, first_token_timeout_s=600.0))
     body = chat_body("[sim header_delay_ms=600000]")
-    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
-    await sim_stats.wait_for(lambda s: s.requests == 1)
+    pending = await _sent(client, body, sim_stats)
     pending.cancel()
     await sim_stats.wait_for(lambda s: s.aborted == 1)  # the loop clock never moved
 
@@ -324,8 +329,7 @@ async def test_the_first_token_deadline_counts_from_the_request_not_the_headers(
     deadline runs out at 60 s from the request (not at 100 s, 60 s after the headers)."""
     client = await gateway(_quick(settings))
     body = chat_body("[sim header_delay_ms=40000 first_delay_ms=30000]")
-    pending = asyncio.create_task(client.post(URL, json=body, headers=AUTH))
-    await sim_stats.wait_for(lambda s: s.requests == 1)
+    pending = await _sent(client, body, sim_stats)
     await _settle(client)
     clock.advance(15.0)  # the 200 goes out (see above)
     response = await pending
