@@ -614,9 +614,8 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at
 
 
-def test_stream_ids_stay_unique_and_well_formed_across_refills() -> None:
-    """Ids come 256 to a read of ``os.urandom``; past several reads none repeats, and each
-    is ``strm_`` and 22 URL-safe characters (128 bits)."""
+def test_stream_ids_are_unique_and_well_formed() -> None:
+    """No id repeats, and each is ``strm_`` and 22 URL-safe characters (128 random bits)."""
     ids = [new_stream_id() for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"strm_[A-Za-z0-9_-]{22}", i) for i in ids)

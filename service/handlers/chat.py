@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
+import secrets
 
 from aiohttp import web
 
@@ -33,25 +32,8 @@ from ..stream import Owner, Stream
 ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs before the 200
 
 
-class _StreamIds:
-    """Unguessable stream ids (128 random bits) without a system call each: ``os.urandom``
-    is read 4 KiB at a time, and each id takes the next 16 bytes."""
-
-    __slots__ = ("_at", "_pool")
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-
-    def __call__(self) -> str:
-        at = self._at
-        if at + 16 > len(self._pool):
-            self._pool, at = os.urandom(4096), 0
-        self._at = at + 16
-        return "strm_" + base64.urlsafe_b64encode(self._pool[at : at + 16]).rstrip(b"=").decode()
-
-
-new_stream_id = _StreamIds()
+def new_stream_id() -> str:
+    return "strm_" + secrets.token_urlsafe(16)  # 128 random bits: unguessable
 
 
 def start_stream(
