@@ -122,11 +122,12 @@ async def test_chunks_arrive_while_provider_stalls(
 async def test_keepalives_between_chunks_do_not_disturb_the_sdk(
     gateway: GatewayFactory, settings: Settings
 ) -> None:
-    """Keepalive comments every 20 ms while chunks trickle in every 30 ms: the Python SDK
+    """The provider holds its headers 100 ms, so the 200 and a keepalive go out first;
+    then keepalive comments every 20 ms while chunks trickle in every 30 ms: the Python SDK
     (which keeps the last event id, so a blank line alone would be an empty event to it)
     reads every chunk and ends cleanly."""
     client = await gateway(with_streams(_quick_teardown(settings), keepalive_s=0.02))
-    prompt = "slowly [sim chunks=12 delay_ms=30 first_delay_ms=100]"
+    prompt = "slowly [sim chunks=12 delay_ms=30 header_delay_ms=100 first_delay_ms=100]"
     async with _sdk(client) as sdk:
         stream = await sdk.chat.completions.create(
             model="gpt-4o-mini", messages=_messages(prompt), stream=True

@@ -59,6 +59,18 @@ async def test_node_sdk_streams_with_usage(gateway: GatewayFactory) -> None:
     assert result["usage"]["completion_tokens"] == 11
 
 
+async def test_node_sdk_reads_past_keepalives(gateway: GatewayFactory, settings: Settings) -> None:
+    """The provider holds its headers, so the 200 and a keepalive go out before any event,
+    and keepalives come between slow chunks: the Node SDK still gets every word."""
+    streams = replace(settings.streams, keepalive_s=0.02)
+    client = await gateway(replace(settings, streams=streams))
+    prompt = "Patient node [sim chunks=5 delay_ms=50 header_delay_ms=100]"
+    result = await _run_node(str(client.make_url("/v1")), prompt)
+    assert result["error"] is None
+    assert result["text"] == "".join(completion_words(prompt_text(chat_body(prompt)), 5))
+    assert result["finish"] == "stop"
+
+
 async def test_node_sdk_sees_midstream_error(gateway: GatewayFactory, settings: Settings) -> None:
     """A provider reset after the first byte makes the Node SDK throw, after the chunks."""
     quick = replace(settings, streams=replace(settings.streams, disconnect_grace_s=0.0))
