@@ -153,9 +153,12 @@ def approx_prompt_tokens(model: str, body: dict[str, Any]) -> int:
 
 
 def billed_tokens(stream: Stream, checkpoint: Checkpoint) -> tuple[int, int]:
-    """(prompt, completion) tokens as the ledger bills them: a provider failure that
-    produced nothing, not even usage, costs nothing (the telemetry reports the same)."""
-    failed = stream.status in (StreamStatus.PROVIDER_ERROR, StreamStatus.TIMEOUT)
-    if failed and stream.progress.chunks == 0 and not checkpoint.usage_reported:
+    """(prompt, completion) tokens as the ledger bills them (the telemetry reports the
+    same): the provider's usage when it came; else the counted prompt and text when the
+    provider may have worked on the request (it sent something, or had the request in hand
+    when the stream ended); else nothing: it was never asked, or it refused or failed
+    before answering, however the stream then ended (client gone, cancelled, ...)."""
+    billable = checkpoint.usage_reported or stream.progress.chunks or stream.provider_engaged
+    if not billable:
         return 0, 0
     return checkpoint.prompt_tokens, checkpoint.completion_tokens

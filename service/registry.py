@@ -152,7 +152,8 @@ class StreamRegistry:
         except asyncio.CancelledError:
             reason = stream.cancel_reason or StreamStatus.CANCELLED
             if reason is StreamStatus.TIMEOUT:  # ``tick``: it ran past the generation limit
-                stream.end(reason, _too_long(self._settings.max_generation_s))
+                # The gateway stopped it, so it ends (and is billed) as cancelled.
+                stream.end(StreamStatus.CANCELLED, _too_long(self._settings.max_generation_s))
             else:
                 stream.end(*_ended(reason))
         except SluiceError as exc:

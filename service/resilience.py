@@ -31,7 +31,13 @@ from typing import Protocol, TypeVar
 import orjson
 
 from .breaker import Breakers
-from .errors import CircuitOpenError, ProviderError, SluiceError, translate
+from .errors import (
+    CircuitOpenError,
+    ProviderCutOffError,
+    ProviderError,
+    SluiceError,
+    translate,
+)
 from .jsonbytes import dumps_kept
 from .retry import RetryBudget, RetryPolicy, is_retryable
 from .settings import ResilienceSettings, Settings
@@ -58,6 +64,7 @@ class Route(Protocol):
     fallback_reason: str | None
     backing_off: bool  # waiting out a retry's delay (the response may still get a status)
     attempt_started_at: float | None  # loop time the attempt in flight began
+    provider_engaged: bool  # the provider has, or had, the request in hand: it may bill it
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,11 +174,16 @@ class ResilientProvider:
         while True:
             budget.record_attempt()
             route.attempt_started_at = loop.time()
+            route.provider_engaged = True
             try:
                 return await self._attempt(call, body, model)
             except CircuitOpenError:
+                route.provider_engaged = False  # refused here: nothing was sent
                 raise
             except ProviderError as exc:
+                # Refused, or failed before answering: the provider has nothing to bill. An
+                # answer cut off mid-way was answered (and is not retried).
+                route.provider_engaged = isinstance(exc, ProviderCutOffError)
                 delay = budget.delay_before_retry(exc)
                 if delay is None:
                     raise

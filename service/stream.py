@@ -145,6 +145,7 @@ class Stream:
         "model",
         "owner",
         "progress",
+        "provider_engaged",
         "readers",
         "served_model",
         "status",
@@ -163,6 +164,7 @@ class Stream:
         self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
         self.backing_off = False  # a retry is waiting out its delay (see resilience.py)
         self.attempt_started_at: float | None = None  # loop time of the provider attempt
+        self.provider_engaged = False  # the provider has or had it: billable (resilience.py)
         self.announced = False  # a client has been sent the id: it can come back for it
         self.cache_status = "bypass"  # hit, miss or bypass (see cache.py)
         self.cost_usd: float | None = None  # set once the ledger row is made (admission.py)

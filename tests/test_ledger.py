@@ -25,6 +25,7 @@ from service.request import parse_chat_request
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.resilient import Sleeps, start
 
 Client = TestClient[web.Request, web.Application]
 
@@ -470,3 +471,69 @@ async def test_a_client_gone_while_its_body_arrives_leaves_a_cancelled_row(
         await recorded.wait()
     (row,) = await ledger.entries()
     assert (row.status, row.user_id, row.cost_usd) == ("cancelled", "dev", 0.0)
+
+
+async def _row_when_ended(client: Client, stream_id: str) -> LedgerEntry:
+    stream = client.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    (row,) = [r for r in await client.app[GATE].ledger.entries() if r.stream_id == stream_id]
+    return row
+
+
+async def test_wire_a_client_gone_while_the_gateway_waits_to_retry_costs_nothing(
+    aiohttp_client: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider refused (429); the client leaves while the gateway waits to retry: the
+    provider has nothing to bill, so neither does the ledger (client_gone, $0)."""
+    backing_off = asyncio.Event()
+
+    async def held_sleep(self: Sleeps, delay: float) -> None:
+        backing_off.set()
+        await asyncio.Event().wait()  # the retry's delay, never over in this test
+
+    monkeypatch.setattr(Sleeps, "__call__", held_sleep)
+    rig = await start(aiohttp_client, settings)
+    body = chat_body("later [sim fail=429 retry_after=1]", stream=False)
+    pending = asyncio.ensure_future(
+        rig.client.post("/v1/chat/completions", json=body, headers=AUTH)
+    )
+    await backing_off.wait()
+    (stream,) = rig.client.app[STREAMS].live()
+    pending.cancel()
+    row = await _row_when_ended(rig.client, stream.id)
+    assert (row.status, row.prompt_tokens, row.completion_tokens) == ("client_gone", 0, 0)
+    assert row.cost_usd == 0.0
+
+
+async def test_wire_a_client_gone_while_the_provider_works_is_billed_its_prompt(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """The provider has the request and holds its answer; the client leaves: the provider
+    may bill the prompt it read, so the ledger does (never zero)."""
+    client = await gateway()
+    body = chat_body("slow [sim first_delay_ms=60000]", stream=False)
+    pending = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    (stream,) = client.app[STREAMS].live()
+    pending.cancel()
+    row = await _row_when_ended(client, stream.id)
+    assert row.status == "client_gone"
+    assert row.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
+    assert row.cost_usd > 0
+
+
+async def test_wire_an_answer_cut_off_mid_body_is_billed_its_prompt(
+    gateway: GatewayFactory,
+) -> None:
+    """A non-streamed answer cut off half-way was answered (and is not retried): its prompt
+    is billed, the text that never arrived is not."""
+    client = await gateway()
+    body = chat_body("cut [sim chunks=8 reset_after=0]", stream=False)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 502
+    row = await _row_when_ended(client, response.headers["X-Sluice-Stream-Id"])
+    assert (row.status, row.completion_tokens) == ("provider_error", 0)
+    assert row.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
+    assert row.cost_usd > 0

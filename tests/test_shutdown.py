@@ -29,6 +29,7 @@ from service.app import create_app
 from service.appkeys import LIFECYCLE, STREAMS
 from service.checkpoint import Checkpoint, MemoryCheckpointStore
 from service.handlers import health
+from service.resources import drain
 from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Stream
@@ -83,6 +84,24 @@ async def test_shutdown_ends_stalled_streams_with_resume_hints_and_checkpoints(
         assert checkpoint.status == "shutdown"
         assert checkpoint.chunks == 3
     assert readiness == [503, 503]
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["sse", "json"])
+async def test_a_request_shutdown_ends_before_its_answer_is_told_to_retry_elsewhere(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, streaming: bool
+) -> None:
+    """The provider still holds its answer when the drain window ends: nothing has gone
+    out, and there is nothing to resume, so the client gets a 503 with Retry-After."""
+    client = await gateway(with_drain(settings, 0))
+    body = chat_body("held [sim header_delay_ms=600000]", stream=streaming)
+    pending = asyncio.ensure_future(client.post("/v1/chat/completions", json=body, headers=AUTH))
+    await sim_stats.wait_for(lambda s: s.requests == 1)
+    await drain(client.app)
+    response = await pending
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    error = (await response.json())["error"]
+    assert "another replica" in error["message"]
 
 
 async def test_the_drain_window_lets_streams_finish_then_ends_the_rest_at_its_end(

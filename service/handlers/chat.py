@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
-from ..stream import Owner, Stream
+from ..stream import Owner, Stream, StreamStatus
 
 ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs before the 200
 
@@ -73,7 +73,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             return await stream_sse(request, registry, stream, waiting=waiting)
         await stream.ended.wait()
         if stream.error:
-            raise _with_stream_header(stream.error, stream)
+            raise _refusal(stream)
         return web.Response(
             body=stream.events[0][1],
             content_type="application/json",
@@ -92,7 +92,7 @@ async def _ready_to_stream(request: web.Request, stream: Stream) -> None:
         if mirror is not None:  # the id goes out next: every replica must know it
             await mirror.registered(stream)
     if stream.failed_before_output:  # nothing has gone out: the status is still ours to give
-        raise _with_stream_header(stream.error, stream)
+        raise _refusal(stream)
 
 
 async def _wait_for_answer(stream: Stream, interval: float) -> None:
@@ -145,6 +145,17 @@ async def _read_body(request: web.Request) -> bytes:
         raise InvalidRequestError(
             "The request body could not be decoded.", headers={"Connection": "close"}
         ) from None
+
+
+def _refusal(stream: Stream) -> SluiceError:
+    """The error a stream that ended before any output answers its request with. Ended by
+    shutdown before anything went out, there is nothing to resume: try another replica."""
+    if stream.status is StreamStatus.SHUTDOWN:
+        return ServiceUnavailableError(
+            "The gateway is shutting down; retry on another replica.",
+            headers={"Retry-After": "1"},
+        )
+    return _with_stream_header(stream.error, stream)
 
 
 def _with_stream_header(error: SluiceError | None, stream: Stream) -> SluiceError:
