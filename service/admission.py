@@ -37,7 +37,7 @@ from aiohttp import web
 from . import tokens
 from .auth import Principal
 from .budgets import BudgetLimits, Budgets, Hold
-from .checkpoint import Checkpoint, billed_tokens
+from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
 from .errors import RateLimitError, SluiceError
 from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
@@ -327,8 +327,9 @@ def ledger_entry(
     prompt, completion = billed_tokens(stream, checkpoint)
     cached = 0
     if checkpoint.usage_reported:
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0)
+        details = usage.get("prompt_tokens_details")
+        found = details.get("cached_tokens") if isinstance(details, dict) else None
+        cached = found if is_count(found) else 0
     served = stream.served_model or stream.model
     cost = Decimal(0) if stream.cache_hit else prices.cost(served, prompt, completion, cached)
     error = checkpoint.error or {}

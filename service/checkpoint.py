@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from .stream import Stream, StreamStatus
 
@@ -57,12 +57,13 @@ def checkpoint_of(
 ) -> Checkpoint:
     """Summarise ``stream`` as it stands; counts tokens when the provider did not."""
     progress = stream.progress
-    usage = progress.usage or {}
-    reported = "completion_tokens" in usage
-    prompt = usage.get("prompt_tokens") if reported else count_prompt(stream.model, stream.body)
-    completion = (
-        usage.get("completion_tokens") if reported else _generated_tokens(stream, count_text)
-    )
+    counts = usage_counts(progress.usage)
+    reported = counts is not None
+    if counts is not None:
+        prompt, completion = counts
+    else:  # no usage, or none we can trust: count what was sent and generated
+        prompt = count_prompt(stream.model, stream.body)
+        completion = _generated_tokens(stream, count_text)
     return Checkpoint(
         stream_id=stream.id,
         user_id=stream.owner.user_id,
@@ -76,14 +77,29 @@ def checkpoint_of(
         finish_reason=progress.finish_reason,
         chunks=progress.chunks,
         last_seq=stream.last_seq,
-        prompt_tokens=int(prompt or 0),
-        completion_tokens=int(completion or 0),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
         usage_reported=reported,
         error=stream.error.payload()["error"] if stream.error else None,
         created_at=stream.created_at,
         first_token_at=stream.first_token_at,
         ended_at=stream.ended_at,
     )
+
+
+def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from a provider's usage, if it has both as counts."""
+    if not usage:
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if is_count(prompt) and is_count(completion):
+        return prompt, completion
+    return None
+
+
+def is_count(value: object) -> TypeGuard[int]:
+    """A non-negative integer (not a bool, a float or a string)."""
+    return type(value) is int and value >= 0
 
 
 def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:

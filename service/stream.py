@@ -70,7 +70,7 @@ class Progress:
             self.response_id = chunk.get("id")
             self.response_model = chunk.get("model")
         usage = chunk.get("usage")
-        if usage:
+        if usage and type(usage) is dict:  # a provider's odd usage is not ours to trust
             self.usage = usage
         choices = chunk.get("choices")
         if not choices:
@@ -102,7 +102,8 @@ class Progress:
         """Fold a whole non-streamed completion in."""
         self.response_id = body.get("id")
         self.response_model = body.get("model")
-        self.usage = body.get("usage") or None
+        usage = body.get("usage")
+        self.usage = usage if usage and type(usage) is dict else None
         for choice in body.get("choices") or ():
             message = choice.get("message") or {}
             if choice.get("index", 0) != 0:

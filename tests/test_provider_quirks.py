@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from service.appkeys import GATE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.wire import sse_data
@@ -174,3 +175,45 @@ async def test_a_malformed_model_list_is_a_502(
     response = await client.get("/v1/models", headers=AUTH)
     assert response.status == 502
     assert (await response.json())["error"]["code"] == "provider_protocol_error"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [  # odd shapes of what OpenAI sends as {"prompt_tokens": n, "completion_tokens": m, ...}
+        {"prompt_tokens": "12", "completion_tokens": 2},
+        {"completion_tokens": 2},
+        {"prompt_tokens": 5, "completion_tokens": -1},
+        {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": "none"},
+        {
+            "prompt_tokens": 5,
+            "completion_tokens": 2,
+            "prompt_tokens_details": {"cached_tokens": "x"},
+        },
+        7,
+        ["odd"],
+    ],
+    ids=["string", "no-prompt", "negative", "details-text", "cached-text", "number", "list"],
+)
+async def test_odd_usage_never_loses_the_ledger_row(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, usage: object
+) -> None:
+    """Usage that is not two counts is not trusted: the request still gets its one row,
+    billed from what was counted (or from the counts it did have), never a crash."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        last = _event({**CHUNK, "choices": [], "usage": usage})
+        return await _stream(request, _delta("a"), _delta(" b", "stop"), last, b"data: [DONE]\n\n")
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("hi"), headers=AUTH)
+    assert sse_data(await response.text())[-1] == "[DONE]"
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    (row,) = await client.app[GATE].ledger.entries()
+    assert row.status == "completed"
+    assert row.prompt_tokens > 0
+    assert row.completion_tokens >= 2
+    assert row.cached_tokens == 0
+    assert row.cost_usd > 0
