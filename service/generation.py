@@ -33,6 +33,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         raw = await upstream.complete(body, route=stream)
         completion = _parse(raw)
         if "error" in completion and "choices" not in completion:  # a 200 that is an error
+            stream.provider_engaged = False  # a refusal after all: nothing to bill
             raise relayed_error(completion["error"], upstream, "The provider answered an error.")
         stream.accepted.set()
         try:

@@ -33,7 +33,6 @@ import functools
 import logging
 import math
 import secrets
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from decimal import Decimal
@@ -167,7 +166,7 @@ class RedisBudgets(Budgets):
         self._settle = client.register_script(_SETTLE)
         # Settlements Redis has not had (it was unavailable), oldest first: replayed in one
         # pipeline before the next reservation that reaches it.
-        self._unsent: deque[tuple[list[str], list[Any]]] = deque(maxlen=MAX_UNSENT)
+        self._unsent: list[tuple[list[str], list[Any]]] = []
 
     async def reserve_async(
         self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
@@ -236,9 +235,14 @@ class RedisBudgets(Budgets):
             self._keep_unsent(keys, args)
 
     def _keep_unsent(self, keys: list[str], args: list[Any]) -> None:
-        if len(self._unsent) == self._unsent.maxlen:
-            log.warning("budgets: %d settlements wait for redis; the oldest is dropped", MAX_UNSENT)
         self._unsent.append((keys, args))
+        self._bound_unsent()
+
+    def _bound_unsent(self) -> None:
+        excess = len(self._unsent) - MAX_UNSENT
+        if excess > 0:
+            log.warning("budgets: %d settlements wait for redis; the oldest are dropped", excess)
+            del self._unsent[:excess]
 
     async def flush(self) -> None:
         """At shutdown: try once more to send the settlements Redis missed."""
@@ -248,8 +252,11 @@ class RedisBudgets(Budgets):
                 log.warning("budgets: %d settlements never reached redis", len(self._unsent))
 
     async def _replay(self) -> None:
-        """Send the settlements Redis missed, in one pipeline; keep them if it fails."""
-        batch = list(self._unsent)
+        """Send the settlements Redis missed, in one pipeline; keep them if it fails. The
+        batch is taken whole first, so concurrent callers never send one twice."""
+        batch, self._unsent = self._unsent, []
+        if not batch:
+            return
 
         async def send(client: Redis) -> list[Any]:
             pipe = client.pipeline(transaction=False)
@@ -261,9 +268,9 @@ class RedisBudgets(Budgets):
         try:
             replies = await self._gate.run(send)
         except RedisUnavailable:
+            self._unsent[:0] = batch  # before what came meanwhile: the oldest first
+            self._bound_unsent()
             return
-        for _ in batch:
-            self._unsent.popleft()
         failed = sum(isinstance(reply, Exception) for reply in replies)
         if failed:
             log.warning("budgets: %d replayed settlements failed in redis", failed)

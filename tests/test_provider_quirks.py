@@ -122,6 +122,8 @@ async def test_a_200_that_is_an_error_is_a_502_with_the_providers_message(
     assert (await response.json())["error"]["message"] == "model overloaded"
     again = await client.post(URL, json=body, headers=AUTH)
     assert again.headers["X-Sluice-Cache"] != "hit"  # nothing of it was cached
+    for row in await client.app[GATE].ledger.entries():  # a refusal: nothing to bill
+        assert (row.status, row.prompt_tokens, row.cost_usd) == ("provider_error", 0, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -343,3 +343,16 @@ async def test_missed_settlements_are_sent_at_shutdown(redis_url: str) -> None:
     await budgets.flush()
     assert await _budget_state(redis_url) == (0, 100_000)
     await gate.client.aclose()
+
+
+async def test_concurrent_reservations_replay_a_missed_settlement_once(redis_url: str) -> None:
+    """Two reservations at once after Redis returns: one sends the missed settlement, the
+    other finds nothing left to send; its spend counts once."""
+    gate, budgets, now = await _missed_settlement(redis_url)
+    now[0] += 6
+    await gate.run(lambda r: r.ping())  # the breaker's probe: closed again
+    await asyncio.gather(
+        *(budgets.reserve_async("alice", "acme", Decimal("0.05")) for _ in range(2))
+    )
+    assert await _budget_state(redis_url) == (100_000, 100_000)
+    await gate.client.aclose()
