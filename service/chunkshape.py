@@ -14,8 +14,9 @@ differs from the learnt one only in those two strings. Learning proves that the 
 the members the parser reads as the text and the padding (``_probed``), not merely bytes
 that look so. Anything
 else (the role chunk, tool calls, the finish and usage chunks, an error, a malformed chunk)
-misses and takes the full parse. A provider whose chunks never repeat a shape stops being
-tried after a few misses, so it pays almost nothing for the attempt.
+misses and takes the full parse. A provider whose text chunks do not keep a shape for long
+stops being tried (a credit, see ``START_CREDIT``), so the attempt never costs more than a
+few learnings.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import orjson
 _CONTENT = b'"content":'
 _OBFUSCATION = b',"obfuscation":'  # OpenAI's padding, last in its chunks
 _WHITESPACE = b" \t\r\n"
-MAX_MISSES = 4  # text chunks parsed in full in a row, none taken between, before giving up
+# Learning pays when a shape, once learnt, takes the next few chunks: a text chunk parsed
+# in full (and learnt from) costs a credit, a chunk taken earns a third of one back. Out
+# of credit, the stream stops trying: the fast path must never cost more than it saves.
+START_CREDIT = 4.0
+HIT_CREDIT = 1 / 3
+MAX_CREDIT = 8.0
 _PROBE = "sluiceprobe7"  # letters and digits: fit for either slot
 _PROBE_TEXT = orjson.dumps(_PROBE)
 _PROBE_PADDING = _PROBE.encode()
@@ -36,14 +42,14 @@ _PROBE_PADDING = _PROBE.encode()
 class ChunkShape:
     """One stream's learnt chunk shape; see the module docstring for why it is exact."""
 
-    __slots__ = ("_end", "_middle", "_misses", "_padded", "_prefix")
+    __slots__ = ("_credit", "_end", "_middle", "_padded", "_prefix")
 
     def __init__(self) -> None:
         self._prefix = b""  # up to the content string; empty: nothing learnt
         self._padded = False  # an ``obfuscation`` string ends the chunk
         self._middle = b""  # padded: from the content string to the padding's letters
         self._end = b""  # after the content string, or after the padding's letters
-        self._misses = 0
+        self._credit = START_CREDIT
 
     def text_of(self, raw: bytes) -> str | None:
         """The chunk's ``delta.content`` if ``raw`` has the learnt shape, else None."""
@@ -62,21 +68,21 @@ class ChunkShape:
             return None
         if type(text) is not str:
             return None
-        self._misses = 0
+        self._credit = min(self._credit + HIT_CREDIT, MAX_CREDIT)
         return text
 
     def learn(self, raw: bytes, chunk: dict[str, Any]) -> None:
         """Take ``raw``, which parsed as ``chunk``, as the shape if it is a plain text chunk.
 
-        Only text chunks count towards giving up: a stream may open with any number of
-        others (a role chunk, reasoning, tool calls) before its text."""
-        if self._misses > MAX_MISSES:
+        Only text chunks cost credit: a stream may open with any number of others (a role
+        chunk, reasoning, tool calls) before its text."""
+        if self._credit < 0:
             return  # given up
         content = _plain_text(chunk)
         if content is None:
             return  # keep the shape: it may fit the chunks after this one
-        self._misses += 1
-        if self._misses > MAX_MISSES:
+        self._credit -= 1
+        if self._credit < 0:
             self._prefix = b""  # give up: ``text_of`` returns at its first test from now on
             return
         if raw.count(_CONTENT) != 1:

@@ -16,6 +16,8 @@ import contextlib
 
 from aiohttp import web
 
+from .errors import ServiceUnavailableError
+from .jsonbytes import dumps_kept
 from .registry import StreamRegistry
 from .sse import KEEPALIVE, encode_events, encode_retry
 from .stream import Stream, StreamStatus
@@ -25,6 +27,9 @@ MODEL_HEADER = "X-Sluice-Model"  # the model that served (or was last tried)
 FALLBACK_HEADER = "X-Sluice-Fallback-Reason"  # breaker_open, retries_exhausted, budget_pressure
 CACHE_HEADER = "X-Sluice-Cache"  # hit, miss or bypass
 RESUME_RETRY_MS = 1000
+SEND_AGAIN = b"data: %b\n\n" % dumps_kept(
+    ServiceUnavailableError("The gateway is shutting down; send the request again.").payload()
+)
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -61,7 +66,9 @@ async def stream_sse(
             else:
                 tail = data
         if stream.status is StreamStatus.SHUTDOWN:
-            tail += encode_retry(RESUME_RETRY_MS)
+            # With nothing generated there is nothing to resume: the request must be sent
+            # again (an error event with no id: no Last-Event-ID comes of it).
+            tail += encode_retry(RESUME_RETRY_MS) if stream.last_seq else SEND_AGAIN
         await response.write_eof(tail)
     return response
 

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.chunkshape import MAX_MISSES, ChunkShape
+from service.chunkshape import START_CREDIT, ChunkShape
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 TEXTS = ["plain", "", 'say "hi"', "back\\slash\\", "line\nbreak\t", "é中🤖", "\u2028", '\\"']
@@ -150,25 +150,44 @@ def test_chunks_without_text_do_not_count_towards_giving_up() -> None:
     """Reasoning or tool-call chunks before the text, however many, leave the fast path
     to the text that follows."""
     shape = ChunkShape()
-    for _ in range(3 * MAX_MISSES):
+    for _ in range(3 * int(START_CREDIT) + 3):
         value = {**BASE, "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]}
         shape.learn(orjson.dumps(value), value)
     shape.learn(orjson.dumps(chunk("first")), chunk("first"))
     assert shape.text_of(orjson.dumps(chunk("next"))) == "next"
 
 
+def _relayed(shape: ChunkShape, values: list[dict[str, Any]]) -> list[bool]:
+    """Feed chunks as the relay does; True for each the fast path took."""
+    taken = []
+    for value in values:
+        raw = orjson.dumps(value)
+        text = shape.text_of(raw)
+        if text is None:
+            shape.learn(raw, orjson.loads(raw))
+        taken.append(text is not None)
+    return taken
+
+
 def test_the_fast_path_gives_up_on_a_provider_whose_chunks_never_repeat() -> None:
-    """A shape learnt and never used counts as a miss; after MAX_MISSES in a row the shape
-    is dropped, and a hit in between starts the count again."""
+    """Every text chunk with a shape of its own: each is learnt in vain, and after a few
+    the stream stops trying (a chunk that would have fitted is not even looked at)."""
     shape = ChunkShape()
-    for i in range(MAX_MISSES):
-        value = chunk("a", created=i)
-        shape.learn(orjson.dumps(value), value)
-    assert shape.text_of(orjson.dumps(chunk("b", created=MAX_MISSES - 1))) == "b"  # a hit
-    for i in range(MAX_MISSES + 1):
-        value = chunk("a", created=100 + i)
-        shape.learn(orjson.dumps(value), value)
-    assert shape.text_of(orjson.dumps(chunk("b", created=100 + MAX_MISSES))) is None
+    taken = _relayed(shape, [chunk("a", created=i) for i in range(int(START_CREDIT) + 1)])
+    assert not any(taken)
+    assert shape.text_of(orjson.dumps(chunk("b", created=int(START_CREDIT)))) is None
+
+
+def test_a_shape_that_keeps_changing_is_given_up_but_one_that_holds_is_not() -> None:
+    """A shape that changes every third chunk costs more learning than it saves: given up
+    within a few dozen chunks. A shape that holds keeps the fast path for good, however
+    long the stream, with the odd different chunk (a content filter's note) in between."""
+    changing = [chunk("w", created=i // 3) for i in range(60)]
+    taken = _relayed(ChunkShape(), changing)
+    assert not any(taken[-20:])
+    holding = [chunk("w", refusal=None) if i % 25 == 24 else chunk("w") for i in range(500)]
+    taken = _relayed(ChunkShape(), holding)
+    assert sum(taken[-100:]) == 92  # all but the four odd ones and the one after each
 
 
 def test_random_texts_agree_with_the_full_parse() -> None:

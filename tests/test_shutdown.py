@@ -104,6 +104,26 @@ async def test_a_request_shutdown_ends_before_its_answer_is_told_to_retry_elsewh
     assert "another replica" in error["message"]
 
 
+async def test_a_stream_shutdown_ends_after_its_200_but_before_any_event_says_send_again(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The 200 and a keepalive went out while the provider held its answer; then shutdown:
+    there is nothing to resume, so the stream ends with an error event (no id, no retry
+    hint), which the SDKs raise."""
+    custom = with_streams(with_drain(settings, 0), keepalive_s=0.05)
+    client = await gateway(custom)
+    body = chat_body("held [sim header_delay_ms=600000]")
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 200
+    assert await response.content.readuntil(b"\n") == b": keepalive\n"
+    await drain(client.app)
+    rest = await response.content.read()
+    assert b"retry:" not in rest
+    assert b"id:" not in rest
+    (payload,) = [line[6:] for line in rest.split(b"\n") if line.startswith(b"data: ")]
+    assert "send the request again" in orjson.loads(payload)["error"]["message"]
+
+
 async def test_the_drain_window_lets_streams_finish_then_ends_the_rest_at_its_end(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats, loop_clock: LoopClock
 ) -> None:
