@@ -320,7 +320,8 @@ def ledger_entry(
 ) -> LedgerEntry:
     """The row for an ended stream: the provider's usage if it came, else counted tokens.
 
-    A provider failure that produced nothing costs nothing; a cache hit has no provider cost.
+    What is billed is ``billed_tokens``'s (nothing when the provider never worked on the
+    request); a cache hit has no provider cost.
     """
     progress = stream.progress
     usage = progress.usage or {}

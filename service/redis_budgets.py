@@ -49,8 +49,9 @@ MONTH_TTL_S = 40 * 86_400
 log = logging.getLogger(__name__)
 MAX_UNSENT = 10_000  # settlements kept for Redis while it is unavailable
 # How long a reservation holds its budget without being settled: longer than any request
-# runs (the completion deadline is 10 minutes), short enough that a reservation orphaned by
-# a replica that died mid-request, or by a reply lost to a timeout, is back within the hour.
+# runs (``SLUICE_MAX_GENERATION_S``, at most 50 minutes), short enough that a reservation
+# orphaned by a replica that died mid-request, or by a reply lost to a timeout, is back
+# within the hour.
 HOLD_TTL_S = 3_600
 
 # KEYS: the budget hashes, then each one's holds (a sorted set: hold id by expiry, ms).

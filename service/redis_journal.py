@@ -60,7 +60,7 @@ CANCEL_WAIT_S = 10.0
 MIRROR_INTERVAL_S = 0.02
 HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
 
-Event = tuple[int, int, bytes]  # (seq, kind, data), as ``Stream.follow`` yields them
+Event = tuple[int, int, bytes]  # (seq, kind, data): one journal event with its number
 
 
 def journal_key(stream_id: str) -> str:

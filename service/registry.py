@@ -1,8 +1,9 @@
 """The live and recently ended streams of this process, and the tasks that generate them.
 
 The registry owns every generation task, so a generation outlives the request that started
-it: when the last reader detaches, a grace timer starts; if nobody re-attaches before it
-fires, the task is cancelled and the provider connection closed. When a task ends, for any
+it: when the last reader of a stream whose id a client has been sent detaches, a grace
+timer starts; if nobody re-attaches before it fires (or at once, when no client has the
+id), the task is cancelled and the provider connection closed. When a task ends, for any
 reason, its checkpoint is written and the finish hooks run, inside the task the app awaits
 on shutdown, never in a request handler that a disconnect could cancel.
 """

@@ -14,7 +14,8 @@ For a request the provider tries its model's tier, then each configured fallback
     last: a cached answer         (``serving.py``, when every model tier failed)
 
 The route (the ``Stream``) records which model served and why, for the response headers
-``X-Sluice-Model`` and ``X-Sluice-Fallback-Reason`` and for the ledger.
+``X-Sluice-Model`` and ``X-Sluice-Fallback-Reason`` (as known when they go out: a stream's
+may leave before the provider answered) and for the ledger.
 """
 
 from __future__ import annotations
