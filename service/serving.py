@@ -4,8 +4,9 @@ when every model tier failed before answering, the cache again as the last tier.
 ``Responder.answer`` is the work the registry runs for a stream. It decides the cache
 status (``stream.cache_status``) before the stream is accepted, so the handler can put it
 in the response headers (but for a stream whose 200 went out while the provider held its
-answer, see ``handlers/chat.py``: a cache replay after that is in the body and the ledger); a hit replays the entry into the journal exactly as a generation
-would have written it, so relaying, resuming, checkpoints and finish hooks (the ledger:
+answer, see ``handlers/chat.py``: a cache replay after that is in the body and the
+ledger); a hit replays the entry into the journal exactly as a generation would have
+written it, so relaying, resuming, checkpoints and finish hooks (the ledger:
 ``stream.cache_hit`` means no provider cost) see no difference. Completed misses are stored
 by ``fill``, a finish hook, after the client already has its ``[DONE]``. An entry made
 by a stream answers a JSON request and the reverse (``assemble.py``); the usage chunk is
