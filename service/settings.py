@@ -33,6 +33,9 @@ DEFAULT_MAX_GENERATION_S = 1800.0
 # Redis budget hold and stream slot it takes (an hour: redis_budgets.HOLD_TTL_S,
 # redis_limits.STREAM_LEASE_S) outlast it: they expire on their own only when orphaned.
 MAX_GENERATION_CAP_S = 3000.0
+# The generation limit is checked on the keepalive tick, so a generation may run a tick
+# past it; and a keepalive further apart than this keeps no proxy's idle timer alive.
+MAX_KEEPALIVE_S = 300.0
 DEFAULT_DRAIN_S = 25.0
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_DEV_KEY = "sluice-dev-key"
@@ -266,7 +269,9 @@ class Settings:
             ),
             provider=provider,
             streams=StreamSettings(
-                keepalive_s=reader.number("SLUICE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, low=0.01),
+                keepalive_s=reader.number(
+                    "SLUICE_KEEPALIVE_S", DEFAULT_KEEPALIVE_S, low=0.01, high=MAX_KEEPALIVE_S
+                ),
                 disconnect_grace_s=reader.number(
                     "SLUICE_DISCONNECT_GRACE_S", DEFAULT_DISCONNECT_GRACE_S
                 ),

@@ -12,7 +12,13 @@ import pytest
 from service import settings as config
 from service.redis_budgets import HOLD_TTL_S
 from service.redis_limits import STREAM_LEASE_S
-from service.settings import MAX_GENERATION_CAP_S, ConfigError, Secret, Settings
+from service.settings import (
+    MAX_GENERATION_CAP_S,
+    MAX_KEEPALIVE_S,
+    ConfigError,
+    Secret,
+    Settings,
+)
 
 
 def test_defaults_from_an_empty_environment() -> None:
@@ -82,8 +88,8 @@ def test_each_variable_is_read(name: str, value: str, read: object) -> None:
 def test_a_generation_never_outlives_what_it_holds_in_redis() -> None:
     """The longest generation allowed ends well before its budget hold and stream slot in
     Redis expire on their own (they do only for requests nobody will finish)."""
-    margin_s = 300
-    assert MAX_GENERATION_CAP_S + margin_s < min(HOLD_TTL_S, STREAM_LEASE_S)
+    margin_s = 300  # the checkpoint write and the settlement after a generation ends
+    assert MAX_GENERATION_CAP_S + MAX_KEEPALIVE_S + margin_s <= min(HOLD_TTL_S, STREAM_LEASE_S)
     assert Settings.from_env({}).streams.max_generation_s <= MAX_GENERATION_CAP_S
 
 
@@ -108,6 +114,7 @@ def test_blank_values_count_as_unset() -> None:
         ("SLUICE_IDLE_TIMEOUT_S", "-3"),
         ("SLUICE_KEEPALIVE_S", "0"),
         ("SLUICE_KEEPALIVE_S", "nan"),
+        ("SLUICE_KEEPALIVE_S", "301"),
         ("SLUICE_DRAIN_S", "x"),
         ("SLUICE_DRAIN_S", "inf"),
         ("SLUICE_MAX_GENERATION_S", "3601"),
