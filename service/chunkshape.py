@@ -68,7 +68,8 @@ class ChunkShape:
             return None
         if type(text) is not str:
             return None
-        self._credit = min(self._credit + HIT_CREDIT, MAX_CREDIT)
+        if self._credit < MAX_CREDIT:  # (a compare a chunk: at the cap, nothing more)
+            self._credit += HIT_CREDIT
         return text
 
     def learn(self, raw: bytes, chunk: dict[str, Any]) -> None:
