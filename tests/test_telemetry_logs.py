@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -264,3 +265,29 @@ def test_a_batch_record_is_written_one_line_per_request() -> None:
         "1970-01-01T00:00:01.250Z INFO sluice.access GET /b 404 x",
     ]
     assert logging.Formatter("%(message)s").format(record) == "2 access lines"
+
+
+async def test_malformed_http_is_one_warning_line_not_a_traceback(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """Garbage on the port (a bad request line, a header with no colon carrying a key) is
+    the client's mistake: one WARNING line saying what was wrong, no stack trace, and the
+    bytes it sent (a key among them) never reach the log."""
+    buffer, settings = captured
+    client = await gateway(settings)
+    assert client.server.port is not None
+    for raw in (
+        b"GARBAGE / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization Bearer sk-client-oops-12345\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(raw)
+        assert (await reader.read()).startswith(b"HTTP/1.0 400")  # then the server closes
+        writer.close()
+    output = buffer.getvalue()
+    assert "Traceback" not in output
+    assert "sk-client-oops" not in output
+    server = [line for line in lines(buffer) if line["logger"] == "aiohttp.server"]
+    assert server  # (aiohttp logs a first request's bad method at debug level only)
+    assert {line["level"] for line in server} == {"WARNING"}
+    assert "Invalid header token" in server[-1]["message"]

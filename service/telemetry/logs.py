@@ -18,6 +18,7 @@ import time
 from typing import Any, TextIO
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..settings import TelemetrySettings
 from .redaction import Redactor
@@ -112,9 +113,23 @@ def configure_logging(
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter_for(settings, redactor))
+    handler.addFilter(_quiet_bad_http)
     root.addHandler(handler)
     root.setLevel(settings.log_level)
     return handler
+
+
+def _quiet_bad_http(record: logging.LogRecord) -> bool:
+    """aiohttp logs a client's malformed HTTP (a bad request line or header) as an ERROR
+    with a traceback: the client's mistake, not ours, and a flood of stack traces for
+    anyone sending garbage. One WARNING line instead, naming what was wrong."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and record.name == "aiohttp.server":
+        reason = str(exc.message).splitlines()[0] if exc.message else type(exc).__name__
+        record.msg, record.args = "%s: %s", (record.getMessage(), reason)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _iso(created: float) -> str:
