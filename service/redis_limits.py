@@ -36,6 +36,7 @@ from .limits import PERIOD_S, Denial, Grant, MemoryLimiter, Quota, Tier, stream_
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 
 STREAM_LEASE_S = 3600  # longer than any stream runs; how long an orphaned slot counts
+MAX_UNFREED = 10_000  # slot releases kept for Redis while it is unavailable
 
 # Redis's own clock unless the caller gives one (ARGV[1], '' = TIME): one for every replica.
 _NOW = """
@@ -131,6 +132,9 @@ class RedisLimiter:
         client: Redis = gate.client
         self._admit = client.register_script(_ADMIT)
         self._finish = client.register_script(_FINISH)
+        # Slots whose release Redis missed (it was unavailable): freed before the next
+        # admission that reaches it, not left to count against their user for the hour.
+        self._unfreed: list[tuple[str, str]] = []  # (user, slot)
 
     def _now(self) -> str:
         return "" if self.clock is None else repr(self.clock())
@@ -144,6 +148,8 @@ class RedisLimiter:
         buckets = _buckets(tiers, tokens)
         if cap <= 0 and not buckets:
             return local  # nothing shared to take
+        if self._unfreed:
+            await self.free_missed()
         keys = [streams_key(user)]
         keys += [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
         slot = secrets.token_hex(8)
@@ -208,8 +214,30 @@ class RedisLimiter:
         args += [value for tier in limited for value in (tier.tpm, delta)]
         try:
             await self._gate.evalsha(self._finish, keys, args)
-        except RedisUnavailable:  # the slot's expiry and the bucket's leak bound the error
+        except RedisUnavailable:  # the bucket's leak bounds the tokens' error
             self._gate.fallback("settlement and stream close")
+            if grant.slot is not None:
+                self._unfreed.append((grant.user or "", grant.slot))
+                del self._unfreed[:-MAX_UNFREED]
+
+    async def free_missed(self) -> None:
+        """Free the slots whose release Redis missed, in one pipeline (the list is taken
+        whole first, so concurrent callers never send one twice); keep them if it fails."""
+        batch, self._unfreed = self._unfreed, []
+        if not batch:
+            return
+
+        async def send(client: Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            for user, slot in batch:
+                pipe.zrem(streams_key(user), slot)
+            await pipe.execute(raise_on_error=False)
+
+        try:
+            await self._gate.run(send)
+        except RedisUnavailable:
+            self._unfreed[:0] = batch
+            del self._unfreed[:-MAX_UNFREED]
 
     def streams_of(self, user: str) -> int:
         return self.local.streams_of(user)

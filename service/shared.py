@@ -72,8 +72,9 @@ def install_shared_state(app: web.Application) -> None:
     registry = app[STREAMS]
     registry.store = SharedCheckpointStore(gate, registry.store)
     admission = app[GATE]
-    if isinstance(admission.limiter, MemoryLimiter):
-        admission.limiter = RedisLimiter(gate, admission.limiter)
+    limiter = admission.limiter
+    if isinstance(limiter, MemoryLimiter):
+        limiter = admission.limiter = RedisLimiter(gate, limiter)
     budgets = admission.budgets = RedisBudgets(
         gate,
         admission.budgets.limits,
@@ -118,6 +119,8 @@ def install_shared_state(app: web.Application) -> None:
         await mirror.close()
         await gate.undone()
         await budgets.flush()  # settlements Redis missed, if it answers now
+        if isinstance(limiter, RedisLimiter):
+            await limiter.free_missed()  # and the stream slots it missed
         await follower.aclose()
         await gate.client.aclose()
 

@@ -17,7 +17,7 @@ from service.errors import ServiceUnavailableError
 from service.limits import STREAM_CAP, Denial, Grant, MemoryLimiter, Tier
 from service.redis_checkpoints import checkpoint_key
 from service.redis_limits import STREAM_LEASE_S, RedisLimiter, streams_key
-from service.redisgate import RedisGate
+from service.redisgate import RedisGate, RedisUnavailable
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.servers import RedisServer, cancelled_in_flight, with_redis
@@ -389,3 +389,28 @@ async def test_round_trips_of_one_non_streamed_request(
         assert stored is not None  # by the time the finish hooks are done
     finally:
         await redis.aclose()
+
+
+async def test_a_slot_whose_release_redis_missed_is_freed_before_the_next_admission(
+    redis_url: str,
+) -> None:
+    """The stream ends while the Redis breaker is open: its slot's release is kept, and
+    sent before the next admission that reaches Redis, so the user is not held to a full
+    cap for the slot's hour."""
+    now = [0.0]
+    client = Redis.from_url(redis_url)
+    gate = RedisGate(
+        client, failure="open", timeout_s=1.0, fail_max=1, reset_s=5, clock=lambda: now[0]
+    )
+    limiter = RedisLimiter(gate, MemoryLimiter(), clock=lambda: 1_000_000.0)
+    tiers = (Tier("user", "alice", rpm=0, tpm=0),)
+    held = await limiter.admit("alice", 1, tiers, 1)
+    assert isinstance(held, Grant)
+    with pytest.raises(RedisUnavailable):
+        await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))  # the breaker opens
+    await limiter.finish(held, 1)
+    assert await client.zcard(streams_key("alice")) == 1  # Redis never heard of the end
+    now[0] += 6  # the breaker lets a probe through
+    assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
+    assert await client.zcard(streams_key("alice")) == 1  # the new stream's slot alone
+    await client.aclose()
