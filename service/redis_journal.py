@@ -60,6 +60,7 @@ CANCEL_WAIT_S = 10.0
 MIRROR_INTERVAL_S = 0.02
 HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
 
+UNREADABLE = "unreadable"  # ``follow``: Redis failed mid-read; the stream may go on
 Event = tuple[int, int, bytes]  # (seq, kind, data): one journal event with its number
 
 
@@ -337,7 +338,7 @@ class RemoteStreams:
                 status = await self.follow(
                     stream_id, after, deliver, lambda: response.write(KEEPALIVE)
                 )
-                if status == StreamStatus.SHUTDOWN:
+                if status in (StreamStatus.SHUTDOWN, UNREADABLE):  # come back later
                     await response.write(encode_retry(RESUME_RETRY_MS))
                 await response.write_eof()
             except ConnectionResetError:
@@ -391,8 +392,9 @@ class RemoteStreams:
     ) -> str:
         """Replay the journal after ``after``, then follow it live: each batch of ``(seq,
         kind, data)`` goes to ``deliver``, each quiet keepalive period to ``idle``. Return
-        the stream's final status; ``shutdown`` when its replica or Redis went away (what
-        was generated stays in the journal and the checkpoint)."""
+        the stream's final status; ``shutdown`` when its replica went away (what was
+        generated stays in the journal and the checkpoint); ``UNREADABLE`` when Redis failed
+        mid-read (the stream may well go on: come back later)."""
         try:
             while True:
                 if self.leaving:  # within one keepalive of the drain: resume elsewhere
@@ -420,7 +422,7 @@ class RemoteStreams:
                 await deliver(batch)
         except (RedisUnavailable, RedisError, TimeoutError) as exc:
             log.warning("remote stream %s: redis failed mid-read (%s)", stream_id, exc)
-            return StreamStatus.SHUTDOWN  # come back later, maybe elsewhere
+            return UNREADABLE
 
     async def request_cancel(self, stream_id: str) -> None:
         """Ask the owning replica to cancel ``stream_id``; its readers see the journal end."""

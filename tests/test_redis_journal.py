@@ -22,7 +22,7 @@ from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Stream, StreamStatus
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
-from tests.servers import with_redis
+from tests.servers import RedisServer, with_redis
 from tests.streamwire import (
     FIXED_CREATED,
     bearer,
@@ -448,4 +448,34 @@ async def test_a_draining_replica_sends_its_readers_of_other_streams_elsewhere(
     stream = a.app[STREAMS].get(stream_id)
     assert stream is not None
     assert stream.running  # A's generation is not B's to stop
+    response.close()
+
+
+async def test_a_socket_elsewhere_told_to_resume_when_redis_fails_mid_read(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Redis stops answering while B follows A's stream over a WebSocket: the stream may
+    well go on on A, so B's frame says so (``shared_state_unavailable``, resume with the
+    last seq received), not that A stopped."""
+    shared = with_streams(
+        with_redis(settings, redis_url, redis_timeout_s=0.3), disconnect_grace_s=0
+    )
+    a, b = await replicas(gateway, shared)
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 3)
+    ws = await _ws_resume(b, stream_id)
+    first = orjson.loads((await ws.receive()).data)
+    assert first["type"] == "chunk"
+    redis_server.pause()
+    try:
+        frame = first
+        while frame["type"] == "chunk":
+            frame = orjson.loads((await ws.receive()).data)
+    finally:
+        redis_server.resume()
+    assert frame["type"] == "error"
+    assert frame["error"]["code"] == "shared_state_unavailable"
+    assert str(frame["seq"]) in frame["error"]["message"]
+    await ws.close()
     response.close()

@@ -38,7 +38,7 @@ from ..appkeys import (
 from ..auth import Principal
 from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, SluiceError
-from ..redis_journal import Event, RemoteStreams
+from ..redis_journal import UNREADABLE, Event, RemoteStreams
 from ..request import parse_chat_request
 from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
 from ..wsproto import (
@@ -282,6 +282,13 @@ class _Socket:
                 await send(frames.done(final[0][0], finish, _usage(checkpoint)), TEXT)
             elif remote.leaving:
                 return  # this replica drains: the socket closes with 1001, resume elsewhere
+            elif status == UNREADABLE:  # the stream may go on: resume it a little later
+                unreadable = ServiceUnavailableError(
+                    "Shared state (Redis) failed while following this stream, which may go "
+                    f"on: resume it shortly with the last seq you received ({last_seq}).",
+                    code="shared_state_unavailable",
+                )
+                await send(frames.error(last_seq, unreadable), TEXT)
             else:  # its replica stopped before the end: what it made is in the checkpoint
                 interrupted = ServiceUnavailableError(
                     "The replica generating this stream stopped before it finished.",
