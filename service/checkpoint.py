@@ -171,7 +171,7 @@ def approx_prompt_tokens(model: str, body: dict[str, Any]) -> int:
 def billed_tokens(stream: Stream, checkpoint: Checkpoint) -> tuple[int, int]:
     """(prompt, completion) tokens as the ledger bills them (the telemetry reports the
     same): the provider's usage when it came; else the counted prompt and text when the
-    provider may have worked on the request (it sent something, or had the request in hand
+    provider may have worked on the request (it sent something, or the request had gone out
     when the stream ended); else nothing: it was never asked, or it refused or failed
     before answering, however the stream then ended (client gone, cancelled, ...)."""
     billable = checkpoint.usage_reported or stream.progress.chunks or stream.provider_engaged

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -43,7 +44,7 @@ from .jsonbytes import dumps_kept
 from .retry import RetryBudget, RetryPolicy, is_retryable
 from .settings import ResilienceSettings, Settings
 from .telemetry import Telemetry
-from .upstream import ProviderStream, Sink, Upstream
+from .upstream import ON_CONNECTED, ProviderStream, Sink, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Route(Protocol):
     fallback_reason: str | None
     backing_off: bool  # waiting out a retry's delay (the response may still get a status)
     attempt_started_at: float | None  # loop time the attempt in flight began
-    provider_engaged: bool  # the provider has, or had, the request in hand: it may bill it
+    provider_engaged: bool  # the request went out to the provider: it may bill it
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,7 @@ class ResilientProvider:
         while True:
             budget.record_attempt()
             route.attempt_started_at = loop.time()
-            route.provider_engaged = True
+            engaged = ON_CONNECTED.set(functools.partial(setattr, route, "provider_engaged", True))
             try:
                 return await self._attempt(call, body, model)
             except CircuitOpenError:
@@ -197,6 +198,8 @@ class ResilientProvider:
                 )
                 if self._telemetry is not None:
                     self._telemetry.retry_scheduled(delay, exc)
+            finally:
+                ON_CONNECTED.reset(engaged)
             route.backing_off = True
             try:
                 await self._r.sleep(delay)

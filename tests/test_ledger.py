@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import ClientResponse, web
@@ -24,6 +25,7 @@ from service.limits import MemoryLimiter
 from service.request import parse_chat_request
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
+from service.upstream import ProviderConnector
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.resilient import Sleeps, start
 
@@ -537,3 +539,30 @@ async def test_wire_an_answer_cut_off_mid_body_is_billed_its_prompt(
     assert (row.status, row.completion_tokens) == ("provider_error", 0)
     assert row.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
     assert row.cost_usd > 0
+
+
+async def test_wire_a_client_gone_before_the_request_went_out_costs_nothing(
+    gateway: GatewayFactory, sim_stats: SimStats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client leaves while the gateway is still getting its connection to the provider:
+    the request never went out, so nothing is billed."""
+    connecting = asyncio.Event()
+    connect = aiohttp.TCPConnector.connect
+
+    async def held_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(self, ProviderConnector):  # the test's own client connects as usual
+            return await connect(self, *args, **kwargs)
+        connecting.set()
+        await asyncio.Event().wait()  # a connection to the provider that never comes
+        return None
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "connect", held_connect)
+    client = await gateway()
+    body = chat_body("never sent", stream=False)
+    pending = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=AUTH))
+    await connecting.wait()
+    (stream,) = client.app[STREAMS].live()
+    pending.cancel()
+    row = await _row_when_ended(client, stream.id)
+    assert (row.status, row.prompt_tokens, row.cost_usd) == ("client_gone", 0, 0.0)
+    assert sim_stats.requests == 0
