@@ -218,7 +218,8 @@ class RedisBudgets(Budgets):
     ) -> None:
         """Give back a reservation whose caller was cancelled before it saw it."""
         if int(reply[0]) == 1:
-            await self._gate.evalsha(self._settle, keys, [hold_id, 0, *_ttls(checks)])
+            ttls = [_ttl(key) for key, _ in checks]
+            await self._gate.evalsha(self._settle, keys, [hold_id, 0, *ttls])
 
     async def settle_async(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost, on every replica's view."""
@@ -275,10 +276,6 @@ class RedisBudgets(Budgets):
         failed = sum(isinstance(reply, Exception) for reply in replies)
         if failed:
             log.warning("budgets: %d replayed settlements failed in redis", failed)
-
-
-def _ttls(checks: list[Any]) -> list[int]:
-    return [_ttl(key) for key, _ in checks]
 
 
 async def reserve_budget(
