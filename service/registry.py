@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 
 from .checkpoint import (
     Checkpoint,
@@ -185,7 +186,7 @@ class StreamRegistry:
                 log.exception("finish hook %r failed for stream %s", hook, stream.id)
         self._live.pop(stream.id, None)
         expires_at = self._clock() + self._settings.checkpoint_ttl_s
-        size = sum(len(data) for _, data in stream.events)
+        size = sum(map(len, map(itemgetter(1), stream.events)))
         self._ended[stream.id] = _Retained(expires_at, stream, checkpoint, size)
         self._retained_bytes += size
         while len(self._ended) > MAX_RETAINED or self._retained_bytes > MAX_RETAINED_BYTES:

@@ -41,10 +41,11 @@ from .errors import (
     translate,
 )
 from .jsonbytes import dumps_kept
+from .provider_http import ON_CONNECTED
 from .retry import RetryBudget, RetryPolicy, is_retryable
 from .settings import ResilienceSettings, Settings
 from .telemetry import Telemetry
-from .upstream import ON_CONNECTED, ProviderStream, Sink, Upstream
+from .upstream import ProviderStream, Sink, Upstream
 
 log = logging.getLogger(__name__)
 

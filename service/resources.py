@@ -32,10 +32,11 @@ from .auth import KeyRing
 from .budgets import month_start
 from .errors import ServiceUnavailableError
 from .ledger import SqliteLedger
+from .provider_http import ProviderConnector
 from .resilience import ResilientProvider
 from .serving import Responder
 from .simulator import Simulator, create_simulator_app
-from .upstream import ProviderConnector, Upstream
+from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 

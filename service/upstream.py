@@ -9,18 +9,12 @@ event, then the longest idle gap between reads.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .errors import (
@@ -191,46 +185,6 @@ class ProviderStream:
 
     response: aiohttp.ClientResponse
     first_due: float  # loop time: the first-token deadline, counted from the request
-
-
-# Called (in the task making the request) once a provider request has its connection and
-# goes out: from then on the provider may work on, and bill, the request (resilience.py).
-ON_CONNECTED: ContextVar[Callable[[], None] | None] = ContextVar("on_connected", default=None)
-
-
-class ProviderConnector(aiohttp.TCPConnector):
-    """A ``TCPConnector`` whose connections skip one per-chunk cost of aiohttp 3.14.
-
-    Its ``StreamReader`` calls ``resume_reading()`` after every chunk it hands out, paused or
-    not, and each call runs the parser on ``b""`` and pokes the transport: about a tenth of
-    a 50-chunk stream's CPU in the gateway (``make bench``). Reading is resumed only when
-    flow control paused it, the one case in which the parser can hold unread data, since
-    the session never decompresses (``auto_decompress=False``).
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # partial[] is invariant; a partial making the subclass is what the connector needs.
-        self._factory = functools.partial(_ResponseHandler, loop=self._loop)  # type: ignore[assignment]
-
-    async def connect(
-        self,
-        req: ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
-    ) -> Connection:
-        """A connection for ``req``, which goes out on it next: ``ON_CONNECTED`` is told."""
-        connection = await super().connect(req, traces, timeout)
-        connected = ON_CONNECTED.get()
-        if connected is not None:
-            connected()
-        return connection
-
-
-class _ResponseHandler(ResponseHandler):
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        if self._reading_paused or self._buffer_paused:
-            super().resume_reading(resume_parser)
 
 
 class _Deadline:

@@ -22,10 +22,10 @@ from service.auth import Principal
 from service.handlers import chat as chat_handler
 from service.ledger import LedgerEntry, MemoryLedger, SqliteLedger, utc_day
 from service.limits import MemoryLimiter
+from service.provider_http import ProviderConnector
 from service.request import parse_chat_request
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
-from service.upstream import ProviderConnector
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.resilient import Sleeps, start
 

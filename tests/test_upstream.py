@@ -1,22 +1,17 @@
-"""``service.upstream``: what the provider connection asks for and how it reads, against real
-sockets: a provider that compresses whenever the client allows it, and a body big enough
-that aiohttp's flow control pauses and resumes reading.
+"""``service.upstream``: what the provider connection asks for, against real sockets: a
+provider that compresses whenever the client allows it, and the organization and project.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import aiohttp
 import orjson
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from service.simulator import Simulator, create_simulator_app
 from service.tokens import count_body
-from service.upstream import ProviderConnector, _ResponseHandler
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.wire import sse_data
 
@@ -78,39 +73,3 @@ async def test_organization_and_project_reach_the_provider(
         assert response.status == 200
         await response.read()
     assert seen == [("org-1", "proj_2")] * 2
-
-
-async def test_reading_pauses_and_resumes_under_back_pressure(
-    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A body that outruns its reader pauses the connection; reading it all resumes it."""
-    paused = asyncio.Event()
-    pause = _ResponseHandler.pause_reading
-
-    def pause_and_tell(self: _ResponseHandler) -> None:
-        pause(self)
-        paused.set()
-
-    monkeypatch.setattr(_ResponseHandler, "pause_reading", pause_and_tell)
-    piece = b"x" * 1000
-
-    async def burst(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for _ in range(1000):
-            await response.write(piece)  # one HTTP chunk each, as a provider sends events
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_get("/burst", burst)
-    server = await aiohttp_server(app)
-    async with (
-        aiohttp.ClientSession(connector=ProviderConnector(), auto_decompress=False) as session,
-        session.get(server.make_url("/burst")) as response,
-    ):
-        async with asyncio.timeout(10):  # a reader that never resumes fails instead of hanging
-            await paused.wait()  # unread, the body passed the high-water mark
-            body = b"".join([data async for data in response.content.iter_any()])
-    assert body == piece * 1000
