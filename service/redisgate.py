@@ -12,7 +12,9 @@ caller's ``SLUICE_REDIS_FAILURE`` policy: ``open`` falls back to in-process stat
 Each round trip costs this process far more CPU than the work Redis does for it, so writes
 whose reply nobody waits on (a finished stream's checkpoint) are ``post``-ed: they travel
 in front of the next script call (``evalsha``) in one pipeline, and ``flush`` (a finish
-hook) sends any still queued and waits until they are stored.
+hook) sends any still queued and waits until they are stored. Script calls and posted
+writes, the round trips every request makes, go over ``RedisPipe`` (``redis_pipe.py``), a
+multiplexed connection that costs a fraction of redis-py's; other operations use redis-py.
 
 The client is made without I/O in ``create_app`` (``shared.py`` wires it in).
 """
@@ -33,6 +35,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .errors import ServiceUnavailableError
+from .redis_pipe import RedisPipe
 from .settings import SharedStateSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class RedisGate:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.client = client
+        self._pipe = RedisPipe.of(client, timeout_s)  # the hot path's connection (no I/O yet)
         self.failure = failure
         self.timeout_s = timeout_s
         self.fail_max = fail_max
@@ -149,7 +153,7 @@ class RedisGate:
         self, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
         """``script(keys, args)`` under the deadline, the posted writes in the same trip."""
-        if not self._outbox:
+        if not self._outbox and self._pipe is None:
             return await self.run(lambda r: script(keys=keys, args=args, client=r))
         return await self.run(lambda r: self._evalsha_after_posts(r, script, keys, args))
 
@@ -175,6 +179,12 @@ class RedisGate:
             self._undoing.add(task)
             task.add_done_callback(self._undoing.discard)
             raise
+
+    async def aclose(self) -> None:
+        """Close the connections (a cleanup context's last step)."""
+        if self._pipe is not None:
+            await self._pipe.close()
+        await self.client.aclose()
 
     async def undone(self) -> None:
         """Wait for the give-backs of cancelled calls still under way (before closing)."""
@@ -208,13 +218,17 @@ class RedisGate:
         writes, self._outbox = self._outbox, []
         sent = asyncio.get_running_loop().create_future()
         self._sending.add(sent)
+        commands = [write.command for write in writes]
+        if call is not None:
+            commands.append(call)
         try:
-            pipe = client.pipeline(transaction=False)
-            for write in writes:
-                pipe.execute_command(*write.command)
-            if call is not None:
-                pipe.execute_command(*call)
-            replies = await pipe.execute(raise_on_error=False)
+            if self._pipe is not None:
+                replies = await self._pipe.execute(commands)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await pipe.execute(raise_on_error=False)
         except BaseException as exc:
             _lost(writes, type(exc).__name__)
             raise

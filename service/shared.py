@@ -122,7 +122,7 @@ def install_shared_state(app: web.Application) -> None:
         if isinstance(limiter, RedisLimiter):
             await limiter.free_missed()  # and the stream slots it missed
         await follower.aclose()
-        await gate.client.aclose()
+        await gate.aclose()
 
     app.cleanup_ctx.append(shared_ctx)
 

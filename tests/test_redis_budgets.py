@@ -33,7 +33,7 @@ async def gates(redis_url: str) -> AsyncIterator[list[RedisGate]]:
     assert len(ready) == 2
     yield ready
     for gate in ready:
-        await gate.client.aclose()
+        await gate.aclose()
 
 
 async def test_fifty_concurrent_reservations_over_two_replicas_commit_at_most_the_limit(
@@ -145,7 +145,7 @@ async def test_an_unlimited_request_is_admitted_while_redis_is_down_even_fail_cl
             )
     finally:
         redis_server.start()
-        await gate.client.aclose()
+        await gate.aclose()
     assert gate.errors_total == 1
 
 
@@ -295,7 +295,7 @@ async def test_a_settlement_redis_missed_is_replayed_once_it_answers(redis_url: 
     now[0] += 6  # the breaker lets a probe through
     await budgets.reserve_async("alice", "acme", Decimal("0.05"))
     assert await _budget_state(redis_url) == (50_000, 100_000)
-    await gate.client.aclose()
+    await gate.aclose()
 
 
 async def test_spend_admitted_on_local_state_reaches_redis_later(redis_url: str) -> None:
@@ -313,7 +313,7 @@ async def test_spend_admitted_on_local_state_reaches_redis_later(redis_url: str)
     now[0] += 6
     await budgets.reserve_async("alice", "acme", Decimal("0.05"))
     assert await _budget_state(redis_url) == (50_000, 400_000)
-    await gate.client.aclose()
+    await gate.aclose()
 
 
 async def test_holds_expire_by_redis_clock_not_a_replicas(
@@ -342,7 +342,7 @@ async def test_missed_settlements_are_sent_at_shutdown(redis_url: str) -> None:
     now[0] += 6
     await budgets.flush()
     assert await _budget_state(redis_url) == (0, 100_000)
-    await gate.client.aclose()
+    await gate.aclose()
 
 
 async def test_concurrent_reservations_replay_a_missed_settlement_once(redis_url: str) -> None:
@@ -355,4 +355,4 @@ async def test_concurrent_reservations_replay_a_missed_settlement_once(redis_url
         *(budgets.reserve_async("alice", "acme", Decimal("0.05")) for _ in range(2))
     )
     assert await _budget_state(redis_url) == (100_000, 100_000)
-    await gate.client.aclose()
+    await gate.aclose()

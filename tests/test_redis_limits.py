@@ -103,7 +103,7 @@ async def replicas(redis_url: str) -> AsyncIterator[list[RedisLimiter]]:
     limiters = [RedisLimiter(gate, MemoryLimiter(), clock=lambda: 1_000_000.0) for gate in ready]
     yield limiters
     for gate in ready:
-        await gate.client.aclose()
+        await gate.aclose()
 
 
 async def test_token_reservations_are_settled_in_the_shared_bucket(
@@ -256,7 +256,7 @@ async def test_admission_while_redis_is_down_follows_the_failure_policy(
     finally:
         await redis.aclose()
         for gate in gates:
-            await gate.client.aclose()
+            await gate.aclose()
 
 
 async def test_fail_closed_answers_503_while_redis_is_frozen_then_recovers(
@@ -413,4 +413,4 @@ async def test_a_slot_whose_release_redis_missed_is_freed_before_the_next_admiss
     now[0] += 6  # the breaker lets a probe through
     assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
     assert await client.zcard(streams_key("alice")) == 1  # the new stream's slot alone
-    await client.aclose()
+    await gate.aclose()  # and its client

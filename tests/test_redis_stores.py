@@ -101,4 +101,4 @@ async def test_a_local_copy_lives_no_longer_than_the_shared_entry(redis_url: str
         assert await b_local.get("k") is None  # ...for no more than the entry had left
     finally:
         for gate in (a_gate, b_gate):
-            await gate.client.aclose()
+            await gate.aclose()

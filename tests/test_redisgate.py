@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -33,12 +34,29 @@ async def client(redis_url: str) -> AsyncIterator[Redis]:
     await redis.aclose()
 
 
+GateMaker = Callable[..., RedisGate]
+
+
+@pytest.fixture
+async def make_gate(client: Redis) -> AsyncIterator[GateMaker]:
+    """Gates on ``client``, closed (their own connection too) after the test."""
+    made: list[RedisGate] = []
+
+    def make(**kwargs: Any) -> RedisGate:
+        made.append(RedisGate(client, **kwargs))
+        return made[-1]
+
+    yield make
+    for gate in made:
+        await gate.aclose()
+
+
 async def test_the_breaker_opens_after_fail_max_and_lets_one_probe_through_later(
-    client: Redis, redis_server: RedisServer
+    make_gate: GateMaker, client: Redis, redis_server: RedisServer
 ) -> None:
     """3 failures open it; while open no call reaches the network; after reset one probe does."""
     clock = Clock()
-    gate = RedisGate(client, failure="closed", timeout_s=0.2, fail_max=3, reset_s=5, clock=clock)
+    gate = make_gate(failure="closed", timeout_s=0.2, fail_max=3, reset_s=5, clock=clock)
     assert await gate.run(lambda r: r.ping()) is True
     redis_server.stop()
     try:
@@ -65,10 +83,10 @@ async def test_the_breaker_opens_after_fail_max_and_lets_one_probe_through_later
 
 
 async def test_a_frozen_redis_costs_at_most_the_deadline(
-    client: Redis, redis_server: RedisServer
+    make_gate: GateMaker, client: Redis, redis_server: RedisServer
 ) -> None:
     """A Redis that accepts but never answers: the call fails with RedisUnavailable."""
-    gate = RedisGate(client, failure="open", timeout_s=0.2)
+    gate = make_gate(failure="open", timeout_s=0.2)
     await gate.run(lambda r: r.ping())  # a pooled connection, so the freeze hits a read
     redis_server.pause()
     try:
@@ -94,10 +112,12 @@ async def reads_since_reset(redis: Redis) -> int:
     return int((await redis.info("stats"))["total_reads_processed"]) - 1
 
 
-async def test_posted_writes_ride_with_the_next_script_call(client: Redis, redis_url: str) -> None:
+async def test_posted_writes_ride_with_the_next_script_call(
+    make_gate: GateMaker, client: Redis, redis_url: str
+) -> None:
     """Two posts and a script call: one round trip, the writes stored before the script
     runs (it sees them), the script's own reply returned."""
-    gate = RedisGate(client, failure="closed", timeout_s=2)
+    gate = make_gate(failure="closed", timeout_s=2)
     script = client.register_script("return (redis.call('GET', KEYS[1]) or '') .. ARGV[1]")
     await gate.evalsha(script, ["k"], ["!"])  # Redis loads the script once
     observer = Redis.from_url(redis_url)
@@ -113,18 +133,20 @@ async def test_posted_writes_ride_with_the_next_script_call(client: Redis, redis
         await observer.aclose()
 
 
-async def test_posted_writes_survive_a_flushed_script_cache(client: Redis) -> None:
+async def test_posted_writes_survive_a_flushed_script_cache(
+    make_gate: GateMaker, client: Redis
+) -> None:
     """After SCRIPT FLUSH (a restarted Redis) the script is loaded again; the writes stand."""
-    gate = RedisGate(client, failure="closed", timeout_s=2)
+    gate = make_gate(failure="closed", timeout_s=2)
     script = client.register_script("return redis.call('GET', KEYS[1])")
     await gate.run(lambda r: r.script_flush())
     gate.post("the write", "SET", "k", "v")
     assert await gate.evalsha(script, ["k"], []) == b"v"
 
 
-async def test_flush_sends_what_no_round_trip_took(client: Redis) -> None:
+async def test_flush_sends_what_no_round_trip_took(make_gate: GateMaker, client: Redis) -> None:
     """With no script call in between, ``flush`` stores the posted writes itself."""
-    gate = RedisGate(client, failure="closed", timeout_s=2)
+    gate = make_gate(failure="closed", timeout_s=2)
     gate.post("the write", "SET", "k", "v", "PX", 60_000)
     assert await client.get("k") is None
     await gate.flush()
@@ -132,12 +154,12 @@ async def test_flush_sends_what_no_round_trip_took(client: Redis) -> None:
 
 
 async def test_posted_writes_lost_to_an_outage_are_logged_never_raised(
-    client: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    make_gate: GateMaker, client: Redis, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis down: ``flush`` logs each lost write and returns; with the breaker open the
     queued writes are dropped (logged) rather than kept for a later trip."""
     clock = Clock()
-    gate = RedisGate(client, failure="open", timeout_s=0.2, fail_max=1, reset_s=5, clock=clock)
+    gate = make_gate(failure="open", timeout_s=0.2, fail_max=1, reset_s=5, clock=clock)
     redis_server.stop()
     try:
         gate.post("checkpoint of strm_a", "SET", "a", "1")

@@ -1,0 +1,196 @@
+"""The lean path to Redis for the round trips every request makes: the admission script,
+the settlement script and the posted writes that ride with them (``redisgate.py``).
+
+redis-py's asyncio client spends ~130 µs of this process's CPU on one script call (the
+connection pool and its lock, the retry wrapper, per-call timeouts, observability hooks)
+and ~190 µs of wall time at concurrency 1; the same call here costs ~50 µs and ~125 µs
+(``make bench-redis`` reports what the gateway gains). ``RedisPipe`` keeps one connection,
+writes each call's commands at once with hiredis's packer and matches replies to calls in
+order (Redis answers a connection's commands in the order it read them), so concurrent
+requests share the socket without a pool. Everything else (journals, blocking reads,
+loading scripts) stays on redis-py, and so does the whole of a TLS or credential-provider
+configuration (``RedisPipe.of`` returns None).
+
+A call never waits on a blocking command here: only the gate's short commands use it. A
+connection whose oldest unanswered call is older than the deadline is taken as stuck and
+replaced at the next call; a reset fails the calls on it with redis-py's ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.typing import EncodableT
+
+Command = tuple[EncodableT, ...]
+
+
+class RedisPipe:
+    """One multiplexed connection; see the module docstring."""
+
+    def __init__(
+        self,
+        address: tuple[str, int] | str,  # (host, port), or a unix socket's path
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        timeout_s: float,
+    ) -> None:
+        self._address = address
+        self._hello = _hello(db, username, password)
+        self._timeout_s = timeout_s
+        self._protocol: _Protocol | None = None
+        self._connecting = asyncio.Lock()
+
+    @classmethod
+    def of(cls, client: Redis, timeout_s: float) -> RedisPipe | None:
+        """A pipe to where ``client`` connects, or None when only redis-py can get there."""
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        address: tuple[str, int] | str
+        if pool.connection_class is Connection:
+            address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
+        elif pool.connection_class is UnixDomainSocketConnection:
+            address = str(kwargs["path"])
+        else:
+            return None  # TLS and anything else: redis-py's own connections
+        if kwargs.get("credential_provider") is not None:
+            return None
+        return cls(
+            address,
+            db=int(kwargs.get("db") or 0),
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            timeout_s=timeout_s,
+        )
+
+    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` in one write; their replies in order, an error reply as a
+        ``ResponseError`` in its place (as a redis-py pipeline gives with
+        ``raise_on_error=False``)."""
+        protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        if protocol is None or not protocol.usable(loop.time() - self._timeout_s):
+            protocol = await self._connect()
+        return await protocol.send(commands, loop.time())
+
+    async def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None
+
+    async def _connect(self) -> _Protocol:
+        async with self._connecting:
+            loop = asyncio.get_running_loop()
+            current = self._protocol
+            if current is not None and current.usable(loop.time() - self._timeout_s):
+                return current  # another call connected while this one waited
+            if current is not None:
+                current.close()
+                self._protocol = None
+            try:
+                if isinstance(self._address, str):
+                    _, protocol = await loop.create_unix_connection(_Protocol, self._address)
+                else:
+                    _, protocol = await loop.create_connection(_Protocol, *self._address)
+            except OSError as exc:  # named as redis-py names it, for the logs and metrics
+                raise RedisConnectionError(f"redis connection failed: {exc}") from exc
+            if self._hello:
+                try:
+                    refused = [
+                        reply
+                        for reply in await protocol.send(self._hello, loop.time())
+                        if isinstance(reply, ResponseError)
+                    ]
+                except BaseException:
+                    protocol.close()
+                    raise
+                if refused:
+                    protocol.close()
+                    raise AuthenticationError(str(refused[0]))
+            self._protocol = protocol
+            return protocol
+
+
+class _Protocol(asyncio.Protocol):
+    """Replies matched to calls in order: a call is (replies expected, replies, future)."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        self._calls: collections.deque[tuple[int, list[Any], asyncio.Future[list[Any]], float]]
+        self._calls = collections.deque()
+        self._transport: asyncio.Transport | None = None
+        self._lost: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # (uvloop's is no subclass)
+
+    def usable(self, stuck_before: float) -> bool:
+        """Open, and not waiting since before ``stuck_before`` (loop time) for a reply."""
+        return self._lost is None and not (self._calls and self._calls[0][3] < stuck_before)
+
+    def send(self, commands: Sequence[Command], now: float) -> asyncio.Future[list[Any]]:
+        transport = self._transport
+        if self._lost is not None or transport is None:
+            raise RedisConnectionError("redis connection closed")
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._calls.append((len(commands), [], future, now))
+        # (hiredis's stub takes a tuple of one argument for a tuple of any number)
+        transport.write(b"".join([hiredis.pack_command(c) for c in commands]))  # type: ignore[arg-type]
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while (reply := self._reader.gets()) is not False:
+                expected, replies, future, _ = self._calls[0]
+                if isinstance(reply, hiredis.ReplyError):
+                    reply = _error(str(reply))
+                replies.append(reply)
+                if len(replies) == expected:
+                    self._calls.popleft()
+                    if not future.done():  # its caller may have left (cancelled) meanwhile
+                        future.set_result(replies)
+        except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or a reply nobody asked for
+            self._fail(RedisConnectionError(f"redis protocol error: {type(exc).__name__}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError("redis connection lost"))
+
+    def close(self) -> None:
+        self._fail(RedisConnectionError("redis connection reset"))
+
+    def _fail(self, error: Exception) -> None:
+        if self._lost is None:
+            self._lost = error
+        if self._transport is not None:
+            self._transport.close()
+        while self._calls:
+            future = self._calls.popleft()[2]
+            if not future.done():
+                future.set_exception(error)
+
+
+def _error(message: str) -> ResponseError:
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
+def _hello(db: int, username: str | None, password: str | None) -> list[Command]:
+    """What a new connection sends first: AUTH and SELECT, as configured."""
+    commands: list[Command] = []
+    if password is not None:
+        commands.append(("AUTH", username, password) if username else ("AUTH", password))
+    if db:
+        commands.append(("SELECT", db))
+    return commands
