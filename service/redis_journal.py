@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import itertools
 import logging
 import secrets
 import time
@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .checkpoint import Checkpoint, CheckpointStore
+from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
 from .relay import RESUME_RETRY_MS, SSE_HEADERS, STREAM_ID_HEADER
@@ -127,34 +128,28 @@ class JournalMirror:
         await task
         self._registered.pop(stream.id, None)
         self.remote_readers.pop(stream.id, None)
-        end: dict[Any, Any] = {"k": END, "s": str(stream.status)}
-        key = journal_key(stream.id)
-
-        async def close(r: Redis) -> None:
-            async with r.pipeline(transaction=False) as pipe:
-                pipe.xadd(key, end, id=f"0-{stream.last_seq + 1}")
-                pipe.pexpire(key, self._ttl_ms)
-                pipe.hset(meta_key(stream.id), "status", str(stream.status))
-                pipe.pexpire(meta_key(stream.id), self._ttl_ms)
-                pipe.delete(owner_key(stream.id))
-                await pipe.execute()
-
+        key, meta, status = journal_key(stream.id), meta_key(stream.id), str(stream.status)
+        close: list[Command] = [
+            ("XADD", key, f"0-{stream.last_seq + 1}", "k", END, "s", status),
+            ("PEXPIRE", key, self._ttl_ms),
+            ("HSET", meta, "status", status),
+            ("PEXPIRE", meta, self._ttl_ms),
+            ("DEL", owner_key(stream.id)),
+        ]
         try:
-            await self._gate.run(close)
+            await self._gate.pipeline(close)
         except RedisUnavailable as exc:
             log.warning("journal of %s not closed in redis: %s", stream.id, exc)
 
     async def _mirror(self, stream: Stream, announced: asyncio.Event) -> None:
-        owner: dict[Any, Any] = {
+        owner = {
             "user": stream.owner.user_id,
             "tenant": stream.owner.tenant,
             "status": "running",
         }
         mirrored = 0
         try:
-            await self._gate.run(
-                functools.partial(self._append, stream=stream, start=0, stop=0, owner=owner)
-            )
+            await self._gate.pipeline(self._append(stream, 0, 0, owner))
             registered = True
         except RedisUnavailable:
             registered = False  # the first append that succeeds registers it instead
@@ -165,14 +160,11 @@ class JournalMirror:
             upto = len(stream.events)
             if registered and upto == mirrored:  # a keepalive tick: still alive
                 with contextlib.suppress(RedisUnavailable):
-                    await self._gate.run(self._heartbeat(stream.id))
+                    await self._gate.pipeline([self._heartbeat(stream.id)])
                 continue
             meta = None if registered else owner
-            append = functools.partial(
-                self._append, stream=stream, start=mirrored, stop=upto, owner=meta
-            )
             try:
-                await self._gate.run(append)
+                await self._gate.pipeline(self._append(stream, mirrored, upto, meta))
             except RedisUnavailable:
                 continue  # retried with everything since ``mirrored`` on the next wakeup
             registered = True
@@ -181,32 +173,27 @@ class JournalMirror:
                 await asyncio.sleep(MIRROR_INTERVAL_S)  # coalesce: one round trip per interval
         if mirrored < len(stream.events):
             with contextlib.suppress(RedisUnavailable):
-                await self._gate.run(
-                    functools.partial(
-                        self._append,
-                        stream=stream,
-                        start=mirrored,
-                        stop=len(stream.events),
-                        owner=owner,
-                    )
-                )
+                await self._gate.pipeline(self._append(stream, mirrored, len(stream.events), owner))
 
-    async def _append(
-        self, r: Redis, *, stream: Stream, start: int, stop: int, owner: dict[Any, Any] | None
-    ) -> None:
-        key = journal_key(stream.id)
-        async with r.pipeline(transaction=False) as pipe:
-            if owner is not None:
-                pipe.hset(meta_key(stream.id), mapping=owner)
-                pipe.pexpire(meta_key(stream.id), self._ttl_ms)
-            for seq, (kind, data) in enumerate(stream.events[start:stop], start + 1):
-                pipe.xadd(key, {"k": kind, "d": data}, id=f"0-{seq}")
-            pipe.pexpire(key, self._ttl_ms)
-            pipe.set(owner_key(stream.id), b"1", px=self._heartbeat_ms)
-            await pipe.execute()
+    def _append(
+        self, stream: Stream, start: int, stop: int, owner: dict[str, str] | None
+    ) -> list[Command]:
+        """Events ``start`` to ``stop`` (and the owner, when given) as one round trip."""
+        key, meta = journal_key(stream.id), meta_key(stream.id)
+        commands: list[Command] = []
+        if owner is not None:
+            commands.append(("HSET", meta, *itertools.chain.from_iterable(owner.items())))
+            commands.append(("PEXPIRE", meta, self._ttl_ms))
+        commands += [
+            ("XADD", key, f"0-{seq}", "k", kind, "d", data)
+            for seq, (kind, data) in enumerate(stream.events[start:stop], start + 1)
+        ]
+        commands.append(("PEXPIRE", key, self._ttl_ms))
+        commands.append(self._heartbeat(stream.id))
+        return commands
 
-    def _heartbeat(self, stream_id: str) -> Callable[[Redis], Awaitable[Any]]:
-        return lambda r: r.set(owner_key(stream_id), b"1", px=self._heartbeat_ms)
+    def _heartbeat(self, stream_id: str) -> Command:
+        return ("SET", owner_key(stream_id), b"1", "PX", self._heartbeat_ms)
 
     def control(self, op: str, stream_id: str, reader: str = "") -> None:
         """Apply an ``attach``/``beat``/``detach`` of a reader on another replica, or a

@@ -1,5 +1,6 @@
 """The lean path to Redis for the round trips every request makes: the admission script,
-the settlement script and the posted writes that ride with them (``redisgate.py``).
+the settlement script, the posted writes that ride with them and a stream's journal
+appends (``RedisGate.evalsha`` and ``RedisGate.pipeline``).
 
 redis-py's asyncio client spends ~130 µs of this process's CPU on one script call (the
 connection pool and its lock, the retry wrapper, per-call timeouts, observability hooks)
@@ -7,7 +8,7 @@ and ~190 µs of wall time at concurrency 1; the same call here costs ~50 µs and
 (``make bench-redis`` reports what the gateway gains). ``RedisPipe`` keeps one connection,
 writes each call's commands at once with hiredis's packer and matches replies to calls in
 order (Redis answers a connection's commands in the order it read them), so concurrent
-requests share the socket without a pool. Everything else (journals, blocking reads,
+requests share the socket without a pool. Everything else (blocking reads, pub/sub,
 loading scripts) stays on redis-py, and so does the whole of a TLS or credential-provider
 configuration (``RedisPipe.of`` returns None).
 

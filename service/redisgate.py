@@ -12,9 +12,10 @@ caller's ``SLUICE_REDIS_FAILURE`` policy: ``open`` falls back to in-process stat
 Each round trip costs this process far more CPU than the work Redis does for it, so writes
 whose reply nobody waits on (a finished stream's checkpoint) are ``post``-ed: they travel
 in front of the next script call (``evalsha``) in one pipeline, and ``flush`` (a finish
-hook) sends any still queued and waits until they are stored. Script calls and posted
-writes, the round trips every request makes, go over ``RedisPipe`` (``redis_pipe.py``), a
-multiplexed connection that costs a fraction of redis-py's; other operations use redis-py.
+hook) sends any still queued and waits until they are stored. Script calls, posted
+writes and ``pipeline`` calls (journal appends), the round trips every request makes, go
+over ``RedisPipe`` (``redis_pipe.py``), a multiplexed connection that costs a fraction of
+redis-py's; ``run`` hands other operations a redis-py client.
 
 The client is made without I/O in ``create_app`` (``shared.py`` wires it in).
 """
@@ -35,7 +36,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT
 
 from .errors import ServiceUnavailableError
-from .redis_pipe import RedisPipe
+from .redis_pipe import Command, RedisPipe
 from .settings import SharedStateSettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class RedisUnavailable(Exception):
 @dataclass(frozen=True, slots=True)
 class _Write:
     what: str  # for the log line if it is lost, e.g. "checkpoint of strm_..."
-    command: tuple[EncodableT, ...]
+    command: Command
 
 
 class RedisGate:
@@ -196,31 +197,43 @@ class RedisGate:
         queued = self._outbox
         if queued:
             try:
-                await self.run(lambda r: self._send(r, None))
+                await self.run(lambda r: self._send(r, ()))
             except RedisUnavailable:
                 if self._outbox is queued:  # the breaker refused the trip: nothing was sent
                     self._drop_outbox("breaker open")
         if self._sending:
             await asyncio.wait(self._sending)
 
+    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """``commands`` in one round trip under the deadline, the posted writes in front;
+        their replies. An error reply fails the call, as it fails a redis-py pipeline."""
+        return await self.run(lambda r: self._pipeline(r, commands))
+
+    async def _pipeline(self, client: Redis, commands: Sequence[Command]) -> list[Any]:
+        replies = await self._send(client, commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     async def _evalsha_after_posts(
         self, client: Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
-        reply = await self._send(client, ("EVALSHA", script.sha, len(keys), *keys, *args))
+        [reply] = await self._send(client, [("EVALSHA", script.sha, len(keys), *keys, *args)])
         if isinstance(reply, NoScriptError):  # Redis restarted or was flushed: load it
             return await script(keys=keys, args=args, client=client)
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    async def _send(self, client: Redis, call: tuple[EncodableT, ...] | None) -> Any:
-        """The posted writes, then ``call``, in one pipeline; ``call``'s reply (or error)."""
+    async def _send(self, client: Redis, calls: Sequence[Command]) -> list[Any]:
+        """The posted writes, then ``calls``, in one pipeline; the replies to ``calls`` (an
+        error reply as an exception in its place)."""
         writes, self._outbox = self._outbox, []
         sent = asyncio.get_running_loop().create_future()
         self._sending.add(sent)
         commands = [write.command for write in writes]
-        if call is not None:
-            commands.append(call)
+        commands += calls
         try:
             if self._pipe is not None:
                 replies = await self._pipe.execute(commands)
@@ -238,7 +251,7 @@ class RedisGate:
         for write, reply in zip(writes, replies, strict=False):
             if isinstance(reply, Exception):
                 _lost([write], type(reply).__name__)
-        return replies[-1] if call is not None else None
+        return replies[len(writes) :]
 
     def _drop_outbox(self, reason: str) -> None:
         writes, self._outbox = self._outbox, []

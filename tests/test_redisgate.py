@@ -197,3 +197,17 @@ async def test_connections_carry_no_socket_timeout_of_their_own(
             assert connection.socket_timeout is None
         finally:
             await pool.release(connection)
+
+
+async def test_a_pipeline_carries_the_posts_and_fails_on_an_error_reply(
+    make_gate: GateMaker, client: Redis
+) -> None:
+    """Replies come back in order, after the posted writes ran; an error reply fails the
+    call (and counts towards the breaker), as it fails a redis-py pipeline."""
+    gate = make_gate(failure="closed", timeout_s=2)
+    gate.post("the write", "SET", "p", "1")
+    assert await gate.pipeline([("INCR", "p"), ("GET", "p")]) == [2, b"2"]
+    with pytest.raises(RedisUnavailable):
+        await gate.pipeline([("SET", "s", "x"), ("INCR", "s"), ("SET", "t", "y")])
+    assert gate.errors_total == 1
+    assert await client.mget("s", "t") == [b"x", b"y"]  # not a transaction: the rest ran
