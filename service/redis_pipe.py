@@ -14,7 +14,9 @@ configuration (``RedisPipe.of`` returns None).
 
 A call never waits on a blocking command here: only the gate's short commands use it. A
 connection whose oldest unanswered call is older than the deadline is taken as stuck and
-replaced at the next call; a reset fails the calls on it with redis-py's ``ConnectionError``.
+replaced at the next call; a reset fails the calls on it with redis-py's ``ConnectionError``
+(like a timed-out call, such a call may or may not have run: what a script took there is
+bounded by its key's expiry).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
-from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import AuthenticationError, DataError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT
 
@@ -51,6 +53,7 @@ class RedisPipe:
         self._timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
 
     @classmethod
     def of(cls, client: Redis, timeout_s: float) -> RedisPipe | None:
@@ -78,19 +81,29 @@ class RedisPipe:
         """Send ``commands`` in one write; their replies in order, an error reply as a
         ``ResponseError`` in its place (as a redis-py pipeline gives with
         ``raise_on_error=False``)."""
+        if not commands:
+            return []
+        payload = _pack(commands)
         protocol = self._protocol
         loop = asyncio.get_running_loop()
         if protocol is None or not protocol.usable(loop.time() - self._timeout_s):
             protocol = await self._connect()
-        return await protocol.send(commands, loop.time())
+        return await protocol.send(payload, len(commands), loop.time())
 
     async def close(self) -> None:
+        """Close the connection; calls from now on fail (a connect under way included)."""
+        self._closed = True
         if self._protocol is not None:
             self._protocol.close()
             self._protocol = None
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RedisConnectionError("redis pipe closed")
+
     async def _connect(self) -> _Protocol:
         async with self._connecting:
+            self._check_open()
             loop = asyncio.get_running_loop()
             current = self._protocol
             if current is not None and current.usable(loop.time() - self._timeout_s):
@@ -107,17 +120,20 @@ class RedisPipe:
                 raise RedisConnectionError(f"redis connection failed: {exc}") from exc
             if self._hello:
                 try:
-                    refused = [
-                        reply
-                        for reply in await protocol.send(self._hello, loop.time())
-                        if isinstance(reply, ResponseError)
-                    ]
+                    hello = _pack(self._hello)
+                    replies = await protocol.send(hello, len(self._hello), loop.time())
                 except BaseException:
                     protocol.close()
                     raise
+                refused = [reply for reply in replies if isinstance(reply, ResponseError)]
                 if refused:
                     protocol.close()
                     raise AuthenticationError(str(refused[0]))
+            try:
+                self._check_open()  # closed while this connected: leave nothing open
+            except RedisConnectionError:
+                protocol.close()
+                raise
             self._protocol = protocol
             return protocol
 
@@ -139,14 +155,14 @@ class _Protocol(asyncio.Protocol):
         """Open, and not waiting since before ``stuck_before`` (loop time) for a reply."""
         return self._lost is None and not (self._calls and self._calls[0][3] < stuck_before)
 
-    def send(self, commands: Sequence[Command], now: float) -> asyncio.Future[list[Any]]:
+    def send(self, payload: bytes, replies: int, now: float) -> asyncio.Future[list[Any]]:
+        """Write ``payload`` (``replies`` packed commands); the future gets their replies."""
         transport = self._transport
         if self._lost is not None or transport is None:
             raise RedisConnectionError("redis connection closed")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._calls.append((len(commands), [], future, now))
-        # (hiredis's stub takes a tuple of one argument for a tuple of any number)
-        transport.write(b"".join([hiredis.pack_command(c) for c in commands]))  # type: ignore[arg-type]
+        self._calls.append((replies, [], future, now))
+        transport.write(payload)
         return future
 
     def data_received(self, data: bytes) -> None:
@@ -179,6 +195,16 @@ class _Protocol(asyncio.Protocol):
             future = self._calls.popleft()[2]
             if not future.done():
                 future.set_exception(error)
+
+
+def _pack(commands: Sequence[Command]) -> bytes:
+    """The commands as RESP; an argument RESP cannot carry is redis-py's ``DataError``,
+    raised before anything is queued or sent."""
+    try:
+        # (hiredis's stub takes a tuple of one argument for a tuple of any number)
+        return b"".join([hiredis.pack_command(c) for c in commands])  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise DataError(f"a command redis cannot take: {exc}") from exc
 
 
 def _error(message: str) -> ResponseError:

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.credentials import UsernamePasswordCredentialProvider
-from redis.exceptions import AuthenticationError, ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    DataError,
+    NoScriptError,
+    ResponseError,
+)
 
 from service.redis_pipe import RedisPipe
 from tests.servers import RedisServer
@@ -120,3 +127,48 @@ def test_tls_and_credential_providers_stay_with_redis_py() -> None:
     provider = UsernamePasswordCredentialProvider("u", "p")
     assert RedisPipe.of(Redis(credential_provider=provider), 1.0) is None
     assert RedisPipe.of(Redis.from_url("unix:///run/redis.sock?db=2"), 1.0) is not None
+
+
+async def test_an_argument_redis_cannot_take_fails_alone(pipe: RedisPipe) -> None:
+    """Refused before anything is queued: the calls after it get their own replies."""
+    with pytest.raises(DataError):
+        await pipe.execute([("SET", "k", bytearray(b"v"))])
+    with pytest.raises(DataError):
+        await pipe.execute([("ECHO", "\ud800")])  # a lone surrogate: no UTF-8 for it
+    replies = await asyncio.gather(pipe.execute([("ECHO", "a")]), pipe.execute([("ECHO", "b")]))
+    assert replies == [[b"a"], [b"b"]]
+    assert await pipe.execute([]) == []  # nothing to send: nothing waits for a reply
+    assert await pipe.execute([("ECHO", "c")]) == [b"c"]
+
+
+async def test_a_closed_pipe_leaves_nothing_open(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closed while a call is connecting: the call fails and its new connection is
+    closed; calls after it fail too instead of connecting again."""
+    loop = asyncio.get_running_loop()
+    connected, go_on = asyncio.Event(), asyncio.Event()
+    create_connection = loop.create_connection
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        made = await create_connection(*args, **kwargs)
+        connected.set()
+        await go_on.wait()
+        return made
+
+    monkeypatch.setattr(loop, "create_connection", held)
+    pipe = pipe_to(redis_url)
+    connecting = asyncio.ensure_future(pipe.execute([("PING",)]))
+    await connected.wait()  # the socket is open; the pipe has not taken it yet
+    await pipe.close()
+    go_on.set()
+    with pytest.raises(ConnectionError):
+        await connecting
+    with pytest.raises(ConnectionError):
+        await pipe.execute([("PING",)])
+    observer = Redis.from_url(redis_url)
+    try:
+        clients = await observer.client_list()
+        assert [c["cmd"] for c in clients] == ["client|list"]  # this one alone
+    finally:
+        await observer.aclose()
