@@ -118,24 +118,22 @@ class RedisPipe:
                     _, protocol = await loop.create_connection(_Protocol, *self._address)
             except OSError as exc:  # named as redis-py names it, for the logs and metrics
                 raise RedisConnectionError(f"redis connection failed: {exc}") from exc
-            if self._hello:
-                try:
-                    hello = _pack(self._hello)
-                    replies = await protocol.send(hello, len(self._hello), loop.time())
-                except BaseException:
-                    protocol.close()
-                    raise
-                refused = [reply for reply in replies if isinstance(reply, ResponseError)]
-                if refused:
-                    protocol.close()
-                    raise AuthenticationError(str(refused[0]))
             try:
+                await self._greet(protocol, loop.time())
                 self._check_open()  # closed while this connected: leave nothing open
-            except RedisConnectionError:
+            except BaseException:
                 protocol.close()
                 raise
             self._protocol = protocol
             return protocol
+
+    async def _greet(self, protocol: _Protocol, now: float) -> None:
+        """AUTH and SELECT on a new connection, as configured."""
+        if self._hello:
+            replies = await protocol.send(_pack(self._hello), len(self._hello), now)
+            refused = [reply for reply in replies if isinstance(reply, ResponseError)]
+            if refused:
+                raise AuthenticationError(str(refused[0]))
 
 
 class _Protocol(asyncio.Protocol):
