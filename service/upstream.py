@@ -9,6 +9,8 @@ event, then the longest idle gap between reads.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,8 +33,10 @@ from .sse import SSEDecoder
 Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True at [DONE]
 
 REDACTED = "[redacted]"
+REDACTED_BYTES = REDACTED.encode()
 MAX_FIELD_CHARS = 256  # a provider's error type, code or param: more is not a code
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
+_NUMBER = re.compile(r"\d{1,10}(\.\d{1,6})?")
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
 
 
@@ -44,6 +48,8 @@ class Upstream:
         self._settings = settings
         self._url = base_url.rstrip("/")
         self._key = settings.api_key
+        # A provider may echo the key anywhere, 2xx bodies included: they are scrubbed too.
+        self._key_bytes = settings.api_key.reveal().encode() if settings.api_key else b""
         # identity: the relay forwards and parses the provider's bytes as they come, and the
         # session does not decompress (aiohttp would otherwise offer gzip, deflate).
         self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -100,7 +106,13 @@ class Upstream:
                 response.close()  # drop the connection: the provider sees it and stops
                 raise
         response.release()
-        return raw
+        return self._scrubbed(raw)
+
+    def _scrubbed(self, data: bytes) -> bytes:
+        """``data`` without our key (one search a read: the hot path barely notices). A key
+        split across two reads of a stream is not caught; a provider echoing it verbatim is."""
+        key = self._key_bytes
+        return data.replace(key, REDACTED_BYTES) if key and key in data else data
 
     async def _post(self, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         trace_context: dict[str, str] = {}
@@ -121,7 +133,7 @@ class Upstream:
             async with self._session.get(url, headers=self._headers) as response:
                 if response.status >= 300:
                     raise await self._status_error(response)
-                raw = await response.read()
+                raw = self._scrubbed(await response.read())
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -143,10 +155,11 @@ class Upstream:
                 provider_status=response.status,
                 code="provider_auth_failed",
             )
-        headers = {}
-        for name in ("Retry-After", "retry-after-ms"):
-            if name in response.headers:
-                headers[name] = response.headers[name]
+        headers = {
+            name: value
+            for name in ("Retry-After", "retry-after-ms")
+            if (value := response.headers.get(name)) is not None and _retry_hint(value)
+        }
         return ProviderStatusError(
             message,
             provider_status=response.status,
@@ -164,7 +177,7 @@ class Upstream:
                 idle_s = self._settings.idle_timeout_s
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
                     async for data in answer.response.content.iter_any():
-                        payloads = decoder.feed(data)
+                        payloads = decoder.feed(self._scrubbed(data))
                         if payloads:
                             deadline.touch()
                             if sink(payloads):
@@ -242,6 +255,17 @@ def scrub(text: str, key: Secret | None) -> str:
         return text
     secret = key.reveal()
     return text.replace(secret, REDACTED) if secret and secret in text else text
+
+
+def _retry_hint(value: str) -> bool:
+    """A ``Retry-After`` worth passing on: a number of seconds (or ms) or an HTTP date; any
+    other text is the provider's, and not for a client's headers."""
+    if _NUMBER.fullmatch(value):
+        return True
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError):
+        return False
 
 
 def _error_detail(raw: bytes) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.appkeys import TELEMETRY
+from service.appkeys import GATE, TELEMETRY
 from service.auth import add_key
 from service.settings import AuthSettings, ProviderSettings, Secret, Settings
 from service.simulator import SimStats
@@ -259,6 +260,80 @@ async def test_echoing_provider_really_echoes(
             headers={"Authorization": f"Bearer {PROVIDER_KEY}"},
         )
         assert PROVIDER_KEY in await streamed.text()
+
+
+def _careless_provider() -> web.Application:
+    """A provider that puts the key it is sent wherever it can: in its 2xx answers (ids,
+    model names, text, finish reasons, its model list) and in its Retry-After headers."""
+
+    def key_of(request: web.Request) -> str:
+        return request.headers["Authorization"].removeprefix("Bearer ")
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        key, body = key_of(request), await request.json()
+        if "refuse" in body["messages"][-1]["content"]:
+            headers = {"Retry-After": key, "retry-after-ms": key}
+            error = {"error": {"message": "slow down", "type": "rate_limit"}}
+            return web.json_response(error, status=429, headers=headers)
+        chunk = {"id": key, "object": "chat.completion.chunk", "created": 1, "model": key}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": f"the key is {key}"}
+            choice = {"index": 0, "message": message, "finish_reason": key}
+            usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+            return web.json_response({**chunk, "choices": [choice], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta, finish in (({"content": f"the key is {key}"}, None), ({}, key)):
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            await response.write(b"data: %b\n\n" % orjson.dumps({**chunk, "choices": [choice]}))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "gpt-4o-mini", "owned_by": key_of(request)}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+async def test_a_provider_echoing_the_key_in_its_answers_is_scrubbed(
+    gateway: GatewayFactory,
+    aiohttp_server: Any,
+    keys_file: tuple[Path, str],
+    receiver: TestServer,
+) -> None:
+    """2xx answers are relayed as they come, but not our key in them: not in the SSE or
+    JSON body, the checkpoint, the ledger, the spans or the model list; and a Retry-After
+    that is not a time is not passed on."""
+    provider = await aiohttp_server(_careless_provider())
+    path, client_key = keys_file
+    auth = {"Authorization": f"Bearer {client_key}"}
+    traces = str(receiver.make_url("/v1/traces"))
+    settings = _openai_mode(str(provider.make_url("/v1")), path, traces)
+    settings = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    client = await gateway(settings)
+    transcript = Transcript()
+    for stream in (True, False):
+        response = await client.post(URL, json=chat_body("hi", stream=stream), headers=auth)
+        assert response.status == 200
+        assert "[redacted]" in await transcript.record(response)
+        stream_id = response.headers["X-Sluice-Stream-Id"]
+        await transcript.record(await client.get(f"/v1/streams/{stream_id}", headers=auth))
+    refused = await client.post(URL, json=chat_body("refuse", stream=False), headers=auth)
+    assert refused.status == 429
+    assert "Retry-After" not in refused.headers  # the provider's was no time at all
+    await transcript.record(refused)
+    await transcript.record(await client.get("/v1/models", headers=auth))
+    assert await client.app[TELEMETRY].flush()
+    spans = receiver.app[RECEIVED]
+    assert any("gen_ai.response.id" in span.text() for span in spans)
+    rows = await client.app[GATE].ledger.entries()
+    assert {row.status for row in rows} == {"completed", "provider_error"}
+    everything = "\n".join([*transcript.parts, *(span.text() for span in spans), *map(repr, rows)])
+    assert PROVIDER_KEY not in everything
+    assert CORE not in everything
 
 
 def test_secret_repr_hides_the_key() -> None:

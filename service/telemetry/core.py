@@ -429,10 +429,13 @@ class Telemetry:
             response_id=stream.progress.response_id,
         )
         prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
-        if "gen_ai.response.model" in attributes:
-            attributes["gen_ai.response.model"] = self.redactor.value(
-                str(attributes["gen_ai.response.model"])
-            )
+        for name in ("gen_ai.response.model", "gen_ai.response.id"):  # the provider's words
+            if name in attributes:
+                attributes[name] = self.redactor.value(str(attributes[name]))
+        if "gen_ai.response.finish_reasons" in attributes:
+            attributes["gen_ai.response.finish_reasons"] = [
+                self.redactor.value(str(checkpoint.finish_reason))
+            ]
         attributes["gen_ai.usage.input_tokens"] = prompt
         attributes["gen_ai.usage.output_tokens"] = completion
         attributes["sluice.cache.result"] = stream.cache_status
