@@ -105,6 +105,8 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/models", models.list_models)
     router.add_get("/v1/usage", usage.get_usage)
     router.add_get("/v1/streams/{stream_id}", streams.get_stream)
-    router.add_get("/v1/streams/{stream_id}/events", streams.stream_events)
+    # No HEAD for these: it would attach a reader (holding off the grace window) that gets
+    # no body, and aiohttp would send one anyway.
+    router.add_get("/v1/streams/{stream_id}/events", streams.stream_events, allow_head=False)
     router.add_post("/v1/streams/{stream_id}/cancel", streams.cancel_stream)
-    router.add_get("/v1/ws", ws.websocket)
+    router.add_get("/v1/ws", ws.websocket, allow_head=False)

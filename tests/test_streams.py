@@ -253,6 +253,27 @@ async def test_resume_after_the_window_finds_the_partial_text_checkpointed(
     assert last_error(rest)["code"] == "client_gone"
 
 
+async def test_head_of_a_stream_s_events_is_refused_and_attaches_no_reader(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """HEAD gets a 405 in OpenAI's shape: a reader that can get no body must not hold the
+    stream (and its grace window) open. The WebSocket route refuses HEAD alike."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=0.0))
+    text = "hold [sim chunks=50 stall_after=3]"
+    response = await client.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    await read_events(response, 2)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    stream = client.app[STREAMS].get(stream_id)
+    assert stream is not None
+    readers = stream.readers
+    for path in (f"/v1/streams/{stream_id}/events", "/v1/ws"):
+        head = await client.head(path, headers=AUTH)
+        assert head.status == 405
+        assert "GET" in head.headers["Allow"]
+    assert stream.readers == readers
+    response.close()
+
+
 WINDOW_S = 28.0  # the grace window of the clocked tests below
 WORD_EVERY_S = 5  # their simulated words: one every 5 s, so none lands on the window's end
 
