@@ -186,6 +186,28 @@ async def test_a_stream_started_over_sse_resumes_over_the_socket(
     await ws.close()
 
 
+async def test_a_non_streamed_answer_is_read_not_resumed(gateway: GatewayFactory) -> None:
+    """A non-streamed request's stream is one JSON object: resuming it over the socket or
+    as SSE is refused (400, ``stream_not_resumable``), and its checkpoint has the result."""
+    client = await gateway()
+    body = chat_body("whole [sim chunks=3]", stream=False)
+    answer = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert answer.status == 200
+    stream_id = answer.headers["X-Sluice-Stream-Id"]
+    events_of = await client.get(f"/v1/streams/{stream_id}/events", headers=AUTH)
+    assert events_of.status == 400
+    assert (await events_of.json())["error"]["code"] == "stream_not_resumable"
+    ws = await connect(client)
+    resume = {"type": "resume", "stream_id": stream_id, "last_seq": 0, "request_id": "r"}
+    await ws.send_str(orjson.dumps(resume).decode())
+    refused, _ = await frame(ws)
+    assert (refused["type"], refused["request_id"]) == ("error", "r")
+    assert refused["error"]["code"] == "stream_not_resumable"
+    await ws.close()
+    checkpoint = await client.get(f"/v1/streams/{stream_id}", headers=AUTH)
+    assert (await checkpoint.json())["status"] == "completed"
+
+
 @pytest.mark.parametrize(
     ("sent", "param"),
     [

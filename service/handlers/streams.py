@@ -40,7 +40,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         remote = await remote_events(request, stream_id, lambda: _last_event_id(request))
         if remote is not None:
             return remote
-    stream = _owned_stream(request)  # first: an unknown stream is a 404, whatever else is off
+    # First: an unknown stream is a 404, whatever else is off.
+    stream = resumable_stream(request.app[STREAMS], stream_id, request[PRINCIPAL])
     after = check_resume_point(stream.last_seq, _last_event_id(request))
     request.app[TELEMETRY].stream_resumed(stream.id, after)
     return await stream_sse(request, request.app[STREAMS], stream, after=after)
@@ -72,6 +73,20 @@ def owned_stream(registry: StreamRegistry, stream_id: str, principal: Principal)
     stream = registry.get(stream_id)
     if stream is None or not _owns(principal, stream.owner.user_id, stream.owner.tenant):
         raise _not_found(stream_id)
+    return stream
+
+
+def resumable_stream(registry: StreamRegistry, stream_id: str, principal: Principal) -> Stream:
+    """``owned_stream``, if it streams: a non-streamed answer is one JSON object, which
+    its checkpoint (``GET /v1/streams/{id}``) holds, not a series of events to resume."""
+    stream = owned_stream(registry, stream_id, principal)
+    if not stream.streaming:
+        raise InvalidRequestError(
+            f"Stream '{stream_id}' answered a request that was not streamed: read its result "
+            f"with GET /v1/streams/{stream_id}.",
+            param="stream_id",
+            code="stream_not_resumable",
+        )
     return stream
 
 

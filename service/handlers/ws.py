@@ -50,7 +50,7 @@ from ..wsproto import (
     parse_frame,
 )
 from .chat import start_stream
-from .streams import owned_stream
+from .streams import resumable_stream
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class _Socket:
                 self._app[TELEMETRY].stream_resumed(stream_id, after)
                 self._follow_remote(remote, request_id, stream_id, after)
                 return
-        stream = owned_stream(self._registry, stream_id, self._principal)
+        stream = resumable_stream(self._registry, stream_id, self._principal)
         after = check_resume_point(stream.last_seq, last_seq)
         self._app[TELEMETRY].stream_resumed(stream.id, after)
         self._follow(request_id, stream, after=after, announce=False)
