@@ -103,6 +103,7 @@ def _add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/readyz", health.readyz)
     router.add_post("/v1/chat/completions", chat.create_chat_completion)
     router.add_get("/v1/models", models.list_models)
+    router.add_get("/v1/models/{model:.+}", models.get_model)  # vLLM names have slashes
     router.add_get("/v1/usage", usage.get_usage)
     router.add_get("/v1/streams/{stream_id}", streams.get_stream)
     # No HEAD for these: it would attach a reader (holding off the grace window) that gets

@@ -130,9 +130,10 @@ class ContextPolicy:
 
 
 def _field(model: str, body: Mapping[str, object]) -> str:
-    if "max_completion_tokens" in body:
+    """The output-limit field the client set (null is not set), else the one the model takes."""
+    if body.get("max_completion_tokens") is not None:
         return "max_completion_tokens"
-    if "max_tokens" in body:
+    if body.get("max_tokens") is not None:
         return "max_tokens"
     base = model.removeprefix("ft:").lower()
     return "max_completion_tokens" if base.startswith(_COMPLETION_TOKENS_ONLY) else "max_tokens"

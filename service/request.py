@@ -15,6 +15,9 @@ import orjson
 from .errors import InvalidRequestError, NotFoundError
 from .jsonbytes import dumps_kept
 
+# Arrays and objects within one another: orjson reads 1024 levels but writes 254, and the
+# body is written again (to the provider, into the cache key); no real request comes near.
+MAX_NESTING = 128
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _T = TypeVar("_T")
 _NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -96,7 +99,28 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
+    _check_nesting(raw, body)
     return body
+
+
+def too_deep() -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The request body nests arrays and objects more than {MAX_NESTING} deep."
+    )
+
+
+def _check_nesting(raw: bytes, parsed: Any) -> None:
+    """``InvalidRequestError`` if ``parsed`` (read from ``raw``) nests arrays and objects
+    more than ``MAX_NESTING`` deep. Looks only when ``raw`` has enough brackets to."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_NESTING:
+        return
+    stack: list[tuple[Any, int]] = [(parsed, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise too_deep()
+        children = value.values() if isinstance(value, dict) else value
+        stack += [(child, depth + 1) for child in children if isinstance(child, dict | list)]
 
 
 def _check_messages(messages: Any) -> None:

@@ -26,6 +26,10 @@ def test_default_is_applied_and_capped_by_the_room_left() -> None:
     assert (plan.max_tokens, plan.field, plan.rewrite) == (4096, "max_tokens", True)
     assert policy.plan_output("gpt-4", {}, 8000).max_tokens == 192  # 8192 window
     assert policy.plan_output("o3-mini", {}, 10).field == "max_completion_tokens"
+    # null is not set: the model's own field, not the one the client sent empty
+    assert policy.plan_output("o3-mini", {"max_tokens": None}, 10).field == "max_completion_tokens"
+    both = {"max_completion_tokens": None, "max_tokens": 50}
+    assert policy.plan_output("gpt-4o", both, 10).field == "max_tokens"
 
 
 def test_explicit_values_are_clamped_or_rejected_per_policy() -> None:

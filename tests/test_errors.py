@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 import logging
 import re
 import socket
@@ -24,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from service import errors
+from service.appkeys import GATE
 from service.middleware import error_middleware
 from service.settings import Settings
 from service.simulator import SimStats
@@ -686,3 +688,41 @@ def test_provider_status_error_statuses() -> None:
         )
         assert error.http_status == client_status
         assert error.payload()["error"]["type"] == "invalid_request_error"
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+async def test_a_body_nested_past_the_limit_is_a_400_with_its_ledger_row(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """Arrays and objects more than 128 deep, anywhere in the body (an unknown field, a
+    message, a tool's schema), over HTTP or a WebSocket: a 400 and a ``rejected`` row, no
+    provider call. 100 deep is fine."""
+    client = await gateway()
+    deep = _nested(300)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"a": deep}}}
+    message = {"role": "user", "content": "hi", "x": deep}
+    bodies = [
+        {**chat_body("hi"), "foo": deep},
+        {**chat_body("hi", stream=False), "messages": [message]},
+        {**chat_body("hi"), "tools": [tool]},
+    ]
+    for body in bodies:
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 400
+        assert_openai_error(await response.json(), type_="invalid_request_error")
+    async with client.ws_connect("/v1/ws", headers=AUTH) as ws:
+        frame = {"type": "chat.completion.create", "request_id": "r", "body": bodies[0]}
+        await ws.send_str(json.dumps(frame))  # (deeper than orjson writes)
+        refused = orjson.loads(await ws.receive_str())
+    assert (refused["type"], refused["error"]["type"]) == ("error", "invalid_request_error")
+    rows = await client.app[GATE].ledger.entries()
+    assert [row.status for row in rows] == ["rejected"] * 4
+    assert sim_stats.requests == 0
+    fine = {**chat_body("hi", stream=False), "foo": _nested(100)}
+    assert (await client.post("/v1/chat/completions", json=fine, headers=AUTH)).status == 200

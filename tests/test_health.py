@@ -13,7 +13,7 @@ from service.app import create_app
 from service.appkeys import LIFECYCLE
 from service.handlers import health
 from service.settings import Settings
-from tests.conftest import GatewayFactory
+from tests.conftest import AUTH, GatewayFactory, chat_body
 
 
 async def test_livez(gateway: GatewayFactory) -> None:
@@ -54,5 +54,8 @@ async def test_readyz_while_draining_livez_still_ok(gateway: GatewayFactory) -> 
         assert ready.status == 503
         assert await ready.json() == {"status": "draining"}
         assert (await client.get("/livez")).status == 200
+        refused = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+        assert refused.status == 503  # a new stream would outlive the drain: elsewhere, soon
+        assert refused.headers["Retry-After"] == "1"
     finally:
         client.app[LIFECYCLE].draining = False

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import openai
+
 from service.settings import Secret, Settings
 from service.simulator import SimStats
-from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_provider
 from tests.wire import assert_openai_error, closed_port
 
 
@@ -92,3 +94,25 @@ async def test_passthrough_provider_down_is_502(
     response = await client.get("/v1/models", headers=AUTH)
     assert response.status == 502
     assert_openai_error(await response.json())
+
+
+async def test_one_model_as_the_sdk_retrieves_it(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """``GET /v1/models/{model}`` (the SDKs' ``models.retrieve``): the model's object from
+    the list, configured or passed through, a name with a slash included; else 404."""
+    configured = await gateway(with_provider(settings, models=("meta-llama/Llama-3-8B", "a")))
+    passthrough = await gateway(_openai_mode(settings))
+    for client, name, owner in (
+        (configured, "meta-llama/Llama-3-8B", "sluice"),
+        (passthrough, "gpt-4o", "sluice-sim"),
+    ):
+        sdk = openai.AsyncOpenAI(
+            base_url=str(client.make_url("/v1")), api_key=DEV_KEY, max_retries=0
+        )
+        model = await sdk.models.retrieve(name)
+        assert (model.id, model.object, model.owned_by) == (name, "model", owner)
+        missing = await client.get("/v1/models/gpt-nope", headers=AUTH)
+        assert missing.status == 404
+        assert (await missing.json())["error"]["code"] == "model_not_found"
+        await sdk.close()

@@ -93,9 +93,12 @@ async def test_only_admins_see_others(client: Client) -> None:
     assert tenant["budget"]["tenant"]["monthly"]["limit_usd"] == 50.0
     status, _ = await usage(client, "key-root", user="alice", tenant="acme")
     assert status == 400
-    status, error = await usage(client, "key-alice", start="yesterday")
-    assert status == 400
-    assert error["error"]["param"] == "start"
+    for bad in ("yesterday", "2024-13-45", "2024-02-30", "0000-00-00", "١٢٣٤-٠١-٠١"):
+        status, error = await usage(client, "key-alice", start=bad)
+        assert status == 400
+        assert error["error"]["param"] == "start"
+    status, error = await usage(client, "key-alice", start="2030-01-02", end="2030-01-01")
+    assert (status, error["error"]["param"]) == (400, "start")  # a range that ends first
 
 
 async def test_date_range_filters_days(client: Client) -> None:

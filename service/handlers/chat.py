@@ -44,7 +44,10 @@ def start_stream(
     ``cache_header`` is the client's ``X-Sluice-Cache`` choice (``use`` or ``bypass``).
     """
     if app[LIFECYCLE].draining:  # a stream started now would outlive the drain unrecorded
-        raise ServiceUnavailableError("The gateway is shutting down; retry on another replica.")
+        raise ServiceUnavailableError(
+            "The gateway is shutting down; retry on another replica.",
+            headers={"Retry-After": "1"},
+        )
     stream = Stream(
         new_stream_id(),
         owner,

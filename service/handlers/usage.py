@@ -6,6 +6,7 @@ A key sees its own user's usage; an admin key may ask for ``?user=`` or ``?tenan
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..budgets import month_start
 from ..errors import InvalidRequestError, PermissionDeniedError
 from ..ledger import utc_day
 
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 async def get_usage(request: web.Request) -> web.Response:
@@ -27,6 +28,8 @@ async def get_usage(request: web.Request) -> web.Response:
     now = gate.clock()
     start = _day(request, "start", month_start(now))
     end = _day(request, "end", utc_day(now))
+    if start > end:
+        raise InvalidRequestError("'start' must not be after 'end'.", param="start")
     rows = await gate.ledger.usage(user=user, tenant=tenant, since_day=start, until_day=end)
     data = [
         {
@@ -77,7 +80,11 @@ def _day(request: web.Request, name: str, default: str) -> str:
     value = request.query.get(name)
     if value is None:
         return default
-    if not _DAY.fullmatch(value):
+    try:
+        valid = _DAY.fullmatch(value) is not None and bool(datetime.date.fromisoformat(value))
+    except ValueError:
+        valid = False
+    if not valid:
         raise InvalidRequestError(f"'{name}' must be a date, YYYY-MM-DD.", param=name)
     return value
 

@@ -39,7 +39,7 @@ from ..auth import Principal
 from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, SluiceError
 from ..redis_journal import UNREADABLE, Event, RemoteStreams
-from ..request import parse_chat_request
+from ..request import parse_chat_request, too_deep
 from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
 from ..wsproto import (
     MAX_REQUEST_ID_CHARS,
@@ -142,7 +142,10 @@ class _Socket:
             if not isinstance(body, dict):
                 raise InvalidRequestError("'body' must be a chat completion request.", param="body")
             # The transport streams by nature: ``stream`` is implied whatever the body says.
-            raw = orjson.dumps({**body, "stream": True})
+            try:
+                raw = orjson.dumps({**body, "stream": True})
+            except TypeError:  # nested deeper than orjson writes: than we take, too
+                raise too_deep() from None
             chat = parse_chat_request(raw, self._app[SERVED_MODELS])
         except SluiceError as exc:  # refused before admission: still one ledger row
             self._app[GATE].refuse(principal, body, code=exc.code or exc.type)
