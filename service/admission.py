@@ -39,7 +39,7 @@ from .auth import Principal
 from .budgets import BudgetLimits, Budgets, Hold
 from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
-from .errors import RateLimitError, SluiceError
+from .errors import RateLimitError, SluiceError, TokenRateLimitError
 from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
 from .limits import STREAM_CAP, Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
 from .pricing import PriceTable
@@ -415,6 +415,8 @@ def _rate_limited(denial: Denial) -> RateLimitError:
             f"Rate limit reached for {tier.name} on {denial.unit} per minute. "
             f"Please try again in {denial.retry_after_s:.3g}s."
         )
+    if denial.unit == "tokens":
+        return TokenRateLimitError(message, headers=headers)
     return RateLimitError(message, headers=headers)
 
 

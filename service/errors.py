@@ -8,6 +8,7 @@
     ├── MethodNotAllowedError          405
     ├── PayloadTooLargeError           413
     ├── RateLimitError                 429 (carries Retry-After and x-ratelimit-* headers)
+    │   ├── TokenRateLimitError        429 the same, from a tokens-per-minute limit
     │   └── BudgetExceededError        429 budget_exceeded: a USD budget is spent
     ├── ServiceUnavailableError        503 (draining)
     │   └── CircuitOpenError           503 the provider's breaker is open (Retry-After)
@@ -116,6 +117,11 @@ class RateLimitError(SluiceError):
     status = 429
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class TokenRateLimitError(RateLimitError):
+    """A tokens-per-minute limit refused: the same error for the client (as OpenAI's), a
+    rejection of its own (``tokens``) in the gateway's metrics."""
 
 
 class BudgetExceededError(RateLimitError):

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.appkeys import STREAMS, TELEMETRY
+from service.appkeys import GATE, STREAMS, TELEMETRY
 from service.settings import Secret, Settings, TelemetrySettings
 from service.telemetry.batch import BATCH_S
 from service.telemetry.genai import user_hash
@@ -291,3 +291,20 @@ async def test_malformed_http_is_one_warning_line_not_a_traceback(
     assert server  # (aiohttp logs a first request's bad method at debug level only)
     assert {line["level"] for line in server} == {"WARNING"}
     assert "Invalid header token" in server[-1]["message"]
+
+
+async def test_an_unbilled_stream_s_access_line_has_the_ledger_s_tokens(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """A provider refusal is not billed (the ledger row has no tokens): its access line,
+    like its span and metrics, says 0, not the prompt the gateway counted."""
+    buffer, settings = captured
+    one_try = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    client = await gateway(one_try)
+    response = await client.post(URL, json=chat_body("x [sim fail=500]"), headers=AUTH)
+    assert response.status == 502
+    await finished(client)
+    (line,) = [line for line in lines(buffer) if line["logger"] == "sluice.access"]
+    (row,) = await client.app[GATE].ledger.entries()
+    assert (row.prompt_tokens, row.completion_tokens) == (0, 0)
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (0, 0)

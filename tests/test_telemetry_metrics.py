@@ -275,3 +275,42 @@ async def test_token_metrics_count_what_the_ledger_bills(
     usage = "gen_ai_client_token_usage"
     assert value(parsed, f"{usage}_count", gen_ai_token_type="input") == 1
     assert value(parsed, f"{usage}_sum", gen_ai_token_type="input") == 0
+
+
+async def test_rejections_by_reason_tell_tokens_from_requests(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A tokens-per-minute refusal is the same 429 for the client (OpenAI's
+    ``rate_limit_exceeded``), and a ``tokens`` rejection in the metrics."""
+    limited = replace(settings, limits=replace(settings.limits, user_tpm=100))
+    client = await gateway(limited)
+    body = {**chat_body("big", stream=False), "max_tokens": 500}
+    refused = await client.post(URL, json=body, headers=AUTH)
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "rate_limit_exceeded"
+    parsed = samples(await scrape(client))
+    assert value(parsed, "sluice_rejections_total", reason="tokens") == 1
+    assert not [
+        k for k in parsed if k[0] == "sluice_rejections_total" and ("reason", "rate") in k[1]
+    ]
+
+
+async def test_a_resumed_stream_has_no_overhead_of_its_own(gateway: GatewayFactory) -> None:
+    """A resume relays a stream generated for another request: its time is that stream's,
+    not the gateway's overhead (none is observed for the route)."""
+    client = await gateway()
+    first = await client.post(URL, json=chat_body("r [sim chunks=3]"), headers=AUTH)
+    await first.read()
+    stream_id = first.headers["X-Sluice-Stream-Id"]
+    await settled(client)
+    resumed = await client.get(f"/v1/streams/{stream_id}/events", headers=AUTH)
+    await resumed.read()
+    parsed = samples(await scrape(client))
+    route = "/v1/streams/{stream_id}/events"
+    overhead = "sluice_gateway_overhead_seconds_count"
+    assert not [
+        k
+        for k in parsed
+        if k[0] == overhead and ("route", route) in k[1] and ("phase", "total") in k[1]
+    ]
+    assert value(parsed, overhead, route=ROUTE, phase="total") == 1

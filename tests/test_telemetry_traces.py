@@ -607,3 +607,48 @@ async def test_websocket_resume_is_an_event_on_the_new_sockets_span(
     event = resumed[0].event("sluice.stream.resumed")
     assert event == {"sluice.stream.id": stream_id, "sluice.resume.after": 1}
     one(spans, "chat gpt-4o-mini").event("sluice.stream.resumed")
+
+
+async def test_grace_expiry_during_an_attempt_in_flight_is_an_event_on_its_span(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """The response went out (keepalives) while the provider still held its headers; the
+    client leaves and the window ends with the attempt in flight: its CLIENT span carries
+    the disconnect and grace-expired events, and ends ``client_gone``."""
+    custom = with_streams(traced(settings, receiver), disconnect_grace_s=0.05, keepalive_s=0.1)
+    client = await gateway(custom)
+    ended = watch(client)
+    body = chat_body("held [sim header_delay_ms=600000]")
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == 200
+    await read_until(response, b": keepalive\n")
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    response.close()
+    await asyncio.wait_for(stream.task, 10)
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+    call = one(spans, "chat gpt-4o-mini")
+    assert call.attributes["error.type"] == "client_gone"
+    for name in ("sluice.client.disconnected", "sluice.grace.expired"):
+        call.event(name)
+
+
+async def test_a_stream_that_fails_after_its_200_marks_the_server_span(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer
+) -> None:
+    """The error went out as the stream's last event, under a 200: the SERVER span keeps
+    an unset status (HTTP said 200) but names the failure in ``error.type``."""
+    client = await gateway(with_resilience(traced(settings, receiver), retry_max_attempts=1))
+    ended = watch(client)
+    response = await client.post(
+        URL, json=chat_body("x [sim chunks=5 error_after=2]"), headers=AUTH
+    )
+    assert response.status == 200
+    await response.read()
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+    server = one(spans, CHAT)
+    assert server.attributes["sluice.outcome"] == "provider_error"
+    assert (
+        server.attributes["error.type"] == one(spans, "chat gpt-4o-mini").attributes["error.type"]
+    )

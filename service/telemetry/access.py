@@ -18,6 +18,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from ..checkpoint import billed_tokens
 from . import genai
 from .records import RequestTrace, StreamTrace
 
@@ -94,14 +95,15 @@ def access_fields(rt: RequestTrace | None, st: StreamTrace | None, outcome: str)
 
 def _stream_fields(st: StreamTrace) -> dict[str, Any]:
     stream, checkpoint = st.stream, st.checkpoint
+    prompt, completion = billed_tokens(stream, checkpoint) if checkpoint else (None, None)
     fields: dict[str, Any] = {
         "stream_id": stream.id,
         "model": stream.model,
         "served_model": stream.served_model,
         "user_hash": genai.user_hash(stream.owner.user_id),
         "tenant": stream.owner.tenant,
-        "prompt_tokens": checkpoint.prompt_tokens if checkpoint else None,
-        "completion_tokens": checkpoint.completion_tokens if checkpoint else None,
+        "prompt_tokens": prompt,  # as the ledger bills them, as spans and metrics have them
+        "completion_tokens": completion,
         "cost_usd": st.cost,
         "cache": stream.cache_status,
         "attempts": st.attempt,

@@ -38,7 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry
 
 from ..checkpoint import Checkpoint, billed_tokens
-from ..errors import ProviderError, SluiceError
+from ..errors import ProviderError, SluiceError, TokenRateLimitError
 from ..settings import Settings
 from ..stream import Stream, StreamStatus
 from . import access, genai
@@ -57,7 +57,6 @@ CostFunction = Callable[[Stream, Checkpoint], float | None]
 # Error codes that mean "refused before the provider", and the reason label for each.
 REJECTION_REASONS = {
     "rate_limit_exceeded": "rate",
-    "tokens_limit_exceeded": "tokens",
     "concurrent_streams_exceeded": "concurrency",
     "budget_exceeded": "budget",
     "circuit_open": "breaker",
@@ -66,6 +65,7 @@ REJECTION_REASONS = {
 # Ends the client chose: not the gateway's failures (a SERVER span's status stays unset).
 RUNNING = StreamStatus.RUNNING
 _CLIENT_ENDED = frozenset({StreamStatus.CANCELLED, StreamStatus.CLIENT_GONE})
+_FAILED = frozenset({StreamStatus.PROVIDER_ERROR, StreamStatus.TIMEOUT})
 STREAM_EVENTS = {
     "client_disconnected": "sluice.client.disconnected",
     "grace_expired": "sluice.grace.expired",
@@ -170,7 +170,7 @@ class Telemetry:
         rt.status = status
         rt.error_type = genai.failure_type(error)
         if _ours(error) and rt.rejection is None:
-            reason = REJECTION_REASONS.get(error.code or "")
+            reason = rejection_reason(error)
             if reason is not None:
                 self.rejected(reason, request=rt)
 
@@ -182,7 +182,11 @@ class Telemetry:
         if rt.sse:
             self.metrics.child(self.metrics.open_streams, "sse").dec()
         st = rt.stream
-        if rt.outcome != "client_gone" and (st is None or st.finished or not st.stream.running):
+        # A request that relayed a stream made elsewhere (a resume, a socket) has no overhead
+        # of its own to tell: its time is the stream's.
+        follower = st is None and (rt.sse or rt.websocket)
+        ended = st is None or st.finished or not st.stream.running
+        if rt.outcome != "client_gone" and not follower and ended:
             overhead = now - rt.started - (st.provider_s(now, whole=True) if st else 0.0)
             self.metrics.child(self.metrics.overhead, rt.route, "total").observe(max(0.0, overhead))
         span = rt.span
@@ -226,6 +230,10 @@ class Telemetry:
             attributes["sluice.outcome"] = outcome
         if rt.error_type is not None and (rt.status >= 500 or rt.rejection):
             attributes["error.type"] = rt.error_type
+        elif rt.stream is not None and rt.stream.stream.status in _FAILED:
+            # A 200 whose stream then failed (the error went out as its last event).
+            stream = rt.stream.stream
+            attributes["error.type"] = genai.error_type(stream.status, stream.error) or ""
         span.set_attributes(attributes)
         if rt.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
@@ -294,20 +302,20 @@ class Telemetry:
         parent = trace.get_current_span(st.parent).get_span_context()
         sampled = self.recording and parent.trace_flags.sampled
         span = self._start_attempt_span(st, model) if sampled else None
+        st.span = span  # in flight: a disconnect or the grace window's end is an event on it
         token = otel_context.attach(trace.set_span_in_context(span)) if span else None
         try:
             yield
         except asyncio.CancelledError:
-            st.span = span  # the stream was stopped while waiting: ended with its status
-            raise
+            raise  # the stream was stopped while waiting: the span ends with its status
         except BaseException as exc:
+            st.span = None
             if span is not None:
                 _mark_failed(span, exc, self.redactor)
                 st.failed = span
             raise
         else:
             st.answered_at = time.time()
-            st.span = span
         finally:
             if token is not None:
                 otel_context.detach(token)
@@ -380,7 +388,7 @@ class Telemetry:
         if st.websocket:
             self.metrics.child(self.metrics.open_streams, "ws").dec()
             error_ = stream.error
-            reason = REJECTION_REASONS.get(error_.code or "") if _ours(error_) else None
+            reason = rejection_reason(error_) if _ours(error_) else None
             if reason is not None:  # no middleware saw this refusal (breaker): count it here
                 self.rejected(reason, span=st.server_span)
         if st.server_span is not None:
@@ -460,8 +468,8 @@ class Telemetry:
         stream, m = st.stream, self.metrics
         m.child(m.cache, stream.cache_status).inc()
         model = m.label(stream.served_model)
-        if cost:
-            m.child(m.cost, m.label(stream.owner.tenant), model).inc(cost)
+        if cost:  # tenants are the operator's (the keys file): not crowded out by models
+            m.child(m.cost, m.fixed(stream.owner.tenant), model).inc(cost)
         if st.attempt == 0 or stream.cache_hit:
             return  # no provider call: nothing for the GenAI client metrics
         labels = (genai.OPERATION, m.fixed(self.provider_name), model)
@@ -597,6 +605,13 @@ def _mark_failed(span: Span, error: BaseException, redactor: Redactor) -> None:
         span.set_attribute("http.response.status_code", status)
     message = error.message if isinstance(error, SluiceError) else type(error).__name__
     span.set_status(Status(StatusCode.ERROR, redactor.redact(message)))
+
+
+def rejection_reason(error: SluiceError) -> str | None:
+    """The ``reason`` label of a refusal before the provider, None for other errors."""
+    if isinstance(error, TokenRateLimitError):
+        return "tokens"
+    return REJECTION_REASONS.get(error.code or "")
 
 
 def _ns(seconds: float) -> int:

@@ -33,9 +33,10 @@ class Metrics:
         self, registry: CollectorRegistry, labels: LabelGuard, operator: LabelGuard | None = None
     ) -> None:
         self.registry = registry
-        self.label = labels  # values clients influence: models, tenants, provider codes
-        # Values the operator sets (provider, breaker names) or Sluice fixes (reasons): a
-        # budget of their own, so a flood of client values cannot turn them into "other".
+        self.label = labels  # values clients influence: models, provider codes
+        # Values the operator sets (provider, breaker names, tenants) or Sluice fixes
+        # (reasons): a budget of their own, so a flood of client values cannot turn them
+        # into "other".
         self.fixed = operator or labels
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.token_usage = Histogram(

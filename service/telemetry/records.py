@@ -103,7 +103,7 @@ class StreamTrace:
 
     def provider_s(self, now: float, *, whole: bool) -> float:
         """Wall time spent waiting on the provider up to its answer's headers (or its end)."""
-        if self.provider_started is None or self.stream.cache_hit:
+        if self.provider_started is None:  # (a cache hit after failed attempts counts them)
             return 0.0
         end = None if whole else self.answered_at
         end = min(end or self.stream.ended_at or now, now)
