@@ -27,7 +27,8 @@ test: lint k8s-validate services node-deps
 
 # The Node SDK check (tests/test_node_sdk.py): the openai package from the committed lockfile.
 node-deps:
-	@if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --silent; fi
+	@if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --silent; \
+	else echo "node-deps: npm is missing: the Node SDK check will skip (fail when CI=true)" >&2; fi
 
 # Render k8s/ (base + overlays) offline and validate every object against the schemas.
 k8s-validate: install

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Make sure the real servers the test suite starts for itself are installed:
-# redis-server and PostgreSQL (initdb/pg_ctl/postgres). Installs only what is missing,
+# Make sure the real servers and tools the test suite starts for itself are installed:
+# redis-server, PostgreSQL (initdb/pg_ctl/postgres), and node with npm (the Node SDK
+# check, tests/test_node_sdk.py). Installs only what is missing,
 # through apt, non-interactively; needs root for that (CI runs as root on Debian).
 # Without root and with something missing it says what to install and exits 0: the
 # tests that need the server then skip locally (and fail under CI=true).
@@ -12,6 +13,8 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
     && ! command -v initdb >/dev/null 2>&1; then
     need+=(postgresql)
 fi
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

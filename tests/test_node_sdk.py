@@ -19,14 +19,15 @@ import pytest
 from service.settings import Settings
 from service.simulator import completion_words, prompt_text
 from tests.conftest import DEV_KEY, GatewayFactory, chat_body
+from tests.servers import unavailable
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NODE = shutil.which("node")
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
-
 
 async def _run_node(base_url: str, prompt: str) -> dict[str, Any]:
+    if NODE is None:
+        unavailable("node is not installed")
     if not (NODE_DIR / "node_modules" / "openai").is_dir():
         pytest.fail("tests/node has no node_modules: run `make test` (it runs npm ci there)")
     assert NODE is not None
