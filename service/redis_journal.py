@@ -8,7 +8,10 @@ a reader and appends what arrived (at most one round trip per ``MIRROR_INTERVAL_
 the Redis Stream
 ``sluice:journal:<id>``, entry id ``0-<seq>`` (so ids are the SSE sequence numbers),
 fields ``k`` (kind) and ``d`` (data). A failed append is retried with everything since
-the last mirrored event on the next wakeup; the in-process path never waits on Redis.
+the last mirrored event on the next wakeup (events Redis already has are no failure: the
+ids are the events' own); the in-process path never waits on Redis. An append that finds
+the stream's record gone (Redis restarted empty or was flushed) writes the journal anew,
+from its first event, with the owner.
 After the stream is retired (its checkpoint stored), a final marker entry (kind ``END``,
 field ``s`` = status) closes the journal; both keys expire with the checkpoint TTL.
 ``sluice:stream:<id>`` holds the owner (user, tenant) and status; ``sluice:owner:<id>``
@@ -40,7 +43,7 @@ from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .checkpoint import Checkpoint, CheckpointStore
 from .redis_pipe import Command
@@ -63,6 +66,11 @@ HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
 
 UNREADABLE = "unreadable"  # ``follow``: Redis failed mid-read; the stream may go on
 Event = tuple[int, int, bytes]  # (seq, kind, data): one journal event with its number
+
+
+def _already_journaled(error: Exception) -> bool:
+    """An XADD of an event id the journal already has: an earlier append got there."""
+    return isinstance(error, ResponseError) and "equal or smaller than" in str(error)
 
 
 def journal_key(stream_id: str) -> str:
@@ -137,7 +145,7 @@ class JournalMirror:
             ("DEL", owner_key(stream.id)),
         ]
         try:
-            await self._gate.pipeline(close)
+            await self._gate.pipeline(close, expected=_already_journaled)
         except RedisUnavailable as exc:
             log.warning("journal of %s not closed in redis: %s", stream.id, exc)
 
@@ -149,7 +157,7 @@ class JournalMirror:
         }
         mirrored = 0
         try:
-            await self._gate.pipeline(self._append(stream, 0, 0, owner))
+            await self._append(stream, 0, 0, owner)
             registered = True
         except RedisUnavailable:
             registered = False  # the first append that succeeds registers it instead
@@ -164,33 +172,42 @@ class JournalMirror:
                 continue
             meta = None if registered else owner
             try:
-                await self._gate.pipeline(self._append(stream, mirrored, upto, meta))
+                known = await self._append(stream, mirrored, upto, meta)
             except RedisUnavailable:
                 continue  # retried with everything since ``mirrored`` on the next wakeup
-            registered = True
-            mirrored = upto
+            # Redis lost the stream's keys (restarted empty, flushed): all again, owner first.
+            registered, mirrored = (True, upto) if known else (False, 0)
             if stream.running:
                 await asyncio.sleep(MIRROR_INTERVAL_S)  # coalesce: one round trip per interval
         if mirrored < len(stream.events):
             with contextlib.suppress(RedisUnavailable):
-                await self._gate.pipeline(self._append(stream, mirrored, len(stream.events), owner))
+                await self._append(stream, mirrored, len(stream.events), owner)
 
-    def _append(
+    async def _append(
         self, stream: Stream, start: int, stop: int, owner: dict[str, str] | None
-    ) -> list[Command]:
-        """Events ``start`` to ``stop`` (and the owner, when given) as one round trip."""
+    ) -> bool:
+        """Events ``start`` to ``stop`` (and the owner, when given) in one round trip; False
+        when Redis no longer knew the stream (its owner record was gone).
+
+        Ids are the events' own, so an append is idempotent: one that timed out after Redis
+        ran it is sent again, and the events already there are answers, not failures. The
+        owner with the journal from its first event writes the journal anew: whatever Redis
+        kept of it after losing the rest (an empty restart, a flush) is dropped first."""
         key, meta = journal_key(stream.id), meta_key(stream.id)
         commands: list[Command] = []
         if owner is not None:
+            if start == 0:
+                commands.append(("DEL", key))
             commands.append(("HSET", meta, *itertools.chain.from_iterable(owner.items())))
-            commands.append(("PEXPIRE", meta, self._ttl_ms))
         commands += [
             ("XADD", key, f"0-{seq}", "k", kind, "d", data)
             for seq, (kind, data) in enumerate(stream.events[start:stop], start + 1)
         ]
         commands.append(("PEXPIRE", key, self._ttl_ms))
         commands.append(self._heartbeat(stream.id))
-        return commands
+        commands.append(("PEXPIRE", meta, self._ttl_ms))  # 0: the owner record is gone
+        replies = await self._gate.pipeline(commands, expected=_already_journaled)
+        return bool(replies[-1])
 
     def _heartbeat(self, stream_id: str) -> Command:
         return ("SET", owner_key(stream_id), b"1", "PX", self._heartbeat_ms)

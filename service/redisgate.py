@@ -204,15 +204,23 @@ class RedisGate:
         if self._sending:
             await asyncio.wait(self._sending)
 
-    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+    async def pipeline(
+        self, commands: Sequence[Command], *, expected: Callable[[Exception], bool] | None = None
+    ) -> list[Any]:
         """``commands`` in one round trip under the deadline, the posted writes in front;
-        their replies. An error reply fails the call, as it fails a redis-py pipeline."""
-        return await self.run(lambda r: self._pipeline(r, commands))
+        their replies. An error reply fails the call (and counts towards the breaker), as it
+        fails a redis-py pipeline, unless ``expected`` says it is an answer, not a failure."""
+        return await self.run(lambda r: self._pipeline(r, commands, expected))
 
-    async def _pipeline(self, client: Redis, commands: Sequence[Command]) -> list[Any]:
+    async def _pipeline(
+        self,
+        client: Redis,
+        commands: Sequence[Command],
+        expected: Callable[[Exception], bool] | None,
+    ) -> list[Any]:
         replies = await self._send(client, commands)
         for reply in replies:
-            if isinstance(reply, Exception):
+            if isinstance(reply, Exception) and not (expected is not None and expected(reply)):
                 raise reply
         return replies
 

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from service import resources
-from service.appkeys import JOURNAL_MIRROR, REMOTE_STREAMS, STREAMS
+from service.appkeys import JOURNAL_MIRROR, REDIS, REMOTE_STREAMS, STREAMS
 from service.redis_journal import journal_key, meta_key, owner_key
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
@@ -479,3 +479,46 @@ async def test_a_socket_elsewhere_told_to_resume_when_redis_fails_mid_read(
     assert str(frame["seq"]) in frame["error"]["message"]
     await ws.close()
     response.close()
+
+
+async def test_a_journal_append_sent_again_is_no_failure(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """An append that timed out after Redis ran it is sent again with the same event ids:
+    the events already there are answers, not failures (the breaker counts none)."""
+    a = await gateway(with_redis(settings, redis_url))
+    response = await a.post(
+        "/v1/chat/completions", json=chat_body("short [sim chunks=4]"), headers=AUTH
+    )
+    await response.read()
+    stream = a.app[STREAMS].get(response.headers[STREAM_ID_HEADER])
+    assert stream is not None
+    mirror, gate = a.app[JOURNAL_MIRROR], a.app[REDIS]
+    assert mirror is not None
+    assert gate is not None
+    before = gate.errors_total
+    assert await mirror._append(stream, 0, stream.last_seq, None) is True
+    assert gate.errors_total == before
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.xlen(journal_key(stream.id)) == stream.last_seq + 1  # and END
+    finally:
+        await redis.aclose()
+
+
+async def test_a_stream_whose_journal_redis_lost_is_mirrored_again(
+    gateway: GatewayFactory, settings: Settings, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis restarts empty mid-stream: the owner registers the stream again and mirrors
+    its whole journal, so another replica still resumes it from the start, byte for byte."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 3)
+    redis_server.flush()  # everything Redis held, gone
+    await response.read()
+    stream = a.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    assert await full_replay(b, stream_id) == await full_replay(a, stream_id)
