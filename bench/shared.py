@@ -1,11 +1,13 @@
 """``python -m bench.shared`` (``make bench-redis``): what shared state in Redis costs.
 
-Runs the same gateway twice on fresh processes, both with per-user, per-tenant and global
-rate limits and a stream cap on (so every request does its admission work): once with
-in-process state, once with ``SLUICE_REDIS_URL`` pointing at a private ``redis-server``
-started here. Reports p50/p99 latency of short non-streamed completions at concurrency 1
-(where added latency shows undiluted), throughput and gateway CPU per request at the
-throughput concurrency, and the p50 latency added by Redis (target: at most 0.3 ms).
+Runs the same gateway twice, side by side on fresh processes, both with per-user,
+per-tenant and global rate limits and a stream cap on (so every request does its
+admission work): one with in-process state, one with ``SLUICE_REDIS_URL`` pointing at a
+private ``redis-server`` started here. Reports p50/p99 latency of short non-streamed
+completions at concurrency 1 (where added latency shows undiluted; the two gateways take
+turns request by request), throughput and gateway CPU per request at the throughput
+concurrency (one gateway at a time), and the p50 latency added by Redis (target: at most
+0.3 ms).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
+
 from .load import chat_body, new_session, run_load
-from .phases import CHAT_PATH, QUICK, BenchConfig, _measure
+from .phases import CHAT_PATH, QUICK, BenchConfig, Measured, _measure
 from .procs import Stack, free_port
 from .report import Row, ms, percentile, render
 
@@ -82,55 +86,84 @@ class RedisProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def measure_mode(
-    log_dir: Path, name: str, env: dict[str, str], config: BenchConfig
-) -> tuple[list[float], float, float]:
-    """(sequential latencies, throughput rps, gateway CPU ms per request) for one mode."""
-    body = chat_body("chunks=5", stream=False)
-    async with Stack(log_dir, name, gateway_env={**LIMITS_ENV, **env}) as stack:
-        url = stack.gateway_url + CHAT_PATH
-        async with new_session() as session:
+Mode = tuple[list[float], float, float]  # sequential latencies, rps, gateway CPU ms a request
+BODY = chat_body("chunks=5", stream=False)
+
+
+async def _one_at_a_time(
+    session: aiohttp.ClientSession, urls: tuple[str, str], total: int, config: BenchConfig
+) -> tuple[list[float], list[float]]:
+    """Latencies at concurrency 1, the two gateways taking turns request by request (each
+    first in every other pair): both see the machine as it is at that moment, so a drift
+    in the VM's speed between two phases cannot pass for the cost of Redis."""
+    latencies: tuple[list[float], list[float]] = ([], [])
+    for n in range(total):
+        for index in (0, 1) if n % 2 == 0 else (1, 0):
+            one = await run_load(
+                session,
+                urls[index],
+                BODY,
+                total=1,
+                concurrency=1,
+                time_limit_s=config.phase_limit_s,
+                streaming=False,
+            )
+            if one.errors:
+                raise SystemExit(f"bench.shared: a request to {urls[index]} failed")
+            latencies[index].extend(one.latencies_s)
+    return latencies
+
+
+async def _loaded(stack: Stack, session: aiohttp.ClientSession, config: BenchConfig) -> Measured:
+    url = stack.gateway_url + CHAT_PATH
+    loaded = await _measure(
+        stack,
+        session,
+        url,
+        BODY,
+        total=config.non_stream_requests,
+        concurrency=config.concurrency,
+        config=config,
+        streaming=False,
+    )
+    if loaded.load.errors:
+        raise SystemExit(f"bench.shared: {stack.name}: requests failed under load")
+    return loaded
+
+
+async def measure(log_dir: Path, redis_url: str, config: BenchConfig) -> tuple[Mode, Mode]:
+    """Both gateways up at once: latencies taking turns, then each one's load on its own
+    (the other idle)."""
+    shared_env = {**LIMITS_ENV, "SLUICE_REDIS_URL": redis_url, "SLUICE_REDIS_TIMEOUT_S": "2"}
+    # A saturated 2-CPU box can exceed the production 0.25 s deadline: this measures cost.
+    async with (
+        Stack(log_dir, "in-process", gateway_env=LIMITS_ENV) as local,
+        Stack(log_dir, "redis", gateway_env=shared_env) as shared,
+        new_session() as session,
+    ):
+        urls = (local.gateway_url + CHAT_PATH, shared.gateway_url + CHAT_PATH)
+        for url in urls:
             await run_load(
                 session,
                 url,
-                body,
+                BODY,
                 total=config.warmup_requests,
                 concurrency=4,
                 time_limit_s=config.phase_limit_s,
                 streaming=False,
             )
-            sequential = await run_load(
-                session,
-                url,
-                body,
-                total=config.non_stream_requests // 4,
-                concurrency=1,
-                time_limit_s=config.phase_limit_s,
-                streaming=False,
-            )
-            loaded = await _measure(
-                stack,
-                session,
-                url,
-                body,
-                total=config.non_stream_requests,
-                concurrency=config.concurrency,
-                config=config,
-                streaming=False,
-            )
-    if sequential.errors or loaded.load.errors:
-        raise SystemExit(f"bench.shared: {name}: requests failed; see {log_dir}")
-    cpu_ms = loaded.per_request_ms(loaded.gateway_cpu_s)
-    return sequential.latencies_s, loaded.load.rps, cpu_ms
+        sequential = await _one_at_a_time(session, urls, config.non_stream_requests // 4, config)
+        modes = []
+        for stack, latencies in zip((local, shared), sequential, strict=True):
+            loaded = await _loaded(stack, session, config)
+            modes.append((latencies, loaded.load.rps, loaded.per_request_ms(loaded.gateway_cpu_s)))
+    return modes[0], modes[1]
 
 
 async def run(config: BenchConfig, log_dir: Path) -> list[Row]:
     redis = RedisProcess()
     try:
-        local = await measure_mode(log_dir, "in-process", {}, config)
-        # A saturated 2-CPU box can exceed the production 0.25 s deadline: this measures cost.
-        env = {"SLUICE_REDIS_URL": redis.url, "SLUICE_REDIS_TIMEOUT_S": "2"}
-        shared = await measure_mode(log_dir, "redis", env, config)
+        local, shared = await measure(log_dir, redis.url, config)
     finally:
         redis.stop()
     added_ms = (percentile(shared[0], 0.5) - percentile(local[0], 0.5)) * 1000
