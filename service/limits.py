@@ -124,6 +124,13 @@ class Bucket:
         excess = limiter._level + amount - limiter.max_rate
         return max(excess, 0.0) / limiter._rate_per_sec
 
+    def remaining(self, *, current: bool = False) -> int:
+        """What ``quota().remaining`` would be, without making the ``Quota``."""
+        limiter = self.limiter
+        if not current:
+            limiter.has_capacity(0)
+        return max(int(limiter.max_rate - limiter._level), 0)
+
     def quota(self, *, current: bool = False) -> Quota:
         """The bucket's state; ``current``: its level was just brought up to date."""
         limiter = self.limiter
@@ -259,14 +266,19 @@ def stream_denial(user: str) -> Denial:
 def _tightest(
     pairs: Sequence[tuple[Tier, str, Bucket, int]], *, current: bool = False
 ) -> tuple[Quota | None, Quota | None]:
-    """The quota with the fewest remaining, per unit (what OpenAI-style headers report)."""
-    best: dict[str, Quota] = {}
+    """The quota with the fewest remaining, per unit (what OpenAI-style headers report);
+    a ``Quota`` is made for the two that are reported only."""
+    best: dict[str, tuple[int, Bucket]] = {}
     for _, unit, bucket, _ in pairs:
-        quota = bucket.quota(current=current)
+        remaining = bucket.remaining(current=current)
         tightest = best.get(unit)
-        if tightest is None or quota.remaining < tightest.remaining:
-            best[unit] = quota
-    return best.get("requests"), best.get("tokens")
+        if tightest is None or remaining < tightest[0]:
+            best[unit] = (remaining, bucket)
+    requests, tokens = best.get("requests"), best.get("tokens")
+    return (
+        requests[1].quota(current=True) if requests else None,
+        tokens[1].quota(current=True) if tokens else None,
+    )
 
 
 def ratelimit_headers(requests: Quota | None, tokens: Quota | None) -> dict[str, str]:
