@@ -38,8 +38,10 @@ k8s-validate: install
 services:
 	bash scripts/ensure-services.sh
 
-bench: install
+# The benchmark, then its Redis mode (what shared state costs); bench-redis runs the latter.
+bench: install services
 	$(PY) -m bench
+	$(PY) -m bench.shared
 
 # Shared state's cost: the same gateway with in-process state and with Redis.
 bench-redis: install services
