@@ -8,7 +8,9 @@ synchronous design gets them wrong for awaited calls:
   opened on an injected monotonic clock (through a listener) and make the open-to-half-open
   move ourselves, so tests advance a clock instead of sleeping.
 - **One probe.** In half-open pybreaker lets *every* call through; here exactly one attempt
-  probes and concurrent ones fail fast as if the circuit were still open.
+  probes and concurrent ones fail fast as if the circuit were still open. An attempt let in
+  before the circuit last opened (a slow call from before the outage) says nothing about
+  the provider now: its outcome is not fed, so only the probe decides the half-open state.
 - **What counts.** An attempt's outcome is fed to pybreaker through ``calling()`` once it
   is known, never while the call is pending (no lock is held across an ``await``). A
   cancelled attempt (the client went away) is not fed at all: pybreaker treats an excluded
@@ -34,6 +36,7 @@ from .errors import CircuitOpenError, ProviderError, ProviderStatusError
 DEFAULT_FAIL_MAX = 5
 DEFAULT_RESET_TIMEOUT_S = 30.0
 PROBE_BUSY_RETRY_AFTER_S = 1.0
+MAX_BREAKERS = 256  # per provider: with "*", model names come from clients
 
 CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
@@ -64,12 +67,13 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
     ) -> None:
         if new_state.name == OPEN:
             self._breaker.opened_at = self._breaker.clock()
+            self._breaker.cycle += 1
 
 
 class Breaker:
     """One circuit (a provider, or one of its models); use ``with breaker.attempt():``."""
 
-    __slots__ = ("_cb", "_probing", "clock", "name", "opened_at")
+    __slots__ = ("_cb", "_probing", "clock", "cycle", "name", "opened_at")
 
     def __init__(
         self,
@@ -82,6 +86,7 @@ class Breaker:
         self.name = name
         self.clock = clock
         self.opened_at = clock()
+        self.cycle = 0  # how many times it opened: an attempt's news counts in its own cycle
         self._probing = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
@@ -116,15 +121,16 @@ class Breaker:
     def attempt(self) -> Iterator[None]:
         """Guard one provider attempt; raise ``CircuitOpenError`` without calling when open."""
         probe = self._admit()
+        cycle = self.cycle
         try:
             yield
         except asyncio.CancelledError:
             raise  # the client left: says nothing about the provider
         except BaseException as exc:
-            self._record(failed=is_provider_failure(exc))
+            self._record(failed=is_provider_failure(exc), cycle=cycle)
             raise
         else:
-            self._record(failed=False)
+            self._record(failed=False, cycle=cycle)
         finally:
             if probe:
                 self._probing = False
@@ -151,8 +157,10 @@ class Breaker:
             return True
         return False
 
-    def _record(self, *, failed: bool) -> None:
+    def _record(self, *, failed: bool, cycle: int) -> None:
         """Feed an outcome to pybreaker: counts, opens at ``fail_max``, closes after a probe."""
+        if cycle != self.cycle:
+            return  # let in before the circuit last opened: old news of the provider
         state = self._cb.current_state
         if state == OPEN:
             return  # a concurrent attempt already opened it; its clock is running
@@ -184,9 +192,12 @@ class Breakers:
         self.listeners: list[pybreaker.CircuitBreakerListener] = []  # given to every breaker
 
     def for_model(self, model: str) -> Breaker:
-        """The breaker guarding calls for ``model`` (``*`` in ``per_model`` means every one)."""
+        """The breaker guarding calls for ``model`` (``*`` in ``per_model`` means every one;
+        past ``MAX_BREAKERS`` names, which clients choose then, others share the provider's)."""
         own = model in self._per_model or "*" in self._per_model
         name = f"{self._provider}/{model}" if own else self._provider
+        if name not in self._breakers and len(self._breakers) >= MAX_BREAKERS:
+            name = self._provider
         breaker = self._breakers.get(name)
         if breaker is None:
             breaker = self._breakers[name] = Breaker(

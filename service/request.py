@@ -18,6 +18,7 @@ from .jsonbytes import dumps_kept
 # Arrays and objects within one another: orjson reads 1024 levels but writes 254, and the
 # body is written again (to the provider, into the cache key); no real request comes near.
 MAX_NESTING = 128
+MAX_MODEL_CHARS = 256
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _T = TypeVar("_T")
 _NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -63,6 +64,10 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("you must provide a model parameter", param="model")
+    if len(model) > MAX_MODEL_CHARS:  # it names breakers, metrics and a response header
+        raise InvalidRequestError(
+            f"'model' is too long: at most {MAX_MODEL_CHARS} characters.", param="model"
+        )
     if served_models is not None and model not in served_models:
         raise NotFoundError(
             f"The model `{model}` does not exist or you do not have access to it.",

@@ -13,7 +13,7 @@ import pybreaker
 import pytest
 
 from service.appkeys import STREAMS
-from service.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, Breakers
+from service.breaker import CLOSED, HALF_OPEN, MAX_BREAKERS, OPEN, Breaker, Breakers
 from service.errors import CircuitOpenError, ProviderConnectionError, ProviderStatusError
 from service.settings import Settings
 from service.simulator import SimStats
@@ -93,6 +93,41 @@ def test_failed_probe_reopens_for_a_fresh_timeout() -> None:
     fail(breaker)
     assert breaker.state == OPEN
     assert breaker.remaining_s() == 30
+
+
+def test_only_the_probe_decides_the_half_open_state() -> None:
+    """Attempts let in before the circuit opened (slow calls from before the outage) end
+    while the probe is out: neither their success closes it nor their failure reopens it."""
+    for late_failure in (False, True):
+        clock = FakeClock()
+        breaker = Breaker("p", fail_max=1, reset_timeout_s=30, clock=clock)
+        slow = breaker.attempt()
+        slow.__enter__()  # admitted while closed, still waiting for the provider
+        fail(breaker)  # another attempt opens the circuit
+        clock.advance(30)
+        probe = breaker.attempt()
+        probe.__enter__()
+        assert breaker.state == HALF_OPEN
+        if late_failure:
+            with contextlib.suppress(ProviderStatusError):
+                slow.__exit__(ProviderStatusError, SERVER_ERROR, None)
+        else:
+            slow.__exit__(None, None, None)
+        assert breaker.state == HALF_OPEN  # the old call's news did not count
+        with pytest.raises(CircuitOpenError), breaker.attempt():
+            pytest.fail("a second attempt ran during the probe")
+        probe.__exit__(None, None, None)
+        assert breaker.state == CLOSED
+
+
+def test_per_model_breakers_are_bounded() -> None:
+    """With every model its own breaker, client-chosen names stop making new ones past
+    MAX_BREAKERS: the rest share the provider's."""
+    breakers = Breakers("p", per_model=frozenset({"*"}), clock=FakeClock())
+    for n in range(MAX_BREAKERS + 50):
+        breakers.for_model(f"made-up-{n}")
+    assert len(breakers.all()) == MAX_BREAKERS + 1
+    assert breakers.for_model("one-more").name == "p"
 
 
 def test_cancellation_never_counts() -> None:

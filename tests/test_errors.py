@@ -726,3 +726,12 @@ async def test_a_body_nested_past_the_limit_is_a_400_with_its_ledger_row(
     assert sim_stats.requests == 0
     fine = {**chat_body("hi", stream=False), "foo": _nested(100)}
     assert (await client.post("/v1/chat/completions", json=fine, headers=AUTH)).status == 200
+
+
+async def test_a_model_name_past_256_characters_is_a_400(gateway: GatewayFactory) -> None:
+    """A model name becomes a breaker's name, a metric label and a response header."""
+    client = await gateway()
+    body = {**chat_body("hi", stream=False), "model": "m" * 257}
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 400
+    assert assert_openai_error(await response.json())["param"] == "model"
