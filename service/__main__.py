@@ -80,7 +80,10 @@ def _drain_on_sigterm(app: web.Application) -> None:
     aiohttp's own handler closes the listening socket before ``on_shutdown`` runs, so a
     probe during the drain would see a refused connection, not ``/readyz`` 503, and a new
     request could not be told to go elsewhere. A second SIGTERM stops listening at once
-    (what still runs then gets the rest of the window in ``on_shutdown``).
+    (what still runs then gets the rest of the window in ``on_shutdown``). SIGINT (Ctrl-C)
+    is the same signal here: aiohttp's own handler would raise again inside the cleanup
+    it started, cutting the ledger's and telemetry's flush short. Once the cleanup has
+    been asked for, further signals change nothing.
     """
 
     async def install(app: web.Application) -> None:
@@ -99,12 +102,13 @@ def _drain_on_sigterm(app: web.Application) -> None:
                 exit_once()
                 return
             window = app[SETTINGS].server.drain_s
-            log.info("SIGTERM: draining for up to %gs; /readyz answers 503", window)
+            log.info("shutdown signal: draining for up to %gs; /readyz answers 503", window)
             task = loop.create_task(drain(app), name="sigterm-drain")
             task.add_done_callback(lambda done: _exit_after_drain(done, exit_once))
             draining.append(task)
 
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)  # replaces run_app's handler
+        for number in (signal.SIGTERM, signal.SIGINT):  # replaces run_app's handlers
+            loop.add_signal_handler(number, on_sigterm)
 
     app.on_startup.append(install)  # after run_app installed its handlers
 
