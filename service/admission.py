@@ -40,7 +40,7 @@ from .budgets import BudgetLimits, Budgets, Hold
 from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
 from .errors import RateLimitError, SluiceError, TokenRateLimitError
-from .ledger import Ledger, LedgerEntry, MemoryLedger, utc_day
+from .ledger import Ledger, LedgerEntry, MemoryLedger, storable, storable_count, utc_day
 from .limits import STREAM_CAP, Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
 from .pricing import PriceTable
 from .redis_budgets import reserve_budget, settle_budget  # shared across replicas (Redis)
@@ -341,17 +341,17 @@ def ledger_entry(
         user_id=principal.user_id,
         tenant=principal.tenant,
         key_id=principal.key_id,
-        model_requested=stream.model,
-        model_served=checkpoint.response_model or served,
+        model_requested=storable(stream.model) or "",
+        model_served=storable(checkpoint.response_model or served),
         status=_LEDGER_STATUS.get(stream.status, "provider_error"),
-        prompt_tokens=prompt,
-        cached_tokens=cached,
-        completion_tokens=completion,
+        prompt_tokens=storable_count(prompt),
+        cached_tokens=storable_count(cached),
+        completion_tokens=storable_count(completion),
         cost_usd=float(cost),
         latency_ms=_ms(stream.ended_at, stream.created_at),
         ttft_ms=_ms(stream.first_token_at, stream.created_at),
         stream_id=stream.id,
-        error_code=error.get("code") if isinstance(error.get("code"), str) else None,
+        error_code=storable(error.get("code") if isinstance(error.get("code"), str) else None),
         usage_reported=checkpoint.usage_reported,
     )
 
@@ -371,7 +371,7 @@ def _rejection(
         user_id=principal.user_id,
         tenant=principal.tenant,
         key_id=principal.key_id,
-        model_requested=model,
+        model_requested=storable(model) or "",
         model_served=None,
         status=status,
         prompt_tokens=0,

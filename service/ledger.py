@@ -6,7 +6,9 @@ under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it collects entri
 event loop and hands them, one batch per ``HAND_OFF_S`` (or per ``BATCH`` entries), to a
 bounded queue that one writer thread drains, one transaction a batch. Handing off batches
 rather than entries keeps the writer from waking (and taking the GIL) once per request.
-A batch SQLite refuses (disk full, database locked) is kept and written again. Queries go
+A batch SQLite refuses (disk full, database locked) is kept and written again; what it
+still refuses at shutdown, after a few more tries, and a record no column can take go to
+the ``sluice.ledger.unwritten`` log, one JSON line each, to be replayed. Queries go
 through the same thread and queue, after every record submitted before them, so a reader
 always sees its own writes. ``close`` (a cleanup context) flushes on shutdown.
 """
@@ -16,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from operator import attrgetter
@@ -35,6 +38,9 @@ DEFAULT_QUEUE_SIZE = 10_000  # batches waiting for the writer thread
 BATCH = 512
 HAND_OFF_S = 0.05  # the longest an entry waits on the loop before the writer has it
 RETRY_S = 1.0  # after a failed write, the writer tries again this soon (or on new work)
+LAST_TRIES = 4  # at shutdown, over ~4 s at most; then the records go to the unwritten log
+BUSY_TIMEOUT_S = 5.0  # how long a write waits for another connection's lock (sqlite3's own)
+COMPLAIN_EVERY_S = 10.0  # one error line per this many seconds while SQLite refuses
 _T = TypeVar("_T")
 
 
@@ -62,8 +68,35 @@ class LedgerEntry:
     usage_reported: bool  # tokens are the provider's own count (else counted by Sluice)
 
 
+MAX_TEXT = 256  # a model name or error code: what a row keeps of it
+MAX_COUNT = 2**53  # tokens: more than any real request, less than any column's integer limit
+
+
+def storable(text: str | None) -> str | None:
+    """A client's or provider's string fit for every store: no NUL (PostgreSQL refuses it),
+    at most ``MAX_TEXT`` characters. (A row a store refuses would hold up every row after.)"""
+    if text is None:
+        return None
+    return text.replace("\x00", "")[:MAX_TEXT]
+
+
+def storable_count(count: int) -> int:
+    """A provider's token count fit for every store (a 64-bit column, a float for cost)."""
+    return min(count, MAX_COUNT)
+
+
 COLUMNS = tuple(f.name for f in fields(LedgerEntry))
 _ROW = attrgetter(*COLUMNS)  # an entry as the INSERT's parameters (astuple deep-copies)
+# The last place a record can go when no store will take it: one line each on this logger,
+# its fields as JSON, for an operator to replay. A record is never lost without a trace.
+unwritten_log = logging.getLogger("sluice.ledger.unwritten")
+
+
+def log_unwritten(entries: Iterable[LedgerEntry], reason: str) -> None:
+    for entry in entries:
+        # (json, not orjson: a value no store took may be one orjson refuses too)
+        row = json.dumps(dict(zip(COLUMNS, _ROW(entry), strict=True)), separators=(",", ":"))
+        unwritten_log.error("ledger record not stored (%s): %s", reason, row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +251,24 @@ _STOP = object()
 class SqliteLedger:
     """SQLite in WAL mode, written by one thread; see the module docstring."""
 
-    def __init__(self, path: Path, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+    ) -> None:
         self.path = path
         self.dropped = 0
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._pending: list[LedgerEntry] = []
         self._hand_off_timer: asyncio.TimerHandle | None = None
+        self._complained_at = -COMPLAIN_EVERY_S
+        self._busy_ms = busy_timeout_s * 1000
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        connection = sqlite3.connect(
+            path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
+        )
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
         connection.executescript(_SCHEMA)
@@ -321,14 +364,16 @@ class SqliteLedger:
                 if batch and not self._write(connection, batch):
                     unwritten = batch
                 if item is _STOP:
-                    if unwritten:
-                        log.error("ledger: %d records were never written", len(unwritten))
+                    if unwritten and not self._last_tries(connection, unwritten):
+                        log_unwritten(unwritten, "SQLite refused it until shutdown")
                     return
                 if isinstance(item, tuple):
                     _run_job(connection, *item)
 
     def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> bool:
-        """One transaction for ``batch``; False (nothing written) when SQLite refused it."""
+        """One transaction for ``batch``; False (nothing written) when SQLite refused it
+        (locked, full, unwritable: it may pass). A batch that no retry could store (a value
+        no column takes) goes to the unwritten log instead of holding up every later one."""
         try:
             with connection:
                 connection.execute("BEGIN")
@@ -337,10 +382,26 @@ class SqliteLedger:
                     rows = batch[done : done + size]
                     connection.execute(_insert(size), [v for e in rows for v in _ROW(e)])
                     done += size
-        except sqlite3.Error:
-            log.exception("ledger write of %d records failed; retrying", len(batch))
+        except sqlite3.Error as exc:
+            now = time.monotonic()
+            if now - self._complained_at >= COMPLAIN_EVERY_S:  # not a traceback a batch
+                self._complained_at = now
+                log.error("ledger: SQLite refused %d records (%s); retrying", len(batch), exc)
             return False
+        except Exception:
+            log.exception("ledger: %d records SQLite cannot store", len(batch))
+            log_unwritten(batch, "SQLite cannot store it")
         return True
+
+    def _last_tries(self, connection: sqlite3.Connection, batch: list[LedgerEntry]) -> bool:
+        """At shutdown: a few more tries of what SQLite refused (a lock may clear), each
+        waiting for a lock no more than half a second, so the exit stays prompt."""
+        connection.execute(f"PRAGMA busy_timeout = {int(min(self._busy_ms, 500))}")
+        for _ in range(LAST_TRIES):
+            time.sleep(RETRY_S / 2)  # the writer thread's own wait, not the loop's
+            if self._write(connection, batch):
+                return True
+        return False
 
 
 def _run_job(connection: sqlite3.Connection, job: _Job, future: Future[Any]) -> None:

@@ -5,8 +5,11 @@ in-memory buffer; one writer task drains it in batches (one ``INSERT ... ON CONF
 NOTHING`` transaction each, so a retried batch never duplicates a row). Records leave the
 buffer only after their transaction committed: while PostgreSQL is down or restarting
 the writer keeps them and retries with capped backoff, so a restart loses nothing. When
-the buffer is full a new record is dropped, counted in ``dropped`` (a metric) and logged
-once per episode: the bound protects the process, and the log line says what was lost.
+the buffer is full a new record is dropped and counted in ``dropped`` (a metric): the
+bound protects the process. A dropped record, one PostgreSQL cannot store (a value no
+column takes: no retry would help, and it would hold up every record after it) and what
+is still buffered at shutdown go to the ``sluice.ledger.unwritten`` log, one JSON line
+each, to be replayed.
 
 The schema is created and migrated on the first connection, under an advisory lock so
 replicas starting together do not race; ``sluice_schema`` holds the applied version.
@@ -26,7 +29,7 @@ from typing import Any
 import asyncpg
 
 from .errors import ServiceUnavailableError
-from .ledger import COLUMNS, LedgerEntry, SpendRow, UsageRow
+from .ledger import COLUMNS, LedgerEntry, SpendRow, UsageRow, log_unwritten
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,7 @@ class PostgresLedger:
         """Buffer one entry for the writer; never blocks, never raises."""
         if len(self._buffer) >= self._max:
             self.dropped += 1
+            log_unwritten([entry], "the PostgreSQL buffer is full")
             if not self._overflowing:
                 self._overflowing = True
                 log.error(
@@ -161,6 +165,12 @@ class PostgresLedger:
                     pool = await self._connect()
                     async with pool.acquire() as connection, connection.transaction():
                         await connection.executemany(_INSERT, [astuple(e) for e in batch])
+            except asyncpg.DataError:  # a value no column takes: no retry would store it
+                log.exception("ledger: %d records PostgreSQL cannot store", len(batch))
+                log_unwritten(batch, "PostgreSQL cannot store it")
+                for _ in batch:
+                    self._buffer.popleft()
+                continue
             except _DB_ERRORS as exc:
                 self.failures += 1
                 if self.healthy:
@@ -236,6 +246,7 @@ class PostgresLedger:
         await self.flush(CLOSE_FLUSH_S)
         if self._buffer:
             log.error("ledger: %d records not written to PostgreSQL at shutdown", self.pending)
+            log_unwritten(list(self._buffer), "PostgreSQL was unavailable at shutdown")
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.wait({self._writer}, timeout=CLOSE_TIMEOUT_S)

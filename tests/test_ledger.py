@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -566,3 +568,50 @@ async def test_wire_a_client_gone_before_the_request_went_out_costs_nothing(
     row = await _row_when_ended(client, stream.id)
     assert (row.status, row.prompt_tokens, row.cost_usd) == ("client_gone", 0, 0.0)
     assert sim_stats.requests == 0
+
+
+async def test_a_record_sqlite_cannot_store_goes_to_the_unwritten_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value no column takes is logged whole, and the writer goes on with the rest."""
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    ledger.record(entry("strm_bad", completion_tokens=2**70))  # no SQLite integer holds it
+    await ledger.flush()
+    ledger.record(entry("strm_good"))
+    assert [e.request_id for e in await ledger.entries()] == ["strm_good"]
+    (line,) = [r for r in caplog.records if r.name == "sluice.ledger.unwritten"]
+    assert '"request_id":"strm_bad"' in line.getMessage()
+    await ledger.close()
+
+
+async def test_what_sqlite_refuses_until_shutdown_goes_to_the_unwritten_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another connection holds the database locked through the shutdown: the records are
+    tried a few more times, then logged whole; none is lost without a trace."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = SqliteLedger(path, busy_timeout_s=0.05)
+    await ledger.flush()  # the schema exists
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as lock:
+        lock.execute("BEGIN EXCLUSIVE")
+        for n in range(3):
+            ledger.record(entry(f"strm_{n}"))
+        await ledger.close()
+        lock.execute("ROLLBACK")
+    lines = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
+    assert sorted(line.split('"request_id":"')[1][:6] for line in lines) == [
+        "strm_0",
+        "strm_1",
+        "strm_2",
+    ]
+
+
+async def test_a_row_keeps_only_what_every_store_can_take(gateway: GatewayFactory) -> None:
+    """A client's model name with a NUL in it (PostgreSQL refuses NUL in text) is recorded
+    without it; the row is there."""
+    client = await gateway()
+    body = {**chat_body("hi", stream=False), "model": "gpt\x00-nope"}
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 404
+    (row,) = await client.app[GATE].ledger.entries()
+    assert (row.status, row.model_requested) == ("rejected", "gpt-nope")

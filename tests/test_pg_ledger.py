@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -257,3 +258,18 @@ async def test_a_replica_started_while_postgresql_is_away_waits_not_ready(
     async with asyncio.timeout(30):  # a safety net: retries every 0.05 s
         await loading
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_record_postgresql_cannot_store_goes_to_the_unwritten_log(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value no column takes (a NUL in a text) is not retried forever ahead of every
+    later record: it is logged whole, and the records after it are written."""
+    ledger = PostgresLedger(postgres_url, batch=1)
+    poisoned = replace(entry(0), model_requested="gpt\x00-4o")
+    ledger.record(poisoned)
+    ledger.record(entry(1))
+    assert [e.request_id for e in await ledger.entries()] == ["strm_1"]
+    (line,) = [r for r in caplog.records if r.name == "sluice.ledger.unwritten"]
+    assert '"request_id":"strm_0"' in line.getMessage()
+    await ledger.close()
