@@ -162,17 +162,32 @@ class Gate:
         self.ledger.record(_rejection(principal, model, self.clock(), code=code, status=status))
 
     def worst_cost(
-        self, model: str, prompt_tokens: int, output_tokens: int, images: int = 0
+        self,
+        model: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        images: int = 0,
+        body: Mapping[str, Any] | None = None,
     ) -> Decimal:
         """The most ``model``'s request can cost: priced as the dearest model it may reach,
-        its fallbacks' own fallbacks included (a degraded start follows the fallback's chain).
-        ``prompt_tokens`` counts each of its ``images`` at the low-detail floor; here each
-        costs the most an image can on that model (its size is not known before the call)."""
+        its fallbacks' own fallbacks included (a degraded start follows the fallback's chain),
+        each with the prompt counted in its own encoding (``body`` given: a fallback with
+        another tokenizer may see many more tokens). ``prompt_tokens`` counts each of its
+        ``images`` at the low-detail floor; here each costs the most an image can on that
+        model (its size is not known before the call)."""
         reachable = [model]
         for tried in reachable:  # grows while it is walked: a breadth-first walk
             reachable += [m for m in self.fallbacks.get(tried, ()) if m not in reachable]
+        counts = {tokens.encoding_name_for_model(model): prompt_tokens}
+
+        def prompt_of(m: str) -> int:
+            encoding = tokens.encoding_name_for_model(m)
+            if encoding not in counts:
+                counts[encoding] = tokens.count_chat(m, body) if body else prompt_tokens
+            return counts[encoding]
+
         return max(
-            self.prices.cost(m, prompt_tokens + images * _image_extra(m), output_tokens)
+            self.prices.cost(m, prompt_of(m) + images * _image_extra(m), output_tokens)
             for m in reachable
         )
 
@@ -228,7 +243,7 @@ class Gate:
         try:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)
-            worst = self.worst_cost(chat.model, prompt, ceiling, images)
+            worst = self.worst_cost(chat.model, prompt, ceiling, images, chat.body)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
             await admission.release()

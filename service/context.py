@@ -19,13 +19,18 @@ from .errors import InvalidRequestError
 BUILTIN_CONTEXT_WINDOWS: dict[str, int] = {
     "gpt-5": 400_000,
     "gpt-4.1": 1_047_576,
+    "gpt-5-chat": 128_000,
+    "gpt-4.5": 128_000,
     "gpt-4o": 128_000,
     "chatgpt-4o": 128_000,
     "o1": 200_000,
     "o1-mini": 128_000,
+    "o1-preview": 128_000,
     "o3": 200_000,
     "o4-mini": 200_000,
     "gpt-4-turbo": 128_000,
+    "gpt-4-0125-preview": 128_000,
+    "gpt-4-1106-preview": 128_000,
     "gpt-4-32k": 32_768,
     "gpt-4": 8_192,
     "gpt-3.5-turbo": 16_385,
@@ -34,14 +39,20 @@ BUILTIN_CONTEXT_WINDOWS: dict[str, int] = {
 # Output ceilings of the model families, used as the cap when none is configured lower.
 BUILTIN_MAX_OUTPUT: dict[str, int] = {
     "gpt-5": 128_000,
+    "gpt-5-chat": 16_384,
+    "gpt-4.5": 16_384,
     "gpt-4.1": 32_768,
     "gpt-4o": 16_384,
+    "gpt-4o-2024-05-13": 4_096,
     "chatgpt-4o": 16_384,
     "o1": 100_000,
     "o1-mini": 65_536,
+    "o1-preview": 32_768,
     "o3": 100_000,
     "o4-mini": 100_000,
     "gpt-4-turbo": 4_096,
+    "gpt-4-0125-preview": 4_096,
+    "gpt-4-1106-preview": 4_096,
     "gpt-4": 8_192,
     "gpt-3.5-turbo": 4_096,
 }
@@ -111,7 +122,7 @@ class ContextPolicy:
         window = self.window(model)
         room = window - prompt_tokens if window is not None else None
         if room is not None and room < 1:
-            raise _too_long(window, prompt_tokens, 0)
+            raise _too_long(window, prompt_tokens, requested if isinstance(requested, int) else 0)
         if not isinstance(requested, int):
             chosen = min(c for c in (self._default, cap, room) if c is not None)
             return OutputPlan(chosen, field, rewrite=True)

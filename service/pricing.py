@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 PER_MILLION = Decimal(1_000_000)
+MAX_REMEMBERED_MODELS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,9 @@ _BUILTIN: dict[str, tuple[str, str, str | None]] = {
     "gpt-4.1": ("2.00", "8.00", "0.50"),
     "gpt-4.1-mini": ("0.40", "1.60", "0.10"),
     "gpt-4.1-nano": ("0.10", "0.40", "0.025"),
+    "gpt-4.5-preview": ("75.00", "150.00", "37.50"),
     "gpt-4o": ("2.50", "10.00", "1.25"),
+    "gpt-4o-2024-05-13": ("5.00", "15.00", None),
     "gpt-4o-mini": ("0.15", "0.60", "0.075"),
     "chatgpt-4o-latest": ("5.00", "15.00", None),
     "o1": ("15.00", "60.00", "7.50"),
@@ -49,8 +52,16 @@ _BUILTIN: dict[str, tuple[str, str, str | None]] = {
     "o3-mini": ("1.10", "4.40", "0.55"),
     "o4-mini": ("1.10", "4.40", "0.275"),
     "gpt-4-turbo": ("10.00", "30.00", None),
+    "gpt-4-32k": ("60.00", "120.00", None),
     "gpt-4": ("30.00", "60.00", None),
     "gpt-3.5-turbo": ("0.50", "1.50", None),
+    # Fine-tuned models (``ft:<base>:<org>::<id>``) have rates of their own.
+    "ft:gpt-4.1": ("3.00", "12.00", "0.75"),
+    "ft:gpt-4.1-mini": ("0.80", "3.20", "0.20"),
+    "ft:gpt-4.1-nano": ("0.20", "0.80", "0.05"),
+    "ft:gpt-4o": ("3.75", "15.00", "1.875"),
+    "ft:gpt-4o-mini": ("0.30", "1.20", "0.15"),
+    "ft:gpt-3.5-turbo": ("3.00", "6.00", None),
     "*": ("2.50", "10.00", None),  # unknown models: priced like gpt-4o, never free
 }
 
@@ -81,16 +92,21 @@ class PriceTable:
     def price(self, model: str) -> Price:
         found = self._resolved.get(model)
         if found is None:
-            found = self._resolved[model] = self._lookup(model)
+            found = self._lookup(model)
+            if len(self._resolved) < MAX_REMEMBERED_MODELS:  # names come from clients
+                self._resolved[model] = found
         return found
 
     def _lookup(self, model: str) -> Price:
+        """Exact name; else the longest table name it starts with (``ft:`` ones included);
+        else, for a fine-tune with no rate of its own, its base model's; else ``"*"``."""
         if model in self._exact:
             return self._exact[model]
         base = model.removeprefix("ft:").split(":", 1)[0]
-        for name in self._by_prefix:
-            if base.startswith(name):
-                return self._exact[name]
+        for candidate in (model, base):
+            for name in self._by_prefix:
+                if candidate.startswith(name):
+                    return self._exact[name]
         return self._exact.get("*") or Price.of(0, 0)
 
     def cheaper(self, model: str, than: str) -> bool:

@@ -79,7 +79,7 @@ class Progress:
             if choice.get("index", 0) == 0:
                 delta = choice.get("delta")
                 if delta:
-                    content = delta.get("content")
+                    content = delta.get("content") or delta.get("refusal")  # both generated
                     if content:
                         self.parts.append(content)
                     calls = delta.get("tool_calls")

@@ -226,19 +226,24 @@ def count_messages(encoding: tiktoken.Encoding, messages: Iterable[Any]) -> int:
             continue
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
-            total += _value_tokens(encoding, value)
+            total += _value_tokens(encoding, value, parts=key == "content")
             if key == "name":
                 total += TOKENS_PER_NAME
     return total
 
 
-def _value_tokens(encoding: tiktoken.Encoding, value: Any) -> int:
-    """A message field: text is encoded; content parts by kind; anything else as its JSON."""
+def _value_tokens(encoding: tiktoken.Encoding, value: Any, *, parts: bool = False) -> int:
+    """A message field: text is encoded; ``content``'s parts by kind; anything else (an
+    assistant's ``tool_calls`` with their arguments, ...) as its JSON."""
     if value is None:
         return 0
     if isinstance(value, str):
         return _len(encoding, value)
-    if isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value):
+    if (
+        parts
+        and isinstance(value, list)
+        and all(isinstance(p, dict) and "type" in p for p in value)
+    ):
         return sum(_part_tokens(encoding, part) for part in value)
     return _len(encoding, orjson.dumps(value).decode())
 

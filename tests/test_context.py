@@ -127,3 +127,13 @@ async def test_wire_context_length_exceeded_before_the_provider(
         "context_length_exceeded",
         0.0,
     )
+
+
+def test_128k_snapshots_of_the_gpt_4_family_get_their_own_window() -> None:
+    """gpt-4-0125-preview and gpt-4-1106-preview are 128k models, not gpt-4's 8k; a prompt
+    too long is told with the completion the client asked for."""
+    policy = ContextPolicy(default_max_tokens=100, max_tokens_cap=None)
+    for model in ("gpt-4-0125-preview", "gpt-4-1106-preview", "gpt-4.5-preview"):
+        assert policy.plan_output(model, {"max_tokens": 1000}, 20_000).max_tokens == 1000
+    with pytest.raises(InvalidRequestError, match="1000 in the completion"):
+        policy.plan_output("gpt-4", {"max_tokens": 1000}, 9_000)

@@ -28,6 +28,7 @@ from service.provider_http import ProviderConnector
 from service.request import parse_chat_request
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
+from service.stream import Progress
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.resilient import Sleeps, start
 
@@ -615,3 +616,14 @@ async def test_a_row_keeps_only_what_every_store_can_take(gateway: GatewayFactor
     assert response.status == 404
     (row,) = await client.app[GATE].ledger.entries()
     assert (row.status, row.model_requested) == ("rejected", "gpt-nope")
+
+
+def test_a_refusal_is_generated_text_and_billed_as_such() -> None:
+    """A model's refusal streams in ``delta.refusal``, not ``content``: it is output too,
+    counted (and billed) when no usage comes."""
+    progress = Progress()
+    opening = {"role": "assistant", "content": None, "refusal": ""}
+    progress.add_chunk({"choices": [{"index": 0, "delta": opening}]})
+    refusal = {"refusal": "I'm sorry, I cannot help with that."}
+    progress.add_chunk({"choices": [{"index": 0, "delta": refusal}]})
+    assert progress.text == "I'm sorry, I cannot help with that."

@@ -28,12 +28,16 @@ def test_cost_uses_input_cached_and_output_rates() -> None:
         ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
         ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
         ("o3-mini-2025-01-31", "o3-mini"),
-        ("ft:gpt-4o-mini:acme::x1", "gpt-4o-mini"),
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),  # the first gpt-4o: dearer
+        ("ft:gpt-4o-mini-2024-07-18:acme::x1", "ft:gpt-4o-mini"),  # fine-tunes' own rates
+        ("ft:gpt-4.1-nano-2025-04-14:acme::x2", "ft:gpt-4.1-nano"),
+        ("ft:o4-mini:acme::x3", "o4-mini"),  # no rate of its own: its base model's
         ("mystery-model", "*"),
     ],
 )
 def test_snapshots_price_as_their_family(model: str, priced_as: str) -> None:
-    """Dated snapshots and fine-tunes match the longest family name; unknowns the '*' entry."""
+    """Dated snapshots and fine-tunes match the longest family name (a fine-tune without
+    a rate of its own, its base model's); unknowns the '*' entry."""
     prices = builtin_prices()
     assert PriceTable(prices).price(model) == prices[priced_as]
 

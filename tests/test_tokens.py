@@ -349,3 +349,13 @@ def test_cached_counts_are_kept_apart_by_encoding() -> None:
     assert expected[0] != expected[1]
     assert [counts(o200k, words), counts(cl100k, words)] == expected
     assert [counts(o200k, words), counts(cl100k, words)] == expected
+
+
+def test_an_assistant_s_tool_calls_count_with_their_arguments() -> None:
+    """``tool_calls`` in an assistant message are prompt tokens too (their arguments can be
+    long): not mistaken for content parts (they have a ``type`` too) and counted as zero."""
+    arguments = orjson.dumps({"rows": list(range(2000))}).decode()
+    call = {"id": "call_1", "type": "function", "function": {"name": "run", "arguments": arguments}}
+    body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
+    encoding = tokens.get_encoding("o200k_base")
+    assert tokens.count_chat("gpt-4o", body) > len(encoding.encode(arguments))
