@@ -161,7 +161,9 @@ def _too_long(window: int | None, prompt: int, output: int) -> InvalidRequestErr
 
 
 def _by_prefix(table: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted(table.items(), key=lambda item: -len(item[0])))
+    """Longest first, in lower case (as ``_lookup`` compares: configured names too)."""
+    lowered = {prefix.lower(): value for prefix, value in table.items()}
+    return tuple(sorted(lowered.items(), key=lambda item: -len(item[0])))
 
 
 def _lookup(table: tuple[tuple[str, int], ...], model: str) -> int | None:

@@ -137,3 +137,8 @@ def test_128k_snapshots_of_the_gpt_4_family_get_their_own_window() -> None:
         assert policy.plan_output(model, {"max_tokens": 1000}, 20_000).max_tokens == 1000
     with pytest.raises(InvalidRequestError, match="1000 in the completion"):
         policy.plan_output("gpt-4", {"max_tokens": 1000}, 9_000)
+
+
+def test_configured_windows_match_whatever_their_case() -> None:
+    policy = ContextPolicy(default_max_tokens=100, max_tokens_cap=None, windows={"My-Model": 500})
+    assert policy.window("my-model-v2") == 500
