@@ -19,16 +19,22 @@ _NEXT = b"\n\ndata: "  # the end of one single-line event and the start of the n
 class SSEDecoder:
     """Split a byte stream into event ``data`` payloads; other fields are ignored."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_skip_lf")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = b""  # an event begun, newlines already normalised
+        self._skip_lf = False  # the last read ended with CR: a LF first in the next joins it
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data of every event completed by ``chunk`` (possibly none)."""
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:  # CRLF and CR end lines too; a CR ends one at once
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in buffer:
-            buffer = _normalise_newlines(buffer)
         # What providers send: events of one ``data: `` line each. Then every newline is in a
         # separator, and splitting on the separator yields the payloads with no per-event work.
         if buffer.endswith(b"\n\n") and buffer[:6] == b"data: ":  # a read of whole events
@@ -50,13 +56,6 @@ class SSEDecoder:
         rest, self._buffer = self._buffer, b""
         data = _event_data(rest.rstrip(b"\r\n"))
         return [] if data is None else [data]
-
-
-def _normalise_newlines(buffer: bytes) -> bytes:
-    # A trailing CR may be the first half of a CRLF split across reads: keep it back.
-    held = b"\r" if buffer.endswith(b"\r") else b""
-    body = buffer[:-1] if held else buffer
-    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
 
 
 def _event_data(event: bytes) -> bytes | None:

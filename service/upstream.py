@@ -176,12 +176,14 @@ class Upstream:
             async with asyncio.timeout(None) as timeout:
                 idle_s = self._settings.idle_timeout_s
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
+                    started = False  # an event has come: any read (a comment) shows life
                     async for data in answer.response.content.iter_any():
                         payloads = decoder.feed(self._scrubbed(data))
-                        if payloads:
+                        if payloads or started:
+                            started = True
                             deadline.touch()
-                            if sink(payloads):
-                                return
+                        if payloads and sink(payloads):
+                            return
                     rest = decoder.flush()
                     if rest and sink(rest):
                         return

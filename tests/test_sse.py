@@ -75,11 +75,12 @@ def test_random_splits(seed: int) -> None:
 
 
 def test_crlf_split_between_reads() -> None:
-    """A CR at the end of one read and its LF at the start of the next make one line end."""
+    """A CR at the end of one read and its LF at the start of the next make one line end;
+    the CR ends the line at once (an event it completes is not held for the next read)."""
     decoder = SSEDecoder()
     assert decoder.feed(b"data: one\r") == []
-    assert decoder.feed(b"\n\r") == []
-    assert decoder.feed(b"\ndata: two\r\n\r\n") == [b"one", b"two"]
+    assert decoder.feed(b"\n\r") == [b"one"]
+    assert decoder.feed(b"\ndata: two\r\n\r\n") == [b"two"]
 
 
 def test_crlf_at_every_split() -> None:
@@ -90,12 +91,12 @@ def test_crlf_at_every_split() -> None:
 
 
 def test_lone_cr_line_endings() -> None:
-    """CR alone also ends a line (the spec allows CRLF, LF and CR); a trailing CR waits for
-    the next read, since it may be the first half of a CRLF."""
+    """CR alone also ends a line (the spec allows CRLF, LF and CR), at once: events that end
+    with CRs are not held back until the next read (a LF after it would be skipped)."""
     decoder = SSEDecoder()
-    assert decoder.feed(b"data: a\r\rdata: b\r\r") == [b"a"]
-    assert decoder.feed(b"data: c\r\r") == [b"b"]
-    assert decoder.flush() == [b"c"]
+    assert decoder.feed(b"data: a\r\rdata: b\r\r") == [b"a", b"b"]
+    assert decoder.feed(b"data: c\r\r") == [b"c"]
+    assert decoder.flush() == []
 
 
 def test_comment_only_and_empty_events_yield_nothing() -> None:
