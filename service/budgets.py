@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -109,7 +109,9 @@ class Budgets:
                 "limit_usd": float(limit) if limit is not None else None,
                 "spent_usd": float(spent),
                 "reserved_usd": float(reserved),
-                "remaining_usd": float(max(limit - spent - reserved, ZERO)) if limit else None,
+                "remaining_usd": (
+                    float(max(limit - spent - reserved, ZERO)) if limit is not None else None
+                ),
             }
         return report
 
@@ -154,11 +156,17 @@ class Budgets:
     def _committed(self, key: _Key) -> Decimal:
         return self._spent.get(key, ZERO) + self._reserved.get(key, ZERO)
 
-    def _warning(self, checks: list[tuple[_Key, Decimal | None]]) -> str | None:
+    def _warning(
+        self,
+        checks: list[tuple[_Key, Decimal | None]],
+        committed: Mapping[_Key, Decimal] | None = None,
+    ) -> str | None:
+        """The soft-limit warning for the most used budget (``committed``: what each key
+        has committed, when known better than this view, e.g. from Redis)."""
         worst: tuple[Decimal, _Key, Decimal] | None = None
         for key, limit in checks:
             if limit:
-                used = self._committed(key) / limit
+                used = (committed[key] if committed else self._committed(key)) / limit
                 if used >= self._soft and (worst is None or used > worst[0]):
                     worst = (used, key, limit)
         if worst is None:

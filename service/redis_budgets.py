@@ -60,7 +60,8 @@ HOLD_TTL_S = 3_600
 # key (ARGV[3i+2], ARGV[3i+3], ARGV[3i+4]). A hash Redis does not have (restarted, flushed,
 # evicted) starts from the seed: the replica's own view of the period's spend, from the
 # ledger. Holds past their expiry (their replica died, or lost the reply) are released
-# first. Returns {0, index} when budget ``index`` would be exceeded, else {1, committed...}.
+# first. Returns {0, index} when budget ``index`` would be exceeded, else {1, then spent
+# and held (every replica's holds, this one's included) per key}.
 _RESERVE = """
 local n = #KEYS / 2
 local amount = tonumber(ARGV[1])
@@ -97,7 +98,9 @@ for i = 1, n do
   redis.call('ZADD', KEYS[n + i], now + tonumber(ARGV[4]), ARGV[2])
   redis.call('EXPIRE', KEYS[i], ttl)
   redis.call('EXPIRE', KEYS[n + i], ttl)
-  out[i + 1] = committed[i] + amount
+  local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
+  out[2 * i] = tonumber(state[1]) or 0
+  out[2 * i + 1] = tonumber(state[2]) or 0
 end
 return out
 """
@@ -206,12 +209,17 @@ class RedisBudgets(Budgets):
             key, limit = checks[int(reply[1]) - 1]
             assert limit is not None
             raise self._exceeded(key, limit)
-        for key, _ in checks:
+        committed: dict[Any, Decimal] = {}
+        for index, (key, _) in enumerate(checks):
             self._add(self._reserved, key, amount)
-        for (key, _), committed in zip(checks, reply[1:], strict=True):
-            # This replica's view takes every replica's commitments from Redis.
-            self._spent[key] = Decimal(int(committed)) / MICROS - self._reserved[key]
-        return Hold(tuple(key for key, _ in checks), amount, self._warning(checks), hold_id)
+            # This replica's view takes the spend of every replica from Redis (what it
+            # seeds an emptied Redis with: never others' holds, which may settle for less);
+            # the warning weighs every replica's holds too.
+            spent, held = (Decimal(int(v)) / MICROS for v in reply[1 + 2 * index : 3 + 2 * index])
+            self._spent[key] = spent
+            committed[key] = spent + held
+        warning = self._warning(checks, committed)
+        return Hold(tuple(key for key, _ in checks), amount, warning, hold_id)
 
     async def _undo_reserve(
         self, reply: Any, *, keys: list[str], hold_id: str, checks: list[Any]

@@ -258,3 +258,9 @@ async def test_image_requests_cannot_overspend_a_budget(
     statuses = await asyncio.gather(*(spend() for _ in range(10)))
     assert statuses.count(200) == 3
     assert statuses.count(429) == 7
+
+
+def test_a_zero_budget_has_nothing_left_not_no_limit() -> None:
+    status = Budgets(BudgetLimits(user_daily=Decimal(0))).status("u", "t")
+    assert status["user"]["daily"]["limit_usd"] == 0.0
+    assert status["user"]["daily"]["remaining_usd"] == 0.0

@@ -71,6 +71,28 @@ async def test_settling_below_the_reservation_frees_room_on_every_replica(
     await a.reserve_async("bob", "acme", Decimal("0.95"))  # another user's budget is apart
 
 
+async def test_a_replica_s_view_holds_every_replica_s_spend_not_their_holds(
+    gates: list[RedisGate], redis_url: str
+) -> None:
+    """B's view of the spend is Redis's (not A's open hold counted as spent), so after Redis
+    restarts empty B seeds it with the real spend and A's request still fits."""
+    budgets = BudgetLimits(user_daily=Decimal("10.00"))
+    a, b = (RedisBudgets(gate, budgets) for gate in gates)
+    held = await a.reserve_async("alice", "acme", Decimal("5.00"))
+    mine = await b.reserve_async("alice", "acme", Decimal("1.00"))
+    await b.settle_async(mine, Decimal("1.00"))
+    await a.settle_async(held, Decimal("0.10"))
+    # Spent as B last saw it from Redis (nothing), plus its own settlement; not A's $5 hold.
+    assert b.status("alice", "acme")["user"]["daily"]["spent_usd"] == 1.00
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.flushall()  # an empty restart
+    finally:
+        await redis.aclose()
+    await b.reserve_async("alice", "acme", Decimal("0.01"))  # seeds the spend it knows
+    await a.reserve_async("alice", "acme", Decimal("4.50"))  # about 1.1 + 4.5 of 10
+
+
 async def test_a_budget_is_not_overspent_by_requests_spread_over_two_gateways(
     gateway: GatewayFactory, settings: Settings, redis_url: str
 ) -> None:
