@@ -12,7 +12,12 @@ it prints the new key once. In simulated mode without a keys file the dev key is
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
+import json
+import math
+import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +28,8 @@ import orjson
 
 from .errors import AuthenticationError
 from .settings import AuthSettings, ConfigError
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 DEV_USER = "dev"
 DEV_TENANT = "dev"
@@ -77,11 +84,16 @@ class KeyRing:
 
 
 def load_keys_file(path: Path) -> dict[str, Principal]:
+    """The keys file, read once at start (a key added later counts after a restart),
+    checked whole: a mistake in it stops the process with a message, it is never guessed
+    at (a misspelt setting ignored, ``"admin": "false"`` taken as true, ...)."""
     try:
-        document = orjson.loads(path.read_bytes())
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"SLUICE_CLIENT_KEYS_FILE cannot be read: {exc.strerror}") from None
-    except orjson.JSONDecodeError as exc:
+    try:  # (json, not orjson: a digest listed twice must be told, not the last one taken)
+        document = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"SLUICE_CLIENT_KEYS_FILE is not valid JSON: {exc}") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, dict):
@@ -89,46 +101,118 @@ def load_keys_file(path: Path) -> dict[str, Principal]:
     return {hexdigest: _principal(hexdigest, entry) for hexdigest, entry in entries.items()}
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"{name[:12]!r} is listed twice")
+    return dict(pairs)
+
+
+_ENTRY_FIELDS = frozenset({"user", "tenant", "admin", "settings"})
+_WHOLE_SETTINGS = ("rpm", "tpm", "max_streams")  # 0: no limit of the key's own
+_USD_SETTINGS = ("daily_usd", "monthly_usd")
+
+
 def _principal(hexdigest: str, entry: Any) -> Principal:
-    if (
-        len(hexdigest) != 64
-        or not isinstance(entry, dict)
-        or not isinstance(entry.get("user"), str)
-    ):
-        raise ConfigError(
-            f"SLUICE_CLIENT_KEYS_FILE: entry {hexdigest[:12]}... needs a sha256 and a user"
-        )
+    where = f"SLUICE_CLIENT_KEYS_FILE: entry {hexdigest[:12]}..."
+    if not _HEX_DIGEST.fullmatch(hexdigest):
+        raise ConfigError(f"{where}: keys are sha256 digests, 64 lowercase hex digits")
+    if not isinstance(entry, dict) or not isinstance(entry.get("user"), str) or not entry["user"]:
+        raise ConfigError(f"{where} needs a user")
+    unknown = set(entry) - _ENTRY_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    tenant, admin = entry.get("tenant"), entry.get("admin", False)
+    if tenant is not None and (not isinstance(tenant, str) or not tenant):
+        raise ConfigError(f"{where}: 'tenant' must be a non-empty string")
+    if not isinstance(admin, bool):
+        raise ConfigError(f"{where}: 'admin' must be true or false")
     # A key without a tenant is a tenant of one; the prefix keeps it from sharing a cache,
     # limits and budgets with a real tenant that happens to bear the user's name.
     return Principal(
         user_id=entry["user"],
-        tenant=str(entry.get("tenant") or f"user:{entry['user']}"),
+        tenant=tenant or f"user:{entry['user']}",
         key_id=hexdigest[:12],
-        admin=bool(entry.get("admin", False)),
-        settings=dict(entry.get("settings") or {}),
+        admin=admin,
+        settings=_settings(where, entry.get("settings", {})),
     )
 
 
-def add_key(path: Path, *, user: str, tenant: str, admin: bool = False) -> str:
+def _settings(where: str, settings: Any) -> dict[str, Any]:
+    """A key's own limits, each of the right kind and range."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: 'settings' must be an object")
+    for name, value in settings.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if name in _WHOLE_SETTINGS:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif name == "max_tokens":
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif name in _USD_SETTINGS:
+            valid = number and math.isfinite(value) and value >= 0
+        else:
+            raise ConfigError(f"{where}: unknown setting {name!r}")
+        if not valid:
+            raise ConfigError(f"{where}: setting {name!r} has an invalid value {value!r}")
+    return dict(settings)
+
+
+def add_key(path: Path, *, user: str, tenant: str | None = None, admin: bool = False) -> str:
     """Create a key for ``user``, store its digest in ``path``, and return the key.
 
     An existing file must be a valid keys file (``ConfigError`` otherwise, and it is left
-    alone); the new one replaces it atomically, so a gateway never reads half a file.
+    alone); the new one replaces it atomically (a reader never sees half a file), keeps its
+    permissions, and, if ``path`` is a link (a mounted secret), the file it points to is the
+    one updated. Concurrent adds take turns (a lock on its directory): none is lost.
     """
-    document: dict[str, Any] = {"keys": {}}
-    if path.exists():
-        load_keys_file(path)  # refuse to extend (and so rewrite) a file the gateway rejects
-        document = orjson.loads(path.read_bytes())
-    key = "sk-sluice-" + secrets.token_urlsafe(24)
-    document["keys"][digest(key)] = {"user": user, "tenant": tenant, "admin": admin}
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    if not user or tenant == "":
+        raise ConfigError("a key needs a user, and a tenant when one is given")
+    target = path.resolve()
+    with _locked(target):
+        document: dict[str, Any] = {"keys": {}}
+        mode = 0o600
+        if target.exists():
+            load_keys_file(target)  # refuse to extend (so rewrite) a file the gateway rejects
+            document = orjson.loads(target.read_bytes())
+            mode = target.stat().st_mode & 0o777
+        key = "sk-sluice-" + secrets.token_urlsafe(24)
+        entry: dict[str, Any] = {"user": user, "admin": admin}
+        if tenant is not None:
+            entry["tenant"] = tenant
+        document["keys"][digest(key)] = entry
+        _replace(target, orjson.dumps(document, option=orjson.OPT_INDENT_2), mode)
+    return key
+
+
+class _locked:
+    """An exclusive lock on the directory of ``target`` (flock: released on close; no lock
+    file left behind)."""
+
+    def __init__(self, target: Path) -> None:
+        self._target = target
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        try:
+            self._fd = os.open(self._target.parent, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {self._target}: {exc.strerror}") from None
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
+
+
+def _replace(target: Path, content: bytes, mode: int) -> None:
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        partial.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
-        partial.replace(path)
+        partial.write_bytes(content)
+        partial.chmod(mode)
+        partial.replace(target)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
-    return key
+        raise ConfigError(f"cannot write {target}: {exc.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     add = commands.add_parser("add", help="issue a new client key")
     add.add_argument("--file", type=Path, required=True)
     add.add_argument("--user", required=True)
-    add.add_argument("--tenant", required=True)
+    add.add_argument("--tenant", help="default: a tenant of its own (user:<user>)")
     add.add_argument("--admin", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -184,6 +186,10 @@ def test_dev_keyring() -> None:
         keyring.authenticate("Bearer sluice-dev-key-2")
 
 
+def _keys(entry: dict[str, Any]) -> bytes:
+    return orjson.dumps({"keys": {"a" * 64: entry}})
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -193,6 +199,18 @@ def test_dev_keyring() -> None:
         b'{"keys": []}',
         b'{"keys": {"abc": {"user": "x"}}}',
         b'{"keys": {"' + b"a" * 64 + b'": {"tenant": "no-user"}}}',
+        # Never guessed at: each of these stops the gateway with a message.
+        _keys({"user": "x", "admin": "false"}),  # a string is not false
+        _keys({"user": "x", "tennant": "acme"}),  # a misspelt field
+        _keys({"user": "x", "settings": "abc"}),
+        _keys({"user": "x", "settings": {"rmp": 10}}),  # a misspelt setting
+        _keys({"user": "x", "settings": {"rpm": -1}}),
+        _keys({"user": "x", "settings": {"tpm": "10"}}),
+        _keys({"user": "x", "settings": {"max_tokens": 0}}),
+        _keys({"user": "x", "settings": {"daily_usd": -1}}),
+        _keys({"user": ""}),
+        b'{"keys": {"' + b"A" * 64 + b'": {"user": "x"}}}',  # no digest is upper case
+        b'{"keys": {"' + b"a" * 64 + b'": {"user": "x"}, "' + b"a" * 64 + b'": {"user": "y"}}}',
     ],
 )
 def test_bad_keys_file_names_the_variable(tmp_path: Path, content: bytes | None) -> None:
@@ -237,3 +255,28 @@ async def test_cli_refuses_a_bad_keys_file(
         assert path.read_bytes() == content
     leftovers = os.listdir(tmp_path)  # no temporary file left behind
     assert leftovers == ([path.name] if content is not None else [])
+
+
+def test_adding_keys_at_once_loses_none_and_keeps_the_file_s_place_and_mode(
+    tmp_path: Path,
+) -> None:
+    """Eight adds at once: eight keys, all of them valid. A keys file reached through a link
+    (a mounted secret) is updated where it lies, with its permissions kept; a tenant may be
+    left out (a tenant of one)."""
+    real = tmp_path / "secret" / "keys.json"
+    real.parent.mkdir()
+    add_key(real, user="first")
+    real.chmod(0o640)
+    link = tmp_path / "keys.json"
+    link.symlink_to(real)
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda n: add_key(link, user=f"u{n}", tenant="acme"), range(8)))
+    assert link.is_symlink()
+    assert real.stat().st_mode & 0o777 == 0o640
+    keyring = KeyRing(load_keys_file(link))
+    assert sorted(keyring.authenticate(f"Bearer {key}").user_id for key in keys) == [
+        f"u{n}" for n in range(8)
+    ]
+    assert len(load_keys_file(real)) == 9
+    (first,) = [p for p in load_keys_file(real).values() if p.user_id == "first"]
+    assert first.tenant == "user:first"
