@@ -35,7 +35,10 @@ SIM_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 MAX_CHUNKS = 100_000  # the simulator shares the gateway's loop in `make run`: bound its work
 MAX_DELAY_MS = 3_600_000.0
 MAX_CHOICES = 128  # OpenAI's own limit on ``n``
-_DIRECTIVE = re.compile(r"\[sim(?P<args>(?:\s+[a-z_]+=[\w.\-]+)*)\s*\]")
+# ``[sim ...]``: what is inside is read strictly, name=value pairs apart by spaces, so a
+# misspelt directive is a 400, never a default quietly served.
+_DIRECTIVE = re.compile(r"\[sim\b(?P<args>[^\]]*)\]")
+_PAIR = re.compile(r"[a-z_]+=[\w.\-]+")
 # Each is a single token, with its leading space, in cl100k_base and o200k_base.
 _WORDS = (
     " the",
@@ -96,6 +99,8 @@ class Directive:
             return directive
         kinds = {f.name: f.type for f in fields(cls)}
         for pair in found.group("args").split():
+            if not _PAIR.fullmatch(pair):
+                raise ValueError(f"sim directives are name=value pairs: {pair!r} is not one")
             name, _, raw = pair.partition("=")
             if name not in kinds:
                 raise ValueError(f"unknown sim directive {name!r}")
@@ -112,6 +117,8 @@ class Directive:
             raise ValueError("sim directive fail must be an HTTP error status, 400-599")
         if self.retry_after is not None:
             _bounded("retry_after", self.retry_after, 0, MAX_DELAY_MS / 1000)
+        if self.retry_after_ms is not None:
+            _bounded("retry_after_ms", self.retry_after_ms, 0, MAX_DELAY_MS)
         _bounded("fail_times", self.fail_times, 0, MAX_CHUNKS)
         for name in ("reset_after", "stall_after", "malformed_after", "error_after"):
             _bounded(name, getattr(self, name), -1, MAX_CHUNKS)
@@ -527,8 +534,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     args = parser.parse_args()
+    from .tokens import count_body  # usage counted as the gateway counts: with tiktoken
+
     web.run_app(
-        create_simulator_app(),
+        create_simulator_app(Simulator(prompt_tokens=count_body)),
         host=args.host,
         port=args.port,
         handler_cancellation=True,

@@ -282,11 +282,22 @@ async def test_finish_created_and_tool_call(
     assert tools[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-async def test_unknown_directive_is_400(session: aiohttp.ClientSession, sim: TestServer) -> None:
-    """A misspelt directive is refused, not silently ignored."""
-    response = await _post(session, sim, "[sim chunkz=3]")
+@pytest.mark.parametrize(
+    ("directive", "named"),
+    [
+        ("[sim chunkz=3]", "chunkz"),
+        ("[sim chunks=5 delay-ms=3]", "delay-ms"),  # not a name=value pair it knows
+        ("[sim chunks=5, delay_ms=3]", "chunks=5,"),
+        ("[sim chunks = 5]", "chunks"),
+    ],
+)
+async def test_misspelt_directive_is_400(
+    session: aiohttp.ClientSession, sim: TestServer, directive: str, named: str
+) -> None:
+    """A misspelt directive is refused, not silently ignored (served as the default)."""
+    response = await _post(session, sim, directive)
     assert response.status == 400
-    assert "chunkz" in (await response.json())["error"]["message"]
+    assert named in (await response.json())["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -303,6 +314,8 @@ async def test_unknown_directive_is_400(session: aiohttp.ClientSession, sim: Tes
         ("fail=1000", "fail"),
         ("fail=429 retry_after=nan", "retry_after"),
         ("fail=429 retry_after=-1", "retry_after"),
+        ("fail=429 retry_after_ms=-5", "retry_after_ms"),
+        ("fail=429 retry_after_ms=inf", "retry_after_ms"),
         ("reset_after=-2", "reset_after"),
         ("echo_key=2", "echo_key"),
     ],
