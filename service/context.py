@@ -140,14 +140,19 @@ class ContextPolicy:
         return OutputPlan(chosen, field, rewrite=chosen != requested)
 
 
+def completion_tokens_only(model: str) -> bool:
+    """Whether ``model`` (a reasoning model) refuses ``max_tokens`` for
+    ``max_completion_tokens``."""
+    return model.removeprefix("ft:").lower().startswith(_COMPLETION_TOKENS_ONLY)
+
+
 def _field(model: str, body: Mapping[str, object]) -> str:
     """The output-limit field the client set (null is not set), else the one the model takes."""
     if body.get("max_completion_tokens") is not None:
         return "max_completion_tokens"
     if body.get("max_tokens") is not None:
         return "max_tokens"
-    base = model.removeprefix("ft:").lower()
-    return "max_completion_tokens" if base.startswith(_COMPLETION_TOKENS_ONLY) else "max_tokens"
+    return "max_completion_tokens" if completion_tokens_only(model) else "max_tokens"
 
 
 def _too_long(window: int | None, prompt: int, output: int) -> InvalidRequestError:

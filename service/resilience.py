@@ -33,6 +33,7 @@ from typing import Protocol, TypeVar
 import orjson
 
 from .breaker import Breakers
+from .context import completion_tokens_only
 from .errors import (
     CircuitOpenError,
     ProviderCutOffError,
@@ -229,5 +230,11 @@ class ResilientProvider:
 
 
 def _with_model(body: bytes, model: str) -> bytes:
-    """The same request for another model (once per tier, never per chunk)."""
-    return dumps_kept({**orjson.loads(body), "model": model})
+    """The same request for another model (once per tier, never per chunk); a reasoning
+    model gets the output ceiling as ``max_completion_tokens``, the only name it takes."""
+    request = {**orjson.loads(body), "model": model}
+    if completion_tokens_only(model) and request.get("max_tokens") is not None:
+        ceiling = request.pop("max_tokens")
+        if request.get("max_completion_tokens") is None:
+            request["max_completion_tokens"] = ceiling
+    return dumps_kept(request)

@@ -184,6 +184,23 @@ async def test_fallback_after_exhausted_retries_serves_the_cheaper_model(
     assert sim_stats.requests == 2
 
 
+async def test_a_reasoning_fallback_gets_its_ceiling_as_max_completion_tokens(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """o-series and gpt-5 models refuse ``max_tokens``: falling back to one, the ceiling
+    planned for the requested model goes as ``max_completion_tokens``."""
+    configured = with_resilience(settings, fallbacks={"gpt-4o": ("o3-mini",)}, retry_max_attempts=1)
+    rig = await start(aiohttp_client, configured)
+    status, headers, _ = await post(
+        rig, "hi [sim fail=503 fail_times=1 key=rf]", stream=False, model="gpt-4o"
+    )
+    assert (status, headers[MODEL_HEADER]) == (200, "o3-mini")
+    sent = sim_stats.last_body
+    assert sent is not None
+    assert "max_tokens" not in sent
+    assert isinstance(sent["max_completion_tokens"], int)
+
+
 async def test_fallback_when_the_breaker_is_open(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:
