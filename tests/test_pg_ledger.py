@@ -20,6 +20,8 @@ from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.servers import PostgresServer, with_database, with_redis
 from tests.streamwire import read_events, with_drain
 
+URL = "/v1/chat/completions"
+
 
 def entry(n: int, *, user: str = "alice", cost: float = 0.001) -> LedgerEntry:
     ts = time.time()
@@ -244,7 +246,9 @@ async def test_a_replica_started_while_postgresql_is_away_waits_not_ready(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """PostgreSQL down at start: the replica starts (no crash loop) but stays not ready,
-    its budgets lacking the month's spend; once PostgreSQL is back it loads it and is ready."""
+    and a completion that reaches it anyway is a 503 to retry (its budgets lack the month's
+    spend: counted from zero, then that spend added, it would be counted twice); once
+    PostgreSQL is back it loads the spend and serves."""
     monkeypatch.setattr(resources, "SPEND_RETRY_S", 0.05)
     postgres_server.stop()
     try:
@@ -252,12 +256,17 @@ async def test_a_replica_started_while_postgresql_is_away_waits_not_ready(
         probe = await client.get("/readyz")
         assert probe.status == 503
         assert (await probe.json()) == {"status": "starting", "waiting_for": ["ledger"]}
+        early = await client.post(URL, json=chat_body("hi", stream=False), headers=AUTH)
+        assert early.status == 503
+        assert early.headers["Retry-After"] == "1"
     finally:
         postgres_server.start()
     (loading,) = [t for t in asyncio.all_tasks() if t.get_name() == "ledger-spend"]
     async with asyncio.timeout(30):  # a safety net: retries every 0.05 s
         await loading
     assert (await client.get("/readyz")).status == 200
+    served = await client.post(URL, json=chat_body("hi", stream=False), headers=AUTH)
+    assert served.status == 200
 
 
 async def test_a_record_postgresql_cannot_store_goes_to_the_unwritten_log(
