@@ -39,7 +39,7 @@ from .auth import Principal
 from .budgets import BudgetLimits, Budgets, Hold
 from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
-from .errors import RateLimitError, SluiceError, TokenRateLimitError
+from .errors import RateLimitError, ServiceUnavailableError, SluiceError, TokenRateLimitError
 from .ledger import Ledger, LedgerEntry, MemoryLedger, storable, storable_count, utc_day
 from .limits import STREAM_CAP, Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
 from .pricing import PriceTable
@@ -127,6 +127,7 @@ class Gate:
         self.fallbacks: Mapping[str, tuple[str, ...]] = fallbacks or {}
         self.soft_fraction = money.soft_fraction
         self.clock = clock
+        self.spend_loaded = True  # False while the ledger's spend is still awaited at start
         self._policies: dict[str, KeyPolicy] = {}
         self._pending: dict[str, Admission] = {}
 
@@ -216,6 +217,12 @@ class Gate:
             raise
 
     async def _admit(self, principal: Principal, chat: ChatRequest, arrived: float) -> Admission:
+        if not self.spend_loaded:  # budgets would count from zero: refuse before reserving
+            raise ServiceUnavailableError(
+                "The gateway is starting (its ledger is not reachable yet); retry shortly "
+                "or on another replica.",
+                headers={"Retry-After": "1"},
+            )
         policy = self.policy(principal)
         prompt = await _count_prompt(chat)
         plan = self.context.plan_output(

@@ -66,6 +66,7 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     except ServiceUnavailableError:  # PostgreSQL away at start: not ready until it is back
         log.warning("ledger unavailable at start; not ready until budgets have its spend")
         app[LIFECYCLE].waiting.add("ledger")
+        gate.spend_loaded = False
         loading = asyncio.create_task(_load_spend_later(app), name="ledger-spend")
     yield
     if loading is not None:
@@ -84,6 +85,7 @@ async def _load_spend_later(app: web.Application) -> None:
         except ServiceUnavailableError:
             continue
         gate.budgets.load(rows)
+        gate.spend_loaded = True
         app[LIFECYCLE].waiting.discard("ledger")
         log.info("ledger reachable: budgets loaded, ready")
         return

@@ -43,18 +43,12 @@ def start_stream(
 
     ``cache_header`` is the client's ``X-Sluice-Cache`` choice (``use`` or ``bypass``).
     """
-    lifecycle = app[LIFECYCLE]
-    if lifecycle.draining:  # a stream started now would outlive the drain unrecorded
+    if app[LIFECYCLE].draining:  # a stream started now would outlive the drain unrecorded
         raise ServiceUnavailableError(
             "The gateway is shutting down; retry on another replica.",
             headers={"Retry-After": "1"},
         )
-    if lifecycle.waiting:  # budgets without the month's spend yet would count from zero
-        raise ServiceUnavailableError(
-            f"The gateway is starting (waiting for: {', '.join(sorted(lifecycle.waiting))}); "
-            "retry shortly or on another replica.",
-            headers={"Retry-After": "1"},
-        )
+
     stream = Stream(
         new_stream_id(),
         owner,

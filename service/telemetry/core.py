@@ -437,9 +437,14 @@ class Telemetry:
             response_id=stream.progress.response_id,
         )
         prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
-        for name in ("gen_ai.response.model", "gen_ai.response.id"):  # the provider's words
-            if name in attributes:
-                attributes[name] = self.redactor.value(str(attributes[name]))
+        if "gen_ai.response.model" in attributes:  # the provider's words
+            attributes["gen_ai.response.model"] = self.redactor.value(
+                str(attributes["gen_ai.response.model"])
+            )
+        if "gen_ai.response.id" in attributes:  # (one a stream: not for value()'s memo)
+            attributes["gen_ai.response.id"] = self.redactor.redact(
+                str(attributes["gen_ai.response.id"])
+            )
         if "gen_ai.response.finish_reasons" in attributes:
             attributes["gen_ai.response.finish_reasons"] = [
                 self.redactor.value(str(checkpoint.finish_reason))
