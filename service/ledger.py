@@ -373,24 +373,25 @@ class SqliteLedger:
     def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> bool:
         """One transaction for ``batch``; False (nothing written) when SQLite refused it
         (locked, full, unwritable: it may pass). A batch that no retry could store (a value
-        no column takes) goes to the unwritten log instead of holding up every later one."""
+        no column takes) is written row by row: the rows that fit are stored, the others go
+        to the unwritten log, and none holds up every later batch."""
         try:
-            with connection:
-                connection.execute("BEGIN")
-                done = 0
-                for size in _statement_sizes(len(batch)):
-                    rows = batch[done : done + size]
-                    connection.execute(_insert(size), [v for e in rows for v in _ROW(e)])
-                    done += size
-        except sqlite3.Error as exc:
+            _insert_all(connection, batch)
+        except sqlite3.OperationalError as exc:
             now = time.monotonic()
             if now - self._complained_at >= COMPLAIN_EVERY_S:  # not a traceback a batch
                 self._complained_at = now
                 log.error("ledger: SQLite refused %d records (%s); retrying", len(batch), exc)
             return False
         except Exception:
-            log.exception("ledger: %d records SQLite cannot store", len(batch))
-            log_unwritten(batch, "SQLite cannot store it")
+            log.exception("ledger: a batch of %d records SQLite cannot store", len(batch))
+            for entry in batch:
+                try:
+                    _insert_all(connection, [entry])
+                except sqlite3.OperationalError:
+                    return False  # the database itself refuses now: the batch is kept
+                except Exception:
+                    log_unwritten([entry], "SQLite cannot store it")
         return True
 
     def _last_tries(self, connection: sqlite3.Connection, batch: list[LedgerEntry]) -> bool:
@@ -402,6 +403,17 @@ class SqliteLedger:
             if self._write(connection, batch):
                 return True
         return False
+
+
+def _insert_all(connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> None:
+    """``batch`` in one transaction, a statement per power-of-two slice of it."""
+    with connection:
+        connection.execute("BEGIN")
+        done = 0
+        for size in _statement_sizes(len(batch)):
+            rows = batch[done : done + size]
+            connection.execute(_insert(size), [v for e in rows for v in _ROW(e)])
+            done += size
 
 
 def _run_job(connection: sqlite3.Connection, job: _Job, future: Future[Any]) -> None:

@@ -166,8 +166,8 @@ class PostgresLedger:
                     async with pool.acquire() as connection, connection.transaction():
                         await connection.executemany(_INSERT, [astuple(e) for e in batch])
             except asyncpg.DataError:  # a value no column takes: no retry would store it
-                log.exception("ledger: %d records PostgreSQL cannot store", len(batch))
-                log_unwritten(batch, "PostgreSQL cannot store it")
+                log.exception("ledger: a batch of %d records PostgreSQL cannot store", len(batch))
+                await self._one_by_one(batch)
                 for _ in batch:
                     self._buffer.popleft()
                 continue
@@ -191,6 +191,19 @@ class PostgresLedger:
                 log.info("ledger: PostgreSQL is back; %d records still buffered", self.pending)
             self.healthy = True
             self._overflowing = False
+
+    async def _one_by_one(self, batch: list[LedgerEntry]) -> None:
+        """A refused batch's rows, each on its own: those that fit are stored, the others
+        go to the unwritten log (a connection failure here leaves them to the log too)."""
+        for entry in batch:
+            try:
+                async with asyncio.timeout(BATCH_TIMEOUT_S):
+                    pool = await self._connect()
+                    async with pool.acquire() as connection:
+                        await connection.execute(_INSERT, *astuple(entry))
+                self.written += 1
+            except (asyncpg.DataError, *_DB_ERRORS):
+                log_unwritten([entry], "PostgreSQL cannot store it")
 
     async def flush(self, timeout_s: float = QUERY_FLUSH_S) -> None:
         """Wait until every buffered record is committed (at most ``timeout_s``)."""
