@@ -1,9 +1,10 @@
 """The provider connection: one shared aiohttp session to an OpenAI-compatible upstream.
 
-It owns the provider key (added to each request, never returned), turns non-2xx answers
-into ``ProviderStatusError`` with the provider's message (scrubbed of our key), and pumps a
-streamed body into a sink as raw SSE ``data`` payloads under two deadlines: time to first
-event, then the longest idle gap between reads.
+It owns the provider key (added to each request, never returned: a provider that echoes
+it anywhere, an error or a 2xx answer, has it scrubbed out), turns non-2xx answers into
+``ProviderStatusError`` with the provider's message, and pumps a streamed body into a sink
+as raw SSE ``data`` payloads under two deadlines: time to first event, then the longest
+idle gap between reads.
 """
 
 from __future__ import annotations
@@ -109,8 +110,7 @@ class Upstream:
         return self._scrubbed(raw)
 
     def _scrubbed(self, data: bytes) -> bytes:
-        """``data`` without our key (one search a read: the hot path barely notices). A key
-        split across two reads of a stream is not caught; a provider echoing it verbatim is."""
+        """``data`` (a whole body, or one event's payload) without our key."""
         key = self._key_bytes
         return data.replace(key, REDACTED_BYTES) if key and key in data else data
 
@@ -178,7 +178,9 @@ class Upstream:
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
                     started = False  # an event has come: any read (a comment) shows life
                     async for data in answer.response.content.iter_any():
-                        payloads = decoder.feed(self._scrubbed(data))
+                        payloads = decoder.feed(data)
+                        if self._key_bytes and payloads:  # whole events: a key split
+                            payloads = [self._scrubbed(p) for p in payloads]  # by reads too
                         if payloads or started:
                             started = True
                             deadline.touch()
