@@ -12,6 +12,8 @@ it prints the new key once. In simulated mode without a keys file the dev key is
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -19,7 +21,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,11 +104,12 @@ def load_keys_file(path: Path) -> dict[str, Principal]:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    names = [name for name, _ in pairs]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"{name[:12]!r} is listed twice")
-    return dict(pairs)
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        names = collections.Counter(name for name, _ in pairs)
+        twice = next(name for name, count in names.items() if count > 1)
+        raise ValueError(f"{twice[:12]!r} is listed twice")
+    return document
 
 
 _ENTRY_FIELDS = frozenset({"user", "tenant", "admin", "settings"})
@@ -144,18 +147,22 @@ def _settings(where: str, settings: Any) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise ConfigError(f"{where}: 'settings' must be an object")
     for name, value in settings.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
         if name in _WHOLE_SETTINGS:
-            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            valid = _whole(value, 0)
         elif name == "max_tokens":
-            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            valid = _whole(value, 1)
         elif name in _USD_SETTINGS:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
             valid = number and math.isfinite(value) and value >= 0
         else:
             raise ConfigError(f"{where}: unknown setting {name!r}")
         if not valid:
             raise ConfigError(f"{where}: setting {name!r} has an invalid value {value!r}")
     return dict(settings)
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def add_key(path: Path, *, user: str, tenant: str | None = None, admin: bool = False) -> str:
@@ -185,23 +192,19 @@ def add_key(path: Path, *, user: str, tenant: str | None = None, admin: bool = F
     return key
 
 
-class _locked:
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
     """An exclusive lock on the directory of ``target`` (flock: released on close; no lock
     file left behind)."""
-
-    def __init__(self, target: Path) -> None:
-        self._target = target
-        self._fd = -1
-
-    def __enter__(self) -> None:
-        try:
-            self._fd = os.open(self._target.parent, os.O_RDONLY)
-        except OSError as exc:
-            raise ConfigError(f"cannot write {self._target}: {exc.strerror}") from None
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc_info: object) -> None:
-        os.close(self._fd)
+    try:
+        fd = os.open(target.parent, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _replace(target: Path, content: bytes, mode: int) -> None:

@@ -85,17 +85,15 @@ class Budgets:
         for key, limit in checks:
             if limit is not None and self._committed(key) + amount > limit:
                 raise self._exceeded(key, limit)
-        reserved = self._reserved
-        for key, _ in checks:  # (inline: this runs for every request)
-            reserved[key] = reserved.get(key, ZERO) + amount
+        for key, _ in checks:
+            self._add(self._reserved, key, amount)
         return Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
 
     def settle(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost (in the periods it was made in)."""
-        reserved, spent, amount = self._reserved, self._spent, hold.amount
         for key in hold.keys:
-            reserved[key] = reserved.get(key, ZERO) - amount
-            spent[key] = spent.get(key, ZERO) + actual
+            self._add(self._reserved, key, -hold.amount)
+            self._add(self._spent, key, actual)
 
     def status(
         self, user: str, tenant: str, overrides: BudgetLimits | None = None

@@ -133,14 +133,12 @@ class Bucket:
 
     def quota(self, *, current: bool = False) -> Quota:
         """The bucket's state; ``current``: its level was just brought up to date."""
+        remaining = self.remaining(current=current)  # (the level is current from here)
         limiter = self.limiter
-        if not current:
-            limiter.has_capacity(0)
-        level = limiter._level
         return Quota(
             limit=int(limiter.max_rate),
-            remaining=max(int(limiter.max_rate - level), 0),
-            reset_s=level / limiter._rate_per_sec,
+            remaining=remaining,
+            reset_s=limiter._level / limiter._rate_per_sec,
         )
 
     @property
