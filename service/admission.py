@@ -162,35 +162,46 @@ class Gate:
         model = _model_named(source)
         self.ledger.record(_rejection(principal, model, self.clock(), code=code, status=status))
 
+    def reachable(self, model: str) -> list[str]:
+        """``model`` and every model its request may end up on: its fallbacks, theirs..."""
+        found = [model]
+        for tried in found:  # grows while it is walked: a breadth-first walk
+            found += [m for m in self.fallbacks.get(tried, ()) if m not in found]
+        return found
+
     def worst_cost(
         self,
         model: str,
         prompt_tokens: int,
         output_tokens: int,
         images: int = 0,
-        body: Mapping[str, Any] | None = None,
+        prompts: Mapping[str, int] | None = None,
     ) -> Decimal:
         """The most ``model``'s request can cost: priced as the dearest model it may reach,
         its fallbacks' own fallbacks included (a degraded start follows the fallback's chain),
-        each with the prompt counted in its own encoding (``body`` given: a fallback with
-        another tokenizer may see many more tokens). ``prompt_tokens`` counts each of its
-        ``images`` at the low-detail floor; here each costs the most an image can on that
-        model (its size is not known before the call)."""
-        reachable = [model]
-        for tried in reachable:  # grows while it is walked: a breadth-first walk
-            reachable += [m for m in self.fallbacks.get(tried, ()) if m not in reachable]
-        counts = {tokens.encoding_name_for_model(model): prompt_tokens}
-
-        def prompt_of(m: str) -> int:
-            encoding = tokens.encoding_name_for_model(m)
-            if encoding not in counts:
-                counts[encoding] = tokens.count_chat(m, body) if body else prompt_tokens
-            return counts[encoding]
-
+        each with the prompt counted in its own encoding when ``prompts`` has it (by encoding
+        name: a fallback with another tokenizer may see many more tokens). ``prompt_tokens``
+        counts each of its ``images`` at the low-detail floor; here each costs the most an
+        image can on that model (its size is not known before the call)."""
+        counts = prompts or {}
         return max(
-            self.prices.cost(m, prompt_of(m) + images * _image_extra(m), output_tokens)
-            for m in reachable
+            self.prices.cost(
+                m,
+                counts.get(tokens.encoding_name_for_model(m), prompt_tokens)
+                + images * _image_extra(m),
+                output_tokens,
+            )
+            for m in self.reachable(model)
         )
+
+    async def _prompts(self, chat: ChatRequest, prompt: int) -> dict[str, int]:
+        """The prompt counted in each encoding of the models its request may reach."""
+        prompts = {tokens.encoding_name_for_model(chat.model): prompt}
+        for model in self.reachable(chat.model)[1:]:
+            encoding = tokens.encoding_name_for_model(model)
+            if encoding not in prompts:
+                prompts[encoding] = await _count_prompt(chat, model)
+        return prompts
 
     def under_pressure(self, stream: Stream) -> bool:
         """Start ``stream`` on its first fallback: a budget (the key's own limits included)
@@ -250,7 +261,8 @@ class Gate:
         try:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)
-            worst = self.worst_cost(chat.model, prompt, ceiling, images, chat.body)
+            prompts = await self._prompts(chat, prompt) if self.fallbacks else None
+            worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
             await admission.release()
@@ -442,11 +454,13 @@ def _rate_limited(denial: Denial) -> RateLimitError:
     return RateLimitError(message, headers=headers)
 
 
-async def _count_prompt(chat: ChatRequest) -> int:
-    """Count on the loop when cheap; in a thread when the prompt is long or tiktoken is cold."""
-    if tokens.is_loaded(chat.model) and _rough_chars(chat.body) < OFFLOAD_CHARS:
-        return tokens.count_chat(chat.model, chat.body)
-    return await asyncio.to_thread(tokens.count_chat, chat.model, chat.body)
+async def _count_prompt(chat: ChatRequest, model: str | None = None) -> int:
+    """``chat``'s prompt in ``model``'s encoding (its own by default): counted on the loop
+    when cheap; in a thread when the prompt is long or tiktoken is cold."""
+    model = model or chat.model
+    if tokens.is_loaded(model) and _rough_chars(chat.body) < OFFLOAD_CHARS:
+        return tokens.count_chat(model, chat.body)
+    return await asyncio.to_thread(tokens.count_chat, model, chat.body)
 
 
 def _rough_chars(body: Mapping[str, Any]) -> int:

@@ -17,6 +17,7 @@ from service.appkeys import GATE
 from service.budgets import BudgetLimits, Budgets
 from service.errors import BudgetExceededError
 from service.ledger import SpendRow
+from service.request import ChatRequest
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body
@@ -211,14 +212,17 @@ def test_the_worst_case_covers_the_fallbacks_of_fallbacks() -> None:
     assert gate.worst_cost("gpt-4", 1000, 1000) == gate.prices.cost("gpt-4", 1000, 1000)
 
 
-def test_the_worst_case_counts_the_prompt_in_each_fallback_s_own_encoding() -> None:
+async def test_the_worst_case_counts_the_prompt_in_each_fallback_s_own_encoding() -> None:
     """A fallback with another tokenizer (cl100k for gpt-4-turbo, o200k for gpt-4o) may see
     three times the tokens in the same words: the reservation counts them its way."""
     gate = Gate(LimitSettings(), MoneySettings(), fallbacks={"gpt-4o": ("gpt-4-turbo",)})
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "नमस्ते दुनिया " * 200}]}
     mine, theirs = tokens.count_chat("gpt-4o", body), tokens.count_chat("gpt-4-turbo", body)
     assert theirs > 2 * mine
-    worst = gate.worst_cost("gpt-4o", mine, 10, body=body)
+    chat = ChatRequest(body=body, model="gpt-4o", streaming=False, include_usage=False)
+    prompts = await gate._prompts(chat, mine)
+    assert prompts == {tokens.O200K: mine, tokens.CL100K: theirs}
+    worst = gate.worst_cost("gpt-4o", mine, 10, prompts=prompts)
     assert worst == gate.prices.cost("gpt-4-turbo", theirs, 10)
 
 
