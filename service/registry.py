@@ -140,8 +140,17 @@ class StreamRegistry:
         # Not task.cancel() now: a task cancelled before its first step never enters _run,
         # so the stream would never end or be checkpointed. That step is already queued, so
         # by this callback the task is inside _run (or has ended, and is left alone).
-        asyncio.get_running_loop().call_soon(_cancel_running, stream)
+        asyncio.get_running_loop().call_soon(self._cancel_unless_back, stream)
         return True
+
+    def _cancel_unless_back(self, stream: Stream) -> None:
+        """Send the cancellation, unless the client came back after the grace window ended
+        but before its cancellation went out (in the same loop pass): then the stream is
+        theirs again, and its next detach opens a new window."""
+        if stream.cancel_reason is StreamStatus.CLIENT_GONE and stream.readers > 0:
+            stream.cancel_reason = None
+            return
+        _cancel_running(stream)
 
     async def settled(self, stream: Stream) -> None:
         """Wait until ``stream`` has ended, been checkpointed and run its finish hooks."""

@@ -7,6 +7,7 @@ provider parameters work without a Sluice release.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,6 +20,7 @@ from .jsonbytes import dumps_kept
 # body is written again (to the provider, into the cache key); no real request comes near.
 MAX_NESTING = 128
 MAX_MODEL_CHARS = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _T = TypeVar("_T")
 _NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
@@ -68,6 +70,8 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
         raise InvalidRequestError(
             f"'model' is too long: at most {MAX_MODEL_CHARS} characters.", param="model"
         )
+    if _CONTROL.search(model):  # a header cannot carry it: the answer could not be sent
+        raise InvalidRequestError("'model' must not contain control characters.", param="model")
     if served_models is not None and model not in served_models:
         raise NotFoundError(
             f"The model `{model}` does not exist or you do not have access to it.",

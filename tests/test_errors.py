@@ -735,3 +735,26 @@ async def test_a_model_name_past_256_characters_is_a_400(gateway: GatewayFactory
     response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert response.status == 400
     assert assert_openai_error(await response.json())["param"] == "model"
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini\r\nX-Injected: 1", "gpt-4o-mini\x01", "a\x7f"])
+async def test_a_model_name_with_control_characters_is_a_400_before_the_provider(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, model: str
+) -> None:
+    """The served model goes out in a response header, which cannot carry a control
+    character: such a name was called, billed, and then answered with a broken response."""
+    client = await gateway(with_provider(settings, models=()))  # passthrough: any name
+    for stream in (True, False):
+        body = {**chat_body("hi [sim chunks=2]", stream=stream), "model": model}
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 400
+        assert assert_openai_error(await response.json())["param"] == "model"
+    async with client.ws_connect("/v1/ws", headers=AUTH) as ws:
+        body = {**chat_body("hi [sim chunks=2]"), "model": model}
+        frame = {"type": "chat.completion.create", "request_id": "r", "body": body}
+        await ws.send_str(json.dumps(frame))
+        refused = orjson.loads(await ws.receive_str())
+    assert (refused["type"], refused["error"]["param"]) == ("error", "model")
+    assert sim_stats.requests == 0
+    rows = await client.app[GATE].ledger.entries()
+    assert [row.status for row in rows] == ["rejected"] * 3

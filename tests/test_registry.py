@@ -296,3 +296,22 @@ async def test_settled_waits_for_the_checkpoint_and_the_finish_hooks() -> None:
     await patient
     assert done == ["completed"]
     assert await store.get(stream.id) is not None
+
+
+async def test_a_reader_back_as_the_grace_window_ends_keeps_the_stream(
+    loop_clock: LoopClock,
+) -> None:
+    """The window expires and the client reconnects in the same loop pass, before the
+    cancellation goes out: the reader is attached, so the generation goes on."""
+    registry, _ = make_registry(grace=60)
+    stream = make_stream()
+    release = asyncio.Event()
+    registry.launch(stream, produce(stream, ["a"], release))
+    registry.attach(stream)
+    registry.detach(stream)  # the grace window opens: 60 s
+    asyncio.get_running_loop().call_later(60.5, registry.attach, stream)
+    await loop_clock.advance(61)  # the window's timer, then the reader, in one pass
+    release.set()
+    await stream.ended.wait()
+    assert (stream.status, stream.readers) == (StreamStatus.COMPLETED, 1)
+    registry.detach(stream)

@@ -227,6 +227,10 @@ async def test_a_non_streamed_answer_is_read_not_resumed(gateway: GatewayFactory
         ('{"type": "resume", "stream_id": "strm_nope", "last_seq": 0}', "stream_id"),
         ('{"type": "resume", "stream_id": 7}', "stream_id"),
         ('{"type": "resume", "stream_id": "strm_x", "last_seq": -1}', "last_seq"),
+        # No such stream, whatever the id (not a complaint about the request id it lends).
+        ('{"type": "resume", "stream_id": ""}', "stream_id"),
+        ('{"type": "resume", "stream_id": "%s"}' % ("s" * 300), "stream_id"),
+        ('{"type": "resume", "stream_id": "strm_nope", "request_id": []}', "stream_id"),
     ],
 )
 async def test_a_malformed_frame_gets_an_error_frame_and_the_socket_lives_on(

@@ -177,19 +177,25 @@ class _Socket:
         last_seq = frame.get("last_seq", 0)
         if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
             raise InvalidRequestError("'last_seq' must be an integer >= 0.", param="last_seq")
-        request_id = self._new_request_id(frame.get("request_id", stream_id))
         remote = self._app[REMOTE_STREAMS]
         if self._registry.get(stream_id) is None and remote is not None:  # another replica's?
             principal = self._principal
             if await remote.owner_of(stream_id) == (principal.user_id, principal.tenant):
                 after = check_resume_point(await remote.last_seq(stream_id), last_seq)
+                request_id = self._resume_request_id(frame, stream_id)
                 self._app[TELEMETRY].stream_resumed(stream_id, after)
                 self._follow_remote(remote, request_id, stream_id, after)
                 return
         stream = resumable_stream(self._registry, stream_id, self._principal)
         after = check_resume_point(stream.last_seq, last_seq)
+        request_id = self._resume_request_id(frame, stream_id)
         self._app[TELEMETRY].stream_resumed(stream.id, after)
         self._follow(request_id, stream, after=after, announce=False)
+
+    def _resume_request_id(self, frame: dict[str, Any], stream_id: str) -> RequestId:
+        """The frame's ``request_id``, by default the stream's id (known good once the stream
+        is found: a missing stream is named as such, not as a bad request id)."""
+        return self._new_request_id(frame.get("request_id", stream_id))
 
     def _new_request_id(self, value: Any) -> RequestId:
         if not is_request_id(value):
