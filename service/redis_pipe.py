@@ -151,12 +151,17 @@ class _Protocol(asyncio.Protocol):
 
     def usable(self, stuck_before: float) -> bool:
         """Open, and not waiting since before ``stuck_before`` (loop time) for a reply."""
-        return self._lost is None and not (self._calls and self._calls[0][3] < stuck_before)
+        return self._open() and not (self._calls and self._calls[0][3] < stuck_before)
+
+    def _open(self) -> bool:
+        # Closing, not yet lost: writes now would be dropped, each with an asyncio warning.
+        transport = self._transport
+        return self._lost is None and transport is not None and not transport.is_closing()
 
     def send(self, payload: bytes, replies: int, now: float) -> asyncio.Future[list[Any]]:
         """Write ``payload`` (``replies`` packed commands); the future gets their replies."""
         transport = self._transport
-        if self._lost is not None or transport is None:
+        if not self._open() or transport is None:
             raise RedisConnectionError("redis connection closed")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._calls.append((replies, [], future, now))
@@ -177,6 +182,12 @@ class _Protocol(asyncio.Protocol):
                         future.set_result(replies)
         except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or a reply nobody asked for
             self._fail(RedisConnectionError(f"redis protocol error: {type(exc).__name__}"))
+
+    def eof_received(self) -> bool:
+        """Redis closed the connection (a restart, ``CLIENT KILL``, its idle ``timeout``):
+        fail the calls waiting now, not a loop pass later, and let new ones reconnect."""
+        self._fail(RedisConnectionError("redis connection lost"))
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError("redis connection lost"))

@@ -9,6 +9,8 @@ replaced; AUTH and SELECT come from the URL; TLS stays with redis-py.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,6 +78,25 @@ async def test_a_killed_redis_fails_the_call_and_the_next_call_reconnects(
             await pipe.execute([("PING",)])
     finally:
         redis_server.start()
+    assert await pipe.execute([("PING",)]) == [b"PONG"]
+
+
+async def test_calls_after_redis_closed_the_connection_reconnect_without_warnings(
+    pipe: RedisPipe, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis drops the connection (``CLIENT KILL``, as its idle ``timeout`` or a restart
+    would) as calls come in. Those written before the loop read its end fail; none is
+    written to the closing socket (asyncio logs a warning a write there); the rest, and
+    the calls after, go over a new connection."""
+    assert await pipe.execute([("PING",)]) == [b"PONG"]
+    with socket.create_connection(("127.0.0.1", redis_server.port), 2) as admin:
+        admin.sendall(b"CLIENT KILL TYPE normal SKIPME yes\r\n")
+        assert admin.recv(64) == b":1\r\n"  # Redis closed our pipe before answering
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    calls = [pipe.execute([("PING",)]) for _ in range(20)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert {type(r) for r in results} <= {list, ConnectionError}
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
     assert await pipe.execute([("PING",)]) == [b"PONG"]
 
 
