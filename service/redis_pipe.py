@@ -199,7 +199,9 @@ class _Protocol(asyncio.Protocol):
         if self._lost is None:
             self._lost = error
         if self._transport is not None:
-            self._transport.close()
+            # Not close(): writes still buffered here must not reach Redis after their calls
+            # failed (a caller may send them again, on a new connection, meanwhile).
+            self._transport.abort()
         while self._calls:
             future = self._calls.popleft()[2]
             if not future.done():
