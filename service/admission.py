@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -319,7 +320,8 @@ class Admission:
         return stream
 
     async def release(self) -> None:
-        """Give everything back, as if the request had never been admitted."""
+        """Give back the stream slot, the tokens and the budget hold; the request itself
+        still counts against requests per minute (it was made, and refused)."""
         if not self._open:
             return
         self._open = False
@@ -438,7 +440,7 @@ def _model_named(source: object) -> str:
 def _rate_limited(denial: Denial) -> RateLimitError:
     tier = denial.tier
     headers = ratelimit_headers(denial.requests, denial.token_quota)
-    headers["Retry-After"] = str(max(1, int(denial.retry_after_s + 0.999)))
+    headers["Retry-After"] = str(max(1, math.ceil(denial.retry_after_s)))
     if denial.too_large:
         message = (
             f"Request too large: it needs more {denial.unit} than the {tier.name} limit "

@@ -143,8 +143,10 @@ def _plain_text(chunk: dict[str, Any]) -> str | None:
     if choice.get("index", 0) != 0 or choice.get("finish_reason") or type(delta) is not dict:
         return None
     content = delta.get("content")
-    if type(content) is not str or not content or delta.get("tool_calls"):
+    if type(content) is not str or not content:
         return None  # no text: the role chunk that opens a stream, not one of its words
+    if delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning"):
+        return None  # more than text: every such chunk is folded in full
     return content
 
 

@@ -296,5 +296,5 @@ def format_duration(seconds: float) -> str:
         return f"{math.ceil(seconds * 1000)}ms"
     if seconds < 60:
         return f"{round(seconds, 3):g}s"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{round(rest):d}s"
+    minutes, rest = divmod(round(seconds), 60)  # whole seconds first: never "1m60s"
+    return f"{minutes}m{rest}s"

@@ -19,7 +19,7 @@ from enum import StrEnum
 from itertools import repeat
 from typing import Any
 
-from .errors import InvalidRequestError, SluiceError
+from .errors import InvalidRequestError, ProviderProtocolError, SluiceError
 from .jsonbytes import dumps_kept
 from .latch import Latch, Pulse
 from .sse import DONE
@@ -52,11 +52,16 @@ class Owner:
 
 @dataclass(slots=True)
 class Progress:
-    """What the provider has produced so far, assembled from the chunks as they pass."""
+    """What the provider has produced so far, assembled from the chunks as they pass.
+
+    A provider's text is checked to be text here (a number or an object as ``content``
+    raises ``ProviderProtocolError``): it is joined, counted and billed later, when an
+    error could no longer reach the client and would leave the request unsettled."""
 
     parts: list[str] = field(default_factory=list)
     tool_calls: list[Any] = field(default_factory=list)
     others: list[Any] = field(default_factory=list)  # deltas of choices past 0 (``n`` > 1)
+    reasoning: list[str] = field(default_factory=list)  # billed when usage never comes
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     response_id: str | None = None
@@ -67,8 +72,8 @@ class Progress:
         """Fold one chunk in; return True when it carries only usage (no choices)."""
         self.chunks += 1
         if self.response_id is None:
-            self.response_id = chunk.get("id")
-            self.response_model = chunk.get("model")
+            self.response_id = _text(chunk.get("id"))
+            self.response_model = _text(chunk.get("model"))
         usage = chunk.get("usage")
         if usage and type(usage) is dict:  # a provider's odd usage is not ours to trust
             self.usage = usage
@@ -76,20 +81,24 @@ class Progress:
         if not choices:
             return usage is not None
         for choice in choices:  # inline, not a call a choice: this runs for every chunk
-            if choice.get("index", 0) == 0:
-                delta = choice.get("delta")
+            delta = choice.get("delta")
+            if choice.get("index", 0) != 0:
                 if delta:
-                    content = delta.get("content") or delta.get("refusal")  # both generated
-                    if content:
-                        self.parts.append(content)
-                    calls = delta.get("tool_calls")
-                    if calls:
-                        self.tool_calls.extend(calls)
-                reason = choice.get("finish_reason")
-                if reason:
-                    self.finish_reason = reason
-            elif choice.get("delta"):
-                self.others.append(choice["delta"])  # billed too, if usage never comes
+                    self.others.append(_object(delta))  # billed too, if usage never comes
+                continue
+            if delta:
+                content = _generated(delta.get("content") or delta.get("refusal"))
+                if content:
+                    self.parts.append(content)
+                thought = _generated(delta.get("reasoning_content") or delta.get("reasoning"))
+                if thought:
+                    self.reasoning.append(thought)
+                calls = delta.get("tool_calls")
+                if calls:
+                    self.tool_calls.extend(calls)
+            reason = choice.get("finish_reason")
+            if reason:
+                self.finish_reason = _text(reason)
         return False
 
     def add_text(self, text: str) -> None:
@@ -100,19 +109,23 @@ class Progress:
 
     def add_completion(self, body: dict[str, Any]) -> None:
         """Fold a whole non-streamed completion in."""
-        self.response_id = body.get("id")
-        self.response_model = body.get("model")
+        self.response_id = _text(body.get("id"))
+        self.response_model = _text(body.get("model"))
         usage = body.get("usage")
         self.usage = usage if usage and type(usage) is dict else None
         for choice in body.get("choices") or ():
-            message = choice.get("message") or {}
+            message = _object(choice.get("message") or {})
             if choice.get("index", 0) != 0:
                 self.others.append(message)
                 continue
-            if message.get("content"):
-                self.parts.append(message["content"])
+            content = _generated(message.get("content") or message.get("refusal"))
+            if content:
+                self.parts.append(content)
+            thought = _generated(message.get("reasoning_content") or message.get("reasoning"))
+            if thought:
+                self.reasoning.append(thought)
             self.tool_calls.extend(message.get("tool_calls") or ())
-            self.finish_reason = choice.get("finish_reason")
+            self.finish_reason = _text(choice.get("finish_reason"))
         self.chunks = 1
 
     @property
@@ -270,3 +283,21 @@ def check_resume_point(last_seq: int | None, after: int) -> int:
             param="last_event_id",
         )
     return after
+
+
+def _text(value: Any) -> str | None:
+    """A provider's name or id, if it is one (anything else is not kept)."""
+    return value if type(value) is str else None
+
+
+def _generated(value: Any) -> str | None:
+    """Generated text, which must be a string if it is there at all."""
+    if value and type(value) is not str:
+        raise ProviderProtocolError("The provider sent text that is not a string.")
+    return value or None
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise ProviderProtocolError("The provider sent a choice of the wrong shape.")
+    return value

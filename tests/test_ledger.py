@@ -611,12 +611,12 @@ async def test_what_sqlite_refuses_until_shutdown_goes_to_the_unwritten_log(
 
 
 async def test_a_row_keeps_only_what_every_store_can_take(gateway: GatewayFactory) -> None:
-    """A client's model name with a NUL in it (PostgreSQL refuses NUL in text) is recorded
-    without it; the row is there."""
+    """A client's model name with a NUL in it (PostgreSQL refuses NUL in text; the gateway
+    refuses it too, a control character) is recorded without it; the row is there."""
     client = await gateway()
     body = {**chat_body("hi", stream=False), "model": "gpt\x00-nope"}
     response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
-    assert response.status == 404
+    assert response.status == 400
     (row,) = await client.app[GATE].ledger.entries()
     assert (row.status, row.model_requested) == ("rejected", "gpt-nope")
 

@@ -151,6 +151,7 @@ def test_headers_look_like_openai() -> None:
     assert format_duration(0.02) == "20ms"
     assert format_duration(1.5) == "1.5s"
     assert format_duration(360) == "6m0s"
+    assert format_duration(119.6) == "2m0s"  # not "1m60s"
     headers = ratelimit_headers(Quota(60, 59, 1.0), Quota(1000, 10, 59.4))
     assert headers == {
         "x-ratelimit-limit-requests": "60",

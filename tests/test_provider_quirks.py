@@ -219,3 +219,72 @@ async def test_odd_usage_never_loses_the_ledger_row(
     assert row.completion_tokens >= 2
     assert row.cached_tokens == 0
     assert row.cost_usd > 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"model": 123},
+        {"id": ["x"], "model": {"a": 1}},
+        {"choices": [{"index": 0, "delta": {"content": 5}}]},
+        {"choices": [{"index": 0, "delta": {"refusal": ["no"]}}]},
+        {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": 7}]},
+        {"choices": [{"index": 1, "delta": "oops"}]},
+    ],
+    ids=["model", "id", "content", "refusal", "finish", "other-choice"],
+)
+async def test_odd_types_from_the_provider_never_leave_a_request_unsettled(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, odd: Any, stream: bool
+) -> None:
+    """A name, id or text of the wrong type: the answer is relayed or refused as a protocol
+    error, and either way the request gets its ledger row and frees its stream slot and
+    reservations (a non-string model or text broke the settlement after the response)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not stream:  # the same oddity in a whole completion
+            choices = [
+                {("message" if key == "delta" else key): value for key, value in c.items()}
+                for c in odd.get("choices") or [{"index": 0, "delta": {"content": "a"}}]
+            ]
+            return web.json_response({**CHUNK, **odd, "choices": choices})
+        return await _stream(request, _event({**CHUNK, "choices": [], **odd}), _delta("b", "stop"))
+
+    custom = replace(settings, limits=replace(settings.limits, max_streams_per_user=1))
+    client = await _gateway(aiohttp_server, gateway, custom, answer)
+    for _ in range(2):  # the second finds the user's one stream slot free again
+        response = await client.post(URL, json=chat_body("x", stream=stream), headers=AUTH)
+        assert response.status in (200, 502)
+        await response.read()
+        stream_id = response.headers["X-Sluice-Stream-Id"]
+        settled = client.app[STREAMS].get(stream_id)
+        assert settled is not None
+        assert settled.task is not None
+        await settled.task
+        checkpoint = await client.get(f"/v1/streams/{stream_id}", headers=AUTH)
+        assert checkpoint.status == 200
+    rows = await client.app[GATE].ledger.entries()
+    assert len(rows) == 2
+    assert all(row.status in ("completed", "provider_error") for row in rows)
+
+
+async def test_reasoning_streamed_as_such_is_billed_when_usage_never_comes(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """vLLM, llama.cpp and DeepSeek stream ``reasoning_content`` (Ollama ``reasoning``)
+    before the answer; a stream cut off in it was billed no output at all."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        thinking = [{"index": 0, "delta": {"reasoning_content": " step by step"}}]
+        ollama = [{"index": 0, "delta": {"reasoning": " and more"}}]
+        events = [_event({**CHUNK, "choices": thinking})] * 20
+        events += [_event({**CHUNK, "choices": ollama})] * 20
+        return await _stream(request, *events)  # then the body ends: no usage, no [DONE]
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("hi"), headers=AUTH)
+    *_, last = sse_data(await response.text())
+    assert "error" in orjson.loads(last)  # the provider ended it early
+    (row,) = await client.app[GATE].ledger.entries()
+    assert row.completion_tokens >= 40 * 2
+    assert row.cost_usd > 0
