@@ -3,15 +3,18 @@
 GenAI client metrics follow the semantic conventions' names, with dots made underscores
 and the unit suffixed as Prometheus does (``gen_ai.client.operation.duration`` becomes
 ``gen_ai_client_operation_duration_seconds``). Gateway metrics are ``sluice_*``. Every label
-value passes through ``LabelGuard``: redacted, and bounded in cardinality.
+value passes through ``LabelGuard``: redacted, and bounded in cardinality. The instruments
+are ``instruments.py``'s (plain numbers, read when the registry is collected), exposed as
+prometheus_client's own would be.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
+from .instruments import Instruments
 from .redaction import LabelGuard
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -38,99 +41,82 @@ class Metrics:
         # (reasons): a budget of their own, so a flood of client values cannot turn them
         # into "other".
         self.fixed = operator or labels
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.token_usage = Histogram(
+        new = Instruments(registry)
+        self.token_usage = new.histogram(
             "gen_ai_client_token_usage",
             "Tokens per provider operation (gen_ai.client.token.usage), by gen_ai.token.type.",
             [*_GENAI, "gen_ai_token_type"],
             buckets=TOKEN_BUCKETS,
-            registry=registry,
         )
-        self.operation_duration = Histogram(
+        self.operation_duration = new.histogram(
             "gen_ai_client_operation_duration_seconds",
             "Provider operation duration (gen_ai.client.operation.duration), last attempt.",
             [*_GENAI, "error_type"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.time_to_first_chunk = Histogram(
+        self.time_to_first_chunk = new.histogram(
             "gen_ai_client_operation_time_to_first_chunk_seconds",
             "From the provider call to its first chunk "
             "(gen_ai.client.operation.time_to_first_chunk).",
             list(_GENAI),
             buckets=CHUNK_BUCKETS,
-            registry=registry,
         )
-        self.open_streams = Gauge(
+        self.open_streams = new.gauge(
             "sluice_open_streams",
             "Client connections currently receiving a stream, by transport (sse, ws).",
             ["transport"],
-            registry=registry,
         )
-        self.generations = Gauge(
+        self.generations = new.gauge(
             "sluice_generations_running",
             "Generations in flight (they may outlive their client by the grace window).",
-            registry=registry,
-        )
-        self.requests = Counter(
+        ).labels()  # one series, shown from the start
+        self.requests = new.counter(
             "sluice_requests",
             "Finished requests by route and outcome (a chat request's outcome is its stream's).",
             ["route", "method", "status", "outcome"],
-            registry=registry,
         )
-        self.rejections = Counter(
+        self.rejections = new.counter(
             "sluice_rejections",
             "Requests refused before the provider, by reason (rate, tokens, budget, breaker, ...).",
             ["reason"],
-            registry=registry,
         )
-        self.breaker_state = Gauge(
+        self.breaker_state = new.gauge(
             "sluice_breaker_state",
             "Circuit breaker state per provider (or provider/model): "
             "0 closed, 1 half-open, 2 open.",
             ["provider"],
-            registry=registry,
         )
-        self.breaker_transitions = Counter(
+        self.breaker_transitions = new.counter(
             "sluice_breaker_transitions",
             "Circuit breaker state changes, by provider and new state.",
             ["provider", "state"],
-            registry=registry,
         )
-        self.cost = Counter(
+        self.cost = new.counter(
             "sluice_cost_usd",
             "Provider cost in USD, by tenant and served model.",
             ["tenant", "model"],
-            registry=registry,
         )
-        self.overhead = Histogram(
+        self.overhead = new.histogram(
             "sluice_gateway_overhead_seconds",
             "Time spent in Sluice itself: request time minus provider time (see README), "
             "up to the response headers (phase=headers) and for the whole response (total).",
             ["route", "phase"],
             buckets=OVERHEAD_BUCKETS,
-            registry=registry,
         )
-        self.cache = Counter(
+        self.cache = new.counter(
             "sluice_cache_lookups",
             "Response cache results (hit, miss, bypass).",
             ["result"],
-            registry=registry,
         )
-        self.retries = Counter(
+        self.retries = new.counter(
             "sluice_provider_retries",
             "Provider attempts retried, by provider and error type.",
             ["provider", "error_type"],
-            registry=registry,
         )
 
     def child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, remembered: prometheus_client validates on every call."""
-        key = (id(metric), values)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*values)
-        return found
+        """``metric.labels(*values)``: the series to update (``instruments.py``)."""
+        return metric.labels(*values)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
