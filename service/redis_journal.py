@@ -49,8 +49,8 @@ from .checkpoint import Checkpoint, CheckpointStore
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
-from .relay import RESUME_RETRY_MS, SSE_HEADERS, STREAM_ID_HEADER
-from .sse import KEEPALIVE, encode_event, encode_retry
+from .relay import RESUME_ELSEWHERE, SSE_HEADERS, STREAM_ID_HEADER
+from .sse import KEEPALIVE, encode_event
 from .stream import Stream, StreamStatus
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ class RemoteStreams:
                     stream_id, after, deliver, lambda: response.write(KEEPALIVE)
                 )
                 if status in (StreamStatus.SHUTDOWN, UNREADABLE):  # come back later
-                    await response.write(encode_retry(RESUME_RETRY_MS))
+                    await response.write(RESUME_ELSEWHERE)
                 await response.write_eof()
             except ConnectionResetError:
                 pass  # the client left; detaching is all there is to do

@@ -7,7 +7,7 @@ events go out in one write, and the journal's last ones with the end of the body
 that arrives in one read leaves in one write, headers included). Idle periods get a
 ``: keepalive`` comment on the registry's tick (and one right after the headers when the
 response goes out before the provider has answered, see ``handlers/chat.py``); a stream
-ended by shutdown closes with a ``retry:`` hint instead of ``[DONE]``.
+ended by shutdown closes with an ``error`` event and a ``retry:`` hint instead of ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,19 @@ CACHE_HEADER = "X-Sluice-Cache"  # hit, miss or bypass
 RESUME_RETRY_MS = 1000
 SEND_AGAIN = b"data: %b\n\n" % dumps_kept(
     ServiceUnavailableError("The gateway is shutting down; send the request again.").payload()
+)
+# Cut off with output sent: resume for the rest. An ``error`` event without an id (the SDKs
+# raise APIError on it instead of ending as if complete; Last-Event-ID still names the last
+# chunk; EventSource's ``onmessage`` ignores a named event), then the reconnection hint.
+RESUME_ELSEWHERE = b"event: error\ndata: %b\n\n%b" % (
+    dumps_kept(
+        ServiceUnavailableError(
+            "This stream was cut off before it finished: resume it "
+            "(GET /v1/streams/{id}/events with Last-Event-ID) for the rest.",
+            code="stream_interrupted",
+        ).payload()
+    ),
+    encode_retry(RESUME_RETRY_MS),
 )
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -68,7 +81,7 @@ async def stream_sse(
         if stream.status is StreamStatus.SHUTDOWN:
             # With nothing generated there is nothing to resume: the request must be sent
             # again (an error event with no id: no Last-Event-ID comes of it).
-            tail += encode_retry(RESUME_RETRY_MS) if stream.last_seq else SEND_AGAIN
+            tail += RESUME_ELSEWHERE if stream.last_seq else SEND_AGAIN
         await response.write_eof(tail)
     return response
 

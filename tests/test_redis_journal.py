@@ -266,13 +266,15 @@ async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
     gateway: GatewayFactory, settings: Settings, redis_url: str
 ) -> None:
     """A journal with no END and no owner heartbeat (its replica crashed) replays, then ends
-    with a retry hint instead of keeping the client waiting forever."""
+    with an error event (no id: the SDKs raise it) and a retry hint instead of keeping the
+    client waiting forever."""
     b = await _orphaned(gateway, settings, redis_url)
 
     response = await b.get("/v1/streams/strm_orphan/events", headers=AUTH)
     assert response.status == 200
     body = await response.read()
-    assert [seq for seq, _ in events(body)] == [1, 2, None]
+    assert [seq for seq, _ in events(body)] == [1, 2, None, None]
+    assert orjson.loads(events(body)[2][1])["error"]["code"] == "stream_interrupted"
     assert body.endswith(b"retry: 1000\n")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -33,7 +34,7 @@ from service.resources import drain
 from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Stream
-from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_streams
 from tests.processes import DEVNULL, python_module
 from tests.streamwire import LoopClock, events, read_events, with_drain
 
@@ -74,6 +75,8 @@ async def test_shutdown_ends_stalled_streams_with_resume_hints_and_checkpoints(
 
     rest = await sse_rest
     assert rest.endswith(b"retry: 1000\n")
+    assert b"event: error\ndata: " in rest  # with no id: Last-Event-ID stays the last chunk
+    assert orjson.loads(events(rest)[-2][1])["error"]["code"] == "stream_interrupted"
     assert events(rest)[-1] == (None, b"")
     closing = await ws_end
     assert closing.type is aiohttp.WSMsgType.CLOSE
@@ -411,3 +414,30 @@ async def test_a_second_signal_during_the_drain_still_exits_cleanly(
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
         rows = ledger.execute("SELECT stream_id FROM ledger").fetchall()
     assert rows == [(stream_id,)]
+
+
+async def test_the_sdk_raises_on_a_stream_shutdown_cut_off(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Some chunks went out, then the gateway stopped: the openai SDK raises APIError
+    instead of ending the stream as if it were complete (a short text, no finish_reason)."""
+    client = await gateway(with_drain(settings, 0))
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=DEV_KEY, max_retries=0)
+    async with sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "cut [sim stall_after=3]"}],
+            stream=True,
+        )
+        received = [await anext(stream)]
+        stopping = asyncio.ensure_future(drain(client.app))
+        with pytest.raises(openai.APIError, match="cut off before it finished"):
+            await _read_all(stream, received)  # to the stall, then the error event
+        await stopping
+    assert len(received) >= 3
+    assert all(chunk.choices[0].finish_reason is None for chunk in received)
+
+
+async def _read_all(stream: Any, into: list[Any]) -> None:
+    async for chunk in stream:
+        into.append(chunk)
