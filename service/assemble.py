@@ -20,6 +20,7 @@ import orjson
 from .jsonbytes import dumps_kept
 
 _ENVELOPE = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
+_CARRIED = frozenset({"role", "content", "refusal", "tool_calls"})  # what conversion keeps
 
 
 def assemble(payloads: Iterable[bytes], usage: dict[str, Any] | None) -> bytes:
@@ -56,6 +57,20 @@ def chunks(completion: bytes) -> list[bytes]:
             out.append(_chunk(base, index, {"tool_calls": indexed}, None))
         out.append(_chunk(base, index, {}, choice.get("finish_reason")))
     return out
+
+
+def convertible(payloads: Iterable[bytes], streaming: bool) -> bool:
+    """Whether the other wire form carries all of this answer (``streaming``: chunk
+    payloads, else one completion): text, refusals and tool calls, nothing else. A legacy
+    ``function_call``, ``annotations``, ``audio`` or ``logprobs`` would be lost."""
+    part = "delta" if streaming else "message"
+    for raw in payloads:
+        for choice in orjson.loads(raw).get("choices") or ():
+            if choice.get("logprobs") or not _CARRIED.issuperset(
+                name for name, value in (choice.get(part) or {}).items() if value
+            ):
+                return False
+    return True
 
 
 def usage_chunk(template: bytes, usage: dict[str, Any]) -> bytes:

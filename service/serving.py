@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import orjson
 
-from .assemble import assemble, chunks, is_usage_only, usage_chunk
+from .assemble import assemble, chunks, convertible, is_usage_only, usage_chunk
 from .cache import HIT, MISS, CachedResponse, ResponseCache, cache_key, cache_wanted, opted_out
 from .checkpoint import Checkpoint
 from .errors import SluiceError
@@ -110,8 +110,10 @@ class Responder:
                 return None
             if entry is None or not entry.payloads:
                 continue
-            if entry.streaming != stream.streaming and chat.body.get("logprobs"):
-                continue  # conversion does not carry logprobs: only the same form serves
+            if entry.streaming != stream.streaming and (
+                chat.body.get("logprobs") or not convertible(entry.payloads, entry.streaming)
+            ):
+                continue  # conversion would lose part of the answer: only its own form serves
             return entry
         return None
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from service.assemble import assemble, chunks, is_usage_only, usage_chunk
+from service.assemble import assemble, chunks, convertible, is_usage_only, usage_chunk
 
 BASE = {
     "id": "chatcmpl-1",
@@ -96,3 +96,21 @@ def test_usage_chunk_carries_the_envelope() -> None:
     assert is_usage_only(raw)
     assert not is_usage_only(TOOL_STREAM[0])
     assert orjson.loads(raw) == {**BASE, "choices": [], "usage": USAGE}
+
+
+def test_only_answers_the_other_form_carries_whole_are_convertible() -> None:
+    """Text, refusals and tool calls convert; a legacy function_call, annotations, audio
+    or logprobs would be lost, so such an answer serves its own form only."""
+    assert convertible(TOOL_STREAM, streaming=True)
+    assert convertible([chunk(0, {"role": "assistant", "content": "hi", "refusal": None})], True)
+    legacy = chunk(0, {"function_call": {"name": "lookup", "arguments": ""}})
+    cited = chunk(0, {"content": "x", "annotations": [{"type": "url_citation"}]})
+    assert not convertible([*TOOL_STREAM, legacy], streaming=True)
+    assert not convertible([cited], streaming=True)
+    with_logprobs = {**BASE, "choices": [{"index": 0, "delta": {}, "logprobs": {"content": []}}]}
+    assert not convertible([orjson.dumps(with_logprobs)], streaming=True)
+    message = {"role": "assistant", "content": "hi", "refusal": None, "annotations": []}
+    completion = {**BASE, "choices": [{"index": 0, "message": message, "logprobs": None}]}
+    assert convertible([orjson.dumps(completion)], streaming=False)  # empty: nothing lost
+    message["audio"] = {"id": "audio_1", "data": "AAAA"}
+    assert not convertible([orjson.dumps(completion)], streaming=False)

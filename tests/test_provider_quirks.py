@@ -288,3 +288,36 @@ async def test_reasoning_streamed_as_such_is_billed_when_usage_never_comes(
     (row,) = await client.app[GATE].ledger.entries()
     assert row.completion_tokens >= 40 * 2
     assert row.cost_usd > 0
+
+
+async def test_an_answer_conversion_would_cut_serves_only_its_own_form_from_the_cache(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A streamed legacy ``function_call`` cannot be rebuilt as JSON by the cache's
+    conversion: a JSON request for it is a miss (it got ``function_call: null``)."""
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(orjson.loads(await request.read()).get("stream"))
+        call = {"function_call": {"name": "lookup", "arguments": '{"q": 1}'}}
+        if not calls[-1]:
+            message = {"role": "assistant", "content": None, **call}
+            choice = {"index": 0, "message": message, "finish_reason": "function_call"}
+            return web.json_response({**CHUNK, "choices": [choice]})
+        done = {"index": 0, "delta": {}, "finish_reason": "function_call"}
+        events = [_event({**CHUNK, "choices": [{"index": 0, "delta": call}]})]
+        return await _stream(request, *events, _event({**CHUNK, "choices": [done]}))
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    for stream in (True, False, False):
+        body = chat_body("call it", stream=stream, temperature=0)
+        response = await client.post(URL, json=body, headers=AUTH)
+        await response.read()
+        served = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+        assert served is not None
+        assert served.task is not None
+        await served.task  # retired: the cache holds the answer
+    assert calls == [True, False]  # the second JSON request was the cache's
+    assert response.headers["X-Sluice-Cache"] == "hit"
+    message = (await response.json())["choices"][0]["message"]
+    assert message["function_call"] == {"name": "lookup", "arguments": '{"q": 1}'}
