@@ -54,7 +54,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             shape = ChunkShape()
             await upstream.pump(answer, lambda payloads: _relay(stream, payloads, upstream, shape))
         except ProviderEndedEarly:
-            if stream.progress.finish_reason is None:
+            if not _every_choice_finished(stream):
                 raise
             # Finished, but no [DONE] (some servers omit it): complete the stream as it is.
         completed = True
@@ -63,6 +63,12 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             response.release()
         else:
             response.close()  # drop the connection: the provider sees it and stops generating
+
+
+def _every_choice_finished(stream: Stream) -> bool:
+    """Each of the ``n`` choices asked for has its finish reason."""
+    n = stream.body.get("n")
+    return len(stream.progress.finished) >= (n if type(n) is int and n > 1 else 1)
 
 
 def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber, shape: ChunkShape) -> bool:

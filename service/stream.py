@@ -62,7 +62,8 @@ class Progress:
     tool_calls: list[Any] = field(default_factory=list)
     others: list[Any] = field(default_factory=list)  # deltas of choices past 0 (``n`` > 1)
     reasoning: list[str] = field(default_factory=list)  # billed when usage never comes
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # choice 0's
+    finished: set[int] = field(default_factory=set)  # the choices that have a finish reason
     usage: dict[str, Any] | None = None
     response_id: str | None = None
     response_model: str | None = None
@@ -82,9 +83,12 @@ class Progress:
             return usage is not None
         for choice in choices:  # inline, not a call a choice: this runs for every chunk
             delta = choice.get("delta")
-            if choice.get("index", 0) != 0:
+            index = choice.get("index", 0)
+            if index != 0:
                 if delta:
                     self.others.append(_object(delta))  # billed too, if usage never comes
+                if choice.get("finish_reason"):
+                    self.finished.add(index)
                 continue
             if delta:
                 content = _generated(delta.get("content") or delta.get("refusal"))
@@ -99,6 +103,7 @@ class Progress:
             reason = choice.get("finish_reason")
             if reason:
                 self.finish_reason = _text(reason)
+                self.finished.add(0)
         return False
 
     def add_text(self, text: str) -> None:

@@ -321,3 +321,31 @@ async def test_an_answer_conversion_would_cut_serves_only_its_own_form_from_the_
     assert response.headers["X-Sluice-Cache"] == "hit"
     message = (await response.json())["choices"][0]["message"]
     assert message["function_call"] == {"name": "lookup", "arguments": '{"q": 1}'}
+
+
+@pytest.mark.parametrize("finished", [(0,), (0, 1)], ids=["one-of-two", "both"])
+async def test_a_stream_without_done_completes_only_once_every_choice_finished(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, finished: tuple[int, ...]
+) -> None:
+    """``n`` = 2 and the body ends without ``[DONE]``: complete when both choices have their
+    finish reason; with choice 1 cut off, it is the provider's error (it was completed,
+    choice 1 truncated without a word, and cached as complete)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        events = [
+            _event({**CHUNK, "choices": [{"index": i, "delta": {"content": f"c{i}"}}]})
+            for i in (0, 1)
+        ]
+        events += [
+            _event({**CHUNK, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]})
+            for i in finished
+        ]
+        return await _stream(request, *events)
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", n=2), headers=AUTH)
+    last = sse_data(await response.text())[-1]
+    if finished == (0, 1):
+        assert last == "[DONE]"
+    else:
+        assert orjson.loads(last)["error"]["code"] == "provider_connection_error"
