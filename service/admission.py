@@ -446,6 +446,7 @@ def _rate_limited(denial: Denial) -> RateLimitError:
             f"Request too large: it needs more {denial.unit} than the {tier.name} limit "
             "allows per minute. Reduce the prompt or max_tokens."
         )
+        headers["x-should-retry"] = "false"  # it never fits: the SDKs would wait and resend
     else:
         message = (
             f"Rate limit reached for {tier.name} on {denial.unit} per minute. "

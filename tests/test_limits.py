@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import pytest
 
@@ -24,7 +25,8 @@ from service.limits import (
     ratelimit_headers,
 )
 from service.settings import AuthSettings, Settings
-from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from service.simulator import SimStats
+from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_streams
 from tests.test_ledger import finished
 
 
@@ -191,6 +193,27 @@ async def test_wire_rpm_429_with_openai_headers(
     entries = await client.app[GATE].ledger.entries()
     assert [e.status for e in entries].count("rejected") == 1
     assert next(e for e in entries if e.status == "rejected").error_code == "rate_limit_exceeded"
+
+
+async def test_a_request_no_minute_can_hold_is_not_retried_by_the_sdk(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """More tokens than the per-minute limit: waiting cannot help, so the 429 says
+    ``x-should-retry: false`` and the openai SDK raises at once instead of resending."""
+    client = await gateway(with_limits(settings, user_tpm=100))
+    body = chat_body("hi", stream=False, max_tokens=500)
+    refused = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert refused.status == 429
+    assert refused.headers["x-should-retry"] == "false"
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=DEV_KEY, max_retries=2)
+    async with sdk:
+        with pytest.raises(openai.RateLimitError):
+            await sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=body["messages"], max_tokens=500
+            )
+    rows = await client.app[GATE].ledger.entries()
+    assert [row.status for row in rows] == ["rejected"] * 2  # ours, and the SDK's one try
+    assert sim_stats.requests == 0
 
 
 async def test_wire_tokens_reserved_then_refunded(
