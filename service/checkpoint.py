@@ -106,7 +106,7 @@ def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:
     """Every choice's text and tool calls (``n`` > 1 generates, and costs, each of them),
     and the reasoning a provider streamed as such (vLLM, llama.cpp, Ollama, DeepSeek)."""
     progress = stream.progress
-    text, calls = progress.text + "".join(progress.reasoning), list(progress.tool_calls)
+    text, calls = progress.text + "".join(progress.reasoning or ()), list(progress.tool_calls)
     if progress.others:
         text += "".join(str(d.get("content") or d.get("refusal") or "") for d in progress.others)
         calls += [call for d in progress.others for call in d.get("tool_calls") or ()]

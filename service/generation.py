@@ -68,7 +68,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
 def _every_choice_finished(stream: Stream) -> bool:
     """Each of the ``n`` choices asked for has its finish reason."""
     n = stream.body.get("n")
-    return len(stream.progress.finished) >= (n if type(n) is int and n > 1 else 1)
+    return stream.progress.finished_choices >= (n if type(n) is int and n > 1 else 1)
 
 
 def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber, shape: ChunkShape) -> bool:

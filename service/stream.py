@@ -61,9 +61,10 @@ class Progress:
     parts: list[str] = field(default_factory=list)
     tool_calls: list[Any] = field(default_factory=list)
     others: list[Any] = field(default_factory=list)  # deltas of choices past 0 (``n`` > 1)
-    reasoning: list[str] = field(default_factory=list)  # billed when usage never comes
+    # Made at first use (most streams have neither to note; a held stream's bytes count):
+    reasoning: list[str] | None = None  # billed when usage never comes
+    finished: set[int] | None = None  # the choices that have a finish reason
     finish_reason: str | None = None  # choice 0's
-    finished: set[int] = field(default_factory=set)  # the choices that have a finish reason
     usage: dict[str, Any] | None = None
     response_id: str | None = None
     response_model: str | None = None
@@ -88,7 +89,7 @@ class Progress:
                 if delta:
                     self.others.append(_object(delta))  # billed too, if usage never comes
                 if choice.get("finish_reason"):
-                    self.finished.add(index)
+                    self._finished(index)
                 continue
             if delta:
                 content = _generated(delta.get("content") or delta.get("refusal"))
@@ -96,14 +97,14 @@ class Progress:
                     self.parts.append(content)
                 thought = _generated(delta.get("reasoning_content") or delta.get("reasoning"))
                 if thought:
-                    self.reasoning.append(thought)
+                    self._thought(thought)
                 calls = delta.get("tool_calls")
                 if calls:
                     self.tool_calls.extend(calls)
             reason = choice.get("finish_reason")
             if reason:
                 self.finish_reason = _text(reason)
-                self.finished.add(0)
+                self._finished(0)
         return False
 
     def add_text(self, text: str) -> None:
@@ -128,7 +129,7 @@ class Progress:
                 self.parts.append(content)
             thought = _generated(message.get("reasoning_content") or message.get("reasoning"))
             if thought:
-                self.reasoning.append(thought)
+                self._thought(thought)
             self.tool_calls.extend(message.get("tool_calls") or ())
             self.finish_reason = _text(choice.get("finish_reason"))
         self.chunks = 1
@@ -136,6 +137,20 @@ class Progress:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def finished_choices(self) -> int:
+        return len(self.finished) if self.finished else 0
+
+    def _finished(self, index: int) -> None:
+        if self.finished is None:
+            self.finished = set()
+        self.finished.add(index)
+
+    def _thought(self, text: str) -> None:
+        if self.reasoning is None:
+            self.reasoning = []
+        self.reasoning.append(text)
 
 
 class Stream:
