@@ -51,26 +51,43 @@ class ChunkShape:
         self._end = b""  # after the content string, or after the padding's letters
         self._credit = START_CREDIT
 
+    def run(self, payloads: list[bytes], start: int = 0) -> list[str]:
+        """The ``delta.content`` of each chunk from ``payloads[start]`` on, up to the first
+        one without the learnt shape (the usual read: all of them, in one loop)."""
+        prefix = self._prefix
+        if not prefix:
+            return []
+        end, cut, padded = self._end, len(prefix), self._padded
+        texts: list[str] = []
+        for raw in payloads[start:] if start else payloads:
+            if not raw.startswith(prefix) or not raw.endswith(end):
+                break
+            stop = len(raw) - len(end)
+            if padded and (stop := self._text_end(raw, cut, stop)) < 0:
+                break
+            try:
+                text = orjson.loads(raw[cut:stop])
+            except orjson.JSONDecodeError:
+                break
+            if type(text) is not str:
+                break
+            texts.append(text)
+        if texts and self._credit < MAX_CREDIT:  # (a compare a run: at the cap, nothing more)
+            self._credit = min(self._credit + HIT_CREDIT * len(texts), MAX_CREDIT)
+        return texts
+
     def text_of(self, raw: bytes) -> str | None:
         """The chunk's ``delta.content`` if ``raw`` has the learnt shape, else None."""
-        prefix = self._prefix
-        if not prefix or not raw.startswith(prefix) or not raw.endswith(self._end):
-            return None
-        stop = len(raw) - len(self._end)
-        if self._padded:  # the text, the middle, then the padding's letters (no quote in them)
-            quote = raw.rfind(b'"', len(prefix), stop) + 1  # the middle ends with it
-            if not raw.endswith(self._middle, 0, quote) or not raw[quote:stop].isalnum():
-                return None
-            stop = quote - len(self._middle)
-        try:
-            text = orjson.loads(raw[len(prefix) : stop])
-        except orjson.JSONDecodeError:
-            return None
-        if type(text) is not str:
-            return None
-        if self._credit < MAX_CREDIT:  # (a compare a chunk: at the cap, nothing more)
-            self._credit += HIT_CREDIT
-        return text
+        texts = self.run([raw])
+        return texts[0] if texts else None
+
+    def _text_end(self, raw: bytes, start: int, stop: int) -> int:
+        """Padded: where the text ends, before the middle and the padding's letters (no
+        quote in them) that end the chunk up to ``stop``; -1 if they are not there."""
+        quote = raw.rfind(b'"', start, stop) + 1  # the middle ends with it
+        if not raw.endswith(self._middle, 0, quote) or not raw[quote:stop].isalnum():
+            return -1
+        return quote - len(self._middle)
 
     def learn(self, raw: bytes, chunk: dict[str, Any]) -> None:
         """Take ``raw``, which parsed as ``chunk``, as the shape if it is a plain text chunk.

@@ -74,22 +74,29 @@ def _every_choice_finished(stream: Stream) -> bool:
 def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber, shape: ChunkShape) -> bool:
     """Journal a batch of provider payloads (one read's worth); return True at [DONE].
 
-    A chunk that has the stream's learnt shape costs one small string decode; any other is
-    parsed in full. The chunks before a bad one reach the client before its error does.
+    Runs of chunks with the stream's learnt shape cost a small string decode each; any
+    other chunk is parsed in full. The chunks before a bad one reach the client before its
+    error does.
     """
     done = DONE in payloads
     if done:
         payloads = payloads[: payloads.index(DONE)]
     progress = stream.progress
     kept: list[bytes] = []
+    at, end = 0, len(payloads)
     try:
-        for raw in payloads:
-            text = shape.text_of(raw)
-            if text is not None:
-                progress.add_text(text)
-            elif not _fold(stream, raw, upstream, shape):
-                continue
-            kept.append(raw)
+        while at < end:
+            texts = shape.run(payloads, at)
+            if texts:
+                progress.add_texts(texts)
+                kept += payloads[at : at + len(texts)]
+                at += len(texts)
+                if at == end:
+                    break
+            raw = payloads[at]
+            at += 1
+            if _fold(stream, raw, upstream, shape):
+                kept.append(raw)
     finally:
         stream.extend(kept)
     stream.notify()

@@ -107,11 +107,10 @@ class Progress:
                 self._finished(0)
         return False
 
-    def add_text(self, text: str) -> None:
-        """Fold in a chunk that carries only text for choice 0 (``chunkshape.py`` found it)."""
-        self.chunks += 1
-        if text:
-            self.parts.append(text)
+    def add_texts(self, texts: list[str]) -> None:
+        """Fold in chunks that carry only text for choice 0 (``chunkshape.py`` found them)."""
+        self.chunks += len(texts)
+        self.parts += texts
 
     def add_completion(self, body: dict[str, Any]) -> None:
         """Fold a whole non-streamed completion in."""
