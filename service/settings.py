@@ -13,8 +13,8 @@ import secrets as _secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, TypeVar
-from urllib.parse import unquote
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
@@ -258,7 +258,7 @@ class Settings:
         """Read every setting from ``env``; raise ``ConfigError`` naming a bad variable."""
         reader = _EnvReader(env)
         provider = _provider_from_env(reader)
-        return cls(
+        settings = cls(
             server=ServerSettings(
                 host=reader.text("SLUICE_HOST", DEFAULT_HOST),
                 port=reader.integer("SLUICE_PORT", DEFAULT_PORT, low=0, high=65535),
@@ -297,6 +297,13 @@ class Settings:
             ),
             telemetry=_telemetry_from_env(reader, provider),
         )
+        metrics_port = settings.telemetry.metrics_port
+        if metrics_port and metrics_port == settings.server.port:
+            raise ConfigError(
+                f"SLUICE_METRICS_PORT must differ from SLUICE_PORT (both {metrics_port}): "
+                "the metrics listener would take the gateway's port"
+            )
+        return settings
 
 
 class _EnvReader:
@@ -359,6 +366,8 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
         "openai" if forced == "openai" or (forced is None and api_key) else "simulated"
     )
     base_url = reader.raw("OPENAI_BASE_URL")
+    if base_url is not None:
+        _check_url("OPENAI_BASE_URL", base_url, ("http", "https"))
     models_raw = reader.raw("SLUICE_MODELS")
     models = tuple(m.strip() for m in models_raw.split(",") if m.strip()) if models_raw else ()
     connect = reader.number("SLUICE_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S, low=0.001)
@@ -390,7 +399,7 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
 def _api_key(reader: _EnvReader) -> Secret | None:
     direct = reader.raw("OPENAI_API_KEY")
     if direct:
-        return Secret(direct)
+        return _checked_key("OPENAI_API_KEY", direct)
     path = reader.raw("OPENAI_API_KEY_FILE")
     if path is None:
         return None
@@ -402,7 +411,15 @@ def _api_key(reader: _EnvReader) -> Secret | None:
         raise ConfigError("OPENAI_API_KEY_FILE must hold the key as UTF-8 text") from None
     if not value:
         raise ConfigError("OPENAI_API_KEY_FILE names an empty file")
-    return Secret(value)
+    return _checked_key("OPENAI_API_KEY_FILE", value)
+
+
+def _checked_key(name: str, key: str) -> Secret:
+    """A key that can go in a header: one token, no spaces or control characters (the
+    message never shows it)."""
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ConfigError(f"{name}: the key holds spaces, line breaks or control characters")
+    return Secret(key)
 
 
 def _auth_from_env(reader: _EnvReader, provider: ProviderSettings) -> AuthSettings:
@@ -469,10 +486,11 @@ def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
         raise ConfigError(f"SLUICE_REDIS_FAILURE must be 'open' or 'closed', got {failure!r}")
     redis_url = reader.raw("SLUICE_REDIS_URL")
     database_url = reader.raw("SLUICE_DATABASE_URL")
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("SLUICE_REDIS_URL must start with redis://, rediss:// or unix://")
-    if database_url and not database_url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("SLUICE_DATABASE_URL must start with postgresql://")
+    if redis_url:
+        unix = redis_url.startswith("unix://")
+        _check_url("SLUICE_REDIS_URL", redis_url, ("redis", "rediss", "unix"), host=not unix)
+    if database_url:  # (a socket directory may come as ?host=, so no host is needed)
+        _check_url("SLUICE_DATABASE_URL", database_url, ("postgresql", "postgres"), host=False)
     return SharedStateSettings(
         redis_url=Secret(redis_url) if redis_url else None,
         redis_failure="open" if failure == "open" else "closed",
@@ -553,6 +571,8 @@ def _prices(reader: _EnvReader) -> dict[str, dict[str, float]]:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"SLUICE_PRICES_FILE cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("SLUICE_PRICES_FILE must be UTF-8 JSON") from None
         prices.update(_price_table("SLUICE_PRICES_FILE", text))
     raw = reader.raw("SLUICE_PRICES")
     if raw is not None:
@@ -627,7 +647,7 @@ def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> Telem
         or resource.get("service.name", DEFAULT_SERVICE_NAME),
         resource_attributes=resource,
         sampler=sampler,
-        sampler_arg=reader.number("OTEL_TRACES_SAMPLER_ARG", 1.0),
+        sampler_arg=reader.number("OTEL_TRACES_SAMPLER_ARG", 1.0, high=1.0),  # a ratio
         bsp_schedule_delay_ms=reader.integer("OTEL_BSP_SCHEDULE_DELAY", 5000, low=1),
         bsp_max_queue_size=reader.integer("OTEL_BSP_MAX_QUEUE_SIZE", 2048, low=1),
         bsp_max_export_batch_size=reader.integer("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, low=1),
@@ -669,11 +689,27 @@ def _signal_endpoint(reader: _EnvReader, signal: str) -> str | None:
     specific = reader.raw(specific_var)
     base = reader.raw("OTEL_EXPORTER_OTLP_ENDPOINT")
     for name, url in ((specific_var, specific), ("OTEL_EXPORTER_OTLP_ENDPOINT", base)):
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{name} must be an http(s) URL")
+        if url is not None:
+            _check_url(name, url, ("http", "https"))
     if specific is not None:
         return specific  # used as given, per the spec
     return f"{base.rstrip('/')}/v1/{signal.lower()}" if base is not None else None
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...], *, host: bool = True) -> None:
+    """``url`` has one of ``schemes``, a host when ``host``, and a port that is a port (the
+    message never shows the URL: it may hold a password)."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ConfigError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL")
+    if host and not parts.hostname:
+        raise ConfigError(f"{name} names no host")
+    if "," in parts.netloc:
+        return  # PostgreSQL's several hosts: the driver reads them
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+    except ValueError:
+        raise ConfigError(f"{name} has a port that is not a number from 0 to 65535") from None
 
 
 def _otel_pairs(name: str, raw: str | None) -> dict[str, str]:
@@ -696,11 +732,21 @@ def _log_level(raw: str) -> str:
     return level
 
 
+def _json_list(raw: str) -> list[Any] | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) else None
+
+
 def _redact_patterns(raw: str | None) -> tuple[str, ...]:
     """A JSON array of regexes (``[]`` for none), or one regex; replaces the defaults."""
     if raw is None:
         return DEFAULT_REDACT_PATTERNS
-    patterns = _json_value("SLUICE_REDACT_PATTERNS", raw) if raw.startswith("[") else [raw]
+    patterns = _json_list(raw) if raw.startswith("[") else None
+    if patterns is None:  # not a JSON array: one regex (``[0-9]{16}`` starts like one)
+        patterns = [raw]
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError("SLUICE_REDACT_PATTERNS must be a regex or a JSON array of regexes")
     for pattern in patterns:

@@ -128,6 +128,48 @@ def test_errors_name_the_variable(name: str, value: str) -> None:
     assert value in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OPENAI_BASE_URL", "api.example.com/v1"),
+        ("OPENAI_BASE_URL", "http://"),
+        ("OPENAI_BASE_URL", "http://user:secretpw@host:port/v1"),
+        ("SLUICE_REDIS_URL", "redis://:secretpw@127.0.0.1:99999/0"),
+        ("SLUICE_REDIS_URL", "http://127.0.0.1:6379"),
+        ("SLUICE_DATABASE_URL", "postgresql://u:secretpw@127.0.0.1:notaport/db"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://:4318"),
+    ],
+)
+def test_a_url_that_cannot_work_names_its_variable_and_not_its_password(
+    name: str, value: str
+) -> None:
+    """No scheme, no host, a port that is no port: refused at start (the gateway ran, and
+    every call failed; a Redis or PostgreSQL port out of range was a traceback)."""
+    with pytest.raises(ConfigError, match=name) as caught:
+        Settings.from_env({name: value})
+    assert "secretpw" not in str(caught.value)
+
+
+def test_a_provider_key_that_cannot_be_a_header_is_refused(tmp_path: Path) -> None:
+    """A key file with a second line (or a key with a space) would make every request fail
+    as the provider's fault; the message names the variable, never the key."""
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-first-line\nsecond line\n")
+    env = {"OPENAI_API_KEY_FILE": str(key_file), "SLUICE_PROVIDER": "openai"}
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY_FILE") as caught:
+        Settings.from_env(env)
+    assert "sk-first-line" not in str(caught.value)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        Settings.from_env({"OPENAI_API_KEY": "sk-a b"})
+
+
+def test_a_prices_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_bytes(b'{"m": {"input": 1, "output": 2}}\xff')
+    with pytest.raises(ConfigError, match="SLUICE_PRICES_FILE"):
+        Settings.from_env({"SLUICE_PRICES_FILE": str(prices)})
+
+
 def test_openai_key_selects_the_real_provider(tmp_path: Path) -> None:
     """OPENAI_API_KEY alone selects the openai provider at api.openai.com."""
     keys = tmp_path / "keys.json"

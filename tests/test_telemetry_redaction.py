@@ -24,6 +24,7 @@ def redactor() -> Redactor:
         "Authorization: Bearer abc.def-ghi",
         '{"authorization": "Bearer abc.def-ghi"}',
         "[('Authorization', 'Basic abc.def-ghi')]",
+        '{"message": "said {\\"Authorization\\": \\"Basic abc.def-ghi\\"}"}',  # a JSON line
         "sent bearer abc.def-ghi upstream",
         "key sk-proj-abc.def-ghi leaked",
         "mail abc.def-ghi@example.co.uk now",

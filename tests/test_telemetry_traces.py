@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service.appkeys import STREAMS, TELEMETRY
@@ -652,3 +653,30 @@ async def test_a_stream_that_fails_after_its_200_marks_the_server_span(
     assert (
         server.attributes["error.type"] == one(spans, "chat gpt-4o-mini").attributes["error.type"]
     )
+
+
+async def test_a_providers_error_code_is_redacted_on_spans(
+    gateway: GatewayFactory, settings: Settings, receiver: TestServer, aiohttp_server: Any
+) -> None:
+    """A provider's error ``code`` becomes ``error.type``: it passes the redaction patterns
+    like any other value a span carries (an e-mail in it reached two spans)."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        error = {"message": "no", "type": "invalid_request_error", "code": "alice@example.com"}
+        return web.json_response({"error": error}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    provider = await aiohttp_server(app)
+    base_url = str(provider.make_url("/v1"))
+    client = await gateway(with_provider(traced(settings, receiver), base_url=base_url))
+    ended = watch(client)
+    response = await client.post(URL, json=chat_body("hi"), headers=AUTH)
+    assert response.status == 400
+    await response.read()
+    await ended.wait_for(lambda seen: CHAT in seen and "chat gpt-4o-mini" in seen)
+    assert await client.app[TELEMETRY].flush()
+    spans = list(receiver.app[RECEIVED])
+    assert one(spans, "chat gpt-4o-mini").attributes["error.type"] == "[redacted]"
+    for span in spans:
+        assert "example.com" not in span.text(), span.name

@@ -80,6 +80,11 @@ def test_standard_variables_are_read() -> None:
         ({"SLUICE_LOG_FORMAT": "xml"}, "SLUICE_LOG_FORMAT"),
         ({"SLUICE_REDACT_PATTERNS": '["("]'}, "SLUICE_REDACT_PATTERNS"),
         ({"SLUICE_METRICS_PORT": "http"}, "SLUICE_METRICS_PORT"),
+        ({"SLUICE_METRICS_PORT": "9000", "SLUICE_PORT": "9000"}, "SLUICE_METRICS_PORT"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"},
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], variable: str) -> None:
@@ -93,6 +98,7 @@ def test_log_format_defaults_to_text_when_simulated_and_patterns_are_configurabl
     assert telemetry().log_format == "text"
     assert telemetry(SLUICE_REDACT_PATTERNS='["a+", "b+"]').redact_patterns == ("a+", "b+")
     assert telemetry(SLUICE_REDACT_PATTERNS="acct-\\d+").redact_patterns == ("acct-\\d+",)
+    assert telemetry(SLUICE_REDACT_PATTERNS="[0-9]{16}").redact_patterns == ("[0-9]{16}",)
     assert telemetry(SLUICE_METRICS_PORT="9464").metrics_port == 9464
 
 

@@ -168,11 +168,16 @@ class Telemetry:
 
     def request_failed(self, rt: RequestTrace, status: int, error: BaseException) -> None:
         rt.status = status
-        rt.error_type = genai.failure_type(error)
+        rt.error_type = self.redactor.value(genai.failure_type(error))  # a provider's code
         if _ours(error) and rt.rejection is None:
             reason = rejection_reason(error)
             if reason is not None:
                 self.rejected(reason, request=rt)
+
+    def _ended_type(self, stream: Stream) -> str | None:
+        """``error.type`` for an ended stream, redacted: it may be a provider's own code."""
+        error = genai.error_type(stream.status, stream.error)
+        return None if error is None else self.redactor.value(error)
 
     def end_request(self, rt: RequestTrace, *, user_id: str | None, tenant: str | None) -> None:
         rt.ended = now = time.time()
@@ -233,7 +238,7 @@ class Telemetry:
         elif rt.stream is not None and rt.stream.stream.status in _FAILED:
             # A 200 whose stream then failed (the error went out as its last event).
             stream = rt.stream.stream
-            attributes["error.type"] = genai.error_type(stream.status, stream.error) or ""
+            attributes["error.type"] = self._ended_type(stream) or ""
         span.set_attributes(attributes)
         if rt.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
@@ -382,7 +387,7 @@ class Telemetry:
         self._end_failed(st)
         st.checkpoint = checkpoint
         st.cost = cost = self._cost(stream, checkpoint)
-        error = genai.error_type(stream.status, stream.error)
+        error = self._ended_type(stream)
         if st.span is not None:
             self._end_attempt_span(st, st.span, checkpoint, cost, error)
         if st.websocket:
@@ -604,7 +609,7 @@ class _BreakerListener(pybreaker.CircuitBreakerListener):
 
 
 def _mark_failed(span: Span, error: BaseException, redactor: Redactor) -> None:
-    span.set_attribute("error.type", genai.failure_type(error))
+    span.set_attribute("error.type", redactor.value(genai.failure_type(error)))
     status = getattr(error, "provider_status", None)
     if isinstance(status, int):
         span.set_attribute("http.response.status_code", status)
