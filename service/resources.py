@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -35,6 +36,7 @@ from .ledger import SqliteLedger
 from .provider_http import ProviderConnector
 from .resilience import ResilientProvider
 from .serving import Responder
+from .settings import ConfigError
 from .simulator import Simulator, create_simulator_app
 from .upstream import Upstream
 
@@ -59,7 +61,13 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     gate, money = app[GATE], app[SETTINGS].money
     if money.data_dir is not None and app[SETTINGS].shared.database_url is None:  # else shared.py
         path = money.data_dir / "ledger.sqlite3"
-        gate.ledger = await asyncio.to_thread(SqliteLedger, path)
+        try:
+            gate.ledger = await asyncio.to_thread(SqliteLedger, path)
+        except (OSError, sqlite3.Error) as exc:  # not a directory, read-only, ...
+            reason = getattr(exc, "strerror", None) or str(exc)
+            message = f"SLUICE_DATA_DIR: cannot keep the ledger in {path}: {reason}"
+            raise ConfigError(message) from None
+
     loading: asyncio.Task[None] | None = None
     try:
         gate.budgets.load(await gate.ledger.spend_since(month_start(gate.clock())))

@@ -159,6 +159,33 @@ async def test_bad_config_exits_with_a_clear_message(
     assert "listening" not in out.decode()  # refused before claiming to serve
 
 
+@pytest.mark.parametrize("what", ["data-dir", "metrics-port"])
+async def test_what_fails_as_the_gateway_starts_is_one_clear_line(
+    tmp_path: Path, what: str
+) -> None:
+    """A data directory that cannot hold the ledger (here a file), a metrics port already
+    taken: found while starting, after the banner; still exit 2 and one line naming the
+    variable, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if what == "data-dir":
+            (tmp_path / "file").write_text("not a directory")
+            env = _clean_env(tmp_path, SLUICE_PORT="0", SLUICE_DATA_DIR=str(tmp_path / "file"))
+            variable = "SLUICE_DATA_DIR"
+        else:
+            port = str(taken.getsockname()[1])
+            env = _clean_env(tmp_path, SLUICE_PORT="0", SLUICE_METRICS_PORT=port)
+            variable = "SLUICE_METRICS_PORT"
+        process = await _spawn(env)
+        async with asyncio.timeout(30):
+            _, err = await process.communicate()
+    assert process.returncode == 2
+    message = err.decode()
+    assert f"sluice: configuration error: {variable}" in message
+    assert "Traceback" not in message
+
+
 async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
     """A port already taken: exit 2 before the banner, one line naming the variables."""
     with socket.socket() as taken:

@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..appkeys import PRINCIPAL, REQUEST_TRACE, SETTINGS, TELEMETRY
 from ..errors import PermissionDeniedError, SluiceError
+from ..settings import ConfigError
 from .core import Telemetry
 from .metrics import CONTENT_TYPE
 from .otlp_metrics import build_metrics_pusher
@@ -133,7 +134,14 @@ async def metrics_port_ctx(app: web.Application) -> AsyncIterator[None]:
     runner = web.AppRunner(metrics_app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # in use, most likely: one clear line, not a traceback
+        await runner.cleanup()
+        raise ConfigError(
+            f"SLUICE_METRICS_PORT: cannot listen on {settings.server.host}:{port}: "
+            f"{exc.strerror or exc}"
+        ) from None
     host, bound = runner.addresses[0][:2]
     app[METRICS_URL] = f"http://{host}:{bound}{METRICS_PATH}"
     yield

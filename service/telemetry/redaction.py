@@ -18,9 +18,7 @@ MAX_LABEL_VALUES = 200  # distinct values per label before the rest become "othe
 
 # Header dumps, JSON, repr()s: `Authorization: x`, `"authorization": "x"`, `('Authorization', 'x')`;
 # also inside a JSON string (a JSON log line), its quotes escaped: `\"Authorization\": \"x\"`.
-_AUTHORIZATION = re.compile(
-    r"""(?i)(authorization\\?['"]?\s*[:=,]\s*\\?['"]?)[^'"\\\r\n,}]+"""
-)
+_AUTHORIZATION = re.compile(r"""(?i)(authorization\\?['"]?\s*[:=,]\s*\\?['"]?)[^'"\\\r\n,}]+""")
 _BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",;}]+")
 # A literal each default pattern cannot match without: a regex scan costs ~25 ns a character,
 # an `in` test almost nothing, and most lines hold neither.
