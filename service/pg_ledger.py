@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import astuple
 from typing import Any
@@ -71,10 +72,29 @@ RETRY_MAX_S = 2.0
 QUERY_FLUSH_S = 5.0
 CLOSE_FLUSH_S = 10.0
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# The URL or the credentials are wrong (a bad sslmode, password or database): no wait helps.
+_SETUP_ERRORS = (
+    asyncpg.ClientConfigurationError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+COMPLAIN_EVERY_S = 60.0
 # A database that accepts connections but stops answering must not hold a batch (or the
 # shutdown) forever: each batch, and closing, is bounded.
 BATCH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
+
+
+UNAVAILABLE = "The usage ledger is unavailable; try again shortly."
+
+
+class LedgerMisconfigured(ServiceUnavailableError):
+    """PostgreSQL refuses the gateway's URL or credentials: at start, a configuration error;
+    later, a 503 like any outage (``reason`` is for the operator, not the client)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(UNAVAILABLE, code="ledger_unavailable")
+        self.reason = reason
 
 
 class PostgresLedger:
@@ -103,6 +123,7 @@ class PostgresLedger:
         self.dropped = 0
         self.failures = 0
         self.healthy = True
+        self._complained_at = -COMPLAIN_EVERY_S
 
     @property
     def pending(self) -> int:
@@ -220,10 +241,14 @@ class PostgresLedger:
             pool = await self._connect()
             async with pool.acquire() as connection:
                 return list(await connection.fetch(sql, *args))
-        except _DB_ERRORS:
-            raise ServiceUnavailableError(
-                "The usage ledger is unavailable; try again shortly.", code="ledger_unavailable"
-            ) from None
+        except _SETUP_ERRORS as exc:
+            raise LedgerMisconfigured(f"{type(exc).__name__}: {exc}") from None
+        except _DB_ERRORS as exc:
+            now = time.monotonic()
+            if now - self._complained_at >= COMPLAIN_EVERY_S:  # the reason, now and then
+                self._complained_at = now
+                log.warning("ledger: PostgreSQL query failed: %s: %s", type(exc).__name__, exc)
+            raise ServiceUnavailableError(UNAVAILABLE, code="ledger_unavailable") from None
 
     async def usage(
         self, *, user: str | None, tenant: str | None, since_day: str, until_day: str

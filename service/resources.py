@@ -33,6 +33,7 @@ from .auth import KeyRing
 from .budgets import month_start
 from .errors import ServiceUnavailableError
 from .ledger import SqliteLedger
+from .pg_ledger import LedgerMisconfigured
 from .provider_http import ProviderConnector
 from .resilience import ResilientProvider
 from .serving import Responder
@@ -71,6 +72,8 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     loading: asyncio.Task[None] | None = None
     try:
         gate.budgets.load(await gate.ledger.spend_since(month_start(gate.clock())))
+    except LedgerMisconfigured as exc:  # waiting will not fix the URL or the password
+        raise ConfigError(f"SLUICE_DATABASE_URL: PostgreSQL refused it: {exc.reason}") from None
     except ServiceUnavailableError:  # PostgreSQL away at start: not ready until it is back
         log.warning("ledger unavailable at start; not ready until budgets have its spend")
         app[LIFECYCLE].waiting.add("ledger")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -17,6 +19,7 @@ from service.ledger import LedgerEntry, utc_day
 from service.pg_ledger import MIGRATIONS, PostgresLedger
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
+from tests.processes import python_module
 from tests.servers import PostgresServer, with_database, with_redis
 from tests.streamwire import read_events, with_drain
 
@@ -283,3 +286,32 @@ async def test_a_record_postgresql_cannot_store_goes_to_the_unwritten_log(
     (line,) = [r for r in caplog.records if r.name == "sluice.ledger.unwritten"]
     assert '"request_id":"strm_0"' in line.getMessage()
     await ledger.close()
+
+
+@pytest.mark.parametrize("wrong", ["database", "sslmode"])
+async def test_a_database_url_postgresql_refuses_stops_the_start(
+    postgres_url: str, tmp_path: Path, wrong: str
+) -> None:
+    """No such database, or a driver option that is no option: waiting will not fix it, so
+    the gateway exits 2 with one line giving the reason (it had waited, not ready, forever,
+    with no reason logged)."""
+    parts = urlsplit(postgres_url)
+    if wrong == "database":
+        url = parts._replace(path="/no_such_database").geturl()
+    else:
+        url = parts._replace(query="sslmode=bogus").geturl()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SLUICE_PORT": "0",
+        "SLUICE_DATABASE_URL": url,
+        "SLUICE_DATA_DIR": str(tmp_path / "data"),
+    }
+    process = await python_module("service", env=env)
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    assert process.returncode == 2
+    message = err.decode()
+    assert "sluice: configuration error: SLUICE_DATABASE_URL" in message
+    assert ("no_such_database" if wrong == "database" else "sslmode") in message
+    assert "Traceback" not in message
