@@ -196,8 +196,9 @@ class PostgresLedger:
                 self.failures += 1
                 if self.healthy:
                     log.warning(
-                        "ledger: PostgreSQL unavailable (%s); %d records held, retrying",
+                        "ledger: PostgreSQL unavailable (%s: %s); %d records held, retrying",
                         type(exc).__name__,
+                        exc,
                         len(self._buffer),
                     )
                 self.healthy = False
