@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .errors import AuthenticationError
 from .settings import AuthSettings, ConfigError
 
@@ -181,14 +179,15 @@ def add_key(path: Path, *, user: str, tenant: str | None = None, admin: bool = F
         mode = 0o600
         if target.exists():
             load_keys_file(target)  # refuse to extend (so rewrite) a file the gateway rejects
-            document = orjson.loads(target.read_bytes())
+            # Read and written as the gateway reads it (json: a BOM, integers past 64 bits).
+            document = json.loads(target.read_bytes().decode("utf-8-sig"))
             mode = target.stat().st_mode & 0o777
         key = "sk-sluice-" + secrets.token_urlsafe(24)
         entry: dict[str, Any] = {"user": user, "admin": admin}
         if tenant is not None:
             entry["tenant"] = tenant
         document["keys"][digest(key)] = entry
-        _replace(target, orjson.dumps(document, option=orjson.OPT_INDENT_2), mode)
+        _replace(target, json.dumps(document, indent=2, ensure_ascii=False).encode(), mode)
     return key
 
 

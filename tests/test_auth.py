@@ -257,6 +257,20 @@ async def test_cli_refuses_a_bad_keys_file(
     assert leftovers == ([path.name] if content is not None else [])
 
 
+def test_adding_a_key_keeps_a_file_the_gateway_reads_as_it_reads_it(tmp_path: Path) -> None:
+    """A keys file with a byte-order mark, and a limit past 64 bits: the gateway takes it,
+    so ``add`` must too, and write it back the same (it failed on the BOM, and turned the
+    integer into 1e+20, which the gateway then refused)."""
+    path = tmp_path / "keys.json"
+    entry = '{"user": "big", "settings": {"rpm": 100000000000000000000}}'
+    path.write_bytes(b"\xef\xbb\xbf" + f'{{"keys": {{"{"a" * 64}": {entry}}}}}'.encode())
+    assert load_keys_file(path)[("a" * 64)].user_id == "big"
+    add_key(path, user="new", tenant="acme")
+    kept = load_keys_file(path)
+    assert sorted(p.user_id for p in kept.values()) == ["big", "new"]
+    assert b"100000000000000000000" in path.read_bytes()
+
+
 def test_adding_keys_at_once_loses_none_and_keeps_the_file_s_place_and_mode(
     tmp_path: Path,
 ) -> None:
