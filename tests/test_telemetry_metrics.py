@@ -5,6 +5,7 @@ after known traffic; who may read it; the separate metrics port; X-Sluice-Overhe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ def keys(tmp_path: Path) -> dict[str, str]:
         "admin": add_key(path, user="root", tenant="ops", admin=True),
         "user": add_key(path, user="bob", tenant="acme"),
         "email": add_key(path, user="carol", tenant="carol@example.com"),
+        "alone": add_key(path, user="dave.smith-7731"),  # no tenant: "user:dave.smith-7731"
     }
 
 
@@ -203,6 +205,24 @@ async def test_metrics_need_an_admin_key_and_labels_are_redacted(
     for key in keys.values():
         assert key not in text
     assert value(samples(text), "sluice_cost_usd_total", tenant="[redacted]") > 0
+
+
+async def test_a_tenant_of_one_is_labelled_by_its_users_pseudonym(
+    gateway: GatewayFactory, settings: Settings, keys: dict[str, str]
+) -> None:
+    """A key without a tenant is its user's own tenant, ``user:<id>``: telemetry shows the
+    id's pseudonym (as ``user_hash`` everywhere else), never the id."""
+    client = await gateway(with_keys(settings, keys))
+    dave = {"Authorization": f"Bearer {keys['alone']}"}
+    response = await client.post(URL, json=chat_body("m [sim chunks=2]"), headers=dave)
+    assert response.status == 200
+    await response.read()
+    await settled(client)
+    admin = {"Authorization": f"Bearer {keys['admin']}"}
+    text = await (await client.get("/metrics", headers=admin)).text()
+    assert "dave.smith" not in text
+    pseudonym = "user:" + hashlib.sha256(b"dave.smith-7731").hexdigest()[:16]
+    assert value(samples(text), "sluice_cost_usd_total", tenant=pseudonym) > 0
 
 
 async def test_metrics_port_serves_without_auth_and_main_port_has_no_route(

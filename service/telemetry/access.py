@@ -101,7 +101,7 @@ def _stream_fields(st: StreamTrace) -> dict[str, Any]:
         "model": stream.model,
         "served_model": stream.served_model,
         "user_hash": genai.user_hash(stream.owner.user_id),
-        "tenant": stream.owner.tenant,
+        "tenant": genai.tenant_label(stream.owner.tenant),
         "prompt_tokens": prompt,  # as the ledger bills them, as spans and metrics have them
         "completion_tokens": completion,
         "cost_usd": st.cost,

@@ -183,7 +183,7 @@ class Telemetry:
         rt.ended = now = time.time()
         if user_id is not None:
             rt.user_hash = genai.user_hash(user_id)
-            rt.tenant = tenant
+            rt.tenant = genai.tenant_label(tenant) if tenant is not None else None
         if rt.sse:
             self.metrics.child(self.metrics.open_streams, "sse").dec()
         st = rt.stream
@@ -275,7 +275,7 @@ class Telemetry:
             attributes={
                 "sluice.stream.id": stream.id,
                 "sluice.user.hash": genai.user_hash(stream.owner.user_id),
-                "sluice.tenant": self.redactor.value(stream.owner.tenant),
+                "sluice.tenant": self.redactor.value(genai.tenant_label(stream.owner.tenant)),
             },
         )
         st.parent = trace.set_span_in_context(span, st.parent)
@@ -346,7 +346,7 @@ class Telemetry:
             genai.sluice_attributes(
                 stream_id=stream.id,
                 user_id=stream.owner.user_id,
-                tenant=self.redactor.value(stream.owner.tenant),
+                tenant=self.redactor.value(genai.tenant_label(stream.owner.tenant)),
                 attempt=st.attempt,
             )
         )
@@ -479,7 +479,7 @@ class Telemetry:
         m.child(m.cache, stream.cache_status).inc()
         model = m.label(stream.served_model)
         if cost:  # tenants are the operator's (the keys file): not crowded out by models
-            m.child(m.cost, m.fixed(stream.owner.tenant), model).inc(cost)
+            m.child(m.cost, m.fixed(genai.tenant_label(stream.owner.tenant)), model).inc(cost)
         if st.attempt == 0 or stream.cache_hit:
             return  # no provider call: nothing for the GenAI client metrics
         labels = (genai.OPERATION, m.fixed(self.provider_name), model)
@@ -522,7 +522,7 @@ class Telemetry:
             "/v1/ws",
         )
         rt.span = socket.span if socket is not None else None  # the access line's trace id
-        rt.user_hash, rt.tenant = genai.user_hash(user_id), tenant
+        rt.user_hash, rt.tenant = genai.user_hash(user_id), genai.tenant_label(tenant)
         self.request_failed(rt, error.http_status, error)  # a rejection: metric and event
         rt.ended = time.time()
         rt.done = True

@@ -51,6 +51,12 @@ def user_hash(user_id: str) -> str:
     return hashlib.sha256(user_id.encode()).hexdigest()[:16]
 
 
+def tenant_label(tenant: str) -> str:
+    """A tenant as telemetry shows it: a key with no tenant has ``user:<its user id>``
+    (``auth.py``), and a user id never leaves; its pseudonym does."""
+    return f"user:{user_hash(tenant[5:])}" if tenant.startswith("user:") else tenant
+
+
 def request_attributes(
     body: Mapping[str, Any], *, model: str, provider: str, streaming: bool
 ) -> Attributes:
