@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,7 +20,7 @@ from service.appkeys import STREAMS
 from service.auth import add_key
 from service.settings import AuthSettings, Settings
 from service.telemetry.http import METRICS_URL
-from tests.conftest import AUTH, GatewayFactory, chat_body
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.wire import read_until
 
 URL = "/v1/chat/completions"
@@ -144,6 +145,32 @@ async def test_open_streams_gauge_follows_a_live_stream(
     await response.read()
     await settled(client)
     assert value(samples(await scrape(client)), "sluice_open_streams", transport="sse") == 0
+
+
+async def test_a_socket_counts_as_an_open_stream_while_it_relays_one(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Over a WebSocket the gauge counts connections receiving a stream, as for SSE: once
+    the socket closes it drops, while the generation goes on through its grace window."""
+    client = await gateway(with_streams(settings, disconnect_grace_s=60))
+    left = asyncio.Event()
+    client.app[STREAMS].observers.append(
+        lambda stream, event: left.set() if event == "client_disconnected" else None
+    )
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    body = chat_body("l [sim chunks=200 delay_ms=20]")
+    await ws.send_str(
+        orjson.dumps({"type": "chat.completion.create", "request_id": "r", "body": body}).decode()
+    )
+    while orjson.loads((await ws.receive()).data)["type"] != "chunk":
+        pass
+    assert value(samples(await scrape(client)), "sluice_open_streams", transport="ws") == 1
+    await ws.close()
+    await left.wait()
+    parsed = samples(await scrape(client))
+    assert value(parsed, "sluice_open_streams", transport="ws") == 0
+    assert value(parsed, "sluice_generations_running") == 1  # in its grace window
+    client.app[STREAMS].cancel(next(iter(client.app[STREAMS].live())))
 
 
 async def test_breaker_state_and_transitions_are_exported(

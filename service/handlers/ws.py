@@ -216,6 +216,7 @@ class _Socket:
         # Attach now, not in the task: a socket closing before the task first runs must
         # still detach, and a done callback runs even for a task cancelled unstarted.
         self._registry.attach(stream)
+        self._app[TELEMETRY].ws_relaying(+1)
         frames = StreamFrames(request_id, stream.id)
         task = asyncio.create_task(self._relay(frames, stream, after, announce))
         self._readers[request_id] = (stream.id, task)
@@ -224,6 +225,7 @@ class _Socket:
     def _follow_remote(
         self, remote: RemoteStreams, request_id: RequestId, stream_id: str, after: int
     ) -> None:
+        self._app[TELEMETRY].ws_relaying(+1)
         frames = StreamFrames(request_id, stream_id)
         task = asyncio.create_task(self._relay_remote(remote, frames, after))
         self._readers[request_id] = (stream_id, task)
@@ -233,6 +235,7 @@ class _Socket:
         self, request_id: RequestId, stream: Stream | None, task: asyncio.Task[None]
     ) -> None:
         stream_id, _ = self._readers.pop(request_id, ("?", task))
+        self._app[TELEMETRY].ws_relaying(-1)
         if stream is not None:
             self._registry.detach(stream)
         if not task.cancelled() and (exc := task.exception()) is not None:

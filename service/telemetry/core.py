@@ -254,7 +254,6 @@ class Telemetry:
             st.websocket = True
             st.request_id = rt.id  # the socket's: its access lines join the upgrade's
             self._start_message_span(st)
-            self.metrics.child(self.metrics.open_streams, "ws").inc()
         else:
             st = StreamTrace(stream, otel_context.get_current(), rt)
             if rt is not None:
@@ -262,6 +261,11 @@ class Telemetry:
         self._streams[stream.id] = st
         self.metrics.generations.inc()
         return self._generation(st, work)
+
+    def ws_relaying(self, change: int) -> None:
+        """A WebSocket began (+1) or stopped (-1) relaying a stream to its client: the open
+        streams are connections receiving one (a generation may outlive its socket)."""
+        self.metrics.child(self.metrics.open_streams, "ws").inc(change)
 
     def _start_message_span(self, st: StreamTrace) -> None:
         """A WebSocket message stream gets its own SERVER span, under the socket's."""
@@ -391,7 +395,6 @@ class Telemetry:
         if st.span is not None:
             self._end_attempt_span(st, st.span, checkpoint, cost, error)
         if st.websocket:
-            self.metrics.child(self.metrics.open_streams, "ws").dec()
             error_ = stream.error
             reason = rejection_reason(error_) if _ours(error_) else None
             if reason is not None:  # no middleware saw this refusal (breaker): count it here
