@@ -48,6 +48,7 @@ DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 log = logging.getLogger(__name__)
 MAX_UNSENT = 10_000  # settlements kept for Redis while it is unavailable
+REPLAY_CHUNK = 200  # of them sent before a reservation: a few ms of Redis, not a deadline's
 # How long a reservation holds its budget without being settled: longer than any request
 # runs (``SLUICE_MAX_GENERATION_S``, at most 50 minutes), short enough that a reservation
 # orphaned by a replica that died mid-request, or by a reply lost to a timeout, is back
@@ -256,15 +257,20 @@ class RedisBudgets(Budgets):
 
     async def flush(self) -> None:
         """At shutdown: try once more to send the settlements Redis missed."""
-        if self._unsent:
+        while self._unsent:
+            left = len(self._unsent)
             await self._replay()
-            if self._unsent:
+            if len(self._unsent) >= left:  # Redis still away
                 log.warning("budgets: %d settlements never reached redis", len(self._unsent))
+                return
 
     async def _replay(self) -> None:
-        """Send the settlements Redis missed, in one pipeline; keep them if it fails. The
-        batch is taken whole first, so concurrent callers never send one twice."""
-        batch, self._unsent = self._unsent, []
+        """Send the oldest settlements Redis missed, a chunk in one pipeline (a backlog of
+        thousands in one trip outran the deadline, ran anyway, and was sent again with every
+        reservation); keep them if that fails. The chunk is taken first, so concurrent
+        callers never send one twice."""
+        batch = self._unsent[:REPLAY_CHUNK]
+        del self._unsent[:REPLAY_CHUNK]
         if not batch:
             return
 
@@ -277,10 +283,12 @@ class RedisBudgets(Budgets):
 
         try:
             replies = await self._gate.run(send)
-        except RedisUnavailable:
+        except BaseException as exc:  # unavailable, or the caller's client left: keep them
             self._unsent[:0] = batch  # before what came meanwhile: the oldest first
             self._bound_unsent()
-            return
+            if isinstance(exc, RedisUnavailable):
+                return
+            raise
         failed = sum(isinstance(reply, Exception) for reply in replies)
         if failed:
             log.warning("budgets: %d replayed settlements failed in redis", failed)

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError, ServiceUnavailableError
 from service.ledger import SpendRow, utc_day
-from service.redis_budgets import HOLD_TTL_S, RedisBudgets
+from service.redis_budgets import HOLD_TTL_S, REPLAY_CHUNK, RedisBudgets
 from service.redisgate import RedisGate, RedisUnavailable
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
@@ -377,4 +377,49 @@ async def test_concurrent_reservations_replay_a_missed_settlement_once(redis_url
         *(budgets.reserve_async("alice", "acme", Decimal("0.05")) for _ in range(2))
     )
     assert await _budget_state(redis_url) == (100_000, 100_000)
+    await gate.aclose()
+
+
+async def test_a_backlog_of_missed_settlements_drains_a_chunk_a_reservation(
+    redis_url: str,
+) -> None:
+    """Hundreds of settlements missed: each reservation sends the oldest chunk first (one
+    trip of thousands outran the deadline, ran anyway, and was sent again and again,
+    counting the spend over and over); each settlement counts once."""
+    now, clock = [0.0], Clock()
+    gate = await _broken_gate(redis_url, now)
+    budgets = RedisBudgets(gate, LIMITS, clock=clock, hold_clock=clock)
+    holds = [
+        await budgets.reserve_async("alice", "acme", Decimal("0.001"))
+        for _ in range(2 * REPLAY_CHUNK + 1)
+    ]
+    await _trip(gate)
+    for hold in holds:
+        await budgets.settle_async(hold, Decimal("0.001"))
+    now[0] += 6
+    for sent in (REPLAY_CHUNK, 2 * REPLAY_CHUNK, 2 * REPLAY_CHUNK + 1):
+        await budgets.reserve_async("alice", "acme", Decimal("0"))
+        reserved, spent = await _budget_state(redis_url)
+        assert spent == sent * 1000
+    assert reserved == 0  # every hold released
+    await gate.aclose()
+
+
+async def test_a_replay_its_caller_left_keeps_the_settlements(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client whose reservation was sending the missed settlements left (cancelled):
+    they stay to be sent, not dropped."""
+    gate, budgets, now = await _missed_settlement(redis_url)
+    now[0] += 6
+
+    async def cancelled(*args: object, **kwargs: object) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(gate, "run", cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await budgets.reserve_async("alice", "acme", Decimal("0.05"))
+    monkeypatch.undo()
+    await budgets.flush()
+    assert await _budget_state(redis_url) == (0, 100_000)
     await gate.aclose()
