@@ -149,7 +149,11 @@ class RedisLimiter:
         if cap <= 0 and not buckets:
             return local  # nothing shared to take
         if self._unfreed:
-            await self.free_missed()
+            try:
+                await self.free_missed()
+            except BaseException:  # the client left: its local grant must not stay taken
+                self.local.give_back(local)
+                raise
         keys = [streams_key(user)]
         keys += [bucket_key(tier, unit, rate) for tier, unit, rate, _ in buckets]
         slot = secrets.token_hex(8)
@@ -235,9 +239,11 @@ class RedisLimiter:
 
         try:
             await self._gate.run(send)
-        except RedisUnavailable:
+        except BaseException as exc:  # unavailable, or the caller's client left: keep them
             self._unfreed[:0] = batch
             del self._unfreed[:-MAX_UNFREED]
+            if not isinstance(exc, RedisUnavailable):
+                raise
 
     def streams_of(self, user: str) -> int:
         return self.local.streams_of(user)

@@ -414,3 +414,37 @@ async def test_a_slot_whose_release_redis_missed_is_freed_before_the_next_admiss
     assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
     assert await client.zcard(streams_key("alice")) == 1  # the new stream's slot alone
     await gate.aclose()  # and its client
+
+
+async def test_an_admission_cancelled_while_freeing_missed_slots_gives_all_back(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client leaves while its admission frees the slots Redis missed: its local slot
+    is given back (it leaked, and after ``cap`` such leaks the user was refused on this
+    replica until a restart), and the missed releases stay to be sent."""
+    now = [0.0]
+    client = Redis.from_url(redis_url)
+    gate = RedisGate(
+        client, failure="open", timeout_s=1.0, fail_max=1, reset_s=5, clock=lambda: now[0]
+    )
+    local = MemoryLimiter()
+    limiter = RedisLimiter(gate, local, clock=lambda: 1_000_000.0)
+    tiers = (Tier("user", "alice", rpm=0, tpm=0),)
+    held = await limiter.admit("alice", 1, tiers, 1)
+    assert isinstance(held, Grant)
+    with pytest.raises(RedisUnavailable):
+        await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))  # the breaker opens
+    await limiter.finish(held, 1)
+    now[0] += 6
+
+    async def cancelled(*args: object, **kwargs: object) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(gate, "run", cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await limiter.admit("alice", 1, tiers, 1)
+    monkeypatch.undo()
+    assert local.streams_of("alice") == 0
+    assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
+    assert await client.zcard(streams_key("alice")) == 1  # the missed release went out
+    await gate.aclose()
