@@ -102,7 +102,7 @@ class JournalMirror:
         self._ttl_ms = int(ttl_s * 1000)
         # Refreshed on every append and keepalive tick; gone 3 ticks after a crash.
         self._heartbeat_ms = max(1, int(HEARTBEAT_TICKS * keepalive_s * 1000))
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[int]] = {}
         self._registered: dict[str, asyncio.Event] = {}  # set once the first attempt ended
         self._stop = asyncio.Event()
         # Readers on other replicas: stream id -> reader id -> when last heard of (loop
@@ -133,11 +133,17 @@ class JournalMirror:
         task = self._tasks.pop(stream.id, None)
         if task is None:
             return
-        await task
+        mirrored = await task
         self._registered.pop(stream.id, None)
         self.remote_readers.pop(stream.id, None)
         key, meta, status = journal_key(stream.id), meta_key(stream.id), str(stream.status)
+        # The events the mirror could not write go with the end, or the end does not go: a
+        # journal closed with a gap before it would read, elsewhere, as a whole stream.
         close: list[Command] = [
+            ("XADD", key, f"0-{seq}", "k", kind, "d", data)
+            for seq, (kind, data) in enumerate(stream.events[mirrored:], mirrored + 1)
+        ]
+        close += [
             ("XADD", key, f"0-{stream.last_seq + 1}", "k", END, "s", status),
             ("PEXPIRE", key, self._ttl_ms),
             ("HSET", meta, "status", status),
@@ -149,7 +155,8 @@ class JournalMirror:
         except RedisUnavailable as exc:
             log.warning("journal of %s not closed in redis: %s", stream.id, exc)
 
-    async def _mirror(self, stream: Stream, announced: asyncio.Event) -> None:
+    async def _mirror(self, stream: Stream, announced: asyncio.Event) -> int:
+        """Append the stream's events as they come; return how many are surely in Redis."""
         owner = {
             "user": stream.owner.user_id,
             "tenant": stream.owner.tenant,
@@ -181,7 +188,10 @@ class JournalMirror:
                 await asyncio.sleep(MIRROR_INTERVAL_S)  # coalesce: one round trip per interval
         if mirrored < len(stream.events):
             with contextlib.suppress(RedisUnavailable):
-                await self._append(stream, mirrored, len(stream.events), owner)
+                upto = len(stream.events)
+                if await self._append(stream, mirrored, upto, owner):
+                    mirrored = upto
+        return mirrored
 
     async def _append(
         self, stream: Stream, start: int, stop: int, owner: dict[str, str] | None

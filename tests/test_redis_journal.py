@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from service import resources
 from service.appkeys import JOURNAL_MIRROR, REDIS, REMOTE_STREAMS, STREAMS
 from service.redis_journal import journal_key, meta_key, owner_key
+from service.redisgate import RedisUnavailable
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats
@@ -524,3 +526,35 @@ async def test_a_stream_whose_journal_redis_lost_is_mirrored_again(
     assert stream.task is not None
     await stream.task
     assert await full_replay(b, stream_id) == await full_replay(a, stream_id)
+
+
+async def test_events_the_mirror_missed_go_with_the_journals_end(
+    gateway: GatewayFactory,
+    settings: Settings,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis failed the appends of a stream's last events (twice: under the breaker's
+    count): they go out with the end, so another replica replays the whole stream; the end
+    had been written after a gap, and read there as a complete stream without its tail."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    mirror = a.app[JOURNAL_MIRROR]
+    assert mirror is not None
+    append = mirror._append
+
+    async def failing_at_the_end(stream: Stream, start: int, stop: int, owner: Any) -> bool:
+        if not stream.running:  # the appends after the stream ended
+            raise RedisUnavailable("a hiccup")
+        return await append(stream, start, stop, owner)
+
+    monkeypatch.setattr(mirror, "_append", failing_at_the_end)
+    response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await response.read()
+    stream = a.app[STREAMS].get(stream_id)
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    replayed = await full_replay(b, stream_id)
+    assert replayed.endswith(b"data: [DONE]\n\n")
+    assert replayed == await full_replay(a, stream_id)
