@@ -16,6 +16,7 @@
     ├── HTTPStatusError                any other status the HTTP layer raised (408, 415, ...)
     └── ProviderError                  502 the upstream failed us
         ├── ProviderStatusError        the upstream answered non-2xx (4xx passed through)
+        │   └── ProviderAnswerError    502 a 2xx that is an error, or no stream (no retry)
         ├── ProviderTimeoutError       504 connect, first-token or idle timeout
         │   └── ProviderConnectTimeoutError  504 no connection in time (safe to retry)
         ├── ProviderConnectionError    502 refused, reset, closed mid-stream
@@ -212,6 +213,12 @@ class ProviderStatusError(ProviderError):
         if self._type:
             body["error"]["type"] = self._type
         return body
+
+
+class ProviderAnswerError(ProviderStatusError):
+    """The provider answered 2xx, with an error in the body or not in the form asked for
+    (a whole completion where a stream was asked): as a 502, never retried, since a 2xx
+    may have been generated, and billed, already."""
 
 
 class ProviderTimeoutError(ProviderError):

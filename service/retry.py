@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import (
+    ProviderAnswerError,
     ProviderConnectionError,
     ProviderConnectTimeoutError,
     ProviderCutOffError,
@@ -47,6 +48,8 @@ class RetryPolicy:
 
 def is_retryable(error: BaseException) -> bool:
     """True for a failure another attempt may fix: 408/409/429/5xx, a failed connection."""
+    if isinstance(error, ProviderAnswerError):  # a 2xx: it may have been paid for
+        return False
     if isinstance(error, ProviderStatusError):
         status = error.provider_status
         return status in RETRYABLE_STATUSES or status >= 500
@@ -75,10 +78,10 @@ def retry_after_s(headers: Mapping[str, str], *, now: float) -> float | None:
     if raw is None:
         return None
     try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(raw).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, ...
         return None
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, when - now)
 
 
 def backoff_s(retry: int, policy: RetryPolicy, random: Callable[[], float]) -> float:

@@ -21,6 +21,7 @@ import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .errors import (
+    ProviderAnswerError,
     ProviderCutOffError,
     ProviderEndedEarly,
     ProviderProtocolError,
@@ -37,7 +38,7 @@ REDACTED = "[redacted]"
 REDACTED_BYTES = REDACTED.encode()
 MAX_FIELD_CHARS = 256  # a provider's error type, code or param: more is not a code
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
-_NUMBER = re.compile(r"\d{1,10}(\.\d{1,6})?")
+_NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one is no hint
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
 
 
@@ -267,8 +268,8 @@ def _retry_hint(value: str) -> bool:
     if _NUMBER.fullmatch(value):
         return True
     try:
-        return email.utils.parsedate_to_datetime(value) is not None
-    except (TypeError, ValueError):
+        return email.utils.parsedate_to_datetime(value).timestamp() is not None
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, ...
         return False
 
 
@@ -299,11 +300,11 @@ class Scrubber(Protocol):
     def field(self, value: object) -> str | None: ...
 
 
-def relayed_error(detail: Any, scrubber: Scrubber, default: str) -> ProviderStatusError:
+def relayed_error(detail: Any, scrubber: Scrubber, default: str) -> ProviderAnswerError:
     """A provider's error in a 2xx answer (an ``error`` object or bare message, in a chunk
     or a whole body) as our 502, its words scrubbed of our key."""
     detail = _error_object(detail)
-    return ProviderStatusError(
+    return ProviderAnswerError(
         scrubber.redact(str(detail.get("message") or default)),
         provider_status=502,
         type_=scrubber.field(detail.get("type")),

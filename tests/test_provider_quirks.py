@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from service.appkeys import GATE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
-from tests.wire import sse_data
+from tests.wire import assert_openai_error, sse_data
 
 URL = "/v1/chat/completions"
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -349,3 +349,52 @@ async def test_a_stream_without_done_completes_only_once_every_choice_finished(
         assert last == "[DONE]"
     else:
         assert orjson.loads(last)["error"]["code"] == "provider_connection_error"
+
+
+async def test_a_whole_completion_where_a_stream_was_asked_is_not_asked_for_again(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A provider that ignores ``stream`` answers 200 with the whole completion: generated
+    and billed already, so one 502 to the client, never a retry (it was asked three times,
+    each a breaker failure)."""
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}}
+        return web.json_response({**CHUNK, "object": "chat.completion", "choices": [choice]})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x"), headers=AUTH)
+    assert response.status == 502
+    assert (await response.json())["error"]["message"] == "The provider sent no stream."
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["Mon, 01 Jan 99999999999 00:00:00 GMT", "99999999999"],
+    ids=["overflowing-date", "eleven-digits"],
+)
+async def test_any_retry_after_a_provider_sends_is_a_clean_answer(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, retry_after: str
+) -> None:
+    """A date no datetime holds was a 500 from the gateway (and no breaker failure); a wait
+    of eleven digits was dropped, so the gateway retried at once and the client never saw
+    it. Now: the provider's 503 as a 502, and a wait that long is the client's to honour."""
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        error = {"error": {"message": "busy", "type": "server_error"}}
+        return web.json_response(error, status=503, headers={"Retry-After": retry_after})
+
+    if not retry_after.isdigit():  # one attempt: no backoff to wait out here
+        settings = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x"), headers=AUTH)
+    assert response.status == 502
+    assert_openai_error(await response.json())
+    if retry_after.isdigit():
+        assert response.headers["Retry-After"] == retry_after
+        assert len(calls) == 1  # longer than the retry budget: not retried early

@@ -8,6 +8,7 @@ import pytest
 
 from service.errors import (
     InvalidRequestError,
+    ProviderAnswerError,
     ProviderConnectionError,
     ProviderConnectTimeoutError,
     ProviderCutOffError,
@@ -48,6 +49,8 @@ def test_connection_failures_retry_but_generation_timeouts_do_not() -> None:
     assert not is_retryable(ProviderCutOffError("half a body, already paid for"))
     assert not is_retryable(ProviderProtocolError("garbage"))
     assert not is_retryable(InvalidRequestError("bad"))
+    # A 2xx that is an error, or no stream: a 502, but the answer may have been paid for.
+    assert not is_retryable(ProviderAnswerError("no stream", provider_status=502))
 
 
 def test_retry_after_ms_wins_over_retry_after() -> None:
@@ -70,6 +73,10 @@ def test_retry_after_garbage_is_ignored() -> None:
     assert retry_after_s({"Retry-After": "soon"}, now=NOW) is None
     assert retry_after_s({"retry-after-ms": "nan"}, now=NOW) is None
     assert retry_after_s({}, now=NOW) is None
+    # Dates no datetime can hold (they raised OverflowError: a 500, and no breaker count).
+    assert retry_after_s({"Retry-After": "Mon, 01 Jan 99999999999 00:00:00 GMT"}, now=NOW) is None
+    overflowing = "Mon, 01 Jan 2026 00:00:00 +99999999999999999999"
+    assert retry_after_s({"Retry-After": overflowing}, now=NOW) is None
 
 
 def test_backoff_is_exponential_capped_and_fully_jittered() -> None:
