@@ -185,7 +185,7 @@ class Telemetry:
             rt.user_hash = genai.user_hash(user_id)
             rt.tenant = genai.tenant_label(tenant) if tenant is not None else None
         if rt.sse:
-            self.metrics.child(self.metrics.open_streams, "sse").dec()
+            self.metrics.open_streams.labels("sse").dec()
         st = rt.stream
         # A request that relayed a stream made elsewhere (a resume, a socket) has no overhead
         # of its own to tell: its time is the stream's.
@@ -193,7 +193,7 @@ class Telemetry:
         ended = st is None or st.finished or not st.stream.running
         if rt.outcome != "client_gone" and not follower and ended:
             overhead = now - rt.started - (st.provider_s(now, whole=True) if st else 0.0)
-            self.metrics.child(self.metrics.overhead, rt.route, "total").observe(max(0.0, overhead))
+            self.metrics.overhead.labels(rt.route, "total").observe(max(0.0, overhead))
         span = rt.span
         if span is not None:
             self._end_server_span(rt, span)
@@ -210,10 +210,10 @@ class Telemetry:
         provider = st.provider_s(now, whole=not st.stream.streaming) if st else 0.0
         overhead = max(0.0, now - rt.started - provider)
         rt.header_overhead_s = overhead
-        self.metrics.child(self.metrics.overhead, rt.route, "headers").observe(overhead)
+        self.metrics.overhead.labels(rt.route, "headers").observe(overhead)
         if event_stream and not rt.done:
             rt.sse = True
-            self.metrics.child(self.metrics.open_streams, "sse").inc()
+            self.metrics.open_streams.labels("sse").inc()
         return overhead
 
     def _end_server_span(self, rt: RequestTrace, span: Span) -> None:
@@ -265,7 +265,7 @@ class Telemetry:
     def ws_relaying(self, change: int) -> None:
         """A WebSocket began (+1) or stopped (-1) relaying a stream to its client: the open
         streams are connections receiving one (a generation may outlive its socket)."""
-        self.metrics.child(self.metrics.open_streams, "ws").inc(change)
+        self.metrics.open_streams.labels("ws").inc(change)
 
     def _start_message_span(self, st: StreamTrace) -> None:
         """A WebSocket message stream gets its own SERVER span, under the socket's."""
@@ -366,7 +366,7 @@ class Telemetry:
         """The failed attempt will be retried after ``delay_s`` (call before sleeping)."""
         kind = genai.failure_type(error)
         m = self.metrics
-        m.child(m.retries, m.fixed(self.provider_name), m.label(kind)).inc()
+        m.retries.labels(m.fixed(self.provider_name), m.label(kind)).inc()
         st = _GENERATION.get()
         if st is None or st.failed is None:
             return
@@ -479,24 +479,22 @@ class Telemetry:
         self, st: StreamTrace, checkpoint: Checkpoint, cost: float | None, error: str | None
     ) -> None:
         stream, m = st.stream, self.metrics
-        m.child(m.cache, stream.cache_status).inc()
+        m.cache.labels(stream.cache_status).inc()
         model = m.label(stream.served_model)
         if cost:  # tenants are the operator's (the keys file): not crowded out by models
-            m.child(m.cost, m.fixed(genai.tenant_label(stream.owner.tenant)), model).inc(cost)
+            m.cost.labels(m.fixed(genai.tenant_label(stream.owner.tenant)), model).inc(cost)
         if st.attempt == 0 or stream.cache_hit:
             return  # no provider call: nothing for the GenAI client metrics
         labels = (genai.OPERATION, m.fixed(self.provider_name), model)
         prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
-        m.child(m.token_usage, *labels, "input").observe(prompt)
-        m.child(m.token_usage, *labels, "output").observe(completion)
+        m.token_usage.labels(*labels, "input").observe(prompt)
+        m.token_usage.labels(*labels, "output").observe(completion)
         started = st.attempt_started or stream.created_at
         if stream.ended_at is not None:
             outcome = m.label(error) if error else ""  # a provider's code: guarded, bounded
-            m.child(m.operation_duration, *labels, outcome).observe(stream.ended_at - started)
+            m.operation_duration.labels(*labels, outcome).observe(stream.ended_at - started)
         if stream.first_token_at is not None:
-            m.child(m.time_to_first_chunk, *labels).observe(
-                max(0.0, stream.first_token_at - started)
-            )
+            m.time_to_first_chunk.labels(*labels).observe(max(0.0, stream.first_token_at - started))
 
     # --- hooks for the other modules ------------------------------------------------------------
 
@@ -505,7 +503,7 @@ class Telemetry:
     ) -> None:
         """A request was refused before the provider (rate, tokens, budget, breaker, ...);
         the event goes on ``span``, by default the current one."""
-        self.metrics.child(self.metrics.rejections, self.metrics.fixed(reason)).inc()
+        self.metrics.rejections.labels(self.metrics.fixed(reason)).inc()
         rt = request or _REQUEST.get()
         if rt is not None and not rt.websocket:  # a socket is not refused for one message
             rt.rejection = reason
@@ -589,11 +587,9 @@ class Telemetry:
     def _account_now(self, rt: RequestTrace | None, st: StreamTrace | None) -> None:
         outcome = access.outcome(rt, st)
         if rt is not None:
-            self.metrics.child(
-                self.metrics.requests, rt.route, rt.method, str(rt.status), outcome
-            ).inc()
+            self.metrics.requests.labels(rt.route, rt.method, str(rt.status), outcome).inc()
         else:
-            self.metrics.child(self.metrics.requests, "ws", "WS", "", outcome).inc()
+            self.metrics.requests.labels("ws", "WS", "", outcome).inc()
         if self.settings.access_log and self.access.isEnabledFor(logging.INFO):
             self._finished.append((rt, st, outcome))
 

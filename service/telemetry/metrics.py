@@ -10,8 +10,6 @@ prometheus_client's own would be.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, generate_latest
 
 from .instruments import Instruments
@@ -114,15 +112,11 @@ class Metrics:
             ["provider", "error_type"],
         )
 
-    def child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``: the series to update (``instruments.py``)."""
-        return metric.labels(*values)
-
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
 
     def breaker(self, provider: str, state: str) -> None:
         name = self.fixed(provider)
-        self.child(self.breaker_state, name).set(BREAKER_STATES.get(state, -1))
-        self.child(self.breaker_transitions, name, state).inc()
+        self.breaker_state.labels(name).set(BREAKER_STATES.get(state, -1))
+        self.breaker_transitions.labels(name, state).inc()
