@@ -47,7 +47,7 @@ from .pricing import PriceTable
 from .redis_budgets import reserve_budget, settle_budget  # shared across replicas (Redis)
 from .request import ChatRequest
 from .settings import LimitSettings, MoneySettings
-from .stream import Owner, Stream, StreamStatus
+from .stream import NO_LIMITS, Owner, Stream, StreamStatus
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,21 @@ class Gate:
                 prompts[encoding] = await _count_prompt(chat, model)
         return prompts
 
+    def _output_limits(
+        self, chat: ChatRequest, planned: int, prompts: Mapping[str, int]
+    ) -> dict[str, int | None]:
+        """Per fallback model, the output ceiling it may be sent: the request's, lowered to
+        that model's own ceiling and to what its window leaves after the prompt (counted in
+        its encoding); None when the prompt alone does not fit it."""
+        limits: dict[str, int | None] = {}
+        for model in self.reachable(chat.model)[1:]:
+            prompt = prompts[tokens.encoding_name_for_model(model)]
+            window = self.context.window(model)
+            room = None if window is None else window - prompt
+            bounds = [b for b in (planned, self.context.cap(model), room) if b is not None]
+            limits[model] = min(bounds) if room is None or room >= 1 else None
+        return limits
+
     def under_pressure(self, stream: Stream) -> bool:
         """Start ``stream`` on its first fallback: a budget (the key's own limits included)
         is past its soft fraction, and that fallback is the cheaper model."""
@@ -263,6 +278,8 @@ class Gate:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)
             prompts = await self._prompts(chat, prompt) if self.fallbacks else None
+            if prompts is not None:
+                admission.output_limits = self._output_limits(chat, plan.max_tokens, prompts)
             worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
@@ -293,6 +310,7 @@ class Admission:
     grant: Grant  # the stream slot and rate buckets taken (``Limiter.admit``)
     hold: Hold | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    output_limits: Mapping[str, int | None] = field(default_factory=lambda: NO_LIMITS)
     _open: bool = True
 
     async def launch(
@@ -308,6 +326,7 @@ class Admission:
         """
         try:
             stream = start(app, owner, self.chat, **options)
+            stream.output_limits = self.output_limits  # before its task first runs (no await)
         except SluiceError as exc:
             await self.release()
             rejected = _rejection(self.principal, self.chat.model, self.arrived, code=exc.code)

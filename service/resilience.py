@@ -69,6 +69,7 @@ class Route(Protocol):
     backing_off: bool  # waiting out a retry's delay (the response may still get a status)
     attempt_started_at: float | None  # loop time the attempt in flight began
     provider_engaged: bool  # the request went out to the provider: it may bill it
+    output_limits: Mapping[str, int | None]  # per fallback: its output ceiling, None: no fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +136,10 @@ class ResilientProvider:
     def degrade(self, route: Route, reason: str = BUDGET_PRESSURE) -> bool:
         """Start ``route`` on its first fallback (e.g. under budget pressure); False if none."""
         chain = self._r.chain(route.model)
-        if len(chain) < 2:
-            return False
+        if len(chain) < 2 or (
+            chain[1] in route.output_limits and not route.output_limits[chain[1]]
+        ):
+            return False  # no fallback, or the prompt does not fit it
         route.served_model = chain[1]
         route.fallback_reason = reason
         return True
@@ -154,22 +157,30 @@ class ResilientProvider:
         budget = RetryBudget(self._r.policy, random=self._r.random, now=self._r.now)
         chain = self._r.chain(route.served_model)
         reason = route.fallback_reason
+        failed: SluiceError | None = None
         for tier, model in enumerate(chain):
+            sent = body
+            if model != route.model:
+                limits = route.output_limits  # (empty when admission made none)
+                if model in limits and limits[model] is None:  # the prompt cannot fit it
+                    log.warning("fallback %s skipped: the prompt does not fit it", model)
+                    continue
+                sent = _with_model(body, model, limits.get(model))
             if tier:
                 route.served_model = model
                 route.fallback_reason = reason
                 budget.next_model()
-            sent = body if model == route.model else _with_model(body, model)
             try:
                 return await self._with_retries(call, sent, model, budget, route)
             except SluiceError as exc:
                 reason = degrade_reason(exc)
                 if reason is None or tier == len(chain) - 1:
                     raise
-                log.warning(
-                    "model %s failed (%s); falling back to %s", model, reason, chain[tier + 1]
-                )
-        raise AssertionError("unreachable: the chain is never empty")
+                failed = exc
+                log.warning("model %s failed (%s); falling back", model, reason)
+        if failed is None:
+            raise AssertionError("unreachable: the requested model is never skipped")
+        raise failed
 
     async def _with_retries(
         self, call: _Call[T], body: bytes, model: str, budget: RetryBudget, route: Route
@@ -229,12 +240,18 @@ class ResilientProvider:
         return self.upstream.field(value)
 
 
-def _with_model(body: bytes, model: str) -> bytes:
-    """The same request for another model (once per tier, never per chunk); a reasoning
-    model gets the output ceiling as ``max_completion_tokens``, the only name it takes."""
+def _with_model(body: bytes, model: str, limit: int | None) -> bytes:
+    """The same request for another model (once per tier, never per chunk), its output
+    ceiling lowered to ``limit`` (that model's own, and its window's room); a reasoning
+    model gets the ceiling as ``max_completion_tokens``, the only name it takes."""
     request = {**orjson.loads(body), "model": model}
     if completion_tokens_only(model) and request.get("max_tokens") is not None:
         ceiling = request.pop("max_tokens")
         if request.get("max_completion_tokens") is None:
             request["max_completion_tokens"] = ceiling
+    if limit is not None:
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = request.get(name)
+            if isinstance(value, int) and value > limit:
+                request[name] = limit
     return dumps_kept(request)

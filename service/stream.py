@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import repeat
+from types import MappingProxyType
 from typing import Any
 
 from .errors import InvalidRequestError, ProviderProtocolError, SluiceError
@@ -33,6 +34,9 @@ class StreamStatus(StrEnum):
     PROVIDER_ERROR = "provider_error"
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
+
+
+NO_LIMITS: Mapping[str, int | None] = MappingProxyType({})
 
 
 class Kind:
@@ -176,6 +180,7 @@ class Stream:
         "include_usage",
         "launched_at",
         "model",
+        "output_limits",
         "owner",
         "progress",
         "provider_engaged",
@@ -195,6 +200,9 @@ class Stream:
         self.model = model
         self.served_model = model  # differs when a fallback served (see resilience.py)
         self.fallback_reason: str | None = None  # breaker_open, retries_exhausted, ...
+        # Per fallback model: the output ceiling to send it, None when the prompt does not
+        # fit its window (admission.py decides, resilience.py applies).
+        self.output_limits: Mapping[str, int | None] = NO_LIMITS
         self.backing_off = False  # a retry is waiting out its delay (see resilience.py)
         self.attempt_started_at: float | None = None  # loop time of the provider attempt
         self.provider_engaged = False  # the provider has or had it: billable (resilience.py)

@@ -201,6 +201,38 @@ async def test_a_reasoning_fallback_gets_its_ceiling_as_max_completion_tokens(
     assert isinstance(sent["max_completion_tokens"], int)
 
 
+@pytest.mark.parametrize("window", [300, 2000], ids=["prompt-too-long", "ceiling-lowered"])
+async def test_a_fallback_gets_only_what_fits_it(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, window: int
+) -> None:
+    """gpt-4o-mini (here a window of ``window`` tokens, an output ceiling of 16,384) after
+    gpt-4.1-mini fails: a 600-token prompt does not fit 300, so it is not tried and the
+    client gets gpt-4.1-mini's error; in 2,000 it fits, with the 30,000 tokens asked for
+    lowered to what the window leaves (both went to it as they were)."""
+    configured = with_resilience(
+        settings, fallbacks={"gpt-4.1-mini": ("gpt-4o-mini",)}, retry_max_attempts=1
+    )
+    limits = replace(configured.limits, context_windows={"gpt-4o-mini": window})
+    rig = await start(aiohttp_client, replace(configured, limits=limits))
+    words = " ".join(["word"] * 600)
+    status, headers, _ = await post(
+        rig,
+        f"{words} [sim fail=503 fail_times=1 key=fit{window}]",
+        stream=False,
+        model="gpt-4.1-mini",
+        max_tokens=30_000,
+    )
+    if window == 300:
+        assert status == 502
+        assert sim_stats.requests == 1  # gpt-4.1-mini alone
+        return
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o-mini")
+    sent = sim_stats.last_body
+    assert sent is not None
+    assert sent["model"] == "gpt-4o-mini"
+    assert 0 < sent["max_tokens"] <= 2000 - 600
+
+
 async def test_fallback_when_the_breaker_is_open(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:
