@@ -61,6 +61,7 @@ class Grant:
     cap: int = 0  # ``admit``: that user's stream cap then (0: uncapped, counted locally only)
     shared: bool = False  # taken in the shared (Redis) state too, not only in this process
     slot: str | None = None  # the stream slot taken in Redis (``redis_limits.py``), if any
+    token_buckets: tuple[Bucket, ...] = ()  # in this process: where settling puts the tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +195,8 @@ class MemoryLimiter:
         for _, _, bucket, amount in pairs:
             bucket.take(amount)
         requests, token_quota = _tightest(pairs, current=True)
-        return Grant(tuple(tiers), tokens, requests, token_quota)
+        held = tuple(bucket for _, unit, bucket, _ in pairs if unit == "tokens")
+        return Grant(tuple(tiers), tokens, requests, token_quota, token_buckets=held)
 
     async def admit(
         self, user: str, cap: int, tiers: Sequence[Tier], tokens: int
@@ -229,9 +231,8 @@ class MemoryLimiter:
         delta = used_tokens - grant.tokens
         if delta == 0:
             return
-        for tier in grant.tiers:
-            if tier.tpm > 0:
-                self._bucket(tier, "tokens", tier.tpm).force(delta)
+        for bucket in grant.token_buckets:  # the buckets it took from (one may be forgotten
+            bucket.force(delta)  # meanwhile: only when empty, so the tokens had leaked out)
 
     async def open_stream(self, user: str, cap: int) -> bool:
         streams = self._streams
@@ -266,12 +267,14 @@ def _tightest(
 ) -> tuple[Quota | None, Quota | None]:
     """The quota with the fewest remaining, per unit (what OpenAI-style headers report);
     a ``Quota`` is made for the two that are reported only."""
-    best: dict[str, tuple[int, Bucket]] = {}
+    best: dict[str, tuple[float, Bucket]] = {}
     for _, unit, bucket, _ in pairs:
-        remaining = bucket.remaining(current=current)
+        if not current:
+            bucket.limiter.has_capacity(0)  # leak first, so the level is current
+        left = bucket.limiter.max_rate - bucket.limiter._level  # (what ``remaining`` rounds)
         tightest = best.get(unit)
-        if tightest is None or remaining < tightest[0]:
-            best[unit] = (remaining, bucket)
+        if tightest is None or left < tightest[0]:
+            best[unit] = (left, bucket)
     requests, tokens = best.get("requests"), best.get("tokens")
     return (
         requests[1].quota(current=True) if requests else None,
