@@ -20,6 +20,7 @@ KEYS = {
     "key-alice": {"user": "alice", "tenant": "acme", "settings": {"daily_usd": 5}},
     "key-bob": {"user": "bob", "tenant": "acme"},
     "key-root": {"user": "root", "tenant": "ops", "admin": True},
+    "key-alice-globex": {"user": "alice", "tenant": "globex"},  # another alice, elsewhere
 }
 
 
@@ -108,3 +109,16 @@ async def test_date_range_filters_days(client: Client) -> None:
     assert status == 200
     assert report["data"] == []
     assert report["totals"]["requests"] == 0
+
+
+async def test_own_usage_is_the_users_in_their_own_tenant(client: Client) -> None:
+    """The same user id in another tenant is someone else (as for streams): alice of globex
+    does not see the requests of alice of acme as hers."""
+    await chat(client, "key-alice")
+    status, report = await usage(client, "key-alice-globex")
+    assert status == 200
+    assert (report["user"], report["tenant"]) == ("alice", "globex")
+    assert report["data"] == []
+    assert report["totals"]["requests"] == 0
+    _, theirs = await usage(client, "key-alice")
+    assert theirs["totals"]["requests"] == 1

@@ -25,12 +25,17 @@ async def get_usage(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     gate = request.app[GATE]
     user, tenant = _scope(request, principal.user_id, principal.admin)
+    own = user == principal.user_id and tenant is None
     now = gate.clock()
     start = _day(request, "start", month_start(now))
     end = _day(request, "end", utc_day(now))
     if start > end:
         raise InvalidRequestError("'start' must not be after 'end'.", param="start")
-    rows = await gate.ledger.usage(user=user, tenant=tenant, since_day=start, until_day=end)
+    # A key's own usage is its user's in its tenant: the same user id in another tenant is
+    # someone else's (as for streams, whose owner is the pair).
+    rows = await gate.ledger.usage(
+        user=user, tenant=principal.tenant if own else tenant, since_day=start, until_day=end
+    )
     data = [
         {
             "day": r.day,
@@ -42,7 +47,6 @@ async def get_usage(request: web.Request) -> web.Response:
         }
         for r in rows
     ]
-    own = user == principal.user_id and tenant is None
     overrides = gate.policy(principal).budgets if own else None
     status = gate.budgets.status(user or "", tenant or principal.tenant, overrides)
     budget = {"user": status["user"]} if user is not None else {"tenant": status["tenant"]}
