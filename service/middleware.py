@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 
 from .appkeys import ADMITTED, KEYRING, PRINCIPAL
 from .errors import (
+    AuthenticationError,
     HTTPStatusError,
     InvalidRequestError,
     MethodNotAllowedError,
@@ -70,8 +71,10 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Sluice
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticate every matched route except the public health checks."""
     if request.path not in PUBLIC_PATHS and request.match_info.http_exception is None:
-        keyring = request.app[KEYRING]
-        request[PRINCIPAL] = keyring.authenticate(request.headers.get("Authorization"))
+        given = request.headers.getall("Authorization", ())
+        if len(given) > 1:  # not a list header: which one a proxy checked is unknowable
+            raise AuthenticationError("Send one Authorization header, not several.")
+        request[PRINCIPAL] = request.app[KEYRING].authenticate(given[0] if given else None)
     return await handler(request)
 
 

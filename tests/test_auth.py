@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import multidict
 import orjson
 import pytest
 
@@ -294,3 +295,16 @@ def test_adding_keys_at_once_loses_none_and_keeps_the_file_s_place_and_mode(
     assert len(load_keys_file(real)) == 9
     (first,) = [p for p in load_keys_file(real).values() if p.user_id == "first"]
     assert first.tenant == "user:first"
+
+
+async def test_several_authorization_headers_are_a_401(gateway: GatewayFactory) -> None:
+    """Authorization is no list header: with two, which one a proxy in front checked cannot
+    be known, so neither is taken (the first was, an admin's key included)."""
+    client = await gateway()
+    headers = multidict.CIMultiDict([("Authorization", f"Bearer {DEV_KEY}")] * 2)
+    response = await client.get("/v1/models", headers=headers)
+    assert response.status == 401
+    assert_openai_error(await response.json(), type_="invalid_request_error")
+    headers.add("Authorization", "Bearer not-a-key")
+    assert (await client.get("/v1/models", headers=headers)).status == 401
+    assert (await client.get("/v1/models", headers=AUTH)).status == 200

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 import service.__main__ as entry
@@ -97,6 +98,25 @@ async def test_banner_prints_dev_key_and_working_curl(
         assert len(data) == 1 + 20 + 1 + 1  # role, 20 words, finish, [DONE]
         async with session.get(f"http://127.0.0.1:{port}/readyz") as ready:
             assert ready.status == 200
+
+
+async def test_a_long_authorization_header_is_an_openai_401_not_an_echo(
+    served: tuple[list[str], asyncio.subprocess.Process],
+) -> None:
+    """A 9,000-byte key: past aiohttp's default header limit it was a plain-text 400 that
+    quoted the key's start back; the process takes headers up to 64 KiB, so it is the
+    OpenAI-shaped 401 of any wrong key."""
+    banner, _ = served
+    port = re.search(r"127\.0\.0\.1:(\d+)", "\n".join(banner))
+    assert port is not None
+    key = "sk-SECRETPREFIX" + "a" * 9000
+    url = f"http://127.0.0.1:{port.group(1)}/v1/models"
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        assert response.status == 401
+        body = await response.read()
+    assert orjson.loads(body)["error"]["code"] == "invalid_api_key"
+    assert b"SECRETPREFIX" not in body
 
 
 async def test_sigterm_exits_cleanly(
