@@ -46,6 +46,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         stream.notify()
         return
     answer = await upstream.post_chat(body, route=stream)
+    del body  # answered: never sent again, so not kept for the stream's life
     response = answer.response
     completed = False
     try:

@@ -11,11 +11,10 @@ on shutdown, never in a request handler that a disconnect could cancel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -116,14 +115,9 @@ class StreamRegistry:
         loop = asyncio.get_running_loop()
         self._grace[stream.id] = loop.call_later(grace, self._grace_expired, stream)
 
-    @contextlib.contextmanager
-    def reading(self, stream: Stream) -> Iterator[Stream]:
+    def reading(self, stream: Stream) -> Reading:
         """Count the caller as a reader of ``stream`` for the duration of the block."""
-        self.attach(stream)
-        try:
-            yield stream
-        finally:
-            self.detach(stream)
+        return Reading(self, stream)
 
     def _grace_expired(self, stream: Stream) -> None:
         self._grace.pop(stream.id, None)
@@ -234,6 +228,24 @@ class StreamRegistry:
         remaining = [s.task for s in self._live.values() if s.task is not None]
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
+
+
+class Reading:
+    """``StreamRegistry.reading``'s block (a class, not a generator: a held stream's frame
+    keeps it for as long as it is read, and a generator's frame is ten times the size)."""
+
+    __slots__ = ("_registry", "_stream")
+
+    def __init__(self, registry: StreamRegistry, stream: Stream) -> None:
+        self._registry = registry
+        self._stream = stream
+
+    def __enter__(self) -> Stream:
+        self._registry.attach(self._stream)
+        return self._stream
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._registry.detach(self._stream)
 
 
 def _cancel_running(stream: Stream) -> None:

@@ -73,11 +73,13 @@ async def stream_sse(
             if not batch:
                 await response.write(KEEPALIVE)
                 continue
-            data = encode_events(first, batch)
+            # Written straight from the call, not kept in a local while the next batch is
+            # awaited: a held stream would carry its last write's bytes.
             if stream.running or first + len(batch) <= stream.last_seq:
-                await response.write(data)
+                await response.write(encode_events(first, batch))
             else:
-                tail = data
+                tail = encode_events(first, batch)
+            del batch
         if stream.status is StreamStatus.SHUTDOWN:
             # With nothing generated there is nothing to resume: the request must be sent
             # again (an error event with no id: no Last-Event-ID comes of it).

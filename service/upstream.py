@@ -85,7 +85,7 @@ class Upstream:
         due = asyncio.get_running_loop().time() + self._settings.first_token_timeout_s
         async with asyncio.timeout_at(due):
             response = await self._post(body, self._stream_headers)
-            if response.content_type == "application/json":  # an answer, not a stream
+            if _is_json(response):  # an answer, not a stream
                 async with response:  # an answer where a stream was asked: often an error
                     detail = _error_detail(await response.read())
                     raise relayed_error(detail, self, "The provider sent no stream.")
@@ -187,6 +187,7 @@ class Upstream:
                             deadline.touch()
                         if payloads and sink(payloads):
                             return
+                        del data, payloads  # not kept while the next read is awaited
                     rest = decoder.flush()
                     if rest and sink(rest):
                         return
@@ -260,6 +261,13 @@ def scrub(text: str, key: Secret | None) -> str:
         return text
     secret = key.reveal()
     return text.replace(secret, REDACTED) if secret and secret in text else text
+
+
+def _is_json(response: aiohttp.ClientResponse) -> bool:
+    """The media type, read from the header (``content_type`` parses and keeps a dict of
+    parameters on the response, which lives as long as the stream: ~0.8 KB a held one)."""
+    media = response.headers.get("Content-Type", "").partition(";")[0]
+    return media.strip().lower() == "application/json"
 
 
 def _retry_hint(value: str) -> bool:

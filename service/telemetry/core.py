@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, TypeGuard
 
 import pybreaker
@@ -157,14 +157,9 @@ class Telemetry:
             rt.context_token = otel_context.attach(trace.set_span_in_context(rt.span))
         return rt
 
-    @contextlib.contextmanager
-    def serving(self, rt: RequestTrace) -> Iterator[RequestTrace]:
+    def serving(self, rt: RequestTrace) -> Serving:
         """Make ``rt`` the current request of this task for the block."""
-        token = _REQUEST.set(rt)
-        try:
-            yield rt
-        finally:
-            _REQUEST.reset(token)
+        return Serving(rt)
 
     def request_failed(self, rt: RequestTrace, status: int, error: BaseException) -> None:
         rt.status = status
@@ -605,6 +600,24 @@ class _BreakerListener(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         old = getattr(old_state, "name", None)
         self._telemetry.breaker_state_changed(str(cb.name), old, str(new_state.name))
+
+
+class Serving:
+    """``Telemetry.serving``'s block (a class, not a generator: held for a whole stream)."""
+
+    __slots__ = ("_rt", "_token")
+
+    def __init__(self, rt: RequestTrace) -> None:
+        self._rt = rt
+        self._token: Token[RequestTrace | None] | None = None
+
+    def __enter__(self) -> RequestTrace:
+        self._token = _REQUEST.set(self._rt)
+        return self._rt
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _REQUEST.reset(self._token)
 
 
 def _mark_failed(span: Span, error: BaseException, redactor: Redactor) -> None:
