@@ -78,9 +78,14 @@ def notes(config: BenchConfig, elapsed_s: float) -> list[str]:
         f"Streams ask for {config.stream_chunks} chunks plus usage; the time to first chunk "
         "is measured to the first body bytes of a 5-chunk stream.",
         "RSS per held stream: streams stalled by the provider after their first chunk, held "
-        "open by the client; kernel socket buffers are not in RSS.",
+        "open by the client; the growth in RSS from half as many held to half as many again "
+        "more (from none, the first streams reuse memory freed by earlier ones and read low); "
+        "kernel socket buffers are not in RSS.",
         "The main rows use the defaults (SQLite ledger, breaker, access log and metrics on; no "
-        "limits or budgets configured). The 'limits + budgets' rows add rate limits (user, "
+        "limits or budgets configured), in simulated mode (text logs, the dev key), except: the "
+        "response cache off (the bench repeats one prompt; no request here is deterministic, "
+        "so it would only look and miss), grace 0, long timeouts and a high stream cap (for the "
+        "held streams). The 'limits + budgets' rows add rate limits (user, "
         "tenant, global; requests and tokens) and USD budgets, set far above the load, so "
         "each request reserves and settles in all of them.",
         "Tracing rows: the same gateway with spans exported over OTLP/HTTP to a stand-in "

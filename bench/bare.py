@@ -33,8 +33,11 @@ async def _relay(request: web.Request) -> web.StreamResponse:
     url = request.app[UPSTREAM] + "/chat/completions"
     headers = {"Content-Type": "application/json"}
     async with request.app[SESSION].post(url, data=body, headers=headers) as upstream:
-        if upstream.content_type != "text/event-stream":
-            return web.Response(body=await upstream.read(), content_type=upstream.content_type)
+        if upstream.content_type != "text/event-stream":  # the provider's status too
+            body = await upstream.read()
+            return web.Response(
+                body=body, status=upstream.status, content_type=upstream.content_type
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         async for data in upstream.content.iter_any():

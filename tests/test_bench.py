@@ -54,9 +54,9 @@ async def test_tiny_run_renders_every_phase(tmp_path: Path) -> None:
     exports = [row for row in rows if "OTLP exports received" in row.metric]
     assert len(exports) == 2
     assert exports[0].passed, exports[0].gateway  # every trace sampled: spans were sent
-    throughput = [row for row in rows if row.target == "0 errors"]
-    assert len(throughput) == 3
-    assert all(row.passed for row in throughput), [row.metric for row in throughput]
+    no_errors = [row for row in rows if row.target == "0 errors"]  # throughput and bare relay
+    assert len(no_errors) == 5
+    assert all(row.passed for row in no_errors), [row.metric for row in no_errors]
     assert all(row.passed is not None for row in rows if row.target != "—")
     table = render(rows, ["a note"], load_average=0.5)
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row
