@@ -35,6 +35,8 @@ SIM_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini")
 MAX_CHUNKS = 100_000  # the simulator shares the gateway's loop in `make run`: bound its work
 MAX_DELAY_MS = 3_600_000.0
 MAX_CHOICES = 128  # OpenAI's own limit on ``n``
+MAX_CHUNK_EVENTS = 200_000  # chunks x n: one request's answer, bounded as a whole
+YIELD_EVERY = 256  # positions sent without a delay before the loop gets a turn
 # ``[sim ...]``: what is inside is read strictly, name=value pairs apart by spaces, so a
 # misspelt directive is a 400, never a default quietly served.
 _DIRECTIVE = re.compile(r"\[sim\b(?P<args>[^\]]*)\]")
@@ -121,7 +123,7 @@ class Directive:
             _bounded("retry_after_ms", self.retry_after_ms, 0, MAX_DELAY_MS)
         _bounded("fail_times", self.fail_times, 0, MAX_CHUNKS)
         for name in ("reset_after", "stall_after", "malformed_after", "error_after"):
-            _bounded(name, getattr(self, name), -1, MAX_CHUNKS)
+            _bounded(name, getattr(self, name), -1, self.chunks)  # after the last chunk at most
         _bounded("echo_key", self.echo_key, 0, 1)
         _bounded("created", self.created, 0, 2**31)
 
@@ -231,12 +233,16 @@ class Simulator:
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
             stats.last_body = body
+            _check_shapes(body)
             directive = Directive.parse(last_user_text(body))
             choices = _choices(body)
+            if directive.chunks * choices > MAX_CHUNK_EVENTS:
+                raise ValueError(f"chunks x n must be at most {MAX_CHUNK_EVENTS}")
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error")
         misbehave = _misbehaves(directive, stats)
         if directive.fail and misbehave:
+            await _sleep_ms(directive.header_delay_ms)  # a slow refusal, when asked for
             return self._failure(directive, _echo(request, directive))
         prompt = prompt_text(body)
         # Choice 0 is the reply to the prompt; choice i (n > 1) the reply to "prompt#i".
@@ -333,7 +339,8 @@ class Simulator:
         await response.write(
             b"".join(_event(base, role, None, include_usage, i) for i in range(len(replies)))
         )
-        for index in range(directive.chunks):
+        for index in range(directive.chunks + 1):
+            # Misbehaviour after ``index`` chunks (after all of them: before the finish).
             if index == directive.reset_after:
                 raise _Reset
             if index == directive.stall_after:
@@ -343,8 +350,12 @@ class Simulator:
             if index == directive.error_after:
                 await response.write(_error_event(echo))
                 return
+            if index == directive.chunks:
+                break
             if index and directive.delay_ms:
                 await _sleep_ms(directive.delay_ms)
+            elif index % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)  # a long undelayed stream lets the loop's others in
             for choice, words in enumerate(replies):
                 await response.write(
                     _event(base, {"content": words[index]}, None, include_usage, choice)
@@ -456,13 +467,33 @@ def _completion(
     choices = [
         {
             "index": index,
-            "message": {"role": "assistant", "content": "".join(words), "refusal": None},
+            "message": _message("".join(words), d.tool_call),
             "logprobs": None,
-            "finish_reason": d.finish,
+            "finish_reason": _finish(d),
         }
         for index, words in enumerate(replies)
     ]
     return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+
+
+def _message(text: str, tool_call: str) -> dict[str, Any]:
+    """A whole answer: the text, and the call the stream would have made (``tool_call``)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_call:
+        function = {"name": tool_call, "arguments": '{"query": "sim"}'}
+        message["tool_calls"] = [
+            {"id": f"call_sim_{tool_call}", "type": "function", "function": function}
+        ]
+    return message
+
+
+def _check_shapes(body: dict[str, Any]) -> None:
+    """The fields the simulator reads, of the types it reads them as (else a 400)."""
+    if not isinstance(body.get("messages"), list):
+        raise ValueError("messages must be a list")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError("stream_options must be an object")
 
 
 def _choices(body: dict[str, Any]) -> int:

@@ -280,6 +280,29 @@ async def test_finish_created_and_tool_call(
     named = [c for c in calls if c and c[0].get("function", {}).get("name")]
     assert named[0][0]["function"]["name"] == "lookup"
     assert tools[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # Not streamed, the same call in the message (it was lost, and the finish said "stop").
+    whole = await (
+        await _post(session, sim, "[sim chunks=1 tool_call=lookup]", stream=False)
+    ).json()
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "lookup", "arguments": '{"query": "sim"}'}
+
+
+async def test_misbehaviour_after_the_last_chunk_comes_before_the_finish(
+    session: aiohttp.ClientSession, sim: TestServer, sim_stats: SimStats
+) -> None:
+    """``error_after=N`` with N the chunk count: all N chunks, then the error, no finish
+    (it had done nothing: a clean stream). Past the count it is a 400."""
+    *chunks, last = sse_data(
+        await (await _post(session, sim, "[sim chunks=3 error_after=3]")).text()
+    )
+    assert "error" in orjson.loads(last)
+    parsed = [orjson.loads(chunk) for chunk in chunks]
+    assert len([c for c in parsed if c["choices"][0]["delta"].get("content")]) == 3
+    assert all(c["choices"][0]["finish_reason"] is None for c in parsed)
+    assert (await _post(session, sim, "[sim chunks=3 stall_after=4]")).status == 400
 
 
 @pytest.mark.parametrize(
@@ -317,6 +340,7 @@ async def test_misspelt_directive_is_400(
         ("fail=429 retry_after_ms=-5", "retry_after_ms"),
         ("fail=429 retry_after_ms=inf", "retry_after_ms"),
         ("reset_after=-2", "reset_after"),
+        ("chunks=3 malformed_after=4", "malformed_after"),
         ("echo_key=2", "echo_key"),
     ],
 )
@@ -341,6 +365,9 @@ async def test_out_of_range_directive_is_400(
         b'{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}, 7]}]}',
         b'{"messages": [{"role": "user", "content": "x"}], "n": "two"}',
         b'{"messages": [{"role": "user", "content": "x"}], "n": 0}',
+        b'{"messages": 5}',  # a 500, before
+        b'{"messages": [], "stream": true, "stream_options": "yes"}',  # a broken stream
+        b'{"messages": [{"role": "user", "content": "[sim chunks=100000]"}], "n": 128}',
     ],
 )
 async def test_odd_bodies_do_not_crash_it(
