@@ -241,8 +241,7 @@ class Simulator:
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error")
         misbehave = _misbehaves(directive, stats)
-        if directive.fail and misbehave:
-            await _sleep_ms(directive.header_delay_ms)  # a slow refusal, when asked for
+        if directive.fail and misbehave:  # at once: header_delay_ms holds the answer only
             return self._failure(directive, _echo(request, directive))
         prompt = prompt_text(body)
         # Choice 0 is the reply to the prompt; choice i (n > 1) the reply to "prompt#i".
