@@ -29,6 +29,7 @@ path when the budgets are a ``RedisBudgets`` and call the in-process one otherwi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -183,7 +184,9 @@ class RedisBudgets(Budgets):
             # reservation; the spend totals live in the ledger.
             return self.reserve(user, tenant, amount, overrides)
         if self._unsent:
-            await self._replay()
+            # Shielded: a client leaving must not cut a replay short (sent, and then kept
+            # for sending again, its settlements would count twice).
+            await asyncio.shield(self._replay())
         keys = _script_keys(key for key, _ in checks)
         reserved = micros(amount, up=True)
         hold_id = secrets.token_hex(8)
@@ -267,8 +270,8 @@ class RedisBudgets(Budgets):
     async def _replay(self) -> None:
         """Send the oldest settlements Redis missed, a chunk in one pipeline (a backlog of
         thousands in one trip outran the deadline, ran anyway, and was sent again with every
-        reservation); keep them if that fails. The chunk is taken first, so concurrent
-        callers never send one twice."""
+        reservation); keep them if Redis is unavailable. The chunk is taken first, so
+        concurrent callers never send one twice."""
         batch = self._unsent[:REPLAY_CHUNK]
         del self._unsent[:REPLAY_CHUNK]
         if not batch:
@@ -283,12 +286,10 @@ class RedisBudgets(Budgets):
 
         try:
             replies = await self._gate.run(send)
-        except BaseException as exc:  # unavailable, or the caller's client left: keep them
+        except RedisUnavailable:
             self._unsent[:0] = batch  # before what came meanwhile: the oldest first
             self._bound_unsent()
-            if isinstance(exc, RedisUnavailable):
-                return
-            raise
+            return
         failed = sum(isinstance(reply, Exception) for reply in replies)
         if failed:
             log.warning("budgets: %d replayed settlements failed in redis", failed)

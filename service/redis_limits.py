@@ -185,6 +185,7 @@ class RedisLimiter:
                 cap=cap,
                 shared=True,
                 slot=slot if cap > 0 else None,
+                token_buckets=local.token_buckets,  # this replica's, settled with Redis's
             )
         self.local.give_back(local)
         if int(reply[0]) == -1:

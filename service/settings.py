@@ -699,7 +699,10 @@ def _signal_endpoint(reader: _EnvReader, signal: str) -> str | None:
 def _check_url(name: str, url: str, schemes: tuple[str, ...], *, host: bool = True) -> None:
     """``url`` has one of ``schemes``, a host when ``host``, and a port that is a port (the
     message never shows the URL: it may hold a password)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed IPv6 bracket, ...
+        raise ConfigError(f"{name} is not a URL") from None
     if parts.scheme not in schemes:
         raise ConfigError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL")
     if host and not parts.hostname:

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import pytest
@@ -405,20 +406,32 @@ async def test_a_backlog_of_missed_settlements_drains_a_chunk_a_reservation(
     await gate.aclose()
 
 
-async def test_a_replay_its_caller_left_keeps_the_settlements(
+async def test_a_replay_its_caller_left_runs_to_its_end_and_counts_once(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client whose reservation was sending the missed settlements left (cancelled):
-    they stay to be sent, not dropped."""
+    """The client whose reservation was sending the missed settlements leaves while Redis
+    runs them: the replay goes on to its end (shielded), so they count once; neither
+    dropped, nor kept and sent again (as a cut-off replay would be, counting twice)."""
     gate, budgets, now = await _missed_settlement(redis_url)
     now[0] += 6
+    run, sending, sent, release = gate.run, asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-    async def cancelled(*args: object, **kwargs: object) -> None:
-        raise asyncio.CancelledError
+    async def held(operation: Any) -> Any:
+        sending.set()
+        await release.wait()
+        try:
+            return await run(operation)
+        finally:
+            sent.set()
 
-    monkeypatch.setattr(gate, "run", cancelled)
+    monkeypatch.setattr(gate, "run", held)
+    reserving = asyncio.ensure_future(budgets.reserve_async("alice", "acme", Decimal("0.05")))
+    await sending.wait()
+    reserving.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await budgets.reserve_async("alice", "acme", Decimal("0.05"))
+        await reserving
+    release.set()
+    await sent.wait()
     monkeypatch.undo()
     await budgets.flush()
     assert await _budget_state(redis_url) == (0, 100_000)

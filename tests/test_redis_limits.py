@@ -448,3 +448,17 @@ async def test_an_admission_cancelled_while_freeing_missed_slots_gives_all_back(
     assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
     assert await client.zcard(streams_key("alice")) == 1  # the missed release went out
     await gate.aclose()
+
+
+async def test_a_settlement_frees_the_local_tokens_too(redis_url: str) -> None:
+    """A grant taken through Redis settles this replica's own token buckets as well: they
+    kept the whole estimate for the minute, and refused what Redis would have admitted."""
+    client = Redis.from_url(redis_url)
+    gate = RedisGate(client, failure="closed", timeout_s=1.0)
+    limiter = RedisLimiter(gate, MemoryLimiter())
+    tiers = (Tier("user", "alice", rpm=0, tpm=1000),)
+    first = await limiter.admit("alice", 0, tiers, 900)
+    assert isinstance(first, Grant)
+    await limiter.finish(first, 10)  # it used 10 of the 900 it reserved
+    assert isinstance(await limiter.admit("alice", 0, tiers, 900), Grant)
+    await gate.aclose()

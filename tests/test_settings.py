@@ -136,6 +136,7 @@ def test_errors_name_the_variable(name: str, value: str) -> None:
         ("OPENAI_BASE_URL", "http://user:secretpw@host:port/v1"),
         ("SLUICE_REDIS_URL", "redis://:secretpw@127.0.0.1:99999/0"),
         ("SLUICE_REDIS_URL", "http://127.0.0.1:6379"),
+        ("SLUICE_REDIS_URL", "redis://:secretpw@[::1:6379/0"),  # an unclosed bracket
         ("SLUICE_DATABASE_URL", "postgresql://u:secretpw@127.0.0.1:notaport/db"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://:4318"),
     ],

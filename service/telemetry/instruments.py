@@ -45,7 +45,7 @@ class Value:
         self.value -= amount
 
     def set(self, value: float) -> None:
-        self.value = value
+        self.value = float(value)  # as prometheus_client keeps it (OTLP sends a double)
 
 
 class Buckets:
