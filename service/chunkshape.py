@@ -21,6 +21,7 @@ few learnings.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -59,7 +60,8 @@ class ChunkShape:
             return []
         end, cut, padded = self._end, len(prefix), self._padded
         texts: list[str] = []
-        for raw in payloads[start:] if start else payloads:
+        # (islice, not a slice: a read of many misses calls again after each, from there)
+        for raw in islice(payloads, start, None) if start else payloads:
             if not raw.startswith(prefix) or not raw.endswith(end):
                 break
             stop = len(raw) - len(end)
