@@ -73,7 +73,7 @@ def checkpoint_of(
         response_model=progress.response_model,
         status=stream.status,
         text=progress.text,
-        tool_calls=list(progress.tool_calls),
+        tool_calls=list(progress.tool_calls or ()),
         finish_reason=progress.finish_reason,
         chunks=progress.chunks,
         last_seq=stream.last_seq,
@@ -106,7 +106,8 @@ def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:
     """Every choice's text and tool calls (``n`` > 1 generates, and costs, each of them),
     and the reasoning a provider streamed as such (vLLM, llama.cpp, Ollama, DeepSeek)."""
     progress = stream.progress
-    text, calls = progress.text + "".join(progress.reasoning or ()), list(progress.tool_calls)
+    text = progress.text + "".join(progress.reasoning or ())
+    calls = list(progress.tool_calls or ())
     if progress.others:
         text += "".join(str(d.get("content") or d.get("refusal") or "") for d in progress.others)
         calls += [call for d in progress.others for call in d.get("tool_calls") or ()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import repeat
@@ -63,9 +63,9 @@ class Progress:
     error could no longer reach the client and would leave the request unsettled."""
 
     parts: list[str] = field(default_factory=list)
-    tool_calls: list[Any] = field(default_factory=list)
-    others: list[Any] = field(default_factory=list)  # deltas of choices past 0 (``n`` > 1)
-    # Made at first use (most streams have neither to note; a held stream's bytes count):
+    # Made at first use (most streams have none of these to note; a held stream's bytes count):
+    tool_calls: list[Any] | None = None
+    others: list[Any] | None = None  # deltas of choices past 0 (``n`` > 1)
     reasoning: list[str] | None = None  # billed when usage never comes
     finished: set[int] | None = None  # the choices that have a finish reason
     finish_reason: str | None = None  # choice 0's
@@ -91,7 +91,7 @@ class Progress:
             index = choice.get("index", 0)
             if index != 0:
                 if delta:
-                    self.others.append(_object(delta))  # billed too, if usage never comes
+                    self._other(_object(delta))  # billed too, if usage never comes
                 if choice.get("finish_reason"):
                     self._finished(index)
                 continue
@@ -104,7 +104,7 @@ class Progress:
                     self._thought(thought)
                 calls = delta.get("tool_calls")
                 if calls:
-                    self.tool_calls.extend(calls)
+                    self._calls(calls)
             reason = choice.get("finish_reason")
             if reason:
                 self.finish_reason = _text(reason)
@@ -125,7 +125,7 @@ class Progress:
         for choice in body.get("choices") or ():
             message = _object(choice.get("message") or {})
             if choice.get("index", 0) != 0:
-                self.others.append(message)
+                self._other(message)
                 continue
             content = _generated(message.get("content") or message.get("refusal"))
             if content:
@@ -133,7 +133,7 @@ class Progress:
             thought = _generated(message.get("reasoning_content") or message.get("reasoning"))
             if thought:
                 self._thought(thought)
-            self.tool_calls.extend(message.get("tool_calls") or ())
+            self._calls(message.get("tool_calls") or ())
             self.finish_reason = _text(choice.get("finish_reason"))
         self.chunks = 1
 
@@ -149,6 +149,16 @@ class Progress:
         if self.finished is None:
             self.finished = set()
         self.finished.add(index)
+
+    def _calls(self, calls: Iterable[Any]) -> None:
+        if self.tool_calls is None:
+            self.tool_calls = []
+        self.tool_calls.extend(calls)
+
+    def _other(self, delta: Any) -> None:
+        if self.others is None:
+            self.others = []
+        self.others.append(delta)
 
     def _thought(self, text: str) -> None:
         if self.reasoning is None:
