@@ -86,7 +86,7 @@ class Progress:
         choices = chunk.get("choices")
         if not choices:
             return usage is not None
-        for choice in choices:  # inline, not a call a choice: this runs for every chunk
+        for choice in choices:
             delta = choice.get("delta")
             index = choice.get("index", 0)
             if index != 0:
@@ -96,15 +96,7 @@ class Progress:
                     self._finished(index)
                 continue
             if delta:
-                content = _generated(delta.get("content") or delta.get("refusal"))
-                if content:
-                    self.parts.append(content)
-                thought = _generated(delta.get("reasoning_content") or delta.get("reasoning"))
-                if thought:
-                    self._thought(thought)
-                calls = delta.get("tool_calls")
-                if calls:
-                    self._calls(calls)
+                self._output(delta)
             reason = choice.get("finish_reason")
             if reason:
                 self.finish_reason = _text(reason)
@@ -127,13 +119,7 @@ class Progress:
             if choice.get("index", 0) != 0:
                 self._other(message)
                 continue
-            content = _generated(message.get("content") or message.get("refusal"))
-            if content:
-                self.parts.append(content)
-            thought = _generated(message.get("reasoning_content") or message.get("reasoning"))
-            if thought:
-                self._thought(thought)
-            self._calls(message.get("tool_calls") or ())
+            self._output(message)
             self.finish_reason = _text(choice.get("finish_reason"))
         self.chunks = 1
 
@@ -149,6 +135,19 @@ class Progress:
         if self.finished is None:
             self.finished = set()
         self.finished.add(index)
+
+    def _output(self, part: dict[str, Any]) -> None:
+        """Choice 0's output in a delta or a whole message: its text (or refusal, generated
+        too), its reasoning, its tool calls."""
+        content = _generated(part.get("content") or part.get("refusal"))
+        if content:
+            self.parts.append(content)
+        thought = _generated(part.get("reasoning_content") or part.get("reasoning"))
+        if thought:
+            self._thought(thought)
+        calls = part.get("tool_calls")
+        if calls:
+            self._calls(calls)
 
     def _calls(self, calls: Iterable[Any]) -> None:
         if self.tool_calls is None:
