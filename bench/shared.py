@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     rows = asyncio.run(run(config, log_dir))
     notes = [
-        "Columns: 'direct' is the gateway with in-process state, 'gateway' the same gateway "
-        "with SLUICE_REDIS_URL (limits, stream caps, checkpoints, journals in Redis).",
+        "Columns: 'in-process' is the gateway with in-process state, 'redis' the same "
+        "gateway with SLUICE_REDIS_URL (limits, stream caps, checkpoints, journals in Redis).",
         "A non-streamed request makes 2 Redis round trips: one script that takes the stream "
         "slot and every rate bucket before the provider call, and one pipeline after the "
-        "response (settle, free the slot, store the checkpoint); each costs the gateway "
-        "~0.1 ms of CPU in redis-py. Streams add the journal mirror's appends.",
+        "response (settle, free the slot, store the checkpoint), both over one multiplexed "
+        "connection (service/redis_pipe.py). Streams add the journal mirror's appends.",
     ]
     report = render(rows, notes).replace("| direct | gateway |", "| in-process | redis |")
     args.out.write_text(report, encoding="utf-8")

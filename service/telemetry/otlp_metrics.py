@@ -1,8 +1,8 @@
 """Metrics over OTLP/HTTP: the Prometheus registry, translated and pushed on an interval.
 
-The instruments exist once, in prometheus_client (``metrics.py``): no second set of
-OpenTelemetry instruments is updated on the hot path. Every ``OTEL_METRIC_EXPORT_INTERVAL``,
-and once more at shutdown after the streams drained, the registry is collected and
+The instruments exist once, on the Prometheus registry (``metrics.py``, ``instruments.py``):
+no second set of OpenTelemetry instruments is updated on the hot path. Every
+``OTEL_METRIC_EXPORT_INTERVAL``, and once more at shutdown after the streams drained, the registry is collected and
 translated into the SDK's ``MetricsData`` (counters as cumulative monotonic sums, gauges as
 gauges, histograms as cumulative explicit-bucket histograms) under the OpenTelemetry names
 (``gen_ai.client.token.usage``, ...), and the SDK's OTLP/HTTP exporter sends it.
