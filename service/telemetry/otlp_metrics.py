@@ -2,10 +2,11 @@
 
 The instruments exist once, on the Prometheus registry (``metrics.py``, ``instruments.py``):
 no second set of OpenTelemetry instruments is updated on the hot path. Every
-``OTEL_METRIC_EXPORT_INTERVAL``, and once more at shutdown after the streams drained, the registry is collected and
-translated into the SDK's ``MetricsData`` (counters as cumulative monotonic sums, gauges as
-gauges, histograms as cumulative explicit-bucket histograms) under the OpenTelemetry names
-(``gen_ai.client.token.usage``, ...), and the SDK's OTLP/HTTP exporter sends it.
+``OTEL_METRIC_EXPORT_INTERVAL``, and once more at shutdown after the streams drained, the
+registry is collected and translated into the SDK's ``MetricsData`` (counters as cumulative
+monotonic sums, gauges as gauges, histograms as cumulative explicit-bucket histograms)
+under the OpenTelemetry names (``gen_ai.client.token.usage``, ...), and the SDK's
+OTLP/HTTP exporter sends it.
 """
 
 from __future__ import annotations
