@@ -320,13 +320,13 @@ class Admission:
         owner: Owner,
         **options: Any,
     ) -> Stream:
-        """``start(app, owner, self.chat, **options)``, bound to this admission.
+        """``start(app, owner, self.chat, output_limits=..., **options)``, bound to this
+        admission.
 
         If starting fails, the reservations are returned and a rejected row is recorded.
         """
         try:
-            stream = start(app, owner, self.chat, **options)
-            stream.output_limits = self.output_limits  # before its task first runs (no await)
+            stream = start(app, owner, self.chat, output_limits=self.output_limits, **options)
         except SluiceError as exc:
             await self.release()
             rejected = _rejection(self.principal, self.chat.model, self.arrived, code=exc.code)

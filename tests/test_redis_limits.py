@@ -391,27 +391,39 @@ async def test_round_trips_of_one_non_streamed_request(
         await redis.aclose()
 
 
+ALICE = (Tier("user", "alice", rpm=0, tpm=0),)
+
+
+async def _missed_release(
+    redis_url: str,
+) -> tuple[Redis, RedisGate, RedisLimiter, MemoryLimiter]:
+    """alice's stream (cap 1) ended while the breaker was open: Redis missed the release.
+    The breaker's reset has passed since (the next call is its probe)."""
+    now = [0.0]
+    client = Redis.from_url(redis_url)
+    gate = RedisGate(
+        client, failure="open", timeout_s=1.0, fail_max=1, reset_s=5, clock=lambda: now[0]
+    )
+    local = MemoryLimiter()
+    limiter = RedisLimiter(gate, local, clock=lambda: 1_000_000.0)
+    held = await limiter.admit("alice", 1, ALICE, 1)
+    assert isinstance(held, Grant)
+    with pytest.raises(RedisUnavailable):
+        await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))  # the breaker opens
+    await limiter.finish(held, 1)
+    now[0] += 6  # the breaker lets a probe through
+    return client, gate, limiter, local
+
+
 async def test_a_slot_whose_release_redis_missed_is_freed_before_the_next_admission(
     redis_url: str,
 ) -> None:
     """The stream ends while the Redis breaker is open: its slot's release is kept, and
     sent before the next admission that reaches Redis, so the user is not held to a full
     cap for the slot's hour."""
-    now = [0.0]
-    client = Redis.from_url(redis_url)
-    gate = RedisGate(
-        client, failure="open", timeout_s=1.0, fail_max=1, reset_s=5, clock=lambda: now[0]
-    )
-    limiter = RedisLimiter(gate, MemoryLimiter(), clock=lambda: 1_000_000.0)
-    tiers = (Tier("user", "alice", rpm=0, tpm=0),)
-    held = await limiter.admit("alice", 1, tiers, 1)
-    assert isinstance(held, Grant)
-    with pytest.raises(RedisUnavailable):
-        await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))  # the breaker opens
-    await limiter.finish(held, 1)
+    client, gate, limiter, _ = await _missed_release(redis_url)
     assert await client.zcard(streams_key("alice")) == 1  # Redis never heard of the end
-    now[0] += 6  # the breaker lets a probe through
-    assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
+    assert isinstance(await limiter.admit("alice", 1, ALICE, 1), Grant)
     assert await client.zcard(streams_key("alice")) == 1  # the new stream's slot alone
     await gate.aclose()  # and its client
 
@@ -422,30 +434,17 @@ async def test_an_admission_cancelled_while_freeing_missed_slots_gives_all_back(
     """The client leaves while its admission frees the slots Redis missed: its local slot
     is given back (it leaked, and after ``cap`` such leaks the user was refused on this
     replica until a restart), and the missed releases stay to be sent."""
-    now = [0.0]
-    client = Redis.from_url(redis_url)
-    gate = RedisGate(
-        client, failure="open", timeout_s=1.0, fail_max=1, reset_s=5, clock=lambda: now[0]
-    )
-    local = MemoryLimiter()
-    limiter = RedisLimiter(gate, local, clock=lambda: 1_000_000.0)
-    tiers = (Tier("user", "alice", rpm=0, tpm=0),)
-    held = await limiter.admit("alice", 1, tiers, 1)
-    assert isinstance(held, Grant)
-    with pytest.raises(RedisUnavailable):
-        await gate.run(lambda r: r.execute_command("NO-SUCH-COMMAND"))  # the breaker opens
-    await limiter.finish(held, 1)
-    now[0] += 6
+    client, gate, limiter, local = await _missed_release(redis_url)
 
     async def cancelled(*args: object, **kwargs: object) -> None:
         raise asyncio.CancelledError
 
     monkeypatch.setattr(gate, "run", cancelled)
     with pytest.raises(asyncio.CancelledError):
-        await limiter.admit("alice", 1, tiers, 1)
+        await limiter.admit("alice", 1, ALICE, 1)
     monkeypatch.undo()
     assert local.streams_of("alice") == 0
-    assert isinstance(await limiter.admit("alice", 1, tiers, 1), Grant)
+    assert isinstance(await limiter.admit("alice", 1, ALICE, 1), Grant)
     assert await client.zcard(streams_key("alice")) == 1  # the missed release went out
     await gate.aclose()
 

@@ -210,17 +210,22 @@ def with_keys(settings: Settings, keys: dict[str, str]) -> Settings:
     return replace(settings, auth=AuthSettings(client_keys_file=Path(keys["path"]), dev_key=None))
 
 
+async def chat_as(client: TestClient[Any, Any], key: str) -> None:
+    """One completion with ``key``, its generation settled (its metrics recorded)."""
+    headers = {"Authorization": f"Bearer {key}"}
+    response = await client.post(URL, json=chat_body("m [sim chunks=2]"), headers=headers)
+    assert response.status == 200
+    await response.read()
+    await settled(client)
+
+
 async def test_metrics_need_an_admin_key_and_labels_are_redacted(
     gateway: GatewayFactory, settings: Settings, keys: dict[str, str]
 ) -> None:
     """No key: 401; a plain key: 403; an admin key: 200. Label values never carry an e-mail
     or a key."""
     client = await gateway(with_keys(settings, keys))
-    carol = {"Authorization": f"Bearer {keys['email']}"}
-    response = await client.post(URL, json=chat_body("m [sim chunks=2]"), headers=carol)
-    assert response.status == 200
-    await response.read()
-    await settled(client)
+    await chat_as(client, keys["email"])
     assert (await client.get("/metrics")).status == 401
     denied = await client.get("/metrics", headers={"Authorization": f"Bearer {keys['user']}"})
     assert denied.status == 403
@@ -240,11 +245,7 @@ async def test_a_tenant_of_one_is_labelled_by_its_users_pseudonym(
     """A key without a tenant is its user's own tenant, ``user:<id>``: telemetry shows the
     id's pseudonym (as ``user_hash`` everywhere else), never the id."""
     client = await gateway(with_keys(settings, keys))
-    dave = {"Authorization": f"Bearer {keys['alone']}"}
-    response = await client.post(URL, json=chat_body("m [sim chunks=2]"), headers=dave)
-    assert response.status == 200
-    await response.read()
-    await settled(client)
+    await chat_as(client, keys["alone"])
     admin = {"Authorization": f"Bearer {keys['admin']}"}
     text = await (await client.get("/metrics", headers=admin)).text()
     assert "dave.smith" not in text

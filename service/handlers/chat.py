@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -27,7 +28,7 @@ from ..errors import (
 )
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
-from ..stream import Owner, Stream, StreamStatus
+from ..stream import NO_LIMITS, Owner, Stream, StreamStatus
 
 ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs before the 200
 
@@ -37,7 +38,12 @@ def new_stream_id() -> str:
 
 
 def start_stream(
-    app: web.Application, owner: Owner, chat: ChatRequest, *, cache_header: str | None = None
+    app: web.Application,
+    owner: Owner,
+    chat: ChatRequest,
+    *,
+    cache_header: str | None = None,
+    output_limits: Mapping[str, int | None] = NO_LIMITS,
 ) -> Stream:
     """Create a stream for ``chat`` and launch its generation; shared by SSE and WebSocket.
 
@@ -57,6 +63,7 @@ def start_stream(
         include_usage=chat.include_usage,
     )
     stream.body = chat.body
+    stream.output_limits = output_limits  # per fallback model (admission.py)
     work = app[RESPONDER].answer(stream, chat, cache_header)
     app[STREAMS].launch(stream, app[TELEMETRY].traced(stream, work))  # spans under this request
     return stream
