@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -41,7 +40,15 @@ from .budgets import BudgetLimits, Budgets, Hold
 from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
 from .errors import RateLimitError, ServiceUnavailableError, SluiceError, TokenRateLimitError
-from .ledger import Ledger, LedgerEntry, MemoryLedger, storable, storable_count, utc_day
+from .ledger import (
+    Ledger,
+    LedgerEntry,
+    MemoryLedger,
+    record_id,
+    storable,
+    storable_count,
+    utc_day,
+)
 from .limits import STREAM_CAP, Denial, Grant, Limiter, MemoryLimiter, Tier, ratelimit_headers
 from .pricing import PriceTable
 from .redis_budgets import reserve_budget, settle_budget  # shared across replicas (Redis)
@@ -420,7 +427,7 @@ def _rejection(
     status: str = "rejected",
 ) -> LedgerEntry:
     return LedgerEntry(
-        request_id="rej_" + secrets.token_urlsafe(12),
+        request_id=record_id("rej_"),
         ts=arrived,
         day=utc_day(arrived),
         user_id=principal.user_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -635,8 +636,15 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at
 
 
-def test_stream_ids_are_unique_and_well_formed() -> None:
-    """No id repeats, and each is ``strm_`` and 22 URL-safe characters (128 random bits)."""
+def test_stream_ids_are_unique_well_formed_and_sorted_by_time() -> None:
+    """No id repeats; each is ``strm_``, the time in ms as 11 hex digits (so ids made later
+    sort later: the ledger's key index appends) and 22 URL-safe characters (128 random bits)."""
+    before = time.time_ns() // 1_000_000
     ids = [new_stream_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == len(ids)
-    assert all(re.fullmatch(r"strm_[A-Za-z0-9_-]{22}", i) for i in ids)
+    assert all(re.fullmatch(r"strm_[0-9a-f]{11}[A-Za-z0-9_-]{22}", i) for i in ids)
+    stamps = [int(i[5:16], 16) for i in ids]
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0]
+    assert stamps[-1] <= after

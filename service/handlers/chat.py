@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -26,6 +25,7 @@ from ..errors import (
     ServiceUnavailableError,
     SluiceError,
 )
+from ..ledger import record_id
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import NO_LIMITS, Owner, Stream, StreamStatus
@@ -34,7 +34,7 @@ ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs befor
 
 
 def new_stream_id() -> str:
-    return "strm_" + secrets.token_urlsafe(16)  # 128 random bits: unguessable
+    return record_id("strm_")  # unguessable, and sorted by time (the ledger's key)
 
 
 def start_stream(
