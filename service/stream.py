@@ -292,6 +292,10 @@ class Stream:
         self.ended.set()
         self.notify()
 
+    def has_events_after(self, after: int) -> bool:
+        """``follow(after)`` has a batch ready (events are there, not yet awaited)."""
+        return max(0, after) < len(self.events)
+
     async def follow(self, after: int) -> AsyncIterator[tuple[int, list[tuple[int, bytes]]]]:
         """Yield the ``(kind, data)`` events after ``after`` in batches, each with the
         sequence number of its first event; an empty batch is a tick."""

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from service.appkeys import STREAMS
 from service.handlers.chat import _wait_for_answer
+from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Owner, Stream, StreamStatus
@@ -88,6 +89,37 @@ async def test_events_flow_while_the_provider_stalls(
     assert sim_stats.open == 1  # the provider has not finished: nothing was waiting on it
     response.close()
     await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
+async def test_headers_go_out_at_once_when_no_event_is_ready(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The headers wait for the first events to share a write, but not for an event that is
+    not coming yet: a provider that answered and stays silent, and a resume past the last
+    event of a stalled stream, both get their headers (and stream id) at once. (Were they
+    held, these requests would hang until the hour-long keepalive.)"""
+    client = await gateway(_quick(with_streams(settings, keepalive_s=3600.0)))
+    async with asyncio.timeout(30):  # a failure guard, not a wait
+        silent = await client.post(URL, json=chat_body("[sim first_delay_ms=600000]"), headers=AUTH)
+        assert silent.status == 200
+        assert silent.headers[STREAM_ID_HEADER].startswith("strm_")
+        silent.close()
+
+        stalled = await client.post(
+            URL, json=chat_body("[sim chunks=5 stall_after=1]"), headers=AUTH
+        )
+        seen = b""
+        while seen.count(b"\n\n") < 2:  # the role chunk and one word; then nothing
+            seen += await read_until(stalled, b"\n\n")
+        stream_id = stalled.headers[STREAM_ID_HEADER]
+        resumed = await client.get(
+            f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "2"}
+        )
+        assert resumed.status == 200
+        assert resumed.headers[STREAM_ID_HEADER] == stream_id
+        resumed.close()
+        stalled.close()
+    await sim_stats.wait_for(lambda s: s.aborted == 2)
 
 
 class LoopClock:
