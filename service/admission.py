@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -263,7 +263,7 @@ class Gate:
             chat.model, chat.body, prompt, cap_override=policy.max_tokens
         )
         if plan.rewrite:
-            chat = replace(chat, body={**chat.body, plan.field: plan.max_tokens})
+            chat = chat.with_body({**chat.body, plan.field: plan.max_tokens})
         choices = chat.body.get("n")
         ceiling = plan.max_tokens * (choices if isinstance(choices, int) and choices > 1 else 1)
         user = principal.user_id

@@ -28,10 +28,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
-from operator import attrgetter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +44,11 @@ COMPLAIN_EVERY_S = 10.0  # one error line per this many seconds while SQLite ref
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """One request. ``status``: completed, client_gone, cancelled, provider_error, rejected."""
+class LedgerEntry(NamedTuple):
+    """One request. ``status``: completed, client_gone, cancelled, provider_error, rejected.
+
+    A row as it is stored, column by column: a tuple, immutable, and made in a third of
+    a frozen dataclass's time (one a request)."""
 
     request_id: str  # the stream id, or ``rej_...`` for a request refused before it started
     ts: float  # unix seconds when the request arrived
@@ -95,8 +96,7 @@ def storable_count(count: int) -> int:
     return min(count, MAX_COUNT)
 
 
-COLUMNS = tuple(f.name for f in fields(LedgerEntry))
-_ROW = attrgetter(*COLUMNS)  # an entry as the INSERT's parameters (astuple deep-copies)
+COLUMNS = LedgerEntry._fields
 # The last place a record can go when no store will take it: one line each on this logger,
 # its fields as JSON, for an operator to replay. A record is never lost without a trace.
 unwritten_log = logging.getLogger("sluice.ledger.unwritten")
@@ -105,7 +105,7 @@ unwritten_log = logging.getLogger("sluice.ledger.unwritten")
 def log_unwritten(entries: Iterable[LedgerEntry], reason: str) -> None:
     for entry in entries:
         # (json, not orjson: a value no store took may be one orjson refuses too)
-        row = json.dumps(dict(zip(COLUMNS, _ROW(entry), strict=True)), separators=(",", ":"))
+        row = json.dumps(entry._asdict(), separators=(",", ":"))
         unwritten_log.error("ledger record not stored (%s): %s", reason, row)
 
 
@@ -422,7 +422,7 @@ def _insert_all(connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) ->
         done = 0
         for size in _statement_sizes(len(batch)):
             rows = batch[done : done + size]
-            connection.execute(_insert(size), [v for e in rows for v in _ROW(e)])
+            connection.execute(_insert(size), [v for e in rows for v in e])
             done += size
 
 
@@ -445,6 +445,4 @@ def _where(user: str | None, tenant: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _entry(row: Sequence[Any]) -> LedgerEntry:
-    values = dict(zip(COLUMNS, row, strict=True))
-    values["usage_reported"] = bool(values["usage_reported"])
-    return LedgerEntry(**values)
+    return LedgerEntry._make((*row[:-1], bool(row[-1])))  # SQLite has no bool: 0 or 1

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import astuple
 from typing import Any
 
 import asyncpg
@@ -185,7 +184,7 @@ class PostgresLedger:
                 async with asyncio.timeout(BATCH_TIMEOUT_S):
                     pool = await self._connect()
                     async with pool.acquire() as connection, connection.transaction():
-                        await connection.executemany(_INSERT, [astuple(e) for e in batch])
+                        await connection.executemany(_INSERT, batch)
             except asyncpg.DataError:  # a value no column takes: no retry would store it
                 log.exception("ledger: a batch of %d records PostgreSQL cannot store", len(batch))
                 await self._one_by_one(batch)
@@ -222,7 +221,7 @@ class PostgresLedger:
                 async with asyncio.timeout(BATCH_TIMEOUT_S):
                     pool = await self._connect()
                     async with pool.acquire() as connection:
-                        await connection.execute(_INSERT, *astuple(entry))
+                        await connection.execute(_INSERT, *entry)
                 self.written += 1
             except (asyncpg.DataError, *_DB_ERRORS):
                 log_unwritten([entry], "PostgreSQL cannot store it")

@@ -51,6 +51,10 @@ class ChatRequest:
     streaming: bool
     include_usage: bool
 
+    def with_body(self, body: dict[str, Any]) -> ChatRequest:
+        """This request with another body (half what ``dataclasses.replace`` costs)."""
+        return ChatRequest(body, self.model, self.streaming, self.include_usage)
+
     def upstream_body(self) -> bytes:
         """The body sent to the provider: always asks for usage when streaming."""
         if not self.streaming:

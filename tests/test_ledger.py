@@ -57,7 +57,7 @@ def entry(request_id: str, **changes: Any) -> LedgerEntry:
         error_code=None,
         usage_reported=True,
     )
-    return replace(base, **changes)
+    return base._replace(**changes)
 
 
 async def finished(client: Client, response: ClientResponse) -> None:

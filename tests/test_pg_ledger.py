@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -278,7 +277,7 @@ async def test_a_record_postgresql_cannot_store_goes_to_the_unwritten_log(
     """A value no column takes (a NUL in a text) is not retried forever ahead of every
     later record: it is logged whole, and the records after it are written."""
     ledger = PostgresLedger(postgres_url, batch=10)
-    poisoned = replace(entry(0), model_requested="gpt\x00-4o")
+    poisoned = entry(0)._replace(model_requested="gpt\x00-4o")
     ledger.record(entry(2))  # in the same batch: stored
     ledger.record(poisoned)
     ledger.record(entry(1))
