@@ -36,8 +36,10 @@ from .breaker import Breakers
 from .context import completion_tokens_only
 from .errors import (
     CircuitOpenError,
+    ProviderConnectTimeoutError,
     ProviderCutOffError,
     ProviderError,
+    ProviderTimeoutError,
     SluiceError,
     translate,
 )
@@ -197,8 +199,10 @@ class ResilientProvider:
                 raise
             except ProviderError as exc:
                 # Refused, or failed before answering: the provider has nothing to bill. An
-                # answer cut off mid-way was answered (and is not retried).
-                route.provider_engaged = isinstance(exc, ProviderCutOffError)
+                # answer cut off mid-way was answered, and a request that went out and then
+                # outlasted its deadline may be generating still: both may be billed (and
+                # neither is retried).
+                route.provider_engaged = route.provider_engaged and _may_have_worked(exc)
                 delay = budget.delay_before_retry(exc)
                 if delay is None:
                     raise
@@ -238,6 +242,15 @@ class ResilientProvider:
 
     def field(self, value: object) -> str | None:
         return self.upstream.field(value)
+
+
+def _may_have_worked(error: ProviderError) -> bool:
+    """Whether the provider may have worked on a request that went out, given how its
+    attempt failed: a cut-off answer or a deadline passed after connecting, yes; a status
+    (a refusal) or a broken connection, no."""
+    if isinstance(error, ProviderConnectTimeoutError):
+        return False
+    return isinstance(error, ProviderCutOffError | ProviderTimeoutError)
 
 
 def _with_model(body: bytes, model: str, limit: int | None) -> bytes:

@@ -29,7 +29,7 @@ from service.request import parse_chat_request
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from service.stream import Progress
-from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
+from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
 from tests.resilient import Sleeps, start
 
 Client = TestClient[web.Request, web.Application]
@@ -538,6 +538,25 @@ async def test_wire_an_answer_cut_off_mid_body_is_billed_its_prompt(
     body = chat_body("cut [sim chunks=8 reset_after=0]", stream=False)
     response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert response.status == 502
+    row = await _row_when_ended(client, response.headers["X-Sluice-Stream-Id"])
+    assert (row.status, row.completion_tokens) == ("provider_error", 0)
+    assert row.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
+    assert row.cost_usd > 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_wire_a_request_that_outlasts_its_deadline_is_billed_its_prompt(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, streaming: bool
+) -> None:
+    """The request went out and the provider held its answer past the deadline (504): it
+    may be generating it still, and billing it, so the ledger bills the prompt (never zero)
+    and the budget counts it."""
+    deadlines = {"completion_timeout_s": 0.2, "first_token_timeout_s": 0.2}
+    client = await gateway(with_provider(settings, **deadlines))
+    body = chat_body("slow [sim header_delay_ms=60000]", stream=streaming)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 504
+    assert sim_stats.requests == 1
     row = await _row_when_ended(client, response.headers["X-Sluice-Stream-Id"])
     assert (row.status, row.completion_tokens) == ("provider_error", 0)
     assert row.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)
