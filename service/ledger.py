@@ -309,9 +309,9 @@ class SqliteLedger:
             return
         try:
             self._queue.put_nowait(batch)
-        except queue.Full:
+        except queue.Full:  # the writer is hopelessly behind: never wait on the loop for it
             self.dropped += len(batch)
-            log.error("ledger queue full: dropped %d records", len(batch))
+            log_unwritten(batch, "the ledger's queue was full")
 
     async def _submit(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
         self._hand_off()  # queued before the job: a reader sees every record made before it

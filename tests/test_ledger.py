@@ -117,8 +117,11 @@ async def test_usage_and_spend_group_by_day_and_model(kind: str, tmp_path: Path)
     await ledger.close()
 
 
-async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> None:
-    """With the queue full, a hand-off returns at once and counts the drop instead of waiting."""
+async def test_record_never_blocks_when_the_writer_is_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the queue full, a hand-off returns at once and counts the drop instead of
+    waiting; the dropped record goes whole to the unwritten log, to be replayed."""
     ledger = SqliteLedger(tmp_path / "l.sqlite3", queue_size=1)
     started, release = threading.Event(), threading.Event()
 
@@ -133,6 +136,8 @@ async def test_record_never_blocks_when_the_writer_is_behind(tmp_path: Path) -> 
     ledger.record(entry("dropped"))
     ledger._hand_off()
     assert ledger.dropped == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
+    assert '"request_id":"dropped"' in line
     release.set()
     await held
     assert [e.request_id for e in await ledger.entries()] == ["fits"]
