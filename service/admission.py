@@ -235,7 +235,9 @@ class Gate:
         owner = stream.owner
         policy = self._policies.get(owner.key_id)
         overrides = policy.budgets if policy is not None else None
-        pressure = self.budgets.pressure(owner.user_id, owner.tenant, overrides)
+        admission = self._pending.get(stream.id)
+        own = admission.hold if admission is not None else None  # its worst case: not spent
+        pressure = self.budgets.pressure(owner.user_id, owner.tenant, overrides, excluding=own)
         return pressure >= self.soft_fraction
 
     async def admit(self, principal: Principal, chat: ChatRequest) -> Admission:

@@ -16,13 +16,14 @@ import calendar
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from .errors import BudgetExceededError
 from .ledger import SpendRow
 
 ZERO = Decimal(0)
+MICRO_USD = Decimal("0.000001")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +85,11 @@ class Budgets:
         checks = self._checks(user, tenant, overrides)
         for key, limit in checks:
             if limit is not None and self._committed(key) + amount > limit:
-                raise self._exceeded(key, limit)
+                raise self._exceeded(key, limit, self._committed(key), amount)
+        warning = self._warning(checks)  # what was committed before this request
         for key, _ in checks:
             self._add(self._reserved, key, amount)
-        return Hold(tuple(key for key, _ in checks), amount, self._warning(checks))
+        return Hold(tuple(key for key, _ in checks), amount, warning)
 
     def settle(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost (in the periods it was made in)."""
@@ -113,10 +115,19 @@ class Budgets:
             }
         return report
 
-    def pressure(self, user: str, tenant: str, overrides: BudgetLimits | None = None) -> float:
-        """The highest fraction of any applicable limit already committed (0.0 without limits)."""
+    def pressure(
+        self,
+        user: str,
+        tenant: str,
+        overrides: BudgetLimits | None = None,
+        *,
+        excluding: Hold | None = None,
+    ) -> float:
+        """The highest fraction of any applicable limit already committed (0.0 without
+        limits), ``excluding`` a request's own reservation: its worst case is not spent."""
+        own, amount = (excluding.keys, excluding.amount) if excluding is not None else ((), ZERO)
         fractions = [
-            float(self._committed(key) / limit)
+            float((self._committed(key) - (amount if key in own else ZERO)) / limit)
             for key, limit in self._checks(user, tenant, overrides)
             if limit
         ]
@@ -173,13 +184,25 @@ class Budgets:
         label = "daily" if period == "day" else "monthly"
         return f"{scope} {label} budget {int(used * 100)}% used (limit ${limit})"
 
-    def _exceeded(self, key: _Key, limit: Decimal) -> BudgetExceededError:
+    def _exceeded(
+        self, key: _Key, limit: Decimal, committed: Decimal, amount: Decimal
+    ) -> BudgetExceededError:
+        """The refusal: the budget is used up, or what is left of it is less than this
+        request may cost (its output ceiling priced at the dearest model it may reach)."""
         scope, _, period, _ = key
         label = "daily" if period == "day" else "monthly"
         retry = max(1, int(self._period_end(period) - self._clock()) + 1)
+        headers = {"Retry-After": str(retry)}
+        if committed >= limit:
+            return BudgetExceededError(
+                f"The {scope} {label} budget of ${limit} is exhausted.", headers=headers
+            )
+        left = _usd(limit - committed, ROUND_FLOOR)
         return BudgetExceededError(
-            f"The {scope} {label} budget of ${limit} is exhausted.",
-            headers={"Retry-After": str(retry)},
+            f"This request may cost up to ${_usd(amount)}, more than the ${left} left of the "
+            f"{scope} {label} budget of ${limit}: ask for fewer output tokens (max_tokens).",
+            param="max_tokens",
+            headers=headers,
         )
 
     def _period_end(self, period: str) -> float:
@@ -201,3 +224,9 @@ def _first(override: Decimal | None, default: Decimal | None) -> Decimal | None:
 def month_start(ts: float) -> str:
     """The first UTC day of ``ts``'s month, YYYY-MM-DD (where the ledger replay starts)."""
     return time.strftime("%Y-%m-01", time.gmtime(ts))
+
+
+def _usd(amount: Decimal, rounding: str = ROUND_CEILING) -> str:
+    """Dollars to the millionth, without trailing zeros: 0.0123, 2, 0.000001."""
+    text = f"{amount.quantize(MICRO_USD, rounding=rounding):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

@@ -62,7 +62,7 @@ HOLD_TTL_S = 3_600
 # key (ARGV[3i+2], ARGV[3i+3], ARGV[3i+4]). A hash Redis does not have (restarted, flushed,
 # evicted) starts from the seed: the replica's own view of the period's spend, from the
 # ledger. Holds past their expiry (their replica died, or lost the reply) are released
-# first. Returns {0, index} when budget ``index`` would be exceeded, else {1, then spent
+# first. Returns {0, index, committed} when budget ``index`` would be exceeded, else {1, then spent
 # and held (every replica's holds, this one's included) per key}.
 _RESERVE = """
 local n = #KEYS / 2
@@ -90,7 +90,7 @@ for i = 1, n do
   local state = redis.call('HMGET', KEYS[i], 'spent', 'reserved')
   committed[i] = (tonumber(state[1]) or 0) + (tonumber(state[2]) or 0)
   local limit = tonumber(ARGV[3 * i + 3])
-  if limit >= 0 and committed[i] + amount > limit then return {0, i} end
+  if limit >= 0 and committed[i] + amount > limit then return {0, i, committed[i]} end
 end
 local out = {1}
 for i = 1, n do
@@ -212,7 +212,7 @@ class RedisBudgets(Budgets):
         if int(reply[0]) == 0:
             key, limit = checks[int(reply[1]) - 1]
             assert limit is not None
-            raise self._exceeded(key, limit)
+            raise self._exceeded(key, limit, Decimal(int(reply[2])) / MICROS, amount)
         committed: dict[Any, Decimal] = {}
         for index, (key, _) in enumerate(checks):
             self._add(self._reserved, key, amount)
@@ -221,7 +221,7 @@ class RedisBudgets(Budgets):
             # the warning weighs every replica's holds too.
             spent, held = (Decimal(int(v)) / MICROS for v in reply[1 + 2 * index : 3 + 2 * index])
             self._spent[key] = spent
-            committed[key] = spent + held
+            committed[key] = spent + held - amount  # before this request, as the warning has it
         warning = self._warning(checks, committed)
         return Hold(tuple(key for key, _ in checks), amount, warning, hold_id)
 

@@ -33,27 +33,42 @@ def budgets(now: list[float], **limits: str) -> Budgets:
 
 
 def test_reserve_settle_and_refuse() -> None:
-    """Reservations count against the limit until settled with the real (smaller) cost."""
+    """Reservations count against the limit until settled with the real (smaller) cost; the
+    warning weighs what was committed before the request (its own worst case is not spent);
+    a refusal says whether the budget is used up or the request could cost more than is left."""
     now = [NOON]
     book = budgets(now, user_daily="1.00")
     first = book.reserve("alice", "acme", Decimal("0.60"))
+    assert first.warning is None  # nothing was committed before it
     with pytest.raises(BudgetExceededError) as caught:
         book.reserve("alice", "acme", Decimal("0.50"))
     assert caught.value.code == "budget_exceeded"
     assert caught.value.status == 429
     assert caught.value.headers["Retry-After"] == str(12 * 3600 + 1)  # until UTC midnight
+    assert caught.value.param == "max_tokens"
+    assert caught.value.message == (
+        "This request may cost up to $0.5, more than the $0.4 left of the user daily budget "
+        "of $1.00: ask for fewer output tokens (max_tokens)."
+    )
     book.settle(first, Decimal("0.10"))
     second = book.reserve("alice", "acme", Decimal("0.50"))
-    assert second.warning is None
     third = book.reserve("alice", "acme", Decimal("0.25"))
-    assert third.warning == "user daily budget 85% used (limit $1.00)"
+    assert (second.warning, third.warning) == (None, None)  # 10 %, 60 % before them
+    fourth = book.reserve("alice", "acme", Decimal("0.10"))
+    assert fourth.warning == "user daily budget 85% used (limit $1.00)"
     status = book.status("alice", "acme")["user"]["daily"]
     assert status == {
         "limit_usd": 1.0,
         "spent_usd": 0.1,
-        "reserved_usd": 0.75,
-        "remaining_usd": 0.15,
+        "reserved_usd": 0.85,
+        "remaining_usd": 0.05,
     }
+    for hold, cost in ((second, "0.50"), (third, "0.25"), (fourth, "0.15")):
+        book.settle(hold, Decimal(cost))
+    with pytest.raises(BudgetExceededError) as spent:
+        book.reserve("alice", "acme", Decimal("0.000001"))
+    assert spent.value.message == "The user daily budget of $1.00 is exhausted."
+    assert spent.value.param is None
     book.reserve("bob", "acme", Decimal("1.00"))  # another user has their own budget
 
 
@@ -142,13 +157,13 @@ async def test_soft_limit_warns_in_a_header(gateway: GatewayFactory, settings: S
         .app[GATE]
         .prices.cost("gpt-4o-mini", tokens.count_chat("gpt-4o-mini", body), 5)
     )
-    client = await gateway(with_money(settings, user_daily_usd=cost * 2.2, soft_fraction=0.8))
+    client = await gateway(with_money(settings, user_daily_usd=cost * 2.2, soft_fraction=0.4))
     first = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert first.status == 200
-    assert "X-Sluice-Budget-Warning" not in first.headers
+    assert "X-Sluice-Budget-Warning" not in first.headers  # its own worst case is not spent
     second = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert second.status == 200
-    assert second.headers["X-Sluice-Budget-Warning"].startswith("user daily budget 90% used")
+    assert second.headers["X-Sluice-Budget-Warning"].startswith("user daily budget 45% used")
 
 
 async def test_spend_survives_a_restart(

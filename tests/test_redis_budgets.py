@@ -64,11 +64,16 @@ async def test_settling_below_the_reservation_frees_room_on_every_replica(
     with pytest.raises(BudgetExceededError) as refused:
         await b.reserve_async("alice", "acme", Decimal("0.20"))
     assert refused.value.headers["Retry-After"]
+    assert refused.value.message.startswith(  # what is left, as Redis counts it
+        "This request may cost up to $0.2, more than the $0.1 left of the user daily budget"
+    )
     await a.settle_async(hold, Decimal("0.10"))
     second = await b.reserve_async("alice", "acme", Decimal("0.85"))
-    assert second.warning is not None  # 95 % of the budget is committed
+    assert second.warning is None  # 10 % was committed before it
+    third = await a.reserve_async("alice", "acme", Decimal("0.04"))
+    assert third.warning == "user daily budget 95% used (limit $1.00)"  # B's hold weighs
     with pytest.raises(BudgetExceededError):
-        await a.reserve_async("alice", "acme", Decimal("0.06"))
+        await a.reserve_async("alice", "acme", Decimal("0.02"))
     await a.reserve_async("bob", "acme", Decimal("0.95"))  # another user's budget is apart
 
 

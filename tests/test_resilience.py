@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
+from service import tokens
+from service.admission import BUDGET_WARNING_HEADER
 from service.appkeys import GATE
 from service.auth import digest
 from service.breaker import OPEN
@@ -292,6 +294,26 @@ async def test_budget_pressure_starts_on_the_cheaper_model(
     assert headers[FALLBACK_HEADER] == "budget_pressure"
     assert orjson.loads(raw)["model"] == "gpt-4o-mini"
     assert sim_stats.requests == 2
+
+
+async def test_a_requests_own_worst_case_is_not_budget_pressure(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Nothing spent, and a request whose worst case alone would pass the warning fraction:
+    it is served as asked, with no warning; its reservation is not spending."""
+    money = replace(settings.money, user_daily_usd=0.05, soft_fraction=0.8)
+    configured = replace(with_resilience(settings, fallbacks=FALLBACKS), money=money)
+    rig = await start(aiohttp_client, configured)
+    gate = rig.client.app[GATE]
+    body = chat_body("first of the day", model="gpt-4o")
+    ceiling = configured.limits.default_max_tokens
+    worst = gate.worst_cost("gpt-4o", tokens.count_chat("gpt-4o", body), ceiling)
+    assert worst > Decimal("0.04")  # over 80 % of the budget, priced as the dearest model
+    status, headers, _ = await post(rig, "first of the day", model="gpt-4o")
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o")
+    assert FALLBACK_HEADER not in headers
+    assert BUDGET_WARNING_HEADER not in headers
+    assert sim_stats.requests == 1
 
 
 def test_settings_are_read_from_the_environment() -> None:
