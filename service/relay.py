@@ -74,7 +74,11 @@ async def stream_sse(
         # ConnectionResetError: the client left mid-write (before handler cancellation
         # reached us); leaving the block detaches, which is all a disconnect needs.
         writer = await response.prepare(request)
-        stream.announced = True
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            # The headers go out with the first write, at once: the client has the id, and
+            # may come back for the stream (a closed one never got it: no grace for it).
+            stream.announced = True
         if waiting:
             await response.write(KEEPALIVE)
         elif writer is not None and stream.running and not stream.has_events_after(after):

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service.appkeys import STREAMS
+from service.handlers import chat as chat_module
 from service.handlers.chat import _wait_for_answer
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
@@ -281,6 +282,38 @@ async def test_a_client_gone_before_the_headers_is_not_waited_for(
     pending = await _sent(client, body, sim_stats)
     pending.cancel()
     await sim_stats.wait_for(lambda s: s.aborted == 1)  # the loop clock never moved
+
+
+async def test_a_client_gone_while_its_response_was_prepared_gets_no_grace(
+    gateway: GatewayFactory,
+    settings: Settings,
+    sim_stats: SimStats,
+    clock: LoopClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The headers wait for the first events; a client whose connection closed before the
+    response was prepared never got them (nor the stream's id): no grace window for it,
+    the provider call stops at once (the loop clock never moves past the 10 s window)."""
+    ready = chat_module._ready_to_stream
+    held = asyncio.Event()
+
+    async def client_gone_first(request: web.Request, stream: Stream) -> None:
+        await ready(request, stream)
+        held.set()
+        # Until the server has seen the close: aiohttp has no event for it (loop turns).
+        while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(chat_module, "_ready_to_stream", client_gone_first)
+    client = await gateway(with_provider(settings, first_token_timeout_s=600.0))
+    pending = await _sent(client, chat_body("[sim chunks=3 first_delay_ms=600000]"), sim_stats)
+    await held.wait()
+    (stream,) = client.app[STREAMS].live()
+    pending.cancel()
+    async with asyncio.timeout(30):  # a failure guard: with a grace window it would hang
+        await sim_stats.wait_for(lambda s: s.aborted == 1)
+    assert not stream.announced
+    assert stream.status is StreamStatus.CLIENT_GONE
 
 
 async def _turns() -> None:
