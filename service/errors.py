@@ -202,16 +202,23 @@ class ProviderStatusError(ProviderError):
         super().__init__(message, param=param, code=code, headers=headers)
         self.provider_status = provider_status
         self._type = type_
+        self._provider_code = code  # relayed as it came with a passed-through 4xx, even null
 
     @property
     def http_status(self) -> int:
-        passthrough = 400 <= self.provider_status < 500 and self.provider_status not in (401, 403)
-        return self.provider_status if passthrough else 502
+        return self.provider_status if self._passed_through else 502
+
+    @property
+    def _passed_through(self) -> bool:
+        status = self.provider_status
+        return 400 <= status < 500 and status not in (401, 403)
 
     def payload(self) -> dict[str, Any]:
         body = super().payload()
         if self._type:
             body["error"]["type"] = self._type
+        if self._passed_through:  # the provider's answer to the client: its code, not ours
+            body["error"]["code"] = self._provider_code
         return body
 
 

@@ -410,6 +410,7 @@ async def test_provider_4xx_passes_through(
     assert response.content_type == "application/json"
     error = assert_openai_error(await response.json())
     assert error["message"] == f"simulated failure {status}"
+    assert error["code"] is None  # as the provider sent it: no code of ours in its place
     assert response.headers["X-Sluice-Stream-Id"].startswith("strm_")
 
 
@@ -688,6 +689,10 @@ def test_provider_status_error_statuses() -> None:
         )
         assert error.http_status == client_status
         assert error.payload()["error"]["type"] == "invalid_request_error"
+        # A passed-through 4xx keeps the provider's code (none here); our 502 has its own.
+        assert error.payload()["error"]["code"] == (
+            None if client_status < 500 else "provider_error"
+        )
 
 
 def _nested(depth: int) -> Any:
