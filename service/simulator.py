@@ -100,23 +100,29 @@ class Directive:
         if found is None:
             return directive
         kinds = {f.name: f.type for f in fields(cls)}
+        given: set[str] = set()
         for pair in found.group("args").split():
             if not _PAIR.fullmatch(pair):
                 raise ValueError(f"sim directives are name=value pairs: {pair!r} is not one")
             name, _, raw = pair.partition("=")
             if name not in kinds:
                 raise ValueError(f"unknown sim directive {name!r}")
+            if name in given:  # which one was meant? not the last by accident
+                raise ValueError(f"sim directive {name!r} is given twice")
+            given.add(name)
             setattr(directive, name, _coerce(name, str(kinds[name]), raw))
-        directive._check()
+        directive._check("fail" in given)
         return directive
 
-    def _check(self) -> None:
+    def _check(self, fail_given: bool = False) -> None:
         """Refuse values that would make no sense, or let one request hog a shared loop."""
         _bounded("chunks", self.chunks, 0, MAX_CHUNKS)
         for name in ("delay_ms", "first_delay_ms", "header_delay_ms"):
             _bounded(name, getattr(self, name), 0, MAX_DELAY_MS)
-        if self.fail and not 400 <= self.fail <= 599:
+        if (self.fail or fail_given) and not 400 <= self.fail <= 599:
             raise ValueError("sim directive fail must be an HTTP error status, 400-599")
+        if not self.fail and (self.retry_after is not None or self.retry_after_ms is not None):
+            raise ValueError("sim directives retry_after and retry_after_ms go with fail")
         if self.retry_after is not None:
             _bounded("retry_after", self.retry_after, 0, MAX_DELAY_MS / 1000)
         if self.retry_after_ms is not None:
@@ -125,6 +131,7 @@ class Directive:
         for name in ("reset_after", "stall_after", "malformed_after", "error_after"):
             _bounded(name, getattr(self, name), -1, self.chunks)  # after the last chunk at most
         _bounded("echo_key", self.echo_key, 0, 1)
+        _bounded("usage", self.usage, 0, 1)
         _bounded("created", self.created, 0, 2**31)
 
 

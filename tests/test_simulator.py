@@ -342,6 +342,11 @@ async def test_misspelt_directive_is_400(
         ("reset_after=-2", "reset_after"),
         ("chunks=3 malformed_after=4", "malformed_after"),
         ("echo_key=2", "echo_key"),
+        ("fail=0", "fail"),  # given, so meant: not "no failure"
+        ("retry_after=3", "retry_after"),  # with no fail it would do nothing
+        ("retry_after_ms=300", "retry_after"),
+        ("usage=7", "usage"),
+        ("chunks=1 chunks=2", "chunks"),  # twice: which one was meant?
     ],
 )
 async def test_out_of_range_directive_is_400(
