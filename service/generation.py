@@ -9,6 +9,7 @@ because Sluice always asks the provider for usage so it can bill exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
@@ -53,7 +54,8 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         stream.accepted.set()
         try:
             shape = ChunkShape()
-            await upstream.pump(answer, lambda payloads: _relay(stream, payloads, upstream, shape))
+            relay = functools.partial(_relay, stream, upstream=upstream, shape=shape)
+            await upstream.pump(answer, relay, lambda: stream.progress.generating)
         except ProviderEndedEarly:
             if not _every_choice_finished(stream):
                 raise

@@ -234,8 +234,10 @@ class ResilientProvider:
             except Exception as exc:
                 raise translate(exc) from exc
 
-    async def pump(self, answer: ProviderStream, sink: Sink) -> None:
-        await self.upstream.pump(answer, sink)
+    async def pump(
+        self, answer: ProviderStream, sink: Sink, generating: Callable[[], bool]
+    ) -> None:
+        await self.upstream.pump(answer, sink, generating)
 
     def redact(self, text: str) -> str:
         return self.upstream.redact(text)

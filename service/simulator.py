@@ -77,6 +77,7 @@ class Directive:
     chunks: int = 12  # content chunks, one token each
     delay_ms: float = 0.0  # between chunks
     first_delay_ms: float = 0.0  # before the first chunk (after headers)
+    after_role_ms: float = 0.0  # streamed: after the role chunk, before the first word
     header_delay_ms: float = 0.0  # before the response headers
     fail: int = 0  # answer with this HTTP status instead
     retry_after: float | None = None  # Retry-After on a failure
@@ -117,7 +118,7 @@ class Directive:
     def _check(self, fail_given: bool = False) -> None:
         """Refuse values that would make no sense, or let one request hog a shared loop."""
         _bounded("chunks", self.chunks, 0, MAX_CHUNKS)
-        for name in ("delay_ms", "first_delay_ms", "header_delay_ms"):
+        for name in ("delay_ms", "first_delay_ms", "header_delay_ms", "after_role_ms"):
             _bounded(name, getattr(self, name), 0, MAX_DELAY_MS)
         if (self.fail or fail_given) and not 400 <= self.fail <= 599:
             raise ValueError("sim directive fail must be an HTTP error status, 400-599")
@@ -345,6 +346,7 @@ class Simulator:
         await response.write(
             b"".join(_event(base, role, None, include_usage, i) for i in range(len(replies)))
         )
+        await _sleep_ms(directive.after_role_ms)  # a long prefill, or a model thinking
         for index in range(directive.chunks + 1):
             # Misbehaviour after ``index`` chunks (after all of them: before the finish).
             if index == directive.reset_after:

@@ -128,6 +128,13 @@ class Progress:
         return "".join(self.parts)
 
     @property
+    def generating(self) -> bool:
+        """Anything past an opening role chunk has come: output, a finish or usage."""
+        return bool(self.parts or self.tool_calls or self.reasoning or self.others) or bool(
+            self.finished or self.usage
+        )
+
+    @property
     def finished_choices(self) -> int:
         return len(self.finished) if self.finished else 0
 

@@ -170,23 +170,29 @@ class Upstream:
             headers=headers,
         )
 
-    async def pump(self, answer: ProviderStream, sink: Sink) -> None:
-        """Feed the streamed body to ``sink`` until [DONE] or EOF, enforcing the deadlines."""
+    async def pump(
+        self, answer: ProviderStream, sink: Sink, generating: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Feed the streamed body to ``sink`` until [DONE] or EOF, enforcing the deadlines.
+
+        The first-token deadline holds until ``generating()`` says the events so far carry
+        output (an opening role chunk does not: a provider may send it at once and then
+        prefill for long); from then on the idle deadline runs from each read."""
         decoder = SSEDecoder()
         try:
             async with asyncio.timeout(None) as timeout:
                 idle_s = self._settings.idle_timeout_s
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
-                    started = False  # an event has come: any read (a comment) shows life
+                    started = False  # output has come: any read (a comment) shows life
                     async for data in answer.response.content.iter_any():
                         payloads = decoder.feed(data)
                         if self._key_bytes and payloads:  # whole events: a key split
                             payloads = [self._scrubbed(p) for p in payloads]  # by reads too
-                        if payloads or started:
-                            started = True
-                            deadline.touch()
                         if payloads and sink(payloads):
                             return
+                        if started or (payloads and generating()):
+                            started = True
+                            deadline.touch()
                         del data, payloads  # not kept while the next read is awaited
                     rest = decoder.flush()
                     if rest and sink(rest):

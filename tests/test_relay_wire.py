@@ -387,6 +387,31 @@ async def test_default_provider_deadlines_on_a_controlled_clock(
     await sim_stats.wait_for(lambda s: s.aborted == 1)  # the provider was hung up on
 
 
+async def test_an_opening_role_chunk_does_not_end_the_first_token_wait(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+) -> None:
+    """The role chunk at once, the first word 45 s later (a long prefill, a model thinking):
+    the 60 s first-token deadline runs until the word, not the 30 s idle one from the role
+    chunk, and the stream completes."""
+    client = await gateway(_quick(settings))
+    body = chat_body("[sim chunks=3 after_role_ms=45000]")
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == 200
+    head = await read_until(response, b"\n\n")  # the role chunk
+    assert b'"role":"assistant"' in head
+    clock.advance(44.0)
+    await _settle(client)
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.running  # t = 44 s: past the idle deadline, still waiting for a word
+    clock.advance(1.5)
+    async with asyncio.timeout(10):  # a safety net, not a sync: the words are due
+        rest = await response.content.read()
+    assert b"provider_timeout" not in rest
+    assert rest.endswith(b"data: [DONE]\n\n")
+    await sim_stats.wait_for(lambda s: s.completed == 1)
+
+
 async def test_the_first_token_deadline_counts_from_the_request_not_the_headers(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
 ) -> None:
