@@ -362,12 +362,14 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
     forced = reader.raw("SLUICE_PROVIDER")
     if forced not in (None, "simulated", "openai"):
         raise ConfigError(f"SLUICE_PROVIDER must be 'simulated' or 'openai', got {forced!r}")
-    kind: ProviderKind = (
-        "openai" if forced == "openai" or (forced is None and api_key) else "simulated"
-    )
     base_url = reader.raw("OPENAI_BASE_URL")
     if base_url is not None:
         _check_url("OPENAI_BASE_URL", base_url, ("http", "https"))
+    # A key or an upstream named: a real provider (vLLM, llama.cpp and Ollama take no key).
+    # The simulated provider is the default only with neither; an external simulator is
+    # named with SLUICE_PROVIDER=simulated.
+    real = forced == "openai" or (forced is None and (api_key or base_url))
+    kind: ProviderKind = "openai" if real else "simulated"
     models_raw = reader.raw("SLUICE_MODELS")
     models = tuple(m.strip() for m in models_raw.split(",") if m.strip()) if models_raw else ()
     connect = reader.number("SLUICE_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S, low=0.001)
@@ -384,8 +386,11 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
     )
     if kind == "simulated":
         return replace(common, base_url=base_url, models=models or DEFAULT_SIMULATED_MODELS)
-    if api_key is None:
-        raise ConfigError("SLUICE_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_API_KEY_FILE")
+    if api_key is None and base_url is None:
+        raise ConfigError(
+            "SLUICE_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_API_KEY_FILE (or the "
+            "OPENAI_BASE_URL of a server that takes no key)"
+        )
     return replace(
         common,
         kind="openai",

@@ -66,7 +66,6 @@ def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ("SLUICE_DISCONNECT_GRACE_S", "0", lambda s: s.streams.disconnect_grace_s),
         ("SLUICE_CHECKPOINT_TTL_S", "60", lambda s: s.streams.checkpoint_ttl_s),
         ("SLUICE_MAX_GENERATION_S", "120", lambda s: s.streams.max_generation_s),
-        ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1", lambda s: s.provider.base_url),
         ("SLUICE_MODELS", " a, b ,,c ", lambda s: ",".join(s.provider.models)),
         ("SLUICE_DEV_KEY", "my-dev-key", lambda s: s.auth.dev_key.reveal()),
     ],
@@ -211,6 +210,24 @@ def test_base_url_and_forced_kinds(tmp_path: Path) -> None:
     assert simulated.provider.kind == "simulated"
     assert simulated.provider.api_key is None
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        Settings.from_env({"SLUICE_PROVIDER": "openai", "SLUICE_CLIENT_KEYS_FILE": keys})
+
+
+def test_an_upstream_named_without_a_key_is_a_real_provider(tmp_path: Path) -> None:
+    """OPENAI_BASE_URL alone names a real upstream (vLLM, llama.cpp and Ollama take no key):
+    not the simulated provider, its model names and its dev key. It needs client keys like
+    any real provider; without a base URL or a key there is nothing real to call."""
+    keys = str(tmp_path / "keys.json")
+    ollama = {"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1", "SLUICE_CLIENT_KEYS_FILE": keys}
+    provider = Settings.from_env(ollama).provider
+    assert (provider.kind, provider.api_key) == ("openai", None)
+    assert (provider.base_url, provider.models) == ("http://127.0.0.1:11434/v1", ())
+    with pytest.raises(ConfigError, match="SLUICE_CLIENT_KEYS_FILE"):
+        Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"})
+    external = Settings.from_env({**ollama, "SLUICE_PROVIDER": "simulated"})
+    assert external.provider.kind == "simulated"  # an external simulator, named so
+    assert external.provider.base_url == "http://127.0.0.1:11434/v1"
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
         Settings.from_env({"SLUICE_PROVIDER": "openai", "SLUICE_CLIENT_KEYS_FILE": keys})
 
 
