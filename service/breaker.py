@@ -19,7 +19,14 @@ synchronous design gets them wrong for awaited calls:
   circuit with no failures counted is not fed at all, since it would change nothing
   (so listeners' ``success`` fires only when it resets a count or closes the circuit).
 
-Only the part of a call before the provider's 2xx is guarded (see ``resilience.py``).
+- **Streams end later.** A stream's 2xx says little: a provider that answers and then
+  resets, stalls or sends garbage mid-stream is failing too. An attempt that answered a
+  stream defers its verdict (``Verdict.defer``) until the stream has ended
+  (``Verdict.give``); a half-open probe is still judged a success at its 2xx, so that the
+  circuit closes and other requests go through while the probe's stream runs.
+
+The breaker lets through or refuses an attempt before the provider's 2xx (see
+``resilience.py``); what comes after it only adds to the count.
 """
 
 from __future__ import annotations
@@ -70,6 +77,28 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
             self._breaker.cycle += 1
 
 
+class Verdict:
+    """An attempt's outcome, to be given once the stream it answered has ended."""
+
+    __slots__ = ("_breaker", "cycle", "deferred")
+
+    def __init__(self, breaker: Breaker, cycle: int) -> None:
+        self._breaker = breaker
+        self.cycle = cycle  # the breaker's, when the attempt was let in
+        self.deferred = False
+
+    def defer(self) -> None:
+        """The attempt answered a stream: judge it by how the stream ends."""
+        self.deferred = True
+
+    def give(self, error: BaseException | None) -> None:
+        """The stream ended (``error``: how it failed; cancelled: nothing is counted)."""
+        if self.deferred and not isinstance(error, asyncio.CancelledError):
+            self.deferred = False  # given once
+            failed = error is not None and is_provider_failure(error)
+            self._breaker.record(failed=failed, cycle=self.cycle)
+
+
 class Breaker:
     """One circuit (a provider, or one of its models); use ``with breaker.attempt():``."""
 
@@ -118,19 +147,21 @@ class Breaker:
         return max(0.0, self.opened_at + self._cb.reset_timeout - self.clock())
 
     @contextlib.contextmanager
-    def attempt(self) -> Iterator[None]:
-        """Guard one provider attempt; raise ``CircuitOpenError`` without calling when open."""
+    def attempt(self) -> Iterator[Verdict]:
+        """Guard one provider attempt; raise ``CircuitOpenError`` without calling when open.
+        The attempt's verdict is given as it ends, unless deferred (a stream's)."""
         probe = self._admit()
-        cycle = self.cycle
+        verdict = Verdict(self, self.cycle)
         try:
-            yield
+            yield verdict
         except asyncio.CancelledError:
             raise  # the client left: says nothing about the provider
         except BaseException as exc:
-            self._record(failed=is_provider_failure(exc), cycle=cycle)
+            self.record(failed=is_provider_failure(exc), cycle=verdict.cycle)
             raise
         else:
-            self._record(failed=False, cycle=cycle)
+            if probe or not verdict.deferred:  # a probe's 2xx closes the circuit now
+                self.record(failed=False, cycle=verdict.cycle)
         finally:
             if probe:
                 self._probing = False
@@ -157,7 +188,7 @@ class Breaker:
             return True
         return False
 
-    def _record(self, *, failed: bool, cycle: int) -> None:
+    def record(self, *, failed: bool, cycle: int) -> None:
         """Feed an outcome to pybreaker: counts, opens at ``fail_max``, closes after a probe."""
         if cycle != self.cycle:
             return  # let in before the circuit last opened: old news of the provider

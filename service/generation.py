@@ -49,7 +49,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
     answer = await upstream.post_chat(body, route=stream)
     del body  # answered: never sent again, so not kept for the stream's life
     response = answer.response
-    completed = False
+    failure: BaseException | None = None
     try:
         stream.accepted.set()
         try:
@@ -60,9 +60,12 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             if not _every_choice_finished(stream):
                 raise
             # Finished, but no [DONE] (some servers omit it): complete the stream as it is.
-        completed = True
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if completed:
+        answer.ended(failure)  # a reset, a stall, garbage: the provider's failure too
+        if failure is None:
             response.release()
         else:
             response.close()  # drop the connection: the provider sees it and stops generating

@@ -226,13 +226,17 @@ class ResilientProvider:
     async def _attempt(self, call: _Call[T], body: bytes, model: str) -> T:
         """One call, guarded by the model's breaker; lower-level errors enter the tree here."""
         traced = self._telemetry.attempt(model) if self._telemetry else contextlib.nullcontext()
-        with self._r.breakers.for_model(model).attempt(), traced:
+        with self._r.breakers.for_model(model).attempt() as verdict, traced:
             try:
-                return await call(body)
+                answer = await call(body)
             except SluiceError:
                 raise
             except Exception as exc:
                 raise translate(exc) from exc
+            if isinstance(answer, ProviderStream):  # judged when it ends (``generation.py``)
+                verdict.defer()
+                answer.ended = verdict.give
+            return answer
 
     async def pump(
         self, answer: ProviderStream, sink: Sink, generating: Callable[[], bool]

@@ -204,12 +204,15 @@ class Upstream:
         raise ProviderEndedEarly("The provider ended the stream without finishing it.")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProviderStream:
     """A provider's 2xx streamed answer, its body unread, and when its first event is due."""
 
     response: aiohttp.ClientResponse
     first_due: float  # loop time: the first-token deadline, counted from the request
+    # Told how the stream ended (None: whole; an error: how it failed), to count a
+    # provider that fails mid-stream (the breaker's verdict, see ``resilience.py``).
+    ended: Callable[[BaseException | None], None] = lambda error: None
 
 
 class _Deadline:

@@ -13,7 +13,7 @@ import pybreaker
 import pytest
 
 from service.appkeys import STREAMS
-from service.breaker import CLOSED, HALF_OPEN, MAX_BREAKERS, OPEN, Breaker, Breakers
+from service.breaker import CLOSED, HALF_OPEN, MAX_BREAKERS, OPEN, Breaker, Breakers, Verdict
 from service.errors import CircuitOpenError, ProviderConnectionError, ProviderStatusError
 from service.settings import Settings
 from service.simulator import SimStats
@@ -145,6 +145,47 @@ def test_cancellation_never_counts() -> None:
     assert breaker.state == CLOSED
 
 
+def streamed(breaker: Breaker) -> Verdict:
+    """An attempt that answered a stream: its verdict waits for the stream's end."""
+    with breaker.attempt() as verdict:
+        verdict.defer()
+    return verdict
+
+
+def test_a_stream_is_judged_when_it_ends() -> None:
+    """A 2xx stream is not a success yet: a reset after it counts as a failure, a whole
+    stream resets the count, a client leaving counts as nothing; a verdict counts once."""
+    breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=FakeClock())
+    fail(breaker)
+    first = streamed(breaker)
+    assert breaker.fail_counter == 1  # its 2xx did not reset the count
+    first.give(ProviderConnectionError("reset mid-stream"))
+    first.give(None)  # once only
+    assert breaker.state == OPEN
+    breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=FakeClock())
+    fail(breaker)
+    streamed(breaker).give(asyncio.CancelledError())  # the client left: says nothing
+    assert breaker.fail_counter == 1
+    streamed(breaker).give(None)
+    assert breaker.fail_counter == 0
+    streamed(breaker).give(ProviderStatusError("bad", provider_status=400))  # not its fault
+    assert breaker.fail_counter == 0
+
+
+def test_a_probe_stream_closes_the_circuit_at_its_2xx() -> None:
+    """The half-open probe's 2xx closes the circuit at once (its stream may run for long);
+    a failure later in that stream still counts."""
+    clock = FakeClock()
+    breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=clock)
+    fail(breaker)
+    fail(breaker)
+    clock.advance(30)
+    probe = streamed(breaker)
+    assert (breaker.state, breaker.fail_counter) == (CLOSED, 0)
+    probe.give(ProviderConnectionError("reset mid-stream"))
+    assert (breaker.state, breaker.fail_counter) == (CLOSED, 1)
+
+
 @pytest.mark.parametrize("code", [400, 401, 403, 404, 409, 422])
 def test_client_errors_never_count(code: int) -> None:
     """A 4xx that is the request's fault says the provider is healthy."""
@@ -264,6 +305,33 @@ async def test_wire_client_cancellations_do_not_trip(
     assert (breaker.state, breaker.fail_counter) == (CLOSED, 0)
     status, _, _ = await post(rig, "fine")
     assert status == 200
+
+
+@pytest.mark.parametrize("misbehaving", ["reset_after=1", "error_after=1", "malformed_after=1"])
+async def test_wire_streams_failing_after_their_2xx_trip_it(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, misbehaving: str
+) -> None:
+    """A provider that answers 2xx and then fails mid-stream is failing: two such streams
+    open a fail_max=2 breaker (a whole stream in between resets the count)."""
+    rig = await start(aiohttp_client, breaker_settings(settings, 2))
+    breaker = rig.resilience.breakers.for_model("gpt-4o-mini")
+
+    async def stream(text: str) -> bytes:
+        body = chat_body(text)
+        response = await rig.client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 200
+        return await response.read()
+
+    assert b'"error"' in await stream(f"a [sim chunks=5 {misbehaving}]")
+    assert breaker.fail_counter == 1
+    assert (await stream("b [sim chunks=5]")).endswith(b"data: [DONE]\n\n")
+    assert breaker.fail_counter == 0
+    for n in range(2):
+        assert b'"error"' in await stream(f"c{n} [sim chunks=5 {misbehaving}]")
+    assert breaker.state == OPEN
+    status, _, body = await post(rig, "healthy now")
+    assert (status, body["error"]["code"]) == (503, "circuit_open")
+    assert sim_stats.requests == 4
 
 
 async def test_wire_client_errors_do_not_trip(
