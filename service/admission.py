@@ -366,13 +366,17 @@ class Admission:
         gate = self.gate
         entry = ledger_entry(gate.prices, self.principal, stream, checkpoint, self.arrived)
         stream.cost_usd = entry.cost_usd  # telemetry reports the billed cost, not a recount
-        if self.hold is not None:
-            await settle_budget(gate.budgets, self.hold, Decimal(str(entry.cost_usd)))
+        # Each step whatever the one before did: no failure may keep the stream slot or
+        # lose the row.
         try:
-            used = entry.prompt_tokens + entry.completion_tokens
-            await gate.limiter.finish(self.grant, used)  # settle + free the slot: one trip
+            if self.hold is not None:
+                await settle_budget(gate.budgets, self.hold, Decimal(str(entry.cost_usd)))
         finally:
-            gate.ledger.record(entry)
+            try:
+                used = entry.prompt_tokens + entry.completion_tokens
+                await gate.limiter.finish(self.grant, used)  # settle + free the slot: one trip
+            finally:
+                gate.ledger.record(entry)
 
 
 def ledger_entry(

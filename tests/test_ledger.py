@@ -17,7 +17,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from service import tokens
+from service import admission, tokens
 from service.admission import Gate
 from service.appkeys import GATE, STREAMS
 from service.auth import Principal
@@ -444,6 +444,27 @@ async def test_a_client_gone_while_its_prompt_is_counted_leaves_a_cancelled_row(
     assert isinstance(gate.limiter, MemoryLimiter)
     assert gate.limiter.streams_of("alice") == 0
     assert gate.budgets.status("alice", "acme")["user"]["daily"]["reserved_usd"] == 0.0
+
+
+async def test_a_settlement_that_fails_still_frees_the_slot_and_writes_the_row(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settling the budget raises (a store failing in a way nobody foresaw): the stream's
+    slot is freed and its row written all the same."""
+
+    async def broken_settle(*_: Any) -> None:
+        raise RuntimeError("the budget store broke")
+
+    monkeypatch.setattr(admission, "settle_budget", broken_settle)
+    client = await gateway(replace(settings, money=replace(settings.money, user_daily_usd=5.0)))
+    response = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+    assert response.status == 200
+    await response.read()
+    row = await _row_when_ended(client, response.headers["X-Sluice-Stream-Id"])
+    assert (row.status, row.completion_tokens > 0) == ("completed", True)
+    limiter = client.app[GATE].limiter
+    assert isinstance(limiter, MemoryLimiter)
+    assert limiter.streams_of("dev") == 0
 
 
 async def test_a_client_gone_while_its_body_arrives_leaves_a_cancelled_row(
