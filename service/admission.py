@@ -59,6 +59,7 @@ from .stream import NO_LIMITS, Owner, Stream, StreamStatus
 log = logging.getLogger(__name__)
 
 BUDGET_WARNING_HEADER = "X-Sluice-Budget-Warning"
+ZERO_USD = Decimal(0)
 OFFLOAD_CHARS = 32_768  # prompts longer than this are counted in a thread, off the loop
 
 _LEDGER_STATUS = {
@@ -289,7 +290,9 @@ class Gate:
             prompts = await self._prompts(chat, prompt) if self.fallbacks else None
             if prompts is not None:
                 admission.output_limits = self._output_limits(chat, plan.max_tokens, prompts)
-            worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
+            worst = ZERO_USD  # with no budget to hold it against, nothing is reserved
+            if self.budgets.enforced(policy.budgets):
+                worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
         except BaseException:
             await admission.release()

@@ -35,6 +35,16 @@ class BudgetLimits:
     tenant_daily: Decimal | None = None
     tenant_monthly: Decimal | None = None
 
+    @property
+    def any(self) -> bool:
+        """Some limit is set."""
+        return not (
+            self.user_daily is None
+            and self.user_monthly is None
+            and self.tenant_daily is None
+            and self.tenant_monthly is None
+        )
+
 
 _Key = tuple[str, str, str, str]  # (scope, who, "day"|"month", period)
 
@@ -78,11 +88,18 @@ class Budgets:
                 if row.day.startswith(month):
                     self._add(self._spent, (scope, who, "month", month), cost)
 
+    def enforced(self, overrides: BudgetLimits | None = None) -> bool:
+        """Whether a budget limits a request with these overrides: if none does, it need
+        reserve nothing (its spend is still counted when it settles)."""
+        return self.limits.any or (overrides is not None and overrides.any)
+
     def reserve(
         self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
     ) -> Hold:
         """Reserve ``amount`` on every applicable budget, or raise ``BudgetExceededError``."""
         checks = self._checks(user, tenant, overrides)
+        if not amount and not self.enforced(overrides):  # nothing to hold, nothing to warn of
+            return Hold(tuple(key for key, _ in checks), amount, None)
         for key, limit in checks:
             if limit is not None and self._committed(key) + amount > limit:
                 raise self._exceeded(key, limit, self._committed(key), amount)
