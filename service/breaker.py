@@ -21,9 +21,9 @@ synchronous design gets them wrong for awaited calls:
 
 - **Streams end later.** A stream's 2xx says little: a provider that answers and then
   resets, stalls or sends garbage mid-stream is failing too. An attempt that answered a
-  stream defers its verdict (``Verdict.defer``) until the stream has ended
-  (``Verdict.give``); a half-open probe is still judged a success at its 2xx, so that the
-  circuit closes and other requests go through while the probe's stream runs.
+  stream defers its verdict (``Verdict.defer``) until the stream has ended (the
+  ``Verdict`` is called then); a half-open probe is still judged a success at its 2xx, so
+  that the circuit closes and other requests go through while the probe's stream runs.
 
 The breaker lets through or refuses an attempt before the provider's 2xx (see
 ``resilience.py``); what comes after it only adds to the count.
@@ -91,7 +91,7 @@ class Verdict:
         """The attempt answered a stream: judge it by how the stream ends."""
         self.deferred = True
 
-    def give(self, error: BaseException | None) -> None:
+    def __call__(self, error: BaseException | None) -> None:
         """The stream ended (``error``: how it failed; cancelled: nothing is counted)."""
         if self.deferred and not isinstance(error, asyncio.CancelledError):
             self.deferred = False  # given once

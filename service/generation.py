@@ -54,8 +54,10 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         stream.accepted.set()
         try:
             shape = ChunkShape()
-            relay = functools.partial(_relay, stream, upstream=upstream, shape=shape)
-            await upstream.pump(answer, relay, lambda: stream.progress.generating)
+            # (A partial and a bound method: held by a stream's whole read, they are smaller
+            # than closures.)
+            relay = functools.partial(_relay, stream, upstream, shape)
+            await upstream.pump(answer, relay, stream.progress.generating)
         except ProviderEndedEarly:
             if not _every_choice_finished(stream):
                 raise
@@ -77,7 +79,7 @@ def _every_choice_finished(stream: Stream) -> bool:
     return stream.progress.finished_choices >= (n if type(n) is int and n > 1 else 1)
 
 
-def _relay(stream: Stream, payloads: list[bytes], upstream: Scrubber, shape: ChunkShape) -> bool:
+def _relay(stream: Stream, upstream: Scrubber, shape: ChunkShape, payloads: list[bytes]) -> bool:
     """Journal a batch of provider payloads (one read's worth); return True at [DONE].
 
     Runs of chunks with the stream's learnt shape cost a small string decode each; any

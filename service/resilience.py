@@ -235,7 +235,7 @@ class ResilientProvider:
                 raise translate(exc) from exc
             if isinstance(answer, ProviderStream):  # judged when it ends (``generation.py``)
                 verdict.defer()
-                answer.ended = verdict.give
+                answer.ended = verdict  # (called: no bound method held a stream)
             return answer
 
     async def pump(

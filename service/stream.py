@@ -127,7 +127,6 @@ class Progress:
     def text(self) -> str:
         return "".join(self.parts)
 
-    @property
     def generating(self) -> bool:
         """Anything past an opening role chunk has come: output, a finish or usage."""
         return bool(self.parts or self.tool_calls or self.reasoning or self.others) or bool(

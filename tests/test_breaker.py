@@ -159,16 +159,16 @@ def test_a_stream_is_judged_when_it_ends() -> None:
     fail(breaker)
     first = streamed(breaker)
     assert breaker.fail_counter == 1  # its 2xx did not reset the count
-    first.give(ProviderConnectionError("reset mid-stream"))
-    first.give(None)  # once only
+    first(ProviderConnectionError("reset mid-stream"))
+    first(None)  # once only
     assert breaker.state == OPEN
     breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=FakeClock())
     fail(breaker)
-    streamed(breaker).give(asyncio.CancelledError())  # the client left: says nothing
+    streamed(breaker)(asyncio.CancelledError())  # the client left: says nothing
     assert breaker.fail_counter == 1
-    streamed(breaker).give(None)
+    streamed(breaker)(None)
     assert breaker.fail_counter == 0
-    streamed(breaker).give(ProviderStatusError("bad", provider_status=400))  # not its fault
+    streamed(breaker)(ProviderStatusError("bad", provider_status=400))  # not its fault
     assert breaker.fail_counter == 0
 
 
@@ -182,7 +182,7 @@ def test_a_probe_stream_closes_the_circuit_at_its_2xx() -> None:
     clock.advance(30)
     probe = streamed(breaker)
     assert (breaker.state, breaker.fail_counter) == (CLOSED, 0)
-    probe.give(ProviderConnectionError("reset mid-stream"))
+    probe(ProviderConnectionError("reset mid-stream"))
     assert (breaker.state, breaker.fail_counter) == (CLOSED, 1)
 
 

@@ -39,7 +39,7 @@ def test_a_batch_is_journaled_in_order_up_to_done() -> None:
     """Every chunk of the batch is journaled as the provider's own bytes; [DONE] ends it."""
     stream = _stream()
     payloads = [_chunk("a"), _chunk("b"), DONE, _chunk("after done")]
-    assert _relay(stream, payloads, PLAIN, ChunkShape()) is True
+    assert _relay(stream, PLAIN, ChunkShape(), payloads) is True
     assert stream.events == [(Kind.CHUNK, payloads[0]), (Kind.CHUNK, payloads[1])]
     assert stream.progress.text == "ab"
     assert stream.first_token_at is not None
@@ -56,7 +56,7 @@ def test_chunks_before_a_bad_one_are_journaled_then_it_fails(bad: bytes) -> None
     stream = _stream()
     payloads = [_chunk("a"), _chunk("b"), bad, _chunk("c")]
     with pytest.raises(ProviderProtocolError):
-        _relay(stream, payloads, PLAIN, ChunkShape())
+        _relay(stream, PLAIN, ChunkShape(), payloads)
     assert [data for _, data in stream.events] == payloads[:2]
     assert stream.progress.text == "ab"
 
@@ -66,7 +66,7 @@ def test_a_midstream_error_event_keeps_what_came_before() -> None:
     stream = _stream()
     error = orjson.dumps({"error": {"message": "overloaded", "type": "server_error"}})
     with pytest.raises(ProviderStatusError, match="overloaded"):
-        _relay(stream, [_chunk("a"), error, _chunk("b")], PLAIN, ChunkShape())
+        _relay(stream, PLAIN, ChunkShape(), [_chunk("a"), error, _chunk("b")])
     assert [data for _, data in stream.events] == [_chunk("a")]
 
 
@@ -75,7 +75,7 @@ def test_usage_only_chunk_is_withheld_unless_asked_for() -> None:
     usage = orjson.dumps({"id": "c", "choices": [], "usage": {"prompt_tokens": 1}})
     quiet, asked = _stream(include_usage=False), _stream(include_usage=True)
     for stream in (quiet, asked):
-        _relay(stream, [_chunk("a"), usage], PLAIN, ChunkShape())
+        _relay(stream, PLAIN, ChunkShape(), [_chunk("a"), usage])
         assert stream.progress.usage == {"prompt_tokens": 1}
     assert [data for _, data in quiet.events] == [_chunk("a")]
     assert [data for _, data in asked.events] == [_chunk("a"), usage]
