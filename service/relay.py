@@ -74,6 +74,8 @@ async def stream_sse(
         # ConnectionResetError: the client left mid-write (before handler cancellation
         # reached us); leaving the block detaches, which is all a disconnect needs.
         writer = await response.prepare(request)
+        # Serialized by ``prepare``: a held stream need not keep the headers' table (~1.5 KB).
+        response.headers.clear()
         transport = request.transport
         if transport is not None and not transport.is_closing():
             # The headers go out with the first write, at once: the client has the id, and
