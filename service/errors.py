@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import aiohttp
 import orjson
@@ -64,6 +64,14 @@ class SluiceError(Exception):
     @property
     def http_status(self) -> int:
         return self.status
+
+    def fresh(self) -> Self:
+        """A copy to raise again (a stream's kept error, answering its request): raising it
+        ties no frames to the kept one, and its headers are its own."""
+        clone = type(self).__new__(type(self), *self.args)
+        clone.__dict__.update(self.__dict__)
+        clone.headers = dict(self.headers)
+        return clone
 
     def payload(self) -> dict[str, Any]:
         return {

@@ -288,6 +288,10 @@ class Stream:
         if not self.running:
             return
         self.status = status
+        if error is not None:
+            # Kept as long as the stream is (for replay): not the frames it was raised
+            # through, which hold the request (its key), the provider's response, the reads.
+            error.__traceback__ = error.__context__ = error.__cause__ = None
         self.error = error
         if error is not None and status is not StreamStatus.SHUTDOWN:
             self.events.append((Kind.ERROR, dumps_kept(error.payload())))

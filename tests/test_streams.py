@@ -636,6 +636,29 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at
 
 
+@pytest.mark.parametrize(
+    ("directive", "status"), [("[sim fail=400]", 400), ("[sim chunks=6 malformed_after=3]", 200)]
+)
+async def test_a_failed_stream_keeps_its_error_not_the_frames_it_came_through(
+    gateway: GatewayFactory, directive: str, status: int
+) -> None:
+    """An ended stream is kept for replay (up to an hour) with its error: not with the
+    traceback it was raised through, whose frames hold the request (the client's key), the
+    provider's response and the last reads; a refusal answers with a copy of it, so the
+    kept one gains neither the handler's frames nor the response's headers."""
+    client = await gateway()
+    response = await client.post("/v1/chat/completions", json=chat_body(directive), headers=AUTH)
+    assert response.status == status
+    await response.read()
+    stream = client.app[STREAMS].get(response.headers[STREAM_ID_HEADER])
+    assert stream is not None
+    await stream.ended.wait()
+    error = stream.error
+    assert error is not None
+    assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
+    assert STREAM_ID_HEADER not in error.headers  # the response's, not the kept error's
+
+
 def test_stream_ids_are_unique_well_formed_and_sorted_by_time() -> None:
     """No id repeats; each is ``strm_``, the time in ms as 11 hex digits (so ids made later
     sort later: the ledger's key index appends) and 22 URL-safe characters (128 random bits)."""

@@ -166,11 +166,11 @@ def _refusal(stream: Stream) -> SluiceError:
             "The gateway is shutting down; retry on another replica.",
             headers={"Retry-After": "1"},
         )
-    return _with_stream_header(stream.error, stream)
+    assert stream.error is not None
+    return _with_stream_header(stream.error.fresh(), stream)
 
 
-def _with_stream_header(error: SluiceError | None, stream: Stream) -> SluiceError:
-    assert error is not None
+def _with_stream_header(error: SluiceError, stream: Stream) -> SluiceError:
     for name, value in stream_headers(stream).items():
         error.headers.setdefault(name, value)
     return error
