@@ -192,9 +192,12 @@ class Gate:
         name: a fallback with another tokenizer may see many more tokens). ``prompt_tokens``
         counts each of its ``images`` at the low-detail floor; here each costs the most an
         image can on that model (its size is not known before the call)."""
+        cost = self.prices.cost
+        if not prompts and not images:  # the usual request: one count, no images
+            return max(cost(m, prompt_tokens, output_tokens) for m in self.reachable(model))
         counts = prompts or {}
         return max(
-            self.prices.cost(
+            cost(
                 m,
                 counts.get(tokens.encoding_name_for_model(m), prompt_tokens)
                 + images * _image_extra(m),
