@@ -23,7 +23,9 @@ synchronous design gets them wrong for awaited calls:
   resets, stalls or sends garbage mid-stream is failing too. An attempt that answered a
   stream defers its verdict (``Verdict.defer``) until the stream has ended (the
   ``Verdict`` is called then); a half-open probe is still judged a success at its 2xx, so
-  that the circuit closes and other requests go through while the probe's stream runs.
+  that the circuit closes and other requests go through while the probe's stream runs. A
+  stream that ends well after failures were counted since it began resets nothing: the
+  failures are newer news of the provider than its start.
 
 The breaker lets through or refuses an attempt before the provider's 2xx (see
 ``resilience.py``); what comes after it only adds to the count.
@@ -80,11 +82,12 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
 class Verdict:
     """An attempt's outcome, to be given once the stream it answered has ended."""
 
-    __slots__ = ("_breaker", "cycle", "deferred")
+    __slots__ = ("_breaker", "cycle", "deferred", "failures")
 
-    def __init__(self, breaker: Breaker, cycle: int) -> None:
+    def __init__(self, breaker: Breaker) -> None:
         self._breaker = breaker
-        self.cycle = cycle  # the breaker's, when the attempt was let in
+        self.cycle = breaker.cycle  # the breaker's, when the attempt was let in
+        self.failures = breaker.failures  # the failures it had counted by then
         self.deferred = False
 
     def defer(self) -> None:
@@ -96,13 +99,15 @@ class Verdict:
         if self.deferred and not isinstance(error, asyncio.CancelledError):
             self.deferred = False  # given once
             failed = error is not None and is_provider_failure(error)
+            if not failed and self._breaker.failures != self.failures:
+                return  # failures counted since it was let in are newer news: they stand
             self._breaker.record(failed=failed, cycle=self.cycle)
 
 
 class Breaker:
     """One circuit (a provider, or one of its models); use ``with breaker.attempt():``."""
 
-    __slots__ = ("_cb", "_probing", "clock", "cycle", "name", "opened_at")
+    __slots__ = ("_cb", "_probing", "clock", "cycle", "failures", "name", "opened_at")
 
     def __init__(
         self,
@@ -116,6 +121,7 @@ class Breaker:
         self.clock = clock
         self.opened_at = clock()
         self.cycle = 0  # how many times it opened: an attempt's news counts in its own cycle
+        self.failures = 0  # failures fed to it, ever: a late success does not wipe newer ones
         self._probing = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
@@ -151,7 +157,7 @@ class Breaker:
         """Guard one provider attempt; raise ``CircuitOpenError`` without calling when open.
         The attempt's verdict is given as it ends, unless deferred (a stream's)."""
         probe = self._admit()
-        verdict = Verdict(self, self.cycle)
+        verdict = Verdict(self)
         try:
             yield verdict
         except asyncio.CancelledError:
@@ -197,6 +203,8 @@ class Breaker:
             return  # a concurrent attempt already opened it; its clock is running
         if not failed and state == CLOSED and self._cb.fail_counter == 0:
             return  # nothing would change: keep the common case off pybreaker's slow path
+        if failed:
+            self.failures += 1
         with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError), self._cb.calling():
             if failed:
                 raise _Failed

@@ -73,6 +73,7 @@ class Progress:
     response_id: str | None = None
     response_model: str | None = None
     chunks: int = 0
+    started: bool = False  # a delta said something besides its role (the output began)
 
     def add_chunk(self, chunk: dict[str, Any]) -> bool:
         """Fold one chunk in; return True when it carries only usage (no choices)."""
@@ -88,6 +89,8 @@ class Progress:
             return usage is not None
         for choice in choices:
             delta = choice.get("delta")
+            if not self.started and delta and type(delta) is dict:
+                self.started = any(v for k, v in delta.items() if k != "role")
             index = choice.get("index", 0)
             if index != 0:
                 if delta:
@@ -107,6 +110,7 @@ class Progress:
         """Fold in chunks that carry only text for choice 0 (``chunkshape.py`` found them)."""
         self.chunks += len(texts)
         self.parts += texts
+        self.started = True
 
     def add_completion(self, body: dict[str, Any]) -> None:
         """Fold a whole non-streamed completion in."""
@@ -122,16 +126,16 @@ class Progress:
             self._output(message)
             self.finish_reason = _text(choice.get("finish_reason"))
         self.chunks = 1
+        self.started = True
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
     def generating(self) -> bool:
-        """Anything past an opening role chunk has come: output, a finish or usage."""
-        return bool(self.parts or self.tool_calls or self.reasoning or self.others) or bool(
-            self.finished or self.usage
-        )
+        """Anything past opening role chunks has come: output of any kind (text, tool or
+        function calls, reasoning, audio, of any choice), a finish or usage."""
+        return self.started or bool(self.finished or self.usage)
 
     @property
     def finished_choices(self) -> int:

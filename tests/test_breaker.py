@@ -172,6 +172,19 @@ def test_a_stream_is_judged_when_it_ends() -> None:
     assert breaker.fail_counter == 0
 
 
+def test_a_long_stream_ending_well_does_not_wipe_out_newer_failures() -> None:
+    """A stream let in before two 503s ends whole: the 503s still count (they are newer news
+    of the provider), so the third opens the circuit."""
+    breaker = Breaker("p", fail_max=3, reset_timeout_s=30, clock=FakeClock())
+    long = streamed(breaker)
+    fail(breaker)
+    fail(breaker)
+    long(None)
+    assert (breaker.state, breaker.fail_counter) == (CLOSED, 2)
+    fail(breaker)
+    assert breaker.state == OPEN
+
+
 def test_a_probe_stream_closes_the_circuit_at_its_2xx() -> None:
     """The half-open probe's 2xx closes the circuit at once (its stream may run for long);
     a failure later in that stream still counts."""

@@ -387,14 +387,15 @@ async def test_default_provider_deadlines_on_a_controlled_clock(
     await sim_stats.wait_for(lambda s: s.aborted == 1)  # the provider was hung up on
 
 
+@pytest.mark.parametrize("n", [1, 2])
 async def test_an_opening_role_chunk_does_not_end_the_first_token_wait(
-    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, clock: LoopClock, n: int
 ) -> None:
-    """The role chunk at once, the first word 45 s later (a long prefill, a model thinking):
-    the 60 s first-token deadline runs until the word, not the 30 s idle one from the role
-    chunk, and the stream completes."""
+    """The role chunk (one a choice) at once, the first word 45 s later (a long prefill, a
+    model thinking): the 60 s first-token deadline runs until the word, not the 30 s idle
+    one from the role chunk, and the stream completes."""
     client = await gateway(_quick(settings))
-    body = chat_body("[sim chunks=3 after_role_ms=45000]")
+    body = chat_body("[sim chunks=3 after_role_ms=45000]", n=n)
     response = await client.post(URL, json=body, headers=AUTH)
     assert response.status == 200
     head = await read_until(response, b"\n\n")  # the role chunk

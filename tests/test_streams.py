@@ -26,6 +26,7 @@ from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats, completion_words, prompt_text
+from service.stream import Progress
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
 from tests.streamwire import (
     FIXED_CREATED,
@@ -657,6 +658,31 @@ async def test_a_failed_stream_keeps_its_error_not_the_frames_it_came_through(
     assert error is not None
     assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
     assert STREAM_ID_HEADER not in error.headers  # the response's, not the kept error's
+
+
+@pytest.mark.parametrize(
+    ("delta", "generating"),
+    [
+        ({"role": "assistant", "content": ""}, False),  # an opening role chunk
+        ({"role": "assistant", "content": None, "refusal": None}, False),
+        ({"content": "Hi"}, True),
+        ({"tool_calls": [{"index": 0, "function": {"name": "f"}}]}, True),
+        ({"function_call": {"name": "f", "arguments": ""}}, True),  # the legacy form
+        ({"audio": {"data": "UklGR"}}, True),
+        ({"reasoning_content": "hmm"}, True),
+    ],
+)
+@pytest.mark.parametrize("index", [0, 1])
+def test_output_begins_with_a_delta_that_says_something(
+    delta: dict[str, Any], generating: bool, index: int
+) -> None:
+    """What ends the wait for the first token: a delta saying anything besides its role,
+    of any choice; or a finish, or usage."""
+    progress = Progress()
+    progress.add_chunk({"choices": [{"index": index, "delta": delta}]})
+    assert progress.generating() is generating
+    progress.add_chunk({"choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]})
+    assert progress.generating()
 
 
 def test_stream_ids_are_unique_well_formed_and_sorted_by_time() -> None:
