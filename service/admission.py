@@ -360,9 +360,11 @@ class Admission:
             return
         self._open = False
         gate = self.gate
-        if self.hold is not None:
-            await settle_budget(gate.budgets, self.hold, Decimal(0))
-        await gate.limiter.finish(self.grant, 0)
+        try:
+            if self.hold is not None:
+                await settle_budget(gate.budgets, self.hold, Decimal(0))
+        finally:
+            await gate.limiter.finish(self.grant, 0)  # the slot, whatever the budget did
 
     async def settle(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """Replace the reservations with what the stream really used; write its ledger row."""

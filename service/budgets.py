@@ -212,13 +212,15 @@ class Budgets:
         headers = {"Retry-After": str(retry)}
         if committed >= limit:
             return BudgetExceededError(
-                f"The {scope} {label} budget of ${limit} is exhausted.", headers=headers
+                f"The {scope} {label} budget of ${limit} is used up (spent, or held by "
+                "requests in flight).",
+                headers=headers,
             )
         left = _usd(limit - committed, ROUND_FLOOR)
         return BudgetExceededError(
-            f"This request may cost up to ${_usd(amount)}, more than the ${left} left of the "
-            f"{scope} {label} budget of ${limit}: ask for fewer output tokens (max_tokens).",
-            param="max_tokens",
+            f"This request may cost up to ${_usd(amount)} (its prompt and output ceiling, "
+            f"priced at the dearest model it may reach), more than the ${left} left of the "
+            f"{scope} {label} budget of ${limit}.",
             headers=headers,
         )
 

@@ -162,6 +162,8 @@ class StreamRegistry:
             else:
                 stream.end(*_ended(reason))
         except SluiceError as exc:
+            if type(exc) is SluiceError:  # ``translate``d from the unforeseen: say what it was
+                log.error("stream %s failed unexpectedly", stream.id, exc_info=exc)
             timed_out = isinstance(exc, ProviderTimeoutError)
             stream.end(StreamStatus.TIMEOUT if timed_out else StreamStatus.PROVIDER_ERROR, exc)
         except Exception as exc:

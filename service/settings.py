@@ -386,7 +386,7 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
     )
     if kind == "simulated":
         return replace(common, base_url=base_url, models=models or DEFAULT_SIMULATED_MODELS)
-    if api_key is None and base_url is None:
+    if api_key is None and (base_url is None or _is_openai(base_url)):
         raise ConfigError(
             "SLUICE_PROVIDER=openai needs OPENAI_API_KEY or OPENAI_API_KEY_FILE (or the "
             "OPENAI_BASE_URL of a server that takes no key)"
@@ -399,6 +399,12 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
         api_key=api_key,
         models=models,
     )
+
+
+def _is_openai(url: str) -> bool:
+    """Whether ``url`` is OpenAI's own API, which never answers without a key."""
+    host = urlsplit(url).hostname or ""
+    return host == "api.openai.com" or host.endswith(".openai.com")
 
 
 def _api_key(reader: _EnvReader) -> Secret | None:

@@ -45,10 +45,9 @@ def test_reserve_settle_and_refuse() -> None:
     assert caught.value.code == "budget_exceeded"
     assert caught.value.status == 429
     assert caught.value.headers["Retry-After"] == str(12 * 3600 + 1)  # until UTC midnight
-    assert caught.value.param == "max_tokens"
     assert caught.value.message == (
-        "This request may cost up to $0.5, more than the $0.4 left of the user daily budget "
-        "of $1.00: ask for fewer output tokens (max_tokens)."
+        "This request may cost up to $0.5 (its prompt and output ceiling, priced at the "
+        "dearest model it may reach), more than the $0.4 left of the user daily budget of $1.00."
     )
     book.settle(first, Decimal("0.10"))
     second = book.reserve("alice", "acme", Decimal("0.50"))
@@ -67,8 +66,9 @@ def test_reserve_settle_and_refuse() -> None:
         book.settle(hold, Decimal(cost))
     with pytest.raises(BudgetExceededError) as spent:
         book.reserve("alice", "acme", Decimal("0.000001"))
-    assert spent.value.message == "The user daily budget of $1.00 is exhausted."
-    assert spent.value.param is None
+    assert spent.value.message == (
+        "The user daily budget of $1.00 is used up (spent, or held by requests in flight)."
+    )
     book.reserve("bob", "acme", Decimal("1.00"))  # another user has their own budget
 
 

@@ -467,6 +467,26 @@ async def test_a_settlement_that_fails_still_frees_the_slot_and_writes_the_row(
     assert limiter.streams_of("dev") == 0
 
 
+async def test_a_release_whose_budget_fails_still_frees_the_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An admission given back (its request never ran) frees the stream slot even when
+    giving back the budget hold raises."""
+
+    async def broken_settle(*_: Any) -> None:
+        raise RuntimeError("the budget store broke")
+
+    monkeypatch.setattr(admission, "settle_budget", broken_settle)
+    gate = Gate(LimitSettings(), MoneySettings(user_daily_usd=1.0))
+    chat = parse_chat_request(orjson.dumps(chat_body("count me")))
+    admitted = await gate.admit(Principal("alice", "acme", "k1"), chat)
+    assert isinstance(gate.limiter, MemoryLimiter)
+    assert gate.limiter.streams_of("alice") == 1
+    with pytest.raises(RuntimeError):
+        await admitted.release()
+    assert gate.limiter.streams_of("alice") == 0
+
+
 async def test_a_client_gone_while_its_body_arrives_leaves_a_cancelled_row(
     gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -65,7 +65,8 @@ async def test_settling_below_the_reservation_frees_room_on_every_replica(
         await b.reserve_async("alice", "acme", Decimal("0.20"))
     assert refused.value.headers["Retry-After"]
     assert refused.value.message.startswith(  # what is left, as Redis counts it
-        "This request may cost up to $0.2, more than the $0.1 left of the user daily budget"
+        "This request may cost up to $0.2 (its prompt and output ceiling, priced at the "
+        "dearest model it may reach), more than the $0.1 left of the user daily budget"
     )
     await a.settle_async(hold, Decimal("0.10"))
     second = await b.reserve_async("alice", "acme", Decimal("0.85"))

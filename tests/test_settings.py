@@ -229,6 +229,14 @@ def test_an_upstream_named_without_a_key_is_a_real_provider(tmp_path: Path) -> N
     assert external.provider.base_url == "http://127.0.0.1:11434/v1"
     with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
         Settings.from_env({"SLUICE_PROVIDER": "openai", "SLUICE_CLIENT_KEYS_FILE": keys})
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):  # OpenAI's own: never keyless
+        Settings.from_env(
+            {
+                "OPENAI_BASE_URL": "https://api.openai.com/v1",
+                "OPENAI_API_KEY": "",
+                "SLUICE_CLIENT_KEYS_FILE": keys,
+            }
+        )
 
 
 def test_api_key_from_file(tmp_path: Path) -> None:
