@@ -46,6 +46,10 @@ class SluiceError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
+    # Whether the same request sent again may fare better. The SDKs retry 408/409/429/5xx
+    # unless ``x-should-retry: false`` says not to: not when the provider may have generated
+    # (and billed) the answer already, nor when the gateway has retried it already.
+    retry_helps: bool = True
 
     def __init__(
         self,
@@ -136,6 +140,7 @@ class TokenRateLimitError(RateLimitError):
 class BudgetExceededError(RateLimitError):
     type = "insufficient_quota"
     default_code = "budget_exceeded"
+    retry_helps = False  # not before the day or month ends (the SDKs would wait for hours)
 
 
 class ServiceUnavailableError(SluiceError):
@@ -209,6 +214,7 @@ class ProviderStatusError(ProviderError):
     ) -> None:
         super().__init__(message, param=param, code=code, headers=headers)
         self.provider_status = provider_status
+        self.retry_helps = provider_status not in (401, 403)  # our credentials: they stay
         self._type = type_
         self._provider_code = code  # relayed as it came with a passed-through 4xx, even null
 
@@ -235,14 +241,20 @@ class ProviderAnswerError(ProviderStatusError):
     (a whole completion where a stream was asked): as a 502, never retried, since a 2xx
     may have been generated, and billed, already."""
 
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_helps = False
+
 
 class ProviderTimeoutError(ProviderError):
     status = 504
     default_code = "provider_timeout"
+    retry_helps = False  # it went out: the provider may be generating it still
 
 
 class ProviderConnectTimeoutError(ProviderTimeoutError):
     default_code = "provider_connect_timeout"
+    retry_helps = True  # nothing went out
 
 
 class ProviderConnectionError(ProviderError):
@@ -251,6 +263,8 @@ class ProviderConnectionError(ProviderError):
 
 class ProviderCutOffError(ProviderConnectionError):
     """A non-streamed answer broke off mid-body: the provider had generated (and billed) it."""
+
+    retry_helps = False
 
 
 class ProviderEndedEarly(ProviderConnectionError):

@@ -29,11 +29,14 @@ PUBLIC_PATHS = frozenset({"/livez", "/readyz"})
 
 
 def error_response(error: SluiceError) -> web.Response:
+    headers = error.headers
+    if not error.retry_helps:
+        headers = {**headers, "x-should-retry": "false"}
     return web.Response(
         body=error.body(),
         status=error.http_status,
         content_type="application/json",
-        headers=error.headers,
+        headers=headers,
     )
 
 

@@ -205,6 +205,8 @@ class ResilientProvider:
                 route.provider_engaged = route.provider_engaged and _may_have_worked(exc)
                 delay = budget.delay_before_retry(exc)
                 if delay is None:
+                    if budget.retried_out:  # retried here: a client's retries would multiply
+                        exc.retry_helps = False  # (a longer wait asked for: its Retry-After)
                     raise
                 log.info(
                     "provider attempt %d for %s failed (%s); retrying in %.3fs",

@@ -111,6 +111,11 @@ class RetryBudget:
     def record_attempt(self) -> None:
         self.attempts += 1
 
+    @property
+    def retried_out(self) -> bool:
+        """The current model had every attempt it may have, and more than one."""
+        return self.attempts > 1 and self.attempts >= self._policy.max_attempts
+
     def delay_before_retry(self, error: BaseException) -> float | None:
         """How long to wait before retrying after ``error``; None means do not retry."""
         if not is_retryable(error) or self.attempts >= self._policy.max_attempts:

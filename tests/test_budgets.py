@@ -134,6 +134,8 @@ async def test_fifty_concurrent_requests_cannot_overspend(
         payload = orjson.loads(await response.read())
         if response.status == 429:
             assert payload["error"]["code"] == "budget_exceeded"
+            # Not before the day ends: the SDKs must not wait for it (Node would, for hours).
+            assert response.headers["x-should-retry"] == "false"
         else:
             await finished(client, response)
         return response.status

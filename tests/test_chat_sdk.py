@@ -247,3 +247,71 @@ async def test_unknown_parameters_reach_the_provider(
     assert sent["provider_specific"] == {"top_k": 40}
     assert sent["reasoning_effort"] == "low"
     assert (sent["seed"], sent["logit_bias"]) == (7, {"1234": -100})
+
+
+# --- what the SDK's own retries may buy --------------------------------------------------
+
+
+def _retrying(settings: Settings, attempts: int, **provider: float) -> Settings:
+    """The gateway retrying ``attempts`` times at once, its breaker out of the way."""
+    settings = replace(
+        _quick_teardown(settings),
+        resilience=replace(
+            settings.resilience,
+            retry_max_attempts=attempts,
+            retry_base_delay_s=0.001,
+            retry_max_delay_s=0.001,
+            breaker_fail_max=1000,
+        ),
+    )
+    return replace(settings, provider=replace(settings.provider, **provider))
+
+
+@pytest.mark.parametrize(
+    ("text", "stream", "attempts", "calls"),
+    [
+        ("cut off [sim chunks=5 reset_after=2]", False, 3, 1),  # answered, then broken: paid
+        ("held [sim header_delay_ms=60000]", True, 3, 1),  # went out, then the deadline
+        ("failing [sim fail=500]", False, 2, 2),  # the gateway retried it already
+    ],
+)
+async def test_the_sdk_does_not_buy_again_what_the_gateway_would_not(
+    gateway: GatewayFactory,
+    settings: Settings,
+    sim_stats: SimStats,
+    text: str,
+    stream: bool,
+    attempts: int,
+    calls: int,
+) -> None:
+    """A failure the provider may have generated (and billed), or one the gateway already
+    retried, says ``x-should-retry: false``: the SDK (two retries of its own) sends nothing
+    more, so the provider is called only as often as the gateway chose."""
+    deadlines = {"first_token_timeout_s": 0.2, "completion_timeout_s": 0.2}
+    client = await gateway(_retrying(settings, attempts, **deadlines))
+    sdk_client = openai.AsyncOpenAI(
+        base_url=str(client.make_url("/v1")), api_key=DEV_KEY, max_retries=2
+    )
+    async with sdk_client:
+        with pytest.raises(openai.APIStatusError) as caught:  # (a stream's: before its 200)
+            await sdk_client.chat.completions.create(
+                model="gpt-4o-mini", messages=_messages(text), stream=stream
+            )
+    assert caught.value.status_code in (502, 504)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert sim_stats.requests == calls
+
+
+async def test_a_provider_failure_the_gateway_did_not_retry_is_left_to_the_client(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """With the gateway's retries off (one attempt), a provider 5xx is the client's to retry:
+    no ``x-should-retry`` says otherwise."""
+    client = await gateway(_retrying(settings, 1))
+    response = await client.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": _messages("[sim fail=500]")},
+        headers={"Authorization": f"Bearer {DEV_KEY}"},
+    )
+    assert response.status == 502
+    assert "x-should-retry" not in response.headers
