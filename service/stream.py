@@ -328,13 +328,13 @@ class Stream:
                 yield position + 1, []
 
 
-def check_resume_point(last_seq: int | None, after: int) -> int:
-    """``after`` (a Last-Event-ID), unless it names an event past ``last_seq``, the
-    stream's last event (None: not known yet, as for a stream still running elsewhere)."""
+def check_resume_point(last_seq: int | None, after: int, param: str = "last_event_id") -> int:
+    """``after`` (a Last-Event-ID, or a socket's ``last_seq``: ``param`` names which), unless
+    it names an event past ``last_seq``, the stream's last event (None: not known yet, as for
+    a stream still running elsewhere)."""
     if last_seq is not None and after > last_seq:
         raise InvalidRequestError(
-            f"Event {after} is past the stream's last event ({last_seq}).",
-            param="last_event_id",
+            f"Event {after} is past the stream's last event ({last_seq}).", param=param
         )
     return after
 

@@ -339,7 +339,7 @@ async def test_a_socket_on_another_replica_ends_a_finished_stream_like_its_owner
             await _resume_frames(b, stream_id, last_seq),
         )
         assert there == here, last_seq
-    assert there[-1]["error"]["param"] == "last_event_id"
+    assert there[-1]["error"]["param"] == "last_seq"  # the field the socket sent
     assert here[0]["type"] == "done" or here[0]["type"] == "error"
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from service import registry as registry_module
 from service.app import create_app
 from service.appkeys import GATE, STREAMS
 from service.auth import add_key
@@ -459,9 +460,10 @@ async def test_a_finished_stream_can_be_replayed(gateway: GatewayFactory) -> Non
     assert [seq for seq, _ in events(tail)] == [4, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("last", ["99", "-1", "x"])
+@pytest.mark.parametrize("last", ["99", "-1", "x", "1_0", "+1", "0x1", "\u0663", "1" * 40])
 async def test_an_impossible_resume_point_is_rejected(gateway: GatewayFactory, last: str) -> None:
-    """Last-Event-ID past the end, negative or not a number is a 400, not a silent hang."""
+    """Last-Event-ID past the end, negative or not a number of plain ASCII digits (``int``
+    would take "1_0", "+1" and other scripts' digits) is a 400, not a silent hang."""
     client = await gateway()
     response = await client.post(
         "/v1/chat/completions", json=chat_body("x [sim chunks=2]"), headers=AUTH
@@ -635,6 +637,30 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert checkpoint.first_token_at is not None
     assert checkpoint.ended_at is not None
     assert checkpoint.created_at <= checkpoint.first_token_at <= checkpoint.ended_at
+
+
+async def test_a_stream_whose_journal_is_gone_is_cancelled_like_its_checkpoint_is_read(
+    gateway: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once an ended stream's journal is no longer kept (here: one is kept), its checkpoint
+    still is: reading it and cancelling it (nothing left to stop) both answer with it."""
+    monkeypatch.setattr(registry_module, "MAX_RETAINED", 1)
+    client = await gateway()
+    ids = []
+    for n in range(2):
+        body = chat_body(f"n{n} [sim chunks=2]")
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        await response.read()
+        ids.append(response.headers[STREAM_ID_HEADER])
+        stream = client.app[STREAMS].get(ids[-1])
+        assert stream is not None
+        await client.app[STREAMS].settled(stream)
+    assert client.app[STREAMS].get(ids[0]) is None  # its journal is gone
+    read = await client.get(f"/v1/streams/{ids[0]}", headers=AUTH)
+    cancelled = await client.post(f"/v1/streams/{ids[0]}/cancel", headers=AUTH)
+    assert (read.status, cancelled.status) == (200, 200)
+    assert await cancelled.json() == await read.json()
+    assert (await cancelled.json())["status"] == "completed"
 
 
 @pytest.mark.parametrize(

@@ -208,6 +208,28 @@ async def test_a_non_streamed_answer_is_read_not_resumed(gateway: GatewayFactory
     assert (await checkpoint.json())["status"] == "completed"
 
 
+async def test_a_refused_resume_names_the_stream_and_the_field_the_socket_sent(
+    gateway: GatewayFactory,
+) -> None:
+    """A resume past the stream's end, sent without a request_id, is refused naming the
+    socket's own field (``last_seq``) and echoing the stream's id, as its frames would have
+    carried: a client resuming several streams knows which one failed."""
+    client = await gateway()
+    answer = await client.post(
+        "/v1/chat/completions", json=chat_body("x [sim chunks=2]"), headers=AUTH
+    )
+    await answer.read()
+    stream_id = answer.headers["X-Sluice-Stream-Id"]
+    ws = await connect(client)
+    await ws.send_str(
+        orjson.dumps({"type": "resume", "stream_id": stream_id, "last_seq": 99}).decode()
+    )
+    refused, _ = await frame(ws)
+    assert (refused["type"], refused["request_id"]) == ("error", stream_id)
+    assert (refused["error"]["code"], refused["error"]["param"]) == (None, "last_seq")
+    await ws.close()
+
+
 @pytest.mark.parametrize(
     ("sent", "param"),
     [

@@ -17,6 +17,8 @@ from ..relay import stream_sse
 from ..shared import remote_cancel, remote_events
 from ..stream import Stream, check_resume_point
 
+MAX_SEQ_DIGITS = 18  # a sequence number: more digits than any stream's events
+
 
 async def get_stream(request: web.Request) -> web.Response:
     registry = request.app[STREAMS]
@@ -52,6 +54,10 @@ async def cancel_stream(request: web.Request) -> web.Response:
     stream_id = request.match_info["stream_id"]
     if registry.get(stream_id) is None:  # generated on another replica?
         stopped = await remote_cancel(request, stream_id)
+        if stopped is None:  # ended, its journal no longer kept: its checkpoint still is
+            stopped = await registry.store.get(stream_id)
+            if stopped is not None:
+                _check_owner(request, stopped.user_id, stopped.tenant)
         if stopped is not None:
             return web.Response(
                 body=orjson.dumps(stopped.to_json()), content_type="application/json"
@@ -107,12 +113,9 @@ def _not_found(stream_id: str) -> NotFoundError:
 
 def _last_event_id(request: web.Request) -> int:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequestError(
-            "Last-Event-ID must be a sequence number.", param="last_event_id"
-        ) from None
-    if value < 0:
+    if raw.startswith("-") and raw[1:].isascii() and raw[1:].isdigit():
         raise InvalidRequestError("Last-Event-ID must not be negative.", param="last_event_id")
-    return value
+    # Digits alone: int() would take "1_0", "+3", " 2" and other scripts' digits too.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_SEQ_DIGITS):
+        raise InvalidRequestError("Last-Event-ID must be a sequence number.", param="last_event_id")
+    return int(raw)

@@ -117,11 +117,11 @@ class _Socket:
                 self._app[TELEMETRY].message_refused(
                     error, user_id=principal.user_id, tenant=principal.tenant
                 )
-            await self.send(error_frame(frame.get("request_id"), error))
+            await self.send(error_frame(_request_id_of(frame, kind), error))
         except Exception:  # a bug: logged like the middleware does, and the socket lives on
             log.exception("WebSocket frame failed")
             failure = SluiceError("The server had an error while processing this frame.")
-            await self.send(error_frame(frame.get("request_id"), failure))
+            await self.send(error_frame(_request_id_of(frame, kind), failure))
 
     async def send(self, frame: bytes) -> None:
         with contextlib.suppress(ConnectionResetError):  # closing: the loop ends next
@@ -181,13 +181,13 @@ class _Socket:
         if self._registry.get(stream_id) is None and remote is not None:  # another replica's?
             principal = self._principal
             if await remote.owner_of(stream_id) == (principal.user_id, principal.tenant):
-                after = check_resume_point(await remote.last_seq(stream_id), last_seq)
+                after = check_resume_point(await remote.last_seq(stream_id), last_seq, "last_seq")
                 request_id = self._resume_request_id(frame, stream_id)
                 self._app[TELEMETRY].stream_resumed(stream_id, after)
                 self._follow_remote(remote, request_id, stream_id, after)
                 return
         stream = resumable_stream(self._registry, stream_id, self._principal)
-        after = check_resume_point(stream.last_seq, last_seq)
+        after = check_resume_point(stream.last_seq, last_seq, "last_seq")
         request_id = self._resume_request_id(frame, stream_id)
         self._app[TELEMETRY].stream_resumed(stream.id, after)
         self._follow(request_id, stream, after=after, announce=False)
@@ -322,3 +322,13 @@ def _usage(checkpoint: Checkpoint | None) -> dict[str, int] | None:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def _request_id_of(frame: dict[str, Any], kind: object) -> Any:
+    """What an error answers: the frame's ``request_id``; for a resume without one, the
+    stream's id, as its frames would have carried (so a client resuming several streams
+    knows which failed)."""
+    request_id = frame.get("request_id")
+    if request_id is None and kind == "resume":
+        return frame.get("stream_id")
+    return request_id
