@@ -128,7 +128,15 @@ class StreamRegistry:
 
     def cancel(self, stream: Stream, reason: StreamStatus = StreamStatus.CANCELLED) -> bool:
         """Stop a running stream now; False when it had already ended."""
-        if not stream.running or stream.task is None or stream.cancel_reason is not None:
+        if not stream.running or stream.task is None:
+            return False
+        pending = stream.cancel_reason
+        if pending is not None:
+            if pending is StreamStatus.CLIENT_GONE and reason is not StreamStatus.CLIENT_GONE:
+                # The grace window's end is on its way, and may yet be taken back by a
+                # returning reader; a cancel the client asked for must go out regardless.
+                stream.cancel_reason = reason
+                return True
             return False
         stream.cancel_reason = reason
         # Not task.cancel() now: a task cancelled before its first step never enters _run,

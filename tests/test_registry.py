@@ -315,3 +315,17 @@ async def test_a_reader_back_as_the_grace_window_ends_keeps_the_stream(
     await stream.ended.wait()
     assert (stream.status, stream.readers) == (StreamStatus.COMPLETED, 1)
     registry.detach(stream)
+
+
+async def test_a_cancel_asked_for_outranks_a_grace_window_ending_in_the_same_pass() -> None:
+    """The grace window's end sends its client-gone cancel, the client's own cancel comes
+    in, and a reader attaches, all in one loop pass: the reader takes the client-gone one
+    back, but the cancel asked for goes out, and the stream ends as cancelled."""
+    registry, _ = make_registry(grace=60)
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["a"], asyncio.Event()))
+    assert registry.cancel(stream, StreamStatus.CLIENT_GONE)  # the window ended
+    assert registry.cancel(stream)  # POST /cancel, in the same pass
+    with registry.reading(stream):  # and a reader came back
+        await stream.ended.wait()
+    assert stream.status is StreamStatus.CANCELLED
