@@ -49,7 +49,14 @@ from .checkpoint import Checkpoint, CheckpointStore
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
-from .relay import RESUME_ELSEWHERE, SSE_HEADERS, STREAM_ID_HEADER
+from .relay import (
+    CACHE_HEADER,
+    FALLBACK_HEADER,
+    MODEL_HEADER,
+    RESUME_ELSEWHERE,
+    SSE_HEADERS,
+    STREAM_ID_HEADER,
+)
 from .sse import KEEPALIVE, encode_event
 from .stream import Stream, StreamStatus
 
@@ -216,8 +223,12 @@ class JournalMirror:
         commands.append(("PEXPIRE", key, self._ttl_ms))
         commands.append(self._heartbeat(stream.id))
         commands.append(("PEXPIRE", meta, self._ttl_ms))  # 0: the owner record is gone
+        # Then what its response headers say, as now known (a fallback is chosen after the
+        # start): a resume through another replica sends them too.
+        commands.append(("HSET", meta, *_labels(stream)))
+        commands.append(("PEXPIRE", meta, self._ttl_ms))
         replies = await self._gate.pipeline(commands, expected=_already_journaled)
-        return bool(replies[-1])
+        return bool(replies[-3])
 
     def _heartbeat(self, stream_id: str) -> Command:
         return ("SET", owner_key(stream_id), b"1", "PX", self._heartbeat_ms)
@@ -308,6 +319,18 @@ class RemoteStreams:
             return None
         return meta[b"user"].decode(), meta.get(b"tenant", b"").decode()
 
+    async def _headers(self, stream_id: str) -> dict[str, str]:
+        """The ``X-Sluice-*`` headers its owner's response had (as the mirror last wrote)."""
+        try:
+            meta: dict[Any, Any] = await self._gate.run(lambda r: r.hgetall(meta_key(stream_id)))
+        except RedisUnavailable:
+            return {}
+        return {
+            header: meta[field].decode()
+            for field, header in _LABEL_HEADERS.items()
+            if meta.get(field)
+        }
+
     async def _publish(self, op: str, stream_id: str, reader: str = "") -> None:
         message = f"{op} {stream_id} {reader}" if reader else f"{op} {stream_id}"
         with contextlib.suppress(RedisUnavailable):
@@ -341,7 +364,8 @@ class RemoteStreams:
 
     async def serve(self, request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
         """Replay then follow the journal of ``stream_id`` to the client, as SSE."""
-        response = web.StreamResponse(headers={**SSE_HEADERS, STREAM_ID_HEADER: stream_id})
+        headers = {**SSE_HEADERS, STREAM_ID_HEADER: stream_id, **await self._headers(stream_id)}
+        response = web.StreamResponse(headers=headers)
 
         async def deliver(batch: list[Event]) -> None:
             await response.write(b"".join(encode_event(seq, data) for seq, _, data in batch))
@@ -414,6 +438,10 @@ class RemoteStreams:
                 if self.leaving:  # within one keepalive of the drain: resume elsewhere
                     return StreamStatus.SHUTDOWN
                 entries = await self._read(stream_id, after, self._block_ms)
+                if not entries:  # past the end of a stream still running when it was asked?
+                    ended = await self._ended_by(stream_id, after)
+                    if ended is not None:
+                        return ended
                 if not entries and not await self._owner_alive(stream_id):
                     # No END and no heartbeat: the owner died. Read once more (it may have
                     # closed the journal just now), else it is gone.
@@ -438,6 +466,14 @@ class RemoteStreams:
             log.warning("remote stream %s: redis failed mid-read (%s)", stream_id, exc)
             return UNREADABLE
 
+    async def _ended_by(self, stream_id: str, after: int) -> str | None:
+        """The final status of a journal closed at or before event ``after`` (a reader who
+        resumed past the end of a stream then still running), else None."""
+        entries: Any = await self._gate.run(lambda r: r.xrevrange(journal_key(stream_id), count=1))
+        if entries and int(entries[0][1][b"k"]) == END and _entry_seq(entries[0][0]) <= after + 1:
+            return str(entries[0][1][b"s"].decode())
+        return None
+
     async def request_cancel(self, stream_id: str) -> None:
         """Ask the owning replica to cancel ``stream_id``; its readers see the journal end."""
         await self._publish("cancel", stream_id)
@@ -458,6 +494,19 @@ class RemoteStreams:
                 if entries:
                     after = entries[-1][0]
         return await self._store.get(stream_id)
+
+
+# The owner record's fields for the response headers a resume elsewhere sends.
+_LABEL_HEADERS = {b"model": MODEL_HEADER, b"cache": CACHE_HEADER, b"fallback": FALLBACK_HEADER}
+
+
+def _labels(stream: Stream) -> tuple[str, ...]:
+    """HSET's field-value pairs for ``_LABEL_HEADERS`` (an empty value: none)."""
+    return (
+        "model", stream.served_model,
+        "cache", stream.cache_status,
+        "fallback", stream.fallback_reason or "",
+    )  # fmt: skip
 
 
 def _ended(entries: Iterable[tuple[int, Any]]) -> bool:

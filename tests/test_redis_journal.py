@@ -19,7 +19,7 @@ from service import resources
 from service.appkeys import JOURNAL_MIRROR, REDIS, REMOTE_STREAMS, STREAMS
 from service.redis_journal import journal_key, meta_key, owner_key
 from service.redisgate import RedisUnavailable
-from service.relay import STREAM_ID_HEADER
+from service.relay import CACHE_HEADER, MODEL_HEADER, STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Stream, StreamStatus
@@ -64,13 +64,39 @@ async def test_resume_on_another_replica_gets_exactly_the_missing_bytes(
 
     resumed = await b.get(f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "3"})
     assert resumed.status == 200
-    assert resumed.headers[STREAM_ID_HEADER] == stream_id
+    for header in (STREAM_ID_HEADER, MODEL_HEADER, CACHE_HEADER):  # as A's own resume has
+        assert resumed.headers[header] == response.headers[header]
     tail = await resumed.read()
 
     assert tail.endswith(b"data: [DONE]\n\n")
     assert events(tail)[0][0] == 4
     assert head + tail == await full_replay(a, stream_id)
     assert sim_stats.requests == 1  # the provider was called once
+
+
+async def test_a_resume_elsewhere_past_the_end_of_a_running_stream_ends_with_it(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """B cannot know a running stream's last event (its mirror lags), so a resume past it is
+    followed; once A ends the stream, the reader's response ends too, empty: no events, and
+    no 'resume it elsewhere' error after its owner's heartbeat lapses."""
+    shared = with_streams(with_redis(settings, redis_url), keepalive_s=0.2)
+    a, b = await replicas(gateway, shared)
+    response = await a.post(
+        "/v1/chat/completions", json=chat_body("[sim chunks=5 stall_after=1]"), headers=AUTH
+    )
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 2)
+    resumed = await b.get(
+        f"/v1/streams/{stream_id}/events", headers={**AUTH, "Last-Event-ID": "999"}
+    )
+    assert resumed.status == 200
+    cancelled = await a.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancelled.status == 200
+    async with asyncio.timeout(10):  # a failure guard: it ends within a keepalive period
+        body = await resumed.read()
+    assert b"data:" not in body  # keepalive comments at most
+    assert b"retry:" not in body
 
 
 async def test_a_reader_on_another_replica_holds_the_stream_open(
