@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.appkeys import STREAMS, TELEMETRY
+from service.appkeys import GATE, STREAMS, TELEMETRY
 from service.settings import Secret, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_provider, with_streams
@@ -680,3 +680,39 @@ async def test_a_providers_error_code_is_redacted_on_spans(
     assert one(spans, "chat gpt-4o-mini").attributes["error.type"] == "[redacted]"
     for span in spans:
         assert "example.com" not in span.text(), span.name
+
+
+@pytest.mark.parametrize(
+    ("text", "stream", "status"),
+    [
+        ("slow [sim header_delay_ms=60000]", True, 504),  # went out, then the deadline
+        ("cut [sim chunks=6 reset_after=2]", False, 502),  # answered, then broken off
+    ],
+)
+async def test_a_billed_failed_attempt_carries_what_is_billed(
+    gateway: GatewayFactory,
+    settings: Settings,
+    receiver: TestServer,
+    text: str,
+    stream: bool,
+    status: int,
+) -> None:
+    """An attempt that failed after the provider may have worked on it is billed its prompt:
+    its CLIENT span says so, as the ledger row does (tokens and cost)."""
+    deadlines = {"first_token_timeout_s": 0.2, "completion_timeout_s": 0.2}
+    client = await gateway(with_provider(traced(settings, receiver), **deadlines))
+    ended = watch(client)
+    response = await client.post(URL, json=chat_body(text, stream=stream), headers=AUTH)
+    assert response.status == status
+    stream_id = response.headers["X-Sluice-Stream-Id"]
+    live = client.app[STREAMS].get(stream_id)
+    assert live is not None
+    await client.app[STREAMS].settled(live)
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+    (row,) = [e for e in await client.app[GATE].ledger.entries() if e.stream_id == stream_id]
+    call = one(spans, "chat gpt-4o-mini")
+    assert call.status_code == STATUS_ERROR
+    assert row.prompt_tokens > 0
+    assert call.attributes["gen_ai.usage.input_tokens"] == row.prompt_tokens
+    assert call.attributes["gen_ai.usage.output_tokens"] == row.completion_tokens
+    assert call.attributes["sluice.cost_usd"] == row.cost_usd

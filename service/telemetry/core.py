@@ -383,12 +383,15 @@ class Telemetry:
             return
         st.finished = True
         self.metrics.generations.dec()
+        last = st.span
+        if last is None:  # the last attempt failed: its span carries what is billed for it
+            last, st.failed = st.failed, None
         self._end_failed(st)
         st.checkpoint = checkpoint
         st.cost = cost = self._cost(stream, checkpoint)
         error = self._ended_type(stream)
-        if st.span is not None:
-            self._end_attempt_span(st, st.span, checkpoint, cost, error)
+        if last is not None:
+            self._end_attempt_span(st, last, checkpoint, cost, error)
         if st.websocket:
             error_ = stream.error
             reason = rejection_reason(error_) if _ours(error_) else None
