@@ -12,8 +12,9 @@
     Gate.on_finish(stream, checkpoint)           registry finish hook: settle + ledger row
 
 Reservations are made for the worst case (prompt + output ceiling, priced as the dearest
-model of the request's fallback chain, since any of them may end up serving it) and
-settled with the real tokens and cost when the stream ends, for whatever reason. Every
+model of the request's fallback chain, since any of them may end up serving it; USD only
+when a budget applies) and settled with the real tokens and cost when the stream ends, for
+whatever reason. Every
 authenticated request leaves exactly one ledger row: a refusal here (an invalid body
 included), or the finish hook's row for a started stream.
 Per-key overrides come from the keys file (``Principal.settings``): ``rpm``, ``tpm``,

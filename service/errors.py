@@ -9,15 +9,15 @@
     ├── PayloadTooLargeError           413
     ├── RateLimitError                 429 (carries Retry-After and x-ratelimit-* headers)
     │   ├── TokenRateLimitError        429 the same, from a tokens-per-minute limit
-    │   └── BudgetExceededError        429 budget_exceeded: a USD budget is spent
-    ├── ServiceUnavailableError        503 (draining)
+    │   └── BudgetExceededError        429 budget_exceeded: a USD budget has no room for it
+    ├── ServiceUnavailableError        503 draining, starting, shared state away
     │   └── CircuitOpenError           503 the provider's breaker is open (Retry-After)
     ├── StreamEndedError               409 a stream was cancelled or abandoned before its end
     ├── HTTPStatusError                any other status the HTTP layer raised (408, 415, ...)
     └── ProviderError                  502 the upstream failed us
         ├── ProviderStatusError        the upstream answered non-2xx (4xx passed through)
         │   └── ProviderAnswerError    502 a 2xx that is an error, or no stream (no retry)
-        ├── ProviderTimeoutError       504 connect, first-token or idle timeout
+        ├── ProviderTimeoutError       504 first-token, idle, completion or generation limit
         │   └── ProviderConnectTimeoutError  504 no connection in time (safe to retry)
         ├── ProviderConnectionError    502 refused, reset, closed mid-stream
         │   ├── ProviderCutOffError    502 closed mid-answer, after it was paid for (no retry)

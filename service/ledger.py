@@ -1,6 +1,6 @@
 """The ledger: exactly one durable record per request, what it cost, and the totals from it.
 
-``Ledger`` is the storage seam (PostgreSQL can follow); ``MemoryLedger`` is the test double
+``Ledger`` is the storage seam (PostgreSQL: ``pg_ledger.py``); ``MemoryLedger`` is the test double
 and the default when no data dir is configured; ``SqliteLedger`` is the embedded default
 under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it collects entries on the
 event loop and hands them, one batch per ``HAND_OFF_S`` (or per ``BATCH`` entries), to a

@@ -7,8 +7,9 @@ events go out in one write, the headers with the first of them and the journal's
 with the end of the body (a stream that arrives in one read leaves in one write). Idle
 periods get a ``: keepalive`` comment on the registry's tick (and one right after the
 headers when the response goes out before the provider has answered, see
-``handlers/chat.py``); a stream ended by shutdown closes with an ``error`` event and a
-``retry:`` hint instead of ``[DONE]``.
+``handlers/chat.py``); a stream ended by shutdown closes with an ``error`` event instead of
+``[DONE]``: ``stream_interrupted`` and a ``retry:`` hint when it had sent something (resume
+it), ``service_unavailable`` when not (send the request again).
 """
 
 from __future__ import annotations

@@ -742,7 +742,9 @@ def _otel_pairs(name: str, raw: str | None) -> dict[str, str]:
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"SLUICE_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+        raise ConfigError(
+            f"SLUICE_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {raw!r}"
+        )
     return level
 
 

@@ -206,7 +206,7 @@ class Upstream:
 
 @dataclass(slots=True)
 class ProviderStream:
-    """A provider's 2xx streamed answer, its body unread, and when its first event is due."""
+    """A provider's 2xx streamed answer, its body unread, and when its first output is due."""
 
     response: aiohttp.ClientResponse
     first_due: float  # loop time: the first-token deadline, counted from the request
