@@ -487,15 +487,15 @@ def _rate_limited(denial: Denial) -> RateLimitError:
             f"Request too large: it needs more {denial.unit} than the {tier.name} limit "
             "allows per minute. Reduce the prompt or max_tokens."
         )
-        headers["x-should-retry"] = "false"  # it never fits: the SDKs would wait and resend
     else:
         message = (
             f"Rate limit reached for {tier.name} on {denial.unit} per minute. "
             f"Please try again in {denial.retry_after_s:.3g}s."
         )
-    if denial.unit == "tokens":
-        return TokenRateLimitError(message, headers=headers)
-    return RateLimitError(message, headers=headers)
+    error = (TokenRateLimitError if denial.unit == "tokens" else RateLimitError)(
+        message, headers=headers
+    )
+    return error.futile() if denial.too_large else error  # it never fits: do not resend
 
 
 async def _count_prompt(chat: ChatRequest, model: str | None = None) -> int:

@@ -14,6 +14,7 @@
     │   └── CircuitOpenError           503 the provider's breaker is open (Retry-After)
     ├── StreamEndedError               409 a stream was cancelled or abandoned before its end
     ├── HTTPStatusError                any other status the HTTP layer raised (408, 415, ...)
+    ├── InternalError                  500 an unforeseen failure (a bug), logged where caught
     └── ProviderError                  502 the upstream failed us
         ├── ProviderStatusError        the upstream answered non-2xx (4xx passed through)
         │   └── ProviderAnswerError    502 a 2xx that is an error, or no stream (no retry)
@@ -46,9 +47,11 @@ class SluiceError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
-    # Whether the same request sent again may fare better. The SDKs retry 408/409/429/5xx
-    # unless ``x-should-retry: false`` says not to: not when the provider may have generated
-    # (and billed) the answer already, nor when the gateway has retried it already.
+    # The provider may have generated (and billed) the answer: it is never asked for again,
+    # by the gateway's retries (``retry.py``) or a client's, and the prompt is billed.
+    may_have_generated: ClassVar[bool] = False
+    # Whether the same request sent again may fare better: the SDKs retry 408/409/429/5xx
+    # unless ``x-should-retry: false`` (written by ``middleware.error_response``) says not to.
     retry_helps: bool = True
 
     def __init__(
@@ -64,10 +67,18 @@ class SluiceError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.headers: dict[str, str] = dict(headers or {})
+        if self.may_have_generated:
+            self.retry_helps = False
 
     @property
     def http_status(self) -> int:
         return self.status
+
+    def futile(self) -> Self:
+        """Mark it not worth sending again: it would fail the same way, or the gateway has
+        retried it already (a client's retries would multiply the provider's calls)."""
+        self.retry_helps = False
+        return self
 
     def fresh(self) -> Self:
         """A copy to raise again (a stream's kept error, answering its request): raising it
@@ -160,6 +171,11 @@ class CircuitOpenError(ServiceUnavailableError):
         self.retry_after_s = retry_after_s
 
 
+class InternalError(SluiceError):
+    """Something nobody foresaw failed (a bug): 500 with words of ours; its cause is logged
+    where it is caught, since the client is told nothing of it."""
+
+
 class HTTPStatusError(SluiceError):
     """A status aiohttp itself raised that has no leaf of its own: kept, OpenAI-shaped."""
 
@@ -214,7 +230,8 @@ class ProviderStatusError(ProviderError):
     ) -> None:
         super().__init__(message, param=param, code=code, headers=headers)
         self.provider_status = provider_status
-        self.retry_helps = provider_status not in (401, 403)  # our credentials: they stay
+        if provider_status in (401, 403):  # about our credentials: they stay as they are
+            self.retry_helps = False
         self._type = type_
         self._provider_code = code  # relayed as it came with a passed-through 4xx, even null
 
@@ -241,20 +258,18 @@ class ProviderAnswerError(ProviderStatusError):
     (a whole completion where a stream was asked): as a 502, never retried, since a 2xx
     may have been generated, and billed, already."""
 
-    def __init__(self, message: str, **details: Any) -> None:
-        super().__init__(message, **details)
-        self.retry_helps = False
+    may_have_generated = True
 
 
 class ProviderTimeoutError(ProviderError):
     status = 504
     default_code = "provider_timeout"
-    retry_helps = False  # it went out: the provider may be generating it still
+    may_have_generated = True  # it went out: the provider may be generating it still
 
 
 class ProviderConnectTimeoutError(ProviderTimeoutError):
     default_code = "provider_connect_timeout"
-    retry_helps = True  # nothing went out
+    may_have_generated = False  # nothing went out
 
 
 class ProviderConnectionError(ProviderError):
@@ -264,7 +279,7 @@ class ProviderConnectionError(ProviderError):
 class ProviderCutOffError(ProviderConnectionError):
     """A non-streamed answer broke off mid-body: the provider had generated (and billed) it."""
 
-    retry_helps = False
+    may_have_generated = True
 
 
 class ProviderEndedEarly(ProviderConnectionError):
@@ -295,4 +310,4 @@ def translate(exc: BaseException) -> SluiceError:
         return ProviderConnectionError("The connection to the provider failed.")
     if isinstance(exc, ValueError):
         return ProviderProtocolError("The provider sent a malformed response.")
-    return SluiceError("The gateway failed to handle this request.")
+    return InternalError("The gateway failed to handle this request.")

@@ -16,6 +16,7 @@ from .appkeys import ADMITTED, KEYRING, PRINCIPAL
 from .errors import (
     AuthenticationError,
     HTTPStatusError,
+    InternalError,
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
@@ -52,7 +53,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(_from_http_exception(request, exc))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(SluiceError("The server had an error while processing your request."))
+        return error_response(
+            InternalError("The server had an error while processing your request.")
+        )
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> SluiceError:

@@ -27,7 +27,13 @@ from .checkpoint import (
     approx_text_tokens,
     checkpoint_of,
 )
-from .errors import ProviderTimeoutError, SluiceError, StreamEndedError, translate
+from .errors import (
+    InternalError,
+    ProviderTimeoutError,
+    SluiceError,
+    StreamEndedError,
+    translate,
+)
 from .settings import StreamSettings
 from .stream import Stream, StreamStatus
 
@@ -170,7 +176,7 @@ class StreamRegistry:
             else:
                 stream.end(*_ended(reason))
         except SluiceError as exc:
-            if type(exc) is SluiceError:  # ``translate``d from the unforeseen: say what it was
+            if isinstance(exc, InternalError):  # say what it was: ``end`` drops the traceback
                 log.error("stream %s failed unexpectedly", stream.id, exc_info=exc)
             timed_out = isinstance(exc, ProviderTimeoutError)
             stream.end(StreamStatus.TIMEOUT if timed_out else StreamStatus.PROVIDER_ERROR, exc)

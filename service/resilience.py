@@ -36,10 +36,7 @@ from .breaker import Breakers
 from .context import completion_tokens_only
 from .errors import (
     CircuitOpenError,
-    ProviderConnectTimeoutError,
-    ProviderCutOffError,
     ProviderError,
-    ProviderTimeoutError,
     SluiceError,
     translate,
 )
@@ -202,11 +199,11 @@ class ResilientProvider:
                 # answer cut off mid-way was answered, and a request that went out and then
                 # outlasted its deadline may be generating still: both may be billed (and
                 # neither is retried).
-                route.provider_engaged = route.provider_engaged and _may_have_worked(exc)
+                route.provider_engaged = route.provider_engaged and exc.may_have_generated
                 delay = budget.delay_before_retry(exc)
                 if delay is None:
-                    if budget.retried_out:  # retried here: a client's retries would multiply
-                        exc.retry_helps = False  # (a longer wait asked for: its Retry-After)
+                    if budget.retried_out:  # (a longer wait asked for: its Retry-After stands)
+                        exc.futile()
                     raise
                 log.info(
                     "provider attempt %d for %s failed (%s); retrying in %.3fs",
@@ -250,15 +247,6 @@ class ResilientProvider:
 
     def field(self, value: object) -> str | None:
         return self.upstream.field(value)
-
-
-def _may_have_worked(error: ProviderError) -> bool:
-    """Whether the provider may have worked on a request that went out, given how its
-    attempt failed: a cut-off answer or a deadline passed after connecting, yes; a status
-    (a refusal) or a broken connection, no."""
-    if isinstance(error, ProviderConnectTimeoutError):
-        return False
-    return isinstance(error, ProviderCutOffError | ProviderTimeoutError)
 
 
 def _with_model(body: bytes, model: str, limit: int | None) -> bytes:

@@ -21,11 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .errors import (
-    ProviderAnswerError,
     ProviderConnectionError,
     ProviderConnectTimeoutError,
-    ProviderCutOffError,
     ProviderStatusError,
+    SluiceError,
 )
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -47,17 +46,14 @@ class RetryPolicy:
 
 
 def is_retryable(error: BaseException) -> bool:
-    """True for a failure another attempt may fix: 408/409/429/5xx, a failed connection."""
-    if isinstance(error, ProviderAnswerError):  # a 2xx: it may have been paid for
+    """True for a failure another attempt may fix: 408/409/429/5xx, a failed connection.
+    Never one whose answer the provider may have generated (and billed): a 2xx that was an
+    error, an answer cut off mid-body, a first-token or idle timeout after it went out."""
+    if isinstance(error, SluiceError) and error.may_have_generated:
         return False
     if isinstance(error, ProviderStatusError):
         status = error.provider_status
         return status in RETRYABLE_STATUSES or status >= 500
-    # A connect timeout is retryable; a first-token or idle timeout is not, because the
-    # provider may be generating (and billing) the answer we would ask for again, nor an
-    # answer cut off mid-body, which the provider has already generated and billed.
-    if isinstance(error, ProviderCutOffError):
-        return False
     return isinstance(error, ProviderConnectionError | ProviderConnectTimeoutError)
 
 

@@ -675,7 +675,7 @@ def test_translate_keeps_sluice_errors() -> None:
 def test_translate_unknown_is_generic() -> None:
     """Anything unexpected is a generic server_error without the original text."""
     mapped = errors.translate(RuntimeError("internal detail /etc/passwd"))
-    assert type(mapped) is errors.SluiceError
+    assert type(mapped) is errors.InternalError
     assert mapped.http_status == 500
     assert "internal detail" not in mapped.message
 

@@ -37,7 +37,13 @@ from ..appkeys import (
 )
 from ..auth import Principal
 from ..checkpoint import Checkpoint
-from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError, SluiceError
+from ..errors import (
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+    SluiceError,
+)
 from ..redis_journal import UNREADABLE, Event, RemoteStreams
 from ..request import parse_chat_request, too_deep
 from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
@@ -120,7 +126,7 @@ class _Socket:
             await self.send(error_frame(_request_id_of(frame, kind), error))
         except Exception:  # a bug: logged like the middleware does, and the socket lives on
             log.exception("WebSocket frame failed")
-            failure = SluiceError("The server had an error while processing this frame.")
+            failure = InternalError("The server had an error while processing this frame.")
             await self.send(error_frame(_request_id_of(frame, kind), failure))
 
     async def send(self, frame: bytes) -> None:
