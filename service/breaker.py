@@ -82,32 +82,34 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
 class Verdict:
     """An attempt's outcome, to be given once the stream it answered has ended."""
 
-    __slots__ = ("_breaker", "cycle", "deferred", "failures")
+    __slots__ = ("_breaker", "_pending", "cycle", "deferred", "failure_serial")
 
     def __init__(self, breaker: Breaker) -> None:
         self._breaker = breaker
         self.cycle = breaker.cycle  # the breaker's, when the attempt was let in
-        self.failures = breaker.failures  # the failures it had counted by then
+        self.failure_serial = breaker.failure_serial  # its failures counted by then
         self.deferred = False
+        self._pending = False  # deferred and not given yet
 
     def defer(self) -> None:
         """The attempt answered a stream: judge it by how the stream ends."""
-        self.deferred = True
+        self.deferred = self._pending = True
 
     def __call__(self, error: BaseException | None) -> None:
-        """The stream ended (``error``: how it failed; cancelled: nothing is counted)."""
-        if self.deferred and not isinstance(error, asyncio.CancelledError):
-            self.deferred = False  # given once
-            failed = error is not None and is_provider_failure(error)
-            if not failed and self._breaker.failures != self.failures:
-                return  # failures counted since it was let in are newer news: they stand
+        """The stream ended (``error``: how it failed; cancelled: nothing is counted).
+        Given once; a success after failures counted since the attempt began is old news."""
+        if not self._pending or isinstance(error, asyncio.CancelledError):
+            return
+        self._pending = False
+        failed = error is not None and is_provider_failure(error)
+        if failed or self._breaker.failure_serial == self.failure_serial:
             self._breaker.record(failed=failed, cycle=self.cycle)
 
 
 class Breaker:
     """One circuit (a provider, or one of its models); use ``with breaker.attempt():``."""
 
-    __slots__ = ("_cb", "_probing", "clock", "cycle", "failures", "name", "opened_at")
+    __slots__ = ("_cb", "_probing", "clock", "cycle", "failure_serial", "name", "opened_at")
 
     def __init__(
         self,
@@ -121,7 +123,7 @@ class Breaker:
         self.clock = clock
         self.opened_at = clock()
         self.cycle = 0  # how many times it opened: an attempt's news counts in its own cycle
-        self.failures = 0  # failures fed to it, ever: a late success does not wipe newer ones
+        self.failure_serial = 0  # failures fed to it, ever (pybreaker's count resets)
         self._probing = False
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
@@ -204,7 +206,7 @@ class Breaker:
         if not failed and state == CLOSED and self._cb.fail_counter == 0:
             return  # nothing would change: keep the common case off pybreaker's slow path
         if failed:
-            self.failures += 1
+            self.failure_serial += 1
         with contextlib.suppress(_Failed, pybreaker.CircuitBreakerError), self._cb.calling():
             if failed:
                 raise _Failed

@@ -48,8 +48,11 @@ class SluiceError(Exception):
     type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
     # The provider may have generated (and billed) the answer: it is never asked for again,
-    # by the gateway's retries (``retry.py``) or a client's, and the prompt is billed.
+    # by the gateway's retries (``retry.py``) or a client's.
     may_have_generated: ClassVar[bool] = False
+    # The request went out and the provider may have worked on it, not refused it: its
+    # prompt is billed (``resilience.py``; an error in a 2xx body is a refusal, not billed).
+    prompt_billed: ClassVar[bool] = False
     # Whether the same request sent again may fare better: the SDKs retry 408/409/429/5xx
     # unless ``x-should-retry: false`` (written by ``middleware.error_response``) says not to.
     retry_helps: bool = True
@@ -264,12 +267,12 @@ class ProviderAnswerError(ProviderStatusError):
 class ProviderTimeoutError(ProviderError):
     status = 504
     default_code = "provider_timeout"
-    may_have_generated = True  # it went out: the provider may be generating it still
+    may_have_generated = prompt_billed = True  # it went out: it may be generating still
 
 
 class ProviderConnectTimeoutError(ProviderTimeoutError):
     default_code = "provider_connect_timeout"
-    may_have_generated = False  # nothing went out
+    may_have_generated = prompt_billed = False  # nothing went out
 
 
 class ProviderConnectionError(ProviderError):
@@ -279,7 +282,7 @@ class ProviderConnectionError(ProviderError):
 class ProviderCutOffError(ProviderConnectionError):
     """A non-streamed answer broke off mid-body: the provider had generated (and billed) it."""
 
-    may_have_generated = True
+    may_have_generated = prompt_billed = True
 
 
 class ProviderEndedEarly(ProviderConnectionError):

@@ -222,13 +222,14 @@ class JournalMirror:
         ]
         commands.append(("PEXPIRE", key, self._ttl_ms))
         commands.append(self._heartbeat(stream.id))
-        commands.append(("PEXPIRE", meta, self._ttl_ms))  # 0: the owner record is gone
+        known = len(commands)  # this one's reply: 0 when the owner record is gone
+        commands.append(("PEXPIRE", meta, self._ttl_ms))
         # Then what its response headers say, as now known (a fallback is chosen after the
         # start): a resume through another replica sends them too.
         commands.append(("HSET", meta, *_labels(stream)))
         commands.append(("PEXPIRE", meta, self._ttl_ms))
         replies = await self._gate.pipeline(commands, expected=_already_journaled)
-        return bool(replies[-3])
+        return bool(replies[known])
 
     def _heartbeat(self, stream_id: str) -> Command:
         return ("SET", owner_key(stream_id), b"1", "PX", self._heartbeat_ms)

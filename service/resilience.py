@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 import orjson
@@ -199,7 +199,7 @@ class ResilientProvider:
                 # answer cut off mid-way was answered, and a request that went out and then
                 # outlasted its deadline may be generating still: both may be billed (and
                 # neither is retried).
-                route.provider_engaged = route.provider_engaged and exc.may_have_generated
+                route.provider_engaged = route.provider_engaged and exc.prompt_billed
                 delay = budget.delay_before_retry(exc)
                 if delay is None:
                     if budget.retried_out:  # (a longer wait asked for: its Retry-After stands)
@@ -234,7 +234,7 @@ class ResilientProvider:
                 raise translate(exc) from exc
             if isinstance(answer, ProviderStream):  # judged when it ends (``generation.py``)
                 verdict.defer()
-                answer.ended = verdict  # (called: no bound method held a stream)
+                return replace(answer, ended=verdict)
             return answer
 
     async def pump(

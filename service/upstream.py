@@ -204,15 +204,19 @@ class Upstream:
         raise ProviderEndedEarly("The provider ended the stream without finishing it.")
 
 
-@dataclass(slots=True)
+def _nobody(error: BaseException | None) -> None:
+    """A stream's end, told to nobody (an answer no breaker attempt made)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderStream:
     """A provider's 2xx streamed answer, its body unread, and when its first output is due."""
 
     response: aiohttp.ClientResponse
     first_due: float  # loop time: the first-token deadline, counted from the request
     # Told how the stream ended (None: whole; an error: how it failed), to count a
-    # provider that fails mid-stream (the breaker's verdict, see ``resilience.py``).
-    ended: Callable[[BaseException | None], None] = lambda error: None
+    # provider that fails mid-stream: the breaker's verdict (``resilience.py``).
+    ended: Callable[[BaseException | None], None] = _nobody
 
 
 class _Deadline:
