@@ -37,15 +37,15 @@ from aiohttp import web
 
 from . import tokens
 from .auth import Principal
-from .budgets import BudgetLimits, Budgets, Hold
+from .budgets import ZERO, BudgetLimits, Budgets, Hold
 from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
 from .errors import RateLimitError, ServiceUnavailableError, SluiceError, TokenRateLimitError
+from .ids import new_id
 from .ledger import (
     Ledger,
     LedgerEntry,
     MemoryLedger,
-    record_id,
     storable,
     storable_count,
     utc_day,
@@ -60,7 +60,6 @@ from .stream import NO_LIMITS, Owner, Stream, StreamStatus
 log = logging.getLogger(__name__)
 
 BUDGET_WARNING_HEADER = "X-Sluice-Budget-Warning"
-ZERO_USD = Decimal(0)
 OFFLOAD_CHARS = 32_768  # prompts longer than this are counted in a thread, off the loop
 
 _LEDGER_STATUS = {
@@ -294,7 +293,7 @@ class Gate:
             prompts = await self._prompts(chat, prompt) if self.fallbacks else None
             if prompts is not None:
                 admission.output_limits = self._output_limits(chat, plan.max_tokens, prompts)
-            worst = ZERO_USD  # with no budget to hold it against, nothing is reserved
+            worst = ZERO  # with no budget to hold it against, nothing is reserved
             if self.budgets.enforced(policy.budgets):
                 worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
             hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
@@ -363,7 +362,7 @@ class Admission:
         gate = self.gate
         try:
             if self.hold is not None:
-                await settle_budget(gate.budgets, self.hold, Decimal(0))
+                await settle_budget(gate.budgets, self.hold, ZERO)
         finally:
             await gate.limiter.finish(self.grant, 0)  # the slot, whatever the budget did
 
@@ -409,7 +408,7 @@ def ledger_entry(
         found = details.get("cached_tokens") if isinstance(details, dict) else None
         cached = found if is_count(found) else 0
     served = stream.served_model or stream.model
-    cost = Decimal(0) if stream.cache_hit else prices.cost(served, prompt, completion, cached)
+    cost = ZERO if stream.cache_hit else prices.cost(served, prompt, completion, cached)
     error = checkpoint.error or {}
     return LedgerEntry(
         request_id=stream.id,
@@ -442,7 +441,7 @@ def _rejection(
     status: str = "rejected",
 ) -> LedgerEntry:
     return LedgerEntry(
-        request_id=record_id("rej_"),
+        request_id=new_id("rej_"),
         ts=arrived,
         day=utc_day(arrived),
         user_id=principal.user_id,

@@ -36,7 +36,7 @@ class BudgetLimits:
     tenant_monthly: Decimal | None = None
 
     @property
-    def any(self) -> bool:
+    def has_limit(self) -> bool:
         """Some limit is set."""
         return not (
             self.user_daily is None
@@ -91,7 +91,7 @@ class Budgets:
     def enforced(self, overrides: BudgetLimits | None = None) -> bool:
         """Whether a budget limits a request with these overrides: if none does, it need
         reserve nothing (its spend is still counted when it settles)."""
-        return self.limits.any or (overrides is not None and overrides.any)
+        return self.limits.has_limit or (overrides is not None and overrides.has_limit)
 
     def reserve(
         self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None

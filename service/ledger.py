@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import queue
-import secrets
 import sqlite3
 import threading
 import time
@@ -68,15 +67,6 @@ class LedgerEntry(NamedTuple):
     stream_id: str | None
     error_code: str | None
     usage_reported: bool  # tokens are the provider's own count (else counted by Sluice)
-
-
-def record_id(prefix: str) -> str:
-    """A new request id, the ledger's key: ``prefix``, the time in ms (11 hex digits) and
-    128 random bits (unguessable). Rows come roughly in the order their ids were made, so
-    ids that sort by time append to the key's index instead of landing anywhere in it: at
-    50,000 rows an insert costs the writer ~3.7 µs instead of ~9.7, and no more as the
-    table grows (PostgreSQL's B-tree gains alike)."""
-    return f"{prefix}{time.time_ns() // 1_000_000:011x}{secrets.token_urlsafe(16)}"
 
 
 MAX_TEXT = 256  # a model name or error code: what a row keeps of it

@@ -7,8 +7,6 @@ the provider itself saw (``SimStats``), waiting on conditions rather than sleepi
 from __future__ import annotations
 
 import asyncio
-import re
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +20,10 @@ from service.app import create_app
 from service.appkeys import GATE, STREAMS
 from service.auth import add_key
 from service.checkpoint import MemoryCheckpointStore
-from service.handlers.chat import new_stream_id
 from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats, completion_words, prompt_text
-from service.stream import Progress
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider, with_streams
 from tests.streamwire import (
     FIXED_CREATED,
@@ -684,42 +680,3 @@ async def test_a_failed_stream_keeps_its_error_not_the_frames_it_came_through(
     assert error is not None
     assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
     assert STREAM_ID_HEADER not in error.headers  # the response's, not the kept error's
-
-
-@pytest.mark.parametrize(
-    ("delta", "generating"),
-    [
-        ({"role": "assistant", "content": ""}, False),  # an opening role chunk
-        ({"role": "assistant", "content": None, "refusal": None}, False),
-        ({"content": "Hi"}, True),
-        ({"tool_calls": [{"index": 0, "function": {"name": "f"}}]}, True),
-        ({"function_call": {"name": "f", "arguments": ""}}, True),  # the legacy form
-        ({"audio": {"data": "UklGR"}}, True),
-        ({"reasoning_content": "hmm"}, True),
-    ],
-)
-@pytest.mark.parametrize("index", [0, 1])
-def test_output_begins_with_a_delta_that_says_something(
-    delta: dict[str, Any], generating: bool, index: int
-) -> None:
-    """What ends the wait for the first token: a delta saying anything besides its role,
-    of any choice; or a finish, or usage."""
-    progress = Progress()
-    progress.add_chunk({"choices": [{"index": index, "delta": delta}]})
-    assert progress.generating() is generating
-    progress.add_chunk({"choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]})
-    assert progress.generating()
-
-
-def test_stream_ids_are_unique_well_formed_and_sorted_by_time() -> None:
-    """No id repeats; each is ``strm_``, the time in ms as 11 hex digits (so ids made later
-    sort later: the ledger's key index appends) and 22 URL-safe characters (128 random bits)."""
-    before = time.time_ns() // 1_000_000
-    ids = [new_stream_id() for _ in range(1000)]
-    after = time.time_ns() // 1_000_000
-    assert len(set(ids)) == len(ids)
-    assert all(re.fullmatch(r"strm_[0-9a-f]{11}[A-Za-z0-9_-]{22}", i) for i in ids)
-    stamps = [int(i[5:16], 16) for i in ids]
-    assert stamps == sorted(stamps)
-    assert before <= stamps[0]
-    assert stamps[-1] <= after

@@ -25,7 +25,7 @@ from ..errors import (
     ServiceUnavailableError,
     SluiceError,
 )
-from ..ledger import record_id
+from ..ids import new_id
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
 from ..stream import NO_LIMITS, Owner, Stream, StreamStatus
@@ -34,7 +34,7 @@ ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs befor
 
 
 def new_stream_id() -> str:
-    return record_id("strm_")  # unguessable, and sorted by time (the ledger's key)
+    return new_id("strm_")
 
 
 def start_stream(
