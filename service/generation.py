@@ -57,7 +57,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             # (A partial and a bound method: held by a stream's whole read, they are smaller
             # than closures.)
             relay = functools.partial(_relay, stream, upstream, shape)
-            await upstream.pump(answer, relay, stream.progress.generating)
+            await upstream.pump(answer, relay, generating=stream.progress.generating)
         except ProviderEndedEarly:
             if not _every_choice_finished(stream):
                 raise

@@ -238,9 +238,9 @@ class ResilientProvider:
             return answer
 
     async def pump(
-        self, answer: ProviderStream, sink: Sink, generating: Callable[[], bool]
+        self, answer: ProviderStream, sink: Sink, *, generating: Callable[[], bool]
     ) -> None:
-        await self.upstream.pump(answer, sink, generating)
+        await self.upstream.pump(answer, sink, generating=generating)
 
     def redact(self, text: str) -> str:
         return self.upstream.redact(text)

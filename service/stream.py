@@ -328,7 +328,7 @@ class Stream:
                 yield position + 1, []
 
 
-def check_resume_point(last_seq: int | None, after: int, param: str = "last_event_id") -> int:
+def check_resume_point(last_seq: int | None, after: int, *, param: str = "last_event_id") -> int:
     """``after`` (a Last-Event-ID, or a socket's ``last_seq``: ``param`` names which), unless
     it names an event past ``last_seq``, the stream's last event (None: not known yet, as for
     a stream still running elsewhere)."""

@@ -171,7 +171,7 @@ class Upstream:
         )
 
     async def pump(
-        self, answer: ProviderStream, sink: Sink, generating: Callable[[], bool] = lambda: True
+        self, answer: ProviderStream, sink: Sink, *, generating: Callable[[], bool]
     ) -> None:
         """Feed the streamed body to ``sink`` until [DONE] or EOF, enforcing the deadlines.
 
@@ -183,15 +183,15 @@ class Upstream:
             async with asyncio.timeout(None) as timeout:
                 idle_s = self._settings.idle_timeout_s
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
-                    started = False  # output has come: any read (a comment) shows life
+                    output_began = False  # since then any read (a comment) shows life
                     async for data in answer.response.content.iter_any():
                         payloads = decoder.feed(data)
                         if self._key_bytes and payloads:  # whole events: a key split
                             payloads = [self._scrubbed(p) for p in payloads]  # by reads too
                         if payloads and sink(payloads):
                             return
-                        if started or (payloads and generating()):
-                            started = True
+                        if output_began or (payloads and generating()):
+                            output_began = True
                             deadline.touch()
                         del data, payloads  # not kept while the next read is awaited
                     rest = decoder.flush()

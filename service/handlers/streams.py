@@ -6,6 +6,8 @@ never existed, so ids cannot be probed.
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from aiohttp import web
 
@@ -17,7 +19,7 @@ from ..relay import stream_sse
 from ..shared import remote_cancel, remote_events
 from ..stream import Stream, check_resume_point
 
-MAX_SEQ_DIGITS = 18  # a sequence number: more digits than any stream's events
+_SEQ = re.compile(r"(?P<sign>-?)(?P<digits>[0-9]{1,18})")  # more digits than any stream has
 
 
 async def get_stream(request: web.Request) -> web.Response:
@@ -113,9 +115,9 @@ def _not_found(stream_id: str) -> NotFoundError:
 
 def _last_event_id(request: web.Request) -> int:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
-    if raw.startswith("-") and raw[1:].isascii() and raw[1:].isdigit():
-        raise InvalidRequestError("Last-Event-ID must not be negative.", param="last_event_id")
-    # Digits alone: int() would take "1_0", "+3", " 2" and other scripts' digits too.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_SEQ_DIGITS):
+    found = _SEQ.fullmatch(raw)  # not int(): it takes "1_0", "+3" and other scripts' digits
+    if found is None:
         raise InvalidRequestError("Last-Event-ID must be a sequence number.", param="last_event_id")
-    return int(raw)
+    if found["sign"]:
+        raise InvalidRequestError("Last-Event-ID must not be negative.", param="last_event_id")
+    return int(found["digits"])

@@ -187,13 +187,15 @@ class _Socket:
         if self._registry.get(stream_id) is None and remote is not None:  # another replica's?
             principal = self._principal
             if await remote.owner_of(stream_id) == (principal.user_id, principal.tenant):
-                after = check_resume_point(await remote.last_seq(stream_id), last_seq, "last_seq")
+                after = check_resume_point(
+                    await remote.last_seq(stream_id), last_seq, param="last_seq"
+                )
                 request_id = self._resume_request_id(frame, stream_id)
                 self._app[TELEMETRY].stream_resumed(stream_id, after)
                 self._follow_remote(remote, request_id, stream_id, after)
                 return
         stream = resumable_stream(self._registry, stream_id, self._principal)
-        after = check_resume_point(stream.last_seq, last_seq, "last_seq")
+        after = check_resume_point(stream.last_seq, last_seq, param="last_seq")
         request_id = self._resume_request_id(frame, stream_id)
         self._app[TELEMETRY].stream_resumed(stream.id, after)
         self._follow(request_id, stream, after=after, announce=False)
@@ -334,7 +336,6 @@ def _request_id_of(frame: dict[str, Any], kind: object) -> Any:
     """What an error answers: the frame's ``request_id``; for a resume without one, the
     stream's id, as its frames would have carried (so a client resuming several streams
     knows which failed)."""
-    request_id = frame.get("request_id")
-    if request_id is None and kind == "resume":
-        return frame.get("stream_id")
-    return request_id
+    if kind == "resume":  # named as ``_resume_request_id`` would have named it
+        return frame.get("request_id", frame.get("stream_id"))
+    return frame.get("request_id")
