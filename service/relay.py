@@ -57,6 +57,9 @@ class EventStreamResponse(web.StreamResponse):
     write (one syscall less a stream: ``web.Response`` does the same); ``stream_sse`` sends
     them alone when nothing is ready to go with them."""
 
+    # aiohttp's own switch (3.14: ``web.Response`` sets it; a ``StreamResponse`` sends its
+    # headers on ``prepare``). Were it renamed, the headers would go alone again: slower,
+    # not wrong.
     _send_headers_immediately = False
 
 

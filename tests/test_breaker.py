@@ -152,9 +152,9 @@ def streamed(breaker: Breaker) -> Verdict:
     return verdict
 
 
-def test_a_stream_is_judged_when_it_ends() -> None:
-    """A 2xx stream is not a success yet: a reset after it counts as a failure, a whole
-    stream resets the count, a client leaving counts as nothing; a verdict counts once."""
+def test_a_stream_failing_after_its_2xx_counts_once() -> None:
+    """A 2xx stream is not a success yet: a reset after it counts as a failure, and its
+    verdict is given once."""
     breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=FakeClock())
     fail(breaker)
     first = streamed(breaker)
@@ -162,6 +162,11 @@ def test_a_stream_is_judged_when_it_ends() -> None:
     first(ProviderConnectionError("reset mid-stream"))
     first(None)  # once only
     assert breaker.state == OPEN
+
+
+def test_how_a_stream_ends_says_whether_the_provider_is_well() -> None:
+    """A client leaving counts as nothing, a whole stream resets the count, a client's
+    error is not the provider's fault."""
     breaker = Breaker("p", fail_max=2, reset_timeout_s=30, clock=FakeClock())
     fail(breaker)
     streamed(breaker)(asyncio.CancelledError())  # the client left: says nothing

@@ -446,16 +446,22 @@ async def test_a_client_gone_while_its_prompt_is_counted_leaves_a_cancelled_row(
     assert gate.budgets.status("alice", "acme")["user"]["daily"]["reserved_usd"] == 0.0
 
 
-async def test_a_settlement_that_fails_still_frees_the_slot_and_writes_the_row(
-    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Settling the budget raises (a store failing in a way nobody foresaw): the stream's
-    slot is freed and its row written all the same."""
+@pytest.fixture
+def broken_budget_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settling or giving back a budget hold raises: a store failing as nobody foresaw."""
 
     async def broken_settle(*_: Any) -> None:
         raise RuntimeError("the budget store broke")
 
     monkeypatch.setattr(admission, "settle_budget", broken_settle)
+
+
+@pytest.mark.usefixtures("broken_budget_store")
+async def test_a_settlement_that_fails_still_frees_the_slot_and_writes_the_row(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Settling the budget raises: the stream's slot is freed and its row written all the
+    same."""
     client = await gateway(replace(settings, money=replace(settings.money, user_daily_usd=5.0)))
     response = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
     assert response.status == 200
@@ -467,16 +473,10 @@ async def test_a_settlement_that_fails_still_frees_the_slot_and_writes_the_row(
     assert limiter.streams_of("dev") == 0
 
 
-async def test_a_release_whose_budget_fails_still_frees_the_slot(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("broken_budget_store")
+async def test_a_release_whose_budget_fails_still_frees_the_slot() -> None:
     """An admission given back (its request never ran) frees the stream slot even when
     giving back the budget hold raises."""
-
-    async def broken_settle(*_: Any) -> None:
-        raise RuntimeError("the budget store broke")
-
-    monkeypatch.setattr(admission, "settle_budget", broken_settle)
     gate = Gate(LimitSettings(), MoneySettings(user_daily_usd=1.0))
     chat = parse_chat_request(orjson.dumps(chat_body("count me")))
     admitted = await gate.admit(Principal("alice", "acme", "k1"), chat)
