@@ -138,6 +138,7 @@ class Gate:
         self.clock = clock
         self.spend_loaded = True  # False while the ledger's spend is still awaited at start
         self._policies: dict[str, KeyPolicy] = {}
+        self._tiers: dict[str, tuple[Tier, ...]] = {}  # by key: its user, tenant and policy
         self._pending: dict[str, Admission] = {}
 
     def policy(self, principal: Principal) -> KeyPolicy:
@@ -147,17 +148,22 @@ class Gate:
         return policy
 
     def tiers(self, principal: Principal, policy: KeyPolicy) -> tuple[Tier, ...]:
-        s = self.settings
-        return (
-            Tier(
-                "user",
-                principal.user_id,
-                _pick(policy.rpm, s.user_rpm),
-                _pick(policy.tpm, s.user_tpm),
-            ),
-            Tier("tenant", principal.tenant, s.tenant_rpm, s.tenant_tpm),
-            Tier("global", "*", s.global_rpm, s.global_tpm),
-        )
+        """The rate tiers of a key's requests (made once a key: its user, tenant and
+        policy are the key's for good)."""
+        found = self._tiers.get(principal.key_id)
+        if found is None:
+            s = self.settings
+            found = self._tiers[principal.key_id] = (
+                Tier(
+                    "user",
+                    principal.user_id,
+                    _pick(policy.rpm, s.user_rpm),
+                    _pick(policy.tpm, s.user_tpm),
+                ),
+                Tier("tenant", principal.tenant, s.tenant_rpm, s.tenant_tpm),
+                Tier("global", "*", s.global_rpm, s.global_tpm),
+            )
+        return found
 
     def refuse(
         self, principal: Principal, source: object, *, code: str | None, status: str = "rejected"
