@@ -77,7 +77,9 @@ class KeyRing:
                 code=None,
             )
         scheme, _, key = authorization.partition(" ")
-        principal = self._by_digest.get(digest(key.strip())) if scheme.lower() == "bearer" else None
+        key = key.strip(" ")  # spaces only: no other whitespace is part of the header's syntax
+        bearer = scheme.lower() == "bearer" and key  # (an empty key is none, whatever is listed)
+        principal = self._by_digest.get(digest(key)) if bearer else None
         if principal is None:
             raise AuthenticationError("Incorrect API key provided.")
         return principal
@@ -98,7 +100,12 @@ def load_keys_file(path: Path) -> dict[str, Principal]:
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, dict):
         raise ConfigError('SLUICE_CLIENT_KEYS_FILE must hold {"keys": {"<sha256>": {...}}}')
-    return {hexdigest: _principal(hexdigest, entry) for hexdigest, entry in entries.items()}
+    principals = {hexdigest: _principal(hexdigest, entry) for hexdigest, entry in entries.items()}
+    key_ids = collections.Counter(p.key_id for p in principals.values())
+    shared = next((key_id for key_id, count in key_ids.items() if count > 1), None)
+    if shared is not None:  # a key id names one key: in the ledger, and for its settings
+        raise ConfigError(f"SLUICE_CLIENT_KEYS_FILE: two keys' digests begin {shared}...")
+    return principals
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

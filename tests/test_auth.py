@@ -212,6 +212,13 @@ def _keys(entry: dict[str, Any]) -> bytes:
         _keys({"user": ""}),
         b'{"keys": {"' + b"A" * 64 + b'": {"user": "x"}}}',  # no digest is upper case
         b'{"keys": {"' + b"a" * 64 + b'": {"user": "x"}, "' + b"a" * 64 + b'": {"user": "y"}}}',
+        # Two digests sharing the 12 digits of a key id: it would name either key.
+        b'{"keys": {"'
+        + b"a" * 64
+        + b'": {"user": "x"}, "'
+        + b"a" * 12
+        + b"b" * 52
+        + b'": {"user": "y"}}}',
     ],
 )
 def test_bad_keys_file_names_the_variable(tmp_path: Path, content: bytes | None) -> None:
@@ -308,3 +315,18 @@ async def test_several_authorization_headers_are_a_401(gateway: GatewayFactory) 
     headers.add("Authorization", "Bearer not-a-key")
     assert (await client.get("/v1/models", headers=headers)).status == 401
     assert (await client.get("/v1/models", headers=AUTH)).status == 200
+
+
+def test_an_empty_key_or_one_padded_with_other_whitespace_is_no_key(tmp_path: Path) -> None:
+    """Even a keys file listing the digest of the empty string lets no request in with
+    nothing after "Bearer"; and a key padded with a no-break space is another key, not the
+    same one trimmed: only spaces around it are the header's syntax."""
+    path = tmp_path / "keys.json"
+    listed = {"": "nobody", "sk-key": "alice"}
+    entries = {hashlib.sha256(k.encode()).hexdigest(): {"user": u} for k, u in listed.items()}
+    path.write_bytes(orjson.dumps({"keys": entries}))
+    ring = KeyRing(load_keys_file(path))
+    assert ring.authenticate("Bearer  sk-key ").user_id == "alice"
+    for header in ("Bearer ", "Bearer    ", "Bearer sk-key\u00a0"):
+        with pytest.raises(AuthenticationError):
+            ring.authenticate(header)
