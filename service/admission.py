@@ -387,7 +387,8 @@ class Admission:
                 await settle_budget(gate.budgets, self.hold, Decimal(str(entry.cost_usd)))
         finally:
             try:
-                used = entry.prompt_tokens + entry.completion_tokens
+                # A cache hit made the provider do nothing: no tokens of the minute's.
+                used = 0 if stream.cache_hit else entry.prompt_tokens + entry.completion_tokens
                 await gate.limiter.finish(self.grant, used)  # settle + free the slot: one trip
             finally:
                 gate.ledger.record(entry)

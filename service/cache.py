@@ -33,7 +33,18 @@ OPT_IN = "use"
 OPT_OUT = "bypass"
 
 # Cannot change the answer (the wire form is converted on a hit, see ``assemble.py``).
-_IGNORED_FIELDS = frozenset({"user", "metadata", "store", "stream", "stream_options"})
+# Fields that do not change the answer (who asks, what is logged or stored, how it travels).
+_IGNORED_FIELDS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "stream",
+        "stream_options",
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
 _ENTRY_OVERHEAD = 64  # bytes per payload, roughly what a bytes object costs beyond its data
 
 
@@ -61,11 +72,25 @@ class ResponseCache(Protocol):
 
 
 def cache_key(tenant: str, body: Mapping[str, Any], model: str) -> str:
-    """The key of ``body`` asked of ``model`` by ``tenant``."""
-    normalised = {name: value for name, value in body.items() if name not in _IGNORED_FIELDS}
+    """The key of ``body`` asked of ``model`` by ``tenant``: requests that must get the same
+    answer share it (a field left out, null or at its default, ``0`` or ``0.0``)."""
+    normalised = {
+        name: _canonical(value)
+        for name, value in body.items()
+        if name not in _IGNORED_FIELDS and value is not None and not _default(name, value)
+    }
     normalised["model"] = model
     document = orjson.dumps([tenant, normalised], option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(document).hexdigest()
+
+
+def _default(name: str, value: Any) -> bool:
+    return name == "n" and type(value) is int and value == 1
+
+
+def _canonical(value: Any) -> Any:
+    """A whole-number float as the integer it equals (``temperature: 0.0`` is ``0``)."""
+    return int(value) if type(value) is float and value.is_integer() else value
 
 
 def cache_wanted(body: Mapping[str, Any], header: str | None) -> bool:
@@ -112,8 +137,12 @@ class MemoryResponseCache:
             return  # larger than the whole cache: it would only evict everything else
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (self._clock() + ttl_s, entry)
+        now = self._clock()
+        self._entries[key] = (now + ttl_s, entry)
         self.bytes += size
+        if self.bytes > self._max_bytes:  # the expired go first, wherever they are in line
+            for stale in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+                self._drop(stale)
         while self.bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
 

@@ -39,10 +39,17 @@ def test_key_is_scoped_by_tenant_and_model() -> None:
 
 
 def test_key_ignores_fields_that_cannot_change_the_answer() -> None:
-    """``user``, ``metadata``, ``store`` and the wire form do not split the cache."""
+    """``user``, ``metadata``, ``store``, the caller's ids and the wire form do not split
+    the cache; nor does a field sent as null or at its default, or ``0.0`` for ``0``."""
     noisy = {**BODY, "user": "u-123", "metadata": {"trace": "1"}, "store": True}
     noisy |= {"stream": True, "stream_options": {"include_usage": True}}
+    noisy |= {"safety_identifier": "h-1", "prompt_cache_key": "p-1"}
+    noisy |= {"temperature": 0.0, "top_p": None, "seed": None, "n": 1}
     assert cache_key("t", noisy, "gpt-4o-mini") == cache_key("t", BODY, "gpt-4o-mini")
+    for change in ({"n": 2}, {"top_p": 0.5}, {"temperature": 0.5}):  # these still split it
+        assert cache_key("t", {**BODY, **change}, "gpt-4o-mini") != cache_key(
+            "t", BODY, "gpt-4o-mini"
+        )
 
 
 def test_cache_is_wanted_for_temperature_zero_or_opt_in() -> None:
@@ -100,3 +107,20 @@ async def test_entries_expire_after_their_ttl() -> None:
     clock.advance(0.1)
     assert await cache.get("a") is None
     assert cache.bytes == 0
+
+
+async def test_expired_entries_go_before_live_ones() -> None:
+    """Making room, the cache drops what has expired before it evicts anything live, however
+    recently the expired entry was read."""
+    clock = FakeClock()
+    cache = MemoryResponseCache(max_bytes=2000, clock=clock)
+    await cache.put("old", entry(1000), 60)
+    clock.advance(30)
+    await cache.put("live", entry(1000), 60)
+    clock.advance(29)
+    assert await cache.get("old") is not None  # read last: first in the LRU order's favour
+    clock.advance(2)  # old has expired, live has not
+    await cache.put("new", entry(1000), 60)
+    assert await cache.get("live") is not None
+    assert await cache.get("new") is not None
+    assert cache.bytes == 2000

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from service.appkeys import STREAMS
+from service.appkeys import GATE, STREAMS
 from service.auth import add_key
 from service.cache import CACHE_HEADER
 from service.relay import FALLBACK_HEADER, MODEL_HEADER, STREAM_ID_HEADER
@@ -273,3 +273,26 @@ async def test_disabled_cache_always_bypasses(
         _, headers, _ = await post(rig, "det", temperature=0)
         assert headers[CACHE_HEADER] == "bypass"
     assert sim_stats.requests == 2
+
+
+async def test_a_hit_spends_no_tokens_of_the_minutes(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """The provider did nothing for a hit: its settlement gives back every token it reserved
+    of the tokens-per-minute limits (the miss settles its real usage)."""
+    rig = await start(aiohttp_client, settings)
+    limiter = rig.client.app[GATE].limiter
+    settled: list[int] = []
+    finish = limiter.finish
+
+    async def recording(grant: Any, used_tokens: int) -> None:
+        settled.append(used_tokens)
+        await finish(grant, used_tokens)
+
+    limiter.finish = recording  # type: ignore[method-assign]
+    for expected in ("miss", "hit"):
+        status, headers, _ = await post(rig, "det [sim chunks=4]", temperature=0)
+        assert (status, headers[CACHE_HEADER]) == (200, expected)
+    assert settled[0] > 0
+    assert settled[1] == 0
+    assert sim_stats.requests == 1

@@ -455,3 +455,19 @@ async def test_a_server_bug_on_one_frame_does_not_drop_the_socket(
     await create(ws, "fine", "fine [sim chunks=2]")
     assert (await until_final(ws, {"fine"}))["fine"][-1][0]["type"] == "done"
     await ws.close()
+
+
+async def test_the_handshakes_cache_choice_holds_for_the_sockets_streams(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """``X-Sluice-Cache: bypass`` on the upgrade request: the same deterministic request
+    sent twice over the socket reaches the provider twice (it would be a hit otherwise)."""
+    client = await gateway()
+    ws = await connect(client, {**AUTH, "X-Sluice-Cache": "bypass"})
+    for request_id in ("a", "b"):
+        body = chat_body("det [sim chunks=3]", temperature=0)
+        frame_ = {"type": "chat.completion.create", "request_id": request_id, "body": body}
+        await ws.send_str(orjson.dumps(frame_).decode())
+        await until_final(ws, {request_id})
+    await ws.close()
+    assert sim_stats.requests == 2

@@ -45,6 +45,7 @@ from ..errors import (
     SluiceError,
 )
 from ..redis_journal import UNREADABLE, Event, RemoteStreams
+from ..relay import CACHE_HEADER
 from ..request import parse_chat_request, too_deep
 from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
 from ..wsproto import (
@@ -73,7 +74,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     )
     await ws.prepare(request)
     request.app[WEBSOCKETS].add(ws)
-    socket = _Socket(request.app, request[PRINCIPAL], ws)
+    # The handshake's ``X-Sluice-Cache`` (use, bypass) holds for every stream of the socket.
+    socket = _Socket(request.app, request[PRINCIPAL], ws, request.headers.get(CACHE_HEADER))
     try:
         async for message in ws:
             if message.type is TEXT:
@@ -90,11 +92,18 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 class _Socket:
     """One client's socket: the reader task of each of its streams, by request id."""
 
-    __slots__ = ("_app", "_principal", "_readers", "_registry", "_ws")
+    __slots__ = ("_app", "_cache_header", "_principal", "_readers", "_registry", "_ws")
 
-    def __init__(self, app: web.Application, principal: Principal, ws: web.WebSocketResponse):
+    def __init__(
+        self,
+        app: web.Application,
+        principal: Principal,
+        ws: web.WebSocketResponse,
+        cache_header: str | None,
+    ):
         self._app = app
         self._principal = principal
+        self._cache_header = cache_header
         self._registry = app[STREAMS]
         self._ws = ws
         self._readers: dict[RequestId, tuple[str, asyncio.Task[None]]] = {}  # stream id, task
@@ -158,7 +167,9 @@ class _Socket:
             raise
         owner = Owner(principal.user_id, principal.tenant, principal.key_id)
         admission = await self._app[GATE].admit(principal, chat)  # limits and budgets, as SSE
-        stream = await admission.launch(start_stream, self._app, owner)
+        stream = await admission.launch(
+            start_stream, self._app, owner, cache_header=self._cache_header
+        )
         self._follow(request_id, stream, after=0, announce=True)
 
     async def _cancel(self, frame: dict[str, Any]) -> None:
