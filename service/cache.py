@@ -17,6 +17,7 @@ implements the same protocol for many replicas.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -109,10 +110,12 @@ def opted_out(header: str | None) -> bool:
 
 
 class MemoryResponseCache:
-    """Process-local LRU with TTL, bounded by the bytes of its entries."""
+    """Process-local LRU with TTL, bounded by the bytes of its entries; the expired go
+    first (found by a heap of expiry times, not a scan), then the least recently used."""
 
     def __init__(self, *, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+        self._expiry: list[tuple[float, str]] = []  # a heap; pairs of replaced entries linger
         self._max_bytes = max_bytes
         self._clock = clock
         self.bytes = 0  # invariant: the sum of ``size`` over ``_entries``
@@ -139,9 +142,12 @@ class MemoryResponseCache:
             self._drop(key)
         now = self._clock()
         self._entries[key] = (now + ttl_s, entry)
+        heapq.heappush(self._expiry, (now + ttl_s, key))
         self.bytes += size
-        if self.bytes > self._max_bytes:  # the expired go first, wherever they are in line
-            for stale in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+        while self._expiry and self._expiry[0][0] <= now:  # wherever they are in LRU order
+            expires, stale = heapq.heappop(self._expiry)
+            found = self._entries.get(stale)
+            if found is not None and found[0] == expires:  # (not since replaced)
                 self._drop(stale)
         while self.bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))

@@ -124,3 +124,15 @@ async def test_expired_entries_go_before_live_ones() -> None:
     assert await cache.get("live") is not None
     assert await cache.get("new") is not None
     assert cache.bytes == 2000
+
+
+async def test_a_put_releases_what_has_expired() -> None:
+    """Expired entries give their bytes back at the next put, read or not (a cache that is
+    written to but never read again stays bounded by what is live)."""
+    clock = FakeClock()
+    cache = MemoryResponseCache(max_bytes=100_000, clock=clock)
+    for n in range(50):
+        await cache.put(f"k{n}", entry(1000), 10)
+    clock.advance(11)
+    await cache.put("fresh", entry(1000), 10)
+    assert (len(cache), cache.bytes) == (1, 1000)
