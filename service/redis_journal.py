@@ -49,14 +49,7 @@ from .checkpoint import Checkpoint, CheckpointStore
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
-from .relay import (
-    CACHE_HEADER,
-    FALLBACK_HEADER,
-    MODEL_HEADER,
-    RESUME_ELSEWHERE,
-    SSE_HEADERS,
-    STREAM_ID_HEADER,
-)
+from .relay import RESUME_ELSEWHERE, SSE_HEADERS, STREAM_ID_HEADER, stream_headers
 from .sse import KEEPALIVE, encode_event
 from .stream import Stream, StreamStatus
 
@@ -226,7 +219,8 @@ class JournalMirror:
         commands.append(("PEXPIRE", meta, self._ttl_ms))
         # Then what its response headers say, as now known (a fallback is chosen after the
         # start): a resume through another replica sends them too.
-        commands.append(("HSET", meta, *_labels(stream)))
+        headers = stream_headers(stream)  # the owner's response's, as the owner would send
+        commands.append(("HSET", meta, *itertools.chain.from_iterable(headers.items())))
         commands.append(("PEXPIRE", meta, self._ttl_ms))
         replies = await self._gate.pipeline(commands, expected=_already_journaled)
         return bool(replies[known])
@@ -327,9 +321,9 @@ class RemoteStreams:
         except RedisUnavailable:
             return {}
         return {
-            header: meta[field].decode()
-            for field, header in _LABEL_HEADERS.items()
-            if meta.get(field)
+            field.decode(): value.decode()
+            for field, value in meta.items()
+            if field.startswith(_HEADER_PREFIX)
         }
 
     async def _publish(self, op: str, stream_id: str, reader: str = "") -> None:
@@ -497,17 +491,7 @@ class RemoteStreams:
         return await self._store.get(stream_id)
 
 
-# The owner record's fields for the response headers a resume elsewhere sends.
-_LABEL_HEADERS = {b"model": MODEL_HEADER, b"cache": CACHE_HEADER, b"fallback": FALLBACK_HEADER}
-
-
-def _labels(stream: Stream) -> tuple[str, ...]:
-    """HSET's field-value pairs for ``_LABEL_HEADERS`` (an empty value: none)."""
-    return (
-        "model", stream.served_model,
-        "cache", stream.cache_status,
-        "fallback", stream.fallback_reason or "",
-    )  # fmt: skip
+_HEADER_PREFIX = b"X-Sluice-"  # owner-record fields that are its response's headers
 
 
 def _ended(entries: Iterable[tuple[int, Any]]) -> bool:
