@@ -6,7 +6,8 @@
       2. the user's concurrent-stream cap                      429 concurrent_streams_exceeded
       3. requests/tokens per minute: user, tenant, global      429 rate_limit_exceeded
       4. USD budgets: user, tenant, per day and month          429 budget_exceeded
-         (reserving the dearest model the fallback chain may serve)
+         (reserving the dearest model the fallback chain may serve; with no room left, a
+         cached answer, if one is at hand, is served instead, at no cost)
     admission.launch(start_stream, app, owner)   binds the stream (or undoes 2-4 if it fails)
     add_admission_headers (middleware.py)        x-ratelimit-*, X-Sluice-Budget-Warning
     Gate.on_finish(stream, checkpoint)           registry finish hook: settle + ledger row
@@ -27,7 +28,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -40,7 +41,13 @@ from .auth import Principal
 from .budgets import ZERO, BudgetLimits, Budgets, Hold
 from .checkpoint import Checkpoint, billed_tokens, is_count
 from .context import ContextPolicy
-from .errors import RateLimitError, ServiceUnavailableError, SluiceError, TokenRateLimitError
+from .errors import (
+    BudgetExceededError,
+    RateLimitError,
+    ServiceUnavailableError,
+    SluiceError,
+    TokenRateLimitError,
+)
 from .ids import new_id
 from .ledger import (
     Ledger,
@@ -140,6 +147,9 @@ class Gate:
         self._policies: dict[str, KeyPolicy] = {}
         self._tiers: dict[str, tuple[Tier, ...]] = {}  # by key: its user, tenant and policy
         self._pending: dict[str, Admission] = {}
+        # Set by the cache's owner: whether a cached answer to a tenant's request is at hand
+        # (the last degradation tier, for a request its budget has no room for).
+        self.has_cached: Callable[[str, ChatRequest, str | None], Awaitable[bool]] | None = None
 
     def policy(self, principal: Principal) -> KeyPolicy:
         policy = self._policies.get(principal.key_id)
@@ -250,11 +260,16 @@ class Gate:
         pressure = self.budgets.pressure(owner.user_id, owner.tenant, overrides, excluding=own)
         return pressure >= self.soft_fraction
 
-    async def admit(self, principal: Principal, chat: ChatRequest) -> Admission:
-        """Run the checks in order; raise the first refusal (after recording it)."""
+    async def admit(
+        self, principal: Principal, chat: ChatRequest, cache_header: str | None = None
+    ) -> Admission:
+        """Run the checks in order; raise the first refusal (after recording it).
+
+        ``cache_header`` is the client's ``X-Sluice-Cache`` choice, for the stream and for
+        the cached-only tier."""
         arrived = self.clock()
         try:
-            return await self._admit(principal, chat, arrived)
+            return await self._admit(principal, chat, arrived, cache_header)
         except SluiceError as exc:
             self.ledger.record(_rejection(principal, chat.model, arrived, code=exc.code))
             raise
@@ -262,7 +277,9 @@ class Gate:
             self.ledger.record(_rejection(principal, chat.model, arrived, status="cancelled"))
             raise
 
-    async def _admit(self, principal: Principal, chat: ChatRequest, arrived: float) -> Admission:
+    async def _admit(
+        self, principal: Principal, chat: ChatRequest, arrived: float, cache_header: str | None
+    ) -> Admission:
         if not self.spend_loaded:  # budgets would count from zero: refuse before reserving
             raise ServiceUnavailableError(
                 "The gateway is starting (its ledger is not reachable yet); retry shortly "
@@ -293,6 +310,7 @@ class Gate:
                 )
             raise _rate_limited(outcome)
         admission = Admission(self, principal, chat, prompt, ceiling, arrived, outcome)
+        admission.cache_header = cache_header
         try:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)
@@ -302,14 +320,33 @@ class Gate:
             worst = ZERO  # with no budget to hold it against, nothing is reserved
             if self.budgets.enforced(policy.budgets):
                 worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
-            hold = await reserve_budget(self.budgets, user, principal.tenant, worst, policy.budgets)
+            hold = await self._reserve(admission, worst, policy.budgets)
         except BaseException:
             await admission.release()
             raise
         admission.hold = hold
-        if hold.warning:
+        if hold is not None and hold.warning:
             admission.headers[BUDGET_WARNING_HEADER] = hold.warning
         return admission
+
+    async def _reserve(
+        self, admission: Admission, worst: Decimal, overrides: BudgetLimits | None
+    ) -> Hold | None:
+        """The budget hold for ``worst``; None when the budget has no room and the request
+        is to be answered from the cache instead (free), as ``admission.only_cached``."""
+        principal = admission.principal
+        try:
+            return await reserve_budget(
+                self.budgets, principal.user_id, principal.tenant, worst, overrides
+            )
+        except BudgetExceededError as refusal:
+            cached = self.has_cached
+            if cached is None or not await cached(
+                principal.tenant, admission.chat, admission.cache_header
+            ):
+                raise
+            admission.only_cached = refusal
+            return None
 
     async def on_finish(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """The registry finish hook: settle the stream's admission and write its ledger row."""
@@ -332,22 +369,27 @@ class Admission:
     hold: Hold | None = None
     headers: dict[str, str] = field(default_factory=dict)
     output_limits: Mapping[str, int | None] = field(default_factory=lambda: NO_LIMITS)
+    cache_header: str | None = None  # the client's ``X-Sluice-Cache``
+    only_cached: BudgetExceededError | None = None  # no budget left: the cache answers
     _open: bool = True
 
     async def launch(
-        self,
-        start: Callable[..., Stream],
-        app: web.Application,
-        owner: Owner,
-        **options: Any,
+        self, start: Callable[..., Stream], app: web.Application, owner: Owner
     ) -> Stream:
-        """``start(app, owner, self.chat, output_limits=..., **options)``, bound to this
-        admission.
+        """``start(app, owner, self.chat, ...)`` with what admission decided for the stream,
+        bound to this admission.
 
         If starting fails, the reservations are returned and a rejected row is recorded.
         """
         try:
-            stream = start(app, owner, self.chat, output_limits=self.output_limits, **options)
+            stream = start(
+                app,
+                owner,
+                self.chat,
+                cache_header=self.cache_header,
+                output_limits=self.output_limits,
+                only_cached=self.only_cached,
+            )
         except SluiceError as exc:
             await self.release()
             rejected = _rejection(self.principal, self.chat.model, self.arrived, code=exc.code)
@@ -426,7 +468,7 @@ def ledger_entry(
         key_id=principal.key_id,
         model_requested=storable(stream.model) or "",
         model_served=storable(checkpoint.response_model or served),
-        status=_LEDGER_STATUS.get(stream.status, "provider_error"),
+        status=_ledger_status(stream),
         prompt_tokens=storable_count(prompt),
         cached_tokens=storable_count(cached),
         completion_tokens=storable_count(completion),
@@ -437,6 +479,12 @@ def ledger_entry(
         error_code=storable(error.get("code") if isinstance(error.get("code"), str) else None),
         usage_reported=checkpoint.usage_reported,
     )
+
+
+def _ledger_status(stream: Stream) -> str:
+    if isinstance(stream.error, BudgetExceededError):  # its cached answer went before it ran
+        return "rejected"
+    return _LEDGER_STATUS.get(stream.status, "provider_error")
 
 
 def _rejection(

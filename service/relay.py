@@ -26,7 +26,7 @@ from .stream import Stream, StreamStatus
 
 STREAM_ID_HEADER = "X-Sluice-Stream-Id"
 MODEL_HEADER = "X-Sluice-Model"  # the model that served (or was last tried)
-FALLBACK_HEADER = "X-Sluice-Fallback-Reason"  # breaker_open, retries_exhausted, budget_pressure
+FALLBACK_HEADER = "X-Sluice-Fallback-Reason"  # breaker_open, retries_exhausted, budget_*
 CACHE_HEADER = "X-Sluice-Cache"  # hit, miss or bypass
 RESUME_RETRY_MS = 1000
 SEND_AGAIN = b"data: %b\n\n" % dumps_kept(

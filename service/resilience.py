@@ -55,6 +55,7 @@ _Call = Callable[[bytes], Awaitable[T]]  # one provider call: Upstream.post_chat
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
 BUDGET_PRESSURE = "budget_pressure"
+BUDGET_EXCEEDED = "budget_exceeded"  # the cache served: the budget had no room for a call
 
 Sleep = Callable[[float], Awaitable[None]]
 

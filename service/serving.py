@@ -1,5 +1,6 @@
 """What answers a chat request: the cache, the provider (through the fallback chain), or,
-when every model tier failed before answering, the cache again as the last tier.
+when every model tier failed before answering or a budget had no room for the call, the
+cache again as the last tier.
 
 ``Responder.answer`` is the work the registry runs for a stream. It decides the cache
 status (``stream.cache_status``) before the stream is accepted, so the handler can put it
@@ -26,7 +27,7 @@ from .checkpoint import Checkpoint
 from .errors import SluiceError
 from .generation import generate
 from .request import ChatRequest
-from .resilience import BUDGET_PRESSURE, ResilientProvider, degrade_reason
+from .resilience import BUDGET_EXCEEDED, BUDGET_PRESSURE, ResilientProvider, degrade_reason
 from .stream import Kind, Stream, StreamStatus
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,27 @@ class Responder:
         # Set by the budget owner: True starts the stream on its first cheaper fallback.
         self.under_pressure: Callable[[Stream], bool] | None = None
 
-    async def answer(self, stream: Stream, chat: ChatRequest, cache_header: str | None) -> None:
-        """Serve ``stream`` from the cache or the provider; raises ``SluiceError``."""
+    async def answer(
+        self,
+        stream: Stream,
+        chat: ChatRequest,
+        cache_header: str | None,
+        *,
+        only_cached: SluiceError | None = None,
+    ) -> None:
+        """Serve ``stream`` from the cache or the provider; raises ``SluiceError``.
+
+        ``only_cached``: a budget refused the provider call at admission, where a cached
+        answer was found (``has_cached``); it serves, or, gone since, this refusal."""
+        if only_cached is not None:
+            entry = await self._lookup(stream.owner.tenant, chat, self.provider.chain(chat.model))
+            if entry is None:
+                raise only_cached.fresh()
+            stream.fallback_reason = BUDGET_EXCEEDED
+            _replay(stream, entry)
+            return
         if self._cache is not None and cache_wanted(chat.body, cache_header):
-            entry = await self._lookup(stream, chat, (stream.model,))
+            entry = await self._lookup(stream.owner.tenant, chat, (stream.model,))
             if entry is not None:
                 _replay(stream, entry)
                 return
@@ -68,7 +86,7 @@ class Responder:
             reason = degrade_reason(exc)
             if reason is None or stream.accepted.is_set() or not self._may_degrade(cache_header):
                 raise
-            entry = await self._lookup(stream, chat, self.provider.chain(stream.model))
+            entry = await self._lookup(stream.owner.tenant, chat, self.provider.chain(stream.model))
             if entry is None:
                 raise
             stream.fallback_reason = reason
@@ -93,24 +111,31 @@ class Responder:
         key = cache_key(stream.owner.tenant, chat.body, stream.served_model)
         await self._cache.put(key, entry, self._ttl_s)
 
+    async def has_cached(self, tenant: str, chat: ChatRequest, cache_header: str | None) -> bool:
+        """Whether the cache, as the last degradation tier, holds an answer to ``chat``
+        (asked by admission when a budget has no room for a provider call)."""
+        if not self._may_degrade(cache_header):
+            return False
+        return await self._lookup(tenant, chat, self.provider.chain(chat.model)) is not None
+
     def _may_degrade(self, cache_header: str | None) -> bool:
         return self._degrade_to_cache and self._cache is not None and not opted_out(cache_header)
 
     async def _lookup(
-        self, stream: Stream, chat: ChatRequest, models: tuple[str, ...]
+        self, tenant: str, chat: ChatRequest, models: tuple[str, ...]
     ) -> CachedResponse | None:
         """The first entry for ``chat`` asked of one of ``models``; a store failure is a miss."""
         assert self._cache is not None
         for model in models:
-            key = cache_key(stream.owner.tenant, chat.body, model)
+            key = cache_key(tenant, chat.body, model)
             try:
                 entry = await self._cache.get(key)
             except Exception:
-                log.exception("cache lookup failed for stream %s", stream.id)
+                log.exception("cache lookup failed")
                 return None
             if entry is None or not entry.payloads:
                 continue
-            if entry.streaming != stream.streaming and (
+            if entry.streaming != chat.streaming and (
                 chat.body.get("logprobs") or not convertible(entry.payloads, entry.streaming)
             ):
                 continue  # conversion would lose part of the answer: only its own form serves

@@ -22,7 +22,7 @@ from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.resilient import with_resilience
-from tests.test_ledger import finished
+from tests.test_ledger import Client, finished
 
 NOON = float(calendar.timegm((2026, 11, 22, 12, 0, 0)))
 
@@ -285,3 +285,101 @@ def test_a_zero_budget_has_nothing_left_not_no_limit() -> None:
     status = Budgets(BudgetLimits(user_daily=Decimal(0))).status("u", "t")
     assert status["user"]["daily"]["limit_usd"] == 0.0
     assert status["user"]["daily"]["remaining_usd"] == 0.0
+
+
+async def _one_request_budget(
+    gateway: GatewayFactory, settings: Settings, **changes: object
+) -> Client:
+    """A gateway whose user daily budget fits one ``CACHED`` request (and not a second)."""
+    prompt = tokens.count_chat("gpt-4o-mini", CACHED)
+    cost = (await gateway()).app[GATE].prices.cost("gpt-4o-mini", prompt, 5)
+    changed = replace(settings, resilience=replace(settings.resilience, **changes))
+    return await gateway(with_money(changed, user_daily_usd=float(cost * 3 / 2)))
+
+
+CACHED = chat_body("again [sim chunks=5]", stream=False, max_tokens=5, temperature=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_spent_budget_is_served_from_the_cache(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats, streaming: bool
+) -> None:
+    """The cached-only tier: with no budget left for a provider call, a request whose answer
+    is cached gets it, free (as a stream when streamed), and says why; one that is not
+    cached, or that opts out of the cache, is refused."""
+    client = await _one_request_budget(gateway, settings)
+    first = await client.post("/v1/chat/completions", json=CACHED, headers=AUTH)
+    assert (first.status, first.headers["X-Sluice-Cache"]) == (200, "miss")
+    answer = orjson.loads(await first.read())
+    await finished(client, first)
+    assert sim_stats.requests == 1
+
+    again = await client.post(
+        "/v1/chat/completions", json={**CACHED, "stream": streaming}, headers=AUTH
+    )
+    assert again.status == 200
+    assert again.headers["X-Sluice-Cache"] == "hit"
+    assert again.headers["X-Sluice-Fallback-Reason"] == "budget_exceeded"
+    raw = await again.read()
+    if streaming:
+        assert answer["choices"][0]["message"]["content"].encode("unicode_escape") in raw
+        assert raw.endswith(b"data: [DONE]\n\n")
+    else:
+        assert orjson.loads(raw)["choices"] == answer["choices"]
+    await finished(client, again)
+    assert sim_stats.requests == 1  # the provider was not called
+
+    other = chat_body("new [sim chunks=5]", stream=False, max_tokens=5, temperature=0)
+    refused = await client.post("/v1/chat/completions", json=other, headers=AUTH)
+    opted_out = await client.post(
+        "/v1/chat/completions", json=CACHED, headers={**AUTH, "X-Sluice-Cache": "bypass"}
+    )
+    for response in (refused, opted_out):
+        assert response.status == 429
+        assert orjson.loads(await response.read())["error"]["code"] == "budget_exceeded"
+    rows = await client.app[GATE].ledger.entries()
+    assert [(r.status, r.cost_usd > 0) for r in rows] == [
+        ("completed", True),
+        ("completed", False),  # the cached answer: no provider cost
+        ("rejected", False),
+        ("rejected", False),
+    ]
+    assert sim_stats.requests == 1
+
+
+async def test_no_cached_answer_for_a_spent_budget_when_degrading_is_off(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """``SLUICE_DEGRADE_TO_CACHE=false``: a budget with no room refuses, cached or not."""
+    client = await _one_request_budget(gateway, settings, degrade_to_cache=False)
+    first = await client.post("/v1/chat/completions", json=CACHED, headers=AUTH)
+    assert first.status == 200
+    await finished(client, first)
+    again = await client.post("/v1/chat/completions", json=CACHED, headers=AUTH)
+    assert again.status == 429
+    assert orjson.loads(await again.read())["error"]["code"] == "budget_exceeded"
+
+
+async def test_a_cached_answer_gone_before_it_is_served_is_the_budget_refusal(
+    gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Admission saw a cached answer, which was gone (evicted, expired) when the stream
+    looked again: the budget's refusal, never a provider call; its row says rejected."""
+    client = await _one_request_budget(gateway, settings)
+    first = await client.post("/v1/chat/completions", json=CACHED, headers=AUTH)
+    await finished(client, first)
+    gate = client.app[GATE]
+
+    async def seen_then_evicted(tenant: str, chat: ChatRequest, header: str | None) -> bool:
+        return True  # as admission found it; the stream finds nothing for this prompt
+
+    gate.has_cached = seen_then_evicted
+    other = {**CACHED, "messages": [{"role": "user", "content": "gone [sim chunks=5]"}]}
+    again = await client.post("/v1/chat/completions", json=other, headers=AUTH)
+    assert again.status == 429
+    assert orjson.loads(await again.read())["error"]["code"] == "budget_exceeded"
+    assert again.headers["x-should-retry"] == "false"
+    assert sim_stats.requests == 1
+    rows = await gate.ledger.entries()
+    assert (rows[-1].status, rows[-1].error_code) == ("rejected", "budget_exceeded")
+    assert len(rows) == 2

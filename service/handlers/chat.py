@@ -44,10 +44,12 @@ def start_stream(
     *,
     cache_header: str | None = None,
     output_limits: Mapping[str, int | None] = NO_LIMITS,
+    only_cached: SluiceError | None = None,
 ) -> Stream:
     """Create a stream for ``chat`` and launch its generation; shared by SSE and WebSocket.
 
-    ``cache_header`` is the client's ``X-Sluice-Cache`` choice (``use`` or ``bypass``).
+    ``cache_header`` is the client's ``X-Sluice-Cache`` choice (``use`` or ``bypass``);
+    the rest is admission's (see ``Admission.launch``).
     """
     if app[LIFECYCLE].draining:  # a stream started now would outlive the drain unrecorded
         raise ServiceUnavailableError(
@@ -64,7 +66,7 @@ def start_stream(
     )
     stream.body = chat.body
     stream.output_limits = output_limits  # per fallback model (admission.py)
-    work = app[RESPONDER].answer(stream, chat, cache_header)
+    work = app[RESPONDER].answer(stream, chat, cache_header, only_cached=only_cached)
     app[STREAMS].launch(stream, app[TELEMETRY].traced(stream, work))  # spans under this request
     return stream
 
@@ -73,9 +75,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     principal = request[PRINCIPAL]
     chat = await _parse(request)
     owner = Owner(principal.user_id, principal.tenant, principal.key_id)
-    admission = request[ADMITTED] = await request.app[GATE].admit(principal, chat)
     cache_header = request.headers.get(CACHE_HEADER)
-    stream = await admission.launch(start_stream, request.app, owner, cache_header=cache_header)
+    admission = request[ADMITTED] = await request.app[GATE].admit(principal, chat, cache_header)
+    stream = await admission.launch(start_stream, request.app, owner)
     registry = request.app[STREAMS]
     with registry.reading(stream):
         if chat.streaming:

@@ -166,10 +166,9 @@ class _Socket:
             self._app[GATE].refuse(principal, body, code=exc.code or exc.type)
             raise
         owner = Owner(principal.user_id, principal.tenant, principal.key_id)
-        admission = await self._app[GATE].admit(principal, chat)  # limits and budgets, as SSE
-        stream = await admission.launch(
-            start_stream, self._app, owner, cache_header=self._cache_header
-        )
+        # Limits and budgets, as over SSE.
+        admission = await self._app[GATE].admit(principal, chat, self._cache_header)
+        stream = await admission.launch(start_stream, self._app, owner)
         self._follow(request_id, stream, after=0, announce=True)
 
     async def _cancel(self, frame: dict[str, Any]) -> None:
