@@ -67,7 +67,7 @@ from .stream import NO_LIMITS, Owner, Stream, StreamStatus
 log = logging.getLogger(__name__)
 
 BUDGET_WARNING_HEADER = "X-Sluice-Budget-Warning"
-OFFLOAD_CHARS = 32_768  # prompts longer than this are counted in a thread, off the loop
+OFFLOAD_BYTES = 32_768  # bodies larger than this are counted in a thread, off the loop
 
 _LEDGER_STATUS = {
     StreamStatus.COMPLETED: "completed",
@@ -554,19 +554,12 @@ def _rate_limited(denial: Denial) -> RateLimitError:
 
 async def _count_prompt(chat: ChatRequest, model: str | None = None) -> int:
     """``chat``'s prompt in ``model``'s encoding (its own by default): counted on the loop
-    when cheap; in a thread when the prompt is long or tiktoken is cold."""
+    when cheap; in a thread when tiktoken is cold or the body is large (its size bounds the
+    text to count, wherever it is: content parts, tool calls' arguments, tool schemas)."""
     model = model or chat.model
-    if tokens.is_loaded(model) and _rough_chars(chat.body) < OFFLOAD_CHARS:
+    if tokens.is_loaded(model) and chat.size < OFFLOAD_BYTES:
         return tokens.count_chat(model, chat.body)
     return await asyncio.to_thread(tokens.count_chat, model, chat.body)
-
-
-def _rough_chars(body: Mapping[str, Any]) -> int:
-    total = 0
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        total += len(content) if isinstance(content, str) else 256
-    return total + 512 * len(body.get("tools") or ())
 
 
 def _image_extra(model: str) -> int:

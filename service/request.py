@@ -50,10 +50,11 @@ class ChatRequest:
     model: str
     streaming: bool
     include_usage: bool
+    size: int = 0  # the body's bytes as the client sent it: what reading it may cost
 
     def with_body(self, body: dict[str, Any]) -> ChatRequest:
         """This request with another body (half what ``dataclasses.replace`` costs)."""
-        return ChatRequest(body, self.model, self.streaming, self.include_usage)
+        return ChatRequest(body, self.model, self.streaming, self.include_usage, self.size)
 
     def upstream_body(self) -> bytes:
         """The body sent to the provider: always asks for usage when streaming."""
@@ -99,7 +100,7 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
             param="stream_options.include_usage",
         )
     include_usage = bool(usage_option)
-    return ChatRequest(body=body, model=model, streaming=streaming, include_usage=include_usage)
+    return ChatRequest(body, model, streaming, include_usage, len(raw))
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -216,6 +217,13 @@ def _check_scalars(body: dict[str, Any]) -> None:
             expected = " or ".join(_JSON_NAMES[kind] for kind in kinds)
             message = f"Invalid type for '{name}': expected {expected}."
             raise InvalidRequestError(message, param=name)
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        # OpenAI's answer; and only one of the two can be planned, capped and reserved for.
+        raise InvalidRequestError(
+            "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+            param="max_tokens",
+            code="invalid_parameter_combination",
+        )
 
 
 def _optional(body: dict[str, Any], name: str, kind: type[_T]) -> _T | None:

@@ -14,19 +14,26 @@ DONE = b"[DONE]"
 # an event with empty data and fail to parse it as JSON.
 KEEPALIVE = b": keepalive\n"
 _NEXT = b"\n\ndata: "  # the end of one single-line event and the start of the next
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
 class SSEDecoder:
-    """Split a byte stream into event ``data`` payloads; other fields are ignored."""
+    """Split a byte stream into event ``data`` payloads; other fields are ignored, and an
+    event with empty data is not one (the spec dispatches none for it)."""
 
-    __slots__ = ("_buffer", "_skip_lf")
+    __slots__ = ("_buffer", "_fresh", "_skip_lf")
 
     def __init__(self) -> None:
         self._buffer = b""  # an event begun, newlines already normalised
         self._skip_lf = False  # the last read ended with CR: a LF first in the next joins it
+        self._fresh = True  # nothing read yet: a byte order mark may come first
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data of every event completed by ``chunk`` (possibly none)."""
+        if self._fresh:
+            self._fresh = False
+            if chunk.startswith(BOM):  # the spec's one allowed BOM, not part of a field
+                chunk = chunk[3:]
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -41,21 +48,22 @@ class SSEDecoder:
             payloads = buffer[6:-2].split(_NEXT)
             if buffer.count(b"\n") == 2 * len(payloads):
                 self._buffer = b""
-                return payloads
+                return payloads if b"" not in payloads else [p for p in payloads if p]
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._buffer = buffer
             return []
         complete, self._buffer = buffer[:end], buffer[end + 2 :]
         if complete[:6] == b"data: " and complete.count(b"\n") == 2 * complete.count(_NEXT):
-            return complete[6:].split(_NEXT)
-        return [d for event in complete.split(b"\n\n") if (d := _event_data(event)) is not None]
+            payloads = complete[6:].split(_NEXT)
+            return payloads if b"" not in payloads else [p for p in payloads if p]
+        return [d for event in complete.split(b"\n\n") if (d := _event_data(event))]
 
     def flush(self) -> list[bytes]:
         """Return a final event left without its blank line when the stream ended."""
         rest, self._buffer = self._buffer, b""
         data = _event_data(rest.rstrip(b"\r\n"))
-        return [] if data is None else [data]
+        return [data] if data else []
 
 
 def _event_data(event: bytes) -> bytes | None:

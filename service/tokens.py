@@ -203,13 +203,17 @@ def count_text(model: str, text: str) -> int:
 
 
 def count_chat(model: str, body: Mapping[str, Any]) -> int:
-    """Prompt tokens of a chat-completion request: messages plus tool/function definitions."""
+    """Prompt tokens of a chat-completion request: messages plus tool/function definitions,
+    and a structured output's schema (the model reads it: counted as its JSON, an estimate)."""
     encoding = get_encoding(encoding_name_for_model(model))
     total = count_messages(encoding, body.get("messages") or ())
     tools = [t.get("function") for t in body.get("tools") or () if isinstance(t, dict)]
     functions = list(body.get("functions") or ()) + [f for f in tools if isinstance(f, dict)]
     if functions:
         total += count_tools(encoding, functions)
+    output = body.get("response_format")
+    if isinstance(output, dict) and isinstance(output.get("json_schema"), dict):
+        total += _len(encoding, orjson.dumps(output["json_schema"]).decode())
     return total
 
 
@@ -249,9 +253,10 @@ def _value_tokens(encoding: tiktoken.Encoding, value: Any, *, parts: bool = Fals
 
 
 def _part_tokens(encoding: tiktoken.Encoding, part: dict[str, Any]) -> int:
-    if part["type"] in ("image_url", "input_image"):
+    kind = part["type"]
+    if kind in ("image_url", "input_image"):
         return IMAGE_PART_TOKENS
-    text = part.get("text")
+    text = part.get("refusal" if kind == "refusal" else "text")  # audio, files: the provider's
     return _len(encoding, text) if isinstance(text, str) else 0
 
 

@@ -107,6 +107,22 @@ async def test_wrong_types_name_the_param(gateway: GatewayFactory, field: str, v
     assert field in error["message"]
 
 
+async def test_both_output_limits_at_once_are_400(
+    gateway: GatewayFactory, sim_stats: SimStats
+) -> None:
+    """``max_tokens`` with ``max_completion_tokens``: OpenAI's 400, before the provider (a
+    provider honouring the other one would run past the cap and the budget's hold)."""
+    client = await gateway()
+    body = chat_body(max_tokens=50_000, max_completion_tokens=200)
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == 400
+    error = assert_openai_error(await response.json(), type_="invalid_request_error")
+    assert (error["param"], error["code"]) == ("max_tokens", "invalid_parameter_combination")
+    assert sim_stats.requests == 0
+    one_null = chat_body("ok [sim chunks=2]", max_tokens=None, max_completion_tokens=20)
+    assert (await client.post(URL, json=one_null, headers=AUTH)).status == 200
+
+
 async def test_stream_options_without_stream_is_400(gateway: GatewayFactory) -> None:
     """stream_options on a non-streamed request is rejected as OpenAI does."""
     client = await gateway()

@@ -72,6 +72,24 @@ async def test_a_finished_stream_without_done_completes(
     assert not any("error" in orjson.loads(d) for d in data[:-1])
 
 
+async def test_a_byte_order_mark_and_empty_events_lose_nothing(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A stream that starts with a UTF-8 BOM and has an event with empty data between its
+    chunks (both allowed by the SSE spec; the empty event is no event): the whole text, no
+    error."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        events = (b"\xef\xbb\xbf" + _delta("Hi"), b"data: \n\n", _delta(" there"))
+        return await _stream(request, *events, _delta(None, "stop"), b"data:\n\n")
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    data = sse_data(await (await client.post(URL, json=chat_body("x"), headers=AUTH)).text())
+    assert data[-1] == "[DONE]"
+    chunks = [orjson.loads(d) for d in data[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hi there"
+
+
 async def test_a_chunk_that_says_error_null_is_not_an_error(
     aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
 ) -> None:

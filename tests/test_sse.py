@@ -106,9 +106,24 @@ def test_comment_only_and_empty_events_yield_nothing() -> None:
     assert decoder.flush() == []
 
 
-def test_empty_data_field() -> None:
-    """``data:`` with nothing after it is an empty payload, not a missing one."""
-    assert SSEDecoder().feed(b"data:\n\n") == [b""]
+def test_an_event_with_empty_data_is_none() -> None:
+    """``data:`` with nothing after it dispatches no event (the spec's "if the data buffer
+    is an empty string ... return"), on every path through the decoder."""
+    assert SSEDecoder().feed(b"data:\n\n") == []
+    assert SSEDecoder().feed(b"data: \n\ndata: a\n\ndata: \n\n") == [b"a"]
+    assert SSEDecoder().feed(b"data: a\n\ndata: \n\ndata: b") == [b"a"]
+    assert SSEDecoder().feed(b"event: x\ndata:\n\n: c\n\ndata: b\n\n") == [b"b"]
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n\ndata: ") == [b"a"]
+    assert decoder.flush() == []
+
+
+def test_a_leading_byte_order_mark_is_dropped() -> None:
+    """The stream's first bytes may be a UTF-8 BOM; it is not part of the first field."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"\xef\xbb\xbfdata: a\n\ndata: b\n\n") == [b"a", b"b"]
+    assert decoder.feed(b"\xef\xbb\xbfdata: c\n\n") == []  # later, it is just bytes
+    assert SSEDecoder().feed(b"\xef\xbb\xbf: hi\ndata: d\n\n") == [b"d"]
 
 
 def test_flush_returns_an_unterminated_last_event() -> None:

@@ -359,3 +359,21 @@ def test_an_assistant_s_tool_calls_count_with_their_arguments() -> None:
     body = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
     encoding = tokens.get_encoding("o200k_base")
     assert tokens.count_chat("gpt-4o", body) > len(encoding.encode(arguments))
+
+
+def test_refusal_parts_and_a_structured_output_schema_count() -> None:
+    """An assistant's refusal part is text it said; a ``json_schema`` response format is read
+    by the model: both are prompt tokens (the schema counted as its JSON)."""
+    said = "I can't help with that request, sorry."
+    refusal = [{"type": "refusal", "refusal": said}]
+    as_part = {"messages": [{"role": "assistant", "content": refusal}]}
+    as_text = {"messages": [{"role": "assistant", "content": said}]}
+    assert tokens.count_chat("gpt-4o", as_part) == tokens.count_chat("gpt-4o", as_text)
+    schema = {"name": "row", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    plain = {"messages": [{"role": "user", "content": "hi"}]}
+    shaped = {**plain, "response_format": {"type": "json_schema", "json_schema": schema}}
+    encoding = tokens.get_encoding("o200k_base")
+    extra = len(encoding.encode(orjson.dumps(schema).decode()))
+    assert tokens.count_chat("gpt-4o", shaped) == tokens.count_chat("gpt-4o", plain) + extra
+    loose = {**plain, "response_format": {"type": "json_object"}}
+    assert tokens.count_chat("gpt-4o", loose) == tokens.count_chat("gpt-4o", plain)
