@@ -115,7 +115,9 @@ class MemoryResponseCache:
 
     def __init__(self, *, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
-        self._expiry: list[tuple[float, str]] = []  # a heap; pairs of replaced entries linger
+        # A heap of (expiry, key); pairs of entries replaced or dropped linger until it is
+        # rebuilt, when they outnumber the live ones (so it stays within twice the entries).
+        self._expiry: list[tuple[float, str]] = []
         self._max_bytes = max_bytes
         self._clock = clock
         self.bytes = 0  # invariant: the sum of ``size`` over ``_entries``
@@ -151,6 +153,9 @@ class MemoryResponseCache:
                 self._drop(stale)
         while self.bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
+        if len(self._expiry) > 2 * len(self._entries) + 64:  # mostly pairs of entries gone
+            self._expiry = [(expires, k) for k, (expires, _) in self._entries.items()]
+            heapq.heapify(self._expiry)
 
     def _drop(self, key: str) -> None:
         _, entry = self._entries.pop(key)

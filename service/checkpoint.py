@@ -53,17 +53,24 @@ class Checkpoint:
 
 
 def checkpoint_of(
-    stream: Stream, count_text: TokenCounter, count_prompt: PromptCounter
+    stream: Stream,
+    count_text: TokenCounter,
+    count_prompt: PromptCounter,
+    *,
+    counted: bool = True,
 ) -> Checkpoint:
-    """Summarise ``stream`` as it stands; counts tokens when the provider did not."""
+    """Summarise ``stream`` as it stands; counts tokens when the provider did not (unless
+    not ``counted``: the last resort when counting failed, which leaves them 0)."""
     progress = stream.progress
     counts = usage_counts(progress.usage)
     reported = counts is not None
     if counts is not None:
         prompt, completion = counts
-    else:  # no usage, or none we can trust: count what was sent and generated
+    elif counted:  # no usage, or none we can trust: count what was sent and generated
         prompt = count_prompt(stream.model, stream.body)
         completion = _generated_tokens(stream, count_text)
+    else:
+        prompt = completion = 0
     return Checkpoint(
         stream_id=stream.id,
         user_id=stream.owner.user_id,
@@ -108,13 +115,17 @@ def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:
     progress = stream.progress
     text = progress.text + "".join(progress.reasoning or ())
     calls = list(progress.tool_calls or ())
-    if progress.others:
+    if progress.others:  # (deltas checked to be objects; their fields are the provider's)
         text += "".join(str(d.get("content") or d.get("refusal") or "") for d in progress.others)
-        calls += [call for d in progress.others for call in d.get("tool_calls") or ()]
+        calls += [c for d in progress.others for c in _listed(d.get("tool_calls"))]
     tokens = count_text(stream.model, text)
     if calls:  # a function call's name and arguments are generated tokens too
         tokens += count_text(stream.model, tool_call_text(calls))
     return tokens
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if type(value) is list else []
 
 
 def tool_call_text(tool_calls: list[Any]) -> str:

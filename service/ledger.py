@@ -6,9 +6,10 @@ under ``SLUICE_DATA_DIR``. ``record`` never blocks the caller: it collects entri
 event loop and hands them, one batch per ``HAND_OFF_S`` (or per ``BATCH`` entries), to a
 bounded queue that one writer thread drains, one transaction a batch. Handing off batches
 rather than entries keeps the writer from waking (and taking the GIL) once per request.
-A batch SQLite refuses (disk full, database locked) is kept and written again; what it
-still refuses at shutdown, after a few more tries, and a record no column can take go to
-the ``sluice.ledger.unwritten`` log, one JSON line each, to be replayed. Queries go
+A batch SQLite refuses (disk full, database locked) is kept and written again (up to
+``MAX_HELD`` records; older ones past that, what it still refuses at shutdown after a few
+more short tries, and a record no column can take go to the ``sluice.ledger.unwritten``
+log, one JSON line each, to be replayed). Queries go
 through the same thread and queue, after every record submitted before them, so a reader
 always sees its own writes. ``close`` (a cleanup context) flushes on shutdown.
 """
@@ -40,6 +41,7 @@ RETRY_S = 1.0  # after a failed write, the writer tries again this soon (or on n
 LAST_TRIES = 4  # at shutdown, over ~4 s at most; then the records go to the unwritten log
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another connection's lock (sqlite3's own)
 COMPLAIN_EVERY_S = 10.0  # one error line per this many seconds while SQLite refuses
+MAX_HELD = 16 * BATCH  # refused records kept for another try; past it, the oldest are logged
 _T = TypeVar("_T")
 
 
@@ -265,6 +267,8 @@ class SqliteLedger:
         self._hand_off_timer: asyncio.TimerHandle | None = None
         self._complained_at = -COMPLAIN_EVERY_S
         self._busy_ms = busy_timeout_s * 1000
+        self._closing = False  # set on the loop by ``close``, read by the writer
+        self._short_waits = False  # the writer's lock waits are cut short for the exit
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s
@@ -343,32 +347,63 @@ class SqliteLedger:
     async def close(self) -> None:
         """Write everything collected and queued, then stop the writer thread."""
         self._hand_off()
-        await asyncio.to_thread(self._queue.put, _STOP)
-        await asyncio.to_thread(self._thread.join)
+        self._closing = True  # the writer stops waiting long for locks: the exit is near
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._queue.put, _STOP)
+            await asyncio.to_thread(self._thread.join)
+        self._log_left()
+
+    def _log_left(self) -> None:
+        """What a writer that died left queued goes to the unwritten log (never silently)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, list):
+                log_unwritten(item, "the ledger's writer had stopped")
 
     def _run(self, connection: sqlite3.Connection) -> None:
         with contextlib.closing(connection):
-            unwritten: list[LedgerEntry] = []  # a batch SQLite refused: kept, tried again
+            held: list[LedgerEntry] = []  # what SQLite refused: kept, tried again
             while True:
                 try:
-                    item = self._queue.get(timeout=RETRY_S if unwritten else None)
+                    item = self._queue.get(timeout=RETRY_S if held else None)
                 except queue.Empty:
                     item = None
-                batch, unwritten = unwritten, []
-                while isinstance(item, list):  # consecutive batches share one transaction
-                    batch += item
-                    try:
-                        item = self._queue.get_nowait() if len(batch) < BATCH else None
-                    except queue.Empty:
-                        item = None
-                if batch and not self._write(connection, batch):
-                    unwritten = batch
+                try:
+                    held, item = self._store(connection, held, item)
+                except Exception:  # the one writer must outlive anything: every row needs it
+                    log.exception("ledger: the writer failed a step")
                 if item is _STOP:
-                    if unwritten and not self._last_tries(connection, unwritten):
-                        log_unwritten(unwritten, "SQLite refused it until shutdown")
+                    if held and not self._last_tries(connection, held):
+                        log_unwritten(held, "SQLite refused it until shutdown")
                     return
-                if isinstance(item, tuple):
-                    _run_job(connection, *item)
+
+    def _store(
+        self, connection: sqlite3.Connection, held: list[LedgerEntry], item: object
+    ) -> tuple[list[LedgerEntry], object]:
+        """Write ``held`` with ``item`` and the batches queued behind it, then run the job
+        that stopped the gathering; returns what SQLite refused (bounded) and the item that
+        stopped the gathering."""
+        if self._closing and not self._short_waits:
+            self._short_waits = True  # a lock held at exit must not cost a wait a batch
+            connection.execute(f"PRAGMA busy_timeout = {int(min(self._busy_ms, 500))}")
+        batch = held
+        while isinstance(item, list):  # consecutive batches share one transaction
+            batch = batch + item
+            try:
+                more = len(batch) < BATCH or self._closing
+                item = self._queue.get_nowait() if more else None
+            except queue.Empty:
+                item = None
+        refused = batch if batch and not self._write(connection, batch) else []
+        if len(refused) > MAX_HELD:  # SQLite has refused for long: the oldest go to the log
+            log_unwritten(refused[:-MAX_HELD], "SQLite refused it for too long")
+            refused = refused[-MAX_HELD:]
+        if isinstance(item, tuple):
+            _run_job(connection, *item)
+        return refused, item
 
     def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> bool:
         """One transaction for ``batch``; False (nothing written) when SQLite refused it
@@ -417,10 +452,14 @@ def _insert_all(connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) ->
 
 
 def _run_job(connection: sqlite3.Connection, job: _Job, future: Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return  # its caller stopped waiting (a client that left): nobody reads the answer
     try:
-        future.set_result(job(connection))
+        result = job(connection)
     except Exception as exc:
         future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def _where(user: str | None, tenant: str | None) -> tuple[str, tuple[str, ...]]:

@@ -193,7 +193,11 @@ class StreamRegistry:
         timer = self._grace.pop(stream.id, None)
         if timer is not None:
             timer.cancel()
-        checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt)
+        try:
+            checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt)
+        except Exception:  # a bug must not skip the settlement, the slot and the ledger row
+            log.exception("stream %s: its tokens could not be counted", stream.id)
+            checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt, counted=False)
         try:
             await self.store.put(checkpoint, self._settings.checkpoint_ttl_s)
         except Exception:
@@ -204,6 +208,7 @@ class StreamRegistry:
             except Exception:
                 log.exception("finish hook %r failed for stream %s", hook, stream.id)
         self._live.pop(stream.id, None)
+        stream.body = {}  # the prompt (up to the body limit) is not the replay's to keep
         expires_at = self._clock() + self._settings.checkpoint_ttl_s
         size = sum(map(len, map(itemgetter(1), stream.events)))
         self._ended[stream.id] = _Retained(expires_at, stream, checkpoint, size)

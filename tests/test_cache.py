@@ -136,3 +136,16 @@ async def test_a_put_releases_what_has_expired() -> None:
     clock.advance(11)
     await cache.put("fresh", entry(1000), 10)
     assert (len(cache), cache.bytes) == (1, 1000)
+
+
+async def test_the_expiry_heap_stays_within_the_byte_bound() -> None:
+    """Entries evicted for room (or replaced) leave their expiry behind; it is cleared out
+    once such leftovers outnumber the live entries, so a small cache written to all the
+    time does not grow a heap of an hour's puts."""
+    cache = MemoryResponseCache(max_bytes=10_000, clock=FakeClock())
+    for n in range(5_000):
+        await cache.put(f"k{n}", entry(1000), 3600)
+    assert len(cache) == 10
+    assert len(cache._expiry) <= 2 * len(cache) + 64 + 1
+    assert await cache.get("k4999") is not None
+    assert await cache.get("k4989") is None

@@ -7,6 +7,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from service import admission, tokens
+from service import ledger as ledger_module
 from service.admission import Gate
 from service.appkeys import GATE, STREAMS
 from service.auth import Principal
@@ -156,6 +158,84 @@ async def test_a_batch_sqlite_refuses_is_written_later_not_lost(tmp_path: Path) 
     await ledger._submit(lambda c: c.execute("PRAGMA query_only=OFF"))
     assert [e.request_id for e in await ledger.entries()] == ["kept"]
     await ledger.close()
+
+
+async def test_a_query_its_caller_gave_up_on_leaves_the_writer_running(
+    tmp_path: Path,
+) -> None:
+    """A ``/v1/usage`` whose client left (its await cancelled) while the query waited in the
+    queue: the writer skips it and goes on; it once died there, and every later row with it."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        started.set()
+        release.wait()
+
+    held = asyncio.ensure_future(ledger._submit(hold))
+    await asyncio.to_thread(started.wait)
+    ran: list[bool] = []
+    abandoned: Future[None] = Future()
+    ledger._queue.put((lambda c: ran.append(True), abandoned))
+    abandoned.cancel()  # what cancelling the task awaiting it does (``asyncio.wrap_future``)
+    release.set()
+    await held
+    ledger.record(entry("after"))
+    assert [e.request_id for e in await ledger.entries()] == ["after"]
+    assert ran == []
+    await ledger.close()
+    assert [e.request_id for e in await SqliteLedger(tmp_path / "l.sqlite3").entries()] == ["after"]
+
+
+async def test_records_sqlite_refuses_for_long_are_bounded_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While SQLite refuses every write, the writer keeps at most ``MAX_HELD`` records for
+    another try; older ones go to the unwritten log instead of growing without bound."""
+    monkeypatch.setattr(ledger_module, "MAX_HELD", 3)
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    await ledger._submit(lambda c: c.execute("PRAGMA query_only=ON"))
+    for index in range(5):
+        ledger.record(entry(f"r{index}"))
+        await ledger.flush()  # a batch a write attempt, each refused
+    logged = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
+    assert [line.split('"request_id":"')[1][:2] for line in logged] == ["r0", "r1"]
+    await ledger._submit(lambda c: c.execute("PRAGMA query_only=OFF"))
+    assert [e.request_id for e in await ledger.entries()] == ["r2", "r3", "r4"]
+    await ledger.close()
+
+
+async def test_a_locked_database_at_shutdown_costs_short_waits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another connection holds the write lock as the gateway stops with batches queued:
+    the writer stops waiting the full busy timeout a batch (a minute's traffic would have
+    taken hours, past any pod's grace); what stays refused goes to the unwritten log."""
+    path = tmp_path / "l.sqlite3"
+    ledger = SqliteLedger(path, busy_timeout_s=60)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    started, release = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        started.set()
+        release.wait()
+
+    held = asyncio.ensure_future(ledger._submit(hold))
+    await asyncio.to_thread(started.wait)
+    for index in range(3):
+        ledger.record(entry(f"r{index}"))
+        ledger._hand_off()
+    closing = asyncio.ensure_future(ledger.close())
+    await asyncio.sleep(0)  # one loop turn: ``close`` runs to its first await
+    assert ledger._closing  # (so the writer, released next, sees the exit coming)
+    release.set()
+    await held
+    await closing  # with 60 s a wait, three batches would take minutes (the test's timeout)
+    locker.execute("ROLLBACK")
+    locker.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
+    assert len(logged) == 3
 
 
 async def test_wire_completed_stream_row(gateway: GatewayFactory) -> None:

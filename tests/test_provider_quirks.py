@@ -249,8 +249,9 @@ async def test_odd_usage_never_loses_the_ledger_row(
         {"choices": [{"index": 0, "delta": {"refusal": ["no"]}}]},
         {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": 7}]},
         {"choices": [{"index": 1, "delta": "oops"}]},
+        {"choices": [{"index": 1, "delta": {"tool_calls": 5, "content": 6}}]},
     ],
-    ids=["model", "id", "content", "refusal", "finish", "other-choice"],
+    ids=["model", "id", "content", "refusal", "finish", "other-choice", "other-choice-calls"],
 )
 async def test_odd_types_from_the_provider_never_leave_a_request_unsettled(
     aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, odd: Any, stream: bool

@@ -329,3 +329,47 @@ async def test_a_cancel_asked_for_outranks_a_grace_window_ending_in_the_same_pas
     with registry.reading(stream):  # and a reader came back
         await stream.ended.wait()
     assert stream.status is StreamStatus.CANCELLED
+
+
+async def test_a_count_that_fails_still_runs_every_finish_hook(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Counting a stream's tokens raised (a bug, or a provider's oddity no check foresaw):
+    the finish hooks (settlement, the slot, the ledger row) run all the same, and the
+    failure is logged; the stream is retired, not kept for good."""
+    registry, store = make_registry()
+
+    def broken(model: str, text: str) -> int:
+        raise TypeError("unforeseen")
+
+    registry.count_text = broken
+    finished: list[Checkpoint] = []
+
+    async def hook(stream: Stream, checkpoint: Checkpoint) -> None:
+        finished.append(checkpoint)
+
+    registry.finish_hooks.append(hook)
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["a", "b"]))
+    assert stream.task is not None
+    await stream.task
+    (checkpoint,) = finished
+    assert (checkpoint.status, checkpoint.completion_tokens) == (StreamStatus.COMPLETED, 0)
+    assert await store.get(stream.id) == checkpoint
+    assert registry.get(stream.id) is stream  # retired: held for replay
+    assert "its tokens could not be counted" in caplog.text
+
+
+async def test_a_retired_stream_keeps_its_events_not_its_prompt() -> None:
+    """Ended streams are held for replay (up to 10,000, bounded by their events' bytes):
+    the request's prompt, up to the body limit each and not in that bound, is let go."""
+    registry, _ = make_registry()
+    stream = make_stream()
+    stream.body = {"messages": [{"role": "user", "content": "x" * 600_000}]}
+    registry.launch(stream, produce(stream, ["a"]))
+    assert stream.task is not None
+    await stream.task
+    retained = registry.get(stream.id)
+    assert retained is stream
+    assert retained.body == {}
+    assert [kind for kind, _ in retained.events] == [Kind.CHUNK, Kind.DONE]
