@@ -374,7 +374,7 @@ class RemoteStreams:
                 if status in (StreamStatus.SHUTDOWN, UNREADABLE):  # come back later
                     await response.write(RESUME_ELSEWHERE)
                 await response.write_eof()
-            except ConnectionResetError:
+            except ConnectionError:
                 pass  # the client left; detaching is all there is to do
         return response
 

@@ -74,9 +74,10 @@ async def stream_sse(
     """Send ``stream`` from ``after`` to the client until it ends or the client leaves.
     ``waiting``: the provider has not answered yet; a keepalive follows the headers."""
     response = EventStreamResponse(headers={**SSE_HEADERS, **stream_headers(stream)})
-    with registry.reading(stream), contextlib.suppress(ConnectionResetError):
-        # ConnectionResetError: the client left mid-write (before handler cancellation
-        # reached us); leaving the block detaches, which is all a disconnect needs.
+    with registry.reading(stream), contextlib.suppress(ConnectionError):
+        # The client left mid-write (a reset, or "Connection lost" while a write waited for
+        # the transport to drain), before handler cancellation reached us; leaving the
+        # block detaches, which is all a disconnect needs.
         writer = await response.prepare(request)
         # Serialized by ``prepare``: a held stream need not keep the headers' table (~1.5 KB).
         response.headers.clear()

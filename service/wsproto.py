@@ -52,7 +52,19 @@ def is_request_id(value: Any) -> TypeGuard[RequestId]:
 def error_frame(request_id: Any, error: SluiceError) -> bytes:
     """An ``error`` about a client frame (echoing its request id when it had a valid one)."""
     echo = request_id if is_request_id(request_id) else None
-    return orjson.dumps({"type": "error", "request_id": echo, **error.payload()})
+    return orjson.dumps({"type": "error", "request_id": echo, **_retry(error), **error.payload()})
+
+
+def _retry(error: SluiceError) -> dict[str, Any]:
+    """What an HTTP client reads from ``Retry-After`` and ``x-should-retry: false``:
+    ``retry_after_s`` and ``should_retry``, when the error says."""
+    fields: dict[str, Any] = {}
+    after = error.headers.get("Retry-After")
+    if after is not None and after.isdigit():
+        fields["retry_after_s"] = int(after)
+    if not error.retry_helps:
+        fields["should_retry"] = False
+    return fields
 
 
 class StreamFrames:
@@ -79,7 +91,9 @@ class StreamFrames:
         return orjson.dumps({**frame, "finish_reason": finish_reason, "usage": usage})
 
     def error(self, seq: int, error: SluiceError) -> bytes:
-        return orjson.dumps({"type": "error", **self._ids, "seq": seq, **error.payload()})
+        return orjson.dumps(
+            {"type": "error", **self._ids, "seq": seq, **_retry(error), **error.payload()}
+        )
 
     def error_event(self, seq: int, payload: bytes) -> bytes:
         """``error`` from a journal's error event (``{"error": {...}}``, as SSE sends it)."""

@@ -433,6 +433,47 @@ async def test_the_socket_goes_through_the_same_admission_as_sse(
         pass
     assert parsed["request_id"] == "two"
     assert parsed["error"]["code"] == "concurrent_streams_exceeded"
+    assert parsed["retry_after_s"] == 1  # what ``Retry-After`` says over HTTP
+    assert "should_retry" not in parsed
+    await ws.close()
+
+
+async def test_an_error_frame_says_when_to_retry_and_when_not_to(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A budget's refusal over HTTP says ``Retry-After`` (the day's end) and ``x-should-retry:
+    false``; its frame says the same, as ``retry_after_s`` and ``should_retry``."""
+    money = replace(settings.money, user_daily_usd=1e-9)
+    client = await gateway(replace(settings, money=money))
+    ws = await connect(client)
+    await create(ws, "spent", "x")
+    parsed, _ = await frame(ws)
+    assert parsed["error"]["code"] == "budget_exceeded"
+    assert parsed["should_retry"] is False
+    assert 0 < parsed["retry_after_s"] <= 86_400 + 1
+    await ws.close()
+
+
+async def test_a_socket_relays_a_bounded_number_of_streams(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Created or resumed, a socket relays at most ``MAX_READERS`` streams at once (resumes
+    are not admitted like creates: without the bound one socket could pile up readers)."""
+    monkeypatch.setattr(ws_handler, "MAX_READERS", 2)
+    client = await gateway(with_drain(settings, 0))
+    ws = await connect(client)
+    await create(ws, "one", "first [sim stall_after=1]")
+    started, _ = await frame(ws)
+    assert started["type"] == "started"
+    resume = {"type": "resume", "stream_id": started["stream_id"], "request_id": "again"}
+    await ws.send_str(orjson.dumps(resume).decode())
+    await create(ws, "three", "third")
+    while (parsed := (await frame(ws))[0])["type"] == "chunk":
+        pass
+    assert (parsed["request_id"], parsed["error"]["code"]) == (
+        "three",
+        "too_many_streams_on_socket",
+    )
     await ws.close()
 
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -41,6 +42,7 @@ from ..errors import (
     InternalError,
     InvalidRequestError,
     NotFoundError,
+    RateLimitError,
     ServiceUnavailableError,
     SluiceError,
 )
@@ -89,10 +91,17 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-class _Socket:
-    """One client's socket: the reader task of each of its streams, by request id."""
+MAX_READERS = 256  # streams one socket relays at once (created or resumed)
 
-    __slots__ = ("_app", "_cache_header", "_principal", "_readers", "_registry", "_ws")
+
+class _Socket:
+    """One client's socket: the reader task of each of its streams, by request id.
+
+    The readers take turns to write (``_turn``): aiohttp waits for a paused transport to
+    drain only every so many bytes a writer sends, so readers writing side by side would
+    each add that much to the buffer of a client that does not read (MBs a socket)."""
+
+    __slots__ = ("_app", "_cache_header", "_principal", "_readers", "_registry", "_turn", "_ws")
 
     def __init__(
         self,
@@ -107,6 +116,7 @@ class _Socket:
         self._registry = app[STREAMS]
         self._ws = ws
         self._readers: dict[RequestId, tuple[str, asyncio.Task[None]]] = {}  # stream id, task
+        self._turn = asyncio.Lock()
 
     async def receive(self, text: str) -> None:
         """Act on one client frame; anything wrong with it is answered with an error frame."""
@@ -139,8 +149,15 @@ class _Socket:
             await self.send(error_frame(_request_id_of(frame, kind), failure))
 
     async def send(self, frame: bytes) -> None:
-        with contextlib.suppress(ConnectionResetError):  # closing: the loop ends next
-            await self._ws.send_frame(frame, TEXT)
+        with contextlib.suppress(ConnectionError):  # closing: the loop ends next
+            await self._send((frame,))
+
+    async def _send(self, frames: Iterable[bytes]) -> None:
+        """Write ``frames`` in one turn: a paused transport holds every reader back. (Made
+        as they are written: a resumed journal is not copied whole while a turn is awaited.)"""
+        async with self._turn:
+            for frame in frames:
+                await self._ws.send_frame(frame, TEXT)
 
     async def close(self) -> None:
         """Stop every reader; each detaches from its stream as it ends."""
@@ -228,6 +245,12 @@ class _Socket:
                 param="request_id",
                 code="duplicate_request_id",
             )
+        if len(self._readers) >= MAX_READERS:
+            raise RateLimitError(
+                f"This socket relays {MAX_READERS} streams already; open another one.",
+                code="too_many_streams_on_socket",
+                headers={"Retry-After": "1"},
+            )
         return value
 
     def _follow(self, request_id: RequestId, stream: Stream, *, after: int, announce: bool) -> None:
@@ -262,54 +285,54 @@ class _Socket:
     async def _relay(
         self, frames: StreamFrames, stream: Stream, after: int, announce: bool
     ) -> None:
-        send = self._ws.send_frame
-        with contextlib.suppress(ConnectionResetError):  # the socket went away mid-send
+        send = self._send
+        with contextlib.suppress(ConnectionError):  # the socket went away mid-send
             if announce:
                 mirror = self._app[JOURNAL_MIRROR]
                 if mirror is not None:  # the id goes out next: every replica must know it
                     await mirror.registered(stream)
                 stream.announced = True  # before the send: it may be read before it returns
-                await send(frames.started(), TEXT)
+                await send((frames.started(),))
             async for first, batch in stream.follow(after):
-                for seq, (kind, data) in enumerate(batch, first):
-                    if kind == Kind.CHUNK:
-                        await send(frames.chunk(seq, data), TEXT)
+                await send(
+                    frames.chunk(seq, data)
+                    for seq, (kind, data) in enumerate(batch, first)
+                    if kind == Kind.CHUNK
+                )
             # The journal's own final event ([DONE] or the error) is replaced by the
             # done/error frame, numbered like it.
             if stream.error is not None and stream.status is not StreamStatus.SHUTDOWN:
-                await send(frames.error(stream.last_seq, stream.error), TEXT)
+                await send((frames.error(stream.last_seq, stream.error),))
             elif stream.status is StreamStatus.COMPLETED:
                 progress = stream.progress
-                await send(
-                    frames.done(stream.last_seq, progress.finish_reason, progress.usage), TEXT
-                )
+                await send((frames.done(stream.last_seq, progress.finish_reason, progress.usage),))
 
     async def _relay_remote(self, remote: RemoteStreams, frames: StreamFrames, after: int) -> None:
         """``_relay`` for a stream another replica generates, read from the Redis journal."""
-        send = self._ws.send_frame
+        send = self._send
         final: list[Event] = []  # the journal's own last event: [DONE] or the error
         last_seq = after
 
         async def deliver(batch: list[Event]) -> None:
             nonlocal last_seq
-            for seq, kind, data in batch:
-                if kind != Kind.CHUNK:
-                    final[:] = [(seq, kind, data)]
-                elif seq > after:
-                    await send(frames.chunk(seq, data), TEXT)
-                last_seq = max(last_seq, seq)
+            for event in batch:
+                if event[1] != Kind.CHUNK:
+                    final[:] = [event]
+                last_seq = max(last_seq, event[0])
+            fresh = (event for event in batch if event[1] == Kind.CHUNK and event[0] > after)
+            await send(frames.chunk(seq, data) for seq, _, data in fresh)
 
         # From the event before ``after``: if the client had the final event, its frame goes
         # out again, as it does for a local stream.
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionError):
             async with remote.reading(frames.stream_id):
                 status = await remote.follow(frames.stream_id, max(after - 1, 0), deliver, _nothing)
             if final and final[0][1] == Kind.ERROR:
-                await send(frames.error_event(final[0][0], final[0][2]), TEXT)
+                await send((frames.error_event(final[0][0], final[0][2]),))
             elif final and status == StreamStatus.COMPLETED:
                 checkpoint = await remote.checkpoint(frames.stream_id)
                 finish = checkpoint.finish_reason if checkpoint is not None else None
-                await send(frames.done(final[0][0], finish, _usage(checkpoint)), TEXT)
+                await send((frames.done(final[0][0], finish, _usage(checkpoint)),))
             elif remote.leaving:
                 return  # this replica drains: the socket closes with 1001, resume elsewhere
             elif status == UNREADABLE:  # the stream may go on: resume it a little later
@@ -318,13 +341,13 @@ class _Socket:
                     f"on: resume it shortly with the last seq you received ({last_seq}).",
                     code="shared_state_unavailable",
                 )
-                await send(frames.error(last_seq, unreadable), TEXT)
+                await send((frames.error(last_seq, unreadable),))
             else:  # its replica stopped before the end: what it made is in the checkpoint
                 interrupted = ServiceUnavailableError(
                     "The replica generating this stream stopped before it finished.",
                     code="stream_interrupted",
                 )
-                await send(frames.error(last_seq + 1, interrupted), TEXT)
+                await send((frames.error(last_seq + 1, interrupted),))
 
 
 async def _nothing() -> None:
