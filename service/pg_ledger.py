@@ -113,6 +113,7 @@ class PostgresLedger:
         self._connect_timeout_s = connect_timeout_s
         self._buffer: deque[LedgerEntry] = deque()
         self._pool: asyncpg.Pool | None = None
+        self._connecting = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -154,22 +155,25 @@ class PostgresLedger:
             )
 
     async def _connect(self) -> asyncpg.Pool:
-        if self._pool is None:
-            pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=0,
-                max_size=4,
-                timeout=self._connect_timeout_s,
-                command_timeout=BATCH_TIMEOUT_S,
-            )
-            try:
-                async with pool.acquire() as connection:
-                    await migrate(connection)
-            except BaseException:
-                await pool.close()
-                raise
-            self._pool = pool
-        return self._pool
+        async with self._connecting:  # one pool: callers at once (writer, /v1/usage) share it
+            return self._pool or await self._new_pool()
+
+    async def _new_pool(self) -> asyncpg.Pool:
+        pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=4,
+            timeout=self._connect_timeout_s,
+            command_timeout=BATCH_TIMEOUT_S,
+        )
+        try:
+            async with pool.acquire() as connection:
+                await migrate(connection)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        return pool
 
     async def _write_forever(self) -> None:
         delay = RETRY_MIN_S

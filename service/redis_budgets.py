@@ -201,7 +201,12 @@ class RedisBudgets(Budgets):
         undo = functools.partial(self._undo_reserve, keys=keys, hold_id=hold_id, checks=checks)
         try:
             reply = await self._gate.evalsha_or_undo(self._reserve, keys, args, undo)
-        except RedisUnavailable:
+        except BaseException as exc:
+            # Unknown whether the script ran (it may yet, past the deadline): a settlement
+            # of 0 is kept, to release the hold if Redis has it (a no-op if it has not).
+            self._keep_unsent(keys, [hold_id, 0, *(_ttl(key) for key, _ in checks)])
+            if not isinstance(exc, RedisUnavailable):
+                raise  # cancelled: the client left
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
             self._gate.fallback("budgets")

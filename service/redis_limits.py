@@ -164,15 +164,20 @@ class RedisLimiter:
         )
         try:
             reply = await self._gate.evalsha_or_undo(self._admit, keys, args, undo)
-        except RedisUnavailable:
+        except BaseException as exc:
+            # Unknown whether the script ran (it may yet, past the deadline): its slot is
+            # freed with the missed ones (a no-op if Redis never took it); the buckets leak.
+            if cap > 0:
+                self._unfreed.append((user, slot))
+                del self._unfreed[:-MAX_UNFREED]
+            if not isinstance(exc, RedisUnavailable):
+                self.local.give_back(local)
+                raise  # cancelled: the client left
             if self._gate.fail_open:
                 self._gate.fallback("rate limits and stream caps")
                 return local
             self.local.give_back(local)
             raise self._gate.unavailable_error() from None
-        except BaseException:  # cancelled: whether Redis took it is unknown; its expiry bounds it
-            self.local.give_back(local)
-            raise
         if int(reply[0]) == 1:
             levels = [float(level) for level in reply[1:]]
             requests, token_quota = _quotas(buckets, levels)

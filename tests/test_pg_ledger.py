@@ -81,6 +81,24 @@ async def test_schema_is_created_and_records_read_back(postgres_url: str) -> Non
     assert version == len(MIGRATIONS)
 
 
+async def test_callers_at_once_share_one_pool(postgres_url: str) -> None:
+    """Queries that find no pool at the same moment (the writer, ``/v1/usage``, the spend
+    loaded at start) make one between them: none is left open after ``close``."""
+    ledger = PostgresLedger(postgres_url)
+    day = utc_day(time.time())
+    await asyncio.gather(*(ledger.spend_since(day) for _ in range(3)))
+    await ledger.close()
+    connection = await asyncpg.connect(postgres_url)
+    try:
+        others = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await connection.close()
+    assert others == 0
+
+
 async def test_a_second_replica_migrates_nothing_and_duplicates_nothing(postgres_url: str) -> None:
     """Two ledgers on one database share the schema; a re-sent record stays one row."""
     first, second = PostgresLedger(postgres_url), PostgresLedger(postgres_url)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from service.appkeys import STREAMS
 from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError, ServiceUnavailableError
 from service.ledger import SpendRow, utc_day
@@ -224,6 +225,40 @@ async def _budget_state(redis_url: str) -> tuple[int, int]:
     finally:
         await redis.aclose()
     return int(state[0] or 0), int(state[1] or 0)
+
+
+async def test_a_hold_redis_took_after_the_deadline_is_released(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Redis stalls past the deadline, then runs the reservation anyway: the 503'd
+    request's hold is released by the next reservation, not kept for the hour."""
+    shared = with_redis(
+        settings,
+        redis_url,
+        redis_failure="closed",
+        redis_breaker_reset_s=0.0,
+        redis_timeout_s=0.25,
+    )
+    limits = replace(shared.limits, max_streams_per_user=0)  # the budget's is the first call
+    money = replace(shared.money, user_daily_usd=5.0)
+    client = await gateway(replace(shared, limits=limits, money=money))
+    body = chat_body("hold [sim chunks=1]", stream=False)
+    warm = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert warm.status == 200  # the scripts are loaded: the stalled one runs when it wakes
+    redis_server.pause()
+    try:
+        stalled = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert stalled.status == 503
+    finally:
+        redis_server.resume()
+    again = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert again.status == 200
+    await again.read()
+    stream = client.app[STREAMS].get(again.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.task is not None
+    await stream.task
+    assert await reserved_micros(redis_url) == 0
 
 
 async def test_a_hold_nobody_settles_is_released_once_it_expires(

@@ -288,6 +288,38 @@ async def test_fail_closed_answers_503_while_redis_is_frozen_then_recovers(
     await recovered.read()
 
 
+async def test_a_slot_redis_took_after_the_deadline_is_freed_not_kept_for_the_lease(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Redis stalls past the deadline, then runs the admission anyway: the 503'd request's
+    stream slot must not count against its user for the hour's lease (cap 1: locked out)."""
+    shared = with_redis(
+        settings,
+        redis_url,
+        redis_failure="closed",
+        redis_breaker_reset_s=0.0,
+        redis_timeout_s=0.25,
+    )
+    client = await gateway(with_limits(shared, max_streams_per_user=1))
+    warm = await client.post("/v1/chat/completions", json=chat_body(QUICK), headers=AUTH)
+    assert warm.status == 200  # the scripts are loaded: the stalled one runs when it wakes
+    await finished(client, warm)
+    redis_server.pause()
+    try:
+        stalled = await client.post("/v1/chat/completions", json=chat_body(QUICK), headers=AUTH)
+        assert stalled.status == 503
+    finally:
+        redis_server.resume()
+    again = await client.post("/v1/chat/completions", json=chat_body(QUICK), headers=AUTH)
+    assert again.status == 200
+    await finished(client, again)
+    redis = Redis.from_url(redis_url)
+    try:
+        assert await redis.zcard(streams_key("dev")) == 0
+    finally:
+        await redis.aclose()
+
+
 async def test_fail_open_falls_back_to_local_limits_while_redis_is_down(
     gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
 ) -> None:
