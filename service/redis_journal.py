@@ -43,6 +43,7 @@ from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from .checkpoint import Checkpoint, CheckpointStore
@@ -60,6 +61,7 @@ CONTROL_CHANNEL = f"{KEY_PREFIX}ctl"
 READ_COUNT = 512
 LISTEN_RETRY_S = 1.0
 LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it should stop
+LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: reconnected
 CANCEL_WAIT_S = 10.0
 MIRROR_INTERVAL_S = 0.02
 HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
@@ -264,18 +266,29 @@ class JournalMirror:
         send completes (CPython gh-86296, fixed in 3.12), and a listener that missed its
         cancellation would block forever and hang the shutdown. The flag ends it anyway.
         """
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CONTROL_CHANNEL)
+                    heard = loop.time()
                     while not self._stop.is_set():
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
                         )
+                        quiet = loop.time() - heard
                         if message is not None:
-                            words = [*message["data"].decode().split(" "), "", ""]
-                            op, stream_id, reader = words[:3]
-                            self.control(op, stream_id, reader)
+                            heard += quiet
+                            if message["type"] == "message":
+                                words = [*message["data"].decode().split(" "), "", ""]
+                                op, stream_id, reader = words[:3]
+                                self.control(op, stream_id, reader)
+                        elif quiet > 2 * LISTEN_PING_S:
+                            # Not even a pong: the connection is half-open (a failover, a
+                            # NAT's idle timeout), and what is published never comes.
+                            raise RedisConnectionError("the control channel went silent")
+                        elif quiet > LISTEN_PING_S:
+                            await pubsub.ping()
             except (RedisError, OSError) as exc:
                 log.debug("control channel lost (%s); reconnecting", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):

@@ -285,3 +285,49 @@ async def reserved_micros(redis_url: str, user: str = "dev") -> int:
         return int(await redis.hget(f"sluice:budget:user:{user}:day:{day}", "reserved") or 0)
     finally:
         await redis.aclose()
+
+
+class FreezingProxy:
+    """A TCP proxy that can stop forwarding without closing anything: a server that hangs,
+    or (``existing_only``) a connection gone half-open while new ones still get through."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._frozen_before = -1  # connections numbered below this forward nothing
+        self._count = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def freeze(self, *, existing_only: bool = False) -> None:
+        self._frozen_before = self._count if existing_only else 1 << 62
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number, self._count = self._count, self._count + 1
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(number, source, sink))
+            self._pipes.add(task)
+
+    async def _pipe(
+        self, number: int, source: asyncio.StreamReader, sink: asyncio.StreamWriter
+    ) -> None:
+        while data := await source.read(65536):
+            if number < self._frozen_before:
+                await asyncio.Event().wait()  # swallow everything from now on
+            sink.write(data)
+            await sink.drain()
+
+    async def close(self) -> None:
+        for task in self._pipes:
+            task.cancel()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

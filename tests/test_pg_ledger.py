@@ -19,7 +19,7 @@ from service.pg_ledger import MIGRATIONS, PostgresLedger
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.processes import python_module
-from tests.servers import PostgresServer, with_database, with_redis
+from tests.servers import FreezingProxy, PostgresServer, with_database, with_redis
 from tests.streamwire import read_events, with_drain
 
 URL = "/v1/chat/completions"
@@ -193,44 +193,6 @@ async def test_a_rolling_restart_loses_no_ledger_row(
     assert by_id[stream_id]["completion_tokens"] >= 1  # billed for what was generated
 
 
-class _FreezingProxy:
-    """A TCP proxy to PostgreSQL that can stop forwarding: a database that hangs."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self.frozen = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self._pipes.add(task)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        while data := await source.read(65536):
-            if self.frozen.is_set():
-                await asyncio.Event().wait()  # swallow everything from now on
-            sink.write(data)
-            await sink.drain()
-
-    async def close(self) -> None:
-        for task in self._pipes:
-            task.cancel()
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
 async def test_a_database_that_stops_answering_holds_neither_a_batch_nor_the_shutdown(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -240,14 +202,14 @@ async def test_a_database_that_stops_answering_holds_neither_a_batch_nor_the_shu
     monkeypatch.setattr(pg_ledger, "BATCH_TIMEOUT_S", 0.2)
     monkeypatch.setattr(pg_ledger, "CLOSE_FLUSH_S", 0.5)
     url = urlsplit(postgres_url)
-    proxy = _FreezingProxy(url.hostname or "127.0.0.1", url.port or 5432)
+    proxy = FreezingProxy(url.hostname or "127.0.0.1", url.port or 5432)
     port = await proxy.start()
     ledger = PostgresLedger(postgres_url.replace(f":{url.port}/", f":{port}/"))
     try:
         ledger.record(entry(1))
         await ledger.flush()
         assert ledger.written == 1
-        proxy.frozen.set()
+        proxy.freeze()
         ledger.record(entry(2))
         with caplog.at_level(logging.ERROR, logger="service.pg_ledger"):
             async with asyncio.timeout(10):  # a safety net: each step is bounded far below

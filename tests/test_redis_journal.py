@@ -7,24 +7,34 @@ replica B, which serves it from the Redis Streams mirror of A's journal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from service import resources
+from service import redis_journal, resources
 from service.appkeys import JOURNAL_MIRROR, REDIS, REMOTE_STREAMS, STREAMS
-from service.redis_journal import journal_key, meta_key, owner_key
-from service.redisgate import RedisUnavailable
+from service.checkpoint import MemoryCheckpointStore
+from service.redis_journal import (
+    CONTROL_CHANNEL,
+    JournalMirror,
+    journal_key,
+    meta_key,
+    owner_key,
+)
+from service.redisgate import RedisGate, RedisUnavailable
+from service.registry import StreamRegistry
 from service.relay import CACHE_HEADER, MODEL_HEADER, STREAM_ID_HEADER
 from service.settings import Settings
 from service.simulator import SimStats
 from service.stream import Stream, StreamStatus
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
-from tests.servers import RedisServer, with_redis
+from tests.servers import FreezingProxy, RedisServer, with_redis
 from tests.streamwire import (
     FIXED_CREATED,
     bearer,
@@ -584,3 +594,50 @@ async def test_events_the_mirror_missed_go_with_the_journals_end(
     replayed = await full_replay(b, stream_id)
     assert replayed.endswith(b"data: [DONE]\n\n")
     assert replayed == await full_replay(a, stream_id)
+
+
+async def test_a_control_channel_gone_half_open_is_noticed_and_resubscribed(
+    redis_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's connection stops carrying anything without closing (a failover, a
+    NAT's idle timeout): unanswered pings give it away, and the listener subscribes again
+    on a new connection, so cancels from other replicas reach this one again."""
+    monkeypatch.setattr(redis_journal, "LISTEN_PING_S", 0.1)
+    monkeypatch.setattr(redis_journal, "LISTEN_POLL_S", 0.05)
+    monkeypatch.setattr(redis_journal, "LISTEN_RETRY_S", 0.05)
+    url = urlsplit(redis_url)
+    proxy = FreezingProxy(url.hostname or "127.0.0.1", url.port or 6379)
+    port = await proxy.start()
+    gate = RedisGate.from_settings(with_redis(settings, redis_url).shared)
+    assert gate is not None
+    mirror = JournalMirror(gate, StreamRegistry(settings.streams, MemoryCheckpointStore()), 60, 15)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    monkeypatch.setattr(
+        mirror, "control", lambda op, stream_id, reader="": heard.put_nowait(stream_id)
+    )
+    listener = Redis.from_url(f"redis://127.0.0.1:{port}", socket_timeout=None)
+    publisher = Redis.from_url(redis_url)
+    listening = asyncio.create_task(mirror.listen(listener))
+
+    async def delivered(name: str) -> None:
+        """Publish until the listener has it (a subscription is not there at once)."""
+        async with asyncio.timeout(10):
+            while True:
+                await publisher.publish(CONTROL_CHANNEL, f"cancel {name}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        while await heard.get() != name:
+                            pass
+                        return
+
+    try:
+        await delivered("before")
+        proxy.freeze(existing_only=True)
+        await delivered("after")  # only over a new connection and subscription
+    finally:
+        mirror.stop_listening()
+        await listening
+        await listener.aclose()
+        await publisher.aclose()
+        await gate.aclose()
+        await proxy.close()
