@@ -277,6 +277,18 @@ async def cancelled_in_flight(redis_server: RedisServer, call: Coroutine[Any, An
         await caller
 
 
+def fail_closed_fast(settings: Settings, redis_url: str) -> Settings:
+    """Redis at ``redis_url``, fail-closed, with a 0.25 s deadline and a breaker that tries
+    again at once: a paused Redis (``RedisServer.pause``) fails each call in 0.25 s."""
+    return with_redis(
+        settings,
+        redis_url,
+        redis_failure="closed",
+        redis_breaker_reset_s=0.0,
+        redis_timeout_s=0.25,
+    )
+
+
 async def reserved_micros(redis_url: str, user: str = "dev") -> int:
     """What ``user``'s daily budget holds reserved in Redis right now, in micro-dollars."""
     redis = Redis.from_url(redis_url)

@@ -119,12 +119,9 @@ async def test_usage_and_spend_group_by_day_and_model(kind: str, tmp_path: Path)
     await ledger.close()
 
 
-async def test_record_never_blocks_when_the_writer_is_behind(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """With the queue full, a hand-off returns at once and counts the drop instead of
-    waiting; the dropped record goes whole to the unwritten log, to be replayed."""
-    ledger = SqliteLedger(tmp_path / "l.sqlite3", queue_size=1)
+async def hold_writer(ledger: SqliteLedger) -> tuple[threading.Event, asyncio.Future[None]]:
+    """Busy the writer thread with a job until the returned event is set (and the job,
+    the future, is done): what is queued meanwhile waits for it."""
     started, release = threading.Event(), threading.Event()
 
     def hold(_: Any) -> None:
@@ -133,6 +130,16 @@ async def test_record_never_blocks_when_the_writer_is_behind(
 
     held = asyncio.ensure_future(ledger._submit(hold))
     await asyncio.to_thread(started.wait)
+    return release, held
+
+
+async def test_record_never_blocks_when_the_writer_is_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the queue full, a hand-off returns at once and counts the drop instead of
+    waiting; the dropped record goes whole to the unwritten log, to be replayed."""
+    ledger = SqliteLedger(tmp_path / "l.sqlite3", queue_size=1)
+    release, held = await hold_writer(ledger)
     ledger.record(entry("fits"))
     ledger._hand_off()  # what the hand-off timer does: the one free place takes this batch
     ledger.record(entry("dropped"))
@@ -166,14 +173,7 @@ async def test_a_query_its_caller_gave_up_on_leaves_the_writer_running(
     """A ``/v1/usage`` whose client left (its await cancelled) while the query waited in the
     queue: the writer skips it and goes on; it once died there, and every later row with it."""
     ledger = SqliteLedger(tmp_path / "l.sqlite3")
-    started, release = threading.Event(), threading.Event()
-
-    def hold(_: Any) -> None:
-        started.set()
-        release.wait()
-
-    held = asyncio.ensure_future(ledger._submit(hold))
-    await asyncio.to_thread(started.wait)
+    release, held = await hold_writer(ledger)
     ran: list[bool] = []
     abandoned: Future[None] = Future()
     ledger._queue.put((lambda c: ran.append(True), abandoned))
@@ -215,14 +215,7 @@ async def test_a_locked_database_at_shutdown_costs_short_waits(
     ledger = SqliteLedger(path, busy_timeout_s=60)
     locker = sqlite3.connect(path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
-    started, release = threading.Event(), threading.Event()
-
-    def hold(_: Any) -> None:
-        started.set()
-        release.wait()
-
-    held = asyncio.ensure_future(ledger._submit(hold))
-    await asyncio.to_thread(started.wait)
+    release, held = await hold_writer(ledger)
     for index in range(3):
         ledger.record(entry(f"r{index}"))
         ledger._hand_off()

@@ -22,7 +22,13 @@ from service.redis_budgets import HOLD_TTL_S, REPLAY_CHUNK, RedisBudgets
 from service.redisgate import RedisGate, RedisUnavailable
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
-from tests.servers import RedisServer, cancelled_in_flight, reserved_micros, with_redis
+from tests.servers import (
+    RedisServer,
+    cancelled_in_flight,
+    fail_closed_fast,
+    reserved_micros,
+    with_redis,
+)
 
 LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
 
@@ -232,13 +238,7 @@ async def test_a_hold_redis_took_after_the_deadline_is_released(
 ) -> None:
     """Redis stalls past the deadline, then runs the reservation anyway: the 503'd
     request's hold is released by the next reservation, not kept for the hour."""
-    shared = with_redis(
-        settings,
-        redis_url,
-        redis_failure="closed",
-        redis_breaker_reset_s=0.0,
-        redis_timeout_s=0.25,
-    )
+    shared = fail_closed_fast(settings, redis_url)
     limits = replace(shared.limits, max_streams_per_user=0)  # the budget's is the first call
     money = replace(shared.money, user_daily_usd=5.0)
     client = await gateway(replace(shared, limits=limits, money=money))

@@ -20,7 +20,7 @@ from service.redis_limits import STREAM_LEASE_S, RedisLimiter, streams_key
 from service.redisgate import RedisGate, RedisUnavailable
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body
-from tests.servers import RedisServer, cancelled_in_flight, with_redis
+from tests.servers import RedisServer, cancelled_in_flight, fail_closed_fast, with_redis
 from tests.test_ledger import finished
 
 QUICK = "hi [sim chunks=1]"
@@ -263,13 +263,7 @@ async def test_fail_closed_answers_503_while_redis_is_frozen_then_recovers(
     gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
 ) -> None:
     """A frozen Redis never hangs a request: fail-closed answers 503, then serves again."""
-    shared = with_redis(
-        settings,
-        redis_url,
-        redis_failure="closed",
-        redis_breaker_reset_s=0.0,
-        redis_timeout_s=0.25,
-    )
+    shared = fail_closed_fast(settings, redis_url)
     client = await gateway(with_limits(shared, user_rpm=100))
     redis_server.pause()
     try:
@@ -293,13 +287,7 @@ async def test_a_slot_redis_took_after_the_deadline_is_freed_not_kept_for_the_le
 ) -> None:
     """Redis stalls past the deadline, then runs the admission anyway: the 503'd request's
     stream slot must not count against its user for the hour's lease (cap 1: locked out)."""
-    shared = with_redis(
-        settings,
-        redis_url,
-        redis_failure="closed",
-        redis_breaker_reset_s=0.0,
-        redis_timeout_s=0.25,
-    )
+    shared = fail_closed_fast(settings, redis_url)
     client = await gateway(with_limits(shared, max_streams_per_user=1))
     warm = await client.post("/v1/chat/completions", json=chat_body(QUICK), headers=AUTH)
     assert warm.status == 200  # the scripts are loaded: the stalled one runs when it wakes
