@@ -5,7 +5,8 @@ have returned for the same request: per choice, content and refusal are concaten
 tool-call fragments merged by their ``index`` (id, type and name from the first fragment,
 ``arguments`` concatenated). ``chunks`` does the reverse: one role-and-content chunk per
 choice, one chunk with its tool calls, one with its finish reason. ``usage_chunk`` is the
-final usage-only chunk sent to clients that asked for ``include_usage``.
+final usage-only chunk sent to clients that asked for ``include_usage``. ``merge_calls``
+gives a checkpoint the tool calls streamed so far, merged the same way.
 
 Pure: bytes in, bytes out, nothing else imported. Off the hot path (cache fills and hits).
 """
@@ -115,6 +116,19 @@ def _fold(choices: dict[int, dict[str, Any]], choice: dict[str, Any]) -> None:
         _fold_call(message.setdefault("tool_calls", {}), fragment)
     if choice.get("finish_reason"):
         slot["finish_reason"] = choice["finish_reason"]
+
+
+def merge_calls(calls: Iterable[Any]) -> list[Any]:
+    """Tool calls as a message has them: streamed fragments (they carry an ``index``)
+    merged, as ``assemble`` merges them; whole calls (a message's, no index) as they are."""
+    merged: dict[int, dict[str, Any]] = {}
+    whole = []
+    for call in calls:
+        if isinstance(call, dict) and type(call.get("index")) is int:
+            _fold_call(merged, call)
+        else:
+            whole.append(call)
+    return whole + [merged[i] for i in sorted(merged)]
 
 
 def _fold_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeGuard
 
+from .assemble import merge_calls
 from .stream import Stream, StreamStatus
 
 TokenCounter = Callable[[str, str], int]  # (model, text) -> tokens
@@ -80,7 +81,7 @@ def checkpoint_of(
         response_model=progress.response_model,
         status=stream.status,
         text=progress.text,
-        tool_calls=list(progress.tool_calls or ()),
+        tool_calls=merge_calls(progress.tool_calls or ()),
         finish_reason=progress.finish_reason,
         chunks=progress.chunks,
         last_seq=stream.last_seq,

@@ -6,7 +6,14 @@ from typing import Any
 
 import orjson
 
-from service.assemble import assemble, chunks, convertible, is_usage_only, usage_chunk
+from service.assemble import (
+    assemble,
+    chunks,
+    convertible,
+    is_usage_only,
+    merge_calls,
+    usage_chunk,
+)
 
 BASE = {
     "id": "chatcmpl-1",
@@ -114,3 +121,21 @@ def test_only_answers_the_other_form_carries_whole_are_convertible() -> None:
     assert convertible([orjson.dumps(completion)], streaming=False)  # empty: nothing lost
     message["audio"] = {"id": "audio_1", "data": "AAAA"}
     assert not convertible([orjson.dumps(completion)], streaming=False)
+
+
+def test_a_checkpoint_s_calls_merge_fragments_and_keep_whole_calls() -> None:
+    """Streamed fragments (with an ``index``) become one call each, in index order; calls
+    from a whole message (no index) stay as they are."""
+    fragments = [
+        {"index": 1, "id": "c2", "type": "function", "function": {"name": "b", "arguments": ""}},
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "a", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"x":'}},
+        {"index": 1, "function": {"arguments": "{}"}},
+        {"index": 0, "function": {"arguments": " 1}"}},
+    ]
+    assert merge_calls(fragments) == [
+        {"id": "c1", "type": "function", "function": {"name": "a", "arguments": '{"x": 1}'}},
+        {"id": "c2", "type": "function", "function": {"name": "b", "arguments": "{}"}},
+    ]
+    whole = [{"id": "c9", "type": "function", "function": {"name": "z", "arguments": "{}"}}]
+    assert merge_calls(whole) == whole

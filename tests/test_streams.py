@@ -542,7 +542,7 @@ class Ending:
     error: str | None
     settings: Callable[[Settings], Settings] = lambda s: s
     words: int = 2  # stall/malformed after two words
-    tool_calls: int = 0
+    tool_call: bool = False  # the text, then a call (streamed in three fragments)
     finish_reason: str | None = None
     chunks: int = 3  # role + two words
     last_seq: int = 4  # + the final error event
@@ -555,7 +555,7 @@ ENDINGS = {
         "done [sim chunks=3 tool_call=lookup]",
         None,
         words=3,
-        tool_calls=3,
+        tool_call=True,
         finish_reason="tool_calls",
         chunks=9,  # role, 3 words, 3 tool-call deltas, finish, usage
         last_seq=9,  # the usage chunk is withheld; [DONE] is journaled
@@ -566,7 +566,7 @@ ENDINGS = {
         "done [sim chunks=3 tool_call=lookup usage=0]",
         None,
         words=3,
-        tool_calls=3,
+        tool_call=True,
         finish_reason="tool_calls",
         chunks=8,  # role, 3 words, 3 tool-call deltas, finish
         last_seq=9,  # + [DONE]
@@ -609,7 +609,6 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     assert checkpoint.status == reason.removesuffix("_without_usage")
     chunks = 3 if "chunks=3" in ending.text else 12
     assert checkpoint.text == "".join(sim_words(ending.text, chunks)[: ending.words])
-    assert len(checkpoint.tool_calls) == ending.tool_calls
     assert checkpoint.finish_reason == ending.finish_reason
     assert checkpoint.chunks == ending.chunks
     assert checkpoint.last_seq == ending.last_seq
@@ -618,14 +617,17 @@ async def test_the_checkpoint_records_each_way_a_stream_ends(
     if ending.usage_reported:
         assert checkpoint.completion_tokens == ending.words
     else:  # counted: the text, and the tool call's name and arguments
-        calls = "lookup" + '{"query": "sim"}' if ending.tool_calls else ""
+        calls = "lookup" + '{"query": "sim"}' if ending.tool_call else ""
         assert checkpoint.completion_tokens == registry.count_text(
             "gpt-4o-mini", checkpoint.text
         ) + registry.count_text("gpt-4o-mini", calls)
         body = chat_body(ending.text)
         assert checkpoint.prompt_tokens == registry.count_prompt("gpt-4o-mini", body)
-    if ending.tool_calls:  # the deltas as streamed: id and name first, then arguments
-        assert checkpoint.tool_calls[0]["function"] == {"name": "lookup", "arguments": ""}
+    if ending.tool_call:  # its streamed fragments merged into the call, as a message has it
+        (call,) = checkpoint.tool_calls
+        assert call["function"] == {"name": "lookup", "arguments": '{"query": "sim"}'}
+        assert call["id"]
+        assert call["type"] == "function"
     assert checkpoint.completion_tokens > 0
     assert checkpoint.prompt_tokens > 0
     [row] = [e for e in await client.app[GATE].ledger.entries() if e.stream_id == stream_id]
