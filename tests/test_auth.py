@@ -127,6 +127,31 @@ async def test_401_shapes(gateway: GatewayFactory, authorization: str | None, me
         assert "not-a-key" not in text
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/models/gpt-4o-mini"),
+        ("GET", "/v1/usage"),
+        ("GET", "/v1/streams/strm_x"),
+        ("GET", "/v1/streams/strm_x/events"),
+        ("POST", "/v1/streams/strm_x/cancel"),
+        ("GET", "/v1/ws"),
+        ("GET", "/metrics"),
+    ],
+)
+async def test_every_other_route_needs_a_key(
+    gateway: GatewayFactory, method: str, path: str
+) -> None:
+    """Every route but the probes answers a request without a valid key with the same 401,
+    before anything of the route runs (a stream's existence included)."""
+    client = await gateway()
+    for headers in ({}, {"Authorization": "Bearer not-a-key"}):
+        response = await client.request(method, path, headers=headers)
+        assert response.status == 401
+        error = assert_openai_error(await response.json(), type_="invalid_request_error")
+        assert error["code"] == "invalid_api_key"
+
+
 async def test_bearer_scheme_is_case_insensitive(gateway: GatewayFactory) -> None:
     """``bearer`` and ``BEARER`` are the same scheme (RFC 7235)."""
     client = await gateway()

@@ -197,6 +197,40 @@ async def test_a_malformed_model_list_is_a_502(
     assert (await response.json())["error"]["code"] == "provider_protocol_error"
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_cached_prompt_tokens_are_billed_at_the_cached_price(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool
+) -> None:
+    """The provider's usage says part of the prompt was cached: the row keeps that count and
+    the cost prices those tokens at the cached input rate (the provider's own bill)."""
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 600},
+    }
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            message = {"role": "assistant", "content": "a b"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return web.json_response({**CHUNK, "choices": [choice], "usage": usage})
+        last = _event({**CHUNK, "choices": [], "usage": usage})
+        return await _stream(request, _delta("a"), _delta(" b", "stop"), last, b"data: [DONE]\n\n")
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("hi", stream=stream), headers=AUTH)
+    await response.read()
+    settled = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert settled is not None
+    assert settled.task is not None
+    await settled.task
+    (row,) = await client.app[GATE].ledger.entries()
+    prices = client.app[GATE].prices
+    assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (1000, 600, 10)
+    assert row.cost_usd == float(prices.cost("gpt-4o-mini", 1000, 10, 600))
+    assert row.cost_usd < float(prices.cost("gpt-4o-mini", 1000, 10))
+
+
 @pytest.mark.parametrize(
     "usage",
     [  # odd shapes of what OpenAI sends as {"prompt_tokens": n, "completion_tokens": m, ...}

@@ -39,6 +39,8 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.server.drain_s == 25.0
     assert settings.auth.client_keys_file is None
     assert settings.auth.dev_key == Secret("sluice-dev-key")
+    resilience = settings.resilience  # #4's defaults: 5 failures open it, a probe after 30 s
+    assert (resilience.breaker_fail_max, resilience.breaker_reset_s) == (5, 30.0)
 
 
 def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
