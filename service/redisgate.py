@@ -80,6 +80,9 @@ class RedisGate:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        # Counts the opens: a call let in before the last one ended is stale, and neither
+        # closes the circuit nor ends the probe (as ``breaker.py``'s cycle).
+        self._cycle = 0
         self._outbox: list[_Write] = []  # posted, not yet taken by a round trip
         self._sending: set[asyncio.Future[None]] = set()  # round trips carrying posts
         self._undoing: set[asyncio.Task[None]] = set()  # give-backs of cancelled calls
@@ -133,17 +136,21 @@ class RedisGate:
     async def run(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
         """Run ``operation(client)`` under the deadline; raise ``RedisUnavailable`` if it fails."""
         probe = self._admit()
+        cycle = self._cycle
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await operation(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(probe, exc)
+            self.errors_total += 1
+            if probe or cycle == self._cycle:  # (a call from before the last open: stale)
+                self._failed(probe, exc)
             raise RedisUnavailable(type(exc).__name__) from exc
         except BaseException:
             if probe:
                 self._probing = False  # cancelled probe: let the next call probe instead
             raise
-        self._succeeded()
+        if probe or cycle == self._cycle:
+            self._succeeded()
         return result
 
     def post(self, what: str, *command: EncodableT) -> None:
@@ -276,7 +283,6 @@ class RedisGate:
         return True
 
     def _failed(self, probe: bool, exc: BaseException) -> None:
-        self.errors_total += 1
         self._failures += 1
         if probe or (self._opened_at is None and self._failures >= self.fail_max):
             if self._opened_at is None or probe:
@@ -286,7 +292,8 @@ class RedisGate:
                     self.reset_s,
                 )
             self._opened_at = self._now()
-        self._probing = False
+            self._cycle += 1
+            self._probing = False
 
     def _succeeded(self) -> None:
         if self._opened_at is not None:

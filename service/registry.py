@@ -78,6 +78,7 @@ class StreamRegistry:
         self._ended: OrderedDict[str, _Retained] = OrderedDict()
         self._retained_bytes = 0
         self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._cancel_due: set[str] = set()  # cancels decided, going out at the next pass
         self._clock = clock
 
     def live(self) -> Iterable[Stream]:
@@ -104,6 +105,8 @@ class StreamRegistry:
         timer = self._grace.pop(stream.id, None)
         if timer is not None:
             timer.cancel()
+        if stream.id in self._cancel_due and stream.cancel_reason is StreamStatus.CLIENT_GONE:
+            stream.cancel_reason = None  # back before the window's cancel went out: theirs
 
     def detach(self, stream: Stream) -> None:
         stream.readers -= 1
@@ -148,22 +151,28 @@ class StreamRegistry:
         # Not task.cancel() now: a task cancelled before its first step never enters _run,
         # so the stream would never end or be checkpointed. That step is already queued, so
         # by this callback the task is inside _run (or has ended, and is left alone).
+        self._cancel_due.add(stream.id)
         asyncio.get_running_loop().call_soon(self._cancel_unless_back, stream)
         return True
 
     def _cancel_unless_back(self, stream: Stream) -> None:
         """Send the cancellation, unless the client came back after the grace window ended
-        but before its cancellation went out (in the same loop pass): then the stream is
-        theirs again, and its next detach opens a new window."""
-        if stream.cancel_reason is StreamStatus.CLIENT_GONE and stream.readers > 0:
-            stream.cancel_reason = None
-            return
-        _cancel_running(stream)
+        but before its cancellation went out (in the same loop pass, ``attach`` took it
+        back): then the stream is theirs again, and their next detach opens a new window."""
+        self._cancel_due.discard(stream.id)
+        if stream.cancel_reason is not None:
+            _cancel_running(stream)
 
-    async def settled(self, stream: Stream) -> None:
-        """Wait until ``stream`` has ended, been checkpointed and run its finish hooks."""
+    async def settled(self, stream: Stream) -> Checkpoint:
+        """Wait until ``stream`` has ended, been checkpointed and run its finish hooks;
+        return its checkpoint as stored (kept with the stream, or in the store once the
+        stream is no longer held: its prompt is gone by then, and is not counted again)."""
         if stream.task is not None:
             await asyncio.wait({stream.task})  # not ``await task``: our cancellation isn't its
+        retained = self._ended.get(stream.id)
+        if retained is not None:
+            return retained.checkpoint
+        return await self.store.get(stream.id) or self.snapshot(stream)
 
     async def _run(self, stream: Stream, work: Awaitable[None]) -> None:
         try:
@@ -274,7 +283,16 @@ def _cancel_running(stream: Stream) -> None:
         stream.task.cancel()
         # Again later if it is still running: Python 3.11's ``asyncio.wait_for`` (inside
         # libraries) can drop a cancellation that lands as what it awaits completes.
-        asyncio.get_running_loop().call_later(RECANCEL_S, _cancel_running, stream)
+        asyncio.get_running_loop().call_later(RECANCEL_S, _cancel_again, stream)
+
+
+def _cancel_again(stream: Stream) -> None:
+    """The cancellation the generation missed, unless it was the grace window's and a
+    reader has come back since: the stream is theirs again (their detach opens a window)."""
+    if stream.cancel_reason is StreamStatus.CLIENT_GONE and stream.readers > 0:
+        stream.cancel_reason = None
+        return
+    _cancel_running(stream)
 
 
 @dataclass(frozen=True, slots=True)

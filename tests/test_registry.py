@@ -317,6 +317,79 @@ async def test_a_reader_back_as_the_grace_window_ends_keeps_the_stream(
     registry.detach(stream)
 
 
+async def test_a_reader_back_and_gone_again_as_the_window_ends_gets_a_new_window(
+    loop_clock: LoopClock,
+) -> None:
+    """The window expires, and in the same pass a reader comes back and leaves again (a
+    resume whose connection was already closing): its leaving opens a new window, which
+    the first window's cancellation, still on its way, must not pre-empt."""
+    registry, _ = make_registry(grace=60)
+    stream = make_stream()
+    release = asyncio.Event()
+    registry.launch(stream, produce(stream, ["a"], release))
+    registry.attach(stream)
+    registry.detach(stream)
+    back_and_gone = lambda: (registry.attach(stream), registry.detach(stream))  # noqa: E731
+    asyncio.get_running_loop().call_later(60.5, back_and_gone)
+    await loop_clock.advance(61)
+    assert stream.running  # the new window runs until 60.5 + 60
+    await loop_clock.advance(59)
+    assert stream.running
+    await loop_clock.advance(1)
+    await stream.ended.wait()
+    assert stream.status is StreamStatus.CLIENT_GONE
+
+
+async def test_a_reader_back_after_a_missed_cancel_keeps_the_stream(
+    loop_clock: LoopClock,
+) -> None:
+    """The grace window's cancellation was swallowed by the generation (Python 3.11's
+    wait_for); before it is sent again the client comes back: the stream is theirs again,
+    not cancelled under a reader."""
+    registry, _ = make_registry(grace=60)
+    stream = make_stream()
+    swallowed, release = asyncio.Event(), asyncio.Event()
+
+    async def deaf_once() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()  # lost: the generation goes on
+        await release.wait()
+
+    registry.launch(stream, deaf_once())
+    registry.attach(stream)
+    registry.detach(stream)
+    await loop_clock.advance(61)
+    await swallowed.wait()
+    with registry.reading(stream):
+        await loop_clock.advance(registry_module.RECANCEL_S)
+        assert stream.running
+        release.set()
+        await stream.ended.wait()
+    assert stream.status is StreamStatus.COMPLETED
+
+
+async def test_settled_answers_the_stored_checkpoint_once_the_stream_is_not_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream let go of (retention is bounded) by the time its canceller looks: the
+    checkpoint answered is the stored one, not a recount (its prompt is no longer kept)."""
+    monkeypatch.setattr(registry_module, "MAX_RETAINED", 1)
+    registry, store = make_registry()
+    first, second = make_stream("strm_1"), make_stream("strm_2")
+    first.body = {"messages": [{"role": "user", "content": "word " * 1000}]}
+    registry.launch(first, produce(first, ["a"]))
+    registry.launch(second, produce(second, ["b"]))
+    for stream in (first, second):
+        assert stream.task is not None
+        await stream.task
+    assert registry.get(first.id) is None  # pushed out by the second
+    checkpoint = await registry.settled(first)
+    assert checkpoint == await store.get(first.id)
+    assert checkpoint.prompt_tokens > 1000
+
+
 async def test_a_cancel_asked_for_outranks_a_grace_window_ending_in_the_same_pass() -> None:
     """The grace window's end sends its client-gone cancel, the client's own cancel comes
     in, and a reader attaches, all in one loop pass: the reader takes the client-gone one

@@ -66,10 +66,8 @@ async def cancel_stream(request: web.Request) -> web.Response:
             )
     stream = _owned_stream(request)
     registry.cancel(stream)
-    await registry.settled(stream)  # answer with the checkpoint as stored, hooks done
-    return web.Response(
-        body=orjson.dumps(registry.snapshot(stream).to_json()), content_type="application/json"
-    )
+    checkpoint = await registry.settled(stream)  # as stored, its finish hooks done
+    return web.Response(body=orjson.dumps(checkpoint.to_json()), content_type="application/json")
 
 
 def _owned_stream(request: web.Request) -> Stream:
