@@ -2,18 +2,22 @@
 
 The built-in table holds OpenAI's list prices for current chat models (standard tier);
 ``SLUICE_PRICES_FILE`` / ``SLUICE_PRICES`` (JSON) add or replace entries. A model is
-priced by its exact name, else by the longest table name it starts with (dated snapshots
-such as ``gpt-4o-2024-08-06`` price as ``gpt-4o``), else by the ``"*"`` entry, so an
-unknown model is never free. Arithmetic is ``Decimal`` so budgets add up exactly.
+priced by its exact name, else, for a dated snapshot (``gpt-4o-2024-08-06``,
+``gpt-4-0613``), by its model's name, else by the ``"*"`` entry, so an unknown model is
+never free. Only a date is dropped: ``o1-pro`` is not ``o1`` (ten times dearer), and a
+name the table does not know is not priced as one it does. Arithmetic is ``Decimal`` so
+budgets add up exactly.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
 PER_MILLION = Decimal(1_000_000)
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{4})$")  # -2024-08-06, -0613
 MAX_REMEMBERED_MODELS = 4096
 
 
@@ -46,11 +50,17 @@ _BUILTIN: dict[str, tuple[str, str, str | None]] = {
     "gpt-4o-2024-05-13": ("5.00", "15.00", None),
     "gpt-4o-mini": ("0.15", "0.60", "0.075"),
     "chatgpt-4o-latest": ("5.00", "15.00", None),
+    "gpt-5-pro": ("15.00", "120.00", None),
     "o1": ("15.00", "60.00", "7.50"),
+    "o1-preview": ("15.00", "60.00", "7.50"),
+    "o1-pro": ("150.00", "600.00", None),
     "o1-mini": ("1.10", "4.40", "0.55"),
     "o3": ("2.00", "8.00", "0.50"),
+    "o3-pro": ("20.00", "80.00", None),
+    "o3-deep-research": ("10.00", "40.00", "2.50"),
     "o3-mini": ("1.10", "4.40", "0.55"),
     "o4-mini": ("1.10", "4.40", "0.275"),
+    "o4-mini-deep-research": ("2.00", "8.00", "0.50"),
     "gpt-4-turbo": ("10.00", "30.00", None),
     "gpt-4-32k": ("60.00", "120.00", None),
     "gpt-4": ("30.00", "60.00", None),
@@ -71,13 +81,12 @@ def builtin_prices() -> dict[str, Price]:
 
 
 class PriceTable:
-    """Model -> ``Price``, with prefix matching for dated snapshots; see the module docstring."""
+    """Model -> ``Price``, dated snapshots as their model; see the module docstring."""
 
-    __slots__ = ("_by_prefix", "_exact", "_resolved")
+    __slots__ = ("_exact", "_resolved")
 
     def __init__(self, prices: Mapping[str, Price]) -> None:
         self._exact = dict(prices)
-        self._by_prefix = sorted((m for m in self._exact if m != "*"), key=len, reverse=True)
         self._resolved: dict[str, Price] = {}
 
     @classmethod
@@ -98,15 +107,16 @@ class PriceTable:
         return found
 
     def _lookup(self, model: str) -> Price:
-        """Exact name; else the longest table name it starts with (``ft:`` ones included);
-        else, for a fine-tune with no rate of its own, its base model's; else ``"*"``."""
-        if model in self._exact:
-            return self._exact[model]
-        base = model.removeprefix("ft:").split(":", 1)[0]
-        for candidate in (model, base):
-            for name in self._by_prefix:
-                if candidate.startswith(name):
-                    return self._exact[name]
+        """The exact name, or its name without a snapshot's date; for a fine-tune
+        (``ft:<base>:<org>::<id>``), its ``ft:`` rate, else its base model's; else ``"*"``."""
+        names = [model]
+        if model.startswith("ft:"):
+            base = model[3:].split(":", 1)[0]
+            names += [f"ft:{base}", base]
+        for name in names:
+            for candidate in (name, _SNAPSHOT.sub("", name)):
+                if candidate != "*" and candidate in self._exact:
+                    return self._exact[candidate]
         return self._exact.get("*") or Price.of(0, 0)
 
     def cheaper(self, model: str, than: str) -> bool:

@@ -32,12 +32,19 @@ def test_cost_uses_input_cached_and_output_rates() -> None:
         ("ft:gpt-4o-mini-2024-07-18:acme::x1", "ft:gpt-4o-mini"),  # fine-tunes' own rates
         ("ft:gpt-4.1-nano-2025-04-14:acme::x2", "ft:gpt-4.1-nano"),
         ("ft:o4-mini:acme::x3", "o4-mini"),  # no rate of its own: its base model's
+        ("gpt-4-0613", "gpt-4"),
         ("mystery-model", "*"),
+        ("o1-pro", "o1-pro"),  # ten times o1's rates: never priced as o1
+        ("o3-pro-2025-06-10", "o3-pro"),
+        ("gpt-5-pro", "gpt-5-pro"),
+        ("o1-something-new", "*"),  # not a snapshot of o1: not o1's rates
+        ("gpt-4o-mini-search-preview", "*"),
     ],
 )
 def test_snapshots_price_as_their_family(model: str, priced_as: str) -> None:
-    """Dated snapshots and fine-tunes match the longest family name (a fine-tune without
-    a rate of its own, its base model's); unknowns the '*' entry."""
+    """Dated snapshots price as their model, fine-tunes at their own rate or their base
+    model's; any other name the table does not have, at the '*' entry (a name that only
+    starts like a known one is another model: ``o1-pro`` costs ten times ``o1``)."""
     prices = builtin_prices()
     assert PriceTable(prices).price(model) == prices[priced_as]
 
