@@ -389,6 +389,7 @@ class Admission:
                 cache_header=self.cache_header,
                 output_limits=self.output_limits,
                 only_cached=self.only_cached,
+                prompt_tokens=self.prompt_tokens,
             )
         except SluiceError as exc:
             await self.release()

@@ -68,7 +68,11 @@ def checkpoint_of(
     if counts is not None:
         prompt, completion = counts
     elif counted:  # no usage, or none we can trust: count what was sent and generated
-        prompt = count_prompt(stream.model, stream.body)
+        counted_at_admission = stream.prompt_tokens  # (off the loop, for a large body)
+        if counted_at_admission is None:
+            prompt = count_prompt(stream.model, stream.body)
+        else:
+            prompt = counted_at_admission
         completion = _generated_tokens(stream, count_text)
     else:
         prompt = completion = 0

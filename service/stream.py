@@ -202,6 +202,7 @@ class Stream:
         "output_limits",
         "owner",
         "progress",
+        "prompt_tokens",
         "provider_engaged",
         "readers",
         "served_model",
@@ -231,6 +232,7 @@ class Stream:
         self.streaming = streaming
         self.include_usage = include_usage
         self.body: dict[str, Any] = {}
+        self.prompt_tokens: int | None = None  # counted at admission: never counted again
         self.events: list[tuple[int, bytes]] = []
         self.status = StreamStatus.RUNNING
         self.error: SluiceError | None = None

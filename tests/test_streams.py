@@ -7,6 +7,7 @@ the provider itself saw (``SimStats``), waiting on conditions rather than sleepi
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -682,3 +683,39 @@ async def test_a_failed_stream_keeps_its_error_not_the_frames_it_came_through(
     assert error is not None
     assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
     assert STREAM_ID_HEADER not in error.headers  # the response's, not the kept error's
+
+
+async def test_a_checkpoint_never_counts_the_prompt_on_the_loop_again(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A stream's prompt is counted once, at admission (off the loop when large): not again
+    for its checkpoint, however often it is read while running or when it ends without the
+    provider's usage (a large prompt recounted on the loop stalled every stream, on each
+    ``GET /v1/streams/{id}``); and a running stream's text is counted off the loop."""
+    client = await gateway(with_drain(settings, 0))
+    registry = client.app[STREAMS]
+    prompts: list[str] = []
+    texts: list[str] = []
+    count_prompt, count_text = registry.count_prompt, registry.count_text
+
+    def spy_prompt(model: str, body: dict[str, Any]) -> int:
+        prompts.append(threading.current_thread().name)
+        return count_prompt(model, body)
+
+    def spy_text(model: str, text: str) -> int:
+        texts.append(threading.current_thread().name)
+        return count_text(model, text)
+
+    registry.count_prompt, registry.count_text = spy_prompt, spy_text
+    response = await _post(client, "halt [sim stall_after=2]")
+    await read_events(response, 3)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    running = await client.get(f"/v1/streams/{stream_id}", headers=AUTH)
+    assert (await running.json())["prompt_tokens"] > 0
+    assert texts
+    assert threading.current_thread().name not in texts
+    cancelled = await client.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    body = await cancelled.json()
+    assert (body["status"], body["usage_reported"]) == ("cancelled", False)
+    assert body["prompt_tokens"] == (await running.json())["prompt_tokens"]
+    assert prompts == []

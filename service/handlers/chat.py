@@ -45,6 +45,7 @@ def start_stream(
     cache_header: str | None = None,
     output_limits: Mapping[str, int | None] = NO_LIMITS,
     only_cached: SluiceError | None = None,
+    prompt_tokens: int | None = None,
 ) -> Stream:
     """Create a stream for ``chat`` and launch its generation; shared by SSE and WebSocket.
 
@@ -65,6 +66,7 @@ def start_stream(
         include_usage=chat.include_usage,
     )
     stream.body = chat.body
+    stream.prompt_tokens = prompt_tokens
     stream.output_limits = output_limits  # per fallback model (admission.py)
     work = app[RESPONDER].answer(stream, chat, cache_header, only_cached=only_cached)
     app[STREAMS].launch(stream, app[TELEMETRY].traced(stream, work))  # spans under this request

@@ -6,6 +6,7 @@ never existed, so ids cannot be probed.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import orjson
@@ -28,7 +29,8 @@ async def get_stream(request: web.Request) -> web.Response:
     stream = registry.get(stream_id)
     if stream is not None:
         _check_owner(request, stream.owner.user_id, stream.owner.tenant)
-        checkpoint = registry.snapshot(stream)
+        # A running stream's text is counted anew each time: off the loop (it may be long).
+        checkpoint = await asyncio.to_thread(registry.snapshot, stream)
     else:
         stored = await registry.store.get(stream_id)
         if stored is None:
