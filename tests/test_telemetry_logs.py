@@ -139,6 +139,28 @@ async def test_text_format_is_human_readable(gateway: GatewayFactory, settings: 
     assert not access[0].startswith("{")
 
 
+async def test_a_text_line_cannot_be_forged_with_control_characters(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A client's path with an encoded newline and terminal escape (anyone may send one,
+    no key needed): its access line stays one line, those characters written escaped."""
+    buffer = io.StringIO()
+    telemetry = TelemetrySettings(log_format="text")
+    handler = configure_logging(telemetry, Redactor.from_settings(settings), stream=buffer)
+    try:
+        client = await gateway()
+        forged = "/v1/x%0A2026-01-01T00:00:00.000Z%20INFO%20sluice.access%20forged%1b[2J"
+        response = await client.get(forged)
+        assert response.status == 404  # unknown: answered before any key is asked for
+        await finished(client)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = buffer.getvalue().splitlines()
+    (access,) = [line for line in lines if " sluice.access GET /v1/x" in line]
+    assert "/v1/x\\n2026-01-01T00:00:00.000Z INFO sluice.access forged\\x1b[2J" in access
+    assert not any(line.startswith("2026-01-01T00:00:00.000Z") for line in lines)
+
+
 async def test_access_log_can_be_turned_off(
     gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
 ) -> None:

@@ -82,7 +82,13 @@ def _text(
     line = f"{_iso(created)} {record.levelname} {record.name} {message}"
     if fields:
         line += "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
+    if not line.isprintable():  # a client's path or value may carry newlines, escapes:
+        line = line.translate(_ESCAPED)  # one record stays one line, and prints as text
     return line
+
+
+# C0 controls and DEL, as Python writes them in a string literal (``\n``, ``\x1b``).
+_ESCAPED = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
 
 
 class RedactingFormatter(logging.Formatter):
