@@ -47,6 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from .checkpoint import Checkpoint, CheckpointStore
+from .errors import RateLimitError
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
@@ -63,6 +64,10 @@ LISTEN_RETRY_S = 1.0
 LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it should stop
 LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: reconnected
 CANCEL_WAIT_S = 10.0
+# Each remote reader holds a connection of the follower's pool in a blocking read: one
+# user's readers are bounded, so one key cannot take the pool from everyone.
+READERS_PER_USER = 16
+FOLLOWER_CONNECTIONS = 1024
 MIRROR_INTERVAL_S = 0.02
 HEARTBEAT_TICKS = 3  # the most a remote reader lags behind the owner's journal
 
@@ -316,6 +321,27 @@ class RemoteStreams:
         self._keepalive_s = keepalive_s
         self._block_ms = max(1, int(keepalive_s * 1000))
         self.leaving = False  # this replica drains: its readers send their clients elsewhere
+        self._readers_of: dict[tuple[str, str], int] = {}  # (user, tenant) -> readers here
+
+    def take_reader(self, owner: tuple[str, str]) -> None:
+        """Count a remote reader of ``owner``'s, or refuse it (429) past ``READERS_PER_USER``;
+        ``release_reader`` when it ends."""
+        held = self._readers_of.get(owner, 0)
+        if held >= READERS_PER_USER:
+            raise RateLimitError(
+                f"This user follows {READERS_PER_USER} streams through this replica already; "
+                "close one, or resume on the replica that generates the stream.",
+                code="too_many_remote_readers",
+                headers={"Retry-After": "1"},
+            )
+        self._readers_of[owner] = held + 1
+
+    def release_reader(self, owner: tuple[str, str]) -> None:
+        held = self._readers_of.get(owner, 0) - 1
+        if held > 0:
+            self._readers_of[owner] = held
+        else:
+            self._readers_of.pop(owner, None)
 
     async def owner_of(self, stream_id: str) -> tuple[str, str] | None:
         """(user, tenant) of a stream known to Redis; None when unknown or Redis is down."""

@@ -40,9 +40,10 @@ from .pg_ledger import PostgresLedger
 from .redis_budgets import RedisBudgets
 from .redis_cache import RedisResponseCache
 from .redis_checkpoints import SharedCheckpointStore
-from .redis_journal import LISTEN_POLL_S, JournalMirror, RemoteStreams
+from .redis_journal import FOLLOWER_CONNECTIONS, LISTEN_POLL_S, JournalMirror, RemoteStreams
 from .redis_limits import RedisLimiter
 from .redisgate import RedisGate, RedisUnavailable
+from .settings import Settings
 from .shared_metrics import SharedStateCollector
 from .stream import Stream, check_resume_point
 
@@ -95,13 +96,8 @@ def install_shared_state(app: web.Application) -> None:
 
     registry.finish_hooks.append(store_posted)  # before the journal closes: readers then
     registry.finish_hooks.append(mirror.finished)  # find the checkpoint in Redis
-    assert settings.shared.redis_url is not None
-    follower = Redis.from_url(  # blocking reads and pub/sub: no socket read timeout
-        settings.shared.redis_url.reveal(),
-        socket_timeout=None,  # said outright: redis-py 8 would cut an XREAD BLOCK at 5 s
-        socket_connect_timeout=settings.shared.redis_timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
+    follower = _blocking_client(settings, FOLLOWER_CONNECTIONS)  # remote readers' XREADs
+    control = _blocking_client(settings, 2)  # the control channel's, never short of one
     app[REMOTE_STREAMS] = RemoteStreams(
         gate, follower, registry.store, settings.streams.keepalive_s
     )
@@ -111,7 +107,7 @@ def install_shared_state(app: web.Application) -> None:
             await gate.run(lambda r: r.ping())
         except RedisUnavailable as exc:
             log.warning("redis not reachable at start (%s); policy: fail-%s", exc, gate.failure)
-        listener = asyncio.create_task(mirror.listen(follower), name="redis-control")
+        listener = asyncio.create_task(mirror.listen(control), name="redis-control")
         yield
         mirror.stop_listening()
         listener.cancel()  # at once, usually; else the stop flag within one poll
@@ -122,9 +118,22 @@ def install_shared_state(app: web.Application) -> None:
         if isinstance(limiter, RedisLimiter):
             await limiter.free_missed()  # and the stream slots it missed
         await follower.aclose()
+        await control.aclose()
         await gate.aclose()
 
     app.cleanup_ctx.append(shared_ctx)
+
+
+def _blocking_client(settings: Settings, connections: int) -> Redis:
+    """A client for blocking reads and pub/sub: no socket read timeout."""
+    assert settings.shared.redis_url is not None
+    return Redis.from_url(
+        settings.shared.redis_url.reveal(),
+        socket_timeout=None,  # said outright: redis-py 8 would cut an XREAD BLOCK at 5 s
+        socket_connect_timeout=settings.shared.redis_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        max_connections=connections,
+    )
 
 
 async def remote_events(
@@ -138,7 +147,12 @@ async def remote_events(
         return None
     after = check_resume_point(await remote.last_seq(stream_id), last_event_id())
     request.app[TELEMETRY].stream_resumed(stream_id, after)
-    return await remote.serve(request, stream_id, after)
+    owner = (request[PRINCIPAL].user_id, request[PRINCIPAL].tenant)
+    remote.take_reader(owner)
+    try:
+        return await remote.serve(request, stream_id, after)
+    finally:
+        remote.release_reader(owner)
 
 
 async def remote_cancel(request: web.Request, stream_id: str) -> Checkpoint | None:

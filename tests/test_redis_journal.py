@@ -641,3 +641,48 @@ async def test_a_control_channel_gone_half_open_is_noticed_and_resubscribed(
         await publisher.aclose()
         await gate.aclose()
         await proxy.close()
+
+
+async def test_one_user_s_readers_through_another_replica_are_bounded(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each reader of a stream another replica generates holds a Redis connection in a
+    blocking read: one user's readers on a replica are bounded (429, over SSE and over a
+    socket), so one key cannot take the connections every user's resumes need."""
+    monkeypatch.setattr(redis_journal, "READERS_PER_USER", 2)
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    response = await a.post(
+        "/v1/chat/completions", json=chat_body("held [sim stall_after=1]"), headers=AUTH
+    )
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+    url = f"/v1/streams/{stream_id}/events"
+    readers = [await b.get(url, headers=AUTH) for _ in range(2)]
+    for reader in readers:
+        await read_events(reader, 1)  # following, each on its own connection
+    refused = await b.get(url, headers=AUTH)
+    assert refused.status == 429
+    assert (await refused.json())["error"]["code"] == "too_many_remote_readers"
+    socket = await b.ws_connect("/v1/ws", headers=AUTH)
+    await socket.send_json({"type": "resume", "stream_id": stream_id})
+    frame = await socket.receive_json()
+    assert (frame["type"], frame["error"]["code"]) == ("error", "too_many_remote_readers")
+    remote = b.app[REMOTE_STREAMS]
+    assert remote is not None
+    released = asyncio.Event()
+    release = remote.release_reader
+
+    def counted_release(owner: tuple[str, str]) -> None:
+        release(owner)
+        released.set()
+
+    remote.release_reader = counted_release  # type: ignore[method-assign]
+    cancel = await a.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancel.status == 200
+    for reader in readers:
+        await reader.read()  # the stream's end, followed to the last event
+    await released.wait()
+    again = await b.get(url, headers=AUTH)  # a slot is free again
+    assert again.status == 200
+    await again.read()
+    await socket.close()

@@ -266,11 +266,14 @@ class _Socket:
     def _follow_remote(
         self, remote: RemoteStreams, request_id: RequestId, stream_id: str, after: int
     ) -> None:
+        owner = (self._principal.user_id, self._principal.tenant)
+        remote.take_reader(owner)  # (or a 429 frame: the user's remote readers are bounded)
         self._app[TELEMETRY].ws_relaying(+1)
         frames = StreamFrames(request_id, stream_id)
         task = asyncio.create_task(self._relay_remote(remote, frames, after))
         self._readers[request_id] = (stream_id, task)
         task.add_done_callback(functools.partial(self._reader_done, request_id, None))
+        task.add_done_callback(lambda _: remote.release_reader(owner))
 
     def _reader_done(
         self, request_id: RequestId, stream: Stream | None, task: asyncio.Task[None]
