@@ -48,6 +48,21 @@ def test_the_dev_key_is_a_known_secret() -> None:
     assert "sluice-dev-key" not in redactor.redact("key=sluice-dev-key")
 
 
+def test_passwords_in_the_redis_and_database_urls_are_known_secrets() -> None:
+    """An error that quotes a connection URL (a driver's message) leaves no password."""
+    settings = Settings.from_env(
+        {
+            "SLUICE_REDIS_URL": "redis://:r3dis-pw@redis:6379/0",
+            "SLUICE_DATABASE_URL": "postgresql://sluice:pg-s3cret@db/sluice",
+        }
+    )
+    line = Redactor.from_settings(settings).redact(
+        "could not reach redis://:r3dis-pw@redis:6379/0 or postgresql://sluice:pg-s3cret@db"
+    )
+    assert "r3dis-pw" not in line
+    assert "pg-s3cret" not in line
+
+
 def test_plain_text_is_untouched(redactor: Redactor) -> None:
     """Ordinary log text survives, including words like 'bearer' at the end of a line."""
     text = "POST /v1/chat/completions 200 completed tokens=12"

@@ -1,6 +1,7 @@
 """Redaction: what must never reach a log line, a span attribute or a metric label.
 
-Always removed: the provider key and other known secrets (exact strings), the value of any
+Always removed: the provider key and other known secrets (exact strings: the dev key, the
+passwords in the Redis and PostgreSQL URLs), the value of any
 ``Authorization`` header, and anything after ``Bearer``. Then the configurable patterns
 (``SLUICE_REDACT_PATTERNS``; by default e-mail addresses and ``sk-...`` keys). Pure: no
 server objects, so logging, tracing and metrics share one instance.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from ..settings import EMAIL_PATTERN, SECRET_KEY_PATTERN, Settings
 
@@ -43,6 +45,9 @@ class Redactor:
             secrets.append(settings.provider.api_key.reveal())
         if settings.auth.dev_key is not None:
             secrets.append(settings.auth.dev_key.reveal())
+        for url in (settings.shared.redis_url, settings.shared.database_url):
+            if url is not None:  # a password in a URL an error message might quote
+                secrets.append(urlsplit(url.reveal()).password or "")
         return cls(settings.telemetry.redact_patterns, secrets=secrets)
 
     def redact(self, text: str) -> str:
