@@ -17,6 +17,7 @@ from ..settings import EMAIL_PATTERN, SECRET_KEY_PATTERN, Settings
 
 REDACTED = "[redacted]"
 MAX_LABEL_VALUES = 200  # distinct values per label before the rest become "other"
+MIN_PASSWORD_CHARS = 4  # a shorter one, removed wherever it occurs, would garble every line
 
 # Header dumps, JSON, repr()s: `Authorization: x`, `"authorization": "x"`, `('Authorization', 'x')`;
 # also inside a JSON string (a JSON log line), its quotes escaped: `\"Authorization\": \"x\"`.
@@ -46,8 +47,9 @@ class Redactor:
         if settings.auth.dev_key is not None:
             secrets.append(settings.auth.dev_key.reveal())
         for url in (settings.shared.redis_url, settings.shared.database_url):
-            if url is not None:  # a password in a URL an error message might quote
-                secrets.append(urlsplit(url.reveal()).password or "")
+            password = urlsplit(url.reveal()).password if url is not None else None
+            if password and len(password) >= MIN_PASSWORD_CHARS:  # quoted in an error, maybe
+                secrets.append(password)
         return cls(settings.telemetry.redact_patterns, secrets=secrets)
 
     def redact(self, text: str) -> str:
