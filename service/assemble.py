@@ -132,6 +132,7 @@ def merge_calls(calls: Iterable[Any]) -> list[Any]:
 
 
 def _fold_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
+    """One fragment into its call; fields of the wrong type (the provider's) are left out."""
     call = calls.setdefault(
         fragment.get("index", 0), {"id": None, "type": "function", "function": {}}
     )
@@ -139,12 +140,15 @@ def _fold_call(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> No
         call["id"] = fragment["id"]
     if fragment.get("type"):
         call["type"] = fragment["type"]
-    function = fragment.get("function") or {}
+    function = fragment.get("function")
+    if not isinstance(function, dict):
+        return
     target = call["function"]
-    if function.get("name"):
-        target["name"] = target.get("name", "") + function["name"]
-    if function.get("arguments") is not None:
-        target["arguments"] = target.get("arguments", "") + function["arguments"]
+    name, arguments = function.get("name"), function.get("arguments")
+    if isinstance(name, str) and name:
+        target["name"] = target.get("name", "") + name
+    if isinstance(arguments, str):
+        target["arguments"] = target.get("arguments", "") + arguments
 
 
 def _finished(slot: dict[str, Any]) -> dict[str, Any]:

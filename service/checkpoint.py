@@ -60,19 +60,17 @@ def checkpoint_of(
     *,
     counted: bool = True,
 ) -> Checkpoint:
-    """Summarise ``stream`` as it stands; counts tokens when the provider did not (unless
-    not ``counted``: the last resort when counting failed, which leaves them 0)."""
+    """Summarise ``stream`` as it stands; counts tokens when the provider did not. With
+    ``counted=False`` (the last resort, after counting failed) they are 0, and the tool
+    calls are left out."""
     progress = stream.progress
     counts = usage_counts(progress.usage)
     reported = counts is not None
     if counts is not None:
         prompt, completion = counts
     elif counted:  # no usage, or none we can trust: count what was sent and generated
-        counted_at_admission = stream.prompt_tokens  # (off the loop, for a large body)
-        if counted_at_admission is None:
-            prompt = count_prompt(stream.model, stream.body)
-        else:
-            prompt = counted_at_admission
+        known = stream.prompt_tokens  # counted at admission (off the loop when large)
+        prompt = known if known is not None else count_prompt(stream.model, stream.body)
         completion = _generated_tokens(stream, count_text)
     else:
         prompt = completion = 0
@@ -85,7 +83,7 @@ def checkpoint_of(
         response_model=progress.response_model,
         status=stream.status,
         text=progress.text,
-        tool_calls=merge_calls(progress.tool_calls or ()),
+        tool_calls=merge_calls(progress.tool_calls or ()) if counted else [],
         finish_reason=progress.finish_reason,
         chunks=progress.chunks,
         last_seq=stream.last_seq,

@@ -284,8 +284,20 @@ async def test_odd_usage_never_loses_the_ledger_row(
         {"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": 7}]},
         {"choices": [{"index": 1, "delta": "oops"}]},
         {"choices": [{"index": 1, "delta": {"tool_calls": 5, "content": 6}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "x"}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": {}}}]}}]},
     ],
-    ids=["model", "id", "content", "refusal", "finish", "other-choice", "other-choice-calls"],
+    ids=[
+        "model",
+        "id",
+        "content",
+        "refusal",
+        "finish",
+        "other-choice",
+        "other-choice-calls",
+        "call-function",
+        "call-arguments",
+    ],
 )
 async def test_odd_types_from_the_provider_never_leave_a_request_unsettled(
     aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, odd: Any, stream: bool
