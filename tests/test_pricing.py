@@ -33,6 +33,8 @@ def test_cost_uses_input_cached_and_output_rates() -> None:
         ("ft:gpt-4.1-nano-2025-04-14:acme::x2", "ft:gpt-4.1-nano"),
         ("ft:o4-mini:acme::x3", "o4-mini"),  # no rate of its own: its base model's
         ("gpt-4-0613", "gpt-4"),
+        ("gpt-4-1106-preview", "gpt-4-1106-preview"),  # a turbo: a third of gpt-4's rates
+        ("gpt-3.5-turbo-16k-0613", "gpt-3.5-turbo-16k"),
         ("mystery-model", "*"),
         ("o1-pro", "o1-pro"),  # ten times o1's rates: never priced as o1
         ("o3-pro-2025-06-10", "o3-pro"),

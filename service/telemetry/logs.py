@@ -24,6 +24,9 @@ from ..settings import TelemetrySettings
 from .redaction import Redactor
 
 ACCESS_LOGGER = "sluice.access"
+# What a text line escapes, as a Python string literal writes it (``\n``, ``\x1b``,
+# ``\u2028``): the C0 and C1 controls, DEL and the Unicode line and paragraph separators.
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(32), *range(0x7F, 0xA0), 0x2028, 0x2029)}
 _HANDLER_NAME = "sluice"
 
 
@@ -85,10 +88,6 @@ def _text(
     if not line.isprintable():  # a client's path or value may carry newlines, escapes:
         line = line.translate(_ESCAPED)  # one record stays one line, and prints as text
     return line
-
-
-# C0 controls and DEL, as Python writes them in a string literal (``\n``, ``\x1b``).
-_ESCAPED = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
 
 
 class RedactingFormatter(logging.Formatter):
