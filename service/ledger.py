@@ -40,6 +40,7 @@ HAND_OFF_S = 0.25  # the longest an entry waits on the loop before the writer ha
 RETRY_S = 1.0  # after a failed write, the writer tries again this soon (or on new work)
 LAST_TRIES = 4  # at shutdown, over ~4 s at most; then the records go to the unwritten log
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another connection's lock (sqlite3's own)
+EXIT_BUSY_MS = 500  # that wait once the gateway is closing: the exit stays prompt
 COMPLAIN_EVERY_S = 10.0  # one error line per this many seconds while SQLite refuses
 MAX_HELD = 16 * BATCH  # refused records kept for another try; past it, the oldest are logged
 _T = TypeVar("_T")
@@ -371,39 +372,48 @@ class SqliteLedger:
                     item = self._queue.get(timeout=RETRY_S if held else None)
                 except queue.Empty:
                     item = None
+                if self._closing and not self._short_waits:
+                    self._shorten_waits(connection)  # a lock held at exit: not a wait a batch
+                batch, item = self._gather(held, item)
                 try:
-                    held, item = self._store(connection, held, item)
+                    held = self._store(connection, batch)
                 except Exception:  # the one writer must outlive anything: every row needs it
-                    log.exception("ledger: the writer failed a step")
-                if item is _STOP:
+                    log.exception("ledger: the writer failed a batch")
+                    log_unwritten(batch, "the ledger's writer failed it")
+                    held = []
+                if isinstance(item, tuple):
+                    _run_job(connection, *item)
+                elif item is _STOP:
                     if held and not self._last_tries(connection, held):
                         log_unwritten(held, "SQLite refused it until shutdown")
                     return
 
-    def _store(
-        self, connection: sqlite3.Connection, held: list[LedgerEntry], item: object
-    ) -> tuple[list[LedgerEntry], object]:
-        """Write ``held`` with ``item`` and the batches queued behind it, then run the job
-        that stopped the gathering; returns what SQLite refused (bounded) and the item that
-        stopped the gathering."""
-        if self._closing and not self._short_waits:
-            self._short_waits = True  # a lock held at exit must not cost a wait a batch
-            connection.execute(f"PRAGMA busy_timeout = {int(min(self._busy_ms, 500))}")
+    def _gather(self, held: list[LedgerEntry], item: object) -> tuple[list[LedgerEntry], object]:
+        """``held`` with ``item`` and the batches queued behind it (consecutive batches
+        share one transaction), and the item that stopped the gathering (a job, the stop)."""
         batch = held
-        while isinstance(item, list):  # consecutive batches share one transaction
+        while isinstance(item, list):
             batch = batch + item
             try:
                 more = len(batch) < BATCH or self._closing
                 item = self._queue.get_nowait() if more else None
             except queue.Empty:
                 item = None
+        return batch, item
+
+    def _store(self, connection: sqlite3.Connection, batch: list[LedgerEntry]) -> list[LedgerEntry]:
+        """Write ``batch``; return what SQLite refused, bounded by ``MAX_HELD`` (the oldest
+        past that go to the unwritten log)."""
         refused = batch if batch and not self._write(connection, batch) else []
-        if len(refused) > MAX_HELD:  # SQLite has refused for long: the oldest go to the log
+        if len(refused) > MAX_HELD:
             log_unwritten(refused[:-MAX_HELD], "SQLite refused it for too long")
             refused = refused[-MAX_HELD:]
-        if isinstance(item, tuple):
-            _run_job(connection, *item)
-        return refused, item
+        return refused
+
+    def _shorten_waits(self, connection: sqlite3.Connection) -> None:
+        self._short_waits = True
+        with contextlib.suppress(sqlite3.Error):  # (then the waits stay long: no worse)
+            connection.execute(f"PRAGMA busy_timeout = {int(min(self._busy_ms, EXIT_BUSY_MS))}")
 
     def _write(self, connection: sqlite3.Connection, batch: Sequence[LedgerEntry]) -> bool:
         """One transaction for ``batch``; False (nothing written) when SQLite refused it
@@ -432,7 +442,7 @@ class SqliteLedger:
     def _last_tries(self, connection: sqlite3.Connection, batch: list[LedgerEntry]) -> bool:
         """At shutdown: a few more tries of what SQLite refused (a lock may clear), each
         waiting for a lock no more than half a second, so the exit stays prompt."""
-        connection.execute(f"PRAGMA busy_timeout = {int(min(self._busy_ms, 500))}")
+        self._shorten_waits(connection)
         for _ in range(LAST_TRIES):
             time.sleep(RETRY_S / 2)  # the writer thread's own wait, not the loop's
             if self._write(connection, batch):

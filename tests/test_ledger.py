@@ -219,12 +219,10 @@ async def test_a_locked_database_at_shutdown_costs_short_waits(
     for index in range(3):
         ledger.record(entry(f"r{index}"))
         ledger._hand_off()
-    closing = asyncio.ensure_future(ledger.close())
-    await asyncio.sleep(0)  # one loop turn: ``close`` runs to its first await
-    assert ledger._closing  # (so the writer, released next, sees the exit coming)
-    release.set()
+    # The writer is released once ``close`` has marked the exit (its first step).
+    asyncio.get_running_loop().call_soon(release.set)
+    await ledger.close()  # with 60 s a wait, three batches would take minutes (the timeout)
     await held
-    await closing  # with 60 s a wait, three batches would take minutes (the test's timeout)
     locker.execute("ROLLBACK")
     locker.close()
     logged = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
