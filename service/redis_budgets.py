@@ -201,12 +201,8 @@ class RedisBudgets(Budgets):
         undo = functools.partial(self._undo_reserve, keys=keys, hold_id=hold_id, checks=checks)
         try:
             reply = await self._gate.evalsha_or_undo(self._reserve, keys, args, undo)
-        except BaseException as exc:
-            # Unknown whether the script ran (it may yet, past the deadline): a settlement
-            # of 0 is kept, to release the hold if Redis has it (a no-op if it has not).
-            self._keep_unsent(keys, [hold_id, 0, *(_ttl(key) for key, _ in checks)])
-            if not isinstance(exc, RedisUnavailable):
-                raise  # cancelled: the client left
+        except RedisUnavailable:
+            self._release_later(keys, hold_id, checks)
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
             self._gate.fallback("budgets")
@@ -214,6 +210,9 @@ class RedisBudgets(Budgets):
             # Its spend still goes to Redis when it settles: under a hold id Redis never
             # had, so settling releases nothing there and adds the spend.
             return replace(local, shared_id=f"local-{hold_id}")
+        except BaseException:  # cancelled: the client left
+            self._release_later(keys, hold_id, checks)
+            raise
         if int(reply[0]) == 0:
             key, limit = checks[int(reply[1]) - 1]
             assert limit is not None
@@ -229,6 +228,12 @@ class RedisBudgets(Budgets):
             committed[key] = spent + held - amount  # before this request, as the warning has it
         warning = self._warning(checks, committed)
         return Hold(tuple(key for key, _ in checks), amount, warning, hold_id)
+
+    def _release_later(self, keys: list[str], hold_id: str, checks: list[Any]) -> None:
+        """Whether Redis ran the reservation is unknown (it may yet, past the deadline): a
+        settlement of 0 is kept for the next round trip, releasing the hold if Redis has it
+        (a no-op if it has not)."""
+        self._keep_unsent(keys, [hold_id, 0, *(_ttl(key) for key, _ in checks)])
 
     async def _undo_reserve(
         self, reply: Any, *, keys: list[str], hold_id: str, checks: list[Any]

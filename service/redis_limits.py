@@ -164,20 +164,17 @@ class RedisLimiter:
         )
         try:
             reply = await self._gate.evalsha_or_undo(self._admit, keys, args, undo)
-        except BaseException as exc:
-            # Unknown whether the script ran (it may yet, past the deadline): its slot is
-            # freed with the missed ones (a no-op if Redis never took it); the buckets leak.
-            if cap > 0:
-                self._unfreed.append((user, slot))
-                del self._unfreed[:-MAX_UNFREED]
-            if not isinstance(exc, RedisUnavailable):
-                self.local.give_back(local)
-                raise  # cancelled: the client left
+        except RedisUnavailable:
+            self._free_later(user, cap, slot)
             if self._gate.fail_open:
                 self._gate.fallback("rate limits and stream caps")
                 return local
             self.local.give_back(local)
             raise self._gate.unavailable_error() from None
+        except BaseException:  # cancelled: the client left
+            self._free_later(user, cap, slot)
+            self.local.give_back(local)
+            raise
         if int(reply[0]) == 1:
             levels = [float(level) for level in reply[1:]]
             requests, token_quota = _quotas(buckets, levels)
@@ -196,6 +193,14 @@ class RedisLimiter:
         if int(reply[0]) == -1:
             return stream_denial(user)
         return _denial(buckets, [float(level) for level in reply[1:]])
+
+    def _free_later(self, user: str, cap: int, slot: str) -> None:
+        """Whether Redis ran the admission is unknown (it may yet, past the deadline): its
+        slot is freed with the missed ones (a no-op if Redis never took it). The tokens it
+        may have taken leak out of their buckets within the minute."""
+        if cap > 0:
+            self._unfreed.append((user, slot))
+            del self._unfreed[:-MAX_UNFREED]
 
     async def _undo_admit(
         self, reply: Any, *, user: str, cap: int, tiers: Sequence[Tier], tokens: int, slot: str

@@ -177,7 +177,8 @@ class RedisGate:
         If the caller is cancelled (its client left) while the script is in flight, the
         round trip still completes, and ``undo(reply)`` gives back what the script took:
         otherwise it would stay taken in Redis, for every replica, until it expired.
-        (A timeout leaves it unknown whether the script ran; the key's expiry bounds that.)
+        (A timeout leaves it unknown whether the script ran: the caller releases what it
+        may have taken at its next round trip, a slot or a hold, which is a no-op if not.)
         """
         call = asyncio.ensure_future(self.evalsha(script, keys, args))
         try:
