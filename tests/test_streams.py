@@ -21,6 +21,7 @@ from service.app import create_app
 from service.appkeys import GATE, STREAMS
 from service.auth import add_key
 from service.checkpoint import MemoryCheckpointStore
+from service.handlers import streams as streams_handler
 from service.registry import StreamRegistry
 from service.relay import STREAM_ID_HEADER
 from service.settings import Settings
@@ -686,12 +687,12 @@ async def test_a_failed_stream_keeps_its_error_not_the_frames_it_came_through(
 
 
 async def test_a_checkpoint_never_counts_the_prompt_on_the_loop_again(
-    gateway: GatewayFactory, settings: Settings
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stream's prompt is counted once, at admission (off the loop when large): not again
     for its checkpoint, however often it is read while running or when it ends without the
     provider's usage (a large prompt recounted on the loop stalled every stream, on each
-    ``GET /v1/streams/{id}``); and a running stream's text is counted off the loop."""
+    ``GET /v1/streams/{id}``); and a running stream's long text is counted off the loop."""
     client = await gateway(with_drain(settings, 0))
     registry = client.app[STREAMS]
     prompts: list[str] = []
@@ -707,6 +708,7 @@ async def test_a_checkpoint_never_counts_the_prompt_on_the_loop_again(
         return count_text(model, text)
 
     registry.count_prompt, registry.count_text = spy_prompt, spy_text
+    monkeypatch.setattr(streams_handler, "OFFLOAD_CHARS", 1)  # its two words are "long"
     response = await _post(client, "halt [sim stall_after=2]")
     await read_events(response, 3)
     stream_id = response.headers[STREAM_ID_HEADER]

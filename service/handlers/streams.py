@@ -14,12 +14,14 @@ from aiohttp import web
 
 from ..appkeys import PRINCIPAL, STREAMS, TELEMETRY
 from ..auth import Principal
+from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, NotFoundError
 from ..registry import StreamRegistry
 from ..relay import stream_sse
 from ..shared import remote_cancel, remote_events
 from ..stream import Stream, check_resume_point
 
+OFFLOAD_CHARS = 32_768  # a running stream's text past this is counted in a thread
 _SEQ = re.compile(r"(?P<sign>-?)(?P<digits>[0-9]{1,18})")  # more digits than any stream has
 
 
@@ -29,8 +31,7 @@ async def get_stream(request: web.Request) -> web.Response:
     stream = registry.get(stream_id)
     if stream is not None:
         _check_owner(request, stream.owner.user_id, stream.owner.tenant)
-        # A running stream's text is counted anew each time: off the loop (it may be long).
-        checkpoint = await asyncio.to_thread(registry.snapshot, stream)
+        checkpoint = await _snapshot(registry, stream)
     else:
         stored = await registry.store.get(stream_id)
         if stored is None:
@@ -38,6 +39,14 @@ async def get_stream(request: web.Request) -> web.Response:
         _check_owner(request, stored.user_id, stored.tenant)
         checkpoint = stored
     return web.Response(body=orjson.dumps(checkpoint.to_json()), content_type="application/json")
+
+
+async def _snapshot(registry: StreamRegistry, stream: Stream) -> Checkpoint:
+    """A running stream's checkpoint counts its text anew each time: once the text is long,
+    in a thread (on the loop it would stall every stream for each read)."""
+    if sum(map(len, stream.progress.parts)) < OFFLOAD_CHARS:
+        return registry.snapshot(stream)
+    return await asyncio.to_thread(registry.snapshot, stream)
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
