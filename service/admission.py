@@ -261,7 +261,7 @@ class Gate:
         return pressure >= self.soft_fraction
 
     async def admit(
-        self, principal: Principal, chat: ChatRequest, cache_header: str | None = None
+        self, principal: Principal, chat: ChatRequest, *, cache_header: str | None = None
     ) -> Admission:
         """Run the checks in order; raise the first refusal (after recording it).
 
@@ -309,8 +309,9 @@ class Gate:
                     headers={"Retry-After": "1"},
                 )
             raise _rate_limited(outcome)
-        admission = Admission(self, principal, chat, prompt, ceiling, arrived, outcome)
-        admission.cache_header = cache_header
+        admission = Admission(
+            self, principal, chat, prompt, ceiling, arrived, outcome, cache_header=cache_header
+        )
         try:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)

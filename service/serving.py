@@ -65,11 +65,8 @@ class Responder:
         ``only_cached``: a budget refused the provider call at admission, where a cached
         answer was found (``has_cached``); it serves, or, gone since, this refusal."""
         if only_cached is not None:
-            entry = await self._lookup(stream.owner.tenant, chat, self.provider.chain(chat.model))
-            if entry is None:
+            if not await self._serve_cached(stream, chat, BUDGET_EXCEEDED):
                 raise only_cached.fresh()
-            stream.fallback_reason = BUDGET_EXCEEDED
-            _replay(stream, entry)
             return
         if self._cache is not None and cache_wanted(chat.body, cache_header):
             entry = await self._lookup(stream.owner.tenant, chat, (stream.model,))
@@ -86,11 +83,18 @@ class Responder:
             reason = degrade_reason(exc)
             if reason is None or stream.accepted.is_set() or not self._may_degrade(cache_header):
                 raise
-            entry = await self._lookup(stream.owner.tenant, chat, self.provider.chain(stream.model))
-            if entry is None:
+            if not await self._serve_cached(stream, chat, reason):
                 raise
-            stream.fallback_reason = reason
-            _replay(stream, entry)
+
+    async def _serve_cached(self, stream: Stream, chat: ChatRequest, reason: str) -> bool:
+        """The cached-only tier: replay an answer cached for any model of ``chat``'s chain,
+        saying ``reason``; False when there is none."""
+        entry = await self._lookup(stream.owner.tenant, chat, self.provider.chain(chat.model))
+        if entry is None:
+            return False
+        stream.fallback_reason = reason
+        _replay(stream, entry)
+        return True
 
     async def fill(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """Finish hook: store a completed miss under the model that served it."""
@@ -131,7 +135,7 @@ class Responder:
             try:
                 entry = await self._cache.get(key)
             except Exception:
-                log.exception("cache lookup failed")
+                log.exception("cache lookup failed (%s)", model)
                 return None
             if entry is None or not entry.payloads:
                 continue

@@ -78,7 +78,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     chat = await _parse(request)
     owner = Owner(principal.user_id, principal.tenant, principal.key_id)
     cache_header = request.headers.get(CACHE_HEADER)
-    admission = request[ADMITTED] = await request.app[GATE].admit(principal, chat, cache_header)
+    admission = request[ADMITTED] = await request.app[GATE].admit(
+        principal, chat, cache_header=cache_header
+    )
     stream = await admission.launch(start_stream, request.app, owner)
     registry = request.app[STREAMS]
     with registry.reading(stream):

@@ -184,7 +184,7 @@ class _Socket:
             raise
         owner = Owner(principal.user_id, principal.tenant, principal.key_id)
         # Limits and budgets, as over SSE.
-        admission = await self._app[GATE].admit(principal, chat, self._cache_header)
+        admission = await self._app[GATE].admit(principal, chat, cache_header=self._cache_header)
         stream = await admission.launch(start_stream, self._app, owner)
         self._follow(request_id, stream, after=0, announce=True)
 
