@@ -21,19 +21,22 @@ class SSEDecoder:
     """Split a byte stream into event ``data`` payloads; other fields are ignored, and an
     event with empty data is not one (the spec dispatches none for it)."""
 
-    __slots__ = ("_buffer", "_fresh", "_skip_lf")
+    __slots__ = ("_buffer", "_head", "_skip_lf")
 
     def __init__(self) -> None:
         self._buffer = b""  # an event begun, newlines already normalised
         self._skip_lf = False  # the last read ended with CR: a LF first in the next joins it
-        self._fresh = True  # nothing read yet: a byte order mark may come first
+        self._head: bytes | None = b""  # the first bytes, until they can be told from a BOM
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Return the data of every event completed by ``chunk`` (possibly none)."""
-        if self._fresh:
-            self._fresh = False
-            if chunk.startswith(BOM):  # the spec's one allowed BOM, not part of a field
-                chunk = chunk[3:]
+        if self._head is not None:  # the spec's one allowed BOM, not part of a field
+            chunk = self._head + chunk
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                self._head = chunk  # a read of part of it: wait for the rest
+                return []
+            self._head = None
+            chunk = chunk.removeprefix(BOM)
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -48,15 +51,14 @@ class SSEDecoder:
             payloads = buffer[6:-2].split(_NEXT)
             if buffer.count(b"\n") == 2 * len(payloads):
                 self._buffer = b""
-                return payloads if b"" not in payloads else [p for p in payloads if p]
+                return _nonempty(payloads)
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self._buffer = buffer
             return []
         complete, self._buffer = buffer[:end], buffer[end + 2 :]
         if complete[:6] == b"data: " and complete.count(b"\n") == 2 * complete.count(_NEXT):
-            payloads = complete[6:].split(_NEXT)
-            return payloads if b"" not in payloads else [p for p in payloads if p]
+            return _nonempty(complete[6:].split(_NEXT))
         return [d for event in complete.split(b"\n\n") if (d := _event_data(event))]
 
     def flush(self) -> list[bytes]:
@@ -66,13 +68,16 @@ class SSEDecoder:
         return [data] if data else []
 
 
-def _event_data(event: bytes) -> bytes | None:
+def _event_data(event: bytes) -> bytes:
+    """An event's data (empty when it has none: then it is no event)."""
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]  # the common case: one data line
     lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
-    if not lines:
-        return None
     return b"\n".join(_field_value(line[5:]) for line in lines)
+
+
+def _nonempty(payloads: list[bytes]) -> list[bytes]:
+    return payloads if b"" not in payloads else [p for p in payloads if p]
 
 
 def _field_value(value: bytes) -> bytes:

@@ -124,6 +124,10 @@ def test_a_leading_byte_order_mark_is_dropped() -> None:
     assert decoder.feed(b"\xef\xbb\xbfdata: a\n\ndata: b\n\n") == [b"a", b"b"]
     assert decoder.feed(b"\xef\xbb\xbfdata: c\n\n") == []  # later, it is just bytes
     assert SSEDecoder().feed(b"\xef\xbb\xbf: hi\ndata: d\n\n") == [b"d"]
+    split = SSEDecoder()  # the mark split across reads
+    assert split.feed(b"") == []
+    assert split.feed(b"\xef") == []
+    assert split.feed(b"\xbb\xbfdata: e\n\n") == [b"e"]
 
 
 def test_flush_returns_an_unterminated_last_event() -> None:
