@@ -6,7 +6,8 @@ the stream ends the reader sends ``done`` or ``error``; when the socket closes (
 peer misses its heartbeat) every reader is cancelled and detaches, which is a disconnect:
 the grace window applies. A frame the server cannot act on is answered with an ``error``
 frame and the socket stays open. A stream ended by shutdown gets no final frame: the socket
-closes with 1001 and the client resumes elsewhere.
+closes with 1001 and the client resumes elsewhere. A socket relays at most ``MAX_READERS``
+streams at once, and its readers take turns to write (see ``_Socket``).
 
 With shared state (Redis), ``resume`` and ``cancel`` work for a stream another replica
 generates: its reader follows the Redis journal (``RemoteStreams.follow``) and sends the
@@ -64,6 +65,7 @@ from .streams import resumable_stream
 log = logging.getLogger(__name__)
 
 TEXT = WSMsgType.TEXT
+MAX_READERS = 256  # streams one socket relays at once (created or resumed)
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -89,9 +91,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     finally:
         await socket.close()
     return ws
-
-
-MAX_READERS = 256  # streams one socket relays at once (created or resumed)
 
 
 class _Socket:
@@ -171,6 +170,7 @@ class _Socket:
         principal = self._principal
         try:
             request_id = self._new_request_id(frame.get("request_id"))
+            self._check_room()
             if not isinstance(body, dict):
                 raise InvalidRequestError("'body' must be a chat completion request.", param="body")
             # The transport streams by nature: ``stream`` is implied whatever the body says.
@@ -229,8 +229,11 @@ class _Socket:
 
     def _resume_request_id(self, frame: dict[str, Any], stream_id: str) -> RequestId:
         """The frame's ``request_id``, by default the stream's id (known good once the stream
-        is found: a missing stream is named as such, not as a bad request id)."""
-        return self._new_request_id(frame.get("request_id", stream_id))
+        is found: a missing stream is named as such, not as a bad request id); and room for
+        the stream on this socket."""
+        request_id = self._new_request_id(frame.get("request_id", stream_id))
+        self._check_room()
+        return request_id
 
     def _new_request_id(self, value: Any) -> RequestId:
         if not is_request_id(value):
@@ -245,13 +248,16 @@ class _Socket:
                 param="request_id",
                 code="duplicate_request_id",
             )
+        return value
+
+    def _check_room(self) -> None:
+        """Refuse a stream past ``MAX_READERS`` on this socket (created or resumed)."""
         if len(self._readers) >= MAX_READERS:
             raise RateLimitError(
                 f"This socket relays {MAX_READERS} streams already; open another one.",
                 code="too_many_streams_on_socket",
                 headers={"Retry-After": "1"},
             )
-        return value
 
     def _follow(self, request_id: RequestId, stream: Stream, *, after: int, announce: bool) -> None:
         # Attach now, not in the task: a socket closing before the task first runs must
