@@ -27,7 +27,10 @@ does not cancel a stream someone reads elsewhere: ``attach``, ``beat`` (once a k
 and ``detach`` of a reader id go over the pub/sub channel ``sluice:ctl``, and a reader
 that stops beating (its detach lost in an outage, its replica killed) is let go after
 ``HEARTBEAT_TICKS`` keepalives. ``cancel`` travels the same way; the canceller then waits
-for the END marker and answers with the checkpoint.
+for the END marker and answers with the checkpoint. The listener pings the channel when it
+has been quiet for ``LISTEN_PING_S``, and subscribes again on a new connection when not
+even the pong comes (a connection gone half-open carries nothing, and says nothing). A user
+holds at most ``READERS_PER_USER`` remote readers on one replica: each holds a connection.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
 from .checkpoint import Checkpoint, CheckpointStore
@@ -271,33 +274,40 @@ class JournalMirror:
         send completes (CPython gh-86296, fixed in 3.12), and a listener that missed its
         cancellation would block forever and hang the shutdown. The flag ends it anyway.
         """
-        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CONTROL_CHANNEL)
-                    heard = loop.time()
-                    while not self._stop.is_set():
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
-                        )
-                        quiet = loop.time() - heard
-                        if message is not None:
-                            heard += quiet
-                            if message["type"] == "message":
-                                words = [*message["data"].decode().split(" "), "", ""]
-                                op, stream_id, reader = words[:3]
-                                self.control(op, stream_id, reader)
-                        elif quiet > 2 * LISTEN_PING_S:
-                            # Not even a pong: the connection is half-open (a failover, a
-                            # NAT's idle timeout), and what is published never comes.
-                            raise RedisConnectionError("the control channel went silent")
-                        elif quiet > LISTEN_PING_S:
-                            await pubsub.ping()
+                    await self._listen_on(pubsub)
             except (RedisError, OSError) as exc:
                 log.debug("control channel lost (%s); reconnecting", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), LISTEN_RETRY_S)
+
+    async def _listen_on(self, pubsub: PubSub) -> None:
+        """Apply what comes until told to stop, or until the channel goes silent: not even
+        a pong to a ping (the connection is half-open: a failover, a NAT's idle timeout,
+        and what is published never comes), when the caller subscribes again."""
+        loop = asyncio.get_running_loop()
+        heard = loop.time()
+        while not self._stop.is_set():
+            message = await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
+            )
+            now = loop.time()
+            if message is not None:
+                heard = now
+                if message["type"] == "message":
+                    self._apply(message["data"])
+            elif now - heard > 2 * LISTEN_PING_S:
+                log.debug("control channel silent; subscribing again")
+                return
+            elif now - heard > LISTEN_PING_S:
+                await pubsub.ping()
+
+    def _apply(self, data: bytes) -> None:
+        op, stream_id, reader = [*data.decode().split(" "), "", ""][:3]
+        self.control(op, stream_id, reader)
 
     def stop_listening(self) -> None:
         self._stop.set()
