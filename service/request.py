@@ -85,6 +85,7 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
         )
     _check_messages(body.get("messages"))
     _check_scalars(body)
+    _check_output_limits(body)
     _check_functions(body)
     streaming = _optional(body, "stream", bool) or False
     options = _optional(body, "stream_options", dict)
@@ -100,7 +101,9 @@ def parse_chat_request(raw: bytes, served_models: frozenset[str] | None = None) 
             param="stream_options.include_usage",
         )
     include_usage = bool(usage_option)
-    return ChatRequest(body, model, streaming, include_usage, len(raw))
+    return ChatRequest(
+        body=body, model=model, streaming=streaming, include_usage=include_usage, size=len(raw)
+    )
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
@@ -217,6 +220,9 @@ def _check_scalars(body: dict[str, Any]) -> None:
             expected = " or ".join(_JSON_NAMES[kind] for kind in kinds)
             message = f"Invalid type for '{name}': expected {expected}."
             raise InvalidRequestError(message, param=name)
+
+
+def _check_output_limits(body: dict[str, Any]) -> None:
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         # OpenAI's answer; and only one of the two can be planned, capped and reserved for.
         raise InvalidRequestError(

@@ -256,7 +256,8 @@ def _part_tokens(encoding: tiktoken.Encoding, part: dict[str, Any]) -> int:
     kind = part["type"]
     if kind in ("image_url", "input_image"):
         return IMAGE_PART_TOKENS
-    text = part.get("refusal" if kind == "refusal" else "text")  # audio, files: the provider's
+    # Other parts (audio, files) are not counted here: the provider's usage covers them.
+    text = part.get("refusal" if kind == "refusal" else "text")
     return _len(encoding, text) if isinstance(text, str) else 0
 
 

@@ -17,6 +17,7 @@ from service.appkeys import GATE
 from service.budgets import BudgetLimits, Budgets
 from service.errors import BudgetExceededError
 from service.ledger import SpendRow
+from service.pricing import PriceTable, builtin_prices
 from service.request import ChatRequest
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
@@ -287,17 +288,17 @@ def test_a_zero_budget_has_nothing_left_not_no_limit() -> None:
     assert status["user"]["daily"]["remaining_usd"] == 0.0
 
 
+CACHED = chat_body("again [sim chunks=5]", stream=False, max_tokens=5, temperature=0)
+
+
 async def _one_request_budget(
     gateway: GatewayFactory, settings: Settings, **changes: object
 ) -> Client:
     """A gateway whose user daily budget fits one ``CACHED`` request (and not a second)."""
     prompt = tokens.count_chat("gpt-4o-mini", CACHED)
-    cost = (await gateway()).app[GATE].prices.cost("gpt-4o-mini", prompt, 5)
+    cost = PriceTable(builtin_prices()).cost("gpt-4o-mini", prompt, 5)
     changed = replace(settings, resilience=replace(settings.resilience, **changes))
     return await gateway(with_money(changed, user_daily_usd=float(cost * 3 / 2)))
-
-
-CACHED = chat_body("again [sim chunks=5]", stream=False, max_tokens=5, temperature=0)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -358,6 +359,7 @@ async def test_no_cached_answer_for_a_spent_budget_when_degrading_is_off(
     again = await client.post("/v1/chat/completions", json=CACHED, headers=AUTH)
     assert again.status == 429
     assert orjson.loads(await again.read())["error"]["code"] == "budget_exceeded"
+    assert sim_stats.requests == 1
 
 
 async def test_a_cached_answer_gone_before_it_is_served_is_the_budget_refusal(

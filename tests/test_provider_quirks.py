@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from service.appkeys import GATE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.test_ledger import finished
 from tests.wire import assert_openai_error, sse_data
 
 URL = "/v1/chat/completions"
@@ -220,10 +221,7 @@ async def test_cached_prompt_tokens_are_billed_at_the_cached_price(
     client = await _gateway(aiohttp_server, gateway, settings, answer)
     response = await client.post(URL, json=chat_body("hi", stream=stream), headers=AUTH)
     await response.read()
-    settled = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
-    assert settled is not None
-    assert settled.task is not None
-    await settled.task
+    await finished(client, response)
     (row,) = await client.app[GATE].ledger.entries()
     prices = client.app[GATE].prices
     assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (1000, 600, 10)

@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from service.appkeys import STREAMS
 from service.budgets import BudgetLimits
 from service.errors import BudgetExceededError, ServiceUnavailableError
 from service.ledger import SpendRow, utc_day
@@ -29,6 +28,7 @@ from tests.servers import (
     reserved_micros,
     with_redis,
 )
+from tests.test_ledger import finished
 
 LIMITS = BudgetLimits(user_daily=Decimal("1.00"))
 
@@ -254,10 +254,7 @@ async def test_a_hold_redis_took_after_the_deadline_is_released(
     again = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert again.status == 200
     await again.read()
-    stream = client.app[STREAMS].get(again.headers["X-Sluice-Stream-Id"])
-    assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await finished(client, again)
     assert await reserved_micros(redis_url) == 0
 
 

@@ -85,46 +85,49 @@ async def test_the_breaker_opens_after_fail_max_and_lets_one_probe_through_later
     assert gate.health()["state"] == "ok"
 
 
+@pytest.mark.parametrize("late", [RedisError("late failure"), "late success"])
 async def test_a_call_from_before_the_circuit_opened_neither_ends_the_probe_nor_closes_it(
-    make_gate: GateMaker,
+    make_gate: GateMaker, late: object
 ) -> None:
     """A slow call let in while the circuit was closed ends while the probe is out: failing,
     it must not let a second probe through; succeeding, it must not close the circuit (the
     probe alone says whether Redis is back)."""
     clock = Clock()
     gate = make_gate(failure="closed", timeout_s=1000, fail_max=1, reset_s=5, clock=clock)
-    for outcome in (RedisError("late failure"), "late success"):
-        old_done, probe_done = asyncio.Event(), asyncio.Event()
+    old_in, old_done = asyncio.Event(), asyncio.Event()
+    probe_in, probe_done = asyncio.Event(), asyncio.Event()
 
-        async def old_call(_: Redis, done: asyncio.Event = old_done, result: Any = outcome) -> Any:
-            await done.wait()
-            if isinstance(result, Exception):
-                raise result
-            return result
+    async def old_call(_: Redis) -> object:
+        old_in.set()
+        await old_done.wait()
+        if isinstance(late, Exception):
+            raise late
+        return late
 
-        async def failing(_: Redis) -> None:
-            raise RedisError("down")
+    async def failing(_: Redis) -> None:
+        raise RedisError("down")
 
-        async def probe(_: Redis, done: asyncio.Event = probe_done) -> str:
-            await done.wait()
-            return "probe"
+    async def probe(_: Redis) -> str:
+        probe_in.set()
+        await probe_done.wait()
+        return "probe"
 
-        old = asyncio.ensure_future(gate.run(old_call))
-        await asyncio.sleep(0)  # (one loop turn: it is admitted while the circuit is closed)
-        with pytest.raises(RedisUnavailable):
-            await gate.run(failing)  # fail_max 1: open
-        clock.now += 5
-        probing = asyncio.ensure_future(gate.run(probe))
-        await asyncio.sleep(0)  # (the probe is admitted)
-        old_done.set()
-        with contextlib.suppress(RedisUnavailable):
-            await old
-        assert gate.state == "half_open"  # the stale call changed nothing
-        with pytest.raises(RedisUnavailable, match="breaker open"):
-            await gate.run(failing)  # no second probe
-        probe_done.set()
-        assert await probing == "probe"
-        assert gate.state == "closed"
+    old = asyncio.ensure_future(gate.run(old_call))
+    await old_in.wait()  # let in while the circuit is closed
+    with pytest.raises(RedisUnavailable):
+        await gate.run(failing)  # fail_max 1: open
+    clock.now += 5
+    probing = asyncio.ensure_future(gate.run(probe))
+    await probe_in.wait()
+    old_done.set()
+    with contextlib.suppress(RedisUnavailable):
+        await old
+    assert gate.state == "half_open"  # the stale call changed nothing
+    with pytest.raises(RedisUnavailable, match="breaker open"):
+        await gate.run(failing)  # no second probe
+    probe_done.set()
+    assert await probing == "probe"
+    assert gate.state == "closed"
 
 
 async def test_a_frozen_redis_costs_at_most_the_deadline(
