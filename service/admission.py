@@ -460,6 +460,8 @@ def ledger_entry(
         cached = found if is_count(found) else 0
     served = stream.served_model or stream.model
     cost = ZERO if stream.cache_hit else prices.cost(served, prompt, completion, cached)
+    # Its cached answer went before it ran: refused by the budget after all, nothing served.
+    rejected = isinstance(stream.error, BudgetExceededError)
     error = checkpoint.error or {}
     return LedgerEntry(
         request_id=stream.id,
@@ -469,8 +471,8 @@ def ledger_entry(
         tenant=principal.tenant,
         key_id=principal.key_id,
         model_requested=storable(stream.model) or "",
-        model_served=storable(checkpoint.response_model or served),
-        status=_ledger_status(stream),
+        model_served=None if rejected else storable(checkpoint.response_model or served),
+        status="rejected" if rejected else _LEDGER_STATUS.get(stream.status, "provider_error"),
         prompt_tokens=storable_count(prompt),
         cached_tokens=storable_count(cached),
         completion_tokens=storable_count(completion),
@@ -481,12 +483,6 @@ def ledger_entry(
         error_code=storable(error.get("code") if isinstance(error.get("code"), str) else None),
         usage_reported=checkpoint.usage_reported,
     )
-
-
-def _ledger_status(stream: Stream) -> str:
-    if isinstance(stream.error, BudgetExceededError):  # its cached answer went before it ran
-        return "rejected"
-    return _LEDGER_STATUS.get(stream.status, "provider_error")
 
 
 def _rejection(

@@ -66,6 +66,7 @@ class Responder:
         answer was found (``has_cached``); it serves, or, gone since, this refusal."""
         if only_cached is not None:
             if not await self._serve_cached(stream, chat, BUDGET_EXCEEDED):
+                stream.cache_status = MISS  # looked, and found nothing: not a bypass
                 raise only_cached.fresh()
             return
         if self._cache is not None and cache_wanted(chat.body, cache_header):

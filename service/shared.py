@@ -146,9 +146,9 @@ async def remote_events(
     if remote is None or not await _owns(request, remote, stream_id):
         return None
     after = check_resume_point(await remote.last_seq(stream_id), last_event_id())
-    request.app[TELEMETRY].stream_resumed(stream_id, after)
     owner = (request[PRINCIPAL].user_id, request[PRINCIPAL].tenant)
-    remote.take_reader(owner)
+    remote.take_reader(owner)  # (a refusal is no resume)
+    request.app[TELEMETRY].stream_resumed(stream_id, after)
     try:
         return await remote.serve(request, stream_id, after)
     finally:

@@ -381,7 +381,9 @@ async def test_a_cached_answer_gone_before_it_is_served_is_the_budget_refusal(
     assert again.status == 429
     assert orjson.loads(await again.read())["error"]["code"] == "budget_exceeded"
     assert again.headers["x-should-retry"] == "false"
+    assert again.headers["X-Sluice-Cache"] == "miss"  # it looked: no opt-out, no bypass
     assert sim_stats.requests == 1
     rows = await gate.ledger.entries()
     assert (rows[-1].status, rows[-1].error_code) == ("rejected", "budget_exceeded")
+    assert rows[-1].model_served is None  # as every refusal's: nothing served it
     assert len(rows) == 2

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.appkeys import GATE, STREAMS, TELEMETRY
+from service.appkeys import GATE, RESILIENCE, STREAMS, TELEMETRY
 from service.settings import Secret, Settings, TelemetrySettings
 from service.telemetry.batch import BATCH_S
 from service.telemetry.genai import user_hash
@@ -215,6 +215,36 @@ async def test_websocket_streams_and_refusals_get_access_lines_and_counts(
     assert value(parsed, "sluice_rejections_total", reason="rate") == 1
     assert value(parsed, "sluice_requests_total", route="ws", status="429", outcome="rejected") == 1
     assert value(parsed, "sluice_requests_total", route="ws", outcome="completed") == 1
+
+
+async def test_a_socket_stream_the_breaker_refuses_is_accounted_as_a_refusal(
+    gateway: GatewayFactory, captured: tuple[io.StringIO, Settings]
+) -> None:
+    """Over HTTP an open breaker is a 503 counted as a rejection; on a socket the refusal
+    comes from the stream's generation, and is accounted the same way (its access line and
+    request count say rejected, not provider_error)."""
+    buffer, settings = captured
+    client = await gateway(settings)
+    client.app[RESILIENCE].breakers.for_model("gpt-4o-mini").open()
+    ws = await client.ws_connect("/v1/ws", headers=AUTH)
+    await ws.send_json(
+        {"type": "chat.completion.create", "request_id": "r", "body": chat_body("x")}
+    )
+    while (frame := await ws.receive_json())["type"] != "error":
+        pass
+    assert frame["error"]["code"] == "circuit_open"
+    await ws.close()
+    await finished(client)
+    exposition = await (await client.get("/metrics", headers=AUTH)).text()
+    (line,) = [
+        line
+        for line in lines(buffer)
+        if line["logger"] == "sluice.access" and line.get("stream_id")
+    ]
+    assert line["outcome"] == "rejected"
+    parsed = samples(exposition)
+    assert value(parsed, "sluice_rejections_total", reason="breaker") == 1
+    assert value(parsed, "sluice_requests_total", route="ws", outcome="rejected") == 1
 
 
 async def test_access_line_carries_the_continued_trace_id(

@@ -218,8 +218,8 @@ class _Socket:
                     await remote.last_seq(stream_id), last_seq, param="last_seq"
                 )
                 request_id = self._resume_request_id(frame, stream_id)
+                self._follow_remote(remote, request_id, stream_id, after)  # (or refused)
                 self._app[TELEMETRY].stream_resumed(stream_id, after)
-                self._follow_remote(remote, request_id, stream_id, after)
                 return
         stream = resumable_stream(self._registry, stream_id, self._principal)
         after = check_resume_point(stream.last_seq, last_seq, param="last_seq")

@@ -59,7 +59,7 @@ def _ended_at(rt: RequestTrace | None, st: StreamTrace | None) -> float:
 def outcome(rt: RequestTrace | None, st: StreamTrace | None) -> str:
     """A chat request's outcome is its stream's (completed, client_gone, ...), unless refused."""
     if st is not None and st.finished and (rt is None or rt.rejection is None):
-        return str(st.stream.status)
+        return "rejected" if st.rejection else str(st.stream.status)
     if rt is None:
         return "unknown"
     if rt.outcome is not None:

@@ -61,6 +61,8 @@ REJECTION_REASONS = {
     "budget_exceeded": "budget",
     "circuit_open": "breaker",
     "context_length_exceeded": "context_length",
+    "too_many_streams_on_socket": "concurrency",
+    "too_many_remote_readers": "concurrency",
 }
 # Ends the client chose: not the gateway's failures (a SERVER span's status stays unset).
 RUNNING = StreamStatus.RUNNING
@@ -219,8 +221,11 @@ class Telemetry:
         if rt.user_hash is not None:
             attributes["sluice.user.hash"] = rt.user_hash
         if rt.stream is not None:  # the rest is on the CLIENT span, if the provider was called
-            attributes["sluice.stream.id"] = rt.stream.stream.id
-            attributes["sluice.cache.result"] = rt.stream.stream.cache_status
+            stream = rt.stream.stream
+            attributes["sluice.stream.id"] = stream.id
+            attributes["sluice.cache.result"] = stream.cache_status
+            if stream.fallback_reason is not None:  # (a cache replay calls no provider)
+                attributes["sluice.fallback.reason"] = stream.fallback_reason
         if rt.header_overhead_s is not None:
             attributes["sluice.overhead_ms"] = round(rt.header_overhead_s * 1000, 3)
         outcome = rt.outcome
@@ -396,25 +401,31 @@ class Telemetry:
             error_ = stream.error
             reason = rejection_reason(error_) if _ours(error_) else None
             if reason is not None:  # no middleware saw this refusal (breaker): count it here
+                st.rejection = reason
                 self.rejected(reason, span=st.server_span)
         if st.server_span is not None:
-            self._end_message_span(st.server_span, stream, error)
+            self._end_message_span(st, st.server_span, error)
         self.later.add(functools.partial(self._stream_metrics, st, checkpoint, cost, error))
         rt = st.request
         if rt is None or rt.done:
             self._account(rt, st)
 
-    def _end_message_span(self, span: Span, stream: Stream, error: str | None) -> None:
+    def _end_message_span(self, st: StreamTrace, span: Span, error: str | None) -> None:
         """A WebSocket message's SERVER span: its stream's outcome, an error when it failed.
 
-        As for an HTTP SERVER span, only the gateway's or provider's failures are errors;
-        a stream the client cancelled or left still says why it ended, in ``error.type``.
+        As for an HTTP SERVER span, only the gateway's or provider's failures are errors; a
+        stream the client cancelled or left, or one refused (a 429 over HTTP), still says
+        why it ended, in ``error.type``.
         """
+        stream = st.stream
         if span.is_recording():
-            span.set_attribute("sluice.outcome", str(stream.status))
+            outcome = "rejected" if st.rejection else str(stream.status)
+            span.set_attribute("sluice.outcome", outcome)
+            if stream.fallback_reason is not None:
+                span.set_attribute("sluice.fallback.reason", stream.fallback_reason)
             if error is not None:
                 span.set_attribute("error.type", error)
-                if stream.status not in _CLIENT_ENDED:
+                if stream.status not in _CLIENT_ENDED and not st.rejection:
                     span.set_status(Status(StatusCode.ERROR))
         span.end()
 

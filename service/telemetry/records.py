@@ -76,6 +76,7 @@ class StreamTrace:
         "finished",
         "parent",
         "provider_started",
+        "rejection",
         "request",
         "request_id",
         "server_span",
@@ -90,6 +91,7 @@ class StreamTrace:
         self.request = request
         self.request_id: str | None = None  # a WebSocket stream's: its socket's request id
         self.server_span: Span | None = None  # a WebSocket message stream's own SERVER span
+        self.rejection: str | None = None  # a WebSocket stream refused (its reason label)
         self.span: Span | None = None  # the attempt that answered 2xx (or is in flight)
         self.failed: Span | None = None  # a failed attempt, until a retry is scheduled
         self.attempt = 0
