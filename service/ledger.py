@@ -121,6 +121,8 @@ class SpendRow:
 
 
 class Ledger(Protocol):
+    unwritten: int  # records that went to the unwritten log instead of the store
+
     def record(self, entry: LedgerEntry) -> None:
         """Queue one entry; never blocks, never raises."""
 
@@ -153,6 +155,7 @@ class MemoryLedger:
 
     def __init__(self, *, max_entries: int = 1_000_000) -> None:
         self._entries: deque[LedgerEntry] = deque(maxlen=max_entries)
+        self.unwritten = 0
 
     def record(self, entry: LedgerEntry) -> None:
         self._entries.append(entry)
@@ -262,7 +265,8 @@ class SqliteLedger:
         busy_timeout_s: float = BUSY_TIMEOUT_S,
     ) -> None:
         self.path = path
-        self.dropped = 0
+        self.dropped = 0  # records the full queue turned away
+        self.unwritten = 0  # records logged instead of stored, those included
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._pending: list[LedgerEntry] = []
         self._hand_off_timer: asyncio.TimerHandle | None = None
@@ -306,7 +310,7 @@ class SqliteLedger:
             self._queue.put_nowait(batch)
         except queue.Full:  # the writer is hopelessly behind: never wait on the loop for it
             self.dropped += len(batch)
-            log_unwritten(batch, "the ledger's queue was full")
+            self._log_unwritten(batch, "the ledger's queue was full")
 
     async def _submit(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
         self._hand_off()  # queued before the job: a reader sees every record made before it
@@ -354,6 +358,10 @@ class SqliteLedger:
             await asyncio.to_thread(self._thread.join)
         self._log_left()
 
+    def _log_unwritten(self, entries: list[LedgerEntry], reason: str) -> None:
+        self.unwritten += len(entries)  # (the writer's and the loop's: a count, not money)
+        log_unwritten(entries, reason)
+
     def _log_left(self) -> None:
         """What a writer that died left queued goes to the unwritten log (never silently)."""
         while True:
@@ -362,7 +370,7 @@ class SqliteLedger:
             except queue.Empty:
                 return
             if isinstance(item, list):
-                log_unwritten(item, "the ledger's writer had stopped")
+                self._log_unwritten(item, "the ledger's writer had stopped")
 
     def _run(self, connection: sqlite3.Connection) -> None:
         with contextlib.closing(connection):
@@ -379,13 +387,13 @@ class SqliteLedger:
                     held = self._store(connection, batch)
                 except Exception:  # the one writer must outlive anything: every row needs it
                     log.exception("ledger: the writer failed a batch")
-                    log_unwritten(batch, "the ledger's writer failed it")
+                    self._log_unwritten(batch, "the ledger's writer failed it")
                     held = []
                 if isinstance(item, tuple):
                     _run_job(connection, *item)
                 elif item is _STOP:
                     if held and not self._last_tries(connection, held):
-                        log_unwritten(held, "SQLite refused it until shutdown")
+                        self._log_unwritten(held, "SQLite refused it until shutdown")
                     return
 
     def _gather(self, held: list[LedgerEntry], item: object) -> tuple[list[LedgerEntry], object]:
@@ -406,7 +414,7 @@ class SqliteLedger:
         past that go to the unwritten log)."""
         refused = batch if batch and not self._write(connection, batch) else []
         if len(refused) > MAX_HELD:
-            log_unwritten(refused[:-MAX_HELD], "SQLite refused it for too long")
+            self._log_unwritten(refused[:-MAX_HELD], "SQLite refused it for too long")
             refused = refused[-MAX_HELD:]
         return refused
 
@@ -436,7 +444,7 @@ class SqliteLedger:
                 except sqlite3.OperationalError:
                     return False  # the database itself refuses now: the batch is kept
                 except Exception:
-                    log_unwritten([entry], "SQLite cannot store it")
+                    self._log_unwritten([entry], "SQLite cannot store it")
         return True
 
     def _last_tries(self, connection: sqlite3.Connection, batch: list[LedgerEntry]) -> bool:

@@ -121,9 +121,14 @@ class PostgresLedger:
         self._overflowing = False
         self.written = 0
         self.dropped = 0
+        self.unwritten = 0  # records logged instead of stored (the dropped among them)
         self.failures = 0
         self.healthy = True
         self._complained_at = -COMPLAIN_EVERY_S
+
+    def _log_unwritten(self, entries: list[LedgerEntry], reason: str) -> None:
+        self.unwritten += len(entries)
+        log_unwritten(entries, reason)
 
     @property
     def pending(self) -> int:
@@ -133,7 +138,7 @@ class PostgresLedger:
         """Buffer one entry for the writer; never blocks, never raises."""
         if len(self._buffer) >= self._max:
             self.dropped += 1
-            log_unwritten([entry], "the PostgreSQL buffer is full")
+            self._log_unwritten([entry], "the PostgreSQL buffer is full")
             if not self._overflowing:
                 self._overflowing = True
                 log.error(
@@ -228,7 +233,7 @@ class PostgresLedger:
                         await connection.execute(_INSERT, *entry)
                 self.written += 1
             except (asyncpg.DataError, *_DB_ERRORS):
-                log_unwritten([entry], "PostgreSQL cannot store it")
+                self._log_unwritten([entry], "PostgreSQL cannot store it")
 
     async def flush(self, timeout_s: float = QUERY_FLUSH_S) -> None:
         """Wait until every buffered record is committed (at most ``timeout_s``)."""
@@ -288,7 +293,7 @@ class PostgresLedger:
         await self.flush(CLOSE_FLUSH_S)
         if self._buffer:
             log.error("ledger: %d records not written to PostgreSQL at shutdown", self.pending)
-            log_unwritten(list(self._buffer), "PostgreSQL was unavailable at shutdown")
+            self._log_unwritten(list(self._buffer), "PostgreSQL was unavailable at shutdown")
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.wait({self._writer}, timeout=CLOSE_TIMEOUT_S)

@@ -44,7 +44,7 @@ from .redis_journal import FOLLOWER_CONNECTIONS, LISTEN_POLL_S, JournalMirror, R
 from .redis_limits import RedisLimiter
 from .redisgate import RedisGate, RedisUnavailable
 from .settings import Settings
-from .shared_metrics import SharedStateCollector
+from .shared_metrics import LedgerCollector, SharedStateCollector
 from .stream import Stream, check_resume_point
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ def install_shared_state(app: web.Application) -> None:
     app[REDIS] = gate
     app[REMOTE_STREAMS] = None
     app[JOURNAL_MIRROR] = None
+    metrics = app[TELEMETRY].metrics.registry
+    metrics.register(LedgerCollector(app[GATE]))
     if gate is not None or ledger is not None:
-        app[TELEMETRY].metrics.registry.register(SharedStateCollector(gate, ledger))
+        metrics.register(SharedStateCollector(gate, ledger))
     if gate is None:
         return
     registry = app[STREAMS]

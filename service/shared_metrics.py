@@ -1,7 +1,11 @@
-"""Prometheus metrics of shared state: the Redis gate and the PostgreSQL ledger buffer.
+"""Prometheus metrics of shared state and the ledger: the Redis gate, the PostgreSQL ledger
+buffer, and the records any ledger logged instead of storing.
 
-A collector read at scrape time from the objects' own counters (nothing on the hot path),
+Collectors read at scrape time from the objects' own counters (nothing on the hot path),
 registered on the app's telemetry registry by ``install_shared_state``:
+
+    sluice_ledger_unwritten_total       records logged to ``sluice.ledger.unwritten``
+                                        instead of stored (any ledger), to be replayed
 
     sluice_redis_up                     1 when the gate's breaker is closed
     sluice_redis_breaker_state          0 closed, 1 half-open, 2 open
@@ -20,6 +24,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .admission import Gate
 from .pg_ledger import PostgresLedger
 from .redisgate import RedisGate
 
@@ -72,6 +77,20 @@ class SharedStateCollector:
             yield _counter(
                 "sluice_ledger_db_failures", "Failed ledger writes (retried).", ledger.failures
             )
+
+
+class LedgerCollector:
+    """Reads the ledger's count of unwritten records (whichever ledger the gate has)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def collect(self) -> Iterator[Metric]:
+        yield _counter(
+            "sluice_ledger_unwritten",
+            "Ledger records logged to sluice.ledger.unwritten instead of stored.",
+            self._gate.ledger.unwritten,
+        )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

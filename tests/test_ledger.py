@@ -144,7 +144,7 @@ async def test_record_never_blocks_when_the_writer_is_behind(
     ledger._hand_off()  # what the hand-off timer does: the one free place takes this batch
     ledger.record(entry("dropped"))
     ledger._hand_off()
-    assert ledger.dropped == 1
+    assert (ledger.dropped, ledger.unwritten) == (1, 1)
     (line,) = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
     assert '"request_id":"dropped"' in line
     release.set()
@@ -200,6 +200,7 @@ async def test_records_sqlite_refuses_for_long_are_bounded_and_logged(
         await ledger.flush()  # a batch a write attempt, each refused
     logged = [r.getMessage() for r in caplog.records if r.name == "sluice.ledger.unwritten"]
     assert [line.split('"request_id":"')[1][:2] for line in logged] == ["r0", "r1"]
+    assert ledger.unwritten == 2  # what /metrics says (sluice_ledger_unwritten_total)
     await ledger._submit(lambda c: c.execute("PRAGMA query_only=OFF"))
     assert [e.request_id for e in await ledger.entries()] == ["r2", "r3", "r4"]
     await ledger.close()

@@ -89,6 +89,7 @@ async def test_metrics_count_known_traffic(gateway: GatewayFactory, settings: Se
     assert value(parsed, "sluice_cache_lookups_total") == 3
     assert value(parsed, "sluice_open_streams", transport="sse") == 0
     assert value(parsed, "sluice_generations_running") == 0
+    assert value(parsed, "sluice_ledger_unwritten_total") == 0  # every row stored
     headers_phase = value(
         parsed, "sluice_gateway_overhead_seconds_count", route=ROUTE, phase="headers"
     )
