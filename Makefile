@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test lint bench bench-redis clean k8s-validate services node-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
+	bash scripts/ensure-python.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,7 +27,7 @@ test: lint k8s-validate services node-deps
 	$(PY) -m pytest
 
 # The Node SDK check (tests/test_node_sdk.py): the openai package from the committed lockfile.
-node-deps:
+node-deps: services
 	@if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --silent; \
 	else echo "node-deps: npm is missing: the Node SDK check will skip (fail when CI=true)" >&2; fi
 
