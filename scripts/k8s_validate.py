@@ -24,7 +24,7 @@ import yaml
 KUBERNETES_VERSION = "1.30.0"  # the oldest minor we support (preStop sleep needs 1.30)
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume"}
 # Created out of band in production (see overlays/production/kustomization.yaml).
-EXTERNAL_SECRETS = {"sluice-provider", "sluice-client-keys", "sluice-database"}
+EXTERNAL_SECRETS = {"sluice-provider", "sluice-client-keys", "sluice-database", "sluice-redis"}
 
 Obj = dict[str, Any]
 
