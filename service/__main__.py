@@ -15,7 +15,7 @@ from typing import NoReturn
 from aiohttp import web
 
 from .app import create_app
-from .appkeys import SETTINGS
+from .appkeys import SETTINGS, STREAMS
 from .auth import KeyRing
 from .resources import drain
 from .settings import ConfigError, Settings
@@ -80,8 +80,8 @@ def _drain_on_sigterm(app: web.Application) -> None:
 
     aiohttp's own handler closes the listening socket before ``on_shutdown`` runs, so a
     probe during the drain would see a refused connection, not ``/readyz`` 503, and a new
-    request could not be told to go elsewhere. A second SIGTERM stops listening at once
-    (what still runs then gets the rest of the window in ``on_shutdown``). SIGINT (Ctrl-C)
+    request could not be told to go elsewhere. A second signal stops at once: the streams
+    still running end as a shutdown (checkpointed, for a resume elsewhere). SIGINT (Ctrl-C)
     is the same signal here: aiohttp's own handler would raise again inside the cleanup
     it started, cutting the ledger's and telemetry's flush short. Once the cleanup has
     been asked for, further signals change nothing.
@@ -100,10 +100,16 @@ def _drain_on_sigterm(app: web.Application) -> None:
 
         def on_sigterm() -> None:
             if draining:
+                if not exiting:  # no more waiting: what runs ends now, and is recorded
+                    draining.append(loop.create_task(app[STREAMS].drain(0), name="stop"))
                 exit_once()
                 return
             window = app[SETTINGS].server.drain_s
-            log.info("shutdown signal: draining for up to %gs; /readyz answers 503", window)
+            log.info(
+                "shutdown signal: draining for up to %gs (a second one stops now); "
+                "/readyz answers 503",
+                window,
+            )
             task = loop.create_task(drain(app), name="sigterm-drain")
             task.add_done_callback(lambda done: _exit_after_drain(done, exit_once))
             draining.append(task)
