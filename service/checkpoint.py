@@ -68,10 +68,11 @@ def checkpoint_of(
     reported = counts is not None
     if counts is not None:
         prompt, completion = counts
-    elif counted:  # no usage, or none we can trust: count what was sent and generated
-        known = stream.prompt_tokens  # counted at admission (off the loop when large)
-        prompt = known if known is not None else count_prompt(stream.model, stream.body)
-        completion = _generated_tokens(stream, count_text)
+    elif counted:  # no usage, or none we can trust: count what was sent and generated,
+        served = stream.served_model or stream.model  # in the tokenizer of what served it
+        known = stream.prompt_tokens if served == stream.model else None  # (admission's)
+        prompt = known if known is not None else count_prompt(served, stream.body)
+        completion = _generated_tokens(stream, served, count_text)
     else:
         prompt = completion = 0
     return Checkpoint(
@@ -112,18 +113,19 @@ def is_count(value: object) -> TypeGuard[int]:
     return type(value) is int and value >= 0
 
 
-def _generated_tokens(stream: Stream, count_text: TokenCounter) -> int:
+def _generated_tokens(stream: Stream, model: str, count_text: TokenCounter) -> int:
     """Every choice's text and tool calls (``n`` > 1 generates, and costs, each of them),
-    and the reasoning a provider streamed as such (vLLM, llama.cpp, Ollama, DeepSeek)."""
+    and the reasoning a provider streamed as such (vLLM, llama.cpp, Ollama, DeepSeek), in
+    ``model``'s tokens."""
     progress = stream.progress
     text = progress.text + "".join(progress.reasoning or ())
     calls = list(progress.tool_calls or ())
     if progress.others:  # (deltas checked to be objects; their fields are the provider's)
         text += "".join(str(d.get("content") or d.get("refusal") or "") for d in progress.others)
         calls += [c for d in progress.others for c in _listed(d.get("tool_calls"))]
-    tokens = count_text(stream.model, text)
+    tokens = count_text(model, text)
     if calls:  # a function call's name and arguments are generated tokens too
-        tokens += count_text(stream.model, tool_call_text(calls))
+        tokens += count_text(model, tool_call_text(calls))
     return tokens
 
 

@@ -15,9 +15,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from service import tokens
 from service.appkeys import GATE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.resilient import with_resilience
 from tests.test_ledger import finished
 from tests.wire import assert_openai_error, sse_data
 
@@ -227,6 +229,33 @@ async def test_cached_prompt_tokens_are_billed_at_the_cached_price(
     assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (1000, 600, 10)
     assert row.cost_usd == float(prices.cost("gpt-4o-mini", 1000, 10, 600))
     assert row.cost_usd < float(prices.cost("gpt-4o-mini", 1000, 10))
+
+
+async def test_a_fallback_without_usage_is_counted_in_its_own_tokenizer(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """gpt-4o-mini (o200k) fails and gpt-4 (cl100k) serves, sending no usage: the tokens
+    billed are counted as gpt-4 counts them (priced at its rates with the other model's
+    counts, a budget was overspent by half)."""
+    text = "Déjà vu: naïve façade, coöperate; 東京 ✓ " * 4
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if (await request.json())["model"] == "gpt-4o-mini":
+            return web.json_response({"error": {"message": "down"}}, status=503)
+        return await _stream(request, _delta(text), _delta(None, "stop"), b"data: [DONE]\n\n")
+
+    custom = with_resilience(settings, fallbacks={"gpt-4o-mini": ("gpt-4",)}, retry_max_attempts=1)
+    client = await _gateway(aiohttp_server, gateway, custom, answer)
+    body = chat_body("Ünïcödé prompt, ☃ and 東京, counted differently by each tokenizer")
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.headers["X-Sluice-Model"] == "gpt-4"
+    await response.read()
+    await finished(client, response)
+    (row,) = await client.app[GATE].ledger.entries()
+    assert row.usage_reported is False
+    assert row.prompt_tokens == tokens.count_chat("gpt-4", body)
+    assert row.completion_tokens == tokens.count_text("gpt-4", text)
+    assert row.prompt_tokens != tokens.count_chat("gpt-4o-mini", body)
 
 
 @pytest.mark.parametrize(
