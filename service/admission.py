@@ -147,6 +147,9 @@ class Gate:
         self._policies: dict[str, KeyPolicy] = {}
         self._tiers: dict[str, tuple[Tier, ...]] = {}  # by key: its user, tenant and policy
         self._pending: dict[str, Admission] = {}
+        # Set by the registry's owner: seconds until one of a user's streams nobody reads
+        # leaves its grace window (its slot is then free), None when none is in one.
+        self.grace_left: Callable[[str], float | None] | None = None
         # Set by the cache's owner: whether a cached answer to a tenant's request is at hand
         # (the last degradation tier, for a request its budget has no room for).
         self.has_cached: Callable[[str, ChatRequest, str | None], Awaitable[bool]] | None = None
@@ -306,7 +309,7 @@ class Gate:
                 raise RateLimitError(
                     f"Too many concurrent streams for this user (limit {cap}).",
                     code="concurrent_streams_exceeded",
-                    headers={"Retry-After": "1"},
+                    headers={"Retry-After": str(self._slot_free_in(user))},
                 )
             raise _rate_limited(outcome)
         admission = Admission(
@@ -348,6 +351,12 @@ class Gate:
                 raise
             admission.only_cached = refusal
             return None
+
+    def _slot_free_in(self, user: str) -> int:
+        """Whole seconds until a stream slot of ``user``'s is likely free: when the first
+        stream of theirs that no client reads leaves its grace window, else a second."""
+        left = self.grace_left(user) if self.grace_left is not None else None
+        return max(1, math.ceil(left)) if left is not None else 1
 
     async def on_finish(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """The registry finish hook: settle the stream's admission and write its ledger row."""

@@ -124,6 +124,17 @@ class StreamRegistry:
         loop = asyncio.get_running_loop()
         self._grace[stream.id] = loop.call_later(grace, self._grace_expired, stream)
 
+    def grace_left(self, user: str) -> float | None:
+        """Seconds until the first of ``user``'s streams in a grace window (no reader) ends,
+        freeing its stream slot; None when the user has none."""
+        loop = asyncio.get_running_loop()
+        ends = [
+            timer.when()
+            for stream_id, timer in self._grace.items()
+            if (stream := self._live.get(stream_id)) is not None and stream.owner.user_id == user
+        ]
+        return max(min(ends) - loop.time(), 0.0) if ends else None
+
     def reading(self, stream: Stream) -> Reading:
         """Count the caller as a reader of ``stream`` for the duration of the block."""
         return Reading(self, stream)

@@ -27,6 +27,7 @@ from service.limits import (
 from service.settings import AuthSettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_streams
+from tests.streamwire import LoopClock, Observed, read_events
 from tests.test_ledger import finished
 
 
@@ -265,6 +266,32 @@ async def test_wire_concurrent_stream_cap(gateway: GatewayFactory, settings: Set
         ("completed", None),
         ("rejected", "concurrent_streams_exceeded"),
     ]
+
+
+async def test_a_cap_held_by_an_abandoned_stream_says_when_its_grace_ends(
+    gateway: GatewayFactory, settings: Settings, loop_clock: LoopClock
+) -> None:
+    """The user's one slot is held by a stream whose client left (its grace window runs,
+    10 s): the 429 says to come back when that window ends, not in a second (the SDKs'
+    retries would all fail before it); with a reader on it, a second is all it can say."""
+    client = await gateway(
+        with_streams(with_limits(settings, max_streams_per_user=1), disconnect_grace_s=10)
+    )
+    observed = Observed(client.app[STREAMS])
+    held = await client.post(
+        "/v1/chat/completions", json=chat_body("hold [sim stall_after=1]"), headers=AUTH
+    )
+    await read_events(held, 2)
+    busy = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+    assert (busy.status, busy.headers["Retry-After"]) == (429, "1")  # it is being read
+    stream_id = held.headers["X-Sluice-Stream-Id"]
+    held.close()
+    await observed.wait(stream_id, "client_disconnected")
+    await loop_clock.advance(4)
+    abandoned = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+    assert abandoned.status == 429
+    assert abandoned.headers["Retry-After"] == "6"
+    assert (await client.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)).status == 200
 
 
 def _keys_file(path: Path, entries: dict[str, dict[str, Any]]) -> Path:
