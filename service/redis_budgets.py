@@ -4,8 +4,10 @@
 with awaitable ``reserve_async``/``settle_async``: one Lua script checks every applicable
 budget (user/tenant x day/month) against ``spent + reserved + amount`` and reserves on all
 of them only if all fit, so concurrent requests spread over any number of replicas can
-commit at most the limit. Amounts are integer micro-dollars in Redis (``HINCRBY``: no
-float drift); a period's hash expires after the period ends. A hash Redis lacks (it
+commit at most the limit. Amounts are integer nano-dollars in Redis (``HINCRBY``: no
+float drift; a token's price at the table's rates is a whole number of them, so the sum of
+costs is exact), under ``budget-nano:`` keys (never read as another unit's); a period's
+hash expires after the period ends. A hash Redis lacks (it
 restarted empty, was flushed, or evicted the key) starts from this replica's view of the
 period's spend, loaded from the ledger at start: Redis does not forget what was spent
 (with PostgreSQL that view is every replica's; with SQLite, this replica's). A reservation
@@ -44,7 +46,7 @@ from redis.asyncio import Redis
 from .budgets import BudgetLimits, Budgets, Hold
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 
-MICROS = Decimal(1_000_000)
+NANOS = Decimal(1_000_000_000)
 DAY_TTL_S = 3 * 86_400
 MONTH_TTL_S = 40 * 86_400
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ return 1
 
 def budget_key(key: tuple[str, str, str, str]) -> str:
     scope, who, period, value = key
-    return f"{KEY_PREFIX}budget:{scope}:{who}:{period}:{value}"
+    return f"{KEY_PREFIX}budget-nano:{scope}:{who}:{period}:{value}"
 
 
 def _script_keys(keys: Iterable[tuple[str, str, str, str]]) -> list[str]:
@@ -144,8 +146,8 @@ def _ttl(key: tuple[str, str, str, str]) -> int:
     return DAY_TTL_S if key[2] == "day" else MONTH_TTL_S
 
 
-def micros(amount: Decimal, *, up: bool = False) -> int:
-    scaled = amount * MICROS
+def nanos(amount: Decimal, *, up: bool = False) -> int:
+    scaled = amount * NANOS
     return math.ceil(scaled) if up else round(scaled)
 
 
@@ -188,15 +190,15 @@ class RedisBudgets(Budgets):
             # for sending again, its settlements would count twice).
             await asyncio.shield(self._replay())
         keys = _script_keys(key for key, _ in checks)
-        reserved = micros(amount, up=True)
+        reserved = nanos(amount, up=True)
         hold_id = secrets.token_hex(8)
         now_ms = "" if self._hold_clock is None else round(self._hold_clock() * 1000)
         args: list[Any] = [reserved, hold_id, now_ms, HOLD_TTL_S * 1000]
         for key, limit in checks:
             args += [
                 _ttl(key),
-                -1 if limit is None else micros(limit),
-                micros(self._spent.get(key, Decimal(0))),
+                -1 if limit is None else nanos(limit),
+                nanos(self._spent.get(key, Decimal(0))),
             ]
         undo = functools.partial(self._undo_reserve, keys=keys, hold_id=hold_id, checks=checks)
         try:
@@ -216,14 +218,14 @@ class RedisBudgets(Budgets):
         if int(reply[0]) == 0:
             key, limit = checks[int(reply[1]) - 1]
             assert limit is not None
-            raise self._exceeded(key, limit, Decimal(int(reply[2])) / MICROS, amount)
+            raise self._exceeded(key, limit, Decimal(int(reply[2])) / NANOS, amount)
         committed: dict[Any, Decimal] = {}
         for index, (key, _) in enumerate(checks):
             self._add(self._reserved, key, amount)
             # This replica's view takes the spend of every replica from Redis (what it
             # seeds an emptied Redis with: never others' holds, which may settle for less);
             # the warning weighs every replica's holds too.
-            spent, held = (Decimal(int(v)) / MICROS for v in reply[1 + 2 * index : 3 + 2 * index])
+            spent, held = (Decimal(int(v)) / NANOS for v in reply[1 + 2 * index : 3 + 2 * index])
             self._spent[key] = spent
             committed[key] = spent + held - amount  # before this request, as the warning has it
         warning = self._warning(checks, committed)
@@ -248,9 +250,9 @@ class RedisBudgets(Budgets):
         self.settle(hold, actual)  # this replica's view (and the fail-open path)
         if hold.shared_id is None:  # reserved locally only: unlimited, or Redis was unavailable
             return
-        args: list[Any] = [hold.shared_id, micros(actual, up=True), *map(_ttl, hold.keys)]
+        args: list[Any] = [hold.shared_id, nanos(actual, up=True), *map(_ttl, hold.keys)]
         keys = _script_keys(hold.keys)
-        try:  # never spend 0: the cost rounds up to a micro-dollar
+        try:  # never spend 0: a cost below a nano-dollar rounds up to one
             await self._gate.evalsha(self._settle, keys, args)
         except RedisUnavailable:
             # Replayed once Redis answers (if this one had in fact run, the spend counts

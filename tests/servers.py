@@ -290,12 +290,12 @@ def fail_closed_fast(settings: Settings, redis_url: str) -> Settings:
     )
 
 
-async def reserved_micros(redis_url: str, user: str = "dev") -> int:
-    """What ``user``'s daily budget holds reserved in Redis right now, in micro-dollars."""
+async def reserved_nanos(redis_url: str, user: str = "dev") -> int:
+    """What ``user``'s daily budget holds reserved in Redis right now, in nano-dollars."""
     redis = Redis.from_url(redis_url)
     try:
         day = time.strftime("%Y-%m-%d", time.gmtime())
-        return int(await redis.hget(f"sluice:budget:user:{user}:day:{day}", "reserved") or 0)
+        return int(await redis.hget(f"sluice:budget-nano:user:{user}:day:{day}", "reserved") or 0)
     finally:
         await redis.aclose()
 

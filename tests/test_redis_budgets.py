@@ -25,7 +25,7 @@ from tests.servers import (
     RedisServer,
     cancelled_in_flight,
     fail_closed_fast,
-    reserved_micros,
+    reserved_nanos,
     with_redis,
 )
 from tests.test_ledger import finished
@@ -60,6 +60,21 @@ async def test_fifty_concurrent_reservations_over_two_replicas_commit_at_most_th
     results = await asyncio.gather(*(reserve(n) for n in range(50)))
     assert results.count(True) == 33
     assert results.count(False) == 17
+
+
+async def test_the_shared_spend_of_many_cheap_requests_is_the_ledger_s_sum(
+    gates: list[RedisGate],
+) -> None:
+    """Costs of a few micro-dollars each (short gpt-4o-mini requests) add up in Redis to
+    exactly the sum the ledger has: whole nano-dollars each (rounded up to micro-dollars,
+    thirty of them counted 6% high, and the user was refused early)."""
+    a, b = (RedisBudgets(gate, LIMITS) for gate in gates)
+    costs = [Decimal("0.0000027"), Decimal("0.00000645"), Decimal("0.0000153")] * 10
+    for cost in costs:
+        await a.settle_async(await a.reserve_async("alice", "acme", Decimal("0.01")), cost)
+    await b.reserve_async("alice", "acme", Decimal("0.01"))  # reads every replica's spend
+    spent = b.status("alice", "acme")["user"]["daily"]["spent_usd"]
+    assert Decimal(str(spent)) == sum(costs)
 
 
 async def test_settling_below_the_reservation_frees_room_on_every_replica(
@@ -129,10 +144,10 @@ async def test_a_budget_is_not_overspent_by_requests_spread_over_two_gateways(
     for response in refused:
         assert (await response.json())["error"]["code"] == "budget_exceeded"
 
-    reserved = await reserved_micros(redis_url)
+    reserved = await reserved_nanos(redis_url)
     worst = reserved // len(admitted)  # every request reserved the same worst case
     assert reserved == worst * len(admitted)
-    assert reserved <= 6000 < reserved + worst  # micro-dollars: full, and never over
+    assert reserved <= 6_000_000 < reserved + worst  # nano-dollars: full, and never over
     for response in admitted:
         response.close()
 
@@ -150,14 +165,14 @@ async def test_requests_without_a_budget_limit_never_touch_redis(
     assert status["user"]["daily"]["reserved_usd"] == 0.0
     redis = Redis.from_url(redis_url)
     try:
-        assert await redis.keys("sluice:budget:*") == []
+        assert await redis.keys("sluice:budget-nano:*") == []
         own = BudgetLimits(user_daily=Decimal("1.00"))  # a per-key override: exact again
         first = await a.reserve_async("bob", "acme", Decimal("0.60"), own)
         with pytest.raises(BudgetExceededError):
             await b.reserve_async("bob", "acme", Decimal("0.60"), own)
         await a.settle_async(first, Decimal("0.60"))
-        assert await redis.keys("sluice:budget:user:bob:*")
-        assert not await redis.keys("sluice:budget:user:alice:*")
+        assert await redis.keys("sluice:budget-nano:user:bob:*")
+        assert not await redis.keys("sluice:budget-nano:user:alice:*")
     finally:
         await redis.aclose()
 
@@ -209,7 +224,7 @@ async def test_a_reservation_whose_caller_is_cancelled_in_flight_is_given_back(
     budgets = RedisBudgets(gates[0], LIMITS)
     await cancelled_in_flight(redis_server, budgets.reserve_async("alice", "acme", Decimal("0.5")))
     await gates[0].undone()
-    assert await reserved_micros(redis_url, "alice") == 0
+    assert await reserved_nanos(redis_url, "alice") == 0
 
 
 NOON = calendar.timegm((2026, 11, 27, 12, 0, 0))  # an hour from the day's end either way
@@ -224,10 +239,12 @@ class Clock:
 
 
 async def _budget_state(redis_url: str) -> tuple[int, int]:
-    """alice's budget for the clock's day in Redis: (reserved, spent) micro-dollars."""
+    """alice's budget for the clock's day in Redis: (reserved, spent) nano-dollars."""
     redis = Redis.from_url(redis_url)
     try:
-        state = await redis.hmget("sluice:budget:user:alice:day:2026-11-27", "reserved", "spent")
+        state = await redis.hmget(
+            "sluice:budget-nano:user:alice:day:2026-11-27", "reserved", "spent"
+        )
     finally:
         await redis.aclose()
     return int(state[0] or 0), int(state[1] or 0)
@@ -255,7 +272,7 @@ async def test_a_hold_redis_took_after_the_deadline_is_released(
     assert again.status == 200
     await again.read()
     await finished(client, again)
-    assert await reserved_micros(redis_url) == 0
+    assert await reserved_nanos(redis_url) == 0
 
 
 async def test_a_hold_nobody_settles_is_released_once_it_expires(
@@ -273,7 +290,7 @@ async def test_a_hold_nobody_settles_is_released_once_it_expires(
         await b.reserve_async("alice", "acme", Decimal("0.20"))
     clock.now += 2
     await b.reserve_async("alice", "acme", Decimal("0.20"))
-    assert await _budget_state(redis_url) == (200_000, 0)
+    assert await _budget_state(redis_url) == (200_000_000, 0)
 
 
 async def test_a_late_settle_releases_nothing_twice(gates: list[RedisGate], redis_url: str) -> None:
@@ -285,9 +302,9 @@ async def test_a_late_settle_releases_nothing_twice(gates: list[RedisGate], redi
     clock.now += HOLD_TTL_S + 1
     current = await b.reserve_async("alice", "acme", Decimal("0.10"))  # releases A's hold
     await a.settle_async(late, Decimal("0.30"))
-    assert await _budget_state(redis_url) == (100_000, 300_000)
+    assert await _budget_state(redis_url) == (100_000_000, 300_000_000)
     await b.settle_async(current, Decimal("0.05"))
-    assert await _budget_state(redis_url) == (0, 350_000)
+    assert await _budget_state(redis_url) == (0, 350_000_000)
 
 
 async def test_each_request_settles_its_own_hold(gates: list[RedisGate], redis_url: str) -> None:
@@ -305,7 +322,7 @@ async def test_each_request_settles_its_own_hold(gates: list[RedisGate], redis_u
     with pytest.raises(BudgetExceededError):
         await budgets.reserve_async("alice", "acme", Decimal("0.55"))
     await budgets.settle_async(second, Decimal("0.10"))
-    assert await _budget_state(redis_url) == (0, 200_000)
+    assert await _budget_state(redis_url) == (0, 200_000_000)
 
 
 async def test_a_settle_does_not_recreate_a_budget_redis_lost(
@@ -352,10 +369,10 @@ async def test_a_settlement_redis_missed_is_replayed_once_it_answers(redis_url: 
     """The settle finds the breaker open: nothing reaches Redis then, and the hold stays.
     The next reservation that reaches Redis sends it first: hold released, spend counted."""
     gate, budgets, now = await _missed_settlement(redis_url)
-    assert await _budget_state(redis_url) == (400_000, 0)
+    assert await _budget_state(redis_url) == (400_000_000, 0)
     now[0] += 6  # the breaker lets a probe through
     await budgets.reserve_async("alice", "acme", Decimal("0.05"))
-    assert await _budget_state(redis_url) == (50_000, 100_000)
+    assert await _budget_state(redis_url) == (50_000_000, 100_000_000)
     await gate.aclose()
 
 
@@ -370,10 +387,10 @@ async def test_spend_admitted_on_local_state_reaches_redis_later(redis_url: str)
     await _trip(gate)
     local = await budgets.reserve_async("alice", "acme", Decimal("0.50"))  # fail-open
     await budgets.settle_async(local, Decimal("0.30"))
-    assert await _budget_state(redis_url) == (0, 100_000)
+    assert await _budget_state(redis_url) == (0, 100_000_000)
     now[0] += 6
     await budgets.reserve_async("alice", "acme", Decimal("0.05"))
-    assert await _budget_state(redis_url) == (50_000, 400_000)
+    assert await _budget_state(redis_url) == (50_000_000, 400_000_000)
     await gate.aclose()
 
 
@@ -387,7 +404,7 @@ async def test_holds_expire_by_redis_clock_not_a_replicas(
     assert hold.shared_id is not None
     redis = Redis.from_url(redis_url)
     try:
-        holds_key = f"sluice:budget:user:alice:day:{hold.keys[0][3]}:holds"
+        holds_key = f"sluice:budget-nano:user:alice:day:{hold.keys[0][3]}:holds"
         expiry_ms = await redis.zscore(holds_key, hold.shared_id)
         seconds, micros_ = await redis.time()
     finally:
@@ -402,7 +419,7 @@ async def test_missed_settlements_are_sent_at_shutdown(redis_url: str) -> None:
     gate, budgets, now = await _missed_settlement(redis_url)
     now[0] += 6
     await budgets.flush()
-    assert await _budget_state(redis_url) == (0, 100_000)
+    assert await _budget_state(redis_url) == (0, 100_000_000)
     await gate.aclose()
 
 
@@ -415,7 +432,7 @@ async def test_concurrent_reservations_replay_a_missed_settlement_once(redis_url
     await asyncio.gather(
         *(budgets.reserve_async("alice", "acme", Decimal("0.05")) for _ in range(2))
     )
-    assert await _budget_state(redis_url) == (100_000, 100_000)
+    assert await _budget_state(redis_url) == (100_000_000, 100_000_000)
     await gate.aclose()
 
 
@@ -439,7 +456,7 @@ async def test_a_backlog_of_missed_settlements_drains_a_chunk_a_reservation(
     for sent in (REPLAY_CHUNK, 2 * REPLAY_CHUNK, 2 * REPLAY_CHUNK + 1):
         await budgets.reserve_async("alice", "acme", Decimal("0"))
         reserved, spent = await _budget_state(redis_url)
-        assert spent == sent * 1000
+        assert spent == sent * 1_000_000  # $0.001 each, in nano-dollars
     assert reserved == 0  # every hold released
     await gate.aclose()
 
@@ -472,5 +489,5 @@ async def test_a_replay_its_caller_left_runs_to_its_end_and_counts_once(
     await sent.wait()
     monkeypatch.undo()
     await budgets.flush()
-    assert await _budget_state(redis_url) == (0, 100_000)
+    assert await _budget_state(redis_url) == (0, 100_000_000)
     await gate.aclose()

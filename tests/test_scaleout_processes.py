@@ -28,7 +28,7 @@ import pytest
 from service.simulator import SimStats
 from tests.conftest import AUTH, chat_body
 from tests.processes import DEVNULL, python_module
-from tests.servers import RedisServer, free_port, reserved_micros
+from tests.servers import RedisServer, free_port, reserved_nanos
 from tests.streamwire import FIXED_CREATED, events, last_error, raw_chunk, read_events
 
 READY_LINE = "Running on"
@@ -169,10 +169,10 @@ async def test_a_budget_is_not_overspent_by_concurrent_requests_over_two_process
         hosts = {str(r.url.port) for r in admitted}
         assert len(hosts) == 2  # both replicas admitted some: the budget really is shared
 
-        reserved = await reserved_micros(redis_url)
+        reserved = await reserved_nanos(redis_url)
         worst = reserved // len(admitted)  # every request reserved the same worst case
         assert reserved == worst * len(admitted)
-        assert reserved <= 6000 < reserved + worst  # micro-dollars: full, and never over
+        assert reserved <= 6_000_000 < reserved + worst  # nano-dollars: full, and never over
     finally:
         for response in responses:
             response.close()
