@@ -319,8 +319,11 @@ class Gate:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)
             prompts = await self._prompts(chat, prompt) if self.fallbacks else None
+            admission.prompt_counts[chat.model] = prompt
             if prompts is not None:
                 admission.output_limits = self._output_limits(chat, plan.max_tokens, prompts)
+                for model in self.reachable(chat.model)[1:]:
+                    admission.prompt_counts[model] = prompts[tokens.encoding_name_for_model(model)]
             worst = ZERO  # with no budget to hold it against, nothing is reserved
             if self.budgets.enforced(policy.budgets):
                 worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
@@ -380,6 +383,7 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     output_limits: Mapping[str, int | None] = field(default_factory=lambda: NO_LIMITS)
     cache_header: str | None = None  # the client's ``X-Sluice-Cache``
+    prompt_counts: dict[str, int] = field(default_factory=dict)  # by model (its tokenizer)
     only_cached: BudgetExceededError | None = None  # no budget left: the cache answers
     _open: bool = True
 
@@ -399,7 +403,7 @@ class Admission:
                 cache_header=self.cache_header,
                 output_limits=self.output_limits,
                 only_cached=self.only_cached,
-                prompt_tokens=self.prompt_tokens,
+                prompt_counts=self.prompt_counts,
             )
         except SluiceError as exc:
             await self.release()

@@ -70,7 +70,7 @@ def checkpoint_of(
         prompt, completion = counts
     elif counted:  # no usage, or none we can trust: count what was sent and generated,
         served = stream.served_model or stream.model  # in the tokenizer of what served it
-        known = stream.prompt_tokens if served == stream.model else None  # (admission's)
+        known = stream.prompt_counts.get(served)  # admission's (off the loop when large)
         prompt = known if known is not None else count_prompt(served, stream.body)
         completion = _generated_tokens(stream, served, count_text)
     else:

@@ -37,6 +37,7 @@ class StreamStatus(StrEnum):
 
 
 NO_LIMITS: Mapping[str, int | None] = MappingProxyType({})
+NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 
 
 class Kind:
@@ -202,7 +203,7 @@ class Stream:
         "output_limits",
         "owner",
         "progress",
-        "prompt_tokens",
+        "prompt_counts",
         "provider_engaged",
         "readers",
         "served_model",
@@ -232,7 +233,9 @@ class Stream:
         self.streaming = streaming
         self.include_usage = include_usage
         self.body: dict[str, Any] = {}
-        self.prompt_tokens: int | None = None  # counted at admission: never counted again
+        # By model (the requested one, its fallbacks): the prompt as admission counted it in
+        # each one's tokenizer, so no count of it runs on the loop again.
+        self.prompt_counts: Mapping[str, int] = NO_COUNTS
         self.events: list[tuple[int, bytes]] = []
         self.status = StreamStatus.RUNNING
         self.error: SluiceError | None = None

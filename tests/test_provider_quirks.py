@@ -236,7 +236,7 @@ async def test_a_fallback_without_usage_is_counted_in_its_own_tokenizer(
 ) -> None:
     """gpt-4o-mini (o200k) fails and gpt-4 (cl100k) serves, sending no usage: the tokens
     billed are counted as gpt-4 counts them (priced at its rates with the other model's
-    counts, a budget was overspent by half)."""
+    counts, a budget was overspent by half), the prompt as admission counted it for gpt-4."""
     text = "Déjà vu: naïve façade, coöperate; 東京 ✓ " * 4
 
     async def answer(request: web.Request) -> web.StreamResponse:
@@ -246,11 +246,16 @@ async def test_a_fallback_without_usage_is_counted_in_its_own_tokenizer(
 
     custom = with_resilience(settings, fallbacks={"gpt-4o-mini": ("gpt-4",)}, retry_max_attempts=1)
     client = await _gateway(aiohttp_server, gateway, custom, answer)
+    registry = client.app[STREAMS]
+    recounted: list[str] = []
+    count = registry.count_prompt
+    registry.count_prompt = lambda model, body: recounted.append(model) or count(model, body)
     body = chat_body("Ünïcödé prompt, ☃ and 東京, counted differently by each tokenizer")
     response = await client.post(URL, json=body, headers=AUTH)
     assert response.headers["X-Sluice-Model"] == "gpt-4"
     await response.read()
     await finished(client, response)
+    assert recounted == []  # admission's count in gpt-4's tokenizer, not a recount on the loop
     (row,) = await client.app[GATE].ledger.entries()
     assert row.usage_reported is False
     assert row.prompt_tokens == tokens.count_chat("gpt-4", body)

@@ -28,7 +28,7 @@ from ..errors import (
 from ..ids import new_id
 from ..relay import CACHE_HEADER, stream_headers, stream_sse
 from ..request import ChatRequest, parse_chat_request
-from ..stream import NO_LIMITS, Owner, Stream, StreamStatus
+from ..stream import NO_COUNTS, NO_LIMITS, Owner, Stream, StreamStatus
 
 ATTEMPT_SHARE = 1 / 3  # of a keepalive interval: how long an attempt runs before the 200
 
@@ -45,7 +45,7 @@ def start_stream(
     cache_header: str | None = None,
     output_limits: Mapping[str, int | None] = NO_LIMITS,
     only_cached: SluiceError | None = None,
-    prompt_tokens: int | None = None,
+    prompt_counts: Mapping[str, int] = NO_COUNTS,
 ) -> Stream:
     """Create a stream for ``chat`` and launch its generation; shared by SSE and WebSocket.
 
@@ -66,7 +66,7 @@ def start_stream(
         include_usage=chat.include_usage,
     )
     stream.body = chat.body
-    stream.prompt_tokens = prompt_tokens
+    stream.prompt_counts = prompt_counts
     stream.output_limits = output_limits  # per fallback model (admission.py)
     work = app[RESPONDER].answer(stream, chat, cache_header, only_cached=only_cached)
     app[STREAMS].launch(stream, app[TELEMETRY].traced(stream, work))  # spans under this request
