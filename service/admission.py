@@ -356,10 +356,11 @@ class Gate:
             return None
 
     def _slot_free_in(self, user: str) -> int:
-        """Whole seconds until a stream slot of ``user``'s is likely free: when the first
-        stream of theirs that no client reads leaves its grace window, else a second."""
+        """Whole seconds until a stream slot of ``user``'s is likely free: a second after
+        the first stream of theirs that no client reads here leaves its grace window (its
+        end, checkpoint and release take a moment), else a second."""
         left = self.grace_left(user) if self.grace_left is not None else None
-        return max(1, math.ceil(left)) if left is not None else 1
+        return math.ceil(left) + 1 if left is not None else 1
 
     async def on_finish(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """The registry finish hook: settle the stream's admission and write its ledger row."""

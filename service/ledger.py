@@ -267,6 +267,7 @@ class SqliteLedger:
         self.path = path
         self.dropped = 0  # records the full queue turned away
         self.unwritten = 0  # records logged instead of stored, those included
+        self._counting = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._pending: list[LedgerEntry] = []
         self._hand_off_timer: asyncio.TimerHandle | None = None
@@ -359,7 +360,8 @@ class SqliteLedger:
         self._log_left()
 
     def _log_unwritten(self, entries: list[LedgerEntry], reason: str) -> None:
-        self.unwritten += len(entries)  # (the writer's and the loop's: a count, not money)
+        with self._counting:  # the writer thread's and the loop's: += is no atomic step
+            self.unwritten += len(entries)
         log_unwritten(entries, reason)
 
     def _log_left(self) -> None:

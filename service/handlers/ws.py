@@ -136,7 +136,8 @@ class _Socket:
                     param="type",
                 )
         except SluiceError as error:
-            if kind == "chat.completion.create":  # no stream will account for this one
+            refused = kind == "chat.completion.create" or isinstance(error, RateLimitError)
+            if refused:  # no stream will account for this one (a create, a resume's 429)
                 principal = self._principal
                 self._app[TELEMETRY].message_refused(
                     error, user_id=principal.user_id, tenant=principal.tenant

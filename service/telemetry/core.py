@@ -523,7 +523,8 @@ class Telemetry:
 
     def message_refused(self, error: SluiceError, *, user_id: str, tenant: str) -> None:
         """A WebSocket ``chat.completion.create`` frame was refused before its stream existed
-        (bad body, rate, budget, ...): counted and logged like a refused HTTP request."""
+        (bad body, rate, budget, ...), or a ``resume`` by a bound: counted and logged like
+        a refused HTTP request."""
         socket = _REQUEST.get()
         rt = RequestTrace(
             socket.id if socket is not None else f"req_{random.getrandbits(64):016x}",
