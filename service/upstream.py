@@ -37,6 +37,7 @@ Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True a
 REDACTED = "[redacted]"
 REDACTED_BYTES = REDACTED.encode()
 MAX_FIELD_CHARS = 256  # a provider's error type, code or param: more is not a code
+MODELS_TTL_S = 60.0  # how long the provider's model list is served from memory
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
 _NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one is no hint
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
@@ -62,6 +63,8 @@ class Upstream:
         if settings.project:
             self._headers["OpenAI-Project"] = settings.project
         self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
+        self._models: tuple[float, list[dict[str, Any]]] | None = None  # (until, list)
+        self._fetching: asyncio.Future[list[dict[str, Any]]] | None = None
 
     @property
     def name(self) -> str:
@@ -129,6 +132,23 @@ class Upstream:
         return response
 
     async def list_models(self) -> list[dict[str, Any]]:
+        """The provider's model list, asked at most once a ``MODELS_TTL_S`` and by one call
+        at a time, whoever waits for it (each client's ``/v1/models`` was a provider call
+        with the gateway's key). A failure is not kept: the next caller asks again."""
+        loop = asyncio.get_running_loop()
+        if self._models is not None and self._models[0] > loop.time():
+            return self._models[1]
+        if self._fetching is None:
+            self._fetching = fetching = asyncio.ensure_future(self._fetch_models())
+            fetching.add_done_callback(self._fetched)
+        return await asyncio.shield(self._fetching)
+
+    def _fetched(self, fetching: asyncio.Future[list[dict[str, Any]]]) -> None:
+        self._fetching = None
+        if not fetching.cancelled() and fetching.exception() is None:
+            self._models = (fetching.get_loop().time() + MODELS_TTL_S, fetching.result())
+
+    async def _fetch_models(self) -> list[dict[str, Any]]:
         async with asyncio.timeout(self._settings.first_token_timeout_s):
             url = f"{self._url}/models"
             async with self._session.get(url, headers=self._headers) as response:

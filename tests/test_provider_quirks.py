@@ -6,6 +6,7 @@ a real port) answers each test's way; the gateway in front of it is the real one
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,7 @@ from service.appkeys import GATE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.resilient import with_resilience
+from tests.streamwire import LoopClock
 from tests.test_ledger import finished
 from tests.wire import assert_openai_error, sse_data
 
@@ -229,6 +231,33 @@ async def test_cached_prompt_tokens_are_billed_at_the_cached_price(
     assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (1000, 600, 10)
     assert row.cost_usd == float(prices.cost("gpt-4o-mini", 1000, 10, 600))
     assert row.cost_usd < float(prices.cost("gpt-4o-mini", 1000, 10))
+
+
+async def test_the_provider_s_model_list_is_asked_once_a_minute(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, loop_clock: LoopClock
+) -> None:
+    """Passthrough ``/v1/models``: callers at once share one provider call, its answer
+    serves for a minute (each client's call was one to the provider, with the gateway's
+    key), and a failure is not kept."""
+    calls: list[str] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(request.path)
+        if len(calls) == 1:
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    assert (await client.get("/v1/models", headers=AUTH)).status == 502
+    at_once = await asyncio.gather(*(client.get("/v1/models", headers=AUTH) for _ in range(5)))
+    assert [r.status for r in at_once] == [200] * 5
+    assert len(calls) == 2  # the failure, then one for the five
+    await loop_clock.advance(59)
+    assert (await client.get("/v1/models/m", headers=AUTH)).status == 200
+    assert len(calls) == 2
+    await loop_clock.advance(2)
+    assert (await client.get("/v1/models", headers=AUTH)).status == 200
+    assert len(calls) == 3
 
 
 async def test_a_fallback_without_usage_is_counted_in_its_own_tokenizer(
