@@ -234,15 +234,19 @@ class Gate:
                 prompts[encoding] = await _count_prompt(chat, model)
         return prompts
 
+    def _by_model(self, model: str, prompts: Mapping[str, int]) -> dict[str, int]:
+        """``prompts`` (by encoding) for ``model`` and every model its request may reach."""
+        return {m: prompts[tokens.encoding_name_for_model(m)] for m in self.reachable(model)}
+
     def _output_limits(
-        self, chat: ChatRequest, planned: int, prompts: Mapping[str, int]
+        self, chat: ChatRequest, planned: int, counts: Mapping[str, int]
     ) -> dict[str, int | None]:
         """Per fallback model, the output ceiling it may be sent: the request's, lowered to
-        that model's own ceiling and to what its window leaves after the prompt (counted in
-        its encoding); None when the prompt alone does not fit it."""
+        that model's own ceiling and to what its window leaves after the prompt (``counts``,
+        by model, in its tokenizer); None when the prompt alone does not fit it."""
         limits: dict[str, int | None] = {}
         for model in self.reachable(chat.model)[1:]:
-            prompt = prompts[tokens.encoding_name_for_model(model)]
+            prompt = counts[model]
             window = self.context.window(model)
             room = None if window is None else window - prompt
             bounds = [b for b in (planned, self.context.cap(model), room) if b is not None]
@@ -313,17 +317,21 @@ class Gate:
                 )
             raise _rate_limited(outcome)
         admission = Admission(
-            self, principal, chat, prompt, ceiling, arrived, outcome, cache_header=cache_header
+            self,
+            principal,
+            chat,
+            arrived,
+            outcome,
+            cache_header=cache_header,
+            prompt_counts={chat.model: prompt},
         )
         try:
             admission.headers.update(ratelimit_headers(outcome.requests, outcome.token_quota))
             images = tokens.count_images(chat.body)
             prompts = await self._prompts(chat, prompt) if self.fallbacks else None
-            admission.prompt_counts[chat.model] = prompt
             if prompts is not None:
-                admission.output_limits = self._output_limits(chat, plan.max_tokens, prompts)
-                for model in self.reachable(chat.model)[1:]:
-                    admission.prompt_counts[model] = prompts[tokens.encoding_name_for_model(model)]
+                admission.prompt_counts = counts = self._by_model(chat.model, prompts)
+                admission.output_limits = self._output_limits(chat, plan.max_tokens, counts)
             worst = ZERO  # with no budget to hold it against, nothing is reserved
             if self.budgets.enforced(policy.budgets):
                 worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
@@ -376,15 +384,13 @@ class Admission:
     gate: Gate
     principal: Principal
     chat: ChatRequest  # as sent upstream: carries the output ceiling
-    prompt_tokens: int  # counted with tiktoken
-    max_output_tokens: int  # the ceiling, times ``n``
     arrived: float
     grant: Grant  # the stream slot and rate buckets taken (``Limiter.admit``)
     hold: Hold | None = None
     headers: dict[str, str] = field(default_factory=dict)
     output_limits: Mapping[str, int | None] = field(default_factory=lambda: NO_LIMITS)
     cache_header: str | None = None  # the client's ``X-Sluice-Cache``
-    prompt_counts: dict[str, int] = field(default_factory=dict)  # by model (its tokenizer)
+    prompt_counts: dict[str, int] = field(default_factory=dict)  # by model, in its tokenizer
     only_cached: BudgetExceededError | None = None  # no budget left: the cache answers
     _open: bool = True
 

@@ -165,14 +165,14 @@ class RedisLimiter:
         try:
             reply = await self._gate.evalsha_or_undo(self._admit, keys, args, undo)
         except RedisUnavailable:
-            self._free_later(user, cap, slot)
+            self._free_later(user, slot if cap > 0 else None)
             if self._gate.fail_open:
                 self._gate.fallback("rate limits and stream caps")
                 return local
             self.local.give_back(local)
             raise self._gate.unavailable_error() from None
         except BaseException:  # cancelled: the client left
-            self._free_later(user, cap, slot)
+            self._free_later(user, slot if cap > 0 else None)
             self.local.give_back(local)
             raise
         if int(reply[0]) == 1:
@@ -194,11 +194,12 @@ class RedisLimiter:
             return stream_denial(user)
         return _denial(buckets, [float(level) for level in reply[1:]])
 
-    def _free_later(self, user: str, cap: int, slot: str) -> None:
-        """Whether Redis ran the admission is unknown (it may yet, past the deadline): its
-        slot is freed with the missed ones (a no-op if Redis never took it). The tokens it
-        may have taken leak out of their buckets within the minute."""
-        if cap > 0:
+    def _free_later(self, user: str, slot: str | None) -> None:
+        """Free ``slot`` with the missed ones, before the next admission that reaches Redis:
+        its release was missed, or whether Redis took it is unknown (a script that may yet
+        run past its deadline; freeing a slot Redis never took is a no-op). The tokens such
+        a script may have taken leak out of their buckets within the minute."""
+        if slot is not None:
             self._unfreed.append((user, slot))
             del self._unfreed[:-MAX_UNFREED]
 
@@ -231,9 +232,7 @@ class RedisLimiter:
             await self._gate.evalsha(self._finish, keys, args)
         except RedisUnavailable:  # the bucket's leak bounds the tokens' error
             self._gate.fallback("settlement and stream close")
-            if grant.slot is not None:
-                self._unfreed.append((grant.user or "", grant.slot))
-                del self._unfreed[:-MAX_UNFREED]
+            self._free_later(grant.user or "", grant.slot)
 
     async def free_missed(self) -> None:
         """Free the slots whose release Redis missed, in one pipeline (the list is taken
