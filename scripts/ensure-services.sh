@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the real servers and tools the test suite starts for itself are installed:
-# redis-server, PostgreSQL (initdb/pg_ctl/postgres), and node with npm (the Node SDK
-# check, tests/test_node_sdk.py). Installs only what is missing,
+# redis-server, PostgreSQL (initdb/pg_ctl/postgres), node with npm (the Node SDK
+# check, tests/test_node_sdk.py) and openssl (a certificate for the provider client's
+# TLS test, tests/test_provider_client.py). Installs only what is missing,
 # through apt, non-interactively; needs root for that (CI runs as root on Debian).
 # Without root and with something missing it says what to install and exits 0: the
 # tests that need the server then skip locally (and fail under CI=true).
@@ -15,6 +16,7 @@ if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
 fi
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then

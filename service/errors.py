@@ -27,7 +27,8 @@
 
 Every leaf renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as a
 JSON response before the first byte (``middleware.py``), as a final SSE ``data:`` event or
-a WebSocket ``error`` frame after it. ``translate`` maps aiohttp/asyncio/OS exceptions.
+a WebSocket ``error`` frame after it. ``translate`` maps the provider client's, asyncio's
+and OS exceptions.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
-import aiohttp
 import orjson
+
+from .provider_client import BodyError, ClientError, ConnectError, ConnectTimeout
 
 
 class SluiceError(Exception):
@@ -296,20 +298,20 @@ class ProviderProtocolError(ProviderError):
 def translate(exc: BaseException) -> SluiceError:
     """Map any exception raised while talking to the provider into the tree.
 
-    The only place aiohttp, asyncio and OS errors become client-visible errors; messages
+    The only place provider-client, asyncio and OS errors become client-visible errors; messages
     are ours, never the library's, so no URL, header or key can leak through them.
     """
     if isinstance(exc, SluiceError):
         return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return ProviderConnectTimeoutError("The provider could not be reached in time.")
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return ProviderTimeoutError("The provider did not answer in time.")
-    if isinstance(exc, aiohttp.ClientPayloadError):
+    if isinstance(exc, BodyError):
         return ProviderConnectionError("The provider closed the stream before it was complete.")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectError):
         return ProviderConnectionError("The provider could not be reached.")
-    if isinstance(exc, aiohttp.ClientError | OSError):
+    if isinstance(exc, ClientError | OSError):
         return ProviderConnectionError("The connection to the provider failed.")
     if isinstance(exc, ValueError):
         return ProviderProtocolError("The provider sent a malformed response.")

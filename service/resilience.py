@@ -41,7 +41,7 @@ from .errors import (
     translate,
 )
 from .jsonbytes import dumps_kept
-from .provider_http import ON_CONNECTED
+from .provider_client import ON_CONNECTED
 from .retry import RetryBudget, RetryPolicy, is_retryable
 from .settings import ResilienceSettings, Settings
 from .telemetry import Telemetry

@@ -34,12 +34,11 @@ from .budgets import month_start
 from .errors import ServiceUnavailableError
 from .ledger import SqliteLedger
 from .pg_ledger import LedgerMisconfigured
-from .provider_http import ProviderConnector
 from .resilience import ResilientProvider
 from .serving import Responder
 from .settings import ConfigError
 from .simulator import Simulator, create_simulator_app
-from .upstream import Upstream
+from .upstream import Upstream, provider_client
 
 log = logging.getLogger(__name__)
 
@@ -127,23 +126,14 @@ async def simulator_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One client session, with keep-alive, shared by every provider call."""
-    provider = app[SETTINGS].provider
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=provider.connect_timeout_s, sock_connect=provider.connect_timeout_s
-    )
-    connector = ProviderConnector(limit=0, keepalive_timeout=30)
-    async with aiohttp.ClientSession(
-        timeout=timeout,
-        connector=connector,
-        auto_decompress=False,
-        raise_for_status=False,
-        # One session serves every user: a cookie the provider sets for one request must not
-        # ride on the next user's. No jar also skips cookie filtering on every request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-    ) as session:
-        app[UPSTREAM] = Upstream(session, provider, app[PROVIDER_URL])
-        yield
+    """One provider client, with keep-alive, shared by every provider call."""
+    try:
+        client = provider_client(app[SETTINGS].provider, app[PROVIDER_URL])
+    except ValueError as exc:  # a line break in a credential, say: never sent, so say so
+        raise ConfigError(f"the provider settings cannot be sent: {exc}") from None
+    app[UPSTREAM] = Upstream(client, app[SETTINGS].provider)
+    yield
+    client.close()
 
 
 async def responder_ctx(app: web.Application) -> AsyncIterator[None]:

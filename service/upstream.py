@@ -1,6 +1,8 @@
-"""The provider connection: one shared aiohttp session to an OpenAI-compatible upstream.
+"""The provider connection: requests to an OpenAI-compatible upstream over one shared
+``ProviderClient`` (keep-alive connections, ``provider_client.py``).
 
-It owns the provider key (added to each request, never returned: a provider that echoes
+It owns the provider key (added to each request by the client ``provider_client`` makes for
+it, never returned: a provider that echoes
 it anywhere, an error or a 2xx answer, has it scrubbed out), turns non-2xx answers into
 ``ProviderStatusError`` with the provider's message, and pumps a streamed body into a sink
 as raw SSE ``data`` payloads under two deadlines: time to first event, then the longest
@@ -16,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -29,6 +30,7 @@ from .errors import (
     ProviderTimeoutError,
     translate,
 )
+from .provider_client import ClientError, ProviderClient, Response, header_lines
 from .settings import ProviderSettings, Secret
 from .sse import SSEDecoder
 
@@ -43,26 +45,31 @@ _NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one i
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
 
 
-class Upstream:
-    """Requests to the provider; the session is owned by a cleanup context."""
+def provider_client(settings: ProviderSettings, base_url: str) -> ProviderClient:
+    """The client for the provider at ``base_url``, our credentials on each request."""
+    # identity: the relay forwards and parses the provider's bytes as they come.
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+    if settings.api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
+    if settings.organization:
+        headers["OpenAI-Organization"] = settings.organization
+    if settings.project:
+        headers["OpenAI-Project"] = settings.project
+    return ProviderClient(base_url, headers=headers, connect_timeout_s=settings.connect_timeout_s)
 
-    def __init__(self, session: aiohttp.ClientSession, settings: ProviderSettings, base_url: str):
-        self._session = session
+
+class Upstream:
+    """Requests to the provider; the client is owned by a cleanup context."""
+
+    def __init__(self, client: ProviderClient, settings: ProviderSettings):
+        self._client = client
         self._settings = settings
-        self._url = base_url.rstrip("/")
+        self._chat_path = f"{client.base_path}/chat/completions"
+        self._models_path = f"{client.base_path}/models"
         self._key = settings.api_key
         # A provider may echo the key anywhere, 2xx bodies included: they are scrubbed too.
         self._key_bytes = settings.api_key.reveal().encode() if settings.api_key else b""
-        # identity: the relay forwards and parses the provider's bytes as they come, and the
-        # session does not decompress (aiohttp would otherwise offer gzip, deflate).
-        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-        if settings.api_key is not None:
-            self._headers["Authorization"] = f"Bearer {settings.api_key.reveal()}"
-        if settings.organization:
-            self._headers["OpenAI-Organization"] = settings.organization
-        if settings.project:
-            self._headers["OpenAI-Project"] = settings.project
-        self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
+        self._accept_sse = header_lines({"Accept": "text/event-stream"})
         self._models: tuple[float, list[dict[str, Any]]] | None = None  # (until, list)
         self._fetching: asyncio.Future[list[dict[str, Any]]] | None = None
 
@@ -87,7 +94,7 @@ class Upstream:
         # first event after it together. TimeoutError is translated to a 504.
         due = asyncio.get_running_loop().time() + self._settings.first_token_timeout_s
         async with asyncio.timeout_at(due):
-            response = await self._post(body, self._stream_headers)
+            response = await self._post(body, self._accept_sse)
             if _is_json(response):  # an answer, not a stream
                 async with response:  # an answer where a stream was asked: often an error
                     detail = _error_detail(await response.read())
@@ -99,10 +106,10 @@ class Upstream:
         error. One deadline covers both (``SLUICE_COMPLETION_TIMEOUT_S``): a non-streamed
         answer comes only once it is whole, so the first-token deadline would be too short."""
         async with asyncio.timeout(self._settings.completion_timeout_s):
-            response = await self._post(body, self._headers)
+            response = await self._post(body)
             try:
                 raw = await response.read()
-            except (aiohttp.ClientError, OSError) as exc:
+            except (ClientError, OSError) as exc:
                 response.close()
                 raise ProviderCutOffError(
                     "The provider closed the connection in the middle of its answer."
@@ -118,14 +125,12 @@ class Upstream:
         key = self._key_bytes
         return data.replace(key, REDACTED_BYTES) if key and key in data else data
 
-    async def _post(self, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _post(self, body: bytes, headers: bytes = b"") -> Response:
         trace_context: dict[str, str] = {}
         _PROPAGATOR.inject(trace_context)  # the current attempt's CLIENT span, when tracing
         if trace_context:
-            headers = {**headers, **trace_context}
-        response = await self._session.post(
-            f"{self._url}/chat/completions", data=body, headers=headers
-        )
+            headers += header_lines(trace_context)
+        response = await self._client.request("POST", self._chat_path, body, headers)
         if response.status >= 300:
             async with response:
                 raise await self._status_error(response)
@@ -150,8 +155,8 @@ class Upstream:
 
     async def _fetch_models(self) -> list[dict[str, Any]]:
         async with asyncio.timeout(self._settings.first_token_timeout_s):
-            url = f"{self._url}/models"
-            async with self._session.get(url, headers=self._headers) as response:
+            response = await self._client.request("GET", self._models_path)
+            async with response:
                 if response.status >= 300:
                     raise await self._status_error(response)
                 raw = self._scrubbed(await response.read())
@@ -164,7 +169,7 @@ class Upstream:
             raise ProviderProtocolError("The provider sent a malformed model list.")
         return [m for m in models if isinstance(m, dict)]
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> ProviderStatusError:
+    async def _status_error(self, response: Response) -> ProviderStatusError:
         raw = await response.read()
         detail = _error_detail(raw)
         message = scrub(
@@ -179,7 +184,7 @@ class Upstream:
         headers = {
             name: value
             for name in ("Retry-After", "retry-after-ms")
-            if (value := response.headers.get(name)) is not None and _retry_hint(value)
+            if (value := response.headers.get(name)) and _retry_hint(value)
         }
         return ProviderStatusError(
             message,
@@ -204,7 +209,7 @@ class Upstream:
                 idle_s = self._settings.idle_timeout_s
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
                     output_began = False  # since then any read (a comment) shows life
-                    async for data in answer.response.content.iter_any():
+                    async for data in answer.response.iter_any():
                         payloads = decoder.feed(data)
                         if self._key_bytes and payloads:  # whole events: a key split
                             payloads = [self._scrubbed(p) for p in payloads]  # by reads too
@@ -219,7 +224,7 @@ class Upstream:
                         return
         except TimeoutError:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
-        except (aiohttp.ClientError, OSError) as exc:  # reset mid-stream: a provider failure
+        except (ClientError, OSError) as exc:  # reset mid-stream: a provider failure
             raise translate(exc) from exc
         raise ProviderEndedEarly("The provider ended the stream without finishing it.")
 
@@ -232,7 +237,7 @@ def _nobody(error: BaseException | None) -> None:
 class ProviderStream:
     """A provider's 2xx streamed answer, its body unread, and when its first output is due."""
 
-    response: aiohttp.ClientResponse
+    response: Response
     first_due: float  # loop time: the first-token deadline, counted from the request
     # Told how the stream ended (None: whole; an error: how it failed), to count a
     # provider that fails mid-stream: the breaker's verdict (``resilience.py``).
@@ -296,10 +301,9 @@ def scrub(text: str, key: Secret | None) -> str:
     return text.replace(secret, REDACTED) if secret and secret in text else text
 
 
-def _is_json(response: aiohttp.ClientResponse) -> bool:
-    """The media type, read from the header (``content_type`` parses and keeps a dict of
-    parameters on the response, which lives as long as the stream: ~0.8 KB a held one)."""
-    media = response.headers.get("Content-Type", "").partition(";")[0]
+def _is_json(response: Response) -> bool:
+    """Whether the media type is JSON (the parameters after it do not matter)."""
+    media = response.headers.get("Content-Type").partition(";")[0]
     return media.strip().lower() == "application/json"
 
 

@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from service import errors
+from service import provider_client as pc
 from service.appkeys import GATE
 from service.middleware import error_middleware
 from service.settings import Settings
@@ -629,39 +630,13 @@ async def test_provider_error_event_midstream_is_relayed(
 # --- translate: every lower-level exception is mapped ---------------------------------------
 
 
-def _connector_error() -> aiohttp.ClientConnectorError:
-    from aiohttp.client_reqrep import ConnectionKey
-
-    key = ConnectionKey("secret-host.internal", 443, True, True, None, None, None, None)
-    return aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connection refused"))
-
-
 @pytest.mark.parametrize(
     ("exc", "expected", "status"),
     [
-        (_connector_error(), errors.ProviderConnectionError, 502),
-        (
-            aiohttp.ClientPayloadError("Response payload is not completed"),
-            errors.ProviderConnectionError,
-            502,
-        ),
-        (aiohttp.ServerDisconnectedError(), errors.ProviderConnectionError, 502),
-        (
-            aiohttp.ClientOSError(104, "Connection reset by peer"),
-            errors.ProviderConnectionError,
-            502,
-        ),
-        (
-            aiohttp.ServerTimeoutError("Timeout on reading data from socket"),
-            errors.ProviderTimeoutError,
-            504,
-        ),
-        (
-            aiohttp.ConnectionTimeoutError("Connection timeout to host"),
-            errors.ProviderConnectTimeoutError,
-            504,
-        ),
-        (aiohttp.SocketTimeoutError("Timeout on reading"), errors.ProviderTimeoutError, 504),
+        (pc.ConnectError("to secret-host.internal"), errors.ProviderConnectionError, 502),
+        (pc.BodyError("secret-host.internal cut"), errors.ProviderConnectionError, 502),
+        (pc.ClientError("secret-host.internal closed"), errors.ProviderConnectionError, 502),
+        (pc.ConnectTimeout("secret-host.internal"), errors.ProviderConnectTimeoutError, 504),
         (TimeoutError(), errors.ProviderTimeoutError, 504),
         (OSError(113, "No route to host"), errors.ProviderConnectionError, 502),
         (ConnectionResetError(104, "reset"), errors.ProviderConnectionError, 502),

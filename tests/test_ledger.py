@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import ClientResponse, web
@@ -26,7 +25,7 @@ from service.auth import Principal
 from service.handlers import chat as chat_handler
 from service.ledger import LedgerEntry, MemoryLedger, SqliteLedger, utc_day
 from service.limits import MemoryLimiter
-from service.provider_http import ProviderConnector
+from service.provider_client import ProviderClient
 from service.request import parse_chat_request
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
@@ -687,16 +686,12 @@ async def test_wire_a_client_gone_before_the_request_went_out_costs_nothing(
     """The client leaves while the gateway is still getting its connection to the provider:
     the request never went out, so nothing is billed."""
     connecting = asyncio.Event()
-    connect = aiohttp.TCPConnector.connect
 
-    async def held_connect(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(self, ProviderConnector):  # the test's own client connects as usual
-            return await connect(self, *args, **kwargs)
+    async def held_connect(self: Any) -> Any:
         connecting.set()
         await asyncio.Event().wait()  # a connection to the provider that never comes
-        return None
 
-    monkeypatch.setattr(aiohttp.TCPConnector, "connect", held_connect)
+    monkeypatch.setattr(ProviderClient, "_connection", held_connect)
     client = await gateway()
     body = chat_body("never sent", stream=False)
     pending = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=AUTH))

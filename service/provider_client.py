@@ -1,0 +1,420 @@
+"""The provider's HTTP/1.1 client: keep-alive connections to one origin, responses parsed by
+httptools (llhttp, the parser uvicorn uses), bodies read as whole buffers.
+
+aiohttp's client cost the relay ~0.09 ms of CPU per request on this machine, about half of
+what the least relay does in all (``make bench``), on machinery a relay to one origin never
+uses: per-request tracing hooks, cookie and redirect handling, a timer per read, a
+bookkeeping call per HTTP chunk. What is left here: a stack of idle connections (the most
+recently used first, each closed after ``keepalive_s`` idle), a request written in one
+piece, and a response whose head is parsed before it is returned and whose body is read
+whole buffers at a time, reading paused while more than ``HIGH_WATER`` bytes wait unread.
+
+Deadlines are the caller's (``asyncio.timeout`` around a call), except the connect timeout.
+Errors are ``ClientError``s; ``errors.translate`` says what a client of ours is told.
+``ON_CONNECTED`` tells the task making a request when the request goes out on a connection:
+from then on the provider may work on, and bill, it (``resilience.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
+from types import TracebackType
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+ON_CONNECTED: ContextVar[Callable[[], None] | None] = ContextVar("on_connected", default=None)
+
+HIGH_WATER = 256 * 1024  # unread body bytes past which reading pauses
+_NO_BODY_STATUSES = (204, 304)
+
+
+class ClientError(Exception):
+    """A provider connection failed: refused, reset, closed early or garbled."""
+
+
+class ConnectError(ClientError):
+    """No connection to the provider could be made."""
+
+
+class ConnectTimeout(ConnectError):
+    """No connection to the provider within the connect timeout (nothing was sent)."""
+
+
+class BodyError(ClientError):
+    """The connection ended before the response's body did."""
+
+
+class Headers:
+    """A response's headers, looked up by case-insensitive name (repeats joined by ", ")."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, str] = {}
+
+    def add(self, name: str, value: str) -> None:
+        name = name.lower()
+        old = self._values.get(name)
+        self._values[name] = value if old is None else f"{old}, {value}"
+
+    def get(self, name: str, default: str = "") -> str:
+        return self._values.get(name.lower(), default)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._values
+
+
+class Response:
+    """A response whose head has arrived. Read its body with ``read`` or ``iter_any``; then
+    ``release`` it (its connection serves another request when the body was read whole) or
+    ``close`` it (the connection is dropped: the provider sees it and stops)."""
+
+    __slots__ = (
+        "_buffer",
+        "_conn",
+        "_done",
+        "_error",
+        "_informational",
+        "_size",
+        "_until_close",
+        "_waiter",
+        "headers",
+        "keep_alive",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.status = 0  # until the head is parsed
+        self.headers = Headers()
+        self.keep_alive = False
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._error: ClientError | None = None
+        self._informational = False  # a 1xx head: the real one follows
+        self._until_close = False  # no length, not chunked: the body ends with the connection
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts = [data async for data in self.iter_any()]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        """The body as it comes: whatever is buffered at each step, joined."""
+        while True:
+            if self._buffer:
+                yield self._take()
+            elif self._error is not None:
+                raise self._error
+            elif self._done:
+                return
+            else:
+                await self._wait()
+
+    def release(self) -> None:
+        """Done with the response: its connection goes back to the pool if it can."""
+        conn = self._conn
+        if conn.response is not self:  # released before: the connection may serve another
+            return
+        if self._done and self.keep_alive and not self._buffer:
+            conn.response = None
+            conn.client.put(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection at once (what was not read is lost)."""
+        if self._conn.response is self:
+            self._conn.close()
+
+    async def __aenter__(self) -> Response:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def _take(self) -> bytes:
+        buffer = self._buffer
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        self._size = 0
+        self._conn.resume()
+        return data
+
+    async def _wait(self) -> None:
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._size += len(data)
+        if self._size > HIGH_WATER:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: ClientError) -> None:
+        if not self._done and self._error is None:
+            self._error = error
+            self._wake()
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: parses what arrives into its current response (httptools callbacks)."""
+
+    def __init__(self, client: ProviderClient) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.response: Response | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._paused = False
+        self._parser = httptools.HttpResponseParser(self)
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._broken(ClientError("The provider sent a malformed response."))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.client.forget(self)
+        response = self.response
+        if response is None or response._done:
+            return
+        if response.status and response._until_close:
+            response._finish()
+        elif response.status:
+            response._fail(BodyError("The provider closed the connection mid-response."))
+        else:
+            response._fail(ClientError("The provider closed the connection."))
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        response = self.response
+        if response is None or response._done:
+            self._broken(ClientError("The provider sent a response nobody asked for."))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            self.response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is None:
+            return
+        status = self._parser.get_status_code()
+        if status < 200:  # 100 Continue and friends: the real head follows
+            response._informational = True
+            response.headers = Headers()
+            return
+        response._informational = False
+        response.status = status
+        response.keep_alive = self._parser.should_keep_alive()
+        headers = response.headers
+        response._until_close = (
+            "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding").lower()
+            and status not in _NO_BODY_STATUSES
+        )
+        response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        if response is not None and not response._informational:
+            response._finish()
+
+    # control
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client.forget(self)
+            if self.transport is not None:
+                self.transport.abort()
+        if self.response is not None:
+            self.response._fail(ClientError("The connection was closed."))
+
+    def _broken(self, error: ClientError) -> None:
+        if self.response is not None:
+            self.response._fail(error)
+        self.close()
+
+
+class ProviderClient:
+    """Requests to one origin (``base_url``'s scheme, host and port) over pooled connections."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str],
+        connect_timeout_s: float,
+        keepalive_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the provider URL must be http:// or https:// with a host")
+        self._host = parts.hostname
+        secure = parts.scheme == "https"
+        self._port = parts.port or (443 if secure else 80)
+        self._ssl = (ssl_context or ssl.create_default_context()) if secure else None
+        self.base_path = parts.path.rstrip("/")
+        default_port = self._port == (443 if secure else 80)
+        host = self._host if default_port else f"{self._host}:{self._port}"
+        if ":" in self._host:  # an IPv6 literal
+            host = f"[{self._host}]" if default_port else f"[{self._host}]:{self._port}"
+        self._head = header_lines({"Host": host, "User-Agent": "sluice", **headers})
+        self._connect_timeout_s = connect_timeout_s
+        self._keepalive_s = keepalive_s
+        self._idle: deque[_Connection] = deque()  # oldest first; closed ones skipped
+        self._open: set[_Connection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: bytes = b"",
+    ) -> Response:
+        """Send a request on a pooled or new connection; return once the response's head
+        has arrived (its body unread). ``headers``: more lines, from ``header_lines``."""
+        head = b"%s %s HTTP/1.1\r\n%s%s" % (method.encode(), path.encode(), self._head, headers)
+        if body is not None:
+            head += b"Content-Length: %d\r\n" % len(body)
+        conn = await self._connection()
+        connected = ON_CONNECTED.get()
+        if connected is not None:
+            connected()
+        response = conn.response = Response(conn)
+        try:
+            assert conn.transport is not None
+            conn.transport.write(head + b"\r\n" + body if body else head + b"\r\n")
+            while not response.status:
+                if response._error is not None:
+                    raise response._error
+                await response._wait()
+        except BaseException:
+            conn.close()
+            raise
+        return response
+
+    def put(self, conn: _Connection) -> None:
+        """A connection whose response was read whole: idle until the next request."""
+        if self._closed or conn.closed:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self._idle.append(conn)
+        if self._sweep is None:
+            self._sweep = loop.call_later(self._keepalive_s, self._close_stale)
+
+    def forget(self, conn: _Connection) -> None:
+        """A closed connection (still on the idle stack, if it was there, until it is
+        reached: taking it off now would cost a search of the stack)."""
+        self._open.discard(conn)
+
+    def close(self) -> None:
+        """Close every connection (shutdown)."""
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for conn in list(self._open):
+            conn.close()
+
+    @property
+    def idle(self) -> int:
+        """Connections waiting for a request."""
+        return sum(not conn.closed for conn in self._idle)
+
+    async def _connection(self) -> _Connection:
+        if self._closed:
+            raise ClientError("The provider client is closed.")
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectTimeout("No connection to the provider in time.") from None
+        except OSError as exc:  # refused, unreachable, no such host, a bad certificate
+            raise ConnectError("No connection to the provider.") from exc
+        self._open.add(conn)  # (closed by ``put`` if the client closed meanwhile)
+        return conn
+
+    def _close_stale(self) -> None:
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        stale_before = loop.time() - self._keepalive_s
+        idle = self._idle
+        while idle and (idle[0].closed or idle[0].idle_since <= stale_before):
+            idle.popleft().close()
+        if self._idle:
+            due = self._idle[0].idle_since + self._keepalive_s
+            self._sweep = loop.call_at(due, self._close_stale)
+
+
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """``Name: value\\r\\n`` lines; a line break in either would split the request."""
+    lines = []
+    for name, value in headers.items():
+        if any(c in name or c in value for c in "\r\n\0") or not name:
+            raise ValueError(f"the header {name!r} has a line break or NUL in it")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("latin-1")

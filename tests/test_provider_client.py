@@ -1,0 +1,427 @@
+"""``service.provider_client``: the provider's HTTP/1.1 client, against real sockets.
+
+Bodies arrive byte for byte however they are framed (chunks, a length, the end of the
+connection); a connection serves the next request only when its response was read whole
+and the server keeps it; every way a server can fail is a ``ClientError`` (and a dropped
+connection); reading pauses under back-pressure; idle connections close; TLS verifies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from service import provider_client as pc
+from service.provider_client import ON_CONNECTED, ProviderClient, header_lines
+from tests.servers import unavailable
+
+EVENTS = [b'data: {"n": %d, "text": "%s"}\n\n' % (n, b"w" * (n % 7)) for n in range(200)]
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A loopback server that runs ``script`` on each connection it accepts."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.closed = asyncio.Event()  # a connection was closed by the client (EOF seen)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def client(self, **kwargs: Any) -> ProviderClient:
+        return ProviderClient(
+            f"http://127.0.0.1:{self.port}/v1", headers={}, connect_timeout_s=5, **kwargs
+        )
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request's head and body (by its Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+def answers(*responses: bytes, then_wait: bool = True) -> Script:
+    """Answer each request on a connection with the next of ``responses``."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for response in responses:
+            await read_request(reader)
+            writer.write(response)
+            await writer.drain()
+        if then_wait:
+            await reader.read()  # until the client closes the connection
+
+    return script
+
+
+def json_response(body: bytes, *extra: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"".join(extra)
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    return head + b"\r\n" + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+async def test_a_stream_of_many_chunks_reads_whole_buffers_byte_for_byte(
+    aiohttp_server: Any,
+) -> None:
+    """Events sent as an HTTP chunk each, read after they all arrived: joined into few
+    reads, in order, nothing lost; the request carried our headers and body."""
+    written = asyncio.Event()
+    seen: list[tuple[str, bytes]] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append((request.headers["Authorization"], await request.read()))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for event in EVENTS:
+            await response.write(event)
+        await response.write_eof()
+        written.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = await aiohttp_server(app)
+    client = ProviderClient(
+        str(server.make_url("/v1")), headers={"Authorization": "Bearer k"}, connect_timeout_s=5
+    )
+    response = await client.request("POST", "/v1/chat/completions", b'{"stream": true}')
+    async with asyncio.timeout(10):
+        await written.wait()
+        reads = [data async for data in response.iter_any()]
+    response.release()
+    assert response.status == 200
+    assert response.headers.get("content-type") == "text/event-stream"
+    assert b"".join(reads) == b"".join(EVENTS)
+    assert len(reads) < len(EVENTS) / 4
+    assert seen == [("Bearer k", b'{"stream": true}')]
+    assert client.idle == 1
+    client.close()
+
+
+async def test_a_connection_read_whole_serves_the_next_request() -> None:
+    """Three requests one after another go out on one keep-alive connection."""
+    async with RawServer(answers(*[json_response(b'{"n": %d}' % n) for n in range(3)])) as server:
+        client = server.client()
+        for n in range(3):
+            async with await client.request("POST", "/v1/x", b"{}") as response:
+                assert await response.read() == b'{"n": %d}' % n
+        assert server.connections == 1
+        client.close()
+
+
+async def test_a_body_until_the_connection_closes_is_whole_and_not_reused() -> None:
+    """No length, not chunked (HTTP/1.0 style): the body is what came before the close."""
+    async with RawServer(answers(b"HTTP/1.0 200 OK\r\n\r\nall of it", then_wait=False)) as server:
+        client = server.client()
+        response = await client.request("GET", "/v1/models")
+        assert await response.read() == b"all of it"
+        response.release()
+        assert client.idle == 0
+        client.close()
+
+
+async def test_connection_close_and_unread_bodies_do_not_go_back_to_the_pool() -> None:
+    """A server that says ``Connection: close``, and a body left unread, cost the connection;
+    the next request gets a fresh one."""
+    closing = json_response(b"{}", b"Connection: close\r\n")
+    async with RawServer(answers(closing, then_wait=False)) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert await response.read() == b"{}"
+        assert client.idle == 0
+        client.close()
+    async with RawServer(answers(chunked(EVENTS[:3]), chunked(EVENTS[:3]))) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}"):
+            pass  # not read
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert await response.read() == b"".join(EVENTS[:3])
+        assert server.connections == 2
+        client.close()
+
+
+async def test_a_reset_mid_body_is_a_body_error_and_the_data_before_it_arrives() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        whole = chunked(EVENTS[:5])
+        writer.write(whole[: len(whole) - 40])
+        await writer.drain()
+        writer.transport.abort()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        got: list[bytes] = []
+        with pytest.raises(pc.BodyError):
+            await _read_into(response, got)
+        assert got
+        assert b"".join(EVENTS[:5]).startswith(b"".join(got))
+        response.close()
+        assert client.idle == 0
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"",  # closed before a byte of the head
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # closed inside the head
+        b"NOT HTTP AT ALL\r\n\r\n",  # garbage
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    ],
+    ids=["nothing", "half-a-head", "garbage", "two-lengths"],
+)
+async def test_a_broken_answer_is_a_client_error_and_drops_the_connection(answer: bytes) -> None:
+    async with RawServer(answers(answer, then_wait=False)) as server:
+        client = server.client()
+        with pytest.raises(pc.ClientError):
+            await _request_and_read(client)
+        assert client.idle == 0
+        client.close()
+
+
+async def _request_and_read(client: ProviderClient) -> bytes:
+    response = await client.request("POST", "/v1/x", b"{}")
+    return await response.read()
+
+
+async def test_bytes_nobody_asked_for_drop_an_idle_connection() -> None:
+    """A server that sends after its response (on an idle connection) is not trusted with
+    the next request: the connection is closed, the next request gets a fresh one."""
+    eof = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(json_response(b"{}") + b"HTTP/1.1 200 OK\r\n\r\n")
+        await reader.read()
+        eof.set()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert await response.read() == b"{}"
+        async with asyncio.timeout(10):
+            await eof.wait()  # the server saw the client close it
+        assert client.idle == 0
+        client.close()
+
+
+async def test_a_continue_head_is_skipped_for_the_real_one() -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    async with RawServer(answers(interim + json_response(b'{"ok": 1}'))) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert (response.status, await response.read()) == (200, b'{"ok": 1}')
+        client.close()
+
+
+async def test_reading_pauses_under_back_pressure_and_resumes_when_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    paused = asyncio.Event()
+    pause = pc._Connection.pause
+
+    def pause_and_tell(self: pc._Connection) -> None:
+        pause(self)
+        paused.set()
+
+    monkeypatch.setattr(pc._Connection, "pause", pause_and_tell)
+    piece = b"x" * 1000
+    async with RawServer(answers(chunked([piece] * 1000))) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        async with asyncio.timeout(10):  # a reader that never resumes fails, not hangs
+            await paused.wait()  # unread, the body passed the high-water mark
+            body = await response.read()
+        assert body == piece * 1000
+        response.release()
+        assert client.idle == 1
+        client.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive() -> None:
+    eof = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(json_response(b"{}"))
+        await reader.read()
+        eof.set()
+
+    async with RawServer(script) as server:
+        client = server.client(keepalive_s=0.0)
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            await response.read()
+        async with asyncio.timeout(10):
+            await eof.wait()  # the server saw the client close it
+        assert client.idle == 0
+        client.close()
+
+
+async def test_a_request_cancelled_before_its_answer_drops_the_connection() -> None:
+    asked, eof = asyncio.Event(), asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)  # and never answer
+        asked.set()
+        await reader.read()
+        eof.set()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        pending = asyncio.create_task(client.request("POST", "/v1/x", b"{}"))
+        async with asyncio.timeout(10):
+            await asked.wait()
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        async with asyncio.timeout(10):
+            await eof.wait()
+        client.close()
+
+
+async def test_on_connected_is_told_when_a_request_goes_out_and_not_when_none_could() -> None:
+    told: list[str] = []
+    token = ON_CONNECTED.set(lambda: told.append("out"))
+    try:
+        async with RawServer(answers(json_response(b"{}"))) as server:
+            client = server.client()
+            async with await client.request("POST", "/v1/x", b"{}") as response:
+                await response.read()
+            client.close()
+        assert told == ["out"]
+        refused = ProviderClient(
+            f"http://127.0.0.1:{server.port}/v1", headers={}, connect_timeout_s=5
+        )  # the server is gone: nothing listens there now
+        with pytest.raises(pc.ConnectError):
+            await refused.request("POST", "/v1/x", b"{}")
+        assert told == ["out"]
+    finally:
+        ON_CONNECTED.reset(token)
+
+
+async def test_no_connection_in_time_is_a_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that does not come within the connect timeout (nothing was sent)."""
+    loop = asyncio.get_running_loop()
+
+    async def never(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    client = ProviderClient("http://127.0.0.1:9/v1", headers={}, connect_timeout_s=0.01)
+    with pytest.raises(pc.ConnectTimeout):
+        await client.request("POST", "/v1/x", b"{}")
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    assert header_lines({"A": "b"}) == b"A: b\r\n"
+    for bad in ({"A": "b\r\nEvil: 1"}, {"A\n": "b"}, {"A": "b\0"}, {"": "b"}):
+        with pytest.raises(ValueError, match="line break"):
+            header_lines(bad)
+    with pytest.raises(ValueError, match="http"):
+        ProviderClient("ftp://host/v1", headers={}, connect_timeout_s=1)
+
+
+async def _read_into(response: pc.Response, got: list[bytes]) -> None:
+    async for data in response.iter_any():
+        got.append(data)
+
+
+async def test_close_drops_idle_and_busy_connections_alike() -> None:
+    unfinished = chunked(EVENTS[:2])[:-5]  # the last chunk never comes
+    async with RawServer(answers(json_response(b"{}"), unfinished)) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            await response.read()
+        busy = await client.request("POST", "/v1/x", b"{}")
+        client.close()
+        with pytest.raises(pc.ClientError):
+            await busy.read()
+        with pytest.raises(pc.ClientError):
+            await client.request("POST", "/v1/x", b"{}")
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (``make test`` installs openssl if missing)."""
+    if shutil.which("openssl") is None:
+        unavailable("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@contextlib.asynccontextmanager
+async def tls_server(cert: Path, key: Path) -> AsyncIterator[int]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = await asyncio.start_server(
+        lambda r, w: answers(json_response(b'{"tls": true}'))(r, w), "127.0.0.1", 0, ssl=context
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_https_verifies_the_certificate(tls_files: tuple[Path, Path]) -> None:
+    """A trusted certificate: the answer; an untrusted one (the system's CAs): no connection."""
+    cert, key = tls_files
+    async with tls_server(cert, key) as port:
+        trusting = ssl.create_default_context(cafile=str(cert))
+        url = f"https://127.0.0.1:{port}/v1"
+        client = ProviderClient(url, headers={}, connect_timeout_s=5, ssl_context=trusting)
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert await response.read() == b'{"tls": true}'
+        client.close()
+        default = ProviderClient(url, headers={}, connect_timeout_s=5)
+        with pytest.raises(pc.ConnectError):
+            await default.request("POST", "/v1/x", b"{}")
+        default.close()
