@@ -166,13 +166,6 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _feed(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._size += len(data)
-        if self._size > HIGH_WATER:
-            self._conn.pause()
-        self._wake()
-
     def _finish(self) -> None:
         self._done = True
         self._wake()
@@ -204,6 +197,12 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError:
             self._broken(ClientError("The provider sent a malformed response."))
+            return
+        response = self.response
+        if response is not None and response._buffer:  # one wake-up for all it fed
+            if response._size > HIGH_WATER:
+                self.pause()
+            response._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -249,8 +248,11 @@ class _Connection(asyncio.Protocol):
         response._wake()
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._feed(body)
+        # Once per HTTP chunk (an event, from most providers): the least work it can be.
+        response = self.response
+        if response is not None:
+            response._buffer.append(body)
+            response._size += len(body)
 
     def on_message_complete(self) -> None:
         response = self.response
