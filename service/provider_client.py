@@ -18,19 +18,24 @@ from then on the provider may work on, and bill, it (``resilience.py``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from types import TracebackType
-from typing import cast
-from urllib.parse import urlsplit
+from typing import Any, cast
+from urllib.parse import SplitResult, unquote, urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 ON_CONNECTED: ContextVar[Callable[[], None] | None] = ContextVar("on_connected", default=None)
 
-HIGH_WATER = 256 * 1024  # unread body bytes past which reading pauses
+HIGH_WATER = 512 * 1024  # unread body bytes past which reading pauses (> a TLS read)
+MAX_HEAD = 64 * 1024  # a response head longer than this is not an answer
+HAPPY_EYEBALLS_DELAY_S = 0.25  # an address that has not connected by then gets company
 _NO_BODY_STATUSES = (204, 304)
 
 
@@ -48,6 +53,10 @@ class ConnectTimeout(ConnectError):
 
 class BodyError(ClientError):
     """The connection ended before the response's body did."""
+
+
+class _Unsolicited(Exception):
+    """A response began that no request asked for (raised in a parser callback)."""
 
 
 class Headers:
@@ -107,17 +116,19 @@ class Response:
         parts = [data async for data in self.iter_any()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
+    def iter_any(self) -> _Pieces:
         """The body as it comes: whatever is buffered at each step, joined."""
+        return _Pieces(self)
+
+    async def _next(self) -> bytes:
         while True:
             if self._buffer:
-                yield self._take()
-            elif self._error is not None:
+                return self._take()
+            if self._error is not None:
                 raise self._error
-            elif self._done:
-                return
-            else:
-                await self._wait()
+            if self._done:
+                raise StopAsyncIteration
+            await self._wait()
 
     def release(self) -> None:
         """Done with the response: its connection goes back to the pool if it can."""
@@ -176,6 +187,22 @@ class Response:
             self._wake()
 
 
+class _Pieces:
+    """``Response.iter_any``'s iterator. (Not an async generator: one left at [DONE] would
+    cost a task to close it.)"""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+
+    def __aiter__(self) -> _Pieces:
+        return self
+
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+        return self._response._next()
+
+
 class _Connection(asyncio.Protocol):
     """One connection: parses what arrives into its current response (httptools callbacks)."""
 
@@ -186,7 +213,16 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._paused = False
+        self.received = 0  # bytes of the current response's head seen so far (capped)
         self._parser = httptools.HttpResponseParser(self)
+        # What aiohttp's own parser forgives outside its dev mode (bare LF line ends, a
+        # control character in a header value, spaces after a chunk size): servers and
+        # proxies that a relay met before should not turn into failed requests now.
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,10 +231,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self._broken(ClientError("The provider sent a malformed response."))
             return
         response = self.response
+        if response is not None and not response.status:
+            self.received += len(data)
+            if self.received > MAX_HEAD:  # an endless head: httptools would keep it all
+                self._broken(ClientError("The provider sent a response head too long."))
+            return
         if response is not None and response._buffer:  # one wake-up for all it fed
             if response._size > HIGH_WATER:
                 self.pause()
@@ -210,8 +251,9 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response._done:
             return
-        if response.status and response._until_close:
-            response._finish()
+        if response.status and response._until_close and exc is None and not self._paused:
+            response._finish()  # (a reset, or a close while paused (uvloop drops what TLS
+            # had buffered then), may have cut it short: not a whole body)
         elif response.status:
             response._fail(BodyError("The provider closed the connection mid-response."))
         else:
@@ -221,7 +263,8 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         response = self.response
         if response is None or response._done:
-            self._broken(ClientError("The provider sent a response nobody asked for."))
+            # Raised, the parser stops here: nothing of it reaches the finished response.
+            raise _Unsolicited
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
@@ -240,9 +283,10 @@ class _Connection(asyncio.Protocol):
         response.status = status
         response.keep_alive = self._parser.should_keep_alive()
         headers = response.headers
+        # As llhttp frames it: no length and not chunked last, the body ends with the close.
         response._until_close = (
             "content-length" not in headers
-            and "chunked" not in headers.get("transfer-encoding").lower()
+            and not headers.get("transfer-encoding").rstrip().lower().endswith("chunked")
             and status not in _NO_BODY_STATUSES
         )
         response._wake()
@@ -300,16 +344,21 @@ class ProviderClient:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the provider URL must be http:// or https:// with a host")
-        self._host = parts.hostname
+        try:  # an international name, as DNS and the Host header spell it
+            self._host = parts.hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("the provider URL's host is not a valid name") from None
         secure = parts.scheme == "https"
         self._port = parts.port or (443 if secure else 80)
         self._ssl = (ssl_context or ssl.create_default_context()) if secure else None
+        self._tls_name = self._host.rstrip(".") if secure else None  # as certificates say it
         self.base_path = parts.path.rstrip("/")
-        default_port = self._port == (443 if secure else 80)
-        host = self._host if default_port else f"{self._host}:{self._port}"
-        if ":" in self._host:  # an IPv6 literal
-            host = f"[{self._host}]" if default_port else f"[{self._host}]:{self._port}"
-        self._head = header_lines({"Host": host, "User-Agent": "sluice", **headers})
+        host = f"[{self._host}]" if ":" in self._host else self._host  # an IPv6 literal
+        if self._port != (443 if secure else 80):
+            host = f"{host}:{self._port}"
+        self._head = header_lines(
+            {"Host": host, "User-Agent": "sluice", **_url_credentials(parts), **headers}
+        )
         self._connect_timeout_s = connect_timeout_s
         self._keepalive_s = keepalive_s
         self._idle: deque[_Connection] = deque()  # oldest first; closed ones skipped
@@ -325,18 +374,33 @@ class ProviderClient:
         headers: bytes = b"",
     ) -> Response:
         """Send a request on a pooled or new connection; return once the response's head
-        has arrived (its body unread). ``headers``: more lines, from ``header_lines``."""
+        has arrived (its body unread). ``headers``: more lines, from ``header_lines``.
+
+        A GET that went out on a kept connection the server had closed meanwhile, which
+        says nothing back, is sent once more on a new connection (as aiohttp did); a POST
+        is not: the caller's retry policy decides (the provider may have begun on it)."""
         head = b"%s %s HTTP/1.1\r\n%s%s" % (method.encode(), path.encode(), self._head, headers)
         if body is not None:
             head += b"Content-Length: %d\r\n" % len(body)
-        conn = await self._connection()
+        message = head + b"\r\n" + body if body else head + b"\r\n"
+        conn, reused = await self._connection()
+        try:
+            return await self._exchange(conn, message)
+        except ClientError:
+            if not (reused and method == "GET" and not conn.received):
+                raise
+        conn, _ = await self._connection(fresh=True)
+        return await self._exchange(conn, message)
+
+    async def _exchange(self, conn: _Connection, message: bytes) -> Response:
         connected = ON_CONNECTED.get()
         if connected is not None:
             connected()
         response = conn.response = Response(conn)
+        conn.received = 0
         try:
             assert conn.transport is not None
-            conn.transport.write(head + b"\r\n" + body if body else head + b"\r\n")
+            conn.transport.write(message)
             while not response.status:
                 if response._error is not None:
                     raise response._error
@@ -371,33 +435,50 @@ class ProviderClient:
         for conn in list(self._open):
             conn.close()
 
+    def is_closed(self) -> bool:
+        return self._closed
+
     @property
     def idle(self) -> int:
         """Connections waiting for a request."""
         return sum(not conn.closed for conn in self._idle)
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection to send on, and whether it was kept from an earlier request."""
         if self._closed:
             raise ClientError("The provider client is closed.")
-        while self._idle:
+        while self._idle and not fresh:
             conn = self._idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        loop = asyncio.get_running_loop()
+                return conn, True
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )
+                conn = await self._connect()
         except TimeoutError:
             raise ConnectTimeout("No connection to the provider in time.") from None
         except OSError as exc:  # refused, unreachable, no such host, a bad certificate
             raise ConnectError("No connection to the provider.") from exc
-        self._open.add(conn)  # (closed by ``put`` if the client closed meanwhile)
+        if self.is_closed():  # closed while connecting: nothing goes out any more
+            conn.close()
+            raise ClientError("The provider client is closed.")
+        self._open.add(conn)
+        return conn, False
+
+    async def _connect(self) -> _Connection:
+        """A new connection: every address of the host raced (happy eyeballs, RFC 8305),
+        so one that drops packets, a broken IPv6 route, say, costs a quarter second."""
+        loop = asyncio.get_running_loop()
+        addresses = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        sock = await aiohappyeyeballs.start_connection(
+            addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, interleave=1
+        )
+        try:
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self), sock=sock, ssl=self._ssl, server_hostname=self._tls_name
+            )
+        except BaseException:
+            sock.close()
+            raise
         return conn
 
     def _close_stale(self) -> None:
@@ -413,10 +494,25 @@ class ProviderClient:
 
 
 def header_lines(headers: Mapping[str, str]) -> bytes:
-    """``Name: value\\r\\n`` lines; a line break in either would split the request."""
+    """``Name: value\r\n`` lines; a line break in either would split the request, and a
+    character latin-1 has no byte for has no place in a header."""
     lines = []
     for name, value in headers.items():
         if any(c in name or c in value for c in "\r\n\0") or not name:
             raise ValueError(f"the header {name!r} has a line break or NUL in it")
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines).encode("latin-1")
+        try:
+            line: bytes | None = f"{name}: {value}\r\n".encode("latin-1")
+        except UnicodeEncodeError:  # (not raised from here: it holds the value, a key maybe)
+            line = None
+        if line is None:
+            raise ValueError(f"the header {name!r} has a character latin-1 has no byte for")
+        lines.append(line)
+    return b"".join(lines)
+
+
+def _url_credentials(parts: SplitResult) -> dict[str, str]:
+    """``user:password@`` in the provider's URL, as aiohttp sent it: Basic authorization."""
+    if parts.username is None:
+        return {}
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}

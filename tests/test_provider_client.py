@@ -9,11 +9,15 @@ connection); reading pauses under back-pressure; idle connections close; TLS ver
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import logging
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -339,17 +343,53 @@ async def test_on_connected_is_told_when_a_request_goes_out_and_not_when_none_co
         ON_CONNECTED.reset(token)
 
 
-async def test_no_connection_in_time_is_a_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def blackhole() -> Iterator[int]:
+    """A loopback port whose listener's backlog is full: a connect to it hangs, unanswered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):  # fill the backlog (Linux takes backlog + 1)
+                filler = socket.socket()
+                filler.setblocking(False)
+                fillers.append(filler)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_no_connection_in_time_is_a_connect_timeout() -> None:
     """A connection that does not come within the connect timeout (nothing was sent)."""
-    loop = asyncio.get_running_loop()
+    with blackhole() as port:
+        client = ProviderClient(f"http://127.0.0.1:{port}/v1", headers={}, connect_timeout_s=0.3)
+        with pytest.raises(pc.ConnectTimeout):
+            await client.request("POST", "/v1/x", b"{}")
 
-    async def never(*args: Any, **kwargs: Any) -> Any:
-        await asyncio.Event().wait()
 
-    monkeypatch.setattr(loop, "create_connection", never)
-    client = ProviderClient("http://127.0.0.1:9/v1", headers={}, connect_timeout_s=0.01)
-    with pytest.raises(pc.ConnectTimeout):
-        await client.request("POST", "/v1/x", b"{}")
+async def test_an_address_that_does_not_answer_does_not_cost_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host's first address hangs, its second answers: the request goes to the second
+    well inside the connect timeout (happy eyeballs), as it did with aiohttp."""
+    async with RawServer(answers(json_response(b"{}"))) as server:
+        with blackhole() as dead:
+            loop = asyncio.get_running_loop()
+            stream = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+
+            async def two_addresses(*args: Any, **kwargs: Any) -> list[Any]:
+                return [(*stream, ("127.0.0.1", dead)), (*stream, ("127.0.0.1", server.port))]
+
+            monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+            client = ProviderClient("http://provider.test/v1", headers={}, connect_timeout_s=30)
+            async with asyncio.timeout(10), await client.request("POST", "/x", b"{}") as response:
+                assert await response.read() == b"{}"
+            client.close()
 
 
 def test_a_header_with_a_line_break_is_refused() -> None:
@@ -425,3 +465,166 @@ async def test_https_verifies_the_certificate(tls_files: tuple[Path, Path]) -> N
         with pytest.raises(pc.ConnectError):
             await default.request("POST", "/v1/x", b"{}")
         default.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}",  # bare LF line ends
+        b"HTTP/1.1 200 OK\r\nX-Req: a\x01b\r\nContent-Length: 2\r\n\r\n{}",  # a control char
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\n{}\r\n0\r\n\r\n",
+    ],
+    ids=["bare-lf", "control-char", "space-after-chunk-size"],
+)
+async def test_what_aiohttp_forgave_is_still_an_answer(answer: bytes) -> None:
+    async with RawServer(answers(answer)) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert (response.status, await response.read()) == (200, b"{}")
+        client.close()
+
+
+async def test_a_second_response_in_the_same_read_never_reaches_the_first() -> None:
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Evil: 1\r\n\r\nhello"
+    async with RawServer(answers(json_response(b"{}") + stray)) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        assert await response.read() == b"{}"
+        assert "x-evil" not in response.headers
+        assert response.headers.get("content-length") == "2"
+        response.release()
+        assert client.idle == 0
+        client.close()
+
+
+async def test_an_endless_head_is_refused() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        while not writer.is_closing():
+            writer.write(b"a" * 65536)
+            await writer.drain()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        with pytest.raises(pc.ClientError, match="too long"):
+            await client.request("POST", "/v1/x", b"{}")
+        client.close()
+
+
+async def test_a_reset_ends_a_body_delimited_by_the_close_as_cut_short() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\npart of it")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    async with RawServer(script) as server:
+        client = server.client()
+        response = await client.request("GET", "/v1/models")
+        with pytest.raises(pc.BodyError):
+            await response.read()
+        client.close()
+
+
+async def test_a_get_on_a_connection_closed_meanwhile_goes_again_a_post_does_not() -> None:
+    """The server closes a kept connection as the next request reaches it, answering
+    nothing: a GET is sent once more on a new connection; a POST is the caller's to retry."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(json_response(b"{}"))
+        await read_request(reader)  # and close without a word
+
+    for method, answered in (("GET", True), ("POST", False)):
+        async with RawServer(script) as server:
+            client = server.client()
+            async with await client.request(method, "/v1/x", b"{}") as response:
+                await response.read()
+            if answered:
+                async with await client.request(method, "/v1/x", b"{}") as response:
+                    assert await response.read() == b"{}"
+                assert server.connections == 2
+            else:
+                with pytest.raises(pc.ClientError):
+                    await client.request(method, "/v1/x", b"{}")
+            client.close()
+
+
+async def test_an_upgrade_answer_is_an_error_and_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+    async with RawServer(answers(upgrade)) as server:
+        client = server.client()
+        with pytest.raises(pc.ClientError):
+            await _request_and_read(client)
+        client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_client_closed_while_connecting_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connecting, go = asyncio.Event(), asyncio.Event()
+    start = pc.aiohappyeyeballs.start_connection
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        connecting.set()
+        await go.wait()
+        return await start(*args, **kwargs)
+
+    monkeypatch.setattr(pc.aiohappyeyeballs, "start_connection", held)
+    told: list[str] = []
+    token = ON_CONNECTED.set(lambda: told.append("out"))
+    try:
+        async with RawServer(answers(json_response(b"{}"))) as server:
+            client = server.client()
+            pending = asyncio.create_task(client.request("POST", "/v1/x", b"{}"))
+            async with asyncio.timeout(10):
+                await connecting.wait()
+            client.close()
+            go.set()
+            with pytest.raises(pc.ClientError, match="closed"):
+                await pending
+    finally:
+        ON_CONNECTED.reset(token)
+    assert told == []
+
+
+async def test_an_international_host_and_url_credentials_go_as_aiohttp_sent_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(json_response(b"{}"))
+        await reader.read()
+
+    async with RawServer(script) as server:
+        loop = asyncio.get_running_loop()
+        here = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.port))
+
+        async def resolve(host: str, *args: Any, **kwargs: Any) -> list[Any]:
+            assert host == "xn--bcher-kva.example"
+            return [here]
+
+        monkeypatch.setattr(loop, "getaddrinfo", resolve)
+        url = f"http://user:p%40ss@bücher.example:{server.port}/v1"
+        client = ProviderClient(url, headers={}, connect_timeout_s=5)
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            await response.read()
+        client.close()
+    basic = base64.b64encode(b"user:p@ss")
+    assert f"Host: xn--bcher-kva.example:{server.port}\r\n".encode() in seen[0]
+    assert b"Authorization: Basic " + basic + b"\r\n" in seen[0]
+
+
+def test_a_header_latin_1_cannot_carry_is_refused_without_its_value() -> None:
+    with pytest.raises(ValueError, match="latin-1") as raised:
+        header_lines({"Authorization": "Bearer sk-secret", "OpenAI-Organization": "Acme’s"})
+    assert raised.value.__context__ is None
+    assert "sk-secret" not in repr(raised.value)
