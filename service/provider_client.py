@@ -34,6 +34,7 @@ import httptools
 ON_CONNECTED: ContextVar[Callable[[], None] | None] = ContextVar("on_connected", default=None)
 
 HIGH_WATER = 512 * 1024  # unread body bytes past which reading pauses (> a TLS read)
+_TIMER_SLACK_S = 0.002  # loop timers may fire a little early: the sweep waits past due
 MAX_HEAD = 64 * 1024  # a response head longer than this is not an answer
 HAPPY_EYEBALLS_DELAY_S = 0.25  # an address that has not connected by then gets company
 _NO_BODY_STATUSES = (204, 304)
@@ -213,6 +214,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._paused = False
+        self._eof = False  # the peer ended its side cleanly
         self.received = 0  # bytes of the current response's head seen so far (capped)
         self._parser = httptools.HttpResponseParser(self)
         # What aiohttp's own parser forgives outside its dev mode (bare LF line ends, a
@@ -228,7 +230,13 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
 
+    def eof_received(self) -> None:
+        self._eof = True  # (None: the transport closes itself)
+
     def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is not None and not response.status:
+            self.received += len(data)  # before parsing: a garbled answer is an answer too
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -236,7 +244,6 @@ class _Connection(asyncio.Protocol):
             return
         response = self.response
         if response is not None and not response.status:
-            self.received += len(data)
             if self.received > MAX_HEAD:  # an endless head: httptools would keep it all
                 self._broken(ClientError("The provider sent a response head too long."))
             return
@@ -251,9 +258,9 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None or response._done:
             return
-        if response.status and response._until_close and exc is None and not self._paused:
-            response._finish()  # (a reset, or a close while paused (uvloop drops what TLS
-            # had buffered then), may have cut it short: not a whole body)
+        if response.status and response._until_close and self._eof:
+            response._finish()  # the peer's clean end: all before it was delivered (a
+            # reset, or a close uvloop's TLS cut short, never says so)
         elif response.status:
             response._fail(BodyError("The provider closed the connection mid-response."))
         else:
@@ -490,7 +497,7 @@ class ProviderClient:
             idle.popleft().close()
         if self._idle:
             due = self._idle[0].idle_since + self._keepalive_s
-            self._sweep = loop.call_at(due, self._close_stale)
+            self._sweep = loop.call_at(due + _TIMER_SLACK_S, self._close_stale)
 
 
 def header_lines(headers: Mapping[str, str]) -> bytes:

@@ -628,3 +628,62 @@ def test_a_header_latin_1_cannot_carry_is_refused_without_its_value() -> None:
         header_lines({"Authorization": "Bearer sk-secret", "OpenAI-Organization": "Acme’s"})
     assert raised.value.__context__ is None
     assert "sk-secret" not in repr(raised.value)
+
+
+async def test_a_garbled_answer_to_a_get_is_not_asked_again() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(json_response(b"{}"))
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 abc garbage\r\n\r\n")
+        await reader.read()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        async with await client.request("GET", "/v1/models") as response:
+            await response.read()
+        with pytest.raises(pc.ClientError):
+            await client.request("GET", "/v1/models")
+        assert server.connections == 1
+        client.close()
+
+
+async def test_a_tls_body_ended_by_the_close_is_whole_when_read_late(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader comes late: reading paused past the high-water mark when TLS delivered the
+    last bytes with the server's close. Every byte arrived; the body is whole."""
+    cert, key = tls_files
+    body = b"y" * (pc.HIGH_WATER + 100_000)
+    lost = asyncio.Event()
+    connection_lost = pc._Connection.connection_lost
+
+    def lost_and_tell(self: pc._Connection, exc: Exception | None) -> None:
+        connection_lost(self, exc)
+        lost.set()
+
+    monkeypatch.setattr(pc._Connection, "connection_lost", lost_and_tell)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + body)
+        await writer.drain()
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = await asyncio.start_server(
+        lambda r, w: RawServer(script)._serve(r, w), "127.0.0.1", 0, ssl=context
+    )
+    try:
+        port = server.sockets[0].getsockname()[1]
+        trusting = ssl.create_default_context(cafile=str(cert))
+        client = ProviderClient(
+            f"https://127.0.0.1:{port}/v1", headers={}, connect_timeout_s=5, ssl_context=trusting
+        )
+        response = await client.request("GET", "/v1/models")
+        async with asyncio.timeout(10):
+            await lost.wait()  # the close came while the body waited unread
+            assert await response.read() == body
+        client.close()
+    finally:
+        server.close()
