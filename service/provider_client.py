@@ -104,8 +104,8 @@ class Response:
         self.status = 0  # until the head is parsed
         self.headers = Headers()
         self.keep_alive = False
-        self._buffer: list[bytes] = []
-        self._size = 0
+        self._buffer = conn.body  # the connection's parser appends to it
+        self._size = 0  # (about: counted by reads, framing included)
         self._done = False
         self._error: ClientError | None = None
         self._informational = False  # a 1xx head: the real one follows
@@ -138,6 +138,7 @@ class Response:
             return
         if self._done and self.keep_alive and not self._buffer:
             conn.response = None
+            self._buffer = []  # the connection's list serves its next response now
             conn.client.put(conn)
         else:
             conn.close()
@@ -216,6 +217,11 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._eof = False  # the peer ended its side cleanly
         self.received = 0  # bytes of the current response's head seen so far (capped)
+        # The parser calls ``on_body`` once per HTTP chunk (an event, from most providers):
+        # as a list's own ``append`` it runs no Python at all. httptools looks it up once,
+        # here, so the list is the connection's for life; its response reads from it.
+        self.body: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self.body.append
         self._parser = httptools.HttpResponseParser(self)
         # What aiohttp's own parser forgives outside its dev mode (bare LF line ends, a
         # control character in a header value, spaces after a chunk size): servers and
@@ -248,6 +254,7 @@ class _Connection(asyncio.Protocol):
                 self._broken(ClientError("The provider sent a response head too long."))
             return
         if response is not None and response._buffer:  # one wake-up for all it fed
+            response._size += len(data)
             if response._size > HIGH_WATER:
                 self.pause()
             response._wake()
@@ -297,13 +304,6 @@ class _Connection(asyncio.Protocol):
             and status not in _NO_BODY_STATUSES
         )
         response._wake()
-
-    def on_body(self, body: bytes) -> None:
-        # Once per HTTP chunk (an event, from most providers): the least work it can be.
-        response = self.response
-        if response is not None:
-            response._buffer.append(body)
-            response._size += len(body)
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -403,6 +403,7 @@ class ProviderClient:
         connected = ON_CONNECTED.get()
         if connected is not None:
             connected()
+        conn.body.clear()  # (empty already: a connection is kept only after a whole body)
         response = conn.response = Response(conn)
         conn.received = 0
         try:
