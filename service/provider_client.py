@@ -61,20 +61,23 @@ class _Unsolicited(Exception):
 
 
 class Headers:
-    """A response's headers, looked up by case-insensitive name (repeats joined by ", ")."""
+    """A response's headers by case-insensitive name: ``get`` gives the first of a repeated
+    one (as aiohttp's did), ``joined`` all of them as one list (HTTP's meaning)."""
 
     __slots__ = ("_values",)
 
     def __init__(self) -> None:
-        self._values: dict[str, str] = {}
+        self._values: dict[str, list[str]] = {}
 
     def add(self, name: str, value: str) -> None:
-        name = name.lower()
-        old = self._values.get(name)
-        self._values[name] = value if old is None else f"{old}, {value}"
+        self._values.setdefault(name.lower(), []).append(value)
 
     def get(self, name: str, default: str = "") -> str:
-        return self._values.get(name.lower(), default)
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def joined(self, name: str) -> str:
+        return ", ".join(self._values.get(name.lower(), ()))
 
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._values
@@ -300,7 +303,7 @@ class _Connection(asyncio.Protocol):
         # As llhttp frames it: no length and not chunked last, the body ends with the close.
         response._until_close = (
             "content-length" not in headers
-            and not headers.get("transfer-encoding").rstrip().lower().endswith("chunked")
+            and not headers.joined("transfer-encoding").rstrip().lower().endswith("chunked")
             and status not in _NO_BODY_STATUSES
         )
         response._wake()

@@ -687,3 +687,24 @@ async def test_a_tls_body_ended_by_the_close_is_whole_when_read_late(
         client.close()
     finally:
         server.close()
+
+
+async def test_a_repeated_header_reads_as_its_first_and_frames_as_all() -> None:
+    """``get`` gives the first of a repeated header (a doubled ``Retry-After`` or
+    ``Content-Type`` still reads as one); transfer codings are read together, as the parser
+    frames the body by them: the body here is chunked."""
+    answer = (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nRetry-After: 7\r\n"
+        b"Content-Type: application/json\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
+    async with RawServer(answers(answer)) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert response.headers.get("retry-after") == "2"
+            assert response.headers.get("Content-Type") == "application/json"
+            assert response.headers.joined("transfer-encoding") == "gzip, chunked"
+            assert await response.read() == b"{}"
+        assert client.idle == 1
+        client.close()
