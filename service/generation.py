@@ -66,11 +66,13 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         failure = exc
         raise
     finally:
-        answer.ended(failure)  # a reset, a stall, garbage: the provider's failure too
-        if failure is None:
-            response.release()
-        else:
-            response.close()  # drop the connection: the provider sees it and stops generating
+        try:
+            answer.ended(failure)  # a reset, a stall, garbage: the provider's failure too
+        finally:
+            if failure is None:
+                response.release()
+            else:
+                response.close()  # drop the connection: the provider sees it and stops
 
 
 def _every_choice_finished(stream: Stream) -> bool:

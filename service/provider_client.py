@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, cast
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import aiohappyeyeballs
 import httptools
@@ -70,7 +70,8 @@ class Headers:
         self._values: dict[str, list[str]] = {}
 
     def add(self, name: str, value: str) -> None:
-        self._values.setdefault(name.lower(), []).append(value)
+        # httptools keeps the whitespace after a value; HTTP says it is not part of it.
+        self._values.setdefault(name.lower(), []).append(value.rstrip(" \t"))
 
     def get(self, name: str, default: str = "") -> str:
         values = self._values.get(name.lower())
@@ -362,7 +363,8 @@ class ProviderClient:
         self._port = parts.port or (443 if secure else 80)
         self._ssl = (ssl_context or ssl.create_default_context()) if secure else None
         self._tls_name = self._host.rstrip(".") if secure else None  # as certificates say it
-        self.base_path = parts.path.rstrip("/")
+        # As yarl sent it: a space or a non-ASCII letter in the path, percent-encoded.
+        self.base_path = quote(parts.path, safe="/%:@!$&'()*+,;=~").rstrip("/")
         host = f"[{self._host}]" if ":" in self._host else self._host  # an IPv6 literal
         if self._port != (443 if secure else 80):
             host = f"{host}:{self._port}"

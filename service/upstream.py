@@ -70,6 +70,7 @@ class Upstream:
         # A provider may echo the key anywhere, 2xx bodies included: they are scrubbed too.
         self._key_bytes = settings.api_key.reveal().encode() if settings.api_key else b""
         self._accept_sse = header_lines({"Accept": "text/event-stream"})
+        self._accept_json = header_lines({"Accept": "application/json"})
         self._models: tuple[float, list[dict[str, Any]]] | None = None  # (until, list)
         self._fetching: asyncio.Future[list[dict[str, Any]]] | None = None
 
@@ -106,7 +107,7 @@ class Upstream:
         error. One deadline covers both (``SLUICE_COMPLETION_TIMEOUT_S``): a non-streamed
         answer comes only once it is whole, so the first-token deadline would be too short."""
         async with asyncio.timeout(self._settings.completion_timeout_s):
-            response = await self._post(body)
+            response = await self._post(body, self._accept_json)
             try:
                 raw = await response.read()
             except (ClientError, OSError) as exc:
@@ -155,7 +156,9 @@ class Upstream:
 
     async def _fetch_models(self) -> list[dict[str, Any]]:
         async with asyncio.timeout(self._settings.first_token_timeout_s):
-            response = await self._client.request("GET", self._models_path)
+            response = await self._client.request(
+                "GET", self._models_path, headers=self._accept_json
+            )
             async with response:
                 if response.status >= 300:
                     raise await self._status_error(response)
@@ -220,6 +223,8 @@ class Upstream:
                             deadline.touch()
                         del data, payloads  # not kept while the next read is awaited
                     rest = decoder.flush()
+                    if self._key_bytes and rest:  # a last event with no blank line after it
+                        rest = [self._scrubbed(p) for p in rest]
                     if rest and sink(rest):
                         return
         except TimeoutError:

@@ -708,3 +708,19 @@ async def test_a_repeated_header_reads_as_its_first_and_frames_as_all() -> None:
             assert await response.read() == b"{}"
         assert client.idle == 1
         client.close()
+
+
+async def test_the_whitespace_after_a_header_value_is_not_part_of_it() -> None:
+    answer = json_response(b"{}", b"Retry-After: 120 \t\r\n")
+    async with RawServer(answers(answer)) as server:
+        client = server.client()
+        async with await client.request("POST", "/v1/x", b"{}") as response:
+            assert response.headers.get("retry-after") == "120"
+        client.close()
+
+
+def test_a_base_path_is_percent_encoded_as_yarl_sent_it() -> None:
+    client = ProviderClient("http://host/my path/ü/v1/", headers={}, connect_timeout_s=1)
+    assert client.base_path == "/my%20path/%C3%BC/v1"
+    kept = ProviderClient("http://host/already%20encoded/v1", headers={}, connect_timeout_s=1)
+    assert kept.base_path == "/already%20encoded/v1"

@@ -524,3 +524,22 @@ async def test_any_retry_after_a_provider_sends_is_a_clean_answer(
     if retry_after.isdigit():
         assert response.headers["Retry-After"] == retry_after
         assert len(calls) == 1  # longer than the retry budget: not retried early
+
+
+async def test_a_retry_after_with_whitespace_after_it_is_still_the_providers_wait(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """``Retry-After: 120 `` (whitespace after the value, which HTTP allows): the wait is
+    120 s, longer than the retry budget, so the 429 goes back with it after one call."""
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        error = {"error": {"message": "slow down", "type": "rate_limit"}}
+        return web.json_response(error, status=429, headers={"Retry-After": "120 "})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", stream=False), headers=AUTH)
+    assert response.status == 429
+    assert response.headers.get("Retry-After") == "120"
+    assert len(calls) == 1

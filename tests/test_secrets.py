@@ -283,10 +283,16 @@ def _careless_provider() -> web.Application:
             return web.json_response({**chunk, "choices": [choice], "usage": usage})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        # "unterminated": the last event has no blank line after it, and no [DONE] follows
+        # (the decoder's flush hands it on at the end of the body).
+        unterminated = "unterminated" in body["messages"][-1]["content"]
         for delta, finish in (({"content": f"the key is {key}"}, None), ({}, key)):
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            await response.write(b"data: %b\n\n" % orjson.dumps({**chunk, "choices": [choice]}))
-        await response.write(b"data: [DONE]\n\n")
+            event = orjson.dumps({**chunk, "choices": [choice]})
+            last = unterminated and finish is not None
+            await response.write(b"data: %b" % event if last else b"data: %b\n\n" % event)
+        if not unterminated:
+            await response.write(b"data: [DONE]\n\n")
         return response
 
     async def models(request: web.Request) -> web.Response:
@@ -321,6 +327,9 @@ async def test_a_provider_echoing_the_key_in_its_answers_is_scrubbed(
         assert "[redacted]" in await transcript.record(response)
         stream_id = response.headers["X-Sluice-Stream-Id"]
         await transcript.record(await client.get(f"/v1/streams/{stream_id}", headers=auth))
+    unterminated = await client.post(URL, json=chat_body("unterminated"), headers=auth)
+    assert unterminated.status == 200
+    assert "[redacted]" in await transcript.record(unterminated)
     refused = await client.post(URL, json=chat_body("refuse", stream=False), headers=auth)
     assert refused.status == 429
     assert "Retry-After" not in refused.headers  # the provider's was no time at all
