@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Self
 
 import orjson
 
-from .provider_client import BodyError, ClientError, ConnectError, ConnectTimeout
+from .provider_client import BodyError, ClientError, ConnectError, ConnectTimeout, TooLarge
 
 
 class SluiceError(Exception):
@@ -307,6 +307,11 @@ def translate(exc: BaseException) -> SluiceError:
         return ProviderConnectTimeoutError("The provider could not be reached in time.")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return ProviderTimeoutError("The provider did not answer in time.")
+    if isinstance(exc, TooLarge):
+        return ProviderProtocolError(
+            "The provider's answer is larger than the gateway takes.",
+            code="provider_answer_too_large",
+        )
     if isinstance(exc, BodyError):
         return ProviderConnectionError("The provider closed the stream before it was complete.")
     if isinstance(exc, ConnectError):

@@ -35,7 +35,8 @@ ON_CONNECTED: ContextVar[Callable[[], None] | None] = ContextVar("on_connected",
 
 HIGH_WATER = 512 * 1024  # unread body bytes past which reading pauses (> a TLS read)
 _TIMER_SLACK_S = 0.002  # loop timers may fire a little early: the sweep waits past due
-MAX_HEAD = 64 * 1024  # a response head longer than this is not an answer
+MAX_HEAD = 64 * 1024  # a response head (or what follows a body: trailers) past this is no answer
+MAX_HEADERS = 128  # header lines in a head, as aiohttp allowed
 HAPPY_EYEBALLS_DELAY_S = 0.25  # an address that has not connected by then gets company
 _NO_BODY_STATUSES = (204, 304)
 
@@ -56,22 +57,30 @@ class BodyError(ClientError):
     """The connection ended before the response's body did."""
 
 
-class _Unsolicited(Exception):
-    """A response began that no request asked for (raised in a parser callback)."""
+class TooLarge(ClientError):
+    """A body past the size its reader takes (the connection is dropped)."""
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop the parser there (``_why`` says why)."""
 
 
 class Headers:
     """A response's headers by case-insensitive name: ``get`` gives the first of a repeated
     one (as aiohttp's did), ``joined`` all of them as one list (HTTP's meaning)."""
 
-    __slots__ = ("_values",)
+    __slots__ = ("_count", "_values")
 
     def __init__(self) -> None:
         self._values: dict[str, list[str]] = {}
+        self._count = 0
 
-    def add(self, name: str, value: str) -> None:
+    def add(self, name: str, value: str) -> int:
+        """Add a line; return how many there are now."""
         # httptools keeps the whitespace after a value; HTTP says it is not part of it.
         self._values.setdefault(name.lower(), []).append(value.rstrip(" \t"))
+        self._count += 1
+        return self._count
 
     def get(self, name: str, default: str = "") -> str:
         values = self._values.get(name.lower())
@@ -116,10 +125,28 @@ class Response:
         self._until_close = False  # no length, not chunked: the body ends with the connection
         self._waiter: asyncio.Future[None] | None = None
 
-    async def read(self) -> bytes:
-        """The whole body."""
-        parts = [data async for data in self.iter_any()]
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; past ``limit`` bytes, ``TooLarge`` (and the connection dropped)."""
+        parts, size = [], 0
+        async for data in self.iter_any():
+            size += len(data)
+            if limit is not None and size > limit:
+                self.close()
+                raise TooLarge("The provider's answer is larger than the gateway takes.")
+            parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_upto(self, limit: int) -> bytes:
+        """The body's first ``limit`` bytes (an error's, say); the rest is not read (the
+        connection is dropped if there was more)."""
+        parts, size = [], 0
+        async for data in self.iter_any():
+            parts.append(data)
+            size += len(data)
+            if size > limit:
+                self.close()
+                break
+        return b"".join(parts)[:limit]
 
     def iter_any(self) -> _Pieces:
         """The body as it comes: whatever is buffered at each step, joined."""
@@ -221,6 +248,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._eof = False  # the peer ended its side cleanly
         self.received = 0  # bytes of the current response's head seen so far (capped)
+        self.idle_bytes = 0  # bytes read since the body last grew (trailers, say: capped)
+        self._why: str | None = None  # why a callback stopped the parser
         # The parser calls ``on_body`` once per HTTP chunk (an event, from most providers):
         # as a list's own ``append`` it runs no Python at all. httptools looks it up once,
         # here, so the list is the connection's for life; its response reads from it.
@@ -245,19 +274,30 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         response = self.response
-        if response is not None and not response.status:
+        headed = response is not None and response.status != 0
+        if not headed:
             self.received += len(data)  # before parsing: a garbled answer is an answer too
+        pieces = len(self.body)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            self._broken(ClientError("The provider sent a malformed response."))
+            self._broken(ClientError(self._why or "The provider sent a malformed response."))
             return
         response = self.response
-        if response is not None and not response.status:
+        if response is None:
+            return
+        if not response.status:
             if self.received > MAX_HEAD:  # an endless head: httptools would keep it all
                 self._broken(ClientError("The provider sent a response head too long."))
             return
-        if response is not None and response._buffer:  # one wake-up for all it fed
+        if headed and len(self.body) == pieces and not response._done:
+            self.idle_bytes += len(data)  # framing only, or trailers: no body for them
+            if self.idle_bytes > MAX_HEAD:
+                self._broken(ClientError("The provider sent too much that is not its body."))
+                return
+        else:
+            self.idle_bytes = 0
+        if response._buffer:  # one wake-up for all it fed
             response._size += len(data)
             if response._size > HIGH_WATER:
                 self.pause()
@@ -281,12 +321,17 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         response = self.response
         if response is None or response._done:
-            # Raised, the parser stops here: nothing of it reaches the finished response.
-            raise _Unsolicited
+            # Stopped here: nothing of it reaches the finished response.
+            self._why = "The provider sent a response nobody asked for."
+            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        response = self.response
+        if response is None or response.status:  # a trailer: nothing here reads them
+            return
+        if response.headers.add(name.decode("latin-1"), value.decode("latin-1")) > MAX_HEADERS:
+            self._why = "The provider sent too many headers."
+            raise _Stop
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -410,7 +455,7 @@ class ProviderClient:
             connected()
         conn.body.clear()  # (empty already: a connection is kept only after a whole body)
         response = conn.response = Response(conn)
-        conn.received = 0
+        conn.received = conn.idle_bytes = 0
         try:
             assert conn.transport is not None
             conn.transport.write(message)

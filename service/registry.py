@@ -16,7 +16,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from operator import itemgetter
 
 from .checkpoint import (
     Checkpoint,
@@ -230,7 +229,7 @@ class StreamRegistry:
         self._live.pop(stream.id, None)
         stream.body = {}  # the prompt (up to the body limit) is not the replay's to keep
         expires_at = self._clock() + self._settings.checkpoint_ttl_s
-        size = sum(map(len, map(itemgetter(1), stream.events)))
+        size = stream.journal_bytes
         self._ended[stream.id] = _Retained(expires_at, stream, checkpoint, size)
         self._retained_bytes += size
         while len(self._ended) > MAX_RETAINED or self._retained_bytes > MAX_RETAINED_BYTES:

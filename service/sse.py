@@ -15,16 +15,25 @@ DONE = b"[DONE]"
 KEEPALIVE = b": keepalive\n"
 _NEXT = b"\n\ndata: "  # the end of one single-line event and the start of the next
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # one event, unfinished: past this it is no event
+
+
+class EventTooLarge(ValueError):
+    """An event (its blank line not come yet) past ``MAX_EVENT_BYTES``."""
 
 
 class SSEDecoder:
     """Split a byte stream into event ``data`` payloads; other fields are ignored, and an
     event with empty data is not one (the spec dispatches none for it)."""
 
-    __slots__ = ("_buffer", "_head", "_skip_lf")
+    __slots__ = ("_buffer", "_head", "_held", "_pending", "_skip_lf")
 
     def __init__(self) -> None:
         self._buffer = b""  # an event begun, newlines already normalised
+        # Reads of a long event, kept apart until its end comes: joining each to the rest
+        # and searching it all again would cost time growing with the square of its size.
+        self._pending: list[bytes] = []
+        self._held = 0  # bytes in ``_buffer`` and ``_pending``
         self._skip_lf = False  # the last read ended with CR: a LF first in the next joins it
         self._head: bytes | None = b""  # the first bytes, until they can be told from a BOM
 
@@ -44,7 +53,14 @@ class SSEDecoder:
         if b"\r" in chunk:  # CRLF and CR end lines too; a CR ends one at once
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buffer = self._buffer + chunk if self._buffer else chunk
+        if self._buffer:
+            if not _may_end(self._pending[-1] if self._pending else self._buffer, chunk):
+                self._hold(chunk)
+                return []
+            buffer = b"".join([self._buffer, *self._pending, chunk])
+            self._pending, self._held = [], 0
+        else:
+            buffer = chunk
         # What providers send: events of one ``data: `` line each. Then every newline is in a
         # separator, and splitting on the separator yields the payloads with no per-event work.
         if buffer.endswith(b"\n\n") and buffer[:6] == b"data: ":  # a read of whole events
@@ -54,18 +70,39 @@ class SSEDecoder:
                 return _nonempty(payloads)
         end = buffer.rfind(b"\n\n")
         if end < 0:
-            self._buffer = buffer
+            self._buffer = b""
+            self._hold(buffer)
             return []
         complete, self._buffer = buffer[:end], buffer[end + 2 :]
+        self._held = len(self._buffer)
+        if self._held > MAX_EVENT_BYTES:
+            raise EventTooLarge
         if complete[:6] == b"data: " and complete.count(b"\n") == 2 * complete.count(_NEXT):
             return _nonempty(complete[6:].split(_NEXT))
         return [d for event in complete.split(b"\n\n") if (d := _event_data(event))]
 
+    def _hold(self, data: bytes) -> None:
+        """Keep ``data``, part of an event not yet ended."""
+        if not self._buffer:
+            self._buffer = data
+        else:
+            self._pending.append(data)
+        self._held += len(data)
+        if self._held > MAX_EVENT_BYTES:
+            raise EventTooLarge
+
     def flush(self) -> list[bytes]:
         """Return a final event left without its blank line when the stream ended."""
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer = b"".join([self._buffer, *self._pending]), b""
+        self._pending, self._held = [], 0
         data = _event_data(rest.rstrip(b"\r\n"))
         return [data] if data else []
+
+
+def _may_end(before: bytes, chunk: bytes) -> bool:
+    """Whether ``chunk``, read after ``before``, may end an event (a blank line in it, or
+    across the two)."""
+    return b"\n\n" in chunk or (before.endswith(b"\n") and chunk.startswith(b"\n"))
 
 
 def _event_data(event: bytes) -> bytes:

@@ -36,6 +36,7 @@ class StreamStatus(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+EVENT_OVERHEAD = 64  # bytes a kept event costs besides its data (its tuple, the list slot)
 NO_LIMITS: Mapping[str, int | None] = MappingProxyType({})
 NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 
@@ -198,6 +199,7 @@ class Stream:
         "first_token_at",
         "id",
         "include_usage",
+        "journal_bytes",
         "launched_at",
         "model",
         "output_limits",
@@ -237,6 +239,7 @@ class Stream:
         # each one's tokenizer, so no count of it runs on the loop again.
         self.prompt_counts: Mapping[str, int] = NO_COUNTS
         self.events: list[tuple[int, bytes]] = []
+        self.journal_bytes = 0  # the chunks' bytes, and what keeping each costs besides
         self.status = StreamStatus.RUNNING
         self.error: SluiceError | None = None
         self.cancel_reason: StreamStatus | None = None
@@ -275,6 +278,7 @@ class Stream:
         if self.first_token_at is None and kind == Kind.CHUNK:
             self.first_token_at = time.time()
         self.events.append((kind, data))
+        self.journal_bytes += len(data) + EVENT_OVERHEAD
 
     def extend(self, chunks: list[bytes]) -> None:
         """Add chunk events (a read's worth at once); readers see them after ``notify``."""
@@ -282,6 +286,7 @@ class Stream:
             if self.first_token_at is None:
                 self.first_token_at = time.time()
             self.events += zip(repeat(Kind.CHUNK), chunks)
+            self.journal_bytes += sum(map(len, chunks)) + EVENT_OVERHEAD * len(chunks)
 
     def notify(self) -> None:
         """Wake every reader (after a batch of appends, or for a keepalive tick)."""
@@ -303,9 +308,9 @@ class Stream:
             error.__traceback__ = error.__context__ = error.__cause__ = None
         self.error = error
         if error is not None and status is not StreamStatus.SHUTDOWN:
-            self.events.append((Kind.ERROR, dumps_kept(error.payload())))
+            self.append(Kind.ERROR, dumps_kept(error.payload()))
         elif status is StreamStatus.COMPLETED and self.streaming:
-            self.events.append((Kind.DONE, DONE))
+            self.append(Kind.DONE, DONE)
         self.ended_at = time.time()
         self.accepted.set()
         self.ended.set()

@@ -30,15 +30,21 @@ from .errors import (
     ProviderTimeoutError,
     translate,
 )
-from .provider_client import ClientError, ProviderClient, Response, header_lines
+from .provider_client import ClientError, ProviderClient, Response, TooLarge, header_lines
 from .settings import ProviderSettings, Secret
-from .sse import SSEDecoder
+from .sse import EventTooLarge, SSEDecoder
 
 Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True at [DONE]
 
 REDACTED = "[redacted]"
 REDACTED_BYTES = REDACTED.encode()
 MAX_FIELD_CHARS = 256  # a provider's error type, code or param: more is not a code
+MAX_MESSAGE_CHARS = 2000  # a provider's error message, as a client is shown it
+# What a provider's bodies may weigh, read whole (a stream's events are bounded apiece, in
+# ``sse.py``, and together, in ``generation.py``): more is a broken or hostile provider.
+MAX_ANSWER_BYTES = 32 * 1024 * 1024  # a non-streamed completion
+MAX_MODELS_BYTES = 4 * 1024 * 1024  # the model list (OpenAI's is ~10 KB)
+ERROR_BODY_BYTES = 64 * 1024  # an error's body: what is past it is not read
 MODELS_TTL_S = 60.0  # how long the provider's model list is served from memory
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
 _NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one is no hint
@@ -98,7 +104,7 @@ class Upstream:
             response = await self._post(body, self._accept_sse)
             if _is_json(response):  # an answer, not a stream
                 async with response:  # an answer where a stream was asked: often an error
-                    detail = _error_detail(await response.read())
+                    detail = _error_detail(await response.read_upto(ERROR_BODY_BYTES))
                     raise relayed_error(detail, self, "The provider sent no stream.")
             return ProviderStream(response, due)
 
@@ -109,7 +115,13 @@ class Upstream:
         async with asyncio.timeout(self._settings.completion_timeout_s):
             response = await self._post(body, self._accept_json)
             try:
-                raw = await response.read()
+                raw = await response.read(MAX_ANSWER_BYTES)
+            except TooLarge:
+                raise ProviderAnswerError(
+                    "The provider's answer is larger than the gateway takes.",
+                    provider_status=502,
+                    code="provider_answer_too_large",
+                ) from None
             except (ClientError, OSError) as exc:
                 response.close()
                 raise ProviderCutOffError(
@@ -162,7 +174,12 @@ class Upstream:
             async with response:
                 if response.status >= 300:
                     raise await self._status_error(response)
-                raw = self._scrubbed(await response.read())
+                try:
+                    raw = self._scrubbed(await response.read(MAX_MODELS_BYTES))
+                except TooLarge:
+                    raise ProviderProtocolError(
+                        "The provider sent a model list too large."
+                    ) from None
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -173,11 +190,10 @@ class Upstream:
         return [m for m in models if isinstance(m, dict)]
 
     async def _status_error(self, response: Response) -> ProviderStatusError:
-        raw = await response.read()
-        detail = _error_detail(raw)
+        detail = _error_detail(await response.read_upto(ERROR_BODY_BYTES))
         message = scrub(
             str(detail.get("message") or f"The provider answered {response.status}."), self._key
-        )
+        )[:MAX_MESSAGE_CHARS]
         if response.status in (401, 403):  # about our credentials: none of a client's business
             return ProviderStatusError(
                 "The provider refused the gateway's credentials.",
@@ -229,6 +245,11 @@ class Upstream:
                         return
         except TimeoutError:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
+        except EventTooLarge:
+            raise ProviderProtocolError(
+                "The provider sent an event larger than the gateway takes.",
+                code="provider_answer_too_large",
+            ) from None
         except (ClientError, OSError) as exc:  # reset mid-stream: a provider failure
             raise translate(exc) from exc
         raise ProviderEndedEarly("The provider ended the stream without finishing it.")
@@ -355,7 +376,7 @@ def relayed_error(detail: Any, scrubber: Scrubber, default: str) -> ProviderAnsw
     or a whole body) as our 502, its words scrubbed of our key."""
     detail = _error_object(detail)
     return ProviderAnswerError(
-        scrubber.redact(str(detail.get("message") or default)),
+        scrubber.redact(str(detail.get("message") or default))[:MAX_MESSAGE_CHARS],
         provider_status=502,
         type_=scrubber.field(detail.get("type")),
         param=scrubber.field(detail.get("param")),

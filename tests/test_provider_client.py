@@ -724,3 +724,49 @@ def test_a_base_path_is_percent_encoded_as_yarl_sent_it() -> None:
     assert client.base_path == "/my%20path/%C3%BC/v1"
     kept = ProviderClient("http://host/already%20encoded/v1", headers={}, connect_timeout_s=1)
     assert kept.base_path == "/already%20encoded/v1"
+
+
+async def test_endless_trailers_are_refused() -> None:
+    """A body's last chunk, then trailers that never end: refused past ``MAX_HEAD``, and
+    none of them is kept with the headers."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(chunked([b"{}"])[:-2])  # the last chunk, not the blank line after it
+        while not writer.is_closing():
+            writer.write(b"x-t: v\r\n" * 4096)
+            await writer.drain()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        with pytest.raises(pc.ClientError, match="not its body"):
+            await response.read()
+        assert "x-t" not in response.headers
+        client.close()
+
+
+async def test_more_headers_than_aiohttp_allowed_are_refused() -> None:
+    many = (
+        b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * (pc.MAX_HEADERS + 1) + b"Content-Length: 0\r\n\r\n"
+    )
+    async with RawServer(answers(many)) as server:
+        client = server.client()
+        with pytest.raises(pc.ClientError, match="too many headers"):
+            await client.request("POST", "/v1/x", b"{}")
+        client.close()
+
+
+async def test_a_read_has_a_limit_and_an_error_body_is_read_only_so_far() -> None:
+    big = json_response(b"x" * 5000)
+    async with RawServer(answers(big, big)) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        with pytest.raises(pc.TooLarge):
+            await response.read(4096)
+        response = await client.request("POST", "/v1/x", b"{}")
+        assert await response.read_upto(100) == b"x" * 100
+        response.release()
+        assert server.connections == 2  # the rest was not read: neither connection was kept
+        assert client.idle == 0
+        client.close()

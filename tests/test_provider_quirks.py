@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from service import tokens
+from service import generation, tokens, upstream
 from service.appkeys import GATE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
@@ -543,3 +543,70 @@ async def test_a_retry_after_with_whitespace_after_it_is_still_the_providers_wai
     assert response.status == 429
     assert response.headers.get("Retry-After") == "120"
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_answer_past_the_gateway_s_bounds_is_a_502_not_a_swollen_process(
+    aiohttp_server: Any,
+    gateway: GatewayFactory,
+    settings: Settings,
+    stream: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-streamed answer past ``MAX_ANSWER_BYTES``, a stream whose journal passes
+    ``MAX_STREAM_BYTES``: each ends as a 502 (the stream's last event)
+    ``provider_answer_too_large``, the provider's connection dropped, never retried."""
+    monkeypatch.setattr(upstream, "MAX_ANSWER_BYTES", 4000)
+    monkeypatch.setattr(generation, "MAX_STREAM_BYTES", 4000)
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        if stream:
+            return await _stream(request, *[_delta("word " * 20)] * 100)
+        message = {"role": "assistant", "content": "word " * 2000}
+        body = {**CHUNK, "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        return web.json_response(body)
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", stream=stream), headers=AUTH)
+    if stream:
+        *_, last = sse_data(await response.text())
+        error = orjson.loads(last)["error"]
+    else:
+        assert response.status == 502
+        error = (await response.json())["error"]
+    assert error["code"] == "provider_answer_too_large"
+    assert len(calls) == 1
+
+
+async def test_a_provider_s_endless_error_message_is_cut_short(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        error = {"error": {"message": "why " * 10_000, "type": "invalid_request_error"}}
+        return web.json_response(error, status=400)
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x", stream=False), headers=AUTH)
+    assert response.status == 400
+    message = (await response.json())["error"]["message"]
+    assert message.startswith("why why")
+    assert len(message) <= upstream.MAX_MESSAGE_CHARS
+
+
+async def test_a_model_list_past_its_bound_is_a_502(
+    aiohttp_server: Any,
+    gateway: GatewayFactory,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream, "MAX_MODELS_BYTES", 1000)
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"data": [{"id": f"model-{n}"} for n in range(200)]})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.get("/v1/models", headers=AUTH)
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "provider_protocol_error"

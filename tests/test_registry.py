@@ -16,7 +16,7 @@ from service import registry as registry_module
 from service.checkpoint import Checkpoint, MemoryCheckpointStore
 from service.registry import StreamRegistry
 from service.settings import StreamSettings
-from service.stream import Kind, Owner, Stream, StreamStatus
+from service.stream import EVENT_OVERHEAD, Kind, Owner, Stream, StreamStatus
 from tests.streamwire import LoopClock
 
 OWNER = Owner("alice", "acme", "key1")
@@ -237,10 +237,12 @@ async def test_ended_streams_are_replayable_until_their_ttl() -> None:
 
 
 async def test_retention_is_bounded_by_journal_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past the byte budget the oldest ended journals are dropped first."""
+    """Past the byte budget the oldest ended journals are dropped first; an event counts
+    its bytes and what keeping it costs besides."""
     registry, store = make_registry()
     streams = [make_stream(f"strm_{i}") for i in range(3)]
-    size = len(b'{"choices":[{"index":0,"delta":{"content":"abcd"}}]}') + len(b"[DONE]")
+    chunk = b'{"choices":[{"index":0,"delta":{"content":"abcd"}}]}'
+    size = len(chunk) + len(b"[DONE]") + 2 * EVENT_OVERHEAD
     monkeypatch.setattr(registry_module, "MAX_RETAINED_BYTES", 2 * size)
     for stream in streams:
         registry.launch(stream, produce(stream, ["abcd"]))

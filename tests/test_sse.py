@@ -10,9 +10,11 @@ import random
 
 import pytest
 
+from service import sse
 from service.sse import (
     DONE,
     KEEPALIVE,
+    EventTooLarge,
     SSEDecoder,
     encode_event,
     encode_events,
@@ -190,3 +192,27 @@ def test_single_line_fast_path_gives_way_to_the_general_one(
 ) -> None:
     """A batch that is not all one-line ``data: `` events is decoded field by field."""
     assert SSEDecoder().feed(wire) == payloads
+
+
+def test_an_event_past_the_bound_is_refused_however_it_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unfinished event past ``MAX_EVENT_BYTES`` is refused, in one read or in many (a
+    provider that never ends its event would otherwise grow the buffer without end); one
+    just under it, in many reads, decodes whole."""
+    monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 1000)
+    under = b"data: " + b"x" * 900 + b"\n\n"
+    decoder = SSEDecoder()
+    got = [p for i in range(0, len(under), 7) for p in decoder.feed(under[i : i + 7])]
+    assert got == [b"x" * 900]
+    for step in (1001, 10):
+        decoder = SSEDecoder()
+        decoder.feed(b"data: {}\n\n")
+        reads = [b"data: " + b"y" * (step - 6)] + [b"y" * step] * (1200 // step)
+        with pytest.raises(EventTooLarge):
+            _feed_all(decoder, reads)
+
+
+def _feed_all(decoder: SSEDecoder, reads: list[bytes]) -> None:
+    for data in reads:
+        decoder.feed(data)
