@@ -22,9 +22,10 @@ from .stream import Kind, Stream
 from .upstream import Scrubber, relayed_error
 
 MIDSTREAM_ERROR = "The provider reported an error mid-stream."
-# One stream's journal (kept for resume), its events' bytes and their keeping: ~20 times a
-# 100k-token reasoning stream. Past it the provider is broken, or hostile.
-MAX_STREAM_BYTES = 64 * 1024 * 1024
+# One stream's journal (kept for resume), its events' bytes and their keeping: ~8 times a
+# 100k-token stream of plain chunks (~30 MiB), room for logprobs and n > 1. Past it the
+# provider is broken, or hostile.
+MAX_STREAM_BYTES = 256 * 1024 * 1024
 
 
 async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> None:
@@ -113,7 +114,7 @@ def _relay(stream: Stream, upstream: Scrubber, shape: ChunkShape, payloads: list
     finally:
         stream.extend(kept)
     stream.notify()
-    if stream.journal_bytes > MAX_STREAM_BYTES:  # what is kept for resume has a bound
+    if not done and stream.journal_bytes > MAX_STREAM_BYTES:  # what is kept has a bound
         raise ProviderProtocolError(
             "The provider's answer is larger than the gateway takes.",
             code="provider_answer_too_large",

@@ -53,6 +53,8 @@ class SSEDecoder:
         if b"\r" in chunk:  # CRLF and CR end lines too; a CR ends one at once
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not chunk:  # (kept, an empty piece would hide the byte before the next one)
+            return []
         if self._buffer:
             if not _may_end(self._pending[-1] if self._pending else self._buffer, chunk):
                 self._hold(chunk)

@@ -44,7 +44,7 @@ MAX_MESSAGE_CHARS = 2000  # a provider's error message, as a client is shown it
 # ``sse.py``, and together, in ``generation.py``): more is a broken or hostile provider.
 MAX_ANSWER_BYTES = 32 * 1024 * 1024  # a non-streamed completion
 MAX_MODELS_BYTES = 4 * 1024 * 1024  # the model list (OpenAI's is ~10 KB)
-ERROR_BODY_BYTES = 64 * 1024  # an error's body: what is past it is not read
+ERROR_BODY_BYTES = 1024 * 1024  # an error's body (one may echo the prompt): no more is read
 MODELS_TTL_S = 60.0  # how long the provider's model list is served from memory
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
 _NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one is no hint

@@ -216,3 +216,22 @@ def test_an_event_past_the_bound_is_refused_however_it_is_read(
 def _feed_all(decoder: SSEDecoder, reads: list[bytes]) -> None:
     for data in reads:
         decoder.feed(data)
+
+
+@pytest.mark.parametrize(
+    ("reads", "expected", "rest"),
+    [
+        ([b"data: a\r", b"\n", b"\r\n"], [[], [], [b"a"]], []),
+        ([b"data: a\n", b"", b"\ndata: b\n\n"], [[], [], [b"a", b"b"]], []),
+        ([b"data: a\r", b"\n", b"\r\ndata: b"], [[], [], [b"a"]], [b"b"]),
+    ],
+    ids=["crlf-split", "empty-read", "crlf-split-then-unended"],
+)
+def test_a_blank_line_across_reads_that_shrink_to_nothing_still_ends_the_event(
+    reads: list[bytes], expected: list[list[bytes]], rest: list[bytes]
+) -> None:
+    """A read that is only the LF of a CRLF begun before (or is empty) adds nothing; the
+    blank line it sits in still ends the event then, not later, and never merges two."""
+    decoder = SSEDecoder()
+    assert [decoder.feed(data) for data in reads] == expected
+    assert decoder.flush() == rest
