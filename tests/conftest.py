@@ -7,7 +7,9 @@ provider's own counters through ``sim_stats`` and wait on them instead of sleepi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -96,3 +98,22 @@ async def loop_clock() -> AsyncIterator[LoopClock]:
     clock = LoopClock(asyncio.get_running_loop())
     yield clock
     clock.thaw()
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A listener whose accept queue is full: new connections hang in SYN_SENT."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port: int = server.getsockname()[1]
+        fillers = [socket.socket() for _ in range(8)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()

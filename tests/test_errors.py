@@ -9,13 +9,11 @@ tests check ``errors.translate`` maps every lower-level exception we expect, lik
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
 import logging
 import re
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -477,25 +475,6 @@ async def test_connect_refused_is_502(
     assert error["code"] == "provider_connection_error"
     assert str(port) not in error["message"]
     assert "127.0.0.1" not in error["message"]
-
-
-@pytest.fixture
-def unanswered_port() -> Iterator[int]:
-    """A listener whose accept queue is full: new connections hang in SYN_SENT."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(0)
-        port: int = server.getsockname()[1]
-        fillers = [socket.socket() for _ in range(8)]
-        try:
-            for filler in fillers:
-                filler.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    filler.connect(("127.0.0.1", port))
-            yield port
-        finally:
-            for filler in fillers:
-                filler.close()
 
 
 async def test_connect_timeout_is_504(

@@ -17,7 +17,7 @@ import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -343,53 +343,32 @@ async def test_on_connected_is_told_when_a_request_goes_out_and_not_when_none_co
         ON_CONNECTED.reset(token)
 
 
-@contextlib.contextmanager
-def blackhole() -> Iterator[int]:
-    """A loopback port whose listener's backlog is full: a connect to it hangs, unanswered."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        fillers = []
-        try:
-            for _ in range(8):  # fill the backlog (Linux takes backlog + 1)
-                filler = socket.socket()
-                filler.setblocking(False)
-                fillers.append(filler)
-                with contextlib.suppress(BlockingIOError):
-                    filler.connect(("127.0.0.1", port))
-            yield port
-        finally:
-            for filler in fillers:
-                filler.close()
-
-
-async def test_no_connection_in_time_is_a_connect_timeout() -> None:
+async def test_no_connection_in_time_is_a_connect_timeout(unanswered_port: int) -> None:
     """A connection that does not come within the connect timeout (nothing was sent)."""
-    with blackhole() as port:
-        client = ProviderClient(f"http://127.0.0.1:{port}/v1", headers={}, connect_timeout_s=0.3)
-        with pytest.raises(pc.ConnectTimeout):
-            await client.request("POST", "/v1/x", b"{}")
+    port = unanswered_port
+    client = ProviderClient(f"http://127.0.0.1:{port}/v1", headers={}, connect_timeout_s=0.3)
+    with pytest.raises(pc.ConnectTimeout):
+        await client.request("POST", "/v1/x", b"{}")
 
 
 async def test_an_address_that_does_not_answer_does_not_cost_the_connection(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, unanswered_port: int
 ) -> None:
     """The host's first address hangs, its second answers: the request goes to the second
     well inside the connect timeout (happy eyeballs), as it did with aiohttp."""
     async with RawServer(answers(json_response(b"{}"))) as server:
-        with blackhole() as dead:
-            loop = asyncio.get_running_loop()
-            stream = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+        loop = asyncio.get_running_loop()
+        stream = (socket.AF_INET, socket.SOCK_STREAM, 6, "")
+        dead, alive = ("127.0.0.1", unanswered_port), ("127.0.0.1", server.port)
 
-            async def two_addresses(*args: Any, **kwargs: Any) -> list[Any]:
-                return [(*stream, ("127.0.0.1", dead)), (*stream, ("127.0.0.1", server.port))]
+        async def two_addresses(*args: Any, **kwargs: Any) -> list[Any]:
+            return [(*stream, dead), (*stream, alive)]
 
-            monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
-            client = ProviderClient("http://provider.test/v1", headers={}, connect_timeout_s=30)
-            async with asyncio.timeout(10), await client.request("POST", "/x", b"{}") as response:
-                assert await response.read() == b"{}"
-            client.close()
+        monkeypatch.setattr(loop, "getaddrinfo", two_addresses)
+        client = ProviderClient("http://provider.test/v1", headers={}, connect_timeout_s=30)
+        async with asyncio.timeout(10), await client.request("POST", "/x", b"{}") as response:
+            assert await response.read() == b"{}"
+        client.close()
 
 
 def test_a_header_with_a_line_break_is_refused() -> None:

@@ -50,6 +50,18 @@ async def _stream(request: web.Request, *events: bytes) -> web.StreamResponse:
     return response
 
 
+async def _error_of(response: Any, stream: bool) -> dict[str, Any]:
+    """The error a request ended with: its stream's last event, or its 502's body."""
+    if stream:
+        *_, last = sse_data(await response.text())
+        body = orjson.loads(last)
+    else:
+        assert response.status == 502
+        body = await response.json()
+    error: dict[str, Any] = body["error"]
+    return error
+
+
 async def _gateway(
     aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, answer: Answer
 ) -> TestClient[Any, Any]:
@@ -121,13 +133,7 @@ async def test_a_chunk_of_the_wrong_shape_is_a_protocol_error(
 
     client = await _gateway(aiohttp_server, gateway, settings, answer)
     response = await client.post(URL, json=chat_body("x", stream=stream), headers=AUTH)
-    if stream:
-        *_, last = sse_data(await response.text())
-        error = orjson.loads(last)["error"]
-    else:
-        assert response.status == 502
-        error = (await response.json())["error"]
-    assert error["code"] == "provider_protocol_error"
+    assert (await _error_of(response, stream))["code"] == "provider_protocol_error"
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -570,13 +576,7 @@ async def test_an_answer_past_the_gateway_s_bounds_is_a_502_not_a_swollen_proces
 
     client = await _gateway(aiohttp_server, gateway, settings, answer)
     response = await client.post(URL, json=chat_body("x", stream=stream), headers=AUTH)
-    if stream:
-        *_, last = sse_data(await response.text())
-        error = orjson.loads(last)["error"]
-    else:
-        assert response.status == 502
-        error = (await response.json())["error"]
-    assert error["code"] == "provider_answer_too_large"
+    assert (await _error_of(response, stream))["code"] == "provider_answer_too_large"
     assert len(calls) == 1
 
 
