@@ -37,7 +37,6 @@ from service.simulator import SimStats
 from tests.conftest import GatewayFactory, chat_body
 from tests.otlp import RECEIVED, receiver_app
 from tests.processes import python_module
-from tests.test_errors import unanswered_port  # noqa: F401  (a fixture)
 from tests.wire import closed_port
 
 URL = "/v1/chat/completions"
@@ -151,7 +150,7 @@ async def test_provider_key_never_leaks(
     sim_stats: SimStats,
     keys_file: tuple[Path, str],
     receiver: TestServer,
-    unanswered_port: int,  # noqa: F811
+    unanswered_port: int,
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
