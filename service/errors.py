@@ -24,6 +24,7 @@
         │   ├── ProviderCutOffError    502 closed mid-answer, after it was paid for (no retry)
         │   └── ProviderEndedEarly     502 a stream's body ended without [DONE]
         └── ProviderProtocolError      502 the upstream sent something that is not a chunk
+            └── ProviderAnswerTooLargeError  502 past a bound on what is kept (no retry)
 
 Every leaf renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as a
 JSON response before the first byte (``middleware.py``), as a final SSE ``data:`` event or
@@ -41,6 +42,7 @@ from typing import Any, ClassVar, Self
 import orjson
 
 from .provider_client import BodyError, ClientError, ConnectError, ConnectTimeout, TooLarge
+from .sse import EventTooLarge
 
 
 class SluiceError(Exception):
@@ -295,6 +297,17 @@ class ProviderProtocolError(ProviderError):
     default_code = "provider_protocol_error"
 
 
+class ProviderAnswerTooLargeError(ProviderProtocolError):
+    """An answer, an event or a stream's journal past the gateway's bound: generated (and
+    paid for) as far as it went, so never asked for again."""
+
+    default_code = "provider_answer_too_large"
+    may_have_generated = prompt_billed = True
+
+    def __init__(self, message: str = "The provider's answer is larger than the gateway takes."):
+        super().__init__(message)
+
+
 def translate(exc: BaseException) -> SluiceError:
     """Map any exception raised while talking to the provider into the tree.
 
@@ -307,11 +320,8 @@ def translate(exc: BaseException) -> SluiceError:
         return ProviderConnectTimeoutError("The provider could not be reached in time.")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return ProviderTimeoutError("The provider did not answer in time.")
-    if isinstance(exc, TooLarge):
-        return ProviderProtocolError(
-            "The provider's answer is larger than the gateway takes.",
-            code="provider_answer_too_large",
-        )
+    if isinstance(exc, TooLarge | EventTooLarge):
+        return ProviderAnswerTooLargeError()
     if isinstance(exc, BodyError):
         return ProviderConnectionError("The provider closed the stream before it was complete.")
     if isinstance(exc, ConnectError):

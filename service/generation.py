@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from .chunkshape import ChunkShape
-from .errors import ProviderEndedEarly, ProviderProtocolError
+from .errors import ProviderAnswerTooLargeError, ProviderEndedEarly, ProviderProtocolError
 from .resilience import ResilientProvider
 from .sse import DONE
 from .stream import Kind, Stream
@@ -70,13 +70,11 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
         failure = exc
         raise
     finally:
-        try:
-            answer.ended(failure)  # a reset, a stall, garbage: the provider's failure too
-        finally:
-            if failure is None:
-                response.release()
-            else:
-                response.close()  # drop the connection: the provider sees it and stops
+        if failure is None:
+            response.release()
+        else:
+            response.close()  # drop the connection: the provider sees it and stops generating
+        answer.ended(failure)  # a reset, a stall, garbage: the provider's failure too
 
 
 def _every_choice_finished(stream: Stream) -> bool:
@@ -115,10 +113,7 @@ def _relay(stream: Stream, upstream: Scrubber, shape: ChunkShape, payloads: list
         stream.extend(kept)
     stream.notify()
     if not done and stream.journal_bytes > MAX_STREAM_BYTES:  # what is kept has a bound
-        raise ProviderProtocolError(
-            "The provider's answer is larger than the gateway takes.",
-            code="provider_answer_too_large",
-        )
+        raise ProviderAnswerTooLargeError
     return done
 
 

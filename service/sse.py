@@ -72,23 +72,23 @@ class SSEDecoder:
                 return _nonempty(payloads)
         end = buffer.rfind(b"\n\n")
         if end < 0:
-            self._buffer = b""
-            self._hold(buffer)
+            self._start(buffer)
             return []
-        complete, self._buffer = buffer[:end], buffer[end + 2 :]
-        self._held = len(self._buffer)
-        if self._held > MAX_EVENT_BYTES:
-            raise EventTooLarge
+        complete = buffer[:end]
+        self._start(buffer[end + 2 :])
         if complete[:6] == b"data: " and complete.count(b"\n") == 2 * complete.count(_NEXT):
             return _nonempty(complete[6:].split(_NEXT))
         return [d for event in complete.split(b"\n\n") if (d := _event_data(event))]
 
+    def _start(self, data: bytes) -> None:
+        """Keep ``data``, the start of an event not yet ended (maybe none)."""
+        self._buffer, self._held = data, len(data)
+        if self._held > MAX_EVENT_BYTES:
+            raise EventTooLarge
+
     def _hold(self, data: bytes) -> None:
-        """Keep ``data``, part of an event not yet ended."""
-        if not self._buffer:
-            self._buffer = data
-        else:
-            self._pending.append(data)
+        """Keep ``data``, more of the event ``_start`` began."""
+        self._pending.append(data)
         self._held += len(data)
         if self._held > MAX_EVENT_BYTES:
             raise EventTooLarge

@@ -1,9 +1,9 @@
 """The provider connection: requests to an OpenAI-compatible upstream over one shared
 ``ProviderClient`` (keep-alive connections, ``provider_client.py``).
 
-It owns the provider key (added to each request by the client ``provider_client`` makes for
-it, never returned: a provider that echoes
-it anywhere, an error or a 2xx answer, has it scrubbed out), turns non-2xx answers into
+It owns the provider key: ``provider_client`` makes the client that adds it to each
+request, and it is never returned (a provider that echoes it anywhere, in an error or a 2xx
+answer, has it scrubbed out). It turns non-2xx answers into
 ``ProviderStatusError`` with the provider's message, and pumps a streamed body into a sink
 as raw SSE ``data`` payloads under two deadlines: time to first event, then the longest
 idle gap between reads.
@@ -48,6 +48,8 @@ ERROR_BODY_BYTES = 1024 * 1024  # an error's body (one may echo the prompt): no 
 MODELS_TTL_S = 60.0  # how long the provider's model list is served from memory
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
 _NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one is no hint
+_ACCEPT_SSE = b"Accept: text/event-stream\r\n"
+_ACCEPT_JSON = b"Accept: application/json\r\n"
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
 
 
@@ -75,8 +77,6 @@ class Upstream:
         self._key = settings.api_key
         # A provider may echo the key anywhere, 2xx bodies included: they are scrubbed too.
         self._key_bytes = settings.api_key.reveal().encode() if settings.api_key else b""
-        self._accept_sse = header_lines({"Accept": "text/event-stream"})
-        self._accept_json = header_lines({"Accept": "application/json"})
         self._models: tuple[float, list[dict[str, Any]]] | None = None  # (until, list)
         self._fetching: asyncio.Future[list[dict[str, Any]]] | None = None
 
@@ -101,7 +101,7 @@ class Upstream:
         # first event after it together. TimeoutError is translated to a 504.
         due = asyncio.get_running_loop().time() + self._settings.first_token_timeout_s
         async with asyncio.timeout_at(due):
-            response = await self._post(body, self._accept_sse)
+            response = await self._post(body, _ACCEPT_SSE)
             if _is_json(response):  # an answer, not a stream
                 async with response:  # an answer where a stream was asked: often an error
                     detail = _error_detail(await response.read_upto(ERROR_BODY_BYTES))
@@ -113,15 +113,11 @@ class Upstream:
         error. One deadline covers both (``SLUICE_COMPLETION_TIMEOUT_S``): a non-streamed
         answer comes only once it is whole, so the first-token deadline would be too short."""
         async with asyncio.timeout(self._settings.completion_timeout_s):
-            response = await self._post(body, self._accept_json)
+            response = await self._post(body, _ACCEPT_JSON)
             try:
                 raw = await response.read(MAX_ANSWER_BYTES)
-            except TooLarge:
-                raise ProviderAnswerError(
-                    "The provider's answer is larger than the gateway takes.",
-                    provider_status=502,
-                    code="provider_answer_too_large",
-                ) from None
+            except TooLarge as exc:
+                raise translate(exc) from None
             except (ClientError, OSError) as exc:
                 response.close()
                 raise ProviderCutOffError(
@@ -133,12 +129,18 @@ class Upstream:
         response.release()
         return self._scrubbed(raw)
 
+    def _scrubbed_all(self, payloads: list[bytes]) -> list[bytes]:
+        """``payloads`` (events' data) without our key."""
+        if not self._key_bytes or not payloads:
+            return payloads
+        return [self._scrubbed(p) for p in payloads]
+
     def _scrubbed(self, data: bytes) -> bytes:
         """``data`` (a whole body, or one event's payload) without our key."""
         key = self._key_bytes
         return data.replace(key, REDACTED_BYTES) if key and key in data else data
 
-    async def _post(self, body: bytes, headers: bytes = b"") -> Response:
+    async def _post(self, body: bytes, headers: bytes) -> Response:
         trace_context: dict[str, str] = {}
         _PROPAGATOR.inject(trace_context)  # the current attempt's CLIENT span, when tracing
         if trace_context:
@@ -168,9 +170,7 @@ class Upstream:
 
     async def _fetch_models(self) -> list[dict[str, Any]]:
         async with asyncio.timeout(self._settings.first_token_timeout_s):
-            response = await self._client.request(
-                "GET", self._models_path, headers=self._accept_json
-            )
+            response = await self._client.request("GET", self._models_path, headers=_ACCEPT_JSON)
             async with response:
                 if response.status >= 300:
                     raise await self._status_error(response)
@@ -229,28 +229,20 @@ class Upstream:
                 with _Deadline(timeout, answer.first_due, idle_s) as deadline:
                     output_began = False  # since then any read (a comment) shows life
                     async for data in answer.response.iter_any():
-                        payloads = decoder.feed(data)
-                        if self._key_bytes and payloads:  # whole events: a key split
-                            payloads = [self._scrubbed(p) for p in payloads]  # by reads too
+                        payloads = self._scrubbed_all(decoder.feed(data))  # whole events:
+                        # a key split by reads too
                         if payloads and sink(payloads):
                             return
                         if output_began or (payloads and generating()):
                             output_began = True
                             deadline.touch()
                         del data, payloads  # not kept while the next read is awaited
-                    rest = decoder.flush()
-                    if self._key_bytes and rest:  # a last event with no blank line after it
-                        rest = [self._scrubbed(p) for p in rest]
+                    rest = self._scrubbed_all(decoder.flush())  # no blank line after it
                     if rest and sink(rest):
                         return
         except TimeoutError:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
-        except EventTooLarge:
-            raise ProviderProtocolError(
-                "The provider sent an event larger than the gateway takes.",
-                code="provider_answer_too_large",
-            ) from None
-        except (ClientError, OSError) as exc:  # reset mid-stream: a provider failure
+        except (ClientError, OSError, EventTooLarge) as exc:  # reset mid-stream, say
             raise translate(exc) from exc
         raise ProviderEndedEarly("The provider ended the stream without finishing it.")
 

@@ -27,6 +27,7 @@ from aiohttp import web
 from service import provider_client as pc
 from service.provider_client import ON_CONNECTED, ProviderClient, header_lines
 from tests.servers import unavailable
+from tests.wire import closed_port
 
 EVENTS = [b'data: {"n": %d, "text": "%s"}\n\n' % (n, b"w" * (n % 7)) for n in range(200)]
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -334,8 +335,8 @@ async def test_on_connected_is_told_when_a_request_goes_out_and_not_when_none_co
             client.close()
         assert told == ["out"]
         refused = ProviderClient(
-            f"http://127.0.0.1:{server.port}/v1", headers={}, connect_timeout_s=5
-        )  # the server is gone: nothing listens there now
+            f"http://127.0.0.1:{closed_port()}/v1", headers={}, connect_timeout_s=5
+        )
         with pytest.raises(pc.ConnectError):
             await refused.request("POST", "/v1/x", b"{}")
         assert told == ["out"]
