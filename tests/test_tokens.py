@@ -377,3 +377,25 @@ def test_refusal_parts_and_a_structured_output_schema_count() -> None:
     assert tokens.count_chat("gpt-4o", shaped) == tokens.count_chat("gpt-4o", plain) + extra
     loose = {**plain, "response_format": {"type": "json_object"}}
     assert tokens.count_chat("gpt-4o", loose) == tokens.count_chat("gpt-4o", plain)
+
+
+def test_a_long_text_is_counted_exactly_to_a_point_and_estimated_past_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Up to ``EXACT_CHARS`` a count is tiktoken's; past it the rest is estimated at the
+    rate of the part counted (bounded time and memory on the loop, whatever a provider
+    sends), and a text of one rate throughout counts as it would exactly."""
+    monkeypatch.setattr(tokens, "EXACT_CHARS", 1000)
+    short = "hello world " * 80  # 960 characters
+    assert tokens.count_text("gpt-4o-mini", short) == len(
+        tokens.get_encoding(tokens.O200K).encode_ordinary(short)
+    )
+    encoding = tokens.get_encoding(tokens.O200K)
+    long = "hello world " * 10_000
+    exact = len(encoding.encode_ordinary(long))
+    assert abs(tokens.count_text("gpt-4o-mini", long) - exact) <= exact // 100
+    mixed = "x" * 1000 + "hello world " * 1000  # two rates: the estimate shows
+    head = len(encoding.encode_ordinary(mixed[:1000]))
+    estimate = head + -(-head * (len(mixed) - 1000) // 1000)
+    assert tokens.count_text("gpt-4o-mini", mixed) == estimate
+    assert estimate != len(encoding.encode_ordinary(mixed))
