@@ -18,7 +18,7 @@ from .chunkshape import ChunkShape
 from .errors import ProviderAnswerTooLargeError, ProviderEndedEarly, ProviderProtocolError
 from .resilience import ResilientProvider
 from .sse import DONE
-from .stream import Kind, Stream
+from .stream import Stream
 from .upstream import Scrubber, relayed_error
 
 MIDSTREAM_ERROR = "The provider reported an error mid-stream."
@@ -47,7 +47,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
             raise ProviderProtocolError(
                 "The provider sent a completion of the wrong shape."
             ) from None
-        stream.append(Kind.CHUNK, raw)
+        stream.append(raw)
         stream.notify()
         return
     answer = await upstream.post_chat(body, route=stream)

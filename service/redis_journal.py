@@ -150,8 +150,8 @@ class JournalMirror:
         # The events the mirror could not write go with the end, or the end does not go: a
         # journal closed with a gap before it would read, elsewhere, as a whole stream.
         close: list[Command] = [
-            ("XADD", key, f"0-{seq}", "k", kind, "d", data)
-            for seq, (kind, data) in enumerate(stream.events[mirrored:], mirrored + 1)
+            ("XADD", key, f"0-{seq}", "k", stream.kind_of(seq), "d", data)
+            for seq, data in enumerate(stream.events[mirrored:], mirrored + 1)
         ]
         close += [
             ("XADD", key, f"0-{stream.last_seq + 1}", "k", END, "s", status),
@@ -220,8 +220,8 @@ class JournalMirror:
                 commands.append(("DEL", key))
             commands.append(("HSET", meta, *itertools.chain.from_iterable(owner.items())))
         commands += [
-            ("XADD", key, f"0-{seq}", "k", kind, "d", data)
-            for seq, (kind, data) in enumerate(stream.events[start:stop], start + 1)
+            ("XADD", key, f"0-{seq}", "k", stream.kind_of(seq), "d", data)
+            for seq, data in enumerate(stream.events[start:stop], start + 1)
         ]
         commands.append(("PEXPIRE", key, self._ttl_ms))
         commands.append(self._heartbeat(stream.id))

@@ -28,7 +28,7 @@ from .errors import SluiceError
 from .generation import generate
 from .request import ChatRequest
 from .resilience import BUDGET_EXCEEDED, BUDGET_PRESSURE, ResilientProvider, degrade_reason
-from .stream import Kind, Stream, StreamStatus
+from .stream import Stream, StreamStatus
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Responder:
             return
         if stream.status is not StreamStatus.COMPLETED:
             return  # only whole answers are worth replaying
-        payloads = [data for kind, data in stream.events if kind == Kind.CHUNK]
+        payloads = stream.chunk_payloads()
         if stream.streaming and stream.include_usage and payloads and is_usage_only(payloads[-1]):
             payloads.pop()  # stored once, in ``usage``; re-sent to clients that ask for it
         entry = CachedResponse(
@@ -159,11 +159,11 @@ def _replay(stream: Stream, entry: CachedResponse) -> None:
             payloads.append(usage_chunk(payloads[0], entry.usage))
         for raw in payloads:
             progress.add_chunk(orjson.loads(raw))
-            stream.append(Kind.CHUNK, raw)
+            stream.append(raw)
     else:
         body = assemble(entry.payloads, entry.usage) if entry.streaming else entry.payloads[0]
         progress.add_completion(orjson.loads(body))
-        stream.append(Kind.CHUNK, body)
+        stream.append(body)
     if progress.usage is None:
         progress.usage = entry.usage
     stream.accepted.set()

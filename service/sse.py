@@ -131,15 +131,15 @@ def encode_event(seq: int, data: bytes) -> bytes:
     return b"id: %d\ndata: %b\n\n" % (seq, data)
 
 
-def encode_events(first: int, events: list[tuple[int, bytes]]) -> bytes:
-    """``encode_event`` for journal events ``(kind, data)`` numbered from ``first``, joined.
-    Formatted as single-line events first: three newlines an event say they were."""
+def encode_events(first: int, events: list[bytes]) -> bytes:
+    """``encode_event`` for journal events' data numbered from ``first``, joined. Formatted
+    as single-line events first: three newlines an event say they were."""
     joined = b"".join(
-        [b"id: %d\ndata: %b\n\n" % (seq, data) for seq, (_, data) in enumerate(events, first)]
+        [b"id: %d\ndata: %b\n\n" % (seq, data) for seq, data in enumerate(events, first)]
     )
     if joined.count(b"\n") == 3 * len(events):
         return joined
-    return b"".join([encode_event(seq, data) for seq, (_, data) in enumerate(events, first)])
+    return b"".join([encode_event(seq, data) for seq, data in enumerate(events, first)])
 
 
 def encode_retry(milliseconds: int) -> bytes:

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import repeat
 from types import MappingProxyType
 from typing import Any
 
@@ -36,12 +35,14 @@ class StreamStatus(StrEnum):
     SHUTDOWN = "shutdown"
 
 
-EVENT_OVERHEAD = 64  # bytes a kept event costs besides its data (its tuple, the list slot)
+EVENT_OVERHEAD = 48  # bytes a kept event costs besides its data (its bytes' header, a list slot)
 NO_LIMITS: Mapping[str, int | None] = MappingProxyType({})
 NO_COUNTS: Mapping[str, int] = MappingProxyType({})
 
 
 class Kind:
+    """What a journal event is: a provider's chunk, or the final ``[DONE]`` or error."""
+
     CHUNK = 0
     DONE = 1
     ERROR = 2
@@ -200,6 +201,7 @@ class Stream:
         "id",
         "include_usage",
         "journal_bytes",
+        "last_kind",
         "launched_at",
         "model",
         "output_limits",
@@ -238,7 +240,11 @@ class Stream:
         # By model (the requested one, its fallbacks): the prompt as admission counted it in
         # each one's tokenizer, so no count of it runs on the loop again.
         self.prompt_counts: Mapping[str, int] = NO_COUNTS
-        self.events: list[tuple[int, bytes]] = []
+        # The journal: each event's data (``events[i]`` is event ``i + 1``). Every event is a
+        # chunk but an ended stream's last one, of kind ``last_kind`` (no tuple an event: a
+        # held or retained journal is smaller, and the collector has less to visit).
+        self.events: list[bytes] = []
+        self.last_kind = Kind.CHUNK
         self.journal_bytes = 0  # the chunks' bytes, and what keeping each costs besides
         self.status = StreamStatus.RUNNING
         self.error: SluiceError | None = None
@@ -267,26 +273,41 @@ class Stream:
     @property
     def failed_before_output(self) -> bool:
         """Ended with an error and journaled nothing else: the client may get a plain error."""
-        return self.error is not None and all(kind == Kind.ERROR for kind, _ in self.events)
+        chunks = len(self.events) - (self.last_kind != Kind.CHUNK)
+        return self.error is not None and chunks == 0
 
     @property
     def last_seq(self) -> int:
         return len(self.events)
 
-    def append(self, kind: int, data: bytes) -> None:
-        """Add one event; readers see it after the next ``notify``."""
-        if self.first_token_at is None and kind == Kind.CHUNK:
+    def kind_of(self, seq: int) -> int:
+        """The kind of event ``seq``."""
+        return self.last_kind if seq == len(self.events) else Kind.CHUNK
+
+    def chunk_payloads(self) -> list[bytes]:
+        """The chunks journaled: every event but a final ``[DONE]`` or error."""
+        return self.events[:-1] if self.last_kind != Kind.CHUNK else self.events[:]
+
+    def append(self, chunk: bytes) -> None:
+        """Add one chunk event; readers see it after the next ``notify``."""
+        if self.first_token_at is None:
             self.first_token_at = time.time()
-        self.events.append((kind, data))
-        self.journal_bytes += len(data) + EVENT_OVERHEAD
+        self.events.append(chunk)
+        self.journal_bytes += len(chunk) + EVENT_OVERHEAD
 
     def extend(self, chunks: list[bytes]) -> None:
         """Add chunk events (a read's worth at once); readers see them after ``notify``."""
         if chunks:
             if self.first_token_at is None:
                 self.first_token_at = time.time()
-            self.events += zip(repeat(Kind.CHUNK), chunks)
+            self.events += chunks
             self.journal_bytes += sum(map(len, chunks)) + EVENT_OVERHEAD * len(chunks)
+
+    def _close(self, kind: int, data: bytes) -> None:
+        """Add the final event, ``[DONE]`` or an error."""
+        self.events.append(data)
+        self.last_kind = kind
+        self.journal_bytes += len(data) + EVENT_OVERHEAD
 
     def notify(self) -> None:
         """Wake every reader (after a batch of appends, or for a keepalive tick)."""
@@ -308,9 +329,9 @@ class Stream:
             error.__traceback__ = error.__context__ = error.__cause__ = None
         self.error = error
         if error is not None and status is not StreamStatus.SHUTDOWN:
-            self.append(Kind.ERROR, dumps_kept(error.payload()))
+            self._close(Kind.ERROR, dumps_kept(error.payload()))
         elif status is StreamStatus.COMPLETED and self.streaming:
-            self.append(Kind.DONE, DONE)
+            self._close(Kind.DONE, DONE)
         self.ended_at = time.time()
         self.accepted.set()
         self.ended.set()
@@ -320,9 +341,9 @@ class Stream:
         """``follow(after)`` has a batch ready (events are there, not yet awaited)."""
         return max(0, after) < len(self.events)
 
-    async def follow(self, after: int) -> AsyncIterator[tuple[int, list[tuple[int, bytes]]]]:
-        """Yield the ``(kind, data)`` events after ``after`` in batches, each with the
-        sequence number of its first event; an empty batch is a tick."""
+    async def follow(self, after: int) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """Yield the events' data after ``after`` in batches, each with the sequence number
+        of its first event (``kind_of`` tells a final one); an empty batch is a tick."""
         position = max(0, after)
         while True:
             if position < len(self.events):

@@ -9,7 +9,7 @@ from service.chunkshape import ChunkShape
 from service.errors import ProviderProtocolError, ProviderStatusError
 from service.generation import _relay
 from service.sse import DONE
-from service.stream import Kind, Owner, Stream
+from service.stream import Owner, Stream
 
 
 class _Plain:
@@ -40,7 +40,7 @@ def test_a_batch_is_journaled_in_order_up_to_done() -> None:
     stream = _stream()
     payloads = [_chunk("a"), _chunk("b"), DONE, _chunk("after done")]
     assert _relay(stream, PLAIN, ChunkShape(), payloads) is True
-    assert stream.events == [(Kind.CHUNK, payloads[0]), (Kind.CHUNK, payloads[1])]
+    assert stream.events == [payloads[0], payloads[1]]
     assert stream.progress.text == "ab"
     assert stream.first_token_at is not None
 
@@ -57,7 +57,7 @@ def test_chunks_before_a_bad_one_are_journaled_then_it_fails(bad: bytes) -> None
     payloads = [_chunk("a"), _chunk("b"), bad, _chunk("c")]
     with pytest.raises(ProviderProtocolError):
         _relay(stream, PLAIN, ChunkShape(), payloads)
-    assert [data for _, data in stream.events] == payloads[:2]
+    assert stream.events == payloads[:2]
     assert stream.progress.text == "ab"
 
 
@@ -67,7 +67,7 @@ def test_a_midstream_error_event_keeps_what_came_before() -> None:
     error = orjson.dumps({"error": {"message": "overloaded", "type": "server_error"}})
     with pytest.raises(ProviderStatusError, match="overloaded"):
         _relay(stream, PLAIN, ChunkShape(), [_chunk("a"), error, _chunk("b")])
-    assert [data for _, data in stream.events] == [_chunk("a")]
+    assert stream.events == [_chunk("a")]
 
 
 def test_usage_only_chunk_is_withheld_unless_asked_for() -> None:
@@ -77,5 +77,5 @@ def test_usage_only_chunk_is_withheld_unless_asked_for() -> None:
     for stream in (quiet, asked):
         _relay(stream, PLAIN, ChunkShape(), [_chunk("a"), usage])
         assert stream.progress.usage == {"prompt_tokens": 1}
-    assert [data for _, data in quiet.events] == [_chunk("a")]
-    assert [data for _, data in asked.events] == [_chunk("a"), usage]
+    assert quiet.events == [_chunk("a")]
+    assert asked.events == [_chunk("a"), usage]

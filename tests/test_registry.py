@@ -45,7 +45,7 @@ async def produce(stream: Stream, words: list[str], release: asyncio.Event | Non
     for word in words:
         chunk = b'{"choices":[{"index":0,"delta":{"content":"%b"}}]}' % word.encode()
         stream.progress.add_chunk({"choices": [{"index": 0, "delta": {"content": word}}]})
-        stream.append(Kind.CHUNK, chunk)
+        stream.append(chunk)
     stream.notify()
     if release is not None:
         await release.wait()
@@ -58,7 +58,7 @@ async def test_the_last_detach_with_no_grace_cancels_at_once() -> None:
     registry.launch(stream, produce(stream, ["a", "b"], asyncio.Event()))
     with registry.reading(stream):
         async for _, batch in stream.follow(0):  # the first batch: both words
-            assert [data for _, data in batch][-1].endswith(b'"b"}}]}')
+            assert batch[-1].endswith(b'"b"}}]}')
             break
     await stream.ended.wait()
     assert stream.task is not None
@@ -265,7 +265,8 @@ async def test_drain_lets_streams_finish_then_ends_the_rest_as_shutdown() -> Non
     await registry.drain(window_s=0.05)
     assert quick.status is StreamStatus.COMPLETED
     assert stuck.status is StreamStatus.SHUTDOWN
-    assert [kind for kind, _ in stuck.events] == [Kind.CHUNK]
+    assert [stuck.kind_of(seq) for seq in (1, 2)] == [Kind.CHUNK, Kind.CHUNK]
+    assert stuck.last_seq == 1
     for stream in (quick, stuck):
         checkpoint = await store.get(stream.id)
         assert checkpoint is not None
@@ -447,4 +448,5 @@ async def test_a_retired_stream_keeps_its_events_not_its_prompt() -> None:
     retained = registry.get(stream.id)
     assert retained is stream
     assert retained.body == {}
-    assert [kind for kind, _ in retained.events] == [Kind.CHUNK, Kind.DONE]
+    assert [retained.kind_of(seq) for seq in (1, 2)] == [Kind.CHUNK, Kind.DONE]
+    assert retained.chunk_payloads() == retained.events[:1]

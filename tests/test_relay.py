@@ -14,7 +14,7 @@ from service.checkpoint import MemoryCheckpointStore
 from service.registry import StreamRegistry
 from service.relay import stream_sse
 from service.settings import StreamSettings
-from service.stream import Kind, Owner, Stream, StreamStatus
+from service.stream import Owner, Stream, StreamStatus
 
 STREAM: web.AppKey[Stream] = web.AppKey("stream")
 REGISTRY: web.AppKey[StreamRegistry] = web.AppKey("registry")
@@ -32,7 +32,7 @@ async def test_a_write_to_a_closed_connection_just_detaches(
     registry = StreamRegistry(StreamSettings(disconnect_grace_s=0), MemoryCheckpointStore())
     stream = Stream("strm_w", Owner("u", "t", "k"), model="m", streaming=True, include_usage=False)
     registry.launch(stream, asyncio.Event().wait())
-    stream.append(Kind.CHUNK, b'{"n":1}')
+    stream.append(b'{"n":1}')
     app = web.Application()
     app[STREAM], app[REGISTRY] = stream, registry
     app.router.add_get("/events", _events)
@@ -48,7 +48,7 @@ async def test_a_write_to_a_closed_connection_just_detaches(
                 assert await response.content.readuntil(b"\n\n") == b'id: 1\ndata: {"n":1}\n\n'
                 response.close()
             while stream.running:  # keep writing until the writer notices the closed socket
-                stream.append(Kind.CHUNK, b'{"n":2}')
+                stream.append(b'{"n":2}')
                 stream.notify()
                 await asyncio.sleep(0)
             await stream.ended.wait()

@@ -171,11 +171,11 @@ def test_a_payload_of_several_lines_keeps_a_data_field_a_line() -> None:
 def test_a_run_of_events_encodes_as_each_would() -> None:
     """Numbered from the first; a multi-line payload among single-line ones still gets a
     ``data:`` field a line."""
-    events = [(0, b"{}"), (0, b'{\n"a": 1\n}'), (1, DONE)]
-    expected = b"".join(encode_event(seq, data) for seq, (_, data) in enumerate(events, 4))
+    events = [b"{}", b'{\n"a": 1\n}', DONE]
+    expected = b"".join(encode_event(seq, data) for seq, data in enumerate(events, 4))
     assert encode_events(4, events) == expected
     assert encode_events(4, events[::2]) == encode_event(4, b"{}") + encode_event(5, DONE)
-    assert SSEDecoder().feed(expected) == [data for _, data in events]
+    assert SSEDecoder().feed(expected) == events
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         if stream.error:
             raise _refusal(stream)
         return web.Response(
-            body=stream.events[0][1],
+            body=stream.events[0],
             content_type="application/json",
             headers=stream_headers(stream),
         )

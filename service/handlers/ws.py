@@ -306,8 +306,8 @@ class _Socket:
             async for first, batch in stream.follow(after):
                 await send(
                     frames.chunk(seq, data)
-                    for seq, (kind, data) in enumerate(batch, first)
-                    if kind == Kind.CHUNK
+                    for seq, data in enumerate(batch, first)
+                    if stream.kind_of(seq) == Kind.CHUNK
                 )
             # The journal's own final event ([DONE] or the error) is replaced by the
             # done/error frame, numbered like it.
