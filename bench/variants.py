@@ -8,9 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .load import chat_body, new_session
-from .phases import CHAT_PATH, CPU_NON_STREAM_MS, CPU_STREAM_MS, BenchConfig, _measure, _run
+from .phases import (
+    CHAT_PATH,
+    CPU_NON_STREAM_MS,
+    CPU_STREAM_MS,
+    BenchConfig,
+    _run,
+    cpu_rounds,
+    cpu_row,
+)
 from .procs import Stack
-from .report import NO_TARGET, Row
+from .report import Row
 
 # Protection on, as deployed (issue 4): requests and tokens per minute for the user, the
 # tenant and globally, and USD budgets per user per day and per tenant per month, all far
@@ -51,25 +59,7 @@ async def cpu_rows(stack: Stack, config: BenchConfig, label: str) -> list[Row]:
             await _run(session, url, body, config.warmup_requests, config, streaming)
         for name, body, streaming, target in workloads:
             total = config.non_stream_requests if not streaming else config.stream_requests
-            measured = await _measure(
-                stack,
-                session,
-                url,
-                body,
-                total=total,
-                concurrency=config.concurrency,
-                config=config,
-                streaming=streaming,
-            )
-            cpu = measured.per_request_ms(measured.gateway_cpu_s)
-            rows.append(
-                Row(
-                    f"{name}, {label}: **gateway CPU per request, ms** "
-                    f"({measured.load.requests}/{measured.load.errors} ok/errors)",
-                    NO_TARGET,
-                    f"{cpu:.3f}",
-                    f"≤ {target}",
-                    cpu <= target and measured.load.errors == 0,
-                )
-            )
+            targets = [(url, stack.gateway_pid)]
+            [cpu] = await cpu_rounds(session, targets, body, total, config, streaming)
+            rows.append(cpu_row(f"{name}, {label}: **gateway CPU per request, ms**", cpu, target))
     return rows
