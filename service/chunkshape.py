@@ -38,6 +38,7 @@ MAX_CREDIT = 8.0
 _PROBE = "sluiceprobe7"  # letters and digits: fit for either slot
 _PROBE_TEXT = orjson.dumps(_PROBE)
 _PROBE_PADDING = _PROBE.encode()
+_SLOT_SEPARATOR = b",\n"  # see ``_strings``
 
 
 class ChunkShape:
@@ -58,22 +59,24 @@ class ChunkShape:
         prefix = self._prefix
         if not prefix:
             return []
-        end, cut, padded = self._end, len(prefix), self._padded
-        texts: list[str] = []
+        end, cut = self._end, len(prefix)
+        slots: list[bytes] = []  # each chunk's bytes in the text's place
         # (islice, not a slice: a read of many misses calls again after each, from there)
-        for raw in islice(payloads, start, None) if start else payloads:
-            if not raw.startswith(prefix) or not raw.endswith(end):
-                break
-            stop = len(raw) - len(end)
-            if padded and (stop := self._text_end(raw, cut, stop)) < 0:
-                break
-            try:
-                text = orjson.loads(raw[cut:stop])
-            except orjson.JSONDecodeError:
-                break
-            if type(text) is not str:
-                break
-            texts.append(text)
+        chunks = islice(payloads, start, None) if start else payloads
+        if self._padded:
+            for raw in chunks:
+                if not raw.startswith(prefix) or not raw.endswith(end):
+                    break
+                if (stop := self._text_end(raw, cut, len(raw) - len(end))) < 0:
+                    break
+                slots.append(raw[cut:stop])
+        else:
+            tail = -len(end) or None  # (the end is never empty: the chunk's braces close)
+            for raw in chunks:
+                if not raw.startswith(prefix) or not raw.endswith(end):
+                    break
+                slots.append(raw[cut:tail])
+        texts = _strings(slots)
         if texts and self._credit < MAX_CREDIT:  # (a compare a run: at the cap, nothing more)
             self._credit = min(self._credit + HIT_CREDIT * len(texts), MAX_CREDIT)
         return texts
@@ -122,6 +125,34 @@ class ChunkShape:
         else:
             self._prefix, self._middle = raw[:start], raw[stop : padding[0]]
             self._end, self._padded = raw[padding[1] :], True
+
+
+def _strings(slots: list[bytes]) -> list[str]:
+    """The texts of the leading ``slots`` that are each exactly one JSON string.
+
+    One parse of them all as an array, their separator a comma and a raw newline: no JSON
+    string may hold a raw newline, so every separator falls outside the strings, and (every
+    element being a string) outside any array or object; each is then a top-level comma,
+    and as many elements as slots leaves no slot another one: each slot is one element, a
+    string. When that does not hold, slot by slot, up to the first that is no string."""
+    if not slots:
+        return []
+    try:
+        texts = orjson.loads(b"[%b]" % _SLOT_SEPARATOR.join(slots))
+    except orjson.JSONDecodeError:
+        texts = None
+    if type(texts) is list and len(texts) == len(slots) and {*map(type, texts)} == {str}:
+        return texts
+    found: list[str] = []
+    for slot in slots:
+        try:
+            text = orjson.loads(slot)
+        except orjson.JSONDecodeError:
+            break
+        if type(text) is not str:
+            break
+        found.append(text)
+    return found
 
 
 def _probed(

@@ -41,6 +41,39 @@ def test_chunks_of_the_shape_give_their_text(padding: str | None) -> None:
         assert shape.text_of(raw) == orjson.loads(raw)["choices"][0]["delta"]["content"]
 
 
+@pytest.mark.parametrize("padding", [None, "aZ09"], ids=["plain", "obfuscated"])
+def test_a_read_of_chunks_gives_each_text_in_order(padding: str | None) -> None:
+    """A run over many chunks at once reads each text as its own full parse would."""
+    shape = learnt(chunk("first", padding=padding))
+    payloads = [orjson.dumps(chunk(text, padding=padding)) for text in TEXTS]
+    assert shape.run(payloads) == TEXTS
+    assert shape.run(payloads, 3) == TEXTS[3:]
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [
+        (b'"a', b'b","c"'),  # a string left open, closed in the next chunk
+        (b'"a","b"', b'["c"', b'"d"]'),  # two strings in one, an array across two
+        (b'"a"]', b'["b"'),
+        (b'"a",', b'"b"'),
+        (b'"a"', b""),
+    ],
+)
+def test_a_run_takes_no_slot_that_is_not_one_string(slots: tuple[bytes, ...]) -> None:
+    """A run's texts are read together, in one parse; slots that are no string apiece are
+    never taken, however they might add up: the run ends at the first chunk a full parse
+    would not read as one text."""
+    shape = learnt(chunk("first"))
+    template = orjson.dumps(chunk("SLOT"))
+    ok = template.replace(b'"SLOT"', b'"ok"')
+    payloads = [ok, *(template.replace(b'"SLOT"', slot) for slot in slots), ok]
+    texts = shape.run(payloads)
+    assert texts == ["ok"] + (["a"] if slots[0] == b'"a"' else [])
+    for raw, text in zip(payloads, texts, strict=False):
+        assert orjson.loads(raw)["choices"][0]["delta"]["content"] == text
+
+
 def test_a_provider_that_escapes_differently_still_matches() -> None:
     """Escapes orjson would not write (``\\u00e9``, ``\\/``) are the text's own business."""
     shape = learnt(chunk("first"))

@@ -13,6 +13,7 @@ import pytest
 from service import sse
 from service.sse import (
     DONE,
+    ID_TABLE_SIZE,
     KEEPALIVE,
     EventTooLarge,
     SSEDecoder,
@@ -166,6 +167,17 @@ def test_a_payload_of_several_lines_keeps_a_data_field_a_line() -> None:
     wire = encode_event(7, payload)
     assert wire == b'id: 7\ndata: {\ndata:   "a": 1\ndata: }\n\n'
     assert SSEDecoder().feed(wire) == [payload]
+
+
+def test_ids_past_the_cached_table_are_formatted() -> None:
+    """A run that starts inside the table of id lines and ends past it."""
+    first = ID_TABLE_SIZE - 2
+    events = [b'{"n":%d}' % n for n in range(5)]
+    expected = b"".join(encode_event(seq, data) for seq, data in enumerate(events, first))
+    assert encode_events(first, events) == expected
+    assert encode_events(first + 10, events) == b"".join(
+        encode_event(seq, data) for seq, data in enumerate(events, first + 10)
+    )
 
 
 def test_a_run_of_events_encodes_as_each_would() -> None:
