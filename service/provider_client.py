@@ -39,6 +39,7 @@ _TIMER_SLACK_S = 0.002  # loop timers may fire a little early: the sweep waits p
 MAX_HEAD = 64 * 1024  # a response head (or what follows a body: trailers) past this is no answer
 MAX_HEADERS = 128  # header lines in a head, as aiohttp allowed
 KEEPALIVE_S = 30.0  # how long an idle connection is kept (aiohttp's default too)
+FINISH_S = 1.0  # how long a response let go before its end may take to end (then pooled)
 HAPPY_EYEBALLS_DELAY_S = 0.25  # an address that has not connected by then gets company
 _NO_BODY_STATUSES = (204, 304)
 
@@ -166,14 +167,18 @@ class Response:
             await self._wait()
 
     def release(self) -> None:
-        """Done with the response: its connection goes back to the pool if it can."""
+        """Done with the response: its connection goes back to the pool if it can. One let
+        go just before its end (a stream's last chunk of framing, after ``[DONE]``) gets
+        there once the end comes (``_Connection.finish_then_pool``)."""
         conn = self._conn
         if conn.response is not self:  # released before: the connection may serve another
             return
-        if self._done and self.keep_alive and not self._buffer:
-            conn.response = None
-            self._buffer = []  # the connection's list serves its next response now
-            conn.client.put(conn)
+        if not self.keep_alive or self._buffer or self._error is not None:
+            conn.close()  # unread body bytes, or an answer that ends the connection
+        elif self._done:
+            conn.pool()
+        elif self.status and not self._until_close:
+            conn.finish_then_pool()
         else:
             conn.close()
 
@@ -252,6 +257,7 @@ class _Connection(asyncio.Protocol):
         self._eof = False  # the peer ended its side cleanly
         self.received = 0  # bytes of the current response's head seen so far (capped)
         self.idle_bytes = 0  # bytes read since the body last grew (trailers, say: capped)
+        self._finishing: asyncio.TimerHandle | None = None  # see ``finish_then_pool``
         self._why: str | None = None  # why a callback stopped the parser
         # The parser calls ``on_body`` once per HTTP chunk (an event, from most providers):
         # as a list's own ``append`` it runs no Python at all. httptools looks it up once,
@@ -300,6 +306,12 @@ class _Connection(asyncio.Protocol):
                 return
         else:
             self.idle_bytes = 0
+        if self._finishing is not None:  # let go before its end: only the end may come
+            if len(self.body) != pieces:
+                self.close()  # more body after the caller was done: not worth reading on
+            elif response._done:
+                self.pool()
+            return
         if response._buffer:  # one wake-up for all it fed
             response._size += len(data)
             if response._size > HIGH_WATER:
@@ -307,6 +319,7 @@ class _Connection(asyncio.Protocol):
             response._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_finishing()
         self.closed = True
         self.client.forget(self)
         response = self.response
@@ -373,7 +386,30 @@ class _Connection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
+    def pool(self) -> None:
+        """Its response was read whole: the connection waits for the next request."""
+        self._stop_finishing()
+        if self.response is not None:
+            self.response._buffer = []  # the connection's list serves its next response now
+            self.response = None
+        self.client.put(self)
+
+    def finish_then_pool(self) -> None:
+        """The response was let go with only its end still to come (a chunked stream's
+        terminating chunk, sent after ``[DONE]`` and often read apart from it): read on, and
+        pool the connection when the end comes, within ``FINISH_S`` and with no more body
+        before it; else close it. Closing it at once cost a new connection (a TLS handshake,
+        with a real provider) whenever the two were read apart."""
+        loop = asyncio.get_running_loop()
+        self._finishing = loop.call_later(FINISH_S, self.close)
+
+    def _stop_finishing(self) -> None:
+        if self._finishing is not None:
+            self._finishing.cancel()
+            self._finishing = None
+
     def close(self) -> None:
+        self._stop_finishing()
         if not self.closed:
             self.closed = True
             self.client.forget(self)

@@ -153,6 +153,90 @@ async def test_a_connection_read_whole_serves_the_next_request() -> None:
         client.close()
 
 
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+DONE_CHUNK = b"%x\r\n%s\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n")
+
+
+async def read_to_done(response: pc.Response) -> None:
+    async for data in response.iter_any():
+        if b"[DONE]" in data:
+            return
+
+
+def pooled_event(client: ProviderClient) -> asyncio.Event:
+    """Set when ``client`` takes a connection back into its pool."""
+    pooled, put = asyncio.Event(), client.put
+
+    def put_and_tell(conn: Any) -> None:
+        put(conn)
+        pooled.set()
+
+    client.put = put_and_tell  # type: ignore[method-assign]
+    return pooled
+
+
+async def test_a_stream_let_go_at_done_rejoins_the_pool_when_its_end_comes() -> None:
+    """The terminating chunk read apart from ``[DONE]``, after the caller let go: the
+    connection still serves the next request (no new connection, no new handshake)."""
+    released = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(STREAM_HEAD + DONE_CHUNK)
+        await released.wait()
+        writer.write(b"0\r\n\r\n")  # the end, after the client was done with the body
+        await read_request(reader)
+        writer.write(json_response(b"{}"))
+        await reader.read()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        pooled = pooled_event(client)
+        response = await client.request("POST", "/v1/x", b"{}")
+        await read_to_done(response)
+        response.release()
+        assert client.idle == 0  # not yet: its end has not come
+        released.set()
+        async with asyncio.timeout(10):
+            await pooled.wait()
+        async with await client.request("POST", "/v1/x", b"{}") as again:
+            assert await again.read() == b"{}"
+        assert server.connections == 1
+        client.close()
+
+
+@pytest.mark.parametrize("then", [DONE_CHUNK, None], ids=["more body", "no end"])
+async def test_a_stream_let_go_early_closes_on_more_body_or_no_end(
+    then: bytes | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the caller let go, more body (not just its end), or no end within
+    ``FINISH_S``, and the connection is closed, not pooled."""
+    monkeypatch.setattr(pc, "FINISH_S", 0.05)
+    released, eof = asyncio.Event(), asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(STREAM_HEAD + DONE_CHUNK)
+        await released.wait()
+        if then is not None:
+            writer.write(then + b"0\r\n\r\n")
+        await reader.read()  # until the client closes the connection
+        eof.set()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        await read_to_done(response)
+        response.release()
+        released.set()
+        async with asyncio.timeout(10):
+            await eof.wait()
+        assert client.idle == 0
+        client.close()
+
+
 async def test_a_body_until_the_connection_closes_is_whole_and_not_reused() -> None:
     """No length, not chunked (HTTP/1.0 style): the body is what came before the close."""
     async with RawServer(answers(b"HTTP/1.0 200 OK\r\n\r\nall of it", then_wait=False)) as server:
