@@ -21,6 +21,7 @@ few learnings.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import islice
 from typing import Any
 
@@ -44,7 +45,7 @@ _SLOT_SEPARATOR = b",\n"  # see ``_strings``
 class ChunkShape:
     """One stream's learnt chunk shape; see the module docstring for why it is exact."""
 
-    __slots__ = ("_credit", "_end", "_middle", "_padded", "_prefix")
+    __slots__ = ("_checked", "_credit", "_end", "_middle", "_padded", "_prefix")
 
     def __init__(self) -> None:
         self._prefix = b""  # up to the content string; empty: nothing learnt
@@ -52,34 +53,63 @@ class ChunkShape:
         self._middle = b""  # padded: from the content string to the padding's letters
         self._end = b""  # after the content string, or after the padding's letters
         self._credit = START_CREDIT
+        self._checked = False  # the last run ended on a slot that is no string: one by one
 
     def run(self, payloads: list[bytes], start: int = 0) -> list[str]:
         """The ``delta.content`` of each chunk from ``payloads[start]`` on, up to the first
-        one without the learnt shape (the usual read: all of them, in one loop)."""
-        prefix = self._prefix
-        if not prefix:
+        one without the learnt shape (the usual read: all of them, in one parse)."""
+        if not self._prefix:
             return []
-        end, cut = self._end, len(prefix)
-        slots: list[bytes] = []  # each chunk's bytes in the text's place
         # (islice, not a slice: a read of many misses calls again after each, from there)
         chunks = islice(payloads, start, None) if start else payloads
+        texts = self._one_by_one(chunks) if self._checked else self._together(chunks)
+        if texts and self._credit < MAX_CREDIT:  # (a compare a run: at the cap, nothing more)
+            self._credit = min(self._credit + HIT_CREDIT * len(texts), MAX_CREDIT)
+        return texts
+
+    def _together(self, chunks: Iterable[bytes]) -> list[str]:
+        """The run's texts from one parse of all its slots (``_strings``). A slot that is no
+        string (a tool call's ``null`` content, say) ends the run, and the runs after it are
+        read ``_one_by_one``: gathering past it again at every call would cost time growing
+        with the square of a read of such chunks."""
+        slots: list[bytes] = []  # each chunk's bytes in the text's place
         if self._padded:
             for raw in chunks:
-                if not raw.startswith(prefix) or not raw.endswith(end):
+                if (slot := self._slot(raw)) is None:
                     break
-                if (stop := self._text_end(raw, cut, len(raw) - len(end))) < 0:
-                    break
-                slots.append(raw[cut:stop])
+                slots.append(slot)
         else:
+            prefix, end, cut = self._prefix, self._end, len(self._prefix)
             tail = -len(end) or None  # (the end is never empty: the chunk's braces close)
             for raw in chunks:
                 if not raw.startswith(prefix) or not raw.endswith(end):
                     break
                 slots.append(raw[cut:tail])
         texts = _strings(slots)
-        if texts and self._credit < MAX_CREDIT:  # (a compare a run: at the cap, nothing more)
-            self._credit = min(self._credit + HIT_CREDIT * len(texts), MAX_CREDIT)
+        self._checked = len(texts) < len(slots)
         return texts
+
+    def _one_by_one(self, chunks: Iterable[bytes]) -> list[str]:
+        """The run's texts parsed chunk by chunk, up to a slot that is no string (the next
+        run is read so too) or a chunk without the shape (the next is read ``_together``)."""
+        texts: list[str] = []
+        for raw in chunks:
+            if (slot := self._slot(raw)) is None:
+                break
+            if (text := _string(slot)) is None:
+                return texts
+            texts.append(text)
+        self._checked = False
+        return texts
+
+    def _slot(self, raw: bytes) -> bytes | None:
+        """The chunk's bytes in the text's place, if it has the learnt shape."""
+        if not raw.startswith(self._prefix) or not raw.endswith(self._end):
+            return None
+        cut, stop = len(self._prefix), len(raw) - len(self._end)
+        if self._padded and (stop := self._text_end(raw, cut, stop)) < 0:
+            return None
+        return raw[cut:stop]
 
     def text_of(self, raw: bytes) -> str | None:
         """The chunk's ``delta.content`` if ``raw`` has the learnt shape, else None."""
@@ -145,14 +175,19 @@ def _strings(slots: list[bytes]) -> list[str]:
         return texts
     found: list[str] = []
     for slot in slots:
-        try:
-            text = orjson.loads(slot)
-        except orjson.JSONDecodeError:
-            break
-        if type(text) is not str:
+        if (text := _string(slot)) is None:
             break
         found.append(text)
     return found
+
+
+def _string(slot: bytes) -> str | None:
+    """The string ``slot`` is, if it is exactly one JSON string."""
+    try:
+        text = orjson.loads(slot)
+    except orjson.JSONDecodeError:
+        return None
+    return text if type(text) is str else None
 
 
 def _probed(

@@ -196,7 +196,10 @@ class Response:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        if exc is not None and not self._done:
+            self.close()  # left mid-body by an error (a cancellation, a timeout): drop it now
+        else:
+            self.release()
 
     def _take(self) -> bytes:
         buffer = self._buffer
@@ -400,8 +403,8 @@ class _Connection(asyncio.Protocol):
         pool the connection when the end comes, within ``FINISH_S`` and with no more body
         before it; else close it. Closing it at once cost a new connection (a TLS handshake,
         with a real provider) whenever the two were read apart."""
-        loop = asyncio.get_running_loop()
-        self._finishing = loop.call_later(FINISH_S, self.close)
+        if self._finishing is None:  # (a second release changes nothing)
+            self._finishing = asyncio.get_running_loop().call_later(FINISH_S, self.close)
 
     def _stop_finishing(self) -> None:
         if self._finishing is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from service import chunkshape
 from service.chunkshape import START_CREDIT, ChunkShape
 
 BASE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
@@ -72,6 +73,32 @@ def test_a_run_takes_no_slot_that_is_not_one_string(slots: tuple[bytes, ...]) ->
     assert texts == ["ok"] + (["a"] if slots[0] == b'"a"' else [])
     for raw, text in zip(payloads, texts, strict=False):
         assert orjson.loads(raw)["choices"][0]["delta"]["content"] == text
+
+
+def test_chunks_of_the_shape_with_no_text_cost_work_linear_in_the_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Chunks that fit the shape but carry no string (``"content": null`` beside a tool
+    call): the relay parses each in full and asks for a run again from the next one; what
+    is gathered for the one parse must not start over each time (the square of a read)."""
+    gathered: list[int] = []
+    together = chunkshape._strings
+
+    def counting(slots: list[bytes]) -> list[str]:
+        gathered.append(len(slots))
+        return together(slots)
+
+    monkeypatch.setattr(chunkshape, "_strings", counting)
+    shape = learnt(chunk("first"))
+    payloads = [orjson.dumps(chunk("a")), *[orjson.dumps(chunk(None))] * 300]
+    payloads += [orjson.dumps(chunk("b")), orjson.dumps(chunk("c"))]
+    texts, at = [], 0
+    while at < len(payloads):
+        run = shape.run(payloads, at)
+        texts += run
+        at += len(run) + 1  # the chunk it stopped at is parsed in full (``generation.py``)
+    assert texts == ["a", "b", "c"]
+    assert sum(gathered) <= 2 * len(payloads)
 
 
 def test_a_provider_that_escapes_differently_still_matches() -> None:

@@ -237,6 +237,61 @@ async def test_a_stream_let_go_early_closes_on_more_body_or_no_end(
         client.close()
 
 
+async def test_a_second_release_while_finishing_leaves_no_timer_behind() -> None:
+    """Released twice before its end: one ``FINISH_S`` timer, cancelled when the end comes
+    and the connection is pooled (a leftover one would cut off the connection's next
+    request when it fired)."""
+    released = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(STREAM_HEAD + DONE_CHUNK)
+        await released.wait()
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        pooled = pooled_event(client)
+        response = await client.request("POST", "/v1/x", b"{}")
+        await read_to_done(response)
+        response.release()
+        timer = response._conn._finishing
+        response.release()
+        assert timer is not None
+        assert response._conn._finishing is timer
+        released.set()
+        async with asyncio.timeout(10):
+            await pooled.wait()
+        assert timer.cancelled()
+        client.close()
+
+
+async def test_a_response_left_mid_body_by_an_error_is_dropped_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``async with`` left by a cancellation before the body's end: the connection is
+    closed then (the provider stops), not kept waiting for an end."""
+    monkeypatch.setattr(pc, "FINISH_S", 1000.0)
+    eof = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(STREAM_HEAD + DONE_CHUNK)
+        await reader.read()
+        eof.set()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        response = await client.request("POST", "/v1/x", b"{}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05), response:
+                await response.read()
+        async with asyncio.timeout(10):
+            await eof.wait()
+        client.close()
+
+
 async def test_a_body_until_the_connection_closes_is_whole_and_not_reused() -> None:
     """No length, not chunked (HTTP/1.0 style): the body is what came before the close."""
     async with RawServer(answers(b"HTTP/1.0 200 OK\r\n\r\nall of it", then_wait=False)) as server:
