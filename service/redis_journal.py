@@ -62,7 +62,11 @@ log = logging.getLogger(__name__)
 
 END = 9  # the journal's closing marker; never sent to clients
 CONTROL_CHANNEL = f"{KEY_PREFIX}ctl"
-READ_COUNT = 512
+READ_COUNT = 512  # journal entries one read asks for, at most
+# ... and about this many bytes: each read's count follows the sizes of the last one's
+# events (the first asks for one), so a journal of huge events is read in reads that fit
+# the gate's deadline rather than one that cannot.
+READ_BYTES = 1024 * 1024
 LISTEN_RETRY_S = 1.0
 LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it should stop
 LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: reconnected
@@ -380,31 +384,31 @@ class RemoteStreams:
         with contextlib.suppress(RedisUnavailable):
             await self._gate.run(lambda r: r.publish(CONTROL_CHANNEL, message))
 
-    async def _range(self, stream_id: str, after: int) -> list[tuple[int, Any]]:
-        """The journal's entries after ``after`` as they stand."""
+    async def _range(self, stream_id: str, after: int, count: int) -> list[tuple[int, Any]]:
+        """Up to ``count`` of the journal's entries after ``after``, as they stand."""
         key = journal_key(stream_id)
         entries: Any = await self._gate.run(
-            lambda r: r.xrange(key, min=f"(0-{after}", max="+", count=READ_COUNT)
+            lambda r: r.xrange(key, min=f"(0-{after}", max="+", count=count)
         )
         return [(_entry_seq(entry_id), fields) for entry_id, fields in entries]
 
     async def _owner_alive(self, stream_id: str) -> bool:
         return bool(await self._gate.run(lambda r: r.exists(owner_key(stream_id))))
 
-    async def _read(self, stream_id: str, after: int, block_ms: int) -> list[tuple[int, Any]]:
-        """Entries after ``after``: what is there now, else wait up to ``block_ms`` for more."""
-        key = journal_key(stream_id)
-        entries: Any = await self._gate.run(
-            lambda r: r.xrange(key, min=f"(0-{after}", max="+", count=READ_COUNT)
-        )
-        if not entries:
-            deadline = block_ms / 1000 + self._gate.timeout_s
-            async with asyncio.timeout(deadline):
-                reply: Any = await self._follower.xread(
-                    {key: f"0-{after}"}, count=READ_COUNT, block=block_ms
-                )
-            entries = reply[0][1] if reply else []
-        return [(_entry_seq(entry_id), fields) for entry_id, fields in entries]
+    async def _read(
+        self, stream_id: str, after: int, block_ms: int, count: int
+    ) -> list[tuple[int, Any]]:
+        """Up to ``count`` entries after ``after``: what is there now, else wait up to
+        ``block_ms`` for more."""
+        entries = await self._range(stream_id, after, count)
+        if entries:
+            return entries
+        deadline = block_ms / 1000 + self._gate.timeout_s
+        async with asyncio.timeout(deadline):
+            reply: Any = await self._follower.xread(
+                {journal_key(stream_id): f"0-{after}"}, count=count, block=block_ms
+            )
+        return [(_entry_seq(entry_id), fields) for entry_id, fields in reply[0][1]] if reply else []
 
     async def serve(self, request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
         """Replay then follow the journal of ``stream_id`` to the client, as SSE."""
@@ -477,11 +481,12 @@ class RemoteStreams:
         the stream's final status; ``shutdown`` when its replica went away (what was
         generated stays in the journal and the checkpoint); ``UNREADABLE`` when Redis failed
         mid-read (the stream may well go on: come back later)."""
+        count = 1  # (the first read learns how large the events are)
         try:
             while True:
                 if self.leaving:  # within one keepalive of the drain: resume elsewhere
                     return StreamStatus.SHUTDOWN
-                entries = await self._read(stream_id, after, self._block_ms)
+                entries = await self._read(stream_id, after, self._block_ms, count)
                 if not entries:  # past the end of a stream still running when it was asked?
                     ended = await self._ended_by(stream_id, after)
                     if ended is not None:
@@ -489,13 +494,14 @@ class RemoteStreams:
                 if not entries and not await self._owner_alive(stream_id):
                     # No END and no heartbeat: the owner died. Read once more (it may have
                     # closed the journal just now), else it is gone.
-                    entries = await self._range(stream_id, after)
+                    entries = await self._range(stream_id, after, count)
                     if not entries:
                         log.warning("remote stream %s: its replica is gone", stream_id)
                         return StreamStatus.SHUTDOWN
                 if not entries:
                     await idle()
                     continue
+                count = next_count(entries)
                 batch: list[Event] = []
                 for seq, fields in entries:
                     kind = int(fields[b"k"])
@@ -528,19 +534,26 @@ class RemoteStreams:
     async def cancel(self, stream_id: str) -> Checkpoint | None:
         """Ask the owner to cancel, wait for the journal's END, and return the checkpoint."""
         await self.request_cancel(stream_id)
-        after = 0
+        after, count = 0, 1
         deadline = time.monotonic() + CANCEL_WAIT_S
         with contextlib.suppress(RedisUnavailable, RedisError, OSError, TimeoutError):
             while time.monotonic() < deadline:
-                entries = await self._read(stream_id, after, 1000)
+                entries = await self._read(stream_id, after, 1000, count)
                 if _ended(entries):
                     break
                 if entries:
-                    after = entries[-1][0]
+                    after, count = entries[-1][0], next_count(entries)
         return await self._store.get(stream_id)
 
 
 _HEADER_PREFIX = b"X-Sluice-"  # owner-record fields that are its response's headers
+
+
+def next_count(entries: list[tuple[int, Any]]) -> int:
+    """How many entries the next read asks for: ``READ_BYTES`` worth at the size of these
+    (``READ_COUNT`` at most, one at least)."""
+    size = sum(len(fields.get(b"d", b"")) for _, fields in entries)
+    return max(1, min(READ_COUNT, READ_BYTES * len(entries) // max(size, 1)))
 
 
 def _ended(entries: Iterable[tuple[int, Any]]) -> bool:

@@ -23,6 +23,7 @@ from service.checkpoint import MemoryCheckpointStore
 from service.redis_journal import (
     CONTROL_CHANNEL,
     JournalMirror,
+    RemoteStreams,
     journal_key,
     meta_key,
     owner_key,
@@ -82,6 +83,35 @@ async def test_resume_on_another_replica_gets_exactly_the_missing_bytes(
     assert events(tail)[0][0] == 4
     assert head + tail == await full_replay(a, stream_id)
     assert sim_stats.requests == 1  # the provider was called once
+
+
+async def test_a_replay_elsewhere_reads_about_read_bytes_at_a_time(
+    gateway: GatewayFactory,
+    settings: Settings,
+    redis_url: str,
+    sim_stats: SimStats,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each read of the journal asks for as many events as ``READ_BYTES`` holds at the
+    last read's sizes (the first, for one): a journal of huge events is read in reads that
+    fit the gate's deadline, not one that cannot. The replay is whole all the same."""
+    monkeypatch.setattr(redis_journal, "READ_BYTES", 1000)  # ~3 of the simulator's chunks
+    counts: list[int] = []
+    read = RemoteStreams._range
+
+    async def counting(self: RemoteStreams, stream_id: str, after: int, count: int) -> Any:
+        counts.append(count)
+        return await read(self, stream_id, after, count)
+
+    monkeypatch.setattr(RemoteStreams, "_range", counting)
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    response = await a.post("/v1/chat/completions", json=chat_body("[sim chunks=12]"), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await response.read()
+    replay = await full_replay(b, stream_id)
+    assert replay == await full_replay(a, stream_id)
+    assert counts[0] == 1
+    assert 1 < max(counts) <= 4
 
 
 async def test_a_resume_elsewhere_past_the_end_of_a_running_stream_ends_with_it(
