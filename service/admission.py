@@ -352,7 +352,12 @@ class Gate:
         principal = admission.principal
         try:
             return await reserve_budget(
-                self.budgets, principal.user_id, principal.tenant, worst, overrides
+                self.budgets,
+                principal.user_id,
+                principal.tenant,
+                worst,
+                overrides,
+                at=admission.arrived,  # the ledger row's day and month
             )
         except BudgetExceededError as refusal:
             cached = self.has_cached

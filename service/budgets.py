@@ -94,10 +94,19 @@ class Budgets:
         return self.limits.has_limit or (overrides is not None and overrides.has_limit)
 
     def reserve(
-        self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
+        self,
+        user: str,
+        tenant: str,
+        amount: Decimal,
+        overrides: BudgetLimits | None = None,
+        *,
+        at: float | None = None,
     ) -> Hold:
-        """Reserve ``amount`` on every applicable budget, or raise ``BudgetExceededError``."""
-        checks = self._checks(user, tenant, overrides)
+        """Reserve ``amount`` on every applicable budget, or raise ``BudgetExceededError``.
+
+        ``at``: when the request arrived, which dates its spend (now if None): the ledger
+        dates its row so, and a restart rebuilds the totals from the rows."""
+        checks = self._checks(user, tenant, overrides, at)
         if not amount and not self.enforced(overrides):  # nothing to hold, nothing to warn of
             return Hold(tuple(key for key, _ in checks), amount, None)
         for key, limit in checks:
@@ -151,15 +160,18 @@ class Budgets:
         return max(fractions, default=0.0)
 
     def _checks(
-        self, user: str, tenant: str, overrides: BudgetLimits | None
+        self, user: str, tenant: str, overrides: BudgetLimits | None, at: float | None = None
     ) -> list[tuple[_Key, Decimal | None]]:
-        day, month = self._current()
+        day, month = self._current() if at is None else self._periods_of(at)
         limits, own = self.limits, overrides or BudgetLimits()
+        # Months first: a request refused by a day and a month budget both is told of the
+        # month's (the first refusal is the one raised, here and in Redis), whose end, in
+        # Retry-After, is the earliest it could go through.
         return [
-            (("user", user, "day", day), _first(own.user_daily, limits.user_daily)),
             (("user", user, "month", month), _first(own.user_monthly, limits.user_monthly)),
-            (("tenant", tenant, "day", day), limits.tenant_daily),
             (("tenant", tenant, "month", month), limits.tenant_monthly),
+            (("user", user, "day", day), _first(own.user_daily, limits.user_daily)),
+            (("tenant", tenant, "day", day), limits.tenant_daily),
         ]
 
     def _current(self) -> tuple[str, str]:
@@ -172,6 +184,15 @@ class Budgets:
             self._periods = (time.strftime("%Y-%m-%d", utc), time.strftime("%Y-%m", utc))
             self._forget_except(self._periods)
         return self._periods
+
+    def _periods_of(self, at: float) -> tuple[str, str]:
+        """The day's and month's keys of time ``at`` (today's, from ``_current``, nearly
+        always: a request that arrived before midnight and reserves after it is the rest)."""
+        current = self._current()
+        if int(at // 86_400) == self._day_number:
+            return current
+        utc = time.gmtime(at)
+        return time.strftime("%Y-%m-%d", utc), time.strftime("%Y-%m", utc)
 
     def _forget_except(self, periods: tuple[str, str]) -> None:
         """Drop finished periods that no reservation still points at."""

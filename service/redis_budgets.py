@@ -177,14 +177,21 @@ class RedisBudgets(Budgets):
         self._unsent: list[tuple[list[str], list[Any]]] = []
 
     async def reserve_async(
-        self, user: str, tenant: str, amount: Decimal, overrides: BudgetLimits | None = None
+        self,
+        user: str,
+        tenant: str,
+        amount: Decimal,
+        overrides: BudgetLimits | None = None,
+        *,
+        at: float | None = None,
     ) -> Hold:
-        """Reserve ``amount`` on every applicable budget of every replica, or raise 429."""
-        checks = self._checks(user, tenant, overrides)
+        """Reserve ``amount`` on every applicable budget of every replica, or raise 429
+        (``at``: as for ``reserve``)."""
+        checks = self._checks(user, tenant, overrides, at)
         if all(limit is None for _, limit in checks):
             # Nothing to enforce: no round trip. This replica's view still records the
             # reservation; the spend totals live in the ledger.
-            return self.reserve(user, tenant, amount, overrides)
+            return self.reserve(user, tenant, amount, overrides, at=at)
         if self._unsent:
             # Shielded: a client leaving must not cut a replay short (sent, and then kept
             # for sending again, its settlements would count twice).
@@ -208,7 +215,7 @@ class RedisBudgets(Budgets):
             if not self._gate.fail_open:
                 raise self._gate.unavailable_error() from None
             self._gate.fallback("budgets")
-            local = self.reserve(user, tenant, amount, overrides)
+            local = self.reserve(user, tenant, amount, overrides, at=at)
             # Its spend still goes to Redis when it settles: under a hold id Redis never
             # had, so settling releases nothing there and adds the spend.
             return replace(local, shared_id=f"local-{hold_id}")
@@ -313,11 +320,13 @@ async def reserve_budget(
     tenant: str,
     amount: Decimal,
     overrides: BudgetLimits | None = None,
+    *,
+    at: float | None = None,
 ) -> Hold:
     """``budgets.reserve``, shared across replicas when the budgets live in Redis."""
     if isinstance(budgets, RedisBudgets):
-        return await budgets.reserve_async(user, tenant, amount, overrides)
-    return budgets.reserve(user, tenant, amount, overrides)
+        return await budgets.reserve_async(user, tenant, amount, overrides, at=at)
+    return budgets.reserve(user, tenant, amount, overrides, at=at)
 
 
 async def settle_budget(budgets: Budgets, hold: Hold, actual: Decimal) -> None:

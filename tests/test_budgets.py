@@ -18,11 +18,14 @@ from service.budgets import BudgetLimits, Budgets
 from service.errors import BudgetExceededError
 from service.ledger import SpendRow
 from service.pricing import PriceTable, builtin_prices
+from service.redis_budgets import RedisBudgets, reserve_budget, settle_budget
+from service.redisgate import RedisGate
 from service.request import ChatRequest
 from service.settings import LimitSettings, MoneySettings, Settings
 from service.simulator import SimStats
 from tests.conftest import AUTH, GatewayFactory, chat_body
 from tests.resilient import with_resilience
+from tests.servers import with_redis
 from tests.test_ledger import Client, finished
 
 NOON = float(calendar.timegm((2026, 11, 22, 12, 0, 0)))
@@ -111,8 +114,32 @@ def test_loaded_spend_counts_only_this_day_and_month() -> None:
     report = book.status("alice", "acme")["user"]
     assert report["daily"]["spent_usd"] == 0.75
     assert report["monthly"]["spent_usd"] == 1.75
-    with pytest.raises(BudgetExceededError, match="daily"):
+    with pytest.raises(BudgetExceededError, match="monthly"):  # (and daily: see below)
         book.reserve("alice", "acme", Decimal("0.3"))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+async def test_a_request_over_a_day_and_a_month_budget_is_told_of_the_month(
+    shared: bool, redis_url: str
+) -> None:
+    """Refused by both, it is the month's end that Retry-After names: at midnight the
+    daily budget frees up, and the monthly one still refuses."""
+    now = [NOON]
+    limits = BudgetLimits(user_daily=Decimal("1"), user_monthly=Decimal("1"))
+    book = Budgets(limits, soft_fraction=0.8, clock=lambda: now[0])
+    gate = RedisGate.from_settings(with_redis(Settings(), redis_url).shared) if shared else None
+    if gate is not None:
+        book = RedisBudgets(gate, limits, clock=lambda: now[0])
+    try:
+        hold = await reserve_budget(book, "carol", "acme", Decimal("1"))
+        await settle_budget(book, hold, Decimal("1"))
+        with pytest.raises(BudgetExceededError, match="monthly") as refused:
+            await reserve_budget(book, "carol", "acme", Decimal("0.1"))
+    finally:
+        if gate is not None:
+            await gate.aclose()
+    month_end = calendar.timegm((2026, 12, 1, 0, 0, 0))
+    assert refused.value.headers["Retry-After"] == str(int(month_end - NOON) + 1)
 
 
 def with_money(settings: Settings, **changes: object) -> Settings:
@@ -186,6 +213,31 @@ async def test_spend_survives_a_restart(
     report = second.app[GATE].budgets.status("dev", "dev")["user"]["daily"]
     assert report["spent_usd"] == pytest.approx(spent)
     assert report["remaining_usd"] == pytest.approx(1.0 - spent)
+
+
+async def test_a_request_s_spend_is_dated_when_it_arrived_as_its_ledger_row_is(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path
+) -> None:
+    """Arrived before a month's last midnight, reserved after it: its spend is the old day's
+    and month's, as its ledger row is, so a restart (which rebuilds the totals from the rows)
+    counts it where the running gateway did."""
+    arrived = float(calendar.timegm((2026, 1, 31, 23, 59, 59))) + 0.9
+    client = await gateway(with_money(settings, data_dir=tmp_path, user_daily_usd=1.0))
+    gate = client.app[GATE]
+    gate.clock = lambda: arrived
+    gate.budgets._clock = lambda: arrived + 0.2  # admission ended after midnight
+    body = chat_body("late [sim chunks=3]", stream=False, max_tokens=5)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 200
+    await finished(client, response)
+    (row,) = await gate.ledger.entries()
+    assert row.day == "2026-01-31"
+    status = gate.budgets.status("dev", "dev")["user"]
+    assert status["daily"]["spent_usd"] == 0  # February's day and month: nothing spent
+    assert status["monthly"]["spent_usd"] == 0
+    spent = gate.budgets._spent
+    assert spent[("user", "dev", "day", "2026-01-31")] == Decimal(str(row.cost_usd)) > 0
+    assert spent[("user", "dev", "month", "2026-01")] == Decimal(str(row.cost_usd))
 
 
 async def test_the_reservation_covers_a_dearer_fallback(
