@@ -521,6 +521,66 @@ async def test_a_draining_replica_sends_its_readers_of_other_streams_elsewhere(
     response.close()
 
 
+@pytest.mark.parametrize("ending", ["completed", "cancelled"])
+async def test_a_socket_resumed_past_the_end_of_a_running_stream_elsewhere_gets_its_end(
+    ending: str, gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """B cannot know a running stream's last event, so a resume past it follows the stream;
+    when A ends it, B's socket gets the stream's own final frame (from its checkpoint), as
+    A's socket would, not a false 'its replica stopped'."""
+    a, b = await replicas(gateway, with_streams(with_redis(settings, redis_url), keepalive_s=1.0))
+    slow = f"slow [sim chunks=5 delay_ms=100 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+    ws = await b.ws_connect("/v1/ws", headers=AUTH)
+    frame = {"type": "resume", "stream_id": stream_id, "last_seq": 999, "request_id": "r"}
+    await ws.send_str(orjson.dumps(frame).decode())
+    if ending == "cancelled":
+        cancelled = await a.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+        assert cancelled.status == 200
+    body = await response.read()
+    async with asyncio.timeout(10):
+        final = orjson.loads((await ws.receive()).data)
+    if ending == "completed":
+        assert final["type"] == "done"
+        assert final["seq"] == events(body)[-1][0]  # the [DONE] event's number
+        assert final["finish_reason"] == "stop"
+    else:
+        assert final["type"] == "error"
+        assert final["error"]["code"] == "stream_cancelled"
+    await ws.close()
+
+
+async def test_a_draining_replica_tells_its_socket_readers_of_other_streams_to_resume(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """B's socket follows a stream A generates; B starts draining: the reader gets an error
+    frame with a retry hint and the last seq it received within a keepalive, not silence
+    until the socket closes at the drain's end."""
+    shared = with_drain(with_streams(with_redis(settings, redis_url), keepalive_s=0.05), 0)
+    a = await gateway(shared)
+    b = await gateway(with_drain(shared, 30))  # its sockets close only when that is over
+    held = f"hold [sim chunks=10 stall_after=3 created={FIXED_CREATED}]"  # runs until stopped
+    response = await a.post("/v1/chat/completions", json=chat_body(held), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 1)
+    ws = await _ws_resume(b, stream_id)
+    frame = orjson.loads((await ws.receive()).data)
+    assert frame["type"] == "chunk"
+    draining = asyncio.create_task(resources.drain(b.app))
+    async with asyncio.timeout(10):  # a safety net: it comes within one keepalive
+        while frame["type"] == "chunk":
+            frame = orjson.loads((await ws.receive()).data)
+    assert frame["type"] == "error"
+    assert frame["error"]["code"] == "stream_interrupted"
+    assert frame["retry_after_s"] == 1
+    assert str(frame["seq"]) in frame["error"]["message"]
+    draining.cancel()
+    await ws.close()
+    response.close()
+
+
 async def test_a_socket_elsewhere_told_to_resume_when_redis_fails_mid_read(
     gateway: GatewayFactory, settings: Settings, redis_url: str, redis_server: RedisServer
 ) -> None:

@@ -343,8 +343,18 @@ class _Socket:
                 checkpoint = await remote.checkpoint(frames.stream_id)
                 finish = checkpoint.finish_reason if checkpoint is not None else None
                 await send((frames.done(final[0][0], finish, _usage(checkpoint)),))
-            elif remote.leaving:
-                return  # this replica drains: the socket closes with 1001, resume elsewhere
+            elif status in _ENDED and (checkpoint := await remote.checkpoint(frames.stream_id)):
+                # Resumed past the end of a stream then running, which has ended since: its
+                # final frame, from the checkpoint, as its owner's socket sends it.
+                await send((_final_frame(frames, status, checkpoint),))
+            elif remote.leaving:  # this replica drains: resume elsewhere now, not at its end
+                leaving = ServiceUnavailableError(
+                    "This replica is shutting down: resume the stream on another with the "
+                    f"last seq you received ({last_seq}).",
+                    code="stream_interrupted",
+                    headers={"Retry-After": "1"},
+                )
+                await send((frames.error(last_seq, leaving),))
             elif status == UNREADABLE:  # the stream may go on: resume it a little later
                 unreadable = ServiceUnavailableError(
                     "Shared state (Redis) failed while following this stream, which may go "
@@ -358,6 +368,17 @@ class _Socket:
                     code="stream_interrupted",
                 )
                 await send((frames.error(last_seq + 1, interrupted),))
+
+
+# A remote journal's end statuses that carry a final frame (SHUTDOWN leaves it open-ended).
+_ENDED = frozenset(StreamStatus) - {StreamStatus.RUNNING, StreamStatus.SHUTDOWN}
+
+
+def _final_frame(frames: StreamFrames, status: str, checkpoint: Checkpoint) -> bytes:
+    """A remote stream's ``done`` or ``error`` frame, from its checkpoint."""
+    if status == StreamStatus.COMPLETED or checkpoint.error is None:
+        return frames.done(checkpoint.last_seq, checkpoint.finish_reason, _usage(checkpoint))
+    return frames.error_event(checkpoint.last_seq, orjson.dumps({"error": checkpoint.error}))
 
 
 async def _nothing() -> None:
