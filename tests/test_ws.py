@@ -3,6 +3,10 @@ input and disconnects, over real sockets against the simulated provider."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,10 +16,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.appkeys import GATE, LIFECYCLE, STREAMS
+from service.appkeys import GATE, LIFECYCLE, STREAMS, WEBSOCKETS
 from service.handlers import ws as ws_handler
 from service.settings import Settings
 from service.simulator import SimStats
+from service.stream import Stream, StreamStatus
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_streams
 from tests.streamwire import (
     FIXED_CREATED,
@@ -295,6 +300,24 @@ async def test_binary_frames_and_duplicate_request_ids_are_refused(
     await ws.close()
 
 
+async def test_a_duplicate_sent_at_once_is_answered_after_the_original_s_started(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """Two creates with one request id, sent together: ``started`` for the first comes
+    before the second's refusal (a client taking an error for its id as final would
+    otherwise drop a live stream)."""
+    client = await gateway(with_drain(settings, 0))
+    ws = await connect(client)
+    await create(ws, "dup", "long [sim stall_after=1]")
+    await create(ws, "dup", "again")
+    first, _ = await frame(ws)
+    assert first["type"] == "started"
+    while (parsed := (await frame(ws))[0])["type"] == "chunk":
+        pass
+    assert parsed["error"]["code"] == "duplicate_request_id"
+    await ws.close()
+
+
 async def test_create_frames_refused_for_their_request_id_are_in_the_ledger(
     gateway: GatewayFactory, settings: Settings
 ) -> None:
@@ -318,6 +341,84 @@ async def test_create_frames_refused_for_their_request_id_are_in_the_ledger(
         ("rejected", "duplicate_request_id"),
     ]
     await ws.close()
+
+
+async def _raw_socket(port: int) -> socket.socket:
+    """A WebSocket opened by hand on a socket with a small receive buffer, read no further
+    than its handshake: a client that stopped reading (and answering pings), so what the
+    server writes piles up in its own buffers."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    await loop.sock_sendall(
+        sock,
+        b"GET /v1/ws HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: %b\r\nAuthorization: %b\r\n\r\n"
+        % (key, AUTH["Authorization"].encode()),
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)  # (byte by byte: nothing past the head)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """A client's text frame (masked, as clients must)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    head = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0xFE, *size.to_bytes(2)])
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_peer_that_stops_reading_is_cut_off_at_its_missed_heartbeat(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A client stops reading while a stream floods its socket, after a frame the server
+    must answer: the server's writes are stuck. Its missed heartbeat still ends the socket,
+    and every stream on it is a disconnect (grace 0: cancelled), not held forever."""
+    client = await gateway(with_streams(settings, keepalive_s=0.5, disconnect_grace_s=0))
+    launched: list[Stream] = []
+    both = asyncio.Event()
+
+    def note(stream: Stream) -> None:
+        launched.append(stream)
+        if len(launched) == 2:
+            both.set()
+
+    client.app[STREAMS].launch_hooks.append(note)
+    sock = await _raw_socket(client.server.port or 0)
+    loop = asyncio.get_running_loop()
+    for request_id, text in (
+        ("flood", "flood [sim chunks=100000]"),
+        ("slow", "slow [sim stall_after=1]"),
+    ):
+        create = {
+            "type": "chat.completion.create",
+            "request_id": request_id,
+            "body": chat_body(text),
+        }
+        await loop.sock_sendall(sock, _text_frame(orjson.dumps(create)))
+    (server_ws,) = client.app[WEBSOCKETS]
+    transport = server_ws._req.transport if server_ws._req is not None else None
+    assert transport is not None
+    async with asyncio.timeout(20):
+        await both.wait()
+        flood, slow = launched
+        high_water = transport.get_write_buffer_limits()[1]
+        async for _ in flood.follow(0):  # until the server's writes wait on the client
+            if transport.get_write_buffer_size() > high_water:
+                break
+        await loop.sock_sendall(
+            sock, _text_frame(b"not json")
+        )  # an error frame to send: the handler waits
+        await slow.ended.wait()
+    assert slow.status is StreamStatus.CLIENT_GONE
+    sock.close()
 
 
 async def test_closing_the_socket_is_a_disconnect(

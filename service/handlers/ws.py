@@ -71,7 +71,7 @@ MAX_READERS = 256  # streams one socket relays at once (created or resumed)
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """Serve one client's socket until it closes; its streams are then disconnected."""
     settings = request.app[SETTINGS]
-    ws = web.WebSocketResponse(
+    ws = _WebSocket(
         heartbeat=settings.streams.keepalive_s,  # a peer that stops answering pings is gone
         compress=False,  # chunks are small; deflating each costs more than it saves
         max_msg_size=settings.server.max_body_bytes,
@@ -91,6 +91,19 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     finally:
         await socket.close()
     return ws
+
+
+class _WebSocket(web.WebSocketResponse):
+    """A peer that missed its heartbeat is cut off at once. aiohttp closes its transport,
+    which waits for the unsent frames to flush first: a peer that stopped reading never
+    lets them, the close never completes, the handler waits on (a reader's turn to write,
+    under back-pressure) and the socket's streams stay attached, past any grace window.
+    (aiohttp's own hook: were it renamed, such a peer would hold on as before.)"""
+
+    def _pong_not_received(self) -> None:
+        super()._pong_not_received()
+        if self._req is not None and self._req.transport is not None:
+            self._req.transport.abort()
 
 
 class _Socket:
@@ -187,7 +200,11 @@ class _Socket:
         # Limits and budgets, as over SSE.
         admission = await self._app[GATE].admit(principal, chat, cache_header=self._cache_header)
         stream = await admission.launch(start_stream, self._app, owner)
-        self._follow(request_id, stream, after=0, announce=True)
+        announced = asyncio.Event()
+        self._follow(request_id, stream, after=0, announce=announced)
+        # ``started`` goes out before this socket's next frame is read: no answer to a
+        # later frame (a duplicate request id, say) can come before it.
+        await announced.wait()
 
     async def _cancel(self, frame: dict[str, Any]) -> None:
         request_id = frame.get("request_id")
@@ -226,7 +243,7 @@ class _Socket:
         after = check_resume_point(stream.last_seq, last_seq, param="last_seq")
         request_id = self._resume_request_id(frame, stream_id)
         self._app[TELEMETRY].stream_resumed(stream.id, after)
-        self._follow(request_id, stream, after=after, announce=False)
+        self._follow(request_id, stream, after=after, announce=None)
 
     def _resume_request_id(self, frame: dict[str, Any], stream_id: str) -> RequestId:
         """The frame's ``request_id``, by default the stream's id (known good once the stream
@@ -260,7 +277,16 @@ class _Socket:
                 headers={"Retry-After": "1"},
             )
 
-    def _follow(self, request_id: RequestId, stream: Stream, *, after: int, announce: bool) -> None:
+    def _follow(
+        self,
+        request_id: RequestId,
+        stream: Stream,
+        *,
+        after: int,
+        announce: asyncio.Event | None,
+    ) -> None:
+        """Relay ``stream`` from ``after`` under ``request_id``; with ``announce``, its
+        ``started`` frame first, and ``announce`` set once that is out (or the reader ended)."""
         # Attach now, not in the task: a socket closing before the task first runs must
         # still detach, and a done callback runs even for a task cancelled unstarted.
         self._registry.attach(stream)
@@ -269,6 +295,8 @@ class _Socket:
         task = asyncio.create_task(self._relay(frames, stream, after, announce))
         self._readers[request_id] = (stream.id, task)
         task.add_done_callback(functools.partial(self._reader_done, request_id, stream))
+        if announce is not None:
+            task.add_done_callback(lambda _: announce.set())  # ended before it was out
 
     def _follow_remote(
         self, remote: RemoteStreams, request_id: RequestId, stream_id: str, after: int
@@ -293,16 +321,17 @@ class _Socket:
             log.error("WebSocket reader of stream %s failed", stream_id, exc_info=exc)
 
     async def _relay(
-        self, frames: StreamFrames, stream: Stream, after: int, announce: bool
+        self, frames: StreamFrames, stream: Stream, after: int, announce: asyncio.Event | None
     ) -> None:
         send = self._send
         with contextlib.suppress(ConnectionError):  # the socket went away mid-send
-            if announce:
+            if announce is not None:
                 mirror = self._app[JOURNAL_MIRROR]
                 if mirror is not None:  # the id goes out next: every replica must know it
                     await mirror.registered(stream)
                 stream.announced = True  # before the send: it may be read before it returns
                 await send((frames.started(),))
+                announce.set()
             async for first, batch in stream.follow(after):
                 await send(
                     frames.chunk(seq, data)
