@@ -475,6 +475,27 @@ async def test_an_impossible_resume_point_is_rejected(gateway: GatewayFactory, l
     assert (await resumed.json())["error"]["param"] == "last_event_id"
 
 
+@pytest.mark.parametrize("where", ["headers", "query"])
+async def test_several_resume_points_are_rejected_not_cut_to_the_first(
+    gateway: GatewayFactory, where: str
+) -> None:
+    """Two Last-Event-IDs (two headers, or the query parameter twice): which one was meant is
+    unknowable, so a 400, as one header holding both already was."""
+    client = await gateway()
+    response = await client.post(
+        "/v1/chat/completions", json=chat_body("x [sim chunks=5]"), headers=AUTH
+    )
+    await response.read()
+    path = f"/v1/streams/{response.headers[STREAM_ID_HEADER]}/events"
+    if where == "headers":
+        both = [*AUTH.items(), ("Last-Event-ID", "2"), ("Last-Event-ID", "5")]
+        resumed = await client.get(path, headers=both)
+    else:
+        resumed = await client.get(f"{path}?last_event_id=2&last_event_id=5", headers=AUTH)
+    assert resumed.status == 400
+    assert (await resumed.json())["error"]["param"] == "last_event_id"
+
+
 async def test_checkpoints_and_replays_expire_after_the_ttl(
     aiohttp_client: Any, settings: Settings
 ) -> None:

@@ -123,7 +123,13 @@ def _not_found(stream_id: str) -> NotFoundError:
 
 
 def _last_event_id(request: web.Request) -> int:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
+    given = request.headers.getall("Last-Event-ID", ()) or request.query.getall("last_event_id", ())
+    if len(given) > 1:  # which one a proxy or a client meant is unknowable
+        raise InvalidRequestError(
+            "Send one Last-Event-ID (a single sequence number), not several.",
+            param="last_event_id",
+        )
+    raw = given[0] if given and given[0] else "0"
     found = _SEQ.fullmatch(raw)  # not int(): it takes "1_0", "+3" and other scripts' digits
     if found is None:
         raise InvalidRequestError("Last-Event-ID must be a sequence number.", param="last_event_id")
