@@ -155,8 +155,8 @@ def _replay(stream: Stream, entry: CachedResponse) -> None:
     progress = stream.progress
     if stream.streaming:
         payloads = list(entry.payloads) if entry.streaming else chunks(entry.payloads[0])
-        if stream.include_usage and entry.usage is not None:
-            payloads.append(usage_chunk(payloads[0], entry.usage))
+        if stream.include_usage and entry.usage is not None:  # (an answer may have no choice)
+            payloads.append(usage_chunk(entry.payloads[0], entry.usage))
         for raw in payloads:
             progress.add_chunk(orjson.loads(raw))
             stream.append(raw)

@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from service.appkeys import GATE, STREAMS
+from service.appkeys import GATE, RESPONDER, STREAMS
 from service.auth import add_key
-from service.cache import CACHE_HEADER
+from service.cache import CACHE_HEADER, MemoryResponseCache
 from service.relay import FALLBACK_HEADER, MODEL_HEADER, STREAM_ID_HEADER
 from service.settings import AuthSettings, CacheSettings, Settings
 from service.simulator import SimStats
@@ -167,6 +167,27 @@ async def test_a_cached_json_answer_replays_as_a_stream(
     last = orjson.loads(events(raw)[-2][1])
     assert (last["choices"], last["usage"]) == ([], completion["usage"])
     assert sim_stats.requests == 1
+
+
+async def test_a_cached_answer_with_no_choices_replays_as_a_stream_with_its_usage(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    """A JSON answer with ``choices: []`` (a provider's refusal by filter, say), cached,
+    answers a stream that asks for usage with the usage chunk and [DONE], not a 500."""
+    rig = await start(aiohttp_client, settings)
+    await post(rig, "empty", temperature=0)
+    store = rig.client.app[RESPONDER]._cache
+    assert isinstance(store, MemoryResponseCache)
+    ((key, (expires, entry)),) = store._entries.items()
+    answer = {**orjson.loads(entry.payloads[0]), "choices": []}
+    store._entries[key] = (expires, replace(entry, payloads=(orjson.dumps(answer),)))
+    status, headers, raw = await post(
+        rig, "empty", stream=True, temperature=0, stream_options={"include_usage": True}
+    )
+    assert (status, headers[CACHE_HEADER]) == (200, "hit")
+    (usage, done) = events(raw)
+    assert orjson.loads(usage[1])["usage"] == entry.usage
+    assert done[1] == b"[DONE]"
 
 
 async def test_usage_chunk_is_stored_once_and_sent_only_when_asked(
