@@ -61,7 +61,11 @@ class CachedResponse:
 
     @property
     def size(self) -> int:
-        return sum(len(p) + _ENTRY_OVERHEAD for p in self.payloads) + len(self.model) + 256
+        """About what keeping it costs: its payloads, its model and its usage (a provider's
+        own object, of any size), and the entry's bookkeeping."""
+        usage = len(orjson.dumps(self.usage)) if self.usage else 0
+        payloads = sum(len(p) + _ENTRY_OVERHEAD for p in self.payloads)
+        return payloads + len(self.model.encode()) + usage + 256
 
 
 class ResponseCache(Protocol):
@@ -70,6 +74,10 @@ class ResponseCache(Protocol):
     async def get(self, key: str) -> CachedResponse | None: ...
 
     async def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None: ...
+
+    def fits(self, entry: CachedResponse) -> bool:
+        """Whether ``entry`` may be kept at all (no larger than the whole cache)."""
+        ...
 
 
 def cache_key(tenant: str, body: Mapping[str, Any], model: str) -> str:
@@ -135,6 +143,9 @@ class MemoryResponseCache:
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def fits(self, entry: CachedResponse) -> bool:
+        return entry.size <= self._max_bytes
 
     async def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         size = entry.size

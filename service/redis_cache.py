@@ -66,7 +66,12 @@ class RedisResponseCache:
             await self._local.put(key, entry, min(left_ms / 1000, LOCAL_TTL_S))
         return entry
 
+    def fits(self, entry: CachedResponse) -> bool:
+        return self._local.fits(entry)
+
     async def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        if not self.fits(entry):
+            return  # one no replica could keep: not worth a round trip each hit
         await self._local.put(key, entry, min(ttl_s, LOCAL_TTL_S))
         raw = dump_entry(entry)
         try:

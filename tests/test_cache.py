@@ -89,6 +89,18 @@ async def test_an_entry_larger_than_the_cache_is_not_stored() -> None:
     assert await cache.get("a") is not None
 
 
+async def test_an_entry_s_usage_and_model_count_toward_the_bound() -> None:
+    """The provider's usage object is kept with the entry, whatever its size, and so is a
+    model name in any script: both count, as the bytes they are."""
+    bare = CachedResponse("m", True, (b"x" * 100,))
+    usage = {"prompt_tokens": 1, "details": "d" * 5000}
+    assert CachedResponse("m", True, bare.payloads, usage).size >= bare.size + 5000
+    assert CachedResponse("模型", True, bare.payloads).size == bare.size + len("模型".encode()) - 1
+    cache = MemoryResponseCache(max_bytes=2000)
+    await cache.put("k", CachedResponse("m", True, bare.payloads, usage), 60)
+    assert await cache.get("k") is None
+
+
 async def test_replacing_a_key_keeps_the_byte_count_exact() -> None:
     """Re-putting a key replaces its bytes instead of adding to them."""
     cache = MemoryResponseCache(max_bytes=10_000)

@@ -6,7 +6,7 @@ from redis.asyncio import Redis
 
 from service.appkeys import STREAMS
 from service.cache import CachedResponse, MemoryResponseCache
-from service.redis_cache import RedisResponseCache
+from service.redis_cache import RedisResponseCache, cache_key_of
 from service.redis_checkpoints import checkpoint_key
 from service.redisgate import RedisGate
 from service.settings import Settings
@@ -81,6 +81,21 @@ async def test_with_redis_down_checkpoints_stay_local_and_the_cache_misses(
         assert found.status == 200
     finally:
         redis_server.start()
+
+
+async def test_an_entry_no_replica_could_keep_is_not_sent_to_redis(redis_url: str) -> None:
+    """Larger than a replica's whole cache: kept nowhere, Redis included (every hit would
+    fetch it again, never to keep it)."""
+    gate = RedisGate.from_settings(with_redis(Settings(), redis_url).shared)
+    assert gate is not None
+    cache = RedisResponseCache(gate, MemoryResponseCache(max_bytes=1000))
+    try:
+        huge = CachedResponse(model="gpt-4o-mini", streaming=False, payloads=(b"x" * 2000,))
+        await cache.put("too-big", huge, ttl_s=60)
+        assert await gate.run(lambda r: r.exists(cache_key_of("too-big"))) == 0
+        assert await cache.get("too-big") is None
+    finally:
+        await gate.aclose()
 
 
 async def test_a_local_copy_lives_no_longer_than_the_shared_entry(redis_url: str) -> None:
