@@ -173,14 +173,14 @@ class Response:
         conn = self._conn
         if conn.response is not self:  # released before: the connection may serve another
             return
-        if not self.keep_alive or self._buffer or self._error is not None:
-            conn.close()  # unread body bytes, or an answer that ends the connection
-        elif self._done:
-            conn.pool()
-        elif self.status and not self._until_close:
-            conn.finish_then_pool()
-        else:
-            conn.close()
+        if self.keep_alive and not self._buffer and self._error is None:
+            if self._done:
+                conn.pool()
+                return
+            if self.status and not self._until_close:  # only the body's framed end to come
+                conn.finish_then_pool()
+                return
+        conn.close()  # unread body bytes, an answer that ends the connection, or no end
 
     def close(self) -> None:
         """Drop the connection at once (what was not read is lost)."""
