@@ -28,7 +28,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -150,6 +150,9 @@ class Gate:
         # Set by the registry's owner: seconds until one of a user's streams nobody reads
         # leaves its grace window (its slot is then free), None when none is in one.
         self.grace_left: Callable[[str], float | None] | None = None
+        # Set by the registry's owner: settle every stream that has ended now; False when
+        # none was waiting (they are settled in batches, see ``registry.py``).
+        self.settle_ended: Callable[[], Awaitable[bool]] | None = None
         # Set by the cache's owner: whether a cached answer to a tenant's request is at hand
         # (the last degradation tier, for a request its budget has no room for).
         self.has_cached: Callable[[str, ChatRequest, str | None], Awaitable[bool]] | None = None
@@ -253,12 +256,16 @@ class Gate:
             limits[model] = min(bounds) if room is None or room >= 1 else None
         return limits
 
-    def under_pressure(self, stream: Stream) -> bool:
+    async def under_pressure(self, stream: Stream) -> bool:
         """Start ``stream`` on its first fallback: a budget (the key's own limits included)
         is past its soft fraction, and that fallback is the cheaper model."""
         fallbacks = self.fallbacks.get(stream.model, ())
         if not fallbacks or not self.prices.cheaper(fallbacks[0], stream.model):
             return False
+        # Ended streams' holds (their worst cases) count until they are settled.
+        return self._pressed(stream) and (not await self._settled() or self._pressed(stream))
+
+    def _pressed(self, stream: Stream) -> bool:
         owner = stream.owner
         policy = self._policies.get(owner.key_id)
         overrides = policy.budgets if policy is not None else None
@@ -305,9 +312,7 @@ class Gate:
         user = principal.user_id
         cap = _pick(policy.max_streams, self.settings.max_streams_per_user)
         # The stream slot and the rate buckets together: one round trip when shared.
-        outcome = await self.limiter.admit(
-            user, cap, self.tiers(principal, policy), prompt + ceiling
-        )
+        outcome = await self._take(user, cap, self.tiers(principal, policy), prompt + ceiling)
         if isinstance(outcome, Denial):
             if outcome.unit == STREAM_CAP:
                 raise RateLimitError(
@@ -344,6 +349,19 @@ class Gate:
             admission.headers[BUDGET_WARNING_HEADER] = hold.warning
         return admission
 
+    async def _take(
+        self, user: str, cap: int, tiers: Sequence[Tier], tokens: int
+    ) -> Grant | Denial:
+        """``limiter.admit``, asked again once streams that ended a moment ago are settled
+        when they might hold what it refused: a stream slot, or tokens reserved."""
+        outcome = await self.limiter.admit(user, cap, tiers, tokens)
+        if isinstance(outcome, Denial) and outcome.unit != "requests" and await self._settled():
+            outcome = await self.limiter.admit(user, cap, tiers, tokens)
+        return outcome
+
+    async def _settled(self) -> bool:
+        return self.settle_ended is not None and await self.settle_ended()
+
     async def _reserve(
         self, admission: Admission, worst: Decimal, overrides: BudgetLimits | None
     ) -> Hold | None:
@@ -351,14 +369,12 @@ class Gate:
         is to be answered from the cache instead (free), as ``admission.only_cached``."""
         principal = admission.principal
         try:
-            return await reserve_budget(
-                self.budgets,
-                principal.user_id,
-                principal.tenant,
-                worst,
-                overrides,
-                at=admission.arrived,  # the ledger row's day and month
-            )
+            try:
+                return await self._hold(admission, worst, overrides)
+            except BudgetExceededError:
+                if not await self._settled():  # ended streams' holds may be what fills it
+                    raise
+            return await self._hold(admission, worst, overrides)
         except BudgetExceededError as refusal:
             cached = self.has_cached
             if cached is None or not await cached(
@@ -367,6 +383,19 @@ class Gate:
                 raise
             admission.only_cached = refusal
             return None
+
+    async def _hold(
+        self, admission: Admission, worst: Decimal, overrides: BudgetLimits | None
+    ) -> Hold:
+        principal = admission.principal
+        return await reserve_budget(
+            self.budgets,
+            principal.user_id,
+            principal.tenant,
+            worst,
+            overrides,
+            at=admission.arrived,  # the ledger row's day and month
+        )
 
     def _slot_free_in(self, user: str) -> int:
         """Whole seconds until a stream slot of ``user``'s is likely free: a second after

@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> web.Application:
     app[GATE] = Gate(settings.limits, settings.money, fallbacks=settings.resilience.fallbacks)
     app[STREAMS].finish_hooks.append(app[GATE].on_finish)  # settle + one ledger row
     app[GATE].grace_left = app[STREAMS].grace_left  # a stream cap's Retry-After
+    app[GATE].settle_ended = app[STREAMS].retire_now  # before a refusal they might lift
     app[STREAMS].finish_hooks.append(telemetry.stream_finished)  # after the ledger: its cost
     app[STREAMS].observers.append(telemetry.stream_event)
     telemetry.cost_of = ledger_cost(app[GATE])

@@ -17,7 +17,7 @@ stored once and re-sent only to clients that asked for ``include_usage``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -50,7 +50,7 @@ class Responder:
         self._degrade_to_cache = degrade_to_cache
         self._fills: dict[str, ChatRequest] = {}  # stream id -> request, until it ends
         # Set by the budget owner: True starts the stream on its first cheaper fallback.
-        self.under_pressure: Callable[[Stream], bool] | None = None
+        self.under_pressure: Callable[[Stream], Awaitable[bool]] | None = None
 
     async def answer(
         self,
@@ -76,7 +76,7 @@ class Responder:
                 return
             stream.cache_status = MISS
             self._fills[stream.id] = chat
-        if self.under_pressure is not None and self.under_pressure(stream):
+        if self.under_pressure is not None and await self.under_pressure(stream):
             self.provider.degrade(stream, BUDGET_PRESSURE)
         try:
             await generate(stream, self.provider, chat.upstream_body())

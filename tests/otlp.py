@@ -50,6 +50,7 @@ class Received:
     status_code: int
     status_message: str
     resource: dict[str, Any] = field(default_factory=dict)
+    end_ns: int = 0  # when the span ended, in Unix nanoseconds
 
     def event(self, name: str) -> dict[str, Any]:
         for event_name, attributes in self.events:
@@ -167,6 +168,7 @@ def _decode(span: ProtoSpan, resource: dict[str, Any]) -> Received:
         status_code=span.status.code,
         status_message=span.status.message,
         resource=resource,
+        end_ns=span.end_time_unix_nano,
     )
 
 

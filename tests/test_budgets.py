@@ -11,9 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from service import registry as registry_module
 from service import tokens
 from service.admission import Gate
-from service.appkeys import GATE
+from service.appkeys import GATE, STREAMS
 from service.budgets import BudgetLimits, Budgets
 from service.errors import BudgetExceededError
 from service.ledger import SpendRow
@@ -179,6 +180,27 @@ async def test_fifty_concurrent_requests_cannot_overspend(
     assert sum(Decimal(str(r.cost_usd)) for r in rows) <= limit
 
 
+async def test_a_hold_just_ended_is_settled_before_the_budget_refuses(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams are settled in batches (``registry.py``); a request their unsettled
+    holds would refuse has them settled first and is asked again. The budget fits one
+    worst case and what a request really costs: back-to-back requests all pass."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    body = chat_body("hi [sim chunks=5]", stream=False, max_tokens=1000)
+    prices = PriceTable(builtin_prices())
+    prompt = tokens.count_chat("gpt-4o-mini", body)
+    worst = prices.cost("gpt-4o-mini", prompt, 1000)
+    assert prices.cost("gpt-4o-mini", prompt, 10) < worst / 4  # what one really costs
+    client = await gateway(with_money(settings, user_daily_usd=float(worst * 3 / 2)))
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 200, await response.text()
+    await client.app[STREAMS].retire_now()
+    rows = await client.app[GATE].ledger.entries()
+    assert [row.status for row in rows] == ["completed"] * 3
+
+
 async def test_soft_limit_warns_in_a_header(gateway: GatewayFactory, settings: Settings) -> None:
     """Past the soft fraction of a budget the response says so; below it, it does not."""
     body = chat_body("warn [sim chunks=5]", stream=False, max_tokens=5)
@@ -213,6 +235,26 @@ async def test_spend_survives_a_restart(
     report = second.app[GATE].budgets.status("dev", "dev")["user"]["daily"]
     assert report["spent_usd"] == pytest.approx(spent)
     assert report["remaining_usd"] == pytest.approx(1.0 - spent)
+
+
+async def test_a_stream_ended_as_the_gateway_stops_is_settled_before_it_stops(
+    gateway: GatewayFactory, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams wait for their batch to be settled (``registry.py``); shutdown settles
+    them all: the row is written, and the spend is there after a restart."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)
+    body = chat_body("persist [sim chunks=5]", stream=False, max_tokens=5)
+    custom = with_money(settings, data_dir=tmp_path, user_daily_usd=1.0)
+    first = await gateway(custom)
+    response = await first.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert response.status == 200
+    await response.read()
+    assert await first.app[GATE].ledger.entries() == []  # not settled yet
+    await first.close()
+    second = await gateway(custom)
+    (row,) = await second.app[GATE].ledger.entries()
+    assert (row.status, row.completion_tokens) == ("completed", 5)
+    assert second.app[GATE].budgets.status("dev", "dev")["user"]["daily"]["spent_usd"] > 0
 
 
 async def test_a_request_s_spend_is_dated_when_it_arrived_as_its_ledger_row_is(
@@ -435,6 +477,7 @@ async def test_a_cached_answer_gone_before_it_is_served_is_the_budget_refusal(
     assert again.headers["x-should-retry"] == "false"
     assert again.headers["X-Sluice-Cache"] == "miss"  # it looked: no opt-out, no bypass
     assert sim_stats.requests == 1
+    await finished(client, again)
     rows = await gate.ledger.entries()
     assert (rows[-1].status, rows[-1].error_code) == ("rejected", "budget_exceeded")
     assert rows[-1].model_served is None  # as every refusal's: nothing served it

@@ -65,8 +65,7 @@ async def finished(client: Client, response: ClientResponse) -> None:
     """Wait until the response's stream has ended and its finish hooks (the ledger) ran."""
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await client.app[STREAMS].settled(stream)
 
 
 async def test_sqlite_rows_survive_a_restart(tmp_path: Path) -> None:
@@ -448,8 +447,7 @@ async def test_wire_websocket_refusals_and_aborts_are_recorded(
     await ws.close()
     stream = client.app[STREAMS].get(stream_id)
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await client.app[STREAMS].settled(stream)
     await sim_stats.wait_for(lambda s: s.aborted == 1)
     rejected, aborted = await client.app[GATE].ledger.entries()
     assert (rejected.status, rejected.error_code) == ("rejected", "invalid_request_error")
@@ -598,8 +596,7 @@ async def test_a_client_gone_while_its_body_arrives_leaves_a_cancelled_row(
 async def _row_when_ended(client: Client, stream_id: str) -> LedgerEntry:
     stream = client.app[STREAMS].get(stream_id)
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await client.app[STREAMS].settled(stream)
     (row,) = [r for r in await client.app[GATE].ledger.entries() if r.stream_id == stream_id]
     return row
 

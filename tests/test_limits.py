@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 
+from service import registry as registry_module
 from service import tokens
 from service.appkeys import GATE, STREAMS
 from service.limits import (
@@ -29,6 +30,7 @@ from service.simulator import SimStats
 from tests.conftest import AUTH, DEV_KEY, GatewayFactory, chat_body, with_streams
 from tests.streamwire import LoopClock, Observed, read_events
 from tests.test_ledger import finished
+from tests.wire import sse_data
 
 
 @pytest.fixture
@@ -236,6 +238,27 @@ async def test_wire_tokens_reserved_then_refunded(
     assert third.status == 429
     assert "tokens" in orjson.loads(await third.read())["error"]["message"]
     assert third.headers["x-ratelimit-limit-tokens"] == str(reserved + used + 10)
+
+
+async def test_wire_streams_just_ended_are_settled_before_a_refusal(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams are settled in batches (``registry.py``); a request that their slot or
+    reserved tokens would refuse has them settled first and is asked again: back-to-back
+    requests at a cap of one stream, and tokens for one reservation, all pass."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    body = chat_body("hi [sim chunks=5]", max_tokens=1000)
+    reserved = tokens.count_chat("gpt-4o-mini", body) + 1000
+    client = await gateway(
+        with_limits(settings, max_streams_per_user=1, user_tpm=reserved + reserved // 2)
+    )
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 200
+        assert sse_data(await response.text())[-1] == "[DONE]"
+    await client.app[STREAMS].retire_now()
+    rows = await client.app[GATE].ledger.entries()
+    assert [row.status for row in rows] == ["completed"] * 3
 
 
 async def test_wire_concurrent_stream_cap(gateway: GatewayFactory, settings: Settings) -> None:

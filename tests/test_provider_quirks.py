@@ -330,8 +330,7 @@ async def test_odd_usage_never_loses_the_ledger_row(
     assert sse_data(await response.text())[-1] == "[DONE]"
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await client.app[STREAMS].settled(stream)
     (row,) = await client.app[GATE].ledger.entries()
     assert row.status == "completed"
     assert row.prompt_tokens > 0
@@ -391,8 +390,7 @@ async def test_odd_types_from_the_provider_never_leave_a_request_unsettled(
         stream_id = response.headers["X-Sluice-Stream-Id"]
         settled = client.app[STREAMS].get(stream_id)
         assert settled is not None
-        assert settled.task is not None
-        await settled.task
+        await client.app[STREAMS].settled(settled)
         checkpoint = await client.get(f"/v1/streams/{stream_id}", headers=AUTH)
         assert checkpoint.status == 200
     rows = await client.app[GATE].ledger.entries()
@@ -417,6 +415,7 @@ async def test_reasoning_streamed_as_such_is_billed_when_usage_never_comes(
     response = await client.post(URL, json=chat_body("hi"), headers=AUTH)
     *_, last = sse_data(await response.text())
     assert "error" in orjson.loads(last)  # the provider ended it early
+    await client.app[STREAMS].retire_now()
     (row,) = await client.app[GATE].ledger.entries()
     assert row.completion_tokens >= 40 * 2
     assert row.cost_usd > 0
@@ -447,8 +446,7 @@ async def test_an_answer_conversion_would_cut_serves_only_its_own_form_from_the_
         await response.read()
         served = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
         assert served is not None
-        assert served.task is not None
-        await served.task  # retired: the cache holds the answer
+        await client.app[STREAMS].settled(served)  # retired: the cache holds the answer
     assert calls == [True, False]  # the second JSON request was the cache's
     assert response.headers["X-Sluice-Cache"] == "hit"
     message = (await response.json())["choices"][0]["message"]

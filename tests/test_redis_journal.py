@@ -108,6 +108,7 @@ async def test_a_replay_elsewhere_reads_about_read_bytes_at_a_time(
     response = await a.post("/v1/chat/completions", json=chat_body("[sim chunks=12]"), headers=AUTH)
     stream_id = response.headers[STREAM_ID_HEADER]
     await response.read()
+    await a.app[STREAMS].retire_now()  # ended there: its END in the journal
     replay = await full_replay(b, stream_id)
     assert replay == await full_replay(a, stream_id)
     assert counts[0] == 1
@@ -623,6 +624,7 @@ async def test_a_journal_append_sent_again_is_no_failure(
     await response.read()
     stream = a.app[STREAMS].get(response.headers[STREAM_ID_HEADER])
     assert stream is not None
+    await a.app[STREAMS].settled(stream)  # its END written
     mirror, gate = a.app[JOURNAL_MIRROR], a.app[REDIS]
     assert mirror is not None
     assert gate is not None
@@ -649,8 +651,7 @@ async def test_a_stream_whose_journal_redis_lost_is_mirrored_again(
     await response.read()
     stream = a.app[STREAMS].get(stream_id)
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await a.app[STREAMS].settled(stream)
     assert await full_replay(b, stream_id) == await full_replay(a, stream_id)
 
 
@@ -679,8 +680,7 @@ async def test_events_the_mirror_missed_go_with_the_journals_end(
     await response.read()
     stream = a.app[STREAMS].get(stream_id)
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await a.app[STREAMS].settled(stream)
     replayed = await full_replay(b, stream_id)
     assert replayed.endswith(b"data: [DONE]\n\n")
     assert replayed == await full_replay(a, stream_id)

@@ -28,6 +28,7 @@ async def test_a_checkpoint_written_on_one_replica_is_read_on_another(
     assert response.status == 200
     stream_id = response.headers["X-Sluice-Stream-Id"]
     await response.read()
+    await a.app[STREAMS].retire_now()  # the checkpoint is stored as its stream is retired
 
     found = await b.get(f"/v1/streams/{stream_id}", headers=AUTH)
     assert found.status == 200

@@ -61,8 +61,7 @@ async def test_the_last_detach_with_no_grace_cancels_at_once() -> None:
             assert batch[-1].endswith(b'"b"}}]}')
             break
     await stream.ended.wait()
-    assert stream.task is not None
-    await stream.task
+    await registry.settled(stream)
     checkpoint = await store.get(stream.id)
     assert checkpoint is not None
     assert checkpoint.status is StreamStatus.CLIENT_GONE
@@ -191,8 +190,7 @@ async def test_a_failing_finish_hook_neither_loses_the_checkpoint_nor_the_other_
     stream = make_stream()
     registry.launch(stream, produce(stream, ["ok"]))
     with caplog.at_level(logging.ERROR, logger="service.registry"):
-        assert stream.task is not None
-        await stream.task
+        await registry.settled(stream)
     assert seen == ["completed"]
     assert await store.get(stream.id) is not None
     assert "finish hook" in caplog.text
@@ -207,8 +205,7 @@ async def test_an_unexpected_exception_ends_the_stream_as_a_provider_error() -> 
         raise KeyError("surprise")
 
     registry.launch(stream, broken())
-    assert stream.task is not None
-    await stream.task
+    await registry.settled(stream)
     checkpoint = await store.get(stream.id)
     assert checkpoint is not None
     assert checkpoint.status is StreamStatus.PROVIDER_ERROR
@@ -222,8 +219,7 @@ async def test_ended_streams_are_replayable_until_their_ttl() -> None:
     registry, store = make_registry(ttl=10, clock=lambda: now[0])
     stream = make_stream()
     registry.launch(stream, produce(stream, ["a"]))
-    assert stream.task is not None
-    await stream.task
+    await registry.settled(stream)
     assert registry.get(stream.id) is stream
     assert registry.snapshot(stream) == await store.get(stream.id)
     now[0] = 9.9
@@ -246,8 +242,7 @@ async def test_retention_is_bounded_by_journal_bytes(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(registry_module, "MAX_RETAINED_BYTES", 2 * size)
     for stream in streams:
         registry.launch(stream, produce(stream, ["abcd"]))
-        assert stream.task is not None
-        await stream.task
+        await registry.settled(stream)
     assert [registry.get(s.id) for s in streams] == [None, streams[1], streams[2]]
     assert registry._retained_bytes == 2 * size
     assert await store.get(streams[0].id) is not None  # the checkpoint outlives the journal
@@ -385,8 +380,7 @@ async def test_settled_answers_the_stored_checkpoint_once_the_stream_is_not_held
     registry.launch(first, produce(first, ["a"]))
     registry.launch(second, produce(second, ["b"]))
     for stream in (first, second):
-        assert stream.task is not None
-        await stream.task
+        await registry.settled(stream)
     assert registry.get(first.id) is None  # pushed out by the second
     checkpoint = await registry.settled(first)
     assert checkpoint == await store.get(first.id)
@@ -427,8 +421,7 @@ async def test_a_count_that_fails_still_runs_every_finish_hook(
     registry.finish_hooks.append(hook)
     stream = make_stream()
     registry.launch(stream, produce(stream, ["a", "b"]))
-    assert stream.task is not None
-    await stream.task
+    await registry.settled(stream)
     (checkpoint,) = finished
     assert (checkpoint.status, checkpoint.completion_tokens) == (StreamStatus.COMPLETED, 0)
     assert await store.get(stream.id) == checkpoint
@@ -443,8 +436,7 @@ async def test_a_retired_stream_keeps_its_events_not_its_prompt() -> None:
     stream = make_stream()
     stream.body = {"messages": [{"role": "user", "content": "x" * 600_000}]}
     registry.launch(stream, produce(stream, ["a"]))
-    assert stream.task is not None
-    await stream.task
+    await registry.settled(stream)
     retained = registry.get(stream.id)
     assert retained is stream
     assert retained.body == {}

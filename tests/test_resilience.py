@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from service import registry as registry_module
 from service import tokens
 from service.admission import BUDGET_WARNING_HEADER
 from service.appkeys import GATE
@@ -317,6 +318,28 @@ async def test_a_requests_own_worst_case_is_not_budget_pressure(
     assert FALLBACK_HEADER not in headers
     assert BUDGET_WARNING_HEADER not in headers
     assert sim_stats.requests == 1
+
+
+async def test_a_hold_just_ended_is_settled_before_it_counts_as_pressure(
+    aiohttp_client: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams are settled in batches (``registry.py``): a request that an unsettled
+    worst case would start on the cheaper model has them settled first. Back to back, each
+    request costs a sliver of the budget: each is served as asked."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    body = chat_body("back to back", model="gpt-4o")
+    ceiling = settings.limits.default_max_tokens
+    rig = await start(aiohttp_client, settings)
+    worst = rig.client.app[GATE].worst_cost("gpt-4o", tokens.count_chat("gpt-4o", body), ceiling)
+    # One unsettled worst case is 45% of the budget (past the 40% warning); two fit in it.
+    money = replace(settings.money, user_daily_usd=float(worst) * 2.2, soft_fraction=0.4)
+    rig = await start(
+        aiohttp_client, replace(with_resilience(settings, fallbacks=FALLBACKS), money=money)
+    )
+    for _ in range(3):
+        status, headers, _ = await post(rig, "back to back", model="gpt-4o")
+        assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o")
+        assert FALLBACK_HEADER not in headers
 
 
 def test_settings_are_read_from_the_environment() -> None:

@@ -38,8 +38,8 @@ async def post(
     )
     raw = await response.read()
     held = rig.client.app[STREAMS].get(response.headers.get(STREAM_ID_HEADER, ""))
-    if held is not None and held.task is not None:
-        await held.task
+    if held is not None:
+        await rig.client.app[STREAMS].settled(held)
     return response.status, dict(response.headers), raw
 
 

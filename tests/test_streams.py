@@ -511,6 +511,7 @@ async def test_checkpoints_and_replays_expire_after_the_ttl(
     )
     await response.read()
     stream_id = response.headers[STREAM_ID_HEADER]
+    await app[STREAMS].retire_now()  # the TTL runs from then (and the clock is ours)
     paths = [f"/v1/streams/{stream_id}", f"/v1/streams/{stream_id}/events"]
 
     now[0] += 59

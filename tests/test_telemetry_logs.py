@@ -51,6 +51,7 @@ async def finished(client: Any) -> None:
     for stream in list(client.app[STREAMS].live()):
         assert stream.task is not None
         await stream.task
+    await client.app[STREAMS].retire_now()
     client.app[TELEMETRY].later.run()
 
 

@@ -45,9 +45,10 @@ def value(parsed: dict[Any, float], name: str, **labels: str) -> float:
 
 
 async def settled(client: TestClient[Any, Any]) -> None:
-    """Every generation task (and so every finish hook) has run."""
+    """Every generation has ended and been retired (its finish hooks have run)."""
     tasks = [s.task for s in client.app[STREAMS].live() if s.task is not None]
     await asyncio.gather(*tasks)
+    await client.app[STREAMS].retire_now()
 
 
 async def scrape(client: TestClient[Any, Any]) -> str:

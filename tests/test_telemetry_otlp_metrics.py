@@ -50,6 +50,7 @@ def pushing(settings: Settings, receiver: TestServer, *, interval_s: float = 360
 async def settled(client: Any) -> None:
     tasks = [s.task for s in client.app[STREAMS].live() if s.task is not None]
     await asyncio.gather(*tasks)
+    await client.app[STREAMS].retire_now()
 
 
 async def test_final_push_carries_genai_and_gateway_metrics_under_otel_names(

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from service import registry as registry_module
 from service.appkeys import GATE, STREAMS, TELEMETRY
 from service.settings import Secret, Settings
 from service.simulator import SimStats
@@ -239,9 +240,8 @@ async def test_aborted_stream_ends_client_span_with_its_real_status(
     await read_until(response, b"id: 3\n")
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
-    assert stream.task is not None
     response.close()
-    await asyncio.wait_for(stream.task, 10)  # the registry's task: finish hooks included
+    await asyncio.wait_for(client.app[STREAMS].settled(stream), 10)  # finish hooks included
     spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
 
     call = one(spans, "chat gpt-4o-mini")
@@ -441,6 +441,29 @@ async def test_shutdown_ends_open_streams_spans_and_flushes_them(
     assert call.attributes["error.type"] == "shutdown"
 
 
+async def test_a_generation_span_ends_when_its_stream_did_not_when_it_was_settled(
+    gateway: GatewayFactory,
+    settings: Settings,
+    receiver: TestServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ended streams are settled in batches (``registry.py``): the CLIENT span still ends at
+    the stream's own end, however long its settlement waited."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    client = await gateway(traced(settings, receiver))
+    ended = watch(client)
+    response = await client.post(URL, json=chat_body("n [sim chunks=2]"), headers=AUTH)
+    await response.read()
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.ended_at is not None
+    assert "chat gpt-4o-mini" not in ended.names  # not yet: its stream is not settled
+    await client.app[STREAMS].settled(stream)
+    spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
+    call = one(spans, "chat gpt-4o-mini")
+    assert call.end_ns == int(stream.ended_at * 1e9)
+
+
 async def test_sampled_out_requests_export_nothing_but_still_propagate(
     gateway: GatewayFactory, settings: Settings, receiver: TestServer, sim_stats: SimStats
 ) -> None:
@@ -451,8 +474,7 @@ async def test_sampled_out_requests_export_nothing_but_still_propagate(
     await response.read()
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await client.app[STREAMS].settled(stream)
     assert await client.app[TELEMETRY].flush()
     assert receiver.app[RECEIVED] == []
     flags = int(sim_stats.traceparents[0].rsplit("-", 1)[1], 16)
@@ -625,9 +647,8 @@ async def test_grace_expiry_during_an_attempt_in_flight_is_an_event_on_its_span(
     await read_until(response, b": keepalive\n")
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
-    assert stream.task is not None
     response.close()
-    await asyncio.wait_for(stream.task, 10)
+    await asyncio.wait_for(client.app[STREAMS].settled(stream), 10)
     spans = await exported(client, receiver, ended, CHAT, "chat gpt-4o-mini")
     call = one(spans, "chat gpt-4o-mini")
     assert call.attributes["error.type"] == "client_gone"

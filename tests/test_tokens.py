@@ -296,8 +296,7 @@ async def test_checkpoint_counts_with_tiktoken_when_the_provider_sends_no_usage(
     await response.read()
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
-    assert stream.task is not None
-    await stream.task
+    await client.app[STREAMS].settled(stream)
     checkpoint = client.app[STREAMS].snapshot(stream)
     assert not checkpoint.usage_reported
     assert checkpoint.prompt_tokens == tokens.count_chat("gpt-4o-mini", body)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
+from service import registry as registry_module
 from service.appkeys import GATE
 from service.ledger import utc_day
 from service.settings import AuthSettings, Settings
@@ -73,6 +74,22 @@ async def test_own_usage_by_day_and_model_with_budget(client: Client) -> None:
     assert daily["spent_usd"] == pytest.approx(spent)
     assert daily["remaining_usd"] == pytest.approx(5.0 - spent)
     assert report["budget"]["tenant"]["monthly"]["limit_usd"] == 50.0
+
+
+async def test_usage_counts_a_request_the_moment_it_has_been_answered(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams are settled in batches (``registry.py``); ``/v1/usage`` settles the
+    waiting ones first, so an answer just received is in it, as is its spend."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    body = chat_body("usage [sim chunks=4]", stream=False)
+    response = await client.post("/v1/chat/completions", json=body, headers=bearer("key-bob"))
+    assert response.status == 200
+    await response.read()
+    status, report = await usage(client, "key-bob")
+    assert status == 200
+    assert (report["totals"]["requests"], report["totals"]["completion_tokens"]) == (1, 4)
+    assert report["budget"]["user"]["daily"]["spent_usd"] == report["totals"]["cost_usd"] > 0
 
 
 async def test_only_admins_see_others(client: Client) -> None:

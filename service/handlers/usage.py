@@ -31,6 +31,8 @@ async def get_usage(request: web.Request) -> web.Response:
     end = _day(request, "end", utc_day(now))
     if start > end:
         raise InvalidRequestError("'start' must not be after 'end'.", param="start")
+    if gate.settle_ended is not None:
+        await gate.settle_ended()  # the streams just ended, whose rows wait for their batch
     # A key's own usage is its user's in its tenant: the same user id in another tenant is
     # someone else's (as for streams, whose owner is the pair).
     rows = await gate.ledger.usage(

@@ -376,9 +376,9 @@ class Telemetry:
         )
         self._end_failed(st)
 
-    def _end_failed(self, st: StreamTrace) -> None:
+    def _end_failed(self, st: StreamTrace, end_time: int | None = None) -> None:
         if st.failed is not None:
-            st.failed.end()
+            st.failed.end(end_time)
             st.failed = None
 
     async def stream_finished(self, stream: Stream, checkpoint: Checkpoint) -> None:
@@ -391,12 +391,14 @@ class Telemetry:
         last = st.span
         if last is None:  # the last attempt failed: its span carries what is billed for it
             last, st.failed = st.failed, None
-        self._end_failed(st)
+        # Spans end when the stream did, not when its batch was retired (``registry.py``).
+        ended = _ns(stream.ended_at) if stream.ended_at is not None else None
+        self._end_failed(st, ended)
         st.checkpoint = checkpoint
         st.cost = cost = self._cost(stream, checkpoint)
         error = self._ended_type(stream)
         if last is not None:
-            self._end_attempt_span(st, last, checkpoint, cost, error)
+            self._end_attempt_span(st, last, checkpoint, cost, error, ended)
         if st.websocket:
             error_ = stream.error
             reason = rejection_reason(error_) if _ours(error_) else None
@@ -404,13 +406,15 @@ class Telemetry:
                 st.rejection = reason
                 self.rejected(reason, span=st.server_span)
         if st.server_span is not None:
-            self._end_message_span(st, st.server_span, error)
+            self._end_message_span(st, st.server_span, error, ended)
         self.later.add(functools.partial(self._stream_metrics, st, checkpoint, cost, error))
         rt = st.request
         if rt is None or rt.done:
             self._account(rt, st)
 
-    def _end_message_span(self, st: StreamTrace, span: Span, error: str | None) -> None:
+    def _end_message_span(
+        self, st: StreamTrace, span: Span, error: str | None, end_time: int | None
+    ) -> None:
         """A WebSocket message's SERVER span: its stream's outcome, an error when it failed.
 
         As for an HTTP SERVER span, only the gateway's or provider's failures are errors; a
@@ -427,7 +431,7 @@ class Telemetry:
                 span.set_attribute("error.type", error)
                 if stream.status not in _CLIENT_ENDED and not st.rejection:
                     span.set_status(Status(StatusCode.ERROR))
-        span.end()
+        span.end(end_time)
 
     def _cost(self, stream: Stream, checkpoint: Checkpoint) -> float | None:
         try:  # never let pricing keep a span open
@@ -443,9 +447,10 @@ class Telemetry:
         checkpoint: Checkpoint,
         cost: float | None,
         error: str | None,
+        end_time: int | None,
     ) -> None:
         if not span.is_recording():
-            span.end()
+            span.end(end_time)
             return
         stream = st.stream
         attributes = genai.response_attributes(
@@ -482,7 +487,7 @@ class Telemetry:
             span.set_attribute("error.type", error)
             message = stream.error.message if stream.error is not None else error
             span.set_status(Status(StatusCode.ERROR, self.redactor.redact(message)))
-        span.end()
+        span.end(end_time)
 
     def _stream_metrics(
         self, st: StreamTrace, checkpoint: Checkpoint, cost: float | None, error: str | None
