@@ -340,13 +340,15 @@ class Gate:
             worst = ZERO  # with no budget to hold it against, nothing is reserved
             if self.budgets.enforced(policy.budgets):
                 worst = self.worst_cost(chat.model, prompt, ceiling, images, prompts)
-            hold = await self._reserve(admission, worst, policy.budgets)
+            admission.hold = hold = await self._reserve(admission, worst, policy.budgets)
+            warning = hold.warning if hold is not None else None
+            if warning and await self._settled():  # ended streams' worst cases, it may be
+                warning = self._warning_now(admission, policy.budgets)
         except BaseException:
             await admission.release()
             raise
-        admission.hold = hold
-        if hold is not None and hold.warning:
-            admission.headers[BUDGET_WARNING_HEADER] = hold.warning
+        if warning:
+            admission.headers[BUDGET_WARNING_HEADER] = warning
         return admission
 
     async def _take(
@@ -383,6 +385,12 @@ class Gate:
                 raise
             admission.only_cached = refusal
             return None
+
+    def _warning_now(self, admission: Admission, overrides: BudgetLimits | None) -> str | None:
+        principal, hold = admission.principal, admission.hold
+        assert hold is not None
+        at = admission.arrived
+        return self.budgets.warning_for(hold, principal.user_id, principal.tenant, overrides, at=at)
 
     async def _hold(
         self, admission: Admission, worst: Decimal, overrides: BudgetLimits | None

@@ -117,6 +117,24 @@ class Budgets:
             self._add(self._reserved, key, amount)
         return Hold(tuple(key for key, _ in checks), amount, warning)
 
+    def warning_for(
+        self,
+        hold: Hold,
+        user: str,
+        tenant: str,
+        overrides: BudgetLimits | None = None,
+        *,
+        at: float | None = None,
+    ) -> str | None:
+        """``hold``'s warning as things stand now (others' holds settled since, say), in this
+        process's view: what was committed besides the hold itself."""
+        checks = self._checks(user, tenant, overrides, at)
+        committed = {
+            key: self._committed(key) - (hold.amount if key in hold.keys else ZERO)
+            for key, _ in checks
+        }
+        return self._warning(checks, committed)
+
     def settle(self, hold: Hold, actual: Decimal) -> None:
         """Replace the reservation with the real cost (in the periods it was made in)."""
         for key in hold.keys:

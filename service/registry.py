@@ -11,13 +11,18 @@ Ended streams are retired in batches: those that end within ``RETIRE_BATCH_S`` o
 are checkpointed and settled back to back, in one task, after their readers have written
 their last bytes. The same bookkeeping run for each stream between two others' chunks
 costs ~10% more CPU a stream (``make bench``): it is a long path, and it runs cold. Whatever
-would see the wait settles at once instead (``retire_now``): ``settled``, a refusal that a
-settlement might lift (``admission.py``), ``/v1/usage``, and the drain on shutdown.
+would see the wait settles at once instead (``retire_now``): ``settled``, a refusal (or a
+budget warning, or a cheaper model for budget pressure) that a settlement might lift
+(``admission.py``), a cache lookup a stream that just ended would answer (``serving.py``),
+``/v1/usage``, and the drain on shutdown. With state shared through Redis, streams are
+retired as they end (``batch_s`` 0): other replicas, to which a stream's slot, holds,
+checkpoint and journal end matter as much, cannot ask this one to hurry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import OrderedDict
@@ -70,8 +75,11 @@ class StreamRegistry:
         count_text: TokenCounter = approx_text_tokens,
         count_prompt: PromptCounter = approx_prompt_tokens,
         clock: Callable[[], float] = time.monotonic,
+        batch_s: float | None = None,
     ) -> None:
         self._settings = settings
+        # How long an ended stream may wait to be retired with others; 0: at once.
+        self.batch_s = RETIRE_BATCH_S if batch_s is None else batch_s
         self.store = store
         self.count_text = count_text
         self.count_prompt = count_prompt
@@ -218,10 +226,17 @@ class StreamRegistry:
             stream.end(StreamStatus.PROVIDER_ERROR, translate(exc))
         else:
             stream.end(StreamStatus.COMPLETED)
+        timer = self._grace.pop(stream.id, None)  # ended: nothing left to cancel
+        if timer is not None:
+            timer.cancel()
+        if self.batch_s <= 0:
+            await asyncio.sleep(0)  # its readers write their last bytes first
+            await self._retire(stream)
+            return
         self._ending.append(stream)
         if self._batch_timer is None:
             loop = asyncio.get_running_loop()
-            self._batch_timer = loop.call_later(RETIRE_BATCH_S, self._retire_batch)
+            self._batch_timer = loop.call_later(self.batch_s, self._retire_batch)
 
     async def retire_now(self) -> bool:
         """Retire every ended stream now, and wait for batches already being retired;
@@ -239,21 +254,28 @@ class StreamRegistry:
             self._batch_timer.cancel()
             self._batch_timer = None
         batch, self._ending = self._ending, []
-        task = asyncio.create_task(self._retire_all(batch), name="retire-streams")
+        # In a context of its own: not that of whichever request's timer or wait started
+        # it (finish hooks may read a request's context variables: telemetry's).
+        context = contextvars.Context()
+        task = asyncio.create_task(self._retire_all(batch), name="retire-streams", context=context)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
     async def _retire_all(self, batch: list[Stream]) -> None:
+        """Retire each of ``batch``, whatever happens to one (or to this task: a
+        cancellation is raised once all are settled, never leaving some unbilled)."""
+        cancelled: asyncio.CancelledError | None = None
         for stream in batch:
             try:
                 await self._retire(stream)
-            except Exception:  # the rest of the batch is still to be settled
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+            except Exception:
                 log.exception("stream %s could not be retired", stream.id)
+        if cancelled is not None:
+            raise cancelled
 
     async def _retire(self, stream: Stream) -> None:
-        timer = self._grace.pop(stream.id, None)
-        if timer is not None:
-            timer.cancel()
         try:
             checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt)
         except Exception:  # a bug must not skip the settlement, the slot and the ledger row

@@ -147,6 +147,7 @@ async def responder_ctx(app: web.Application) -> AsyncIterator[None]:
         degrade_to_cache=settings.resilience.degrade_to_cache,
     )
     responder.under_pressure = app[GATE].under_pressure  # past the budget warning: cheaper
+    responder.settle_ended = app[STREAMS].retire_now  # a miss just ended may be the answer
     app[GATE].has_cached = responder.has_cached  # past the budget: a cached answer, if any
     app[RESPONDER] = responder
     app[STREAMS].finish_hooks.append(responder.fill)

@@ -74,6 +74,7 @@ def install_shared_state(app: web.Application) -> None:
         return
     registry = app[STREAMS]
     registry.store = SharedCheckpointStore(gate, registry.store)
+    registry.batch_s = 0.0  # other replicas cannot ask for a settlement (``registry.py``)
     admission = app[GATE]
     limiter = admission.limiter
     if isinstance(limiter, MemoryLimiter):

@@ -201,6 +201,24 @@ async def test_a_hold_just_ended_is_settled_before_the_budget_refuses(
     assert [row.status for row in rows] == ["completed"] * 3
 
 
+async def test_a_hold_just_ended_is_settled_before_it_is_warned_of(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unsettled worst case (``registry.py`` settles in batches) is no spending to warn
+    of: back to back, requests that each cost a sliver of the budget get no warning."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    body = chat_body("hi [sim chunks=5]", stream=False, max_tokens=1000)
+    worst = PriceTable(builtin_prices()).cost(
+        "gpt-4o-mini", tokens.count_chat("gpt-4o-mini", body), 1000
+    )
+    custom = with_money(settings, user_daily_usd=float(worst * 5 / 2), soft_fraction=0.3)
+    client = await gateway(custom)
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+        assert response.status == 200
+        assert "X-Sluice-Budget-Warning" not in response.headers
+
+
 async def test_soft_limit_warns_in_a_header(gateway: GatewayFactory, settings: Settings) -> None:
     """Past the soft fraction of a budget the response says so; below it, it does not."""
     body = chat_body("warn [sim chunks=5]", stream=False, max_tokens=5)

@@ -69,6 +69,19 @@ async def test_without_redis_each_replica_enforces_its_own_limit(
     assert results.count(200) >= 200  # (the buckets leak 100/60 a second meanwhile)
 
 
+async def test_a_stream_ended_on_one_replica_frees_its_slot_for_another_at_once(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """With Redis, a stream is settled as it ends, not in a batch (``registry.py``): B
+    cannot ask A to hurry. At a cap of one, requests alternating between them all pass."""
+    shared = with_limits(with_redis(settings, redis_url), max_streams_per_user=1)
+    a, b = await gateway(shared), await gateway(shared)
+    for client in (a, b, a, b):
+        response = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+        assert response.status == 200
+        assert (await response.text()).endswith("data: [DONE]\n\n")
+
+
 async def test_the_stream_cap_holds_across_replicas(
     gateway: GatewayFactory, settings: Settings, redis_url: str
 ) -> None:

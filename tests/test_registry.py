@@ -196,6 +196,36 @@ async def test_a_failing_finish_hook_neither_loses_the_checkpoint_nor_the_other_
     assert "finish hook" in caplog.text
 
 
+async def test_a_cancelled_batch_still_retires_the_rest_of_its_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streams ended together are retired in one task; cancelled while one stream's hook
+    is waiting, it still retires the others (their rows, their slots), then stops."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # one batch, when asked
+    registry, store = make_registry()
+    stuck = asyncio.Event()
+
+    async def hook(stream: Stream, checkpoint: Checkpoint) -> None:
+        if stream.id == "strm_first":
+            stuck.set()
+            await asyncio.Event().wait()  # a hook that never returns
+
+    registry.finish_hooks.append(hook)
+    first, second = make_stream("strm_first"), make_stream("strm_second")
+    for stream in (first, second):
+        registry.launch(stream, produce(stream, ["ok"]))
+    await asyncio.gather(*(s.ended.wait() for s in (first, second)))
+    settling = asyncio.ensure_future(registry.retire_now())
+    await stuck.wait()
+    (batch,) = registry._retiring
+    batch.cancel()
+    await asyncio.wait({batch})
+    assert batch.cancelled()
+    assert await store.get(second.id) is not None
+    assert second.id in registry._ended  # retained for replay: retired
+    await settling
+
+
 async def test_an_unexpected_exception_ends_the_stream_as_a_provider_error() -> None:
     """A bug in the generation becomes a provider_error checkpoint, not a lost stream."""
     registry, store = make_registry()

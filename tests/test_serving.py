@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from service import registry as registry_module
 from service.appkeys import GATE, RESPONDER, STREAMS
 from service.auth import add_key
 from service.cache import CACHE_HEADER, MemoryResponseCache
@@ -51,6 +53,27 @@ def events(raw: bytes) -> list[tuple[bytes, bytes]]:
         if b"data" in fields:
             found.append((fields.get(b"id", b""), fields[b"data"]))
     return found
+
+
+async def test_an_answer_just_given_answers_the_same_request_at_once(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams fill the cache as they are retired, in batches (``registry.py``); a
+    request that one of them would answer has them retired first: asked again the moment
+    the first answer arrived, it is a hit, not a second provider call."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    rig = await start(aiohttp_client, settings)
+    replies = []
+    for _ in range(2):
+        response = await rig.client.post(
+            "/v1/chat/completions",
+            json=chat_body("again [sim chunks=4]", stream=True, temperature=0),
+            headers=AUTH,
+        )
+        replies.append((response.headers[CACHE_HEADER], await response.read()))
+    assert [status for status, _ in replies] == ["miss", "hit"]
+    assert events(replies[0][1]) == events(replies[1][1])
+    assert sim_stats.requests == 1
 
 
 async def test_streamed_answer_is_cached_and_replayed_as_a_stream(

@@ -13,8 +13,10 @@ from typing import Any
 import orjson
 import pytest
 
+from service import registry as registry_module
 from service.appkeys import GATE, RESILIENCE, STREAMS, TELEMETRY
 from service.settings import Secret, Settings, TelemetrySettings
+from service.telemetry import core as telemetry_core
 from service.telemetry.batch import BATCH_S
 from service.telemetry.genai import user_hash
 from service.telemetry.logs import JsonFormatter, TextFormatter, configure_logging
@@ -53,6 +55,26 @@ async def finished(client: Any) -> None:
         await stream.task
     await client.app[STREAMS].retire_now()
     client.app[TELEMETRY].later.run()
+
+
+async def test_finish_hooks_run_in_no_request_s_context(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ended streams are retired in batches (``registry.py``), started by a timer or by
+    whichever request needs them settled: their finish hooks must not run as part of that
+    request (telemetry would mark it with another stream's outcome)."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # only when asked
+    client = await gateway(settings)
+    seen: list[object] = []
+
+    async def hook(stream: Any, checkpoint: Any) -> None:
+        seen.append(telemetry_core._REQUEST.get())
+
+    client.app[STREAMS].finish_hooks.append(hook)
+    response = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+    await response.read()
+    assert (await client.get("/v1/usage", headers=AUTH)).status == 200  # settles it
+    assert seen == [None]
 
 
 async def test_one_json_access_line_per_request_with_the_stream_outcome(
