@@ -13,7 +13,7 @@ their last bytes. The same bookkeeping run for each stream between two others' c
 costs ~10% more CPU a stream (``make bench``): it is a long path, and it runs cold. Whatever
 would see the wait settles at once instead (``retire_now``): ``settled``, a refusal (or a
 budget warning, or a cheaper model for budget pressure) that a settlement might lift
-(``admission.py``), a cache lookup a stream that just ended would answer (``serving.py``),
+(``admission.py``), a cache miss (an ended stream may hold the answer: ``serving.py``),
 ``/v1/usage``, and the drain on shutdown. With state shared through Redis, streams are
 retired as they end (``batch_s`` 0): other replicas, to which a stream's slot, holds,
 checkpoint and journal end matter as much, cannot ask this one to hurry.
@@ -243,10 +243,12 @@ class StreamRegistry:
         False when there were none (nothing was waiting to be settled)."""
         if self._ending:
             self._retire_batch()
-        if not self._retiring:
+        # (Not a batch's own: a finish hook that asked would wait for itself.)
+        batches = self._retiring - {asyncio.current_task()}
+        if not batches:
             return False
         # Not awaited directly: a caller's cancellation must not stop a settlement midway.
-        await asyncio.wait(set(self._retiring))
+        await asyncio.wait(batches)
         return True
 
     def _retire_batch(self) -> None:

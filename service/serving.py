@@ -49,8 +49,6 @@ class Responder:
         self._ttl_s = ttl_s
         self._degrade_to_cache = degrade_to_cache
         self._fills: dict[str, ChatRequest] = {}  # stream id -> request, until it ends
-        # The key looked up (the requested model's) -> the last miss that will fill it.
-        self._filling: dict[str, Stream] = {}
         # Set by the budget owner: True starts the stream on its first cheaper fallback.
         self.under_pressure: Callable[[Stream], Awaitable[bool]] | None = None
         # Set by the registry's owner: retire (and so store) the streams that have ended.
@@ -75,14 +73,13 @@ class Responder:
             return
         if self._cache is not None and cache_wanted(chat.body, cache_header):
             entry = await self._lookup(stream.owner.tenant, chat, (stream.model,))
-            if entry is None and await self._filled(stream, chat):
+            if entry is None and await self._settled():  # one of them may have been the answer
                 entry = await self._lookup(stream.owner.tenant, chat, (stream.model,))
             if entry is not None:
                 _replay(stream, entry)
                 return
             stream.cache_status = MISS
             self._fills[stream.id] = chat
-            self._filling[cache_key(stream.owner.tenant, chat.body, stream.model)] = stream
         if self.under_pressure is not None and await self.under_pressure(stream):
             self.provider.degrade(stream, BUDGET_PRESSURE)
         try:
@@ -94,17 +91,15 @@ class Responder:
             if not await self._serve_cached(stream, chat, reason):
                 raise
 
-    async def _filled(self, stream: Stream, chat: ChatRequest) -> bool:
-        """Whether a miss that has just ended would answer ``chat``, and has now been stored
-        (ended streams are retired, and fill the cache, in batches: ``registry.py``)."""
-        before = self._filling.get(cache_key(stream.owner.tenant, chat.body, stream.model))
-        if before is None or before.running or self.settle_ended is None:
-            return False
-        return await self.settle_ended()
+    async def _settled(self) -> bool:
+        """Retire the streams that have ended (they fill the cache as they are retired, in
+        batches: ``registry.py``); False when none was waiting."""
+        return self.settle_ended is not None and await self.settle_ended()
 
     async def _serve_cached(self, stream: Stream, chat: ChatRequest, reason: str) -> bool:
         """The cached-only tier: replay an answer cached for any model of ``chat``'s chain,
         saying ``reason``; False when there is none."""
+        await self._settled()
         entry = await self._lookup(stream.owner.tenant, chat, self.provider.chain(chat.model))
         if entry is None:
             return False
@@ -115,12 +110,7 @@ class Responder:
     async def fill(self, stream: Stream, checkpoint: Checkpoint) -> None:
         """Finish hook: store a completed miss under the model that served it."""
         chat = self._fills.pop(stream.id, None)
-        if chat is None:
-            return
-        looked_up = cache_key(stream.owner.tenant, chat.body, stream.model)
-        if self._filling.get(looked_up) is stream:
-            del self._filling[looked_up]
-        if self._cache is None or stream.cache_hit:
+        if chat is None or self._cache is None or stream.cache_hit:
             return
         if stream.status is not StreamStatus.COMPLETED:
             return  # only whole answers are worth replaying
@@ -133,9 +123,7 @@ class Responder:
             payloads=tuple(payloads),
             usage=stream.progress.usage,
         )
-        key = looked_up
-        if stream.served_model != stream.model:
-            key = cache_key(stream.owner.tenant, chat.body, stream.served_model)
+        key = cache_key(stream.owner.tenant, chat.body, stream.served_model)
         await self._cache.put(key, entry, self._ttl_s)
 
     async def has_cached(self, tenant: str, chat: ChatRequest, cache_header: str | None) -> bool:

@@ -226,6 +226,26 @@ async def test_a_cancelled_batch_still_retires_the_rest_of_its_streams(
     await settling
 
 
+async def test_a_finish_hook_that_asks_for_the_ended_streams_to_be_settled_does_not_wait_for_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hook runs inside its batch: settling the ended streams from there (a cache lookup
+    would) must not wait for that batch to end, which waits for the hook."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # one batch, when asked
+    registry, store = make_registry()
+    asked: list[bool] = []
+
+    async def hook(stream: Stream, checkpoint: Checkpoint) -> None:
+        asked.append(await registry.retire_now())
+
+    registry.finish_hooks.append(hook)
+    stream = make_stream()
+    registry.launch(stream, produce(stream, ["ok"]))
+    await asyncio.wait_for(registry.settled(stream), 10)  # not forever
+    assert asked == [False]
+    assert await store.get(stream.id) is not None
+
+
 async def test_an_unexpected_exception_ends_the_stream_as_a_provider_error() -> None:
     """A bug in the generation becomes a provider_error checkpoint, not a lost stream."""
     registry, store = make_registry()
