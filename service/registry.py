@@ -255,17 +255,18 @@ class StreamRegistry:
         if self._batch_timer is not None:
             self._batch_timer.cancel()
             self._batch_timer = None
-        batch, self._ending = self._ending, []
         # In a context of its own: not that of whichever request's timer or wait started
         # it (finish hooks may read a request's context variables: telemetry's).
         context = contextvars.Context()
-        task = asyncio.create_task(self._retire_all(batch), name="retire-streams", context=context)
+        task = asyncio.create_task(self._retire_all(), name="retire-streams", context=context)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _retire_all(self, batch: list[Stream]) -> None:
-        """Retire each of ``batch``, whatever happens to one (or to this task: a
-        cancellation is raised once all are settled, never leaving some unbilled)."""
+    async def _retire_all(self) -> None:
+        """Retire every ended stream, whatever happens to one (or to this task: a
+        cancellation is raised once all are settled, never leaving some unbilled). They
+        are taken at its first step: a task cancelled before it leaves them to the next."""
+        batch, self._ending = self._ending, []
         cancelled: asyncio.CancelledError | None = None
         for stream in batch:
             try:

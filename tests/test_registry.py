@@ -246,6 +246,27 @@ async def test_a_finish_hook_that_asks_for_the_ended_streams_to_be_settled_does_
     assert await store.get(stream.id) is not None
 
 
+async def test_a_batch_cancelled_before_it_began_leaves_its_streams_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's task cancelled before its first step (the loop's cancel-all at exit)
+    has taken no stream: the next settlement retires them all."""
+    monkeypatch.setattr(registry_module, "RETIRE_BATCH_S", 3600.0)  # one batch, when asked
+    registry, store = make_registry()
+    streams = [make_stream(f"strm_{n}") for n in range(2)]
+    for stream in streams:
+        registry.launch(stream, produce(stream, ["ok"]))
+    await asyncio.gather(*(s.ended.wait() for s in streams))
+    registry._retire_batch()
+    (batch,) = registry._retiring
+    batch.cancel()
+    await asyncio.wait({batch})
+    await registry.retire_now()
+    for stream in streams:
+        assert await store.get(stream.id) is not None
+        assert stream.id in registry._ended
+
+
 async def test_an_unexpected_exception_ends_the_stream_as_a_provider_error() -> None:
     """A bug in the generation becomes a provider_error checkpoint, not a lost stream."""
     registry, store = make_registry()
