@@ -290,6 +290,9 @@ class Gate:
         except asyncio.CancelledError:  # the client left while we were counting
             self.ledger.record(_rejection(principal, chat.model, arrived, status="cancelled"))
             raise
+        except Exception:  # a bug (the middleware's 500): the request still has its row
+            self.ledger.record(_rejection(principal, chat.model, arrived, code="server_error"))
+            raise
 
     async def _admit(
         self, principal: Principal, chat: ChatRequest, arrived: float, cache_header: str | None

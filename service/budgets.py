@@ -16,7 +16,7 @@ import calendar
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, localcontext
 from typing import Any
 
 from .errors import BudgetExceededError
@@ -286,5 +286,7 @@ def month_start(ts: float) -> str:
 
 def _usd(amount: Decimal, rounding: str = ROUND_CEILING) -> str:
     """Dollars to the millionth, without trailing zeros: 0.0123, 2, 0.000001."""
-    text = f"{amount.quantize(MICRO_USD, rounding=rounding):f}"
+    with localcontext() as context:  # a request's worst case may run to 30 digits and more
+        context.prec = max(context.prec, amount.adjusted() + 8)
+        text = f"{amount.quantize(MICRO_USD, rounding=rounding):f}"
     return text.rstrip("0").rstrip(".") if "." in text else text

@@ -98,8 +98,11 @@ def _default(name: str, value: Any) -> bool:
 
 
 def _canonical(value: Any) -> Any:
-    """A whole-number float as the integer it equals (``temperature: 0.0`` is ``0``)."""
-    return int(value) if type(value) is float and value.is_integer() else value
+    """A whole-number float as the integer it equals (``temperature: 0.0`` is ``0``), if
+    JSON can carry it as one here (orjson's integers are 64-bit)."""
+    if type(value) is float and value.is_integer() and -(2**63) <= value < 2**64:
+        return int(value)
+    return value
 
 
 def cache_wanted(body: Mapping[str, Any], header: str | None) -> bool:

@@ -238,6 +238,6 @@ def _optional(body: dict[str, Any], name: str, kind: type[_T]) -> _T | None:
         return None
     if not isinstance(value, kind):
         raise InvalidRequestError(
-            f"Invalid type for '{name}': expected {kind.__name__}.", param=name
+            f"Invalid type for '{name}': expected {_JSON_NAMES[kind]}.", param=name
         )
     return value

@@ -369,6 +369,38 @@ def test_the_worst_case_prices_each_image_at_its_most() -> None:
     assert gate.worst_cost("gpt-4o", 1000, 100, images=2) > gate.worst_cost("gpt-4o", 1000, 100)
 
 
+async def test_a_worst_case_of_thirty_digits_is_refused_as_any_other(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A model with no known output ceiling, ``n`` and ``max_tokens`` at 2**63: a worst case
+    of ~1e33 USD, past Decimal's 28 digits, is still a 429 ``budget_exceeded`` and a row."""
+    passthrough = replace(settings, provider=replace(settings.provider, models=()))
+    client = await gateway(with_money(passthrough, user_daily_usd=5.0))
+    body = chat_body("huge", stream=False, model="my-model", n=2**63, max_tokens=2**63)
+    response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    error = orjson.loads(await response.read())["error"]
+    assert (response.status, error["code"]) == (429, "budget_exceeded"), error
+    (row,) = await client.app[GATE].ledger.entries()
+    assert (row.status, row.error_code) == ("rejected", "budget_exceeded")
+
+
+async def test_a_bug_in_admission_is_a_500_with_its_row(
+    gateway: GatewayFactory, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever admission raises, the request still gets its one ledger row."""
+    client = await gateway(settings)
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Gate, "_take", broken)
+    response = await client.post("/v1/chat/completions", json=chat_body("hi"), headers=AUTH)
+    assert response.status == 500
+    assert "a bug" not in await response.text()
+    (row,) = await client.app[GATE].ledger.entries()
+    assert (row.status, row.error_code) == ("rejected", "server_error")
+
+
 async def test_image_requests_cannot_overspend_a_budget(
     gateway: GatewayFactory, settings: Settings
 ) -> None:

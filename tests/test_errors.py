@@ -104,6 +104,8 @@ async def test_wrong_types_name_the_param(gateway: GatewayFactory, field: str, v
     error = assert_openai_error(await response.json(), type_="invalid_request_error")
     assert error["param"] == field
     assert field in error["message"]
+    assert "bool" not in error["message"].replace("boolean", "")  # JSON's names, not Python's
+    assert "dict" not in error["message"]
 
 
 async def test_both_output_limits_at_once_are_400(

@@ -76,6 +76,18 @@ async def test_an_answer_just_given_answers_the_same_request_at_once(
     assert sim_stats.requests == 1
 
 
+async def test_a_whole_number_past_64_bits_is_a_cache_key_too(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """``top_p: 1e20`` in a deterministic request: its key keeps the float (no 64-bit
+    integer holds it); the request is answered, then answered from the cache."""
+    rig = await start(aiohttp_client, settings)
+    for expected in ("miss", "hit"):
+        status, headers, _ = await post(rig, "big [sim chunks=2]", temperature=0, top_p=1e20)
+        assert (status, headers[CACHE_HEADER]) == (200, expected)
+    assert sim_stats.requests == 1
+
+
 async def test_streamed_answer_is_cached_and_replayed_as_a_stream(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:
