@@ -41,7 +41,14 @@ from typing import Any, ClassVar, Self
 
 import orjson
 
-from .provider_client import BodyError, ClientError, ConnectError, ConnectTimeout, TooLarge
+from .provider_client import (
+    AnswerError,
+    BodyError,
+    ClientError,
+    ConnectError,
+    ConnectTimeout,
+    TooLarge,
+)
 from .sse import EventTooLarge
 
 
@@ -297,6 +304,14 @@ class ProviderProtocolError(ProviderError):
     default_code = "provider_protocol_error"
 
 
+class ProviderBrokenAnswerError(ProviderProtocolError):
+    """An answer that broke before its head was whole, or one the gateway cannot read (a
+    compressed body it did not ask for): begun, so perhaps generated (and paid for), and
+    never asked for again."""
+
+    may_have_generated = prompt_billed = True
+
+
 class ProviderAnswerTooLargeError(ProviderProtocolError):
     """An answer, an event or a stream's journal past the gateway's bound: generated (and
     paid for) as far as it went, so never asked for again."""
@@ -322,6 +337,8 @@ def translate(exc: BaseException) -> SluiceError:
         return ProviderTimeoutError("The provider did not answer in time.")
     if isinstance(exc, TooLarge | EventTooLarge):
         return ProviderAnswerTooLargeError()
+    if isinstance(exc, AnswerError):
+        return ProviderBrokenAnswerError(str(exc))  # (our own words: see provider_client.py)
     if isinstance(exc, BodyError):
         return ProviderConnectionError("The provider closed the stream before it was complete.")
     if isinstance(exc, ConnectError):

@@ -60,6 +60,11 @@ class BodyError(ClientError):
     """The connection ended before the response's body did."""
 
 
+class AnswerError(ClientError):
+    """The provider had begun to answer when its answer broke, before its head was whole
+    (cut off, garbled, too long): it may have generated it, so it is not asked again."""
+
+
 class TooLarge(ClientError):
     """A body past the size its reader takes (the connection is dropped)."""
 
@@ -259,6 +264,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._eof = False  # the peer ended its side cleanly
         self.received = 0  # bytes of the current response's head seen so far (capped)
+        self.head_bytes = 0  # its header lines' (capped, however the reads split it)
         self.idle_bytes = 0  # bytes read since the body last grew (trailers, say: capped)
         self._finishing: asyncio.TimerHandle | None = None  # see ``finish_then_pool``
         self._why: str | None = None  # why a callback stopped the parser
@@ -350,6 +356,10 @@ class _Connection(asyncio.Protocol):
             return
         if response.headers.add(name.decode("latin-1"), value.decode("latin-1")) > MAX_HEADERS:
             self._why = "The provider sent too many headers."
+            raise _Stop
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD:
+            self._why = "The provider sent a response head too long."
             raise _Stop
 
     def on_headers_complete(self) -> None:
@@ -497,7 +507,7 @@ class ProviderClient:
             connected()
         conn.body.clear()  # (empty already: a connection is kept only after a whole body)
         response = conn.response = Response(conn)
-        conn.received = conn.idle_bytes = 0
+        conn.received = conn.idle_bytes = conn.head_bytes = 0
         try:
             assert conn.transport is not None
             conn.transport.write(message)
@@ -505,6 +515,11 @@ class ProviderClient:
                 if response._error is not None:
                     raise response._error
                 await response._wait()
+        except ClientError as exc:
+            conn.close()
+            if conn.received and not isinstance(exc, AnswerError):
+                raise AnswerError(str(exc)) from exc  # ours, not the peer's, words
+            raise
         except BaseException:
             conn.close()
             raise

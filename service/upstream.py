@@ -23,6 +23,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .errors import (
     ProviderAnswerError,
+    ProviderBrokenAnswerError,
     ProviderCutOffError,
     ProviderEndedEarly,
     ProviderProtocolError,
@@ -149,6 +150,13 @@ class Upstream:
         if response.status >= 300:
             async with response:
                 raise await self._status_error(response)
+        encoding = response.headers.get("Content-Encoding", "identity")
+        if encoding.strip().lower() != "identity":  # asked for identity, and given this
+            response.close()
+            raise ProviderBrokenAnswerError(
+                f"The provider sent its answer encoded ({self.field(encoding)}), "
+                "which the gateway did not ask for."
+            )
         return response
 
     async def list_models(self) -> list[dict[str, Any]]:

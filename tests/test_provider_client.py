@@ -363,6 +363,26 @@ async def test_a_broken_answer_is_a_client_error_and_drops_the_connection(answer
         client.close()
 
 
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_head_past_its_bound_is_refused_however_it_arrives(split: bool) -> None:
+    """One header of 100 KB: refused whether the head comes in one read or in two."""
+    head = b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 100_000 + b"\r\nContent-Length: 2\r\n\r\n{}"
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        parts = [head[:70_000], head[70_000:]] if split else [head]
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+        await reader.read()
+
+    async with RawServer(script) as server:
+        client = server.client()
+        with pytest.raises(pc.AnswerError, match="head too long"):
+            await _request_and_read(client)
+        client.close()
+
+
 async def _request_and_read(client: ProviderClient) -> bytes:
     response = await client.request("POST", "/v1/x", b"{}")
     return await response.read()

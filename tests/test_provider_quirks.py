@@ -74,6 +74,36 @@ async def _gateway(
     return client
 
 
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("broken", ["129 headers", "gzip"])
+async def test_an_answer_begun_and_unreadable_is_billed_and_never_asked_again(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool, broken: str
+) -> None:
+    """A 200 whose head the gateway refuses (too many headers), or whose body comes encoded
+    when identity was asked for: the provider answered, so it may have generated (a JSON
+    answer is whole before its head goes). A 502, its prompt billed, and no second call."""
+    calls: list[bytes] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(await request.read())
+        if broken == "gzip":
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            return web.Response(body=b"\x1f\x8b not really", headers=headers)
+        return web.Response(body=b"{}", headers={f"X-N-{n}": "v" for n in range(129)})
+
+    custom = with_resilience(settings, retry_max_attempts=3)
+    client = await _gateway(aiohttp_server, gateway, custom, answer)
+    response = await client.post(URL, json=chat_body("hi", stream=stream), headers=AUTH)
+    assert response.status == 502
+    error = assert_openai_error(await response.json())
+    assert error["code"] == "provider_protocol_error"
+    assert ("gzip" in error["message"]) is (broken == "gzip")
+    assert len(calls) == 1
+    await client.app[STREAMS].retire_now()
+    (row,) = await client.app[GATE].ledger.entries()
+    assert (row.status, row.prompt_tokens > 0) == ("provider_error", True)
+
+
 async def test_a_finished_stream_without_done_completes(
     aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
 ) -> None:
