@@ -24,6 +24,7 @@
         │   ├── ProviderCutOffError    502 closed mid-answer, after it was paid for (no retry)
         │   └── ProviderEndedEarly     502 a stream's body ended without [DONE]
         └── ProviderProtocolError      502 the upstream sent something that is not a chunk
+            ├── ProviderBrokenAnswerError    502 an answer begun, then unreadable (no retry)
             └── ProviderAnswerTooLargeError  502 past a bound on what is kept (no retry)
 
 Every leaf renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``: as a

@@ -1,6 +1,7 @@
 """Configuration: frozen dataclasses read once from an injected environment mapping.
 
-Nothing else in the service reads ``os.environ``. Each concern owns one group
+Nothing else in the service reads ``os.environ`` (only OpenTelemetry's exporter does, for
+its compression and certificates: see the README). Each concern owns one group
 (``ServerSettings``, ``ProviderSettings``, ``StreamSettings``); ``Settings`` holds
 them all. Every parse error names the variable that caused it.
 """
@@ -565,7 +566,7 @@ def _money_from_env(reader: _EnvReader) -> MoneySettings:
         tenant_daily_usd=usd("SLUICE_BUDGET_TENANT_DAILY_USD"),
         tenant_monthly_usd=usd("SLUICE_BUDGET_TENANT_MONTHLY_USD"),
         soft_fraction=reader.number(
-            "SLUICE_BUDGET_SOFT_FRACTION", DEFAULT_BUDGET_SOFT_FRACTION, low=0.0
+            "SLUICE_BUDGET_SOFT_FRACTION", DEFAULT_BUDGET_SOFT_FRACTION, low=0.0, high=1.0
         ),
     )
 

@@ -120,6 +120,7 @@ def test_blank_values_count_as_unset() -> None:
         ("SLUICE_DRAIN_S", "inf"),
         ("SLUICE_MAX_GENERATION_S", "3601"),
         ("SLUICE_PROVIDER", "anthropic"),
+        ("SLUICE_BUDGET_SOFT_FRACTION", "1.5"),  # past 1: no warning would ever come
     ],
 )
 def test_errors_name_the_variable(name: str, value: str) -> None:

@@ -3,7 +3,9 @@
 Nothing here touches OpenTelemetry's global provider: the provider is made by the cleanup
 context (``telemetry_ctx`` in ``service/telemetry/http.py``) and handed to ``Telemetry``.
 With no endpoint configured there is no provider at all and ``Telemetry`` keeps the no-op
-tracer. Settings are passed explicitly so the SDK's own environment lookups never decide.
+tracer. Settings are passed explicitly so the SDK's own environment lookups never decide,
+but for what the exporter reads itself (``OTEL_EXPORTER_OTLP_*`` compression and
+certificates: the README lists them).
 """
 
 from __future__ import annotations
