@@ -126,6 +126,8 @@ def _fold(stream: Stream, raw: bytes, upstream: Scrubber, shape: ChunkShape) -> 
             raise ProviderProtocolError("The provider sent a chunk that is not an object.")
         if chunk.get("error"):
             raise relayed_error(chunk["error"], upstream, MIDSTREAM_ERROR)
+        if chunk.get("object") == "error" and "choices" not in chunk:  # vLLM's, before 0.6
+            raise relayed_error(chunk, upstream, MIDSTREAM_ERROR)
         if stream.progress.add_chunk(chunk) and not stream.include_usage:
             return False
     except (AttributeError, TypeError, KeyError):  # valid JSON of the wrong shape

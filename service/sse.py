@@ -1,14 +1,17 @@
 """Server-Sent Events on the wire: an incremental decoder for the provider's stream and the
-encoders for ours. Pure: no server objects, no JSON.
+encoders for ours. Pure: no server objects.
 
 The decoder yields the raw ``data`` payload of each event as bytes, so the relay can
-forward the provider's bytes without re-serialising them.
+forward the provider's bytes without re-serialising them (an ``event: error``'s, which
+OpenAI never sends but some servers and proxies do, becomes OpenAI's error object).
 See https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
 """
 
 from __future__ import annotations
 
 from itertools import repeat
+
+import orjson
 
 DONE = b"[DONE]"
 # A comment line with no blank line after it: a blank line ends an event, and a client that
@@ -116,11 +119,27 @@ def _may_end(before: bytes, chunk: bytes) -> bool:
 
 
 def _event_data(event: bytes) -> bytes:
-    """An event's data (empty when it has none: then it is no event)."""
+    """An event's data (empty when it has none: then it is no event); an ``error`` event's
+    as an ``{"error": ...}`` object, as OpenAI sends one, whatever its own shape."""
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]  # the common case: one data line
-    lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(_field_value(line[5:]) for line in lines)
+    lines = event.split(b"\n")
+    data = b"\n".join(_field_value(line[5:]) for line in lines if line.startswith(b"data:"))
+    if data and any(_field_value(line[6:]) == b"error" for line in lines if line[:6] == b"event:"):
+        return _as_error(data)
+    return data
+
+
+def _as_error(data: bytes) -> bytes:
+    """An ``error`` event's data as OpenAI's error object: kept if it is one already, put
+    under ``error`` if it is another object, made the message if it is no object."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        value = data.decode("utf-8", "replace")
+    if isinstance(value, dict) and value.get("error"):
+        return data
+    return orjson.dumps({"error": value if isinstance(value, dict) else {"message": str(value)}})
 
 
 def _nonempty(payloads: list[bytes]) -> list[bytes]:

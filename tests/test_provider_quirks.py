@@ -104,6 +104,33 @@ async def test_an_answer_begun_and_unreadable_is_billed_and_never_asked_again(
     assert (row.status, row.prompt_tokens > 0) == ("provider_error", True)
 
 
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        (b'event: error\ndata: {"message": "overloaded"}\n\n', "overloaded"),
+        (b"event: error\ndata: the queue is full\n\n", "the queue is full"),
+        (b'event:error\ndata: {"error": {"message": "as openai"}}\n\n', "as openai"),
+        (_event({"object": "error", "message": "old vllm", "type": "BadRequestError"}), "old vllm"),
+    ],
+    ids=["event-object", "event-text", "event-openai", "object-error"],
+)
+async def test_an_error_in_another_server_s_words_ends_the_stream_with_it(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, event: bytes, message: str
+) -> None:
+    """An ``event: error`` (some servers' and proxies') or an older vLLM's ``{"object":
+    "error"}`` chunk mid-stream is the provider's error: the stream ends with it, its
+    message kept, not relayed as a chunk and then called an early end."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, _delta("Hi"), event)
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("x"), headers=AUTH)
+    *chunks, last = sse_data(await response.text())
+    assert len(chunks) == 1
+    assert orjson.loads(last)["error"]["message"] == message
+
+
 async def test_a_finished_stream_without_done_completes(
     aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
 ) -> None:
