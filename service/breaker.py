@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pybreaker
 
@@ -80,16 +80,37 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
 
 
 class Verdict:
-    """An attempt's outcome, to be given once the stream it answered has ended."""
+    """One attempt, as a ``with`` block (``Breaker.attempt``): let in or refused as it
+    begins, its outcome given as it ends, or, deferred, once the stream it answered has."""
 
-    __slots__ = ("_breaker", "_pending", "cycle", "deferred", "failure_serial")
+    __slots__ = ("_breaker", "_pending", "_probe", "cycle", "deferred", "failure_serial")
 
     def __init__(self, breaker: Breaker) -> None:
         self._breaker = breaker
-        self.cycle = breaker.cycle  # the breaker's, when the attempt was let in
-        self.failure_serial = breaker.failure_serial  # its failures counted by then
+        self._probe = False  # the half-open circuit's one probe
+        self.cycle = 0  # the breaker's, when the attempt was let in
+        self.failure_serial = 0  # its failures counted by then
         self.deferred = False
         self._pending = False  # deferred and not given yet
+
+    def __enter__(self) -> Verdict:
+        """Let the attempt in, or raise ``CircuitOpenError`` without calling."""
+        breaker = self._breaker
+        self._probe = breaker._admit()
+        self.cycle, self.failure_serial = breaker.cycle, breaker.failure_serial
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        breaker = self._breaker
+        try:
+            if exc is None:
+                if self._probe or not self.deferred:  # a probe's 2xx closes the circuit now
+                    breaker.record(failed=False, cycle=self.cycle)
+            elif not isinstance(exc, asyncio.CancelledError):  # (the client left: no news)
+                breaker.record(failed=is_provider_failure(exc), cycle=self.cycle)
+        finally:
+            if self._probe:
+                breaker._probing = False
 
     def defer(self) -> None:
         """The attempt answered a stream: judge it by how the stream ends."""
@@ -154,25 +175,11 @@ class Breaker:
             return 0.0
         return max(0.0, self.opened_at + self._cb.reset_timeout - self.clock())
 
-    @contextlib.contextmanager
-    def attempt(self) -> Iterator[Verdict]:
-        """Guard one provider attempt; raise ``CircuitOpenError`` without calling when open.
-        The attempt's verdict is given as it ends, unless deferred (a stream's)."""
-        probe = self._admit()
-        verdict = Verdict(self)
-        try:
-            yield verdict
-        except asyncio.CancelledError:
-            raise  # the client left: says nothing about the provider
-        except BaseException as exc:
-            self.record(failed=is_provider_failure(exc), cycle=verdict.cycle)
-            raise
-        else:
-            if probe or not verdict.deferred:  # a probe's 2xx closes the circuit now
-                self.record(failed=False, cycle=verdict.cycle)
-        finally:
-            if probe:
-                self._probing = False
+    def attempt(self) -> Verdict:
+        """Guard one provider attempt (``with``); entering raises ``CircuitOpenError``
+        without calling when open. The verdict is given as it ends, unless deferred (a
+        stream's). (A class, not a generator: one an attempt.)"""
+        return Verdict(self)
 
     def _admit(self) -> bool:
         """Let an attempt through, or raise; True when the attempt is the half-open probe."""

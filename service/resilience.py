@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import orjson
@@ -235,7 +235,8 @@ class ResilientProvider:
                 raise translate(exc) from exc
             if isinstance(answer, ProviderStream):  # judged when it ends (``generation.py``)
                 verdict.defer()
-                return replace(answer, ended=verdict)
+                answer.ended = verdict
+                return answer
             return answer
 
     async def pump(

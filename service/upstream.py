@@ -259,7 +259,7 @@ def _nobody(error: BaseException | None) -> None:
     """A stream's end, told to nobody (an answer no breaker attempt made)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProviderStream:
     """A provider's 2xx streamed answer, its body unread, and when its first output is due."""
 

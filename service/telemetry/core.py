@@ -20,12 +20,11 @@ Hooks for other modules (all cheap, all safe to call with tracing off):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar, Token
 from typing import Any, TypeGuard
 
@@ -291,13 +290,12 @@ class Telemetry:
         finally:
             _GENERATION.reset(token)
 
-    @contextlib.contextmanager
-    def attempt(self, model: str) -> Iterator[None]:
-        """One provider call (until its status line); its CLIENT span is current inside."""
-        st = _GENERATION.get()
-        if st is None:
-            yield
-            return
+    def attempt(self, model: str) -> Attempt:
+        """One provider call (until its status line), as a ``with`` block; its CLIENT span
+        is current inside."""
+        return Attempt(self, model)
+
+    def _attempt_began(self, st: StreamTrace, model: str) -> Span | None:
         self._end_failed(st)
         st.attempt += 1
         st.attempt_started = now = time.time()
@@ -308,26 +306,22 @@ class Telemetry:
         # then gets the parent's context, flagged not sampled, which is all it needs.
         # The parent's sampling decision, not whether it still records: a retry after the
         # client left (its SERVER span ended) still gets its CLIENT span.
-        parent = trace.get_current_span(st.parent).get_span_context()
-        sampled = self.recording and parent.trace_flags.sampled
+        sampled = (
+            self.recording
+            and trace.get_current_span(st.parent).get_span_context().trace_flags.sampled
+        )
         span = self._start_attempt_span(st, model) if sampled else None
         st.span = span  # in flight: a disconnect or the grace window's end is an event on it
-        token = otel_context.attach(trace.set_span_in_context(span)) if span else None
-        try:
-            yield
-        except asyncio.CancelledError:
-            raise  # the stream was stopped while waiting: the span ends with its status
-        except BaseException as exc:
+        return span
+
+    def _attempt_ended(self, st: StreamTrace, span: Span | None, exc: BaseException | None) -> None:
+        if exc is None:
+            st.answered_at = time.time()
+        elif not isinstance(exc, asyncio.CancelledError):  # (stopped: its span ends later)
             st.span = None
             if span is not None:
                 _mark_failed(span, exc, self.redactor)
                 st.failed = span
-            raise
-        else:
-            st.answered_at = time.time()
-        finally:
-            if token is not None:
-                otel_context.detach(token)
 
     def _start_attempt_span(self, st: StreamTrace, model: str) -> Span:
         model = self.redactor.value(model)  # a client's words (passthrough models): redacted
@@ -620,6 +614,36 @@ class _BreakerListener(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         old = getattr(old_state, "name", None)
         self._telemetry.breaker_state_changed(str(cb.name), old, str(new_state.name))
+
+
+class Attempt:
+    """``Telemetry.attempt``'s block (a class, not a generator: one an attempt)."""
+
+    __slots__ = ("_model", "_span", "_st", "_telemetry", "_token")
+
+    def __init__(self, telemetry: Telemetry, model: str) -> None:
+        self._telemetry = telemetry
+        self._model = model
+        self._st: StreamTrace | None = None
+        self._span: Span | None = None
+        self._token: Token[otel_context.Context] | None = None
+
+    def __enter__(self) -> None:
+        st = self._st = _GENERATION.get()
+        if st is not None:
+            span = self._span = self._telemetry._attempt_began(st, self._model)
+            if span is not None:
+                self._token = otel_context.attach(trace.set_span_in_context(span))
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        st = self._st
+        if st is None:
+            return
+        try:
+            self._telemetry._attempt_ended(st, self._span, exc)
+        finally:
+            if self._token is not None:
+                otel_context.detach(self._token)
 
 
 class Serving:
