@@ -232,22 +232,21 @@ class Upstream:
         prefill for long); from then on the idle deadline runs from each read."""
         decoder = SSEDecoder()
         try:
-            async with asyncio.timeout(None) as timeout:
-                idle_s = self._settings.idle_timeout_s
-                with _Deadline(timeout, answer.first_due, idle_s) as deadline:
-                    output_began = False  # since then any read (a comment) shows life
-                    async for data in answer.response.iter_any():
-                        payloads = self._scrubbed_all(decoder.feed(data))  # whole events:
-                        # a key split by reads too
-                        if payloads and sink(payloads):
-                            return
-                        if output_began or (payloads and generating()):
-                            output_began = True
-                            deadline.touch()
-                        del data, payloads  # not kept while the next read is awaited
-                    rest = self._scrubbed_all(decoder.flush())  # no blank line after it
-                    if rest and sink(rest):
+            idle_s = self._settings.idle_timeout_s
+            with _Deadline(answer.response.loop, answer.first_due, idle_s) as deadline:
+                output_began = False  # since then any read (a comment) shows life
+                async for data in answer.response.iter_any():
+                    payloads = self._scrubbed_all(decoder.feed(data))  # whole events: a
+                    # key split by reads too
+                    if payloads and sink(payloads):
                         return
+                    if output_began or (payloads and generating()):
+                        output_began = True
+                        deadline.touch()
+                    del data, payloads  # not kept while the next read is awaited
+                rest = self._scrubbed_all(decoder.flush())  # no blank line after it
+                if rest and sink(rest):
+                    return
         except TimeoutError:
             raise ProviderTimeoutError("The provider stopped sending in time.") from None
         except (ClientError, OSError, EventTooLarge) as exc:  # reset mid-stream, say
@@ -271,33 +270,54 @@ class ProviderStream:
 
 
 class _Deadline:
-    """Expires ``timeout`` at ``first_due`` (loop time), or ``idle_s`` after the last
-    ``touch()``.
+    """A block that raises ``TimeoutError`` at ``first_due`` (loop time), or ``idle_s``
+    after the last ``touch()``, as ``asyncio.timeout`` would (the task is cancelled, and
+    the cancellation turned into the error as the block ends).
 
     ``touch`` mostly just records the time: the timer re-arms itself when it fires before
     the due time, so a stream costs about one timer per idle period instead of one per read
     (rescheduling an asyncio timer costs microseconds). Invariant: the timer is armed at or
     before ``_due``; ``touch`` re-arms only when the due time moves earlier than the timer.
+    (Not ``asyncio.timeout`` around it: on Python 3.11 each of its steps asks for the
+    running loop, a system call each time.)
     """
 
-    __slots__ = ("_armed_at", "_due", "_handle", "_idle_s", "_loop", "_timeout")
+    __slots__ = (
+        "_armed_at",
+        "_cancelling",
+        "_due",
+        "_expired",
+        "_handle",
+        "_idle_s",
+        "_loop",
+        "_task",
+    )
 
-    def __init__(self, timeout: asyncio.Timeout, first_due: float, idle_s: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._timeout = timeout
+    def __init__(self, loop: asyncio.AbstractEventLoop, first_due: float, idle_s: float) -> None:
+        self._loop = loop
+        task = asyncio.current_task(loop)
+        assert task is not None  # (inside a task: the one the deadline cancels)
+        self._task = task
+        self._cancelling = 0
+        self._expired = False
         self._idle_s = idle_s
         self._due = first_due
         self._armed_at = self._due
         self._handle: asyncio.TimerHandle | None = None
 
     def __enter__(self) -> _Deadline:
+        self._cancelling = self._task.cancelling()
         self._arm(self._due)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        # As ``asyncio.Timeout`` does: the cancellation was ours only if no other is pending.
+        expired = self._expired and self._task.uncancel() <= self._cancelling
+        if expired and kind is asyncio.CancelledError:
+            raise TimeoutError from exc
 
     def touch(self) -> None:
         self._due = self._loop.time() + self._idle_s
@@ -314,7 +334,8 @@ class _Deadline:
         now = self._loop.time()
         if now >= self._due - _TIMER_SLACK_S:
             self._handle = None
-            self._timeout.reschedule(now)  # expire now: the task is cancelled, TimeoutError
+            self._expired = True
+            self._task.cancel()  # turned into TimeoutError as the block ends
         else:
             self._arm(self._due)
 

@@ -4,12 +4,15 @@ provider that compresses whenever the client allows it, and the organization and
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from service import upstream
 from service.simulator import Simulator, create_simulator_app
 from service.tokens import count_body
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
@@ -73,3 +76,36 @@ async def test_organization_and_project_reach_the_provider(
         assert response.status == 200
         await response.read()
     assert seen == [("org-1", "proj_2")] * 2
+
+
+async def _under_deadline(due_in_s: float, *, expire: bool, cancel: bool) -> None:
+    """Wait under a ``_Deadline`` due in ``due_in_s``; ``expire``: it fires at once, by
+    hand; ``cancel``: someone else cancels the task too."""
+    loop = asyncio.get_running_loop()
+    with upstream._Deadline(loop, loop.time() + due_in_s, 60.0) as deadline:
+        if expire:
+            deadline._due = loop.time() - 1
+            deadline._check()
+        if cancel:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+        await asyncio.Event().wait()
+
+
+async def test_a_deadline_is_a_timeout_error_and_only_its_own_cancel_becomes_one() -> None:
+    """As ``asyncio.timeout``: the deadline passing is a ``TimeoutError``; a cancellation
+    from elsewhere stays one, even when the deadline passed at the same moment, and the
+    task's count of cancellations is as it was."""
+    with pytest.raises(TimeoutError):
+        await _under_deadline(-1.0, expire=False, cancel=False)  # its own timer fires
+    with pytest.raises(TimeoutError):
+        await _under_deadline(60.0, expire=True, cancel=False)
+    for expire in (False, True):
+        task = asyncio.ensure_future(_under_deadline(60.0, expire=expire, cancel=True))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+    current = asyncio.current_task()
+    assert current is not None
+    assert current.cancelling() == 0
