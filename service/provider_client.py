@@ -485,6 +485,16 @@ class ProviderClient:
         self._open: set[_Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the client runs on, looked up once: ``asyncio.get_running_loop`` is a
+        system call (the process id) each time on Python 3.11, and requests need the time."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def request(
         self,

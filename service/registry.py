@@ -98,6 +98,16 @@ class StreamRegistry:
         self._ending: list[Stream] = []  # ended, to be retired with the next batch
         self._batch_timer: asyncio.TimerHandle | None = None
         self._retiring: set[asyncio.Task[None]] = set()  # batches being retired
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the streams run on, looked up once (``asyncio.get_running_loop`` is a
+        system call, the process id, each time on Python 3.11; a request needs it twice)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def live(self) -> list[Stream]:
         """The streams still generating (not those ended and waiting to be retired)."""
@@ -115,7 +125,7 @@ class StreamRegistry:
         """Run ``work`` as the stream's generation task, owned by the registry."""
         self._live[stream.id] = stream
         stream.launched_at = self._clock()
-        stream.task = asyncio.create_task(self._run(stream, work), name=f"stream-{stream.id}")
+        stream.task = self.loop.create_task(self._run(stream, work), name=f"stream-{stream.id}")
         for hook in self.launch_hooks:
             hook(stream)
 

@@ -185,7 +185,7 @@ class ResilientProvider:
     async def _with_retries(
         self, call: _Call[T], body: bytes, model: str, budget: RetryBudget, route: Route
     ) -> T:
-        loop = asyncio.get_running_loop()
+        loop = self.upstream.loop
         while True:
             budget.record_attempt()
             route.attempt_started_at = loop.time()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ class Upstream:
         self._fetching: asyncio.Future[list[dict[str, Any]]] | None = None
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._client.loop
+
+    @property
     def name(self) -> str:
         return self._settings.name
 
@@ -100,8 +105,9 @@ class Upstream:
         # The first-token deadline counts from the request: it bounds the wait for the
         # status line (a provider may hold its headers until the first token) and for the
         # first event after it together. TimeoutError is translated to a 504.
-        due = asyncio.get_running_loop().time() + self._settings.first_token_timeout_s
-        async with asyncio.timeout_at(due):
+        loop = self._client.loop
+        due = loop.time() + self._settings.first_token_timeout_s
+        with _Deadline(loop, due, math.inf):
             response = await self._post(body, _ACCEPT_SSE)
             if _is_json(response):  # an answer, not a stream
                 async with response:  # an answer where a stream was asked: often an error

@@ -331,7 +331,7 @@ async def test_the_200_waits_for_the_attempt_in_flight_not_another_interval(
     loop = asyncio.get_running_loop()
     stream = Stream("strm_w", Owner("u", "t", "k"), model="m", streaming=True, include_usage=False)
     stream.attempt_started_at = loop.time()
-    waiter = asyncio.create_task(_wait_for_answer(stream, 15.0))
+    waiter = asyncio.create_task(_wait_for_answer(stream, 15.0, asyncio.get_running_loop()))
     await _turns()
     clock.advance(14.0)
     stream.backing_off = True  # attempt 1 failed; the retry waits 2 s

@@ -103,7 +103,8 @@ async def _ready_to_stream(request: web.Request, stream: Stream) -> None:
     (raised here); but not for long: a provider that holds its headers must not leave a
     proxy's idle timer running (see ``_wait_for_answer``). Returns before the streaming
     starts, so that no frame of its own stays for the stream's whole life."""
-    await _wait_for_answer(stream, request.app[SETTINGS].streams.keepalive_s)
+    loop = request.app[STREAMS].loop
+    await _wait_for_answer(stream, request.app[SETTINGS].streams.keepalive_s, loop)
     if not stream.failed_before_output:
         mirror = request.app[JOURNAL_MIRROR]
         if mirror is not None:  # the id goes out next: every replica must know it
@@ -112,14 +113,15 @@ async def _ready_to_stream(request: web.Request, stream: Stream) -> None:
         raise _refusal(stream)
 
 
-async def _wait_for_answer(stream: Stream, interval: float) -> None:
+async def _wait_for_answer(
+    stream: Stream, interval: float, loop: asyncio.AbstractEventLoop
+) -> None:
     """Until the provider answers (or the stream ends), or the response must start: once
     the wait has lasted a keepalive interval and the attempt in flight a third of one.
 
     Never during a retry's delay, and not just as an attempt begins: a refusal that comes
     quickly, first or after a retry, still gets its HTTP status (and Retry-After, which the
     SDKs act on). The retry budget bounds the delays, so the silence stays bounded."""
-    loop = asyncio.get_running_loop()
     due = loop.time() + interval
     while not stream.accepted.is_set():
         attempt = stream.attempt_started_at
