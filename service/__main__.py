@@ -24,6 +24,8 @@ from .telemetry.redaction import Redactor
 
 log = logging.getLogger("service")
 
+# After the drain (streams), how long aiohttp waits for the handlers left: those writing a
+# drained stream's last bytes, and any request still uploading its body (no stream yet).
 DRAIN_MARGIN_S = 5.0
 # A request allocates a few thousand short-lived containers; with CPython's default (700)
 # the collector runs every few requests, scanning young objects that die a moment later
@@ -152,7 +154,7 @@ def main() -> None:
             app,
             sock=sock,
             handler_cancellation=True,
-            shutdown_timeout=settings.server.drain_s + DRAIN_MARGIN_S,
+            shutdown_timeout=DRAIN_MARGIN_S,  # counted after ``on_shutdown``: the drain
             access_log=None,
             print=_log_listening,
             loop=loop,

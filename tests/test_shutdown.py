@@ -443,3 +443,40 @@ async def test_the_sdk_raises_on_a_stream_shutdown_cut_off(
 async def _read_all(stream: Any, into: list[Any]) -> None:
     async for chunk in stream:
         into.append(chunk)
+
+
+async def test_a_request_still_uploading_holds_the_exit_for_the_margin_only(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with no stream running but a request whose body is still coming (a slow
+    upload): the drain has nothing to wait for, and the upload gets ``DRAIN_MARGIN_S`` to
+    finish, not the whole drain window again. Its refusal still has its row."""
+    process = await _gateway(tmp_path, SLUICE_PROVIDER="simulated", SLUICE_DRAIN_S="60")
+    assert process.stderr is not None
+    seen: list[bytes] = []
+    try:
+        port = await asyncio.wait_for(_listening_port(process.stderr, seen), 30)
+        output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: sluice\r\n"
+            b"Authorization: Bearer " + DEV_KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 100")  # its handler runs
+        writer.write(b'{"model": "gpt-4o-mini", ')  # and never the rest
+        await writer.drain()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), DRAIN_MARGIN_S + 5) == 0
+        writer.close()
+        await output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = b"".join(seen).decode(errors="replace")
+    assert "Traceback" not in log, log
+    with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
+        assert ledger.execute("SELECT status FROM ledger").fetchall() == [("cancelled",)]
