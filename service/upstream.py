@@ -119,7 +119,8 @@ class Upstream:
         """POST a non-streamed chat completion and read it whole, or raise the provider's
         error. One deadline covers both (``SLUICE_COMPLETION_TIMEOUT_S``): a non-streamed
         answer comes only once it is whole, so the first-token deadline would be too short."""
-        async with asyncio.timeout(self._settings.completion_timeout_s):
+        loop = self._client.loop
+        with _Deadline(loop, loop.time() + self._settings.completion_timeout_s, math.inf):
             response = await self._post(body, _ACCEPT_JSON)
             try:
                 raw = await response.read(MAX_ANSWER_BYTES)
