@@ -281,18 +281,36 @@ async def _gateway(tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
     return await python_module("service", env={**base, **env}, stdout=DEVNULL)
 
 
+@contextlib.asynccontextmanager
+async def _serving(
+    tmp_path: Path, **env: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """``_gateway`` once it listens: (the process, its port). The block must see it exit;
+    it is killed if it did not, and its log must hold no traceback."""
+    process = await _gateway(tmp_path, **env)
+    assert process.stderr is not None
+    seen: list[bytes] = []
+    try:
+        port = await asyncio.wait_for(_listening_port(process.stderr, seen), 30)
+        output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+        yield process, port
+        await output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = b"".join(seen).decode(errors="replace")
+    assert "Traceback" not in log, log
+
+
 async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
     """SIGTERM to ``python -m service`` with an SSE stream and a WebSocket stream open: the SSE
     reader gets ``retry:``, the socket closes with 1001, both streams are recorded (the ledger
     row is written after the checkpoint, in the same task), and the process exits 0 within the
     drain window without logging a traceback."""
     drain_s = 1.0
-    process = await _gateway(tmp_path, SLUICE_PROVIDER="simulated", SLUICE_DRAIN_S=str(drain_s))
-    assert process.stderr is not None
-    seen: list[bytes] = []
-    try:
-        port = await asyncio.wait_for(_listening_port(process.stderr, seen), 30)
-        output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+    env = {"SLUICE_PROVIDER": "simulated", "SLUICE_DRAIN_S": str(drain_s)}
+    async with _serving(tmp_path, **env) as (process, port):
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             response = await session.post(
@@ -318,13 +336,6 @@ async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
         assert closing.type is aiohttp.WSMsgType.CLOSE
         assert closing.data == aiohttp.WSCloseCode.GOING_AWAY
         assert await asyncio.wait_for(process.wait(), drain_s + DRAIN_MARGIN_S) == 0
-        await output
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    log = b"".join(seen).decode(errors="replace")
-    assert "Traceback" not in log, log
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
         rows = dict(ledger.execute("SELECT stream_id, error_code FROM ledger").fetchall())
     assert rows == {response.headers["X-Sluice-Stream-Id"]: "shutdown", ws_stream: "shutdown"}
@@ -451,12 +462,8 @@ async def test_a_request_still_uploading_holds_the_exit_for_the_margin_only(
     """SIGTERM with no stream running but a request whose body is still coming (a slow
     upload): the drain has nothing to wait for, and the upload gets ``DRAIN_MARGIN_S`` to
     finish, not the whole drain window again. Its refusal still has its row."""
-    process = await _gateway(tmp_path, SLUICE_PROVIDER="simulated", SLUICE_DRAIN_S="60")
-    assert process.stderr is not None
-    seen: list[bytes] = []
-    try:
-        port = await asyncio.wait_for(_listening_port(process.stderr, seen), 30)
-        output = asyncio.ensure_future(_drain_output(process.stderr, seen))
+    env = {"SLUICE_PROVIDER": "simulated", "SLUICE_DRAIN_S": "60"}
+    async with _serving(tmp_path, **env) as (process, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: sluice\r\n"
@@ -471,12 +478,5 @@ async def test_a_request_still_uploading_holds_the_exit_for_the_margin_only(
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), DRAIN_MARGIN_S + 5) == 0
         writer.close()
-        await output
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    log = b"".join(seen).decode(errors="replace")
-    assert "Traceback" not in log, log
     with contextlib.closing(sqlite3.connect(tmp_path / "data" / "ledger.sqlite3")) as ledger:
         assert ledger.execute("SELECT status FROM ledger").fetchall() == [("cancelled",)]
