@@ -245,8 +245,7 @@ class StreamRegistry:
             return
         self._ending.append(stream)
         if self._batch_timer is None:
-            loop = asyncio.get_running_loop()
-            self._batch_timer = loop.call_later(self.batch_s, self._retire_batch)
+            self._batch_timer = self.loop.call_later(self.batch_s, self._retire_batch)
 
     async def retire_now(self) -> bool:
         """Retire every ended stream now, and wait for batches already being retired;
@@ -268,7 +267,7 @@ class StreamRegistry:
         # In a context of its own: not that of whichever request's timer or wait started
         # it (finish hooks may read a request's context variables: telemetry's).
         context = contextvars.Context()
-        task = asyncio.create_task(self._retire_all(), name="retire-streams", context=context)
+        task = self.loop.create_task(self._retire_all(), name="retire-streams", context=context)
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
