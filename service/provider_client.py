@@ -135,10 +135,8 @@ class Response:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The loop its connection runs on (for timers, without a ``get_running_loop``)."""
-        loop = self._conn.loop
-        assert loop is not None  # (a response is made on a connected connection)
-        return loop
+        """The loop its client runs on (for timers, without a ``get_running_loop``)."""
+        return self._conn.client.loop
 
     async def read(self, limit: int = sys.maxsize) -> bytes:
         """The whole body; past ``limit`` bytes, ``TooLarge`` (and the connection dropped)."""
@@ -265,7 +263,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self, client: ProviderClient) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None  # set once connected
         self.response: Response | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -294,9 +291,6 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
-        # Looked up once a connection: ``asyncio.get_running_loop`` is a system call (the
-        # process id, on Python 3.11) each time, and the pool asks for it each request.
-        self.loop = asyncio.get_running_loop()
 
     def eof_received(self) -> None:
         self._eof = True  # (None: the transport closes itself)
@@ -551,8 +545,7 @@ class ProviderClient:
         if self._closed or conn.closed:
             conn.close()
             return
-        loop = conn.loop
-        assert loop is not None  # (a connection with a response is connected)
+        loop = self.loop
         conn.idle_since = loop.time()
         self._idle.append(conn)
         if self._sweep is None:
