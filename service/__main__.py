@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -42,10 +43,11 @@ def _banner(settings: Settings, port: int) -> str:
         lines.append("SIMULATED PROVIDER: responses are generated locally, not by a model.")
     if settings.auth.dev_key is not None:
         key = settings.auth.dev_key.reveal()
+        authorization = shlex.quote(f"Authorization: Bearer {key}")
         lines += [
             f"Dev client key: {key}",
             "Try:",
-            f"  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"  curl -N {base}/v1/chat/completions -H {authorization} "
             "-H 'Content-Type: application/json' "
             '-d \'{"model":"gpt-4o-mini","stream":true,'
             '"messages":[{"role":"user","content":"Hello [sim chunks=20 delay_ms=50]"}]}\'',

@@ -269,6 +269,8 @@ class Gate:
         owner = stream.owner
         policy = self._policies.get(owner.key_id)
         overrides = policy.budgets if policy is not None else None
+        if not self.budgets.enforced(overrides):  # (no budget: no pressure, at any fraction)
+            return False
         admission = self._pending.get(stream.id)
         own = admission.hold if admission is not None else None  # its worst case: not spent
         pressure = self.budgets.pressure(owner.user_id, owner.tenant, overrides, excluding=own)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AuthenticationError
+from .errors import AuthenticationError, MissingKeyError
 from .settings import AuthSettings, ConfigError
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -71,10 +71,9 @@ class KeyRing:
     def authenticate(self, authorization: str | None) -> Principal:
         """Return the principal for an ``Authorization`` header, or raise 401."""
         if not authorization:
-            raise AuthenticationError(
+            raise MissingKeyError(
                 "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                code=None,
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
         scheme, _, key = authorization.partition(" ")
         key = key.strip(" ")  # spaces only: no other whitespace is part of the header's syntax
@@ -97,6 +96,8 @@ def load_keys_file(path: Path) -> dict[str, Principal]:
         document = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"SLUICE_CLIENT_KEYS_FILE is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError("SLUICE_CLIENT_KEYS_FILE nests too deep to be a keys file") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, dict):
         raise ConfigError('SLUICE_CLIENT_KEYS_FILE must hold {"keys": {"<sha256>": {...}}}')
@@ -117,6 +118,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return document
 
 
+# A key without a tenant is a tenant of one, named with this prefix; a named tenant may not
+# bear it, or it could share that user's cache, tenant limits and budgets.
+OWN_TENANT_PREFIX = "user:"
+_RESERVED_TENANT = f"tenant names beginning {OWN_TENANT_PREFIX!r} are reserved for keys without one"
 _ENTRY_FIELDS = frozenset({"user", "tenant", "admin", "settings"})
 _WHOLE_SETTINGS = ("rpm", "tpm", "max_streams")  # 0: no limit of the key's own
 _USD_SETTINGS = ("daily_usd", "monthly_usd")
@@ -134,13 +139,13 @@ def _principal(hexdigest: str, entry: Any) -> Principal:
     tenant, admin = entry.get("tenant"), entry.get("admin", False)
     if tenant is not None and (not isinstance(tenant, str) or not tenant):
         raise ConfigError(f"{where}: 'tenant' must be a non-empty string")
+    if tenant is not None and tenant.startswith(OWN_TENANT_PREFIX):
+        raise ConfigError(f"{where}: {_RESERVED_TENANT}")
     if not isinstance(admin, bool):
         raise ConfigError(f"{where}: 'admin' must be true or false")
-    # A key without a tenant is a tenant of one; the prefix keeps it from sharing a cache,
-    # limits and budgets with a real tenant that happens to bear the user's name.
     return Principal(
         user_id=entry["user"],
-        tenant=tenant or f"user:{entry['user']}",
+        tenant=tenant or OWN_TENANT_PREFIX + entry["user"],
         key_id=hexdigest[:12],
         admin=admin,
         settings=_settings(where, entry.get("settings", {})),
@@ -180,6 +185,8 @@ def add_key(path: Path, *, user: str, tenant: str | None = None, admin: bool = F
     """
     if not user or tenant == "":
         raise ConfigError("a key needs a user, and a tenant when one is given")
+    if tenant is not None and tenant.startswith(OWN_TENANT_PREFIX):
+        raise ConfigError(_RESERVED_TENANT)
     target = path.resolve()
     with _locked(target):
         document: dict[str, Any] = {"keys": {}}

@@ -200,7 +200,17 @@ class Budgets:
             utc = time.gmtime(now)
             self._day_number = day_number
             self._periods = (time.strftime("%Y-%m-%d", utc), time.strftime("%Y-%m", utc))
-            self._forget_except(self._periods)
+            # Yesterday's (and last month's) totals are kept a day more: a request that
+            # arrived before midnight and is admitted after it still counts against them.
+            before = time.gmtime(now - 86_400)
+            last_month = time.gmtime(calendar.timegm((utc.tm_year, utc.tm_mon, 1, 0, 0, 0)) - 1)
+            self._forget_except(
+                {
+                    *self._periods,
+                    time.strftime("%Y-%m-%d", before),
+                    time.strftime("%Y-%m", last_month),
+                }
+            )
         return self._periods
 
     def _periods_of(self, at: float) -> tuple[str, str]:
@@ -212,7 +222,7 @@ class Budgets:
         utc = time.gmtime(at)
         return time.strftime("%Y-%m-%d", utc), time.strftime("%Y-%m", utc)
 
-    def _forget_except(self, periods: tuple[str, str]) -> None:
+    def _forget_except(self, periods: set[str]) -> None:
         """Drop finished periods that no reservation still points at."""
         for table in (self._spent, self._reserved):
             for key in [k for k in table if k[3] not in periods and not self._reserved.get(k)]:

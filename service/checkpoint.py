@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeGuard
 
 from .assemble import merge_calls
-from .stream import Stream, StreamStatus
+from .stream import Stream, StreamStatus, function_text
 
 TokenCounter = Callable[[str, str], int]  # (model, text) -> tokens
 PromptCounter = Callable[[str, dict[str, Any]], int]  # (model, request body) -> tokens
@@ -118,15 +118,25 @@ def _generated_tokens(stream: Stream, model: str, count_text: TokenCounter) -> i
     and the reasoning a provider streamed as such (vLLM, llama.cpp, Ollama, DeepSeek), in
     ``model``'s tokens."""
     progress = stream.progress
-    text = progress.text + "".join(progress.reasoning or ())
+    text = progress.text + "".join(progress.unseen or ())
     calls = list(progress.tool_calls or ())
     if progress.others:  # (deltas checked to be objects; their fields are the provider's)
-        text += "".join(str(d.get("content") or d.get("refusal") or "") for d in progress.others)
+        text += "".join(_other_text(d) for d in progress.others)
         calls += [c for d in progress.others for c in _listed(d.get("tool_calls"))]
     tokens = count_text(model, text)
     if calls:  # a function call's name and arguments are generated tokens too
         tokens += count_text(model, tool_call_text(calls))
     return tokens
+
+
+def _other_text(delta: dict[str, Any]) -> str:
+    """What a choice past 0 generated besides tool calls: text or refusal, reasoning, a
+    legacy function call."""
+    parts = (
+        delta.get("content") or delta.get("refusal"),
+        delta.get("reasoning_content") or delta.get("reasoning"),
+    )
+    return "".join(str(p) for p in parts if p) + function_text(delta.get("function_call"))
 
 
 def _listed(value: Any) -> list[Any]:
@@ -135,12 +145,7 @@ def _listed(value: Any) -> list[Any]:
 
 def tool_call_text(tool_calls: list[Any]) -> str:
     """The names and argument fragments of streamed tool-call deltas, joined."""
-    parts = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            parts.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
-    return "".join(parts)
+    return "".join(function_text(c.get("function")) for c in tool_calls if isinstance(c, dict))
 
 
 class CheckpointStore(Protocol):

@@ -125,7 +125,13 @@ class InvalidRequestError(SluiceError):
 class AuthenticationError(SluiceError):
     status = 401
     type = "invalid_request_error"
-    default_code = "invalid_api_key"
+    default_code: ClassVar[str | None] = "invalid_api_key"
+
+
+class MissingKeyError(AuthenticationError):
+    """No key at all: OpenAI's own 401 for it has no code."""
+
+    default_code = None
 
 
 class PermissionDeniedError(SluiceError):

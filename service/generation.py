@@ -36,10 +36,7 @@ async def generate(stream: Stream, upstream: ResilientProvider, body: bytes) -> 
     """
     if not stream.streaming:
         raw = await upstream.complete(body, route=stream)
-        completion = _parse(raw)
-        if "error" in completion and "choices" not in completion:  # a 200 that is an error
-            stream.provider_engaged = False  # a refusal after all: nothing to bill
-            raise relayed_error(completion["error"], upstream, "The provider answered an error.")
+        completion = _parse(raw)  # (a 200 that is an error was raised in the attempt)
         stream.accepted.set()
         try:
             stream.progress.add_completion(completion)

@@ -133,6 +133,26 @@ class ResilientProvider:
     def chain(self, model: str) -> tuple[str, ...]:
         return self._r.chain(model)
 
+    def route_chain(self, route: Route) -> tuple[str, ...]:
+        """The models ``route`` tries, in order: its chain, or, started on a fallback (budget
+        pressure), that fallback first and the model asked for right after it."""
+        chain = self._r.chain(route.model)
+        if route.served_model == route.model:
+            return chain
+        first = route.served_model
+        return (first, *(model for model in chain if model != first))
+
+    def first_models(self, route: Route) -> tuple[str, ...]:
+        """The models that may serve ``route`` before any other is tried: the one asked for,
+        a fallback it starts on, and past each whose breaker refuses calls, the next (whose
+        cached answers may serve it)."""
+        models = [route.model]
+        for model in self.route_chain(route):
+            models.append(model)
+            if not self._r.breakers.for_model(model).remaining_s():
+                break
+        return tuple(dict.fromkeys(models))
+
     def degrade(self, route: Route, reason: str = BUDGET_PRESSURE) -> bool:
         """Start ``route`` on its first fallback (e.g. under budget pressure); False if none."""
         chain = self._r.chain(route.model)
@@ -155,7 +175,7 @@ class ResilientProvider:
 
     async def _along_chain(self, body: bytes, route: Route, call: _Call[T]) -> T:
         budget = RetryBudget(self._r.policy, random=self._r.random, now=self._r.now)
-        chain = self._r.chain(route.served_model)
+        chain = self.route_chain(route)
         reason = route.fallback_reason
         failed: SluiceError | None = None
         for tier, model in enumerate(chain):
@@ -168,7 +188,9 @@ class ResilientProvider:
                 sent = _with_model(body, model, limits.get(model))
             if tier:
                 route.served_model = model
-                route.fallback_reason = reason
+                # (Back on the model asked for, after a fallback budget pressure chose: no
+                # fallback serves it.)
+                route.fallback_reason = reason if model != route.model else None
                 budget.next_model()
             try:
                 return await self._with_retries(call, sent, model, budget, route)

@@ -27,7 +27,13 @@ from .checkpoint import Checkpoint
 from .errors import SluiceError
 from .generation import generate
 from .request import ChatRequest
-from .resilience import BUDGET_EXCEEDED, BUDGET_PRESSURE, ResilientProvider, degrade_reason
+from .resilience import (
+    BREAKER_OPEN,
+    BUDGET_EXCEEDED,
+    BUDGET_PRESSURE,
+    ResilientProvider,
+    degrade_reason,
+)
 from .stream import Stream, StreamStatus
 
 log = logging.getLogger(__name__)
@@ -71,17 +77,22 @@ class Responder:
                 stream.cache_status = MISS  # looked, and found nothing: not a bypass
                 raise only_cached.fresh()
             return
+        if self.under_pressure is not None and await self.under_pressure(stream):
+            self.provider.degrade(stream, BUDGET_PRESSURE)
         if self._cache is not None and cache_wanted(chat.body, cache_header):
-            entry = await self._lookup(stream.owner.tenant, chat, (stream.model,))
+            models = self.provider.first_models(stream)  # (a fallback's answer may serve)
+            entry = await self._lookup(stream.owner.tenant, chat, models)
             if entry is None and await self._settled():  # one of them may have been the answer
-                entry = await self._lookup(stream.owner.tenant, chat, (stream.model,))
+                entry = await self._lookup(stream.owner.tenant, chat, models)
             if entry is not None:
                 _replay(stream, entry)
+                if entry.model == stream.model:
+                    stream.fallback_reason = None  # the answer of the model asked for
+                elif stream.fallback_reason is None:  # past a model whose breaker is open
+                    stream.fallback_reason = BREAKER_OPEN
                 return
             stream.cache_status = MISS
             self._fills[stream.id] = chat
-        if self.under_pressure is not None and await self.under_pressure(stream):
-            self.provider.degrade(stream, BUDGET_PRESSURE)
         try:
             await generate(stream, self.provider, chat.upstream_body())
         except SluiceError as exc:

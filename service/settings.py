@@ -8,7 +8,6 @@ them all. Every parse error names the variable that caused it.
 
 from __future__ import annotations
 
-import math
 import re
 import secrets as _secrets
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import orjson
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = 1024 * 1024 * 1024  # (a WebSocket message's bound is a C integer)
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_FIRST_TOKEN_TIMEOUT_S = 60.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
@@ -264,7 +264,7 @@ class Settings:
                 host=reader.text("SLUICE_HOST", DEFAULT_HOST),
                 port=reader.integer("SLUICE_PORT", DEFAULT_PORT, low=0, high=65535),
                 max_body_bytes=reader.integer(
-                    "SLUICE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=1
+                    "SLUICE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, low=1, high=MAX_BODY_BYTES
                 ),
                 drain_s=reader.number("SLUICE_DRAIN_S", DEFAULT_DRAIN_S),
             ),
@@ -307,6 +307,16 @@ class Settings:
         return settings
 
 
+# What any count or size here needs, and what any time or sum of dollars does (a billion
+# seconds is 31 years; a timer or a Redis expiry in milliseconds still holds a thousand
+# times it): past these, values meant as "no limit" overflowed C integers and clocks.
+MAX_INTEGER = 2**53
+MAX_NUMBER = 1e12
+MAX_MILLISECONDS = 1e9  # OpenTelemetry's delays and timeouts (11 days)
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
 class _EnvReader:
     """Typed accessors over the environment mapping; errors name the variable."""
 
@@ -323,38 +333,32 @@ class _EnvReader:
         return self.raw(name) or default
 
     def integer(
-        self, name: str, default: int, *, low: int | None = None, high: int | None = None
+        self, name: str, default: int, *, low: int | None = None, high: int = MAX_INTEGER
     ) -> int:
         raw = self.raw(name)
         if raw is None:
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-        return _bounded(name, value, low, high)
+        if not _INTEGER.fullmatch(raw):  # (``int`` takes "1_000" and other scripts' digits)
+            raise ConfigError(f"{name} must be an integer, got {raw!r}")
+        return _bounded(name, int(raw), low, high, raw)
 
     def number(
-        self, name: str, default: float, *, low: float = 0.0, high: float | None = None
+        self, name: str, default: float, *, low: float = 0.0, high: float = MAX_NUMBER
     ) -> float:
         raw = self.raw(name)
         if raw is None:
             return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
-        return _bounded(name, value, low, high)
+        if not _NUMBER.fullmatch(raw):  # (``float`` takes "1_0", "inf", other scripts' digits)
+            raise ConfigError(f"{name} must be a number, got {raw!r}")
+        return _bounded(name, float(raw), low, high, raw)
 
 
 _N = TypeVar("_N", int, float)
 
 
-def _bounded(name: str, value: _N, low: _N | None, high: _N | None) -> _N:
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+def _bounded(name: str, value: _N, low: _N | None, high: _N, raw: str) -> _N:
+    if (low is not None and value < low) or value > high:
+        raise ConfigError(f"{name} must be between {low} and {high:g}, got {raw}")
     return value
 
 
@@ -382,8 +386,8 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
         first_token_timeout_s=first,
         idle_timeout_s=idle,
         completion_timeout_s=whole,
-        organization=reader.raw("OPENAI_ORG_ID") or None,
-        project=reader.raw("OPENAI_PROJECT_ID") or None,
+        organization=_header_value(reader, "OPENAI_ORG_ID"),
+        project=_header_value(reader, "OPENAI_PROJECT_ID"),
     )
     if kind == "simulated":
         return replace(common, base_url=base_url, models=models or DEFAULT_SIMULATED_MODELS)
@@ -426,6 +430,16 @@ def _api_key(reader: _EnvReader) -> Secret | None:
     return _checked_key("OPENAI_API_KEY_FILE", value)
 
 
+def _header_value(reader: _EnvReader, name: str) -> str | None:
+    """A value sent as a header to the provider: printable Latin-1 (a control character
+    was refused by the provider on every request; a character past Latin-1 by the client,
+    in a message naming the header, not the variable)."""
+    value = reader.raw(name)
+    if value is not None and not (value.isprintable() and max(map(ord, value)) < 256):
+        raise ConfigError(f"{name} must be printable Latin-1 text, got {value!r}")
+    return value
+
+
 def _checked_key(name: str, key: str) -> Secret:
     """A key that can go in a header: one token, no spaces or control characters (the
     message never shows it)."""
@@ -443,7 +457,7 @@ def _auth_from_env(reader: _EnvReader, provider: ProviderSettings) -> AuthSettin
         )
     dev_key = None
     if keys_file is None:
-        dev_key = Secret(reader.text("SLUICE_DEV_KEY", DEFAULT_DEV_KEY))
+        dev_key = _checked_key("SLUICE_DEV_KEY", reader.text("SLUICE_DEV_KEY", DEFAULT_DEV_KEY))
     return AuthSettings(client_keys_file=Path(keys_file) if keys_file else None, dev_key=dev_key)
 
 
@@ -501,6 +515,8 @@ def _shared_from_env(reader: _EnvReader) -> SharedStateSettings:
     if redis_url:
         unix = redis_url.startswith("unix://")
         _check_url("SLUICE_REDIS_URL", redis_url, ("redis", "rediss", "unix"), host=not unix)
+        if unix and not urlsplit(redis_url).path:
+            raise ConfigError("SLUICE_REDIS_URL names no socket (unix:///path/to/redis.sock)")
     if database_url:  # (a socket directory may come as ?host=, so no host is needed)
         _check_url("SLUICE_DATABASE_URL", database_url, ("postgresql", "postgres"), host=False)
     return SharedStateSettings(
@@ -637,7 +653,9 @@ def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> Telem
     resource = _otel_pairs("OTEL_RESOURCE_ATTRIBUTES", reader.raw("OTEL_RESOURCE_ATTRIBUTES"))
     header_var = _signal_var(reader, "TRACES", "HEADERS")
     metrics_header_var = _signal_var(reader, "METRICS", "HEADERS")
-    timeout_ms = reader.number("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0, low=1.0)
+    timeout_ms = reader.number(
+        "OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0, low=1.0, high=MAX_MILLISECONDS
+    )
     log_format = reader.text(
         "SLUICE_LOG_FORMAT", "text" if provider.kind == "simulated" else "json"
     ).lower()
@@ -647,20 +665,28 @@ def _telemetry_from_env(reader: _EnvReader, provider: ProviderSettings) -> Telem
     return TelemetrySettings(
         traces_endpoint=_signal_endpoint(reader, "TRACES"),
         otlp_headers=_otel_pairs(header_var, reader.raw(header_var)),
-        otlp_timeout_s=reader.number("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", timeout_ms, low=1.0)
+        otlp_timeout_s=reader.number(
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", timeout_ms, low=1.0, high=MAX_MILLISECONDS
+        )
         / 1000,
         metrics_endpoint=_signal_endpoint(reader, "METRICS"),
         metrics_headers=_otel_pairs(metrics_header_var, reader.raw(metrics_header_var)),
-        metrics_timeout_s=reader.number("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", timeout_ms, low=1.0)
+        metrics_timeout_s=reader.number(
+            "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", timeout_ms, low=1.0, high=MAX_MILLISECONDS
+        )
         / 1000,
-        metric_export_interval_s=reader.number("OTEL_METRIC_EXPORT_INTERVAL", 60_000.0, low=1.0)
+        metric_export_interval_s=reader.number(
+            "OTEL_METRIC_EXPORT_INTERVAL", 60_000.0, low=1.0, high=MAX_MILLISECONDS
+        )
         / 1000,
         service_name=reader.raw("OTEL_SERVICE_NAME")
         or resource.get("service.name", DEFAULT_SERVICE_NAME),
         resource_attributes=resource,
         sampler=sampler,
         sampler_arg=reader.number("OTEL_TRACES_SAMPLER_ARG", 1.0, high=1.0),  # a ratio
-        bsp_schedule_delay_ms=reader.integer("OTEL_BSP_SCHEDULE_DELAY", 5000, low=1),
+        bsp_schedule_delay_ms=reader.integer(
+            "OTEL_BSP_SCHEDULE_DELAY", 5000, low=1, high=int(MAX_MILLISECONDS)
+        ),
         bsp_max_queue_size=reader.integer("OTEL_BSP_MAX_QUEUE_SIZE", 2048, low=1),
         bsp_max_export_batch_size=reader.integer("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, low=1),
         capture_content=_flag(reader, "SLUICE_OTEL_CAPTURE_CONTENT", False),

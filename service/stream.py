@@ -69,7 +69,9 @@ class Progress:
     # Made at first use (most streams have none of these to note; a held stream's bytes count):
     tool_calls: list[Any] | None = None
     others: list[Any] | None = None  # deltas of choices past 0 (``n`` > 1)
-    reasoning: list[str] | None = None  # billed when usage never comes
+    # Generated but not the text: reasoning, a legacy ``function_call``'s name and arguments
+    # (billed when usage never comes).
+    unseen: list[str] | None = None
     finished: set[int] | None = None  # the choices that have a finish reason
     finish_reason: str | None = None  # choice 0's
     usage: dict[str, Any] | None = None
@@ -157,10 +159,13 @@ class Progress:
             self.parts.append(content)
         thought = _generated(part.get("reasoning_content") or part.get("reasoning"))
         if thought:
-            self._thought(thought)
+            self._unseen(thought)
         calls = part.get("tool_calls")
         if calls:
             self._calls(calls)
+        legacy = part.get("function_call")
+        if legacy:
+            self._unseen(function_text(legacy))
 
     def _calls(self, calls: Iterable[Any]) -> None:
         if self.tool_calls is None:
@@ -172,10 +177,10 @@ class Progress:
             self.others = []
         self.others.append(delta)
 
-    def _thought(self, text: str) -> None:
-        if self.reasoning is None:
-            self.reasoning = []
-        self.reasoning.append(text)
+    def _unseen(self, text: str) -> None:
+        if self.unseen is None:
+            self.unseen = []
+        self.unseen.append(text)
 
 
 class Stream:
@@ -289,8 +294,9 @@ class Stream:
         return self.events[:-1] if self.last_kind != Kind.CHUNK else self.events[:]
 
     def append(self, chunk: bytes) -> None:
-        """Add one chunk event; readers see it after the next ``notify``."""
-        if self.first_token_at is None:
+        """Add one chunk event (folded into ``progress`` first); readers see it after the
+        next ``notify``."""
+        if self.first_token_at is None and self.progress.generating():
             self.first_token_at = time.time()
         self.events.append(chunk)
         self.journal_bytes += len(chunk) + EVENT_OVERHEAD
@@ -298,8 +304,8 @@ class Stream:
     def extend(self, chunks: list[bytes]) -> None:
         """Add chunk events (a read's worth at once); readers see them after ``notify``."""
         if chunks:
-            if self.first_token_at is None:
-                self.first_token_at = time.time()
+            if self.first_token_at is None and self.progress.generating():
+                self.first_token_at = time.time()  # (not at an opening role chunk: no token)
             self.events += chunks
             self.journal_bytes += sum(map(len, chunks)) + EVENT_OVERHEAD * len(chunks)
 
@@ -368,6 +374,13 @@ def check_resume_point(last_seq: int | None, after: int, *, param: str = "last_e
             f"Event {after} is past the stream's last event ({last_seq}).", param=param
         )
     return after
+
+
+def function_text(function: Any) -> str:
+    """A function call's (or a fragment's) name and arguments, the tokens it generated."""
+    if not isinstance(function, dict):
+        return ""
+    return str(function.get("name") or "") + str(function.get("arguments") or "")
 
 
 def _text(value: Any) -> str | None:

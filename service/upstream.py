@@ -135,7 +135,10 @@ class Upstream:
                 response.close()  # drop the connection: the provider sees it and stops
                 raise
         response.release()
-        return self._scrubbed(raw)
+        raw = self._scrubbed(raw)
+        if b'"error"' in raw:  # (no JSON string holds that unescaped: a key, if anywhere)
+            _raise_answered_error(raw, self)
+        return raw
 
     def _scrubbed_all(self, payloads: list[bytes]) -> list[bytes]:
         """``payloads`` (events' data) without our key."""
@@ -397,6 +400,18 @@ class Scrubber(Protocol):
     def redact(self, text: str) -> str: ...
 
     def field(self, value: object) -> str | None: ...
+
+
+def _raise_answered_error(raw: bytes, scrubber: Scrubber) -> None:
+    """Raise a 200's body if it is an error (no ``choices``), inside the attempt: so the
+    breaker counts it, as it counts an error a stream sends. Not retried (a 2xx), and
+    nothing to bill."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return  # the caller tells the provider it sent nothing readable
+    if isinstance(payload, dict) and "error" in payload and "choices" not in payload:
+        raise relayed_error(payload["error"], scrubber, "The provider answered an error.")
 
 
 def relayed_error(detail: Any, scrubber: Scrubber, default: str) -> ProviderAnswerError:

@@ -91,6 +91,23 @@ def test_days_roll_over_but_months_accumulate() -> None:
     assert book.pressure("alice", "acme") == pytest.approx(1.4 / 1.5)
 
 
+def test_a_request_that_arrived_before_midnight_counts_against_that_day_after_it() -> None:
+    """The first reservation of a new day dropped the old day's and month's totals, so a
+    request that arrived before midnight (its spend dated then) found them empty and
+    overspent them. They are kept a day more; older ones still go."""
+    last = float(calendar.timegm((2026, 11, 30, 23, 59, 59)))
+    now = [last]
+    book = budgets(now, user_daily="1", user_monthly="1")
+    book.settle(book.reserve("alice", "acme", Decimal("0.9"), at=last), Decimal("0.9"))
+    now[0] = last + 2  # December now; the request arrived in November's last second
+    with pytest.raises(BudgetExceededError, match="monthly"):
+        book.reserve("alice", "acme", Decimal("0.2"), at=last)
+    book.reserve("alice", "acme", Decimal("0.2"))  # December's own budget is untouched
+    now[0] = last + 2 * 86_400  # two days on: November's day is forgotten
+    book.reserve("alice", "acme", Decimal("0.2"))
+    assert ("user", "alice", "day", "2026-11-30") not in book._spent
+
+
 def test_key_overrides_and_tenant_limits() -> None:
     """A key's own user limits replace the defaults; the tenant limit binds all its users."""
     now = [NOON]

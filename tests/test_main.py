@@ -100,6 +100,13 @@ async def test_banner_prints_dev_key_and_working_curl(
             assert ready.status == 200
 
 
+def test_the_banner_s_curl_line_quotes_the_dev_key() -> None:
+    """A dev key with a quote in it broke the printed line (unbalanced quotes)."""
+    banner = entry._banner(Settings.from_env({"SLUICE_DEV_KEY": "it's-mine"}), 8080)
+    curl = shlex.split(banner.splitlines()[-1])
+    assert curl[curl.index("-H") + 1] == "Authorization: Bearer it's-mine"
+
+
 async def test_a_long_authorization_header_is_an_openai_401_not_an_echo(
     served: tuple[list[str], asyncio.subprocess.Process],
 ) -> None:

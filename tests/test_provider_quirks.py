@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from service import generation, tokens, upstream
-from service.appkeys import GATE, STREAMS
+from service.appkeys import GATE, RESILIENCE, STREAMS
 from service.settings import Settings
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.resilient import with_resilience
@@ -210,6 +210,9 @@ async def test_a_200_that_is_an_error_is_a_502_with_the_providers_message(
     assert again.headers["X-Sluice-Cache"] != "hit"  # nothing of it was cached
     for row in await client.app[GATE].ledger.entries():  # a refusal: nothing to bill
         assert (row.status, row.prompt_tokens, row.cost_usd) == ("provider_error", 0, 0.0)
+    # A failure of the provider's, streamed or not (the whole answer's counted as a
+    # success: it was judged after the attempt had ended).
+    assert client.app[RESILIENCE].breakers.for_model("gpt-4o-mini").fail_counter == 2
 
 
 @pytest.mark.parametrize(
@@ -476,6 +479,73 @@ async def test_reasoning_streamed_as_such_is_billed_when_usage_never_comes(
     (row,) = await client.app[GATE].ledger.entries()
     assert row.completion_tokens >= 40 * 2
     assert row.cost_usd > 0
+
+
+async def test_time_to_first_token_is_not_the_opening_role_chunk_s(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A provider (vLLM) may send the role chunk at once and prefill afterwards: the first
+    token is the first chunk with output, for the ledger's ``ttft_ms`` and telemetry."""
+    prefilled = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+        await response.write(_event({**CHUNK, "choices": [role]}))
+        await prefilled.wait()
+        for event in (_delta("hi"), _delta(None, "stop"), b"data: [DONE]\n\n"):
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("hi"), headers=AUTH)
+    await response.content.readuntil(b"\n\n")  # the role chunk reached the client
+    stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
+    assert stream is not None
+    assert stream.first_token_at is None
+    prefilled.set()
+    await response.read()
+    await client.app[STREAMS].retire_now()
+    assert stream.first_token_at is not None
+    (row,) = await client.app[GATE].ledger.entries()
+    assert row.ttft_ms == pytest.approx(
+        (stream.first_token_at - stream.created_at) * 1000, abs=0.01
+    )
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_legacy_function_calls_and_other_choices_reasoning_are_billed_without_usage(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool
+) -> None:
+    """A legacy ``function_call``'s arguments, and the reasoning of a choice past 0, are
+    generated tokens: with no usage from the provider they were billed as none."""
+    arguments = '{"city": "Paris"}' * 20
+    call = {"name": "weather", "arguments": arguments}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            first = {"index": 0, "message": {"role": "assistant", "function_call": call}}
+            second = {"index": 1, "message": {"content": "ok", "reasoning_content": "hm " * 50}}
+            choices = [{**first, "finish_reason": "function_call"}, second]
+            return web.json_response({**CHUNK, "object": "chat.completion", "choices": choices})
+        deltas = [{"index": 0, "delta": {"function_call": call}, "finish_reason": None}]
+        deltas.append({"index": 1, "delta": {"reasoning_content": "hm " * 50}})
+        done = [{"index": i, "delta": {}, "finish_reason": "stop"} for i in (0, 1)]
+        events = [_event({**CHUNK, "choices": [d]}) for d in deltas]
+        return await _stream(
+            request, *events, _event({**CHUNK, "choices": done}), b"data: [DONE]\n\n"
+        )
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)
+    response = await client.post(URL, json=chat_body("hi", stream=stream, n=2), headers=AUTH)
+    assert response.status == 200
+    await response.read()
+    await client.app[STREAMS].retire_now()
+    (row,) = await client.app[GATE].ledger.entries()
+    expected = tokens.count_text("gpt-4o-mini", "weather" + arguments + "hm " * 50)
+    assert row.completion_tokens >= expected - 2  # ("ok" too, for the whole answer)
 
 
 async def test_an_answer_conversion_would_cut_serves_only_its_own_form_from_the_cache(

@@ -20,6 +20,7 @@ from service.appkeys import GATE
 from service.auth import digest
 from service.breaker import OPEN
 from service.budgets import BudgetLimits
+from service.relay import CACHE_HEADER as CACHE
 from service.relay import FALLBACK_HEADER, MODEL_HEADER
 from service.settings import (
     AuthSettings,
@@ -258,6 +259,46 @@ async def test_fallback_when_the_breaker_is_open(
     assert rig.resilience.breakers.for_model("gpt-4o").state == OPEN
 
 
+@pytest.mark.parametrize("why", ["breaker_open", "budget_pressure"])
+async def test_an_answer_a_fallback_served_is_a_cache_hit_when_it_would_serve_again(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, why: str
+) -> None:
+    """The cache was asked only for the requested model's answer, while a fallback's is
+    stored under the fallback: the same request, served by the same fallback for the same
+    reason, went to the provider every time."""
+    configured = with_resilience(settings, fallbacks=FALLBACKS, breaker_per_model=frozenset({"*"}))
+    money = replace(configured.money, user_daily_usd=10.0, soft_fraction=0.8)
+    rig = await start(aiohttp_client, replace(configured, money=money))
+    if why == "breaker_open":
+        rig.resilience.breakers.for_model("gpt-4o").open()
+    else:
+        rig.client.app[GATE].budgets.reserve("dev", "dev", Decimal("8.5"))  # 85% committed
+    seen = []
+    for _ in range(2):
+        status, headers, _ = await post(rig, "same again", model="gpt-4o", temperature=0)
+        seen.append((status, headers[MODEL_HEADER], headers[FALLBACK_HEADER], headers[CACHE]))
+    assert seen == [(200, "gpt-4o-mini", why, "miss"), (200, "gpt-4o-mini", why, "hit")]
+    assert sim_stats.requests == 1
+
+
+async def test_budget_pressure_tries_the_model_asked_for_when_its_fallback_fails(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Under budget pressure the cheaper fallback goes first, then the model asked for: it
+    was dropped from the chain, so an open breaker on the fallback was a 503 though the model
+    asked for was healthy."""
+    configured = with_resilience(settings, fallbacks=FALLBACKS, breaker_per_model=frozenset({"*"}))
+    money = replace(configured.money, user_daily_usd=10.0, soft_fraction=0.8)
+    rig = await start(aiohttp_client, replace(configured, money=money))
+    rig.resilience.breakers.for_model("gpt-4o-mini").open()
+    rig.client.app[GATE].budgets.reserve("dev", "dev", Decimal("8.5"))  # 85% committed
+    status, headers, raw = await post(rig, "under pressure", model="gpt-4o")
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o")
+    assert FALLBACK_HEADER not in headers  # the model asked for served it
+    assert orjson.loads(raw)["model"] == "gpt-4o"
+    assert sim_stats.requests == 1
+
+
 async def test_no_fallback_for_client_errors(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:
@@ -405,6 +446,20 @@ async def test_budget_pressure_never_moves_to_a_dearer_fallback(
     assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o-mini")
     assert FALLBACK_HEADER not in headers
     assert orjson.loads(raw)["model"] == "gpt-4o-mini"
+
+
+async def test_no_budget_is_no_pressure_at_any_warning_fraction(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    """With a warning fraction of 0 and no budget at all, every request went to the cheaper
+    model (0 % used "passed" 0 %), with no warning to say why."""
+    money = replace(settings.money, soft_fraction=0.0)
+    rig = await start(
+        aiohttp_client, replace(with_resilience(settings, fallbacks=FALLBACKS), money=money)
+    )
+    status, headers, _ = await post(rig, "no budget", model="gpt-4o")
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4o")
+    assert FALLBACK_HEADER not in headers
 
 
 async def test_budget_pressure_counts_the_keys_own_budget(

@@ -121,6 +121,18 @@ def test_blank_values_count_as_unset() -> None:
         ("SLUICE_MAX_GENERATION_S", "3601"),
         ("SLUICE_PROVIDER", "anthropic"),
         ("SLUICE_BUDGET_SOFT_FRACTION", "1.5"),  # past 1: no warning would ever come
+        # Digits of other scripts and underscores: int() and float() take them.
+        ("SLUICE_PORT", "\u0663"),
+        ("SLUICE_PORT", "1_000"),
+        ("SLUICE_DRAIN_S", "1_0"),
+        # Past what C integers, clocks and Redis expiries hold: a traceback at start, or a
+        # gateway whose checkpoints, WebSockets or span exports all failed.
+        ("SLUICE_CHECKPOINT_TTL_S", "1e308"),
+        ("SLUICE_CACHE_TTL_S", "1e17"),
+        ("SLUICE_MAX_BODY_BYTES", "1" + "0" * 22),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1" + "0" * 22),
+        ("OTEL_BSP_SCHEDULE_DELAY", "1" + "0" * 22),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1e300"),
     ],
 )
 def test_errors_name_the_variable(name: str, value: str) -> None:
@@ -151,6 +163,21 @@ def test_a_url_that_cannot_work_names_its_variable_and_not_its_password(
     with pytest.raises(ConfigError, match=name) as caught:
         Settings.from_env({name: value})
     assert "secretpw" not in str(caught.value)
+
+
+def test_header_values_and_socket_urls_that_cannot_work_are_refused() -> None:
+    """A control character in the organization or project (every call was the provider's
+    400), a character past Latin-1 (refused naming the header), a Redis socket URL with no
+    socket (a traceback), a dev key no client could send."""
+    for name in ("OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
+        for value in ("org\x01", "proj\u0100x"):
+            with pytest.raises(ConfigError, match=name):
+                Settings.from_env({name: value})
+    assert Settings.from_env({"OPENAI_ORG_ID": "org-caf\u00e9"}).provider.organization
+    with pytest.raises(ConfigError, match="SLUICE_REDIS_URL names no socket"):
+        Settings.from_env({"SLUICE_REDIS_URL": "unix://"})
+    with pytest.raises(ConfigError, match="SLUICE_DEV_KEY"):
+        Settings.from_env({"SLUICE_DEV_KEY": "dev\x01key"})
 
 
 def test_a_provider_key_that_cannot_be_a_header_is_refused(tmp_path: Path) -> None:
