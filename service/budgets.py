@@ -200,17 +200,11 @@ class Budgets:
             utc = time.gmtime(now)
             self._day_number = day_number
             self._periods = (time.strftime("%Y-%m-%d", utc), time.strftime("%Y-%m", utc))
-            # Yesterday's (and last month's) totals are kept a day more: a request that
-            # arrived before midnight and is admitted after it still counts against them.
+            # Yesterday's day and month are kept a day more: a request that arrived before
+            # midnight and is admitted after it still counts against them.
             before = time.gmtime(now - 86_400)
-            last_month = time.gmtime(calendar.timegm((utc.tm_year, utc.tm_mon, 1, 0, 0, 0)) - 1)
-            self._forget_except(
-                {
-                    *self._periods,
-                    time.strftime("%Y-%m-%d", before),
-                    time.strftime("%Y-%m", last_month),
-                }
-            )
+            yesterday = (time.strftime("%Y-%m-%d", before), time.strftime("%Y-%m", before))
+            self._forget_except({*self._periods, *yesterday})
         return self._periods
 
     def _periods_of(self, at: float) -> tuple[str, str]:

@@ -135,19 +135,23 @@ class ResilientProvider:
 
     def route_chain(self, route: Route) -> tuple[str, ...]:
         """The models ``route`` tries, in order: its chain, or, started on a fallback (budget
-        pressure), that fallback first and the model asked for right after it."""
+        pressure), that fallback first, the model asked for right after it, then the
+        fallback's own fallbacks and the rest of the chain."""
         chain = self._r.chain(route.model)
         if route.served_model == route.model:
             return chain
-        first = route.served_model
-        return (first, *(model for model in chain if model != first))
+        first = self._r.chain(route.served_model)
+        return tuple(dict.fromkeys((first[0], route.model, *first[1:], *chain[1:])))
 
     def first_models(self, route: Route) -> tuple[str, ...]:
         """The models that may serve ``route`` before any other is tried: the one asked for,
         a fallback it starts on, and past each whose breaker refuses calls, the next (whose
         cached answers may serve it)."""
         models = [route.model]
+        limits = route.output_limits
         for model in self.route_chain(route):
+            if model in limits and limits[model] is None:
+                continue  # the prompt does not fit it: skipped by the chain too
             models.append(model)
             if not self._r.breakers.for_model(model).remaining_s():
                 break

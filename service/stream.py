@@ -202,6 +202,7 @@ class Stream:
         "error",
         "events",
         "fallback_reason",
+        "first_chunk_at",
         "first_token_at",
         "id",
         "include_usage",
@@ -263,7 +264,8 @@ class Stream:
         self.ticks = 0
         self.created_at = time.time()
         self.launched_at = 0.0  # the registry's clock, when its generation started
-        self.first_token_at: float | None = None
+        self.first_chunk_at: float | None = None  # any chunk (telemetry's first chunk)
+        self.first_token_at: float | None = None  # the first with output (the ledger's TTFT)
         self.ended_at: float | None = None
 
     @property
@@ -296,18 +298,27 @@ class Stream:
     def append(self, chunk: bytes) -> None:
         """Add one chunk event (folded into ``progress`` first); readers see it after the
         next ``notify``."""
-        if self.first_token_at is None and self.progress.generating():
-            self.first_token_at = time.time()
+        if self.first_token_at is None:
+            self._first()
         self.events.append(chunk)
         self.journal_bytes += len(chunk) + EVENT_OVERHEAD
 
     def extend(self, chunks: list[bytes]) -> None:
         """Add chunk events (a read's worth at once); readers see them after ``notify``."""
         if chunks:
-            if self.first_token_at is None and self.progress.generating():
-                self.first_token_at = time.time()  # (not at an opening role chunk: no token)
+            if self.first_token_at is None:
+                self._first()
             self.events += chunks
             self.journal_bytes += sum(map(len, chunks)) + EVENT_OVERHEAD * len(chunks)
+
+    def _first(self) -> None:
+        """Note when the first chunk came, and the first with output (an opening role
+        chunk has no token in it; ``progress`` has the chunks being added folded in)."""
+        now = time.time()
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        if self.progress.generating():
+            self.first_token_at = now
 
     def _close(self, kind: int, data: bytes) -> None:
         """Add the final event, ``[DONE]`` or an error."""

@@ -136,7 +136,7 @@ class Upstream:
                 raise
         response.release()
         raw = self._scrubbed(raw)
-        if b'"error"' in raw:  # (no JSON string holds that unescaped: a key, if anywhere)
+        if b'error"' in raw or b"\\u" in raw:  # (an "error" key, plain or \u-escaped)
             _raise_answered_error(raw, self)
         return raw
 

@@ -106,6 +106,7 @@ def test_a_request_that_arrived_before_midnight_counts_against_that_day_after_it
     now[0] = last + 2 * 86_400  # two days on: November's day is forgotten
     book.reserve("alice", "acme", Decimal("0.2"))
     assert ("user", "alice", "day", "2026-11-30") not in book._spent
+    assert ("user", "alice", "month", "2026-11") not in book._spent
 
 
 def test_key_overrides_and_tenant_limits() -> None:

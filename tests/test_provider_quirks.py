@@ -193,11 +193,15 @@ async def test_a_chunk_of_the_wrong_shape_is_a_protocol_error(
     assert (await _error_of(response, stream))["code"] == "provider_protocol_error"
 
 
+@pytest.mark.parametrize("escaped", [False, True], ids=["plain", "escaped-key"])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_200_that_is_an_error_is_a_502_with_the_providers_message(
-    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, stream: bool, escaped: bool
 ) -> None:
     async def answer(request: web.Request) -> web.StreamResponse:
+        if escaped:  # the same JSON, its key written as JSON may write it
+            body = b'{"\\u0065rror": {"message": "model overloaded", "type": "x"}}'
+            return web.Response(body=body, content_type="application/json")
         return web.json_response({"error": {"message": "model overloaded", "type": "x"}})
 
     one_try = replace(settings, resilience=replace(settings.resilience, retry_max_attempts=1))
@@ -505,10 +509,12 @@ async def test_time_to_first_token_is_not_the_opening_role_chunk_s(
     stream = client.app[STREAMS].get(response.headers["X-Sluice-Stream-Id"])
     assert stream is not None
     assert stream.first_token_at is None
+    assert stream.first_chunk_at is not None  # (the GenAI metric's first chunk: any)
     prefilled.set()
     await response.read()
     await client.app[STREAMS].retire_now()
     assert stream.first_token_at is not None
+    assert stream.first_token_at > stream.first_chunk_at
     (row,) = await client.app[GATE].ledger.entries()
     assert row.ttft_ms == pytest.approx(
         (stream.first_token_at - stream.created_at) * 1000, abs=0.01

@@ -299,6 +299,23 @@ async def test_budget_pressure_tries_the_model_asked_for_when_its_fallback_fails
     assert sim_stats.requests == 1
 
 
+async def test_under_budget_pressure_the_fallback_s_own_fallbacks_still_follow(
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+) -> None:
+    """Started on the cheaper fallback: then the model asked for, then that fallback's own
+    fallbacks (a chain that put the model asked for back had lost them)."""
+    chained = {"gpt-4o": ("gpt-4o-mini",), "gpt-4o-mini": ("gpt-4.1-mini",)}
+    configured = with_resilience(settings, fallbacks=chained, breaker_per_model=frozenset({"*"}))
+    money = replace(configured.money, user_daily_usd=10.0, soft_fraction=0.8)
+    rig = await start(aiohttp_client, replace(configured, money=money))
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        rig.resilience.breakers.for_model(model).open()
+    rig.client.app[GATE].budgets.reserve("dev", "dev", Decimal("8.5"))  # 85% committed
+    status, headers, _ = await post(rig, "under pressure", model="gpt-4o")
+    assert (status, headers[MODEL_HEADER]) == (200, "gpt-4.1-mini")
+    assert sim_stats.requests == 1
+
+
 async def test_no_fallback_for_client_errors(
     aiohttp_client: Any, settings: Settings, sim_stats: SimStats
 ) -> None:

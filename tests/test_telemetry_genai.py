@@ -77,8 +77,10 @@ def test_request_attributes_skip_absent_and_mistyped_values() -> None:
 
 
 def test_response_attributes_from_a_checkpoint() -> None:
-    """Usage, ids, finish reasons and time to first chunk come from the checkpoint."""
-    attributes = genai.response_attributes(CHECKPOINT, started_at=100.05, response_id="chatcmpl-1")
+    """Usage, ids and finish reasons come from the checkpoint."""
+    attributes = genai.response_attributes(
+        CHECKPOINT, started_at=100.05, response_id="chatcmpl-1", first_chunk_at=100.25
+    )
     assert attributes["gen_ai.response.id"] == "chatcmpl-1"
     assert attributes["gen_ai.response.model"] == "gpt-4o-2024-08-06"
     assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
@@ -91,7 +93,9 @@ def test_response_attributes_from_a_checkpoint() -> None:
 def test_partial_checkpoint_has_no_first_chunk_or_finish_reason() -> None:
     """A stream that never produced output reports neither."""
     empty = replace(CHECKPOINT, first_token_at=None, finish_reason=None, response_model=None)
-    attributes = genai.response_attributes(empty, started_at=100.0, response_id=None)
+    attributes = genai.response_attributes(
+        empty, started_at=100.0, response_id=None, first_chunk_at=None
+    )
     for name in (
         "gen_ai.response.time_to_first_chunk",
         "gen_ai.response.finish_reasons",

@@ -451,6 +451,7 @@ class Telemetry:
             checkpoint,
             started_at=st.attempt_started or stream.created_at,
             response_id=stream.progress.response_id,
+            first_chunk_at=stream.first_chunk_at,
         )
         prompt, completion = billed_tokens(stream, checkpoint)  # as the ledger has them
         if "gen_ai.response.model" in attributes:  # the provider's words
@@ -501,8 +502,8 @@ class Telemetry:
         if stream.ended_at is not None:
             outcome = m.label(error) if error else ""  # a provider's code: guarded, bounded
             m.operation_duration.labels(*labels, outcome).observe(stream.ended_at - started)
-        if stream.first_token_at is not None:
-            m.time_to_first_chunk.labels(*labels).observe(max(0.0, stream.first_token_at - started))
+        if stream.first_chunk_at is not None:
+            m.time_to_first_chunk.labels(*labels).observe(max(0.0, stream.first_chunk_at - started))
 
     # --- hooks for the other modules ------------------------------------------------------------
 

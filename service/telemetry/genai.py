@@ -96,9 +96,14 @@ def sluice_attributes(*, stream_id: str, user_id: str, tenant: str, attempt: int
 
 
 def response_attributes(
-    checkpoint: Checkpoint, *, started_at: float, response_id: str | None
+    checkpoint: Checkpoint,
+    *,
+    started_at: float,
+    response_id: str | None,
+    first_chunk_at: float | None,
 ) -> Attributes:
-    """What the provider answered: ids, finish reasons, usage, time to first chunk."""
+    """What the provider answered: ids, finish reasons, usage, time to first chunk (of any
+    kind: an opening role chunk too, as the convention has it)."""
     attributes: Attributes = {
         "gen_ai.usage.input_tokens": checkpoint.prompt_tokens,
         "gen_ai.usage.output_tokens": checkpoint.completion_tokens,
@@ -111,8 +116,8 @@ def response_attributes(
         attributes["gen_ai.response.model"] = checkpoint.response_model
     if checkpoint.finish_reason:
         attributes["gen_ai.response.finish_reasons"] = [checkpoint.finish_reason]
-    if checkpoint.first_token_at is not None:
-        ttfc = max(0.0, checkpoint.first_token_at - started_at)
+    if first_chunk_at is not None:
+        ttfc = max(0.0, first_chunk_at - started_at)
         attributes["gen_ai.response.time_to_first_chunk"] = ttfc
     return attributes
 
