@@ -59,12 +59,13 @@ class Latch(_Waiters):
         if not self._set:
             await self._park()
 
-    async def wait_until(self, when: float) -> bool:
-        """``wait``, but no later than ``when`` (loop time); True if set by then. One timer
-        handle, not an ``asyncio.timeout`` (which costs several times as much a wait)."""
+    async def wait_until(self, when: float, loop: asyncio.AbstractEventLoop) -> bool:
+        """``wait``, but no later than ``when`` (``loop``'s time, the running loop's: asked
+        of the caller, who has it, since on Python 3.11 each look-up is a system call); True
+        if set by then. One timer handle, not an ``asyncio.timeout`` (which costs several
+        times as much a wait)."""
         if self._set:
             return True
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._waiters is None:
             self._waiters = []

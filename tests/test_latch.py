@@ -55,10 +55,10 @@ async def test_a_wait_until_a_time_answers_whether_the_latch_was_set() -> None:
     keeps no future of it. A cancelled one leaves none either."""
     loop = asyncio.get_running_loop()
     latch = Latch()
-    assert await latch.wait_until(loop.time() - 1) is False  # already past: one loop turn
+    assert await latch.wait_until(loop.time() - 1, loop) is False  # already past: one loop turn
     assert latch._waiters == []
-    cancelled = asyncio.ensure_future(latch.wait_until(loop.time() + 3600))
-    setter = asyncio.ensure_future(latch.wait_until(loop.time() + 3600))
+    cancelled = asyncio.ensure_future(latch.wait_until(loop.time() + 3600, loop))
+    setter = asyncio.ensure_future(latch.wait_until(loop.time() + 3600, loop))
     await asyncio.sleep(0)
     cancelled.cancel()
     await asyncio.gather(cancelled, return_exceptions=True)
@@ -66,4 +66,4 @@ async def test_a_wait_until_a_time_answers_whether_the_latch_was_set() -> None:
     assert len(latch._waiters) == 1  # the setter's only
     latch.set()
     assert await setter is True
-    assert await latch.wait_until(loop.time() - 1) is True
+    assert await latch.wait_until(loop.time() - 1, loop) is True

@@ -129,7 +129,7 @@ async def _wait_for_answer(
             due = max(due, attempt + interval * ATTEMPT_SHARE)
         if stream.backing_off:
             due = max(due, loop.time() + interval * ATTEMPT_SHARE)  # look again then
-        if await stream.accepted.wait_until(due):
+        if await stream.accepted.wait_until(due, loop):
             return
         if not stream.backing_off and stream.attempt_started_at == attempt:
             return
