@@ -48,9 +48,10 @@ class RetryPolicy:
 def is_retryable(error: BaseException) -> bool:
     """True for a failure another attempt may fix: 408/409/429/5xx, a failed connection.
     Never one whose answer the provider may have generated (and billed): a 2xx that was an
-    error, an answer cut off mid-body, a first-token or idle timeout after it went out."""
-    if isinstance(error, SluiceError) and error.may_have_generated:
-        return False
+    error, an answer cut off mid-body, a first-token or idle timeout after it went out; nor
+    one the provider said not to retry."""
+    if isinstance(error, SluiceError) and (error.may_have_generated or not error.retry_helps):
+        return False  # (or the provider said ``x-should-retry: false``)
     if isinstance(error, ProviderStatusError):
         status = error.provider_status
         return status in RETRYABLE_STATUSES or status >= 500

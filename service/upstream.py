@@ -223,7 +223,7 @@ class Upstream:
             for name in ("Retry-After", "retry-after-ms")
             if (value := response.headers.get(name)) and _retry_hint(value)
         }
-        return ProviderStatusError(
+        error = ProviderStatusError(
             message,
             provider_status=response.status,
             type_=self.field(detail.get("type")),
@@ -231,6 +231,9 @@ class Upstream:
             code=self.field(detail.get("code")),
             headers=headers,
         )
+        if response.headers.get("x-should-retry", "").strip().lower() == "false":
+            error.futile()  # the provider says so (out of quota, say): not here, not by the SDK
+        return error
 
     async def pump(
         self, answer: ProviderStream, sink: Sink, *, generating: Callable[[], bool]

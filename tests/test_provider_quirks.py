@@ -634,6 +634,27 @@ async def test_a_whole_completion_where_a_stream_was_asked_is_not_asked_for_agai
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("status", [429, 500])
+async def test_a_provider_s_x_should_retry_false_is_obeyed_and_passed_on(
+    aiohttp_server: Any, gateway: GatewayFactory, settings: Settings, status: int
+) -> None:
+    """OpenAI's 429 ``insufficient_quota`` says ``x-should-retry: false``, and the SDKs obey
+    it: the gateway asked twice more, and its answer (with one attempt) had no such header,
+    so the client's SDK asked twice more again."""
+    calls = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        error = {"error": {"message": "quota", "type": "insufficient_quota", "code": "q"}}
+        return web.json_response(error, status=status, headers={"x-should-retry": "false"})
+
+    client = await _gateway(aiohttp_server, gateway, settings, answer)  # (3 attempts)
+    response = await client.post(URL, json=chat_body("x", stream=False), headers=AUTH)
+    assert response.status == (429 if status == 429 else 502)
+    assert response.headers["x-should-retry"] == "false"
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize(
     "retry_after",
     ["Mon, 01 Jan 99999999999 00:00:00 GMT", "99999999999"],
