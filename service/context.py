@@ -140,6 +140,13 @@ class ContextPolicy:
         return OutputPlan(chosen, field, rewrite=chosen != requested)
 
 
+def reasons_unseen(model: str) -> bool:
+    """Whether ``model`` (OpenAI's reasoning models: the same names) thinks before its
+    first token and streams none of its thinking (a server that streams its reasoning, as
+    vLLM's and DeepSeek's do, shows output from the start)."""
+    return completion_tokens_only(model)
+
+
 def completion_tokens_only(model: str) -> bool:
     """Whether ``model`` (a reasoning model) refuses ``max_tokens`` for
     ``max_completion_tokens``."""

@@ -50,7 +50,8 @@ from .upstream import ProviderStream, Sink, Upstream
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Call = Callable[[bytes], Awaitable[T]]  # one provider call: Upstream.post_chat or .complete
+# One provider call (a request's body, its model): Upstream.post_chat or .complete.
+_Call = Callable[[bytes, str], Awaitable[T]]
 
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
@@ -254,7 +255,7 @@ class ResilientProvider:
         traced = self._telemetry.attempt(model) if self._telemetry else contextlib.nullcontext()
         with self._r.breakers.for_model(model).attempt() as verdict, traced:
             try:
-                answer = await call(body)
+                answer = await call(body, model)
             except SluiceError:
                 raise
             except Exception as exc:

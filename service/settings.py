@@ -24,6 +24,9 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_BODY_BYTES = 1024 * 1024 * 1024  # (a WebSocket message's bound is a C integer)
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_FIRST_TOKEN_TIMEOUT_S = 60.0
+# OpenAI's reasoning models think before their first token and stream none of it: minutes,
+# at high effort (the SDKs wait 600 s for any answer).
+DEFAULT_REASONING_FIRST_TOKEN_TIMEOUT_S = 600.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 DEFAULT_COMPLETION_TIMEOUT_S = 600.0  # the openai SDK's own default
 DEFAULT_KEEPALIVE_S = 15.0
@@ -121,6 +124,7 @@ class ProviderSettings:
     models: tuple[str, ...] = DEFAULT_SIMULATED_MODELS
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     first_token_timeout_s: float = DEFAULT_FIRST_TOKEN_TIMEOUT_S
+    reasoning_first_token_timeout_s: float = DEFAULT_REASONING_FIRST_TOKEN_TIMEOUT_S
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     completion_timeout_s: float = DEFAULT_COMPLETION_TIMEOUT_S  # a whole non-streamed answer
     organization: str | None = None  # OpenAI-Organization, as the openai SDK sends it
@@ -379,11 +383,15 @@ def _provider_from_env(reader: _EnvReader) -> ProviderSettings:
     models = tuple(m.strip() for m in models_raw.split(",") if m.strip()) if models_raw else ()
     connect = reader.number("SLUICE_CONNECT_TIMEOUT_S", DEFAULT_CONNECT_TIMEOUT_S, low=0.001)
     first = reader.number("SLUICE_FIRST_TOKEN_TIMEOUT_S", DEFAULT_FIRST_TOKEN_TIMEOUT_S, low=0.001)
+    thinking = reader.number(
+        "SLUICE_REASONING_FIRST_TOKEN_TIMEOUT_S", DEFAULT_REASONING_FIRST_TOKEN_TIMEOUT_S, low=0.001
+    )
     idle = reader.number("SLUICE_IDLE_TIMEOUT_S", DEFAULT_IDLE_TIMEOUT_S, low=0.001)
     whole = reader.number("SLUICE_COMPLETION_TIMEOUT_S", DEFAULT_COMPLETION_TIMEOUT_S, low=0.001)
     common = ProviderSettings(
         connect_timeout_s=connect,
         first_token_timeout_s=first,
+        reasoning_first_token_timeout_s=thinking,
         idle_timeout_s=idle,
         completion_timeout_s=whole,
         organization=_header_value(reader, "OPENAI_ORG_ID"),

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .context import reasons_unseen
 from .errors import (
     ProviderAnswerError,
     ProviderBrokenAnswerError,
@@ -99,14 +100,19 @@ class Upstream:
         key scrubbed out (a careless provider echoes credentials anywhere), bounded."""
         return scrub(value, self._key)[:MAX_FIELD_CHARS] if isinstance(value, str) else None
 
-    async def post_chat(self, body: bytes) -> ProviderStream:
-        """POST a streamed chat completion; return the 2xx response (its body unread), or
-        raise the provider's error."""
+    async def post_chat(self, body: bytes, model: str = "") -> ProviderStream:
+        """POST a streamed chat completion (of ``model``); return the 2xx response (its body
+        unread), or raise the provider's error."""
         # The first-token deadline counts from the request: it bounds the wait for the
         # status line (a provider may hold its headers until the first token) and for the
         # first event after it together. TimeoutError is translated to a 504.
         loop = self._client.loop
-        due = loop.time() + self._settings.first_token_timeout_s
+        settings = self._settings
+        due = loop.time() + (
+            settings.reasoning_first_token_timeout_s
+            if reasons_unseen(model)
+            else settings.first_token_timeout_s
+        )
         with _Deadline(loop, due, math.inf):
             response = await self._post(body, _ACCEPT_SSE)
             if _is_json(response):  # an answer, not a stream
@@ -115,7 +121,7 @@ class Upstream:
                     raise relayed_error(detail, self, "The provider sent no stream.")
             return ProviderStream(response, due)
 
-    async def complete(self, body: bytes) -> bytes:
+    async def complete(self, body: bytes, model: str = "") -> bytes:
         """POST a non-streamed chat completion and read it whole, or raise the provider's
         error. One deadline covers both (``SLUICE_COMPLETION_TIMEOUT_S``): a non-streamed
         answer comes only once it is whole, so the first-token deadline would be too short."""

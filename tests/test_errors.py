@@ -532,6 +532,22 @@ async def test_first_token_timeout_after_headers_is_error_event(
     assert "[DONE]" not in sse_data(text)
 
 
+@pytest.mark.parametrize(("model", "status"), [("gpt-4o-mini", 504), ("o3-mini", 200)])
+async def test_a_reasoning_model_has_its_own_first_token_deadline(
+    gateway: GatewayFactory, settings: Settings, model: str, status: int
+) -> None:
+    """OpenAI's reasoning models think for minutes before their first token, streaming none
+    of it: the 60 s first-token deadline ended them (``provider_timeout``) where the SDK,
+    calling OpenAI itself, waits 600 s. They have their own, ten times as long."""
+    deadlines = {"first_token_timeout_s": 0.05, "reasoning_first_token_timeout_s": 600.0}
+    client = await gateway(_quick(settings, models=("gpt-4o-mini", "o3-mini"), **deadlines))
+    body = chat_body("[sim header_delay_ms=300]", stream=True, model=model)
+    response = await client.post(URL, json=body, headers=AUTH)
+    assert response.status == status
+    if status == 200:
+        assert sse_data(await response.text())[-1] == "[DONE]"
+
+
 # --- after the first byte ------------------------------------------------------------------
 
 

@@ -62,6 +62,11 @@ def test_from_env_ignores_the_process_environment(monkeypatch: pytest.MonkeyPatc
         ("SLUICE_DRAIN_S", "3.5", lambda s: s.server.drain_s),
         ("SLUICE_CONNECT_TIMEOUT_S", "2", lambda s: s.provider.connect_timeout_s),
         ("SLUICE_FIRST_TOKEN_TIMEOUT_S", "5", lambda s: s.provider.first_token_timeout_s),
+        (
+            "SLUICE_REASONING_FIRST_TOKEN_TIMEOUT_S",
+            "900",
+            lambda s: s.provider.reasoning_first_token_timeout_s,
+        ),
         ("SLUICE_COMPLETION_TIMEOUT_S", "5", lambda s: s.provider.completion_timeout_s),
         ("SLUICE_IDLE_TIMEOUT_S", "7.5", lambda s: s.provider.idle_timeout_s),
         ("SLUICE_KEEPALIVE_S", "0.5", lambda s: s.streams.keepalive_s),
