@@ -21,6 +21,7 @@ from .appkeys import (
 )
 from .cache import MemoryResponseCache
 from .checkpoint import MemoryCheckpointStore
+from .credentials import ProviderSecrets
 from .handlers import chat, health, models, streams, usage, ws
 from .lifecycle import Lifecycle
 from .middleware import add_admission_headers, auth_middleware, error_middleware
@@ -65,6 +66,9 @@ def create_app(settings: Settings) -> web.Application:
         count_text=tokens.count_text,
         count_prompt=tokens.count_chat,
     )
+    secrets = ProviderSecrets.of(settings.provider)
+    if secrets:
+        app[STREAMS].scrub_text = secrets.text
     app[GATE] = Gate(settings.limits, settings.money, fallbacks=settings.resilience.fallbacks)
     app[STREAMS].finish_hooks.append(app[GATE].on_finish)  # settle + one ledger row
     app[GATE].grace_left = app[STREAMS].grace_left  # a stream cap's Retry-After

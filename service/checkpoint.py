@@ -59,6 +59,7 @@ def checkpoint_of(
     count_prompt: PromptCounter,
     *,
     counted: bool = True,
+    scrub: Callable[[str], str] = str,
 ) -> Checkpoint:
     """Summarise ``stream`` as it stands; counts tokens when the provider did not. With
     ``counted=False`` (the last resort, after counting failed) they are 0, and the tool
@@ -83,8 +84,10 @@ def checkpoint_of(
         model=stream.model,
         response_model=progress.response_model,
         status=stream.status,
-        text=progress.text,
-        tool_calls=merge_calls(progress.tool_calls or ()) if counted else [],
+        text=scrub(progress.text),  # (joined: a credential a provider split is whole here)
+        tool_calls=_scrubbed_calls(merge_calls(progress.tool_calls or ()), scrub)
+        if counted
+        else [],
         finish_reason=progress.finish_reason,
         chunks=progress.chunks,
         last_seq=stream.last_seq,
@@ -96,6 +99,17 @@ def checkpoint_of(
         first_token_at=stream.first_token_at,
         ended_at=stream.ended_at,
     )
+
+
+def _scrubbed_calls(calls: list[Any], scrub: Callable[[str], str]) -> list[Any]:
+    """Merged tool calls, each function's name and arguments ``scrub``bed."""
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            for name in ("name", "arguments"):
+                if isinstance(function.get(name), str):
+                    function[name] = scrub(function[name])
+    return calls
 
 
 def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:

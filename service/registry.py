@@ -83,6 +83,8 @@ class StreamRegistry:
         self.store = store
         self.count_text = count_text
         self.count_prompt = count_prompt
+        # The provider's credentials out of a checkpoint's joined text (``credentials.py``).
+        self.scrub_text: Callable[[str], str] = str
         self.finish_hooks: list[FinishHook] = []
         self.launch_hooks: list[Callable[[Stream], None]] = []  # e.g. the Redis journal mirror
         # Told (stream, event) of "client_disconnected" and "grace_expired" (telemetry).
@@ -289,10 +291,10 @@ class StreamRegistry:
 
     async def _retire(self, stream: Stream) -> None:
         try:
-            checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt)
+            checkpoint = self._checkpoint_of(stream)
         except Exception:  # a bug must not skip the settlement, the slot and the ledger row
             log.exception("stream %s: its tokens could not be counted", stream.id)
-            checkpoint = checkpoint_of(stream, self.count_text, self.count_prompt, counted=False)
+            checkpoint = self._checkpoint_of(stream, counted=False)
         try:
             await self.store.put(checkpoint, self._settings.checkpoint_ttl_s)
         except Exception:
@@ -319,7 +321,12 @@ class StreamRegistry:
         retained = self._ended.get(stream.id)
         if retained is not None:
             return retained.checkpoint
-        return checkpoint_of(stream, self.count_text, self.count_prompt)
+        return self._checkpoint_of(stream)
+
+    def _checkpoint_of(self, stream: Stream, *, counted: bool = True) -> Checkpoint:
+        return checkpoint_of(
+            stream, self.count_text, self.count_prompt, counted=counted, scrub=self.scrub_text
+        )
 
     def tick(self) -> None:
         """Wake idle readers for keepalives, stop generations that have run past the limit

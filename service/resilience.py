@@ -274,6 +274,9 @@ class ResilientProvider:
     def redact(self, text: str) -> str:
         return self.upstream.redact(text)
 
+    def scrub_data(self, data: bytes) -> bytes:
+        return self.upstream.scrub_data(data)
+
     def field(self, value: object) -> str | None:
         return self.upstream.field(value)
 

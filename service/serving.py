@@ -85,7 +85,7 @@ class Responder:
             if entry is None and await self._settled():  # one of them may have been the answer
                 entry = await self._lookup(stream.owner.tenant, chat, models)
             if entry is not None:
-                _replay(stream, entry)
+                _replay(stream, entry, self.provider.scrub_data)
                 if entry.model == stream.model:
                     stream.fallback_reason = None  # the answer of the model asked for
                 elif stream.fallback_reason is None:  # past a model whose breaker is open
@@ -115,7 +115,7 @@ class Responder:
         if entry is None:
             return False
         stream.fallback_reason = reason
-        _replay(stream, entry)
+        _replay(stream, entry, self.provider.scrub_data)
         return True
 
     async def fill(self, stream: Stream, checkpoint: Checkpoint) -> None:
@@ -169,8 +169,10 @@ class Responder:
         return None
 
 
-def _replay(stream: Stream, entry: CachedResponse) -> None:
-    """Write a cached generation into the journal, folding it into ``stream.progress``."""
+def _replay(stream: Stream, entry: CachedResponse, scrub: Callable[[bytes], bytes]) -> None:
+    """Write a cached generation into the journal, folding it into ``stream.progress``
+    (an answer assembled from chunks is ``scrub``bed: a credential a provider split across
+    two of them is whole in it)."""
     stream.cache_status = HIT
     stream.served_model = entry.model
     progress = stream.progress
@@ -182,7 +184,9 @@ def _replay(stream: Stream, entry: CachedResponse) -> None:
             progress.add_chunk(orjson.loads(raw))
             stream.append(raw)
     else:
-        body = assemble(entry.payloads, entry.usage) if entry.streaming else entry.payloads[0]
+        body = (
+            scrub(assemble(entry.payloads, entry.usage)) if entry.streaming else entry.payloads[0]
+        )
         progress.add_completion(orjson.loads(body))
         stream.append(body)
     if progress.usage is None:

@@ -64,7 +64,11 @@ DEFAULT_SERVICE_NAME = "sluice"
 EMAIL_PATTERN = (  # starts only at a word's start: one scan per run of characters
     r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]++@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
 )
-SECRET_KEY_PATTERN = r"\bsk-[A-Za-z0-9_-]{6,}"  # OpenAI-style secret keys
+# OpenAI-style secret keys, also right after an escaped character (``\n``, ``\x01``,
+# ``\u2028``: how a log line writes a control character a client sent before one).
+SECRET_KEY_PATTERN = (
+    r"(?:\b|(?<=\\[a-z])|(?<=\\x[0-9a-fA-F]{2})|(?<=\\u[0-9a-fA-F]{4}))sk-[A-Za-z0-9_-]{6,}"
+)
 DEFAULT_REDACT_PATTERNS = (EMAIL_PATTERN, SECRET_KEY_PATTERN)
 OTEL_SAMPLERS = frozenset(
     {

@@ -12,6 +12,7 @@ idle gap between reads.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import math
 import re
@@ -23,6 +24,7 @@ import orjson
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from .context import reasons_unseen
+from .credentials import ProviderSecrets
 from .errors import (
     ProviderAnswerError,
     ProviderBrokenAnswerError,
@@ -34,13 +36,11 @@ from .errors import (
     translate,
 )
 from .provider_client import ClientError, ProviderClient, Response, TooLarge, header_lines
-from .settings import ProviderSettings, Secret
+from .settings import ProviderSettings
 from .sse import EventTooLarge, SSEDecoder
 
 Sink = Callable[[list[bytes]], bool]  # gets a batch of payloads; returns True at [DONE]
 
-REDACTED = "[redacted]"
-REDACTED_BYTES = REDACTED.encode()
 MAX_FIELD_CHARS = 256  # a provider's error type, code or param: more is not a code
 MAX_MESSAGE_CHARS = 2000  # a provider's error message, as a client is shown it
 # What a provider's bodies may weigh, read whole (a stream's events are bounded apiece, in
@@ -50,7 +50,7 @@ MAX_MODELS_BYTES = 4 * 1024 * 1024  # the model list (OpenAI's is ~10 KB)
 ERROR_BODY_BYTES = 1024 * 1024  # an error's body (one may echo the prompt): no more is read
 MODELS_TTL_S = 60.0  # how long the provider's model list is served from memory
 _TIMER_SLACK_S = 0.001  # loop timers may fire this early (ms resolution); do not re-arm then
-_NUMBER = re.compile(r"\d{1,20}(\.\d{1,6})?")  # seconds (or ms); a longer one is no hint
+_NUMBER = re.compile(r"[0-9]{1,20}(\.[0-9]{1,6})?")  # seconds (or ms); a longer one is no hint
 _ACCEPT_SSE = b"Accept: text/event-stream\r\n"
 _ACCEPT_JSON = b"Accept: application/json\r\n"
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent; stateless, not the global one
@@ -77,9 +77,8 @@ class Upstream:
         self._settings = settings
         self._chat_path = f"{client.base_path}/chat/completions"
         self._models_path = f"{client.base_path}/models"
-        self._key = settings.api_key
-        # A provider may echo the key anywhere, 2xx bodies included: they are scrubbed too.
-        self._key_bytes = settings.api_key.reveal().encode() if settings.api_key else b""
+        # A provider may echo its credentials anywhere, 2xx bodies included: all scrubbed.
+        self._secrets = ProviderSecrets.of(settings)
         self._models: tuple[float, list[dict[str, Any]]] | None = None  # (until, list)
         self._fetching: asyncio.Future[list[dict[str, Any]]] | None = None
 
@@ -93,12 +92,12 @@ class Upstream:
 
     def redact(self, text: str) -> str:
         """``text`` without our provider key, for any provider words shown to a client."""
-        return scrub(text, self._key)
+        return self._secrets.message(text)
 
     def field(self, value: object) -> str | None:
         """A provider's short error field (type, code, param) fit to pass on: a string, our
         key scrubbed out (a careless provider echoes credentials anywhere), bounded."""
-        return scrub(value, self._key)[:MAX_FIELD_CHARS] if isinstance(value, str) else None
+        return self._secrets.message(value)[:MAX_FIELD_CHARS] if isinstance(value, str) else None
 
     async def post_chat(self, body: bytes, model: str = "") -> ProviderStream:
         """POST a streamed chat completion (of ``model``); return the 2xx response (its body
@@ -141,21 +140,25 @@ class Upstream:
                 response.close()  # drop the connection: the provider sees it and stops
                 raise
         response.release()
-        raw = self._scrubbed(raw)
+        raw = self.scrub_data(raw)
         if b'error"' in raw or b"\\u" in raw:  # (an "error" key, plain or \u-escaped)
             _raise_answered_error(raw, self)
         return raw
 
     def _scrubbed_all(self, payloads: list[bytes]) -> list[bytes]:
-        """``payloads`` (events' data) without our key."""
-        if not self._key_bytes or not payloads:
+        """``payloads`` (events' data) without our credentials."""
+        if not self._secrets or not payloads:
             return payloads
-        return [self._scrubbed(p) for p in payloads]
+        return [self._secrets.data(p) for p in payloads]
 
-    def _scrubbed(self, data: bytes) -> bytes:
-        """``data`` (a whole body, or one event's payload) without our key."""
-        key = self._key_bytes
-        return data.replace(key, REDACTED_BYTES) if key and key in data else data
+    def scrub_data(self, data: bytes) -> bytes:
+        """``data`` (a whole body, or one event's payload) without our credentials."""
+        return self._secrets.data(data) if self._secrets else data
+
+    def scrub_text(self, text: str) -> str:
+        """Text the gateway joined from the provider's (a key split across two chunks is
+        whole in it) without our credentials."""
+        return self._secrets.text(text) if self._secrets else text
 
     async def _post(self, body: bytes, headers: bytes) -> Response:
         trace_context: dict[str, str] = {}
@@ -199,7 +202,7 @@ class Upstream:
                 if response.status >= 300:
                     raise await self._status_error(response)
                 try:
-                    raw = self._scrubbed(await response.read(MAX_MODELS_BYTES))
+                    raw = self.scrub_data(await response.read(MAX_MODELS_BYTES))
                 except TooLarge:
                     raise ProviderProtocolError(
                         "The provider sent a model list too large."
@@ -215,8 +218,8 @@ class Upstream:
 
     async def _status_error(self, response: Response) -> ProviderStatusError:
         detail = _error_detail(await response.read_upto(ERROR_BODY_BYTES))
-        message = scrub(
-            str(detail.get("message") or f"The provider answered {response.status}."), self._key
+        message = self.redact(
+            str(detail.get("message") or f"The provider answered {response.status}.")
         )[:MAX_MESSAGE_CHARS]
         if response.status in (401, 403):  # about our credentials: none of a client's business
             return ProviderStatusError(
@@ -225,9 +228,9 @@ class Upstream:
                 code="provider_auth_failed",
             )
         headers = {
-            name: value
+            name: hint
             for name in ("Retry-After", "retry-after-ms")
-            if (value := response.headers.get(name)) and _retry_hint(value)
+            if (value := response.headers.get(name)) and (hint := _retry_hint(name, value))
         }
         error = ProviderStatusError(
             message,
@@ -359,29 +362,26 @@ class _Deadline:
             self._arm(self._due)
 
 
-def scrub(text: str, key: Secret | None) -> str:
-    """Remove our provider key from ``text`` (providers sometimes echo a credential)."""
-    if key is None:
-        return text
-    secret = key.reveal()
-    return text.replace(secret, REDACTED) if secret and secret in text else text
-
-
 def _is_json(response: Response) -> bool:
     """Whether the media type is JSON (the parameters after it do not matter)."""
     media = response.headers.get("Content-Type").partition(";")[0]
     return media.strip().lower() == "application/json"
 
 
-def _retry_hint(value: str) -> bool:
-    """A ``Retry-After`` worth passing on: a number of seconds (or ms) or an HTTP date; any
-    other text is the provider's, and not for a client's headers."""
+def _retry_hint(name: str, value: str) -> str | None:
+    """A ``Retry-After`` (or ``retry-after-ms``) worth passing on, as the gateway writes it:
+    a number of seconds (ms), or for ``Retry-After`` an HTTP date. Never the provider's
+    own text: the date parser takes extra words (a credential echoed, say) and ignores them."""
+    value = value.strip()
     if _NUMBER.fullmatch(value):
-        return True
+        return value
+    if name != "Retry-After":
+        return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp() is not None
+        when = email.utils.parsedate_to_datetime(value)
+        return email.utils.format_datetime(when.astimezone(datetime.UTC), usegmt=True)
     except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, ...
-        return False
+        return None
 
 
 def _error_detail(raw: bytes) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from ..credentials import url_secrets
 from ..settings import EMAIL_PATTERN, SECRET_KEY_PATTERN, Settings
 
 REDACTED = "[redacted]"
@@ -44,6 +45,7 @@ class Redactor:
         secrets = []
         if settings.provider.api_key is not None:
             secrets.append(settings.provider.api_key.reveal())
+        secrets += url_secrets(settings.provider.base_url)  # its password, its Basic token
         if settings.auth.dev_key is not None:
             secrets.append(settings.auth.dev_key.reveal())
         for url in (settings.shared.redis_url, settings.shared.database_url):
