@@ -50,11 +50,12 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
 from .checkpoint import Checkpoint, CheckpointStore
-from .errors import RateLimitError
+from .errors import RateLimitError, ServiceUnavailableError
+from .jsonbytes import dumps_kept
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
-from .relay import RESUME_ELSEWHERE, SSE_HEADERS, STREAM_ID_HEADER, stream_headers
+from .relay import RESUME_ELSEWHERE, SEND_AGAIN, SSE_HEADERS, STREAM_ID_HEADER, stream_headers
 from .sse import KEEPALIVE, encode_event
 from .stream import Stream, StreamStatus
 
@@ -71,6 +72,15 @@ LISTEN_RETRY_S = 1.0
 LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it should stop
 LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: reconnected
 CANCEL_WAIT_S = 10.0
+# The end of a replay whose replica stopped before the stream finished (no id: the SDKs
+# raise APIError; no reconnection hint: nothing more will come of it, here or elsewhere).
+STOPPED = b"data: %b\n\n" % dumps_kept(
+    ServiceUnavailableError(
+        "The replica generating this stream stopped before it finished: what it made is "
+        "above (and in GET /v1/streams/{id}); send the request again for the rest.",
+        code="stream_interrupted",
+    ).payload()
+)
 # Each remote reader holds a connection of the follower's pool in a blocking read: one
 # user's readers are bounded, so one key cannot take the pool from everyone.
 READERS_PER_USER = 16
@@ -414,8 +424,11 @@ class RemoteStreams:
         """Replay then follow the journal of ``stream_id`` to the client, as SSE."""
         headers = {**SSE_HEADERS, STREAM_ID_HEADER: stream_id, **await self._headers(stream_id)}
         response = web.StreamResponse(headers=headers)
+        last = after
 
         async def deliver(batch: list[Event]) -> None:
+            nonlocal last
+            last = max(last, batch[-1][0])
             await response.write(b"".join(encode_event(seq, data) for seq, _, data in batch))
 
         async with self.reading(stream_id):
@@ -424,8 +437,10 @@ class RemoteStreams:
                 status = await self.follow(
                     stream_id, after, deliver, lambda: response.write(KEEPALIVE)
                 )
-                if status in (StreamStatus.SHUTDOWN, UNREADABLE):  # come back later
+                if self.leaving or status == UNREADABLE:  # come back later, or elsewhere
                     await response.write(RESUME_ELSEWHERE)
+                elif status == StreamStatus.SHUTDOWN:  # its replica stopped: it ends here
+                    await response.write(STOPPED if last else SEND_AGAIN)
                 await response.write_eof()
             except ConnectionError:
                 pass  # the client left; detaching is all there is to do

@@ -290,7 +290,8 @@ async def test_another_user_cannot_resume_or_cancel_through_another_replica(
 async def test_rolling_restart_leaves_every_stream_resumable_on_the_other_replica(
     gateway: GatewayFactory, settings: Settings, redis_url: str
 ) -> None:
-    """SIGTERM A with streams open: each completes or is checkpointed and replayable on B."""
+    """SIGTERM A with streams open: each completes or is checkpointed and replayable on B
+    (a stream A cut short ends there, told so: nothing more will come of it)."""
     shared = with_drain(with_redis(settings, redis_url), 0.05)
     a, b = await replicas(gateway, shared)
     ids = []
@@ -311,8 +312,9 @@ async def test_rolling_restart_leaves_every_stream_resumable_on_the_other_replic
         assert replay.startswith(head)
         numbered = [seq for seq, _ in events(replay) if seq is not None]
         assert numbered == list(range(1, checkpoint["last_seq"] + 1))
-        if checkpoint["status"] == "shutdown":
-            assert replay.endswith(b"retry: 1000\n")  # come back later
+        if checkpoint["status"] == "shutdown":  # all there is: its end, no "come back"
+            assert orjson.loads(events(replay)[-1][1])["error"]["code"] == "stream_interrupted"
+            assert b"retry:" not in replay
     assert ledger.get(ids[0]) is not None
 
 
@@ -335,16 +337,37 @@ async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
     gateway: GatewayFactory, settings: Settings, redis_url: str
 ) -> None:
     """A journal with no END and no owner heartbeat (its replica crashed) replays, then ends
-    with an error event (no id: the SDKs raise it) and a retry hint instead of keeping the
-    client waiting forever."""
+    with an error event (no id: the SDKs raise it) instead of keeping the client waiting
+    forever; with no reconnection hint, since nothing more will come of it (a hint to
+    resume it elsewhere had a client reconnect, and be told the same, for ever)."""
     b = await _orphaned(gateway, settings, redis_url)
 
     response = await b.get("/v1/streams/strm_orphan/events", headers=AUTH)
     assert response.status == 200
     body = await response.read()
-    assert [seq for seq, _ in events(body)] == [1, 2, None, None]
+    assert [seq for seq, _ in events(body)] == [1, 2, None]
     assert orjson.loads(events(body)[2][1])["error"]["code"] == "stream_interrupted"
-    assert body.endswith(b"retry: 1000\n")
+    assert b"retry:" not in body
+
+
+async def test_a_stream_whose_replica_stopped_before_any_output_is_to_be_sent_again(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """Nothing generated and nothing to resume: "send the request again", as its own
+    replica says at shutdown (a reader elsewhere was told to resume it)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.hset(meta_key("strm_unstarted"), mapping={"user": "dev", "tenant": "dev"})
+    finally:
+        await redis.aclose()
+    b = await gateway(with_streams(with_redis(settings, redis_url), keepalive_s=0.05))
+
+    response = await b.get("/v1/streams/strm_unstarted/events", headers=AUTH)
+    body = await response.read()
+    ((seq, data),) = events(body)
+    assert seq is None
+    assert orjson.loads(data)["error"]["code"] == "service_unavailable"
+    assert b"retry:" not in body
 
 
 async def _ws_resume(client: TestClient[Any, Any], stream_id: str, key: str = "") -> Any:
