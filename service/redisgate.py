@@ -236,8 +236,10 @@ class RedisGate:
         self, client: Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[EncodableT]
     ) -> Any:
         [reply] = await self._send(client, [("EVALSHA", script.sha, len(keys), *keys, *args)])
-        if isinstance(reply, NoScriptError):  # Redis restarted or was flushed: load it
-            return await script(keys=keys, args=args, client=client)
+        if isinstance(reply, NoScriptError):  # Redis restarted or was flushed: send it whole
+            # (which loads it), over the same connection: redis-py's pool may still hold
+            # one the restart closed, and the first request after it would fail.
+            [reply] = await self._send(client, [("EVAL", script.script, len(keys), *keys, *args)])
         if isinstance(reply, Exception):
             raise reply
         return reply

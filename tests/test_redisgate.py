@@ -192,6 +192,28 @@ async def test_posted_writes_survive_a_flushed_script_cache(
     assert await gate.evalsha(script, ["k"], []) == b"v"
 
 
+async def test_the_first_script_call_after_a_redis_restart_succeeds(
+    make_gate: GateMaker, client: Redis, redis_server: RedisServer
+) -> None:
+    """A restarted Redis has no scripts: the gate loaded it over redis-py's pool, whose
+    idle connection the restart had closed, and the first request after a restart failed
+    (503 ``shared_state_unavailable``, and a breaker failure). The script now goes whole
+    over the gate's own connection, as it reconnects."""
+    gate = make_gate(failure="closed", timeout_s=2)
+    script = client.register_script("return redis.call('GET', KEYS[1])")
+    assert await client.ping()  # the pool now holds a connection
+    assert await gate.evalsha(script, ["k"], []) is None
+    redis_server.stop()
+    redis_server.start()
+    fresh = Redis.from_url(redis_server.url)
+    try:
+        await fresh.set("k", "v")
+    finally:
+        await fresh.aclose()
+    assert await gate.evalsha(script, ["k"], []) == b"v"
+    assert gate.errors_total == 0
+
+
 async def test_flush_sends_what_no_round_trip_took(make_gate: GateMaker, client: Redis) -> None:
     """With no script call in between, ``flush`` stores the posted writes itself."""
     gate = make_gate(failure="closed", timeout_s=2)
