@@ -57,6 +57,9 @@ class Hold:
     amount: Decimal
     warning: str | None
     shared_id: str | None = None  # its hold in Redis (``redis_budgets.py``); None: local only
+    # What every replica had committed on each budget before it (Redis's reply), where this
+    # process's view has its own holds only; None: that view is the whole story.
+    committed: Mapping[_Key, Decimal] | None = None
 
 
 class Budgets:
@@ -142,13 +145,21 @@ class Budgets:
             self._add(self._spent, key, actual)
 
     def status(
-        self, user: str, tenant: str, overrides: BudgetLimits | None = None
+        self,
+        user: str,
+        tenant: str,
+        overrides: BudgetLimits | None = None,
+        *,
+        shared: Mapping[_Key, tuple[Decimal, Decimal]] | None = None,
     ) -> dict[str, Any]:
-        """Limit, spent, reserved and remaining USD per scope and period (for /v1/usage)."""
+        """Limit, spent, reserved and remaining USD per scope and period (for /v1/usage);
+        ``shared``: (spent, reserved) of every replica, per budget Redis has."""
         report: dict[str, Any] = {"user": {}, "tenant": {}}
         for key, limit in self._checks(user, tenant, overrides):
             scope, _, period, _ = key
             spent, reserved = self._spent.get(key, ZERO), self._reserved.get(key, ZERO)
+            if shared is not None and key in shared:
+                spent, reserved = shared[key]
             report[scope]["daily" if period == "day" else "monthly"] = {
                 "limit_usd": float(limit) if limit is not None else None,
                 "spent_usd": float(spent),
@@ -169,10 +180,15 @@ class Budgets:
     ) -> float:
         """The highest fraction of any applicable limit already committed (0.0 without
         limits), ``excluding`` a request's own reservation: its worst case is not spent."""
+        checks = self._checks(user, tenant, overrides)
+        shared = excluding.committed if excluding is not None else None
+        if shared is not None:  # every replica's, before the request: Redis said so
+            fractions = [float(shared[key] / limit) for key, limit in checks if limit]
+            return max(fractions, default=0.0)
         own, amount = (excluding.keys, excluding.amount) if excluding is not None else ((), ZERO)
         fractions = [
             float((self._committed(key) - (amount if key in own else ZERO)) / limit)
-            for key, limit in self._checks(user, tenant, overrides)
+            for key, limit in checks
             if limit
         ]
         return max(fractions, default=0.0)

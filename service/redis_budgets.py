@@ -236,7 +236,26 @@ class RedisBudgets(Budgets):
             self._spent[key] = spent
             committed[key] = spent + held - amount  # before this request, as the warning has it
         warning = self._warning(checks, committed)
-        return Hold(tuple(key for key, _ in checks), amount, warning, hold_id)
+        return Hold(tuple(key for key, _ in checks), amount, warning, hold_id, committed)
+
+    async def shared_status(
+        self, user: str, tenant: str, overrides: BudgetLimits | None = None
+    ) -> dict[str, Any]:
+        """``status`` with every replica's spend and holds (this replica's view has its own
+        holds only, and others' spend as of its last reservation); this view's when Redis
+        is unavailable."""
+        keys = [key for key, _ in self._checks(user, tenant, overrides)]
+        commands = [("HMGET", budget_key(key), "spent", "reserved") for key in keys]
+        try:
+            replies = await self._gate.pipeline(commands)
+        except RedisUnavailable:
+            return self.status(user, tenant, overrides)
+        shared = {
+            key: (Decimal(int(spent or 0)) / NANOS, Decimal(int(reserved or 0)) / NANOS)
+            for key, (spent, reserved) in zip(keys, replies, strict=True)
+            if spent is not None or reserved is not None
+        }
+        return self.status(user, tenant, overrides, shared=shared)
 
     def _release_later(self, keys: list[str], hold_id: str, checks: list[Any]) -> None:
         """Whether Redis ran the reservation is unknown (it may yet, past the deadline): a
@@ -327,6 +346,15 @@ async def reserve_budget(
     if isinstance(budgets, RedisBudgets):
         return await budgets.reserve_async(user, tenant, amount, overrides, at=at)
     return budgets.reserve(user, tenant, amount, overrides, at=at)
+
+
+async def budget_status(
+    budgets: Budgets, user: str, tenant: str, overrides: BudgetLimits | None = None
+) -> dict[str, Any]:
+    """``budgets.status``, every replica's when the budgets live in Redis."""
+    if isinstance(budgets, RedisBudgets):
+        return await budgets.shared_status(user, tenant, overrides)
+    return budgets.status(user, tenant, overrides)
 
 
 async def settle_budget(budgets: Budgets, hold: Hold, actual: Decimal) -> None:

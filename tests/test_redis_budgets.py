@@ -77,6 +77,22 @@ async def test_the_shared_spend_of_many_cheap_requests_is_the_ledger_s_sum(
     assert Decimal(str(spent)) == sum(costs)
 
 
+async def test_a_replica_reports_and_weighs_every_replica_s_spend_and_holds(
+    gates: list[RedisGate],
+) -> None:
+    """B's /v1/usage report showed its own view (none of A's spend, nothing reserved), and
+    its budget pressure counted its own holds only: with A holding 85 % of the budget, B
+    served the dearer model that A would have moved to the cheaper one."""
+    a, b = (RedisBudgets(gate, LIMITS) for gate in gates)
+    await a.settle_async(await a.reserve_async("alice", "acme", Decimal("0.25")), Decimal("0.2"))
+    await a.reserve_async("alice", "acme", Decimal("0.65"))  # held, on A
+    report = (await b.shared_status("alice", "acme"))["user"]["daily"]
+    assert (report["spent_usd"], report["reserved_usd"]) == (0.2, 0.65)
+    assert b.status("alice", "acme")["user"]["daily"]["reserved_usd"] == 0  # (its own view)
+    mine = await b.reserve_async("alice", "acme", Decimal("0.01"))
+    assert b.pressure("alice", "acme", excluding=mine) == pytest.approx(0.85)
+
+
 async def test_settling_below_the_reservation_frees_room_on_every_replica(
     gates: list[RedisGate],
 ) -> None:

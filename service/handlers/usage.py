@@ -17,6 +17,7 @@ from ..appkeys import GATE, PRINCIPAL
 from ..budgets import month_start
 from ..errors import InvalidRequestError, PermissionDeniedError
 from ..ledger import utc_day
+from ..redis_budgets import budget_status
 
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -50,7 +51,7 @@ async def get_usage(request: web.Request) -> web.Response:
         for r in rows
     ]
     overrides = gate.policy(principal).budgets if own else None
-    status = gate.budgets.status(user or "", tenant or principal.tenant, overrides)
+    status = await budget_status(gate.budgets, user or "", tenant or principal.tenant, overrides)
     budget = {"user": status["user"]} if user is not None else {"tenant": status["tenant"]}
     if own:
         budget["tenant"] = status["tenant"]
