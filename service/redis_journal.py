@@ -44,20 +44,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError, ResponseError
 
 from .checkpoint import Checkpoint, CheckpointStore
-from .errors import RateLimitError, ServiceUnavailableError
+from .errors import RateLimitError, ServiceUnavailableError, SluiceError
 from .jsonbytes import dumps_kept
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
 from .relay import RESUME_ELSEWHERE, SEND_AGAIN, SSE_HEADERS, STREAM_ID_HEADER, stream_headers
 from .sse import KEEPALIVE, encode_event
-from .stream import Stream, StreamStatus
+from .stream import Kind, Owner, Stream, StreamStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ LISTEN_RETRY_S = 1.0
 LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it should stop
 LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: reconnected
 CANCEL_WAIT_S = 10.0
+CANCEL_ASK_MS = 1000  # a cancel not answered in this long is asked again
+MAX_RUNNING_EVENTS = 100_000  # of a journal read for a running stream's checkpoint
 # The end of a replay whose replica stopped before the stream finished (no id: the SDKs
 # raise APIError; no reconnection hint: nothing more will come of it, here or elsewhere).
 STOPPED = b"data: %b\n\n" % dumps_kept(
@@ -185,6 +188,10 @@ class JournalMirror:
             "user": stream.owner.user_id,
             "tenant": stream.owner.tenant,
             "status": "running",
+            # For a checkpoint read elsewhere while it runs (``RemoteStreams.running``):
+            "key": stream.owner.key_id,
+            "model": stream.model,
+            "prompt": str(stream.prompt_counts.get(stream.model, -1)),
         }
         mirrored = 0
         try:
@@ -377,6 +384,32 @@ class RemoteStreams:
             return None
         return meta[b"user"].decode(), meta.get(b"tenant", b"").decode()
 
+    async def running(self, stream_id: str) -> Stream | None:
+        """A stream another replica is generating, as far as its journal goes (a copy to
+        take a checkpoint of: its text and tool calls so far, ``last_seq``; the prompt as
+        its owner counted it); None when Redis does not have it running."""
+        try:
+            meta: dict[Any, Any] = await self._gate.run(lambda r: r.hgetall(meta_key(stream_id)))
+            if meta.get(b"status") != b"running" or b"user" not in meta:
+                return None
+            entries = await self._range(stream_id, 0, MAX_RUNNING_EVENTS)
+        except RedisUnavailable:
+            return None
+        user, tenant, key = (meta.get(name, b"").decode() for name in (b"user", b"tenant", b"key"))
+        owner = Owner(user, tenant, key)
+        model = meta.get(b"model", b"").decode()
+        copy = Stream(stream_id, owner, model=model, streaming=True, include_usage=False)
+        prompt = int(meta.get(b"prompt", -1))
+        if prompt >= 0:
+            copy.prompt_counts = {model: prompt}
+        for _, fields in entries:
+            if int(fields[b"k"]) != Kind.CHUNK:
+                break  # its end, written since the status was read
+            copy.events.append(fields[b"d"])
+            with contextlib.suppress(ValueError, SluiceError, AttributeError, TypeError):
+                copy.progress.add_chunk(orjson.loads(fields[b"d"]))
+        return copy
+
     async def _headers(self, stream_id: str) -> dict[str, str]:
         """The ``X-Sluice-*`` headers its owner's response had (as the mirror last wrote)."""
         try:
@@ -546,19 +579,36 @@ class RemoteStreams:
     async def checkpoint(self, stream_id: str) -> Checkpoint | None:
         return await self._store.get(stream_id)
 
+    async def _may_run(self, stream_id: str) -> bool:
+        """Whether ``stream_id``'s owner may still be generating it (not known to be gone)."""
+        try:
+            return await self._owner_alive(stream_id)
+        except (RedisUnavailable, RedisError, OSError, TimeoutError):
+            return True
+
     async def cancel(self, stream_id: str) -> Checkpoint | None:
-        """Ask the owner to cancel, wait for the journal's END, and return the checkpoint."""
-        await self.request_cancel(stream_id)
+        """Ask the owner to cancel, wait for the journal's END, and return the checkpoint;
+        ``ServiceUnavailableError`` when the owner never answered (the stream may still be
+        running). The ask goes out again each second: a publish reaches only the replicas
+        subscribed at that moment, and the owner's subscription may be reconnecting."""
         after, count = 0, 1
         deadline = time.monotonic() + CANCEL_WAIT_S
         with contextlib.suppress(RedisUnavailable, RedisError, OSError, TimeoutError):
             while time.monotonic() < deadline:
-                entries = await self._read(stream_id, after, 1000, count)
+                await self.request_cancel(stream_id)
+                entries = await self._read(stream_id, after, CANCEL_ASK_MS, count)
                 if _ended(entries):
-                    break
+                    return await self._store.get(stream_id)
                 if entries:
                     after, count = entries[-1][0], next_count(entries)
-        return await self._store.get(stream_id)
+        checkpoint = await self._store.get(stream_id)  # (it ended before: no END read)
+        if checkpoint is None and await self._may_run(stream_id):
+            raise ServiceUnavailableError(
+                "The replica generating this stream did not answer the cancel in time; "
+                "it may still be running: try again.",
+                headers={"Retry-After": "1"},
+            )
+        return checkpoint
 
 
 _HEADER_PREFIX = b"X-Sluice-"  # owner-record fields that are its response's headers

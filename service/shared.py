@@ -158,6 +158,14 @@ async def remote_events(
         remote.release_reader(owner)
 
 
+async def remote_running(request: web.Request, stream_id: str) -> Stream | None:
+    """A stream another replica is generating (no checkpoint is stored until it ends), as
+    far as its journal goes, to take a checkpoint of here; None when Redis does not have it
+    running."""
+    remote = request.app[REMOTE_STREAMS]
+    return await remote.running(stream_id) if remote is not None else None
+
+
 async def remote_cancel(request: web.Request, stream_id: str) -> Checkpoint | None:
     """Cancel a stream another replica generates; its checkpoint, or None when unknown."""
     remote = request.app[REMOTE_STREAMS]

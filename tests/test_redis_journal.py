@@ -192,6 +192,53 @@ async def test_cancel_through_another_replica_stops_generation(
     assert last_error(rest)["code"] == "stream_cancelled"
 
 
+async def test_a_running_stream_s_checkpoint_reads_through_another_replica(
+    gateway: GatewayFactory, settings: Settings, redis_url: str
+) -> None:
+    """No checkpoint is stored until a stream ends: B answered 404 for a stream A was still
+    generating (while its events, resume and cancel worked through B). B now takes it from
+    the journal so far, as A would: running, the text so far, the prompt A counted."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 3)
+
+    there = await b.get(f"/v1/streams/{stream_id}", headers=AUTH)
+    assert there.status == 200
+    seen = await there.json()
+    here = await (await a.get(f"/v1/streams/{stream_id}", headers=AUTH)).json()
+    assert seen["status"] == "running"
+    assert seen["last_seq"] >= 3
+    assert seen["text"]
+    assert here["text"].startswith(seen["text"])
+    assert seen["prompt_tokens"] == here["prompt_tokens"] > 0
+    await a.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+
+
+async def test_a_cancel_sent_while_the_owner_resubscribes_still_reaches_it(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """A publish reaches only the replicas subscribed at that moment: sent once, a cancel
+    through B while A's control subscription was reconnecting was lost (a 404 after ten
+    seconds, and the stream ran on, billed). B asks again each second."""
+    a, b = await replicas(gateway, with_redis(settings, redis_url))
+    slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 2)
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    finally:
+        await redis.aclose()
+
+    cancelled = await b.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
+    assert cancelled.status == 200
+    assert (await cancelled.json())["status"] == "cancelled"
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+
+
 async def test_a_stream_is_known_to_every_replica_before_its_first_token(
     gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
 ) -> None:
@@ -265,8 +312,9 @@ async def test_the_grace_window_expires_when_the_reader_on_another_replica_leave
 async def test_another_user_cannot_resume_or_cancel_through_another_replica(
     gateway: GatewayFactory, settings: Settings, redis_url: str, tmp_path: Path
 ) -> None:
-    """Ownership holds across replicas: bob gets 404 for alice's stream on B, and over a
-    socket the same refusal as for a stream that never was."""
+    """Ownership holds across replicas: bob gets 404 for alice's stream on B (its events,
+    its checkpoint, its cancel), and over a socket the same refusal as for a stream that
+    never was."""
     two, alice, bob = two_user_settings(with_redis(settings, redis_url), tmp_path)
     a, b = await replicas(gateway, two)
     response = await a.post("/v1/chat/completions", json=chat_body(LONG), headers=bearer(alice))
@@ -275,6 +323,8 @@ async def test_another_user_cannot_resume_or_cancel_through_another_replica(
 
     resumed = await b.get(f"/v1/streams/{stream_id}/events", headers=bearer(bob))
     assert resumed.status == 404
+    read = await b.get(f"/v1/streams/{stream_id}", headers=bearer(bob))
+    assert read.status == 404
     cancelled = await b.post(f"/v1/streams/{stream_id}/cancel", headers=bearer(bob))
     assert cancelled.status == 404
     ws = await _ws_resume(b, stream_id, bob)  # over a socket: like a stream that never was

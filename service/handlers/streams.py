@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..errors import InvalidRequestError, NotFoundError
 from ..registry import StreamRegistry
 from ..relay import stream_sse
-from ..shared import remote_cancel, remote_events
+from ..shared import remote_cancel, remote_events, remote_running
 from ..stream import Stream, check_resume_point
 
 OFFLOAD_CHARS = 32_768  # a running stream's text past this is counted in a thread
@@ -29,15 +29,19 @@ async def get_stream(request: web.Request) -> web.Response:
     registry = request.app[STREAMS]
     stream_id = request.match_info["stream_id"]
     stream = registry.get(stream_id)
-    if stream is not None:
-        _check_owner(request, stream.owner.user_id, stream.owner.tenant)
-        checkpoint = await _snapshot(registry, stream)
-    else:
+    if stream is None:
         stored = await registry.store.get(stream_id)
-        if stored is None:
+        if stored is not None:
+            _check_owner(request, stored.user_id, stored.tenant)
+            return _checkpoint_response(stored)
+        stream = await remote_running(request, stream_id)  # (a copy, from its journal)
+        if stream is None:
             raise _not_found(stream_id)
-        _check_owner(request, stored.user_id, stored.tenant)
-        checkpoint = stored
+    _check_owner(request, stream.owner.user_id, stream.owner.tenant)
+    return _checkpoint_response(await _snapshot(registry, stream))
+
+
+def _checkpoint_response(checkpoint: Checkpoint) -> web.Response:
     return web.Response(body=orjson.dumps(checkpoint.to_json()), content_type="application/json")
 
 
