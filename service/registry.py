@@ -56,6 +56,7 @@ FinishHook = Callable[[Stream, Checkpoint], Awaitable[None]]
 RETIRE_BATCH_S = 0.02  # how long an ended stream may wait for others to be retired with
 MAX_RETAINED = 10_000  # ended streams kept in memory for replay, oldest dropped first
 MAX_RETAINED_BYTES = 256 * 1024 * 1024  # and at most this much of their journals
+RETAINED_STREAM_BYTES = 8 * 1024  # what one costs besides its journal: checkpoint, progress...
 
 _ENDED_ERRORS = {
     StreamStatus.CANCELLED: ("The stream was cancelled.", "stream_cancelled"),
@@ -306,8 +307,11 @@ class StreamRegistry:
                 log.exception("finish hook %r failed for stream %s", hook, stream.id)
         self._live.pop(stream.id, None)
         stream.body = {}  # the prompt (up to the body limit) is not the replay's to keep
+        # Nor is its finished task, whose context holds the request's telemetry: its spans
+        # and, with content capture, the prompt again.
+        stream.task = None
         expires_at = self._clock() + self._settings.checkpoint_ttl_s
-        size = stream.journal_bytes
+        size = stream.journal_bytes + RETAINED_STREAM_BYTES
         self._ended[stream.id] = _Retained(expires_at, stream, checkpoint, size)
         self._retained_bytes += size
         while len(self._ended) > MAX_RETAINED or self._retained_bytes > MAX_RETAINED_BYTES:

@@ -285,7 +285,8 @@ async def test_an_unexpected_exception_ends_the_stream_as_a_provider_error() -> 
 
 
 async def test_ended_streams_are_replayable_until_their_ttl() -> None:
-    """An ended stream stays gettable (with its stored checkpoint) until the TTL, then goes."""
+    """An ended stream stays gettable (with its stored checkpoint, not its task) until the
+    TTL, then goes."""
     now = [0.0]
     registry, store = make_registry(ttl=10, clock=lambda: now[0])
     stream = make_stream()
@@ -293,6 +294,9 @@ async def test_ended_streams_are_replayable_until_their_ttl() -> None:
     await registry.settled(stream)
     assert registry.get(stream.id) is stream
     assert registry.snapshot(stream) == await store.get(stream.id)
+    # Kept without its task, whose context holds the request's telemetry (its spans, and
+    # with content capture the prompt: ~50 KB a stream, for an hour).
+    assert stream.task is None
     now[0] = 9.9
     registry.tick()
     assert registry.get(stream.id) is stream
@@ -305,11 +309,12 @@ async def test_ended_streams_are_replayable_until_their_ttl() -> None:
 
 async def test_retention_is_bounded_by_journal_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the byte budget the oldest ended journals are dropped first; an event counts
-    its bytes and what keeping it costs besides."""
+    its bytes and what keeping it costs besides, and a stream what keeping it costs."""
     registry, store = make_registry()
     streams = [make_stream(f"strm_{i}") for i in range(3)]
     chunk = b'{"choices":[{"index":0,"delta":{"content":"abcd"}}]}'
     size = len(chunk) + len(b"[DONE]") + 2 * EVENT_OVERHEAD
+    size += registry_module.RETAINED_STREAM_BYTES
     monkeypatch.setattr(registry_module, "MAX_RETAINED_BYTES", 2 * size)
     for stream in streams:
         registry.launch(stream, produce(stream, ["abcd"]))

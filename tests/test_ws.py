@@ -421,6 +421,27 @@ async def test_a_peer_that_stops_reading_is_cut_off_at_its_missed_heartbeat(
     sock.close()
 
 
+async def test_a_socket_whose_connection_was_lost_holds_nothing_afterwards(
+    gateway: GatewayFactory, settings: Settings
+) -> None:
+    """A connection lost (not closed) cancelled the handler and left the socket's heartbeat
+    armed: the socket, its request and its protocol (~8 KB) were held until it fired, a
+    keepalive later (up to 300 s)."""
+    client = await gateway(with_streams(settings, keepalive_s=300))
+    ws = await connect(client)
+    (server_ws,) = client.app[WEBSOCKETS]
+    assert server_ws._heartbeat_cb is not None  # (armed while the socket is open)
+    assert server_ws._req is not None
+    handler = server_ws._req.task
+    connection = ws._response.connection if ws._response is not None else None
+    assert connection is not None
+    assert connection.transport is not None
+    connection.transport.abort()
+    async with asyncio.timeout(10):  # a safety net: the server notices at once
+        await asyncio.wait({handler})  # cancelled, it has finished
+    assert server_ws._heartbeat_cb is None
+
+
 async def test_closing_the_socket_is_a_disconnect(
     gateway: GatewayFactory, settings: Settings, sim_stats: SimStats
 ) -> None:

@@ -90,6 +90,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 break  # ERROR: the connection failed (CLOSE ends the loop by itself)
     finally:
         await socket.close()
+        # A connection lost (not closed) cancels this handler and leaves the heartbeat
+        # armed, holding the socket, its request and protocol until it fires (a keepalive
+        # later); closing cancels it, and returns at once on a dead transport.
+        with contextlib.suppress(Exception):
+            await ws.close()
     return ws
 
 
