@@ -50,9 +50,9 @@ def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
 
 async def finished(client: Any) -> None:
     """Every stream ended and every access line written (they go out in batches)."""
-    for stream in list(client.app[STREAMS].live()):
-        assert stream.task is not None
-        await stream.task
+    tasks = [s.task for s in client.app[STREAMS].live() if s.task is not None]
+    if tasks:
+        await asyncio.wait(tasks)
     await client.app[STREAMS].retire_now()
     client.app[TELEMETRY].later.run()
 
