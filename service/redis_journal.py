@@ -408,6 +408,8 @@ class RemoteStreams:
             copy.events.append(fields[b"d"])
             with contextlib.suppress(ValueError, SluiceError, AttributeError, TypeError):
                 copy.progress.add_chunk(orjson.loads(fields[b"d"]))
+        if not await self._may_run(stream_id):  # its replica went (or lost its end): as
+            copy.end(StreamStatus.SHUTDOWN)  # a reader of its events is told
         return copy
 
     async def _headers(self, stream_id: str) -> dict[str, str]:

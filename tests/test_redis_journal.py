@@ -375,7 +375,8 @@ async def _orphaned(
     END, no owner heartbeat), and a replica B to read it through."""
     redis = Redis.from_url(redis_url)
     try:
-        await redis.hset(meta_key("strm_orphan"), mapping={"user": "dev", "tenant": "dev"})
+        meta = {"user": "dev", "tenant": "dev", "status": "running"}
+        await redis.hset(meta_key("strm_orphan"), mapping=meta)
         for seq in (1, 2):
             await redis.xadd(journal_key("strm_orphan"), {"k": 0, "d": b"{}"}, id=f"0-{seq}")
     finally:
@@ -398,6 +399,8 @@ async def test_a_reader_elsewhere_notices_an_owner_that_died_mid_stream(
     assert [seq for seq, _ in events(body)] == [1, 2, None]
     assert orjson.loads(events(body)[2][1])["error"]["code"] == "stream_interrupted"
     assert b"retry:" not in body
+    checkpoint = await (await b.get("/v1/streams/strm_orphan", headers=AUTH)).json()
+    assert (checkpoint["status"], checkpoint["last_seq"]) == ("shutdown", 2)  # not running
 
 
 async def test_a_stream_whose_replica_stopped_before_any_output_is_to_be_sent_again(
