@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> web.Application:
         count_prompt=tokens.count_chat,
     )
     secrets = ProviderSecrets.of(settings.provider)
-    if secrets:
+    if secrets.in_answers:
         app[STREAMS].scrub_text = secrets.text
     app[GATE] = Gate(settings.limits, settings.money, fallbacks=settings.resilience.fallbacks)
     app[STREAMS].finish_hooks.append(app[GATE].on_finish)  # settle + one ledger row

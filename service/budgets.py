@@ -180,17 +180,17 @@ class Budgets:
     ) -> float:
         """The highest fraction of any applicable limit already committed (0.0 without
         limits), ``excluding`` a request's own reservation: its worst case is not spent."""
-        checks = self._checks(user, tenant, overrides)
-        shared = excluding.committed if excluding is not None else None
-        if shared is not None:  # every replica's, before the request: Redis said so
-            fractions = [float(shared[key] / limit) for key, limit in checks if limit]
-            return max(fractions, default=0.0)
         own, amount = (excluding.keys, excluding.amount) if excluding is not None else ((), ZERO)
-        fractions = [
-            float((self._committed(key) - (amount if key in own else ZERO)) / limit)
-            for key, limit in checks
-            if limit
-        ]
+        # Every replica's, as Redis answered the request's reservation (this view has its
+        # own holds only); this view's for a budget it did not answer for (a new day).
+        shared = (excluding.committed if excluding is not None else None) or {}
+        fractions = []
+        for key, limit in self._checks(user, tenant, overrides):
+            if limit:
+                committed = shared.get(key)
+                if committed is None:
+                    committed = self._committed(key) - (amount if key in own else ZERO)
+                fractions.append(float(committed / limit))
         return max(fractions, default=0.0)
 
     def _checks(

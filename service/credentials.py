@@ -5,7 +5,8 @@ A provider may echo what it was sent (a careless proxy, a hostile one): the key,
 ``ProviderSecrets`` removes them from a provider's words before a client, a log, a span,
 a checkpoint or the cache sees them:
 
-- ``data``: an event's or a body's bytes. JSON may spell any character as ``\\u00XX``, and
+- ``data``: an event's or a body's bytes (secrets of 16 characters or more: a shorter one
+  removed from every answer would break them). JSON may spell any character as ``\\u00XX``, and
   a client's parser would put the key back together: a payload with such an escape is
   decoded and checked (only those: an escape of printable ASCII is rare in real answers).
 - ``text``: generated text (a checkpoint's, an answer assembled from the cache).
@@ -28,19 +29,24 @@ from .settings import ProviderSettings
 
 REDACTED = "[redacted]"
 REDACTED_BYTES = REDACTED.encode()
-MIN_PASSWORD_CHARS = 4  # a shorter one, removed wherever it occurs, would garble every answer
+MIN_PASSWORD_CHARS = 4  # a shorter one, removed wherever it occurs, would garble every message
+LONG_SECRET_CHARS = 16  # a secret removed from answers too (a key; a long password's token)
 _ESCAPE = b"\\u00"  # how JSON spells a Latin-1 character (printable ASCII among them)
 
 
 class ProviderSecrets:
     """The credentials to remove; see the module docstring."""
 
-    __slots__ = ("_bytes", "_texts")
+    __slots__ = ("_bytes", "_long", "_texts")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         # Longest first, so a secret containing another is removed whole.
         self._texts = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
-        self._bytes = tuple(s.encode() for s in self._texts)
+        # Only these are removed from answers: a short password ("1234", "null", "index")
+        # removed from every answer would break its JSON, and whitespace squeezed out of
+        # a message would find it across words.
+        self._long = tuple(s for s in self._texts if len(s) >= LONG_SECRET_CHARS)
+        self._bytes = tuple(s.encode() for s in self._long)
 
     @classmethod
     def of(cls, settings: ProviderSettings) -> ProviderSecrets:
@@ -49,6 +55,11 @@ class ProviderSecrets:
 
     def __bool__(self) -> bool:
         return bool(self._texts)
+
+    @property
+    def in_answers(self) -> bool:
+        """Whether ``data`` and ``text`` have anything to remove."""
+        return bool(self._long)
 
     def data(self, data: bytes) -> bytes:
         """``data`` without the secrets, spelt plainly or with JSON's escapes."""
@@ -60,17 +71,20 @@ class ProviderSecrets:
         return data
 
     def text(self, text: str) -> str:
-        """``text`` without the secrets."""
-        for secret in self._texts:
+        """``text`` (an answer's) without the secrets long enough to look for in it."""
+        for secret in self._long:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return text
 
     def message(self, text: str) -> str:
-        """``text`` without the secrets; all of it, when whitespace splits one."""
-        text = self.text(text)
+        """``text`` (an error's words) without any secret; all of it, when whitespace
+        splits a long one."""
+        for secret in self._texts:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
         squeezed = "".join(text.split())
-        if squeezed != text and any(secret in squeezed for secret in self._texts):
+        if squeezed != text and any(secret in squeezed for secret in self._long):
             return REDACTED
         return text
 

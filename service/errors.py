@@ -255,6 +255,7 @@ class ProviderStatusError(ProviderError):
             self.retry_helps = False
         self._type = type_
         self._provider_code = code  # relayed as it came with a passed-through 4xx, even null
+        self.provider_no_retry = False  # the provider's ``x-should-retry: false``
 
     @property
     def http_status(self) -> int:

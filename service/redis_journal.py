@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -190,6 +191,7 @@ class JournalMirror:
             "status": "running",
             # For a checkpoint read elsewhere while it runs (``RemoteStreams.running``):
             "key": stream.owner.key_id,
+            "created": repr(stream.created_at),
             "model": stream.model,
             "prompt": str(stream.prompt_counts.get(stream.model, -1)),
         }
@@ -384,21 +386,26 @@ class RemoteStreams:
             return None
         return meta[b"user"].decode(), meta.get(b"tenant", b"").decode()
 
-    async def running(self, stream_id: str) -> Stream | None:
-        """A stream another replica is generating, as far as its journal goes (a copy to
-        take a checkpoint of: its text and tool calls so far, ``last_seq``; the prompt as
-        its owner counted it); None when Redis does not have it running."""
+    async def running(self, stream_id: str, owner: tuple[str, str]) -> Stream | None:
+        """A stream another replica is generating for ``owner`` (user, tenant), as far as
+        its journal goes (a copy to take a checkpoint of: its text and tool calls so far,
+        ``last_seq``; the prompt as its owner counted it); None when Redis does not have it
+        running for them (nothing of its journal is read then)."""
         try:
             meta: dict[Any, Any] = await self._gate.run(lambda r: r.hgetall(meta_key(stream_id)))
-            if meta.get(b"status") != b"running" or b"user" not in meta:
+            user, tenant, key = (
+                meta.get(name, b"").decode() for name in (b"user", b"tenant", b"key")
+            )
+            if meta.get(b"status") != b"running" or (user, tenant) != owner:
                 return None
             entries = await self._range(stream_id, 0, MAX_RUNNING_EVENTS)
         except RedisUnavailable:
             return None
-        user, tenant, key = (meta.get(name, b"").decode() for name in (b"user", b"tenant", b"key"))
-        owner = Owner(user, tenant, key)
         model = meta.get(b"model", b"").decode()
-        copy = Stream(stream_id, owner, model=model, streaming=True, include_usage=False)
+        copy = Stream(
+            stream_id, Owner(user, tenant, key), model=model, streaming=True, include_usage=False
+        )
+        copy.created_at = float(meta.get(b"created", copy.created_at))
         prompt = int(meta.get(b"prompt", -1))
         if prompt >= 0:
             copy.prompt_counts = {model: prompt}
@@ -595,9 +602,12 @@ class RemoteStreams:
         subscribed at that moment, and the owner's subscription may be reconnecting."""
         after, count = 0, 1
         deadline = time.monotonic() + CANCEL_WAIT_S
+        asked = -math.inf
         with contextlib.suppress(RedisUnavailable, RedisError, OSError, TimeoutError):
             while time.monotonic() < deadline:
-                await self.request_cancel(stream_id)
+                if time.monotonic() - asked >= CANCEL_ASK_MS / 1000:
+                    asked = time.monotonic()
+                    await self.request_cancel(stream_id)
                 entries = await self._read(stream_id, after, CANCEL_ASK_MS, count)
                 if _ended(entries):
                     return await self._store.get(stream_id)

@@ -50,9 +50,11 @@ def is_retryable(error: BaseException) -> bool:
     Never one whose answer the provider may have generated (and billed): a 2xx that was an
     error, an answer cut off mid-body, a first-token or idle timeout after it went out; nor
     one the provider said not to retry."""
-    if isinstance(error, SluiceError) and (error.may_have_generated or not error.retry_helps):
-        return False  # (or the provider said ``x-should-retry: false``)
+    if isinstance(error, SluiceError) and error.may_have_generated:
+        return False
     if isinstance(error, ProviderStatusError):
+        if error.provider_no_retry:  # its ``x-should-retry: false``
+            return False
         status = error.provider_status
         return status in RETRYABLE_STATUSES or status >= 500
     return isinstance(error, ProviderConnectionError | ProviderConnectTimeoutError)

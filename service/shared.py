@@ -163,7 +163,8 @@ async def remote_running(request: web.Request, stream_id: str) -> Stream | None:
     far as its journal goes, to take a checkpoint of here; None when Redis does not have it
     running."""
     remote = request.app[REMOTE_STREAMS]
-    return await remote.running(stream_id) if remote is not None else None
+    owner = (request[PRINCIPAL].user_id, request[PRINCIPAL].tenant)
+    return await remote.running(stream_id, owner) if remote is not None else None
 
 
 async def remote_cancel(request: web.Request, stream_id: str) -> Checkpoint | None:

@@ -147,18 +147,18 @@ class Upstream:
 
     def _scrubbed_all(self, payloads: list[bytes]) -> list[bytes]:
         """``payloads`` (events' data) without our credentials."""
-        if not self._secrets or not payloads:
+        if not self._secrets.in_answers or not payloads:
             return payloads
         return [self._secrets.data(p) for p in payloads]
 
     def scrub_data(self, data: bytes) -> bytes:
         """``data`` (a whole body, or one event's payload) without our credentials."""
-        return self._secrets.data(data) if self._secrets else data
+        return self._secrets.data(data) if self._secrets.in_answers else data
 
     def scrub_text(self, text: str) -> str:
         """Text the gateway joined from the provider's (a key split across two chunks is
         whole in it) without our credentials."""
-        return self._secrets.text(text) if self._secrets else text
+        return self._secrets.text(text) if self._secrets.in_answers else text
 
     async def _post(self, body: bytes, headers: bytes) -> Response:
         trace_context: dict[str, str] = {}
@@ -241,7 +241,9 @@ class Upstream:
             headers=headers,
         )
         if response.headers.get("x-should-retry", "").strip().lower() == "false":
-            error.futile()  # the provider says so (out of quota, say): not here, not by the SDK
+            # The provider says so (out of quota, say): not here, and not by the SDK.
+            error.provider_no_retry = True
+            error.futile()
         return error
 
     async def pump(
@@ -379,6 +381,8 @@ def _retry_hint(name: str, value: str) -> str | None:
         return None
     try:
         when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # "-0000", or no zone: UTC, as HTTP dates are
+            when = when.replace(tzinfo=datetime.UTC)
         return email.utils.format_datetime(when.astimezone(datetime.UTC), usegmt=True)
     except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, ...
         return None

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from service import tokens
+from service import context, tokens
 from service.appkeys import GATE
 from service.context import ContextPolicy
 from service.errors import InvalidRequestError
@@ -142,3 +142,23 @@ def test_128k_snapshots_of_the_gpt_4_family_get_their_own_window() -> None:
 def test_configured_windows_match_whatever_their_case() -> None:
     policy = ContextPolicy(default_max_tokens=100, max_tokens_cap=None, windows={"My-Model": 500})
     assert policy.window("my-model-v2") == 500
+
+
+@pytest.mark.parametrize(
+    ("model", "unseen"),
+    [
+        ("o1", True),
+        ("o3-mini-2025-01-31", True),
+        ("o4-mini-high", True),
+        ("gpt-5", True),
+        ("gpt-5-mini", True),
+        ("ft:o3-mini:acme::x1", True),
+        ("gpt-5-chat-latest", False),  # no reasoning: the ordinary first-token deadline
+        ("gpt-50", False),
+        ("o1x", False),
+        ("gpt-4o", False),
+    ],
+)
+def test_which_models_think_before_their_first_token(model: str, unseen: bool) -> None:
+    """Those get the longer first-token deadline (``SLUICE_REASONING_FIRST_TOKEN_TIMEOUT_S``)."""
+    assert context.reasons_unseen(model) is unseen

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from service import upstream
 from service.appkeys import STREAMS
 from service.credentials import ProviderSecrets, url_secrets
 from service.settings import DEFAULT_REDACT_PATTERNS, Secret, Settings
@@ -89,6 +91,20 @@ def test_secrets_spelt_with_escapes_or_split_by_whitespace_are_removed() -> None
     assert not ProviderSecrets([])
 
 
+def test_a_short_secret_is_removed_from_error_words_but_never_breaks_an_answer() -> None:
+    """A password of "null" or "onto" (in ``OPENAI_BASE_URL``) was removed from every
+    answer, breaking its JSON (``"created":17[redacted]78``), and, with whitespace squeezed
+    out, found across words in error messages ("on tokens per min")."""
+    scrub = ProviderSecrets(["null", "onto", KEY])
+    answer = b'{"created": 1700000000, "x": null, "content": "onto it"}'
+    assert scrub.data(answer) == answer
+    assert scrub.message("Rate limit reached on tokens per min") == (
+        "Rate limit reached on tokens per min"
+    )
+    assert scrub.message("password null refused") == "password [redacted] refused"
+    assert scrub.text(f"onto {KEY}") == "onto [redacted]"
+
+
 def test_the_base_url_s_password_and_basic_token_are_secrets() -> None:
     token = base64.b64encode(b"user:hunter22").decode()
     assert url_secrets("https://user:hunter22@llm.example/v1") == [token, "hunter22"]
@@ -107,6 +123,21 @@ def test_a_client_key_after_an_escaped_control_character_is_redacted_in_logs() -
         line = f"path=/v1/x{escape}sk-sluice-abcdefghijkl status=404"
         assert "abcdefghijkl" not in redactor.redact(line)
     assert redactor.redact("a task-abcdefghijkl") == "a task-abcdefghijkl"
+
+
+def test_a_retry_after_date_without_a_zone_is_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-0000`` (or no zone) parses as a naive time, which ``astimezone`` took for the
+    server's local time: in New York, 07:28 went on as 11:28 GMT."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        hint = upstream._retry_hint("Retry-After", "Tue, 15 Nov 2094 07:28:31 -0000")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert hint == "Mon, 15 Nov 2094 07:28:31 GMT"
+    assert upstream._retry_hint("retry-after-ms", " 250 ") == "250"
+    assert upstream._retry_hint("retry-after-ms", "Tue, 15 Nov 2094 07:28:31 GMT") is None
 
 
 async def test_a_retry_after_carrying_the_key_is_not_passed_on(

@@ -213,6 +213,7 @@ async def test_a_running_stream_s_checkpoint_reads_through_another_replica(
     assert seen["text"]
     assert here["text"].startswith(seen["text"])
     assert seen["prompt_tokens"] == here["prompt_tokens"] > 0
+    assert seen["created_at"] == here["created_at"]
     await a.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
 
 

@@ -174,21 +174,22 @@ async def test_connection_failures_are_retried(aiohttp_client: Any, settings: Se
     assert len(rig.sleeps.delays) == 2
 
 
+@pytest.mark.parametrize("attempts", [1, 3])
 async def test_fallback_after_exhausted_retries_serves_the_cheaper_model(
-    aiohttp_client: Any, settings: Settings, sim_stats: SimStats
+    aiohttp_client: Any, settings: Settings, sim_stats: SimStats, attempts: int
 ) -> None:
-    """gpt-4o fails its only attempt; gpt-4o-mini serves, the body upstream names it, and
-    the headers say which model served and why."""
-    configured = with_resilience(settings, fallbacks=FALLBACKS, retry_max_attempts=1)
+    """gpt-4o fails every attempt (its only one, or three); gpt-4o-mini serves, the body
+    upstream names it, and the headers say which model served and why."""
+    configured = with_resilience(settings, fallbacks=FALLBACKS, retry_max_attempts=attempts)
     rig = await start(aiohttp_client, configured)
     status, headers, raw = await post(
-        rig, "hi [sim fail=503 fail_times=1 key=fb]", stream=True, model="gpt-4o"
+        rig, f"hi [sim fail=503 fail_times={attempts} key=fb]", stream=True, model="gpt-4o"
     )
     assert status == 200
     assert headers[MODEL_HEADER] == "gpt-4o-mini"
     assert headers[FALLBACK_HEADER] == "retries_exhausted"
     assert orjson.loads(data_events(raw)[0])["model"] == "gpt-4o-mini"
-    assert sim_stats.requests == 2
+    assert sim_stats.requests == attempts + 1
 
 
 async def test_a_reasoning_fallback_gets_its_ceiling_as_max_completion_tokens(
