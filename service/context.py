@@ -62,7 +62,7 @@ MAX_REMEMBERED_MODELS = 4096  # model names come from clients: bound the lookup 
 
 # Reasoning models accept only ``max_completion_tokens``; others get ``max_tokens``.
 _COMPLETION_TOKENS_ONLY = ("o1", "o3", "o4", "gpt-5")
-_REASONING = re.compile(r"(o[134]|gpt-5)(?!-chat)(-|:|$)")
+_REASONING = re.compile(r"(o[134]|gpt-5(\.[0-9]+)?)(?!-chat)(-|:|$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +143,8 @@ class ContextPolicy:
 
 
 def reasons_unseen(model: str) -> bool:
-    """Whether ``model`` (OpenAI's reasoning models: o1, o3, o4-mini, gpt-5 and their
-    dated or sized variants, fine-tunes of them; not ``gpt-5-chat``) thinks before its
+    """Whether ``model`` (OpenAI's reasoning models: o1, o3, o4-mini, gpt-5, gpt-5.1 and
+    their dated or sized variants, fine-tunes of them; not the ``-chat`` ones) thinks before its
     first token and streams none of its thinking (a server that streams its reasoning, as
     vLLM's and DeepSeek's do, shows output from the start)."""
     return _REASONING.match(model.removeprefix("ft:").lower()) is not None

@@ -5,10 +5,11 @@ A provider may echo what it was sent (a careless proxy, a hostile one): the key,
 ``ProviderSecrets`` removes them from a provider's words before a client, a log, a span,
 a checkpoint or the cache sees them:
 
-- ``data``: an event's or a body's bytes (secrets of 16 characters or more: a shorter one
-  removed from every answer would break them). JSON may spell any character as ``\\u00XX``, and
-  a client's parser would put the key back together: a payload with such an escape is
-  decoded and checked (only those: an escape of printable ASCII is rare in real answers).
+- ``data``: an event's or a body's bytes (a URL password only from 16 characters: a
+  shorter one removed from every answer would break them). JSON may spell any character
+  as ``\\u00XX``, and a client's parser would put the key back together: a payload with
+  such an escape is decoded and checked (only those: an escape of printable ASCII is rare
+  in real answers).
 - ``text``: generated text (a checkpoint's, an answer assembled from the cache).
 - ``message``: an error's words, which are also refused whole when the key is in them
   split by whitespace (an ``event: error``'s data lines are joined with line breaks).
@@ -30,7 +31,7 @@ from .settings import ProviderSettings
 REDACTED = "[redacted]"
 REDACTED_BYTES = REDACTED.encode()
 MIN_PASSWORD_CHARS = 4  # a shorter one, removed wherever it occurs, would garble every message
-LONG_SECRET_CHARS = 16  # a secret removed from answers too (a key; a long password's token)
+LONG_SECRET_CHARS = 16  # a URL password this long is removed from answers too
 _ESCAPE = b"\\u00"  # how JSON spells a Latin-1 character (printable ASCII among them)
 
 
@@ -39,19 +40,26 @@ class ProviderSecrets:
 
     __slots__ = ("_bytes", "_long", "_texts")
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    def __init__(self, secrets: Iterable[str], *, words_only: Iterable[str] = ()) -> None:
+        """``secrets`` are removed from everything; ``words_only`` from error words alone (a
+        short password, "1234" or "null", removed from every answer would break its JSON,
+        and whitespace squeezed out of a message would find it across words)."""
         # Longest first, so a secret containing another is removed whole.
-        self._texts = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
-        # Only these are removed from answers: a short password ("1234", "null", "index")
-        # removed from every answer would break its JSON, and whitespace squeezed out of
-        # a message would find it across words.
-        self._long = tuple(s for s in self._texts if len(s) >= LONG_SECRET_CHARS)
+        self._long = _longest_first(secrets)
+        self._texts = _longest_first([*self._long, *words_only])
         self._bytes = tuple(s.encode() for s in self._long)
 
     @classmethod
     def of(cls, settings: ProviderSettings) -> ProviderSecrets:
+        """The key, and the Basic token of ``OPENAI_BASE_URL``'s ``user:password@`` (its
+        password too: everywhere from 16 characters, in error words from 4)."""
         secrets = [settings.api_key.reveal()] if settings.api_key is not None else []
-        return cls([*secrets, *url_secrets(settings.base_url)])
+        token, password = url_secrets(settings.base_url)
+        secrets += [token] if token else []
+        if len(password) >= LONG_SECRET_CHARS:
+            return cls([*secrets, password])
+        short = [password] if len(password) >= MIN_PASSWORD_CHARS else []
+        return cls(secrets, words_only=short)
 
     def __bool__(self) -> bool:
         return bool(self._texts)
@@ -102,14 +110,16 @@ class ProviderSecrets:
         return plain
 
 
-def url_secrets(url: str | None) -> list[str]:
-    """The password in ``url``'s ``user:password@`` and the Basic token sent for it."""
-    if url is None:
-        return []
-    parts = urlsplit(url)
-    if parts.username is None:
-        return []
+def url_secrets(url: str | None) -> tuple[str, str]:
+    """The Basic token sent for ``url``'s ``user:password@``, and the password ("" each
+    when there is none)."""
+    parts = urlsplit(url) if url is not None else None
+    if parts is None or parts.username is None:
+        return "", ""
     password = unquote(parts.password or "")
     pair = f"{unquote(parts.username)}:{password}".encode()
-    token = base64.b64encode(pair).decode()
-    return [token, *([password] if len(password) >= MIN_PASSWORD_CHARS else [])]
+    return base64.b64encode(pair).decode(), password
+
+
+def _longest_first(secrets: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))

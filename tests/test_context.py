@@ -153,7 +153,12 @@ def test_configured_windows_match_whatever_their_case() -> None:
         ("gpt-5", True),
         ("gpt-5-mini", True),
         ("ft:o3-mini:acme::x1", True),
+        ("gpt-5.1", True),
+        ("gpt-5.1-codex", True),
+        ("GPT-5.2-mini", True),
+        ("o3-pro", True),
         ("gpt-5-chat-latest", False),  # no reasoning: the ordinary first-token deadline
+        ("gpt-5.1-chat-latest", False),
         ("gpt-50", False),
         ("o1x", False),
         ("gpt-4o", False),

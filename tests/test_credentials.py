@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from service import upstream
 from service.appkeys import STREAMS
 from service.credentials import ProviderSecrets, url_secrets
-from service.settings import DEFAULT_REDACT_PATTERNS, Secret, Settings
+from service.settings import DEFAULT_REDACT_PATTERNS, ProviderSettings, Secret, Settings
 from service.telemetry.redaction import Redactor
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
 from tests.wire import sse_data
@@ -91,11 +91,12 @@ def test_secrets_spelt_with_escapes_or_split_by_whitespace_are_removed() -> None
     assert not ProviderSecrets([])
 
 
-def test_a_short_secret_is_removed_from_error_words_but_never_breaks_an_answer() -> None:
+def test_a_short_password_is_removed_from_error_words_but_never_breaks_an_answer() -> None:
     """A password of "null" or "onto" (in ``OPENAI_BASE_URL``) was removed from every
     answer, breaking its JSON (``"created":17[redacted]78``), and, with whitespace squeezed
-    out, found across words in error messages ("on tokens per min")."""
-    scrub = ProviderSecrets(["null", "onto", KEY])
+    out, found across words in error messages ("on tokens per min"). A key is removed
+    everywhere however short (vLLM's example key is ``token-abc123``)."""
+    scrub = ProviderSecrets([KEY], words_only=["null", "onto"])
     answer = b'{"created": 1700000000, "x": null, "content": "onto it"}'
     assert scrub.data(answer) == answer
     assert scrub.message("Rate limit reached on tokens per min") == (
@@ -103,16 +104,20 @@ def test_a_short_secret_is_removed_from_error_words_but_never_breaks_an_answer()
     )
     assert scrub.message("password null refused") == "password [redacted] refused"
     assert scrub.text(f"onto {KEY}") == "onto [redacted]"
+    short = ProviderSettings(api_key=Secret("token-abc123"), base_url="http://u:null@vllm/v1")
+    scrub = ProviderSecrets.of(short)
+    assert scrub.data(b'{"content": "key=token-abc123", "x": null}') == (
+        b'{"content": "key=[redacted]", "x": null}'
+    )
+    assert scrub.message("bad token-abc\n123") == "[redacted]"
+    assert scrub.message("password null refused") == "password [redacted] refused"
 
 
 def test_the_base_url_s_password_and_basic_token_are_secrets() -> None:
     token = base64.b64encode(b"user:hunter22").decode()
-    assert url_secrets("https://user:hunter22@llm.example/v1") == [token, "hunter22"]
-    assert url_secrets("https://user:abc@llm.example/v1") == [
-        base64.b64encode(b"user:abc").decode()
-    ]
-    assert url_secrets("https://llm.example/v1") == []
-    assert url_secrets(None) == []
+    assert url_secrets("https://user:hunter22@llm.example/v1") == (token, "hunter22")
+    assert url_secrets("https://llm.example/v1") == ("", "")
+    assert url_secrets(None) == ("", "")
 
 
 def test_a_client_key_after_an_escaped_control_character_is_redacted_in_logs() -> None:

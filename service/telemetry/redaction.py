@@ -45,12 +45,15 @@ class Redactor:
         secrets = []
         if settings.provider.api_key is not None:
             secrets.append(settings.provider.api_key.reveal())
-        secrets += url_secrets(settings.provider.base_url)  # its password, its Basic token
+        token, password = url_secrets(settings.provider.base_url)
+        secrets.append(token)  # (and its password, with the other URLs' below)
         if settings.auth.dev_key is not None:
             secrets.append(settings.auth.dev_key.reveal())
+        passwords = [password]
         for url in (settings.shared.redis_url, settings.shared.database_url):
-            password = urlsplit(url.reveal()).password if url is not None else None
-            if password and len(password) >= MIN_PASSWORD_CHARS:  # quoted in an error, maybe
+            passwords.append((urlsplit(url.reveal()).password or "") if url is not None else "")
+        for password in passwords:
+            if len(password) >= MIN_PASSWORD_CHARS:  # quoted in an error, maybe
                 secrets.append(password)
         return cls(settings.telemetry.redact_patterns, secrets=secrets)
 
