@@ -216,10 +216,14 @@ def count_chat(model: str, body: Mapping[str, Any]) -> int:
     and a structured output's schema (the model reads it: counted as its JSON, an estimate)."""
     encoding = get_encoding(encoding_name_for_model(model))
     total = count_messages(encoding, body.get("messages") or ())
-    tools = [t.get("function") for t in body.get("tools") or () if isinstance(t, dict)]
-    functions = list(body.get("functions") or ()) + [f for f in tools if isinstance(f, dict)]
+    tools = [t for t in body.get("tools") or () if isinstance(t, dict)]
+    functions = list(body.get("functions") or ())
+    functions += [t["function"] for t in tools if isinstance(t.get("function"), dict)]
     if functions:
         total += count_tools(encoding, functions)
+    others = [t for t in tools if not isinstance(t.get("function"), dict)]  # custom tools...
+    if others:  # no formula for them: their JSON (a worst case must not miss their text)
+        total += _len(encoding, orjson.dumps(others).decode())
     output = body.get("response_format")
     if isinstance(output, dict) and isinstance(output.get("json_schema"), dict):
         total += _len(encoding, orjson.dumps(output["json_schema"]).decode())
@@ -311,6 +315,8 @@ def count_tools(encoding: tiktoken.Encoding, functions: Iterable[Any]) -> int:
         properties = parameters.get("properties") if isinstance(parameters, dict) else None
         if not isinstance(properties, dict):  # the schema's own business: not counted
             properties = {}
+        if isinstance(parameters, dict):
+            total += _beyond(encoding, parameters, _PARAMETERS_COUNTED)  # $defs, say
         if properties:
             total += _FUNC_PROP_INIT
         for key, prop in properties.items():
@@ -331,7 +337,23 @@ def _property_tokens(encoding: tiktoken.Encoding, key: str, prop: Any) -> int:
     line = f"{key}:{kind if isinstance(kind, str) else orjson.dumps(kind).decode()}:{_desc(prop)}"
     if nested:
         line += orjson.dumps(nested).decode()
-    return total + _len(encoding, line)
+    return total + _len(encoding, line) + _beyond(encoding, prop, _PROPERTY_COUNTED)
+
+
+# What the cookbook's formula counts (or skips as too small to matter) of a function's
+# parameters and of a property; anything else the model reads too (``$defs``, a default,
+# examples, a pattern) is counted as its JSON: a budget's worst case must not miss a
+# prompt hidden in a schema.
+_PARAMETERS_COUNTED = frozenset({"type", "properties", "required", "additionalProperties"})
+_PROPERTY_COUNTED = frozenset(
+    {"type", "description", "enum", "properties", "items", "anyOf", "oneOf", "required"}
+    | {"additionalProperties"}
+)
+
+
+def _beyond(encoding: tiktoken.Encoding, schema: dict[str, Any], counted: frozenset[str]) -> int:
+    rest = {k: v for k, v in schema.items() if k not in counted}
+    return _len(encoding, orjson.dumps(rest, default=str).decode()) if rest else 0
 
 
 def _desc(item: dict[str, Any]) -> str:

@@ -350,6 +350,31 @@ def test_cached_counts_are_kept_apart_by_encoding() -> None:
     assert [counts(o200k, words), counts(cl100k, words)] == expected
 
 
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        {"type": "custom", "custom": {"name": "notes", "description": "{text}"}},
+        {"type": "function", "function": {"name": "f", "parameters": {"$defs": {"t": "{text}"}}}},
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {"type": "object", "properties": {"a": {"default": "{text}"}}},
+            },
+        },
+    ],
+    ids=["custom tool", "$defs", "a property's default"],
+)
+def test_text_hidden_in_a_tool_definition_counts(hidden: dict[str, Any]) -> None:
+    """The model reads all of a tool's definition: text the cookbook's formula skips (a
+    custom tool, a schema's ``$defs``, a default) was counted as nothing, so a budget's
+    worst case for a huge prompt could be a few tokens, and many at once overspend it."""
+    text = "lorem ipsum dolor sit amet " * 400  # ~2,000 tokens
+    tool = orjson.loads(orjson.dumps(hidden).replace(b"{text}", text.encode()))
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    assert tokens.count_chat("gpt-4o", body) > tokens.count_text("gpt-4o", text)
+
+
 def test_an_assistant_s_tool_calls_count_with_their_arguments() -> None:
     """``tool_calls`` in an assistant message are prompt tokens too (their arguments can be
     long): not mistaken for content parts (they have a ``type`` too) and counted as zero."""
