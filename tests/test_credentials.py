@@ -26,35 +26,17 @@ from service.credentials import ProviderSecrets, url_secrets
 from service.settings import DEFAULT_REDACT_PATTERNS, ProviderSettings, Secret, Settings
 from service.telemetry.redaction import Redactor
 from tests.conftest import AUTH, GatewayFactory, chat_body, with_provider
+from tests.test_provider_quirks import _delta, _stream
 from tests.wire import sse_data
 
 URL = "/v1/chat/completions"
 KEY = f"sk-proj-CANARY{secrets.token_hex(16)}"
-CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 Answer = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _escaped(text: str) -> str:
     """``text`` as JSON may spell it: every character a ``\\u00XX`` escape."""
     return "".join(f"\\u{ord(c):04x}" for c in text)
-
-
-def _event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def _delta(content: str, finish: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
-    return _event({**CHUNK, "choices": [choice]})
-
-
-async def _stream(request: web.Request, *events: bytes) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    for event in events:
-        await response.write(event)
-    await response.write_eof()
-    return response
 
 
 async def _gateway(

@@ -170,15 +170,23 @@ async def test_a_reader_on_another_replica_holds_the_stream_open(
     assert sim_stats.aborted == 0
 
 
-async def test_cancel_through_another_replica_stops_generation(
-    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
-) -> None:
-    """POST /cancel on B stops A's generation; B answers with the cancelled checkpoint."""
+async def _slow_on_a(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, *, events: int
+) -> tuple[TestClient[Any, Any], TestClient[Any, Any], Any, str]:
+    """Replicas A and B, and a long stream running on A, ``events`` of it read."""
     a, b = await replicas(gateway, with_redis(settings, redis_url))
     slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
     response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
     stream_id = response.headers[STREAM_ID_HEADER]
-    await read_events(response, 2)
+    await read_events(response, events)
+    return a, b, response, stream_id
+
+
+async def test_cancel_through_another_replica_stops_generation(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """POST /cancel on B stops A's generation; B answers with the cancelled checkpoint."""
+    _a, b, response, stream_id = await _slow_on_a(gateway, settings, redis_url, events=2)
 
     cancelled = await b.post(f"/v1/streams/{stream_id}/cancel", headers=AUTH)
     assert cancelled.status == 200
@@ -198,11 +206,7 @@ async def test_a_running_stream_s_checkpoint_reads_through_another_replica(
     """No checkpoint is stored until a stream ends: B answered 404 for a stream A was still
     generating (while its events, resume and cancel worked through B). B now takes it from
     the journal so far, as A would: running, the text so far, the prompt A counted."""
-    a, b = await replicas(gateway, with_redis(settings, redis_url))
-    slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
-    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
-    stream_id = response.headers[STREAM_ID_HEADER]
-    await read_events(response, 3)
+    a, b, _response, stream_id = await _slow_on_a(gateway, settings, redis_url, events=3)
 
     there = await b.get(f"/v1/streams/{stream_id}", headers=AUTH)
     assert there.status == 200
@@ -223,11 +227,7 @@ async def test_a_cancel_sent_while_the_owner_resubscribes_still_reaches_it(
     """A publish reaches only the replicas subscribed at that moment: sent once, a cancel
     through B while A's control subscription was reconnecting was lost (a 404 after ten
     seconds, and the stream ran on, billed). B asks again each second."""
-    a, b = await replicas(gateway, with_redis(settings, redis_url))
-    slow = f"go [sim chunks=1000 delay_ms=20 created={FIXED_CREATED}]"
-    response = await a.post("/v1/chat/completions", json=chat_body(slow), headers=AUTH)
-    stream_id = response.headers[STREAM_ID_HEADER]
-    await read_events(response, 2)
+    _a, b, _response, stream_id = await _slow_on_a(gateway, settings, redis_url, events=2)
     redis = Redis.from_url(redis_url)
     try:
         await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
