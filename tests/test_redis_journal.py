@@ -240,6 +240,27 @@ async def test_a_cancel_sent_while_the_owner_resubscribes_still_reaches_it(
     await sim_stats.wait_for(lambda s: s.aborted == 1)
 
 
+async def test_a_socket_s_cancel_sent_while_the_owner_resubscribes_still_reaches_it(
+    gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
+) -> None:
+    """The same over a WebSocket on B: its ``cancel`` frame was published once, and lost."""
+    _a, b, _response, stream_id = await _slow_on_a(gateway, settings, redis_url, events=2)
+    ws = await _ws_resume(b, stream_id)
+    assert orjson.loads((await ws.receive()).data)["type"] == "chunk"
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    finally:
+        await redis.aclose()
+
+    await ws.send_str(orjson.dumps({"type": "cancel", "request_id": "r"}).decode())
+    while (frame := orjson.loads((await ws.receive()).data))["type"] == "chunk":
+        pass
+    assert (frame["type"], frame["error"]["code"]) == ("error", "stream_cancelled")
+    await sim_stats.wait_for(lambda s: s.aborted == 1)
+    await ws.close()
+
+
 async def test_a_stream_is_known_to_every_replica_before_its_first_token(
     gateway: GatewayFactory, settings: Settings, redis_url: str, sim_stats: SimStats
 ) -> None:

@@ -47,7 +47,7 @@ from ..errors import (
     ServiceUnavailableError,
     SluiceError,
 )
-from ..redis_journal import UNREADABLE, Event, RemoteStreams
+from ..redis_journal import CANCEL_ASK_MS, CANCEL_WAIT_S, UNREADABLE, Event, RemoteStreams
 from ..relay import CACHE_HEADER
 from ..request import parse_chat_request, too_deep
 from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
@@ -118,7 +118,16 @@ class _Socket:
     drain only every so many bytes a writer sends, so readers writing side by side would
     each add that much to the buffer of a client that does not read (MBs a socket)."""
 
-    __slots__ = ("_app", "_cache_header", "_principal", "_readers", "_registry", "_turn", "_ws")
+    __slots__ = (
+        "_app",
+        "_asking",
+        "_cache_header",
+        "_principal",
+        "_readers",
+        "_registry",
+        "_turn",
+        "_ws",
+    )
 
     def __init__(
         self,
@@ -133,6 +142,7 @@ class _Socket:
         self._registry = app[STREAMS]
         self._ws = ws
         self._readers: dict[RequestId, tuple[str, asyncio.Task[None]]] = {}  # stream id, task
+        self._asking: set[asyncio.Task[None]] = set()  # cancels of other replicas' streams
         self._turn = asyncio.Lock()
 
     async def receive(self, text: str) -> None:
@@ -179,7 +189,7 @@ class _Socket:
 
     async def close(self) -> None:
         """Stop every reader; each detaches from its stream as it ends."""
-        tasks = [task for _, task in self._readers.values()]
+        tasks = [task for _, task in self._readers.values()] + list(self._asking)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,7 +234,9 @@ class _Socket:
         if stream is not None:
             self._registry.cancel(stream)
         elif (remote := self._app[REMOTE_STREAMS]) is not None:
-            await remote.request_cancel(entry[0])
+            asking = asyncio.create_task(_ask_cancel(remote, *entry))
+            self._asking.add(asking)
+            asking.add_done_callback(self._asking.discard)
 
     async def _resume(self, frame: dict[str, Any]) -> None:
         stream_id = frame.get("stream_id")
@@ -402,6 +414,17 @@ class _Socket:
                     code="stream_interrupted",
                 )
                 await send((frames.error(last_seq + 1, interrupted),))
+
+
+async def _ask_cancel(remote: RemoteStreams, stream_id: str, relay: asyncio.Task[None]) -> None:
+    """Ask the replica generating ``stream_id`` to cancel it, again each second until its
+    relay here has seen it end (for ``CANCEL_WAIT_S`` at most): a publish reaches only the
+    replicas subscribed at that moment, and its owner's subscription may be reconnecting."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CANCEL_WAIT_S):
+            while not relay.done():
+                await remote.request_cancel(stream_id)
+                await asyncio.wait({relay}, timeout=CANCEL_ASK_MS / 1000)
 
 
 # A remote journal's end statuses that carry a final frame (SHUTDOWN leaves it open-ended).
