@@ -75,6 +75,8 @@ LISTEN_POLL_S = 1.0  # the longest the control listener takes to notice it shoul
 LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: reconnected
 CANCEL_WAIT_S = 10.0
 CANCEL_ASK_MS = 1000  # a cancel not answered in this long is asked again
+CLOSE_RETRY_S = 1.0  # a journal close Redis missed is sent again this often,
+CLOSE_RETRY_FOR_S = 300.0  # for this long
 MAX_RUNNING_EVENTS = 100_000  # of a journal read for a running stream's checkpoint
 # The end of a replay whose replica stopped before the stream finished (no id: the SDKs
 # raise APIError; no reconnection hint: nothing more will come of it, here or elsewhere).
@@ -131,6 +133,7 @@ class JournalMirror:
         # Refreshed on every append and keepalive tick; gone 3 ticks after a crash.
         self._heartbeat_ms = max(1, int(HEARTBEAT_TICKS * keepalive_s * 1000))
         self._tasks: dict[str, asyncio.Task[int]] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # closes sent again after an outage
         self._registered: dict[str, asyncio.Event] = {}  # set once the first attempt ended
         self._stop = asyncio.Event()
         # Readers on other replicas: stream id -> reader id -> when last heard of (loop
@@ -181,7 +184,28 @@ class JournalMirror:
         try:
             await self._gate.pipeline(close, expected=_already_journaled)
         except RedisUnavailable as exc:
-            log.warning("journal of %s not closed in redis: %s", stream.id, exc)
+            log.warning("journal of %s not closed in redis: %s; retrying", stream.id, exc)
+            retry = asyncio.create_task(self._close_later(stream.id, close, checkpoint))
+            self._closing.add(retry)
+            retry.add_done_callback(self._closing.discard)
+
+    async def _close_later(
+        self, stream_id: str, close: list[Command], checkpoint: Checkpoint
+    ) -> None:
+        """Send a journal's close (and its checkpoint, lost with it) again each second for
+        ``CLOSE_RETRY_FOR_S``: an outage at a stream's end left it open and running for
+        every other replica until its TTL (its readers cut off, its checkpoint missing)."""
+        deadline = time.monotonic() + CLOSE_RETRY_FOR_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(CLOSE_RETRY_S)
+            await self._registry.store.put(checkpoint, self._ttl_ms / 1000)  # (posted)
+            try:
+                await self._gate.pipeline(close, expected=_already_journaled)
+            except RedisUnavailable:
+                continue
+            log.info("journal of %s closed in redis", stream_id)
+            return
+        log.warning("journal of %s never closed in redis", stream_id)
 
     async def _mirror(self, stream: Stream, announced: asyncio.Event) -> int:
         """Append the stream's events as they come; return how many are surely in Redis."""
@@ -336,10 +360,14 @@ class JournalMirror:
         self._stop.set()
 
     async def close(self) -> None:
-        """Wait for the mirrors of streams that ended during shutdown."""
+        """Wait for the mirrors of streams that ended during shutdown; stop sending the
+        closes Redis missed again."""
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        for retry in list(self._closing):
+            retry.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class RemoteStreams:

@@ -710,6 +710,42 @@ async def test_a_socket_elsewhere_told_to_resume_when_redis_fails_mid_read(
     response.close()
 
 
+async def test_a_journal_close_redis_missed_is_sent_again_once_it_answers(
+    gateway: GatewayFactory,
+    settings: Settings,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream that ended on A while A's Redis breaker was open (fail-open) stayed open
+    and running for B until its TTL: its readers were cut off, its checkpoint missing (the
+    close and the checkpoint were dropped). A sends them again until Redis takes them."""
+    monkeypatch.setattr(redis_journal, "CLOSE_RETRY_S", 0.01)
+    a = await gateway(with_redis(settings, redis_url, redis_failure="open"))
+    b = await gateway(with_redis(settings, redis_url))
+    text = f"ends in an outage [sim chunks=12 delay_ms=20 created={FIXED_CREATED}]"
+    response = await a.post("/v1/chat/completions", json=chat_body(text), headers=AUTH)
+    stream_id = response.headers[STREAM_ID_HEADER]
+    await read_events(response, 2)  # known to Redis, and mirrored so far
+    gate, mirror = a.app[REDIS], a.app[JOURNAL_MIRROR]
+    assert gate is not None
+    assert mirror is not None
+    gate.reset_s = 3600.0
+    gate._opened_at = gate._now()  # an outage's breaker: no call reaches Redis (and calls
+    gate._cycle += 1  # in flight from before cannot close it)
+    body = await response.read()
+    stream = a.app[STREAMS].get(stream_id)
+    assert stream is not None
+    await a.app[STREAMS].settled(stream)  # its close refused: to be sent again
+    assert mirror._closing
+    gate._opened_at = None  # Redis is back
+    async with asyncio.timeout(10):  # a safety net: the next attempt goes through
+        await asyncio.gather(*mirror._closing)
+    checkpoint = await (await b.get(f"/v1/streams/{stream_id}", headers=AUTH)).json()
+    assert checkpoint["status"] == "completed"
+    assert (await full_replay(b, stream_id)).endswith(b"data: [DONE]\n\n")
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
 async def test_a_journal_append_sent_again_is_no_failure(
     gateway: GatewayFactory, settings: Settings, redis_url: str
 ) -> None:
