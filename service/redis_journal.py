@@ -54,6 +54,7 @@ from redis.exceptions import RedisError, ResponseError
 from .checkpoint import Checkpoint, CheckpointStore
 from .errors import RateLimitError, ServiceUnavailableError, SluiceError
 from .jsonbytes import dumps_kept
+from .redis_checkpoints import checkpoint_key, dump_checkpoint
 from .redis_pipe import Command
 from .redisgate import KEY_PREFIX, RedisGate, RedisUnavailable
 from .registry import StreamRegistry
@@ -76,7 +77,9 @@ LISTEN_PING_S = 5.0  # a control channel quiet this long is pinged; twice this: 
 CANCEL_WAIT_S = 10.0
 CANCEL_ASK_MS = 1000  # a cancel not answered in this long is asked again
 CLOSE_RETRY_S = 1.0  # a journal close Redis missed is sent again this often,
-CLOSE_RETRY_FOR_S = 300.0  # for this long
+CLOSE_RETRY_FOR_S = 300.0  # for this long,
+MAX_UNCLOSED = 10_000  # for at most this many streams (the oldest given up first),
+CLOSES_A_TRIP = 100  # so many a round trip
 MAX_RUNNING_EVENTS = 100_000  # of a journal read for a running stream's checkpoint
 # The end of a replay whose replica stopped before the stream finished (no id: the SDKs
 # raise APIError; no reconnection hint: nothing more will come of it, here or elsewhere).
@@ -133,7 +136,10 @@ class JournalMirror:
         # Refreshed on every append and keepalive tick; gone 3 ticks after a crash.
         self._heartbeat_ms = max(1, int(HEARTBEAT_TICKS * keepalive_s * 1000))
         self._tasks: dict[str, asyncio.Task[int]] = {}
-        self._closing: set[asyncio.Task[None]] = set()  # closes sent again after an outage
+        # Closes Redis missed (an outage as the stream ended): stream id -> (give up at,
+        # the commands, its checkpoint's SET among them), sent again by one loop.
+        self._unclosed: dict[str, tuple[float, list[Command]]] = {}
+        self._closing: asyncio.Task[None] | None = None
         self._registered: dict[str, asyncio.Event] = {}  # set once the first attempt ended
         self._stop = asyncio.Event()
         # Readers on other replicas: stream id -> reader id -> when last heard of (loop
@@ -185,27 +191,48 @@ class JournalMirror:
             await self._gate.pipeline(close, expected=_already_journaled)
         except RedisUnavailable as exc:
             log.warning("journal of %s not closed in redis: %s; retrying", stream.id, exc)
-            retry = asyncio.create_task(self._close_later(stream.id, close, checkpoint))
-            self._closing.add(retry)
-            retry.add_done_callback(self._closing.discard)
+            self._close_later(stream.id, [_checkpoint_set(checkpoint, self._ttl_ms), *close])
 
-    async def _close_later(
-        self, stream_id: str, close: list[Command], checkpoint: Checkpoint
-    ) -> None:
-        """Send a journal's close (and its checkpoint, lost with it) again each second for
-        ``CLOSE_RETRY_FOR_S``: an outage at a stream's end left it open and running for
-        every other replica until its TTL (its readers cut off, its checkpoint missing)."""
-        deadline = time.monotonic() + CLOSE_RETRY_FOR_S
-        while time.monotonic() < deadline:
+    def _close_later(self, stream_id: str, close: list[Command]) -> None:
+        """Keep a close Redis missed (with the checkpoint, lost with it) to send again:
+        left undone, the stream stays open and running for every other replica until its
+        TTL (its readers cut off, its checkpoint missing)."""
+        if len(self._unclosed) >= MAX_UNCLOSED:
+            dropped = next(iter(self._unclosed))
+            del self._unclosed[dropped]
+            log.warning("journal of %s never closed in redis: too many wait", dropped)
+        self._unclosed[stream_id] = (time.monotonic() + CLOSE_RETRY_FOR_S, close)
+        if self._closing is None or self._closing.done():
+            self._closing = asyncio.create_task(self._close_again(), name="journal-closes")
+
+    async def _close_again(self) -> None:
+        """Each ``CLOSE_RETRY_S``, while the breaker lets calls through, send the waiting
+        closes (a batch a round trip) until none waits."""
+        while self._unclosed:
             await asyncio.sleep(CLOSE_RETRY_S)
-            await self._registry.store.put(checkpoint, self._ttl_ms / 1000)  # (posted)
+            if self._gate.state == "open":
+                continue  # (no call would reach Redis)
             try:
-                await self._gate.pipeline(close, expected=_already_journaled)
-            except RedisUnavailable:
-                continue
-            log.info("journal of %s closed in redis", stream_id)
+                await self._send_closes()
+            except Exception:  # a bug must not stop the others' closes for good
+                log.exception("journal closes could not be sent again")
+
+    async def _send_closes(self) -> None:
+        now = time.monotonic()
+        for stream_id in [i for i, (until, _) in self._unclosed.items() if until <= now]:
+            del self._unclosed[stream_id]
+            log.warning("journal of %s never closed in redis", stream_id)
+        batch = list(itertools.islice(self._unclosed.items(), CLOSES_A_TRIP))
+        commands = [command for _, (_, close) in batch for command in close]
+        if not commands:
             return
-        log.warning("journal of %s never closed in redis", stream_id)
+        try:
+            await self._gate.pipeline(commands, expected=_already_journaled)
+        except RedisUnavailable:
+            return
+        for stream_id, _ in batch:
+            self._unclosed.pop(stream_id, None)
+            log.info("journal of %s closed in redis", stream_id)
 
     async def _mirror(self, stream: Stream, announced: asyncio.Event) -> int:
         """Append the stream's events as they come; return how many are surely in Redis."""
@@ -365,9 +392,12 @@ class JournalMirror:
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        for retry in list(self._closing):
-            retry.cancel()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._closing is not None:
+            self._closing.cancel()
+            await asyncio.gather(self._closing, return_exceptions=True)
+        if self._unclosed and self._gate.state != "open":  # one last try, then they are lost
+            with contextlib.suppress(Exception):
+                await self._send_closes()
 
 
 class RemoteStreams:
@@ -652,6 +682,12 @@ class RemoteStreams:
 
 
 _HEADER_PREFIX = b"X-Sluice-"  # owner-record fields that are its response's headers
+
+
+def _checkpoint_set(checkpoint: Checkpoint, ttl_ms: int) -> Command:
+    """The command that stores ``checkpoint`` in Redis (as ``SharedCheckpointStore`` does)."""
+    key = checkpoint_key(checkpoint.stream_id)
+    return ("SET", key, dump_checkpoint(checkpoint), "PX", ttl_ms)
 
 
 def next_count(entries: list[tuple[int, Any]]) -> int:

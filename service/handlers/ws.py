@@ -142,7 +142,8 @@ class _Socket:
         self._registry = app[STREAMS]
         self._ws = ws
         self._readers: dict[RequestId, tuple[str, asyncio.Task[None]]] = {}  # stream id, task
-        self._asking: set[asyncio.Task[None]] = set()  # cancels of other replicas' streams
+        # Cancels of other replicas' streams being asked, by request id (one each).
+        self._asking: dict[RequestId, asyncio.Task[None]] = {}
         self._turn = asyncio.Lock()
 
     async def receive(self, text: str) -> None:
@@ -189,7 +190,7 @@ class _Socket:
 
     async def close(self) -> None:
         """Stop every reader; each detaches from its stream as it ends."""
-        tasks = [task for _, task in self._readers.values()] + list(self._asking)
+        tasks = [task for _, task in self._readers.values()] + list(self._asking.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -223,20 +224,22 @@ class _Socket:
 
     async def _cancel(self, frame: dict[str, Any]) -> None:
         request_id = frame.get("request_id")
-        entry = self._readers.get(request_id) if is_request_id(request_id) else None
-        if entry is None:
+        if not is_request_id(request_id) or request_id not in self._readers:
             raise NotFoundError(
                 "No stream with this request_id on this socket.",
                 param="request_id",
                 code="request_not_found",
             )
-        stream = self._registry.get(entry[0])  # its reader sends the final error frame
+        stream_id, relay = self._readers[request_id]
+        stream = self._registry.get(stream_id)  # its reader sends the final error frame
         if stream is not None:
             self._registry.cancel(stream)
         elif (remote := self._app[REMOTE_STREAMS]) is not None:
-            asking = asyncio.create_task(_ask_cancel(remote, *entry))
-            self._asking.add(asking)
-            asking.add_done_callback(self._asking.discard)
+            asking = self._asking.get(request_id)
+            if asking is None or asking.done():  # (a cancel sent twice is asked once)
+                asking = asyncio.create_task(_ask_cancel(remote, stream_id, relay))
+                self._asking[request_id] = asking
+                asking.add_done_callback(lambda _: self._asking.pop(request_id, None))
 
     async def _resume(self, frame: dict[str, Any]) -> None:
         stream_id = frame.get("stream_id")
@@ -420,11 +423,15 @@ async def _ask_cancel(remote: RemoteStreams, stream_id: str, relay: asyncio.Task
     """Ask the replica generating ``stream_id`` to cancel it, again each second until its
     relay here has seen it end (for ``CANCEL_WAIT_S`` at most): a publish reaches only the
     replicas subscribed at that moment, and its owner's subscription may be reconnecting."""
-    with contextlib.suppress(TimeoutError):
+    try:
         async with asyncio.timeout(CANCEL_WAIT_S):
             while not relay.done():
                 await remote.request_cancel(stream_id)
                 await asyncio.wait({relay}, timeout=CANCEL_ASK_MS / 1000)
+    except TimeoutError:
+        log.warning("remote stream %s: its replica did not answer the cancel", stream_id)
+    except Exception:
+        log.exception("remote stream %s: its cancel could not be asked", stream_id)
 
 
 # A remote journal's end statuses that carry a final frame (SHUTDOWN leaves it open-ended).
