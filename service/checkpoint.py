@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeGuard
 
 from .assemble import merge_calls
-from .stream import Stream, StreamStatus, function_text
+from .stream import Progress, Stream, StreamStatus, function_text
 
 TokenCounter = Callable[[str, str], int]  # (model, text) -> tokens
 PromptCounter = Callable[[str, dict[str, Any]], int]  # (model, request body) -> tokens
@@ -59,7 +59,7 @@ def checkpoint_of(
     count_prompt: PromptCounter,
     *,
     counted: bool = True,
-    scrub: Callable[[str], str] = str,
+    scrub: Callable[[str], str] | None = None,
 ) -> Checkpoint:
     """Summarise ``stream`` as it stands; counts tokens when the provider did not. With
     ``counted=False`` (the last resort, after counting failed) they are 0, and the tool
@@ -84,10 +84,9 @@ def checkpoint_of(
         model=stream.model,
         response_model=progress.response_model,
         status=stream.status,
-        text=scrub(progress.text),  # (joined: a credential a provider split is whole here)
-        tool_calls=_scrubbed_calls(merge_calls(progress.tool_calls or ()), scrub)
-        if counted
-        else [],
+        # ``scrub``: joined, a credential a provider split across chunks is whole here.
+        text=scrub(progress.text) if scrub is not None else progress.text,
+        tool_calls=_calls(progress, scrub) if counted else [],
         finish_reason=progress.finish_reason,
         chunks=progress.chunks,
         last_seq=stream.last_seq,
@@ -101,15 +100,21 @@ def checkpoint_of(
     )
 
 
-def _scrubbed_calls(calls: list[Any], scrub: Callable[[str], str]) -> list[Any]:
-    """Merged tool calls, each function's name and arguments ``scrub``bed."""
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            for name in ("name", "arguments"):
-                if isinstance(function.get(name), str):
-                    function[name] = scrub(function[name])
-    return calls
+def _calls(progress: Progress, scrub: Callable[[str], str] | None) -> list[Any]:
+    """The tool calls, merged (streamed fragments joined), each function's name and
+    arguments ``scrub``bed: copies, the progress's own left as they came."""
+    calls = merge_calls(progress.tool_calls or ())
+    if scrub is None:
+        return calls
+    return [_scrubbed_call(call, scrub) for call in calls]
+
+
+def _scrubbed_call(call: Any, scrub: Callable[[str], str]) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    fields = {k: scrub(v) for k in ("name", "arguments") if isinstance(v := function.get(k), str)}
+    return {**call, "function": {**function, **fields}}
 
 
 def usage_counts(usage: dict[str, Any] | None) -> tuple[int, int] | None:

@@ -643,6 +643,21 @@ class RemoteStreams:
         """Ask the owning replica to cancel ``stream_id``; its readers see the journal end."""
         await self._publish("cancel", stream_id)
 
+    async def ask_cancel_until(self, stream_id: str, ended: asyncio.Future[Any]) -> None:
+        """Ask the owner to cancel ``stream_id``, again each second until ``ended`` (a
+        relay here that sees the stream end), for ``CANCEL_WAIT_S`` at most: a publish
+        reaches only the replicas subscribed at that moment, and the owner's subscription
+        may be reconnecting."""
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                while not ended.done():
+                    await self.request_cancel(stream_id)
+                    await asyncio.wait({ended}, timeout=CANCEL_ASK_MS / 1000)
+        except TimeoutError:
+            log.warning("remote stream %s: its replica did not answer the cancel", stream_id)
+        except Exception:  # (run as a task: nothing else would see it)
+            log.exception("remote stream %s: its cancel could not be asked", stream_id)
+
     async def checkpoint(self, stream_id: str) -> Checkpoint | None:
         return await self._store.get(stream_id)
 

@@ -85,7 +85,7 @@ class StreamRegistry:
         self.count_text = count_text
         self.count_prompt = count_prompt
         # The provider's credentials out of a checkpoint's joined text (``credentials.py``).
-        self.scrub_text: Callable[[str], str] = str
+        self.scrub_text: Callable[[str], str] | None = None
         self.finish_hooks: list[FinishHook] = []
         self.launch_hooks: list[Callable[[Stream], None]] = []  # e.g. the Redis journal mirror
         # Told (stream, event) of "client_disconnected" and "grace_expired" (telemetry).

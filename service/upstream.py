@@ -155,11 +155,6 @@ class Upstream:
         """``data`` (a whole body, or one event's payload) without our credentials."""
         return self._secrets.data(data) if self._secrets.in_answers else data
 
-    def scrub_text(self, text: str) -> str:
-        """Text the gateway joined from the provider's (a key split across two chunks is
-        whole in it) without our credentials."""
-        return self._secrets.text(text) if self._secrets.in_answers else text
-
     async def _post(self, body: bytes, headers: bytes) -> Response:
         trace_context: dict[str, str] = {}
         _PROPAGATOR.inject(trace_context)  # the current attempt's CLIENT span, when tracing

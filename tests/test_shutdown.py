@@ -281,6 +281,18 @@ async def _gateway(tmp_path: Path, **env: str) -> asyncio.subprocess.Process:
     return await python_module("service", env={**base, **env}, stdout=DEVNULL)
 
 
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    """Kill ``process`` if it still runs (a test that failed before it exited)."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+def _no_traceback(seen: list[bytes]) -> None:
+    log = b"".join(seen).decode(errors="replace")
+    assert "Traceback" not in log, log
+
+
 @contextlib.asynccontextmanager
 async def _serving(
     tmp_path: Path, **env: str
@@ -296,11 +308,8 @@ async def _serving(
         yield process, port
         await output
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    log = b"".join(seen).decode(errors="replace")
-    assert "Traceback" not in log, log
+        await _reap(process)
+    _no_traceback(seen)
 
 
 async def test_sigterm_with_streams_open(tmp_path: Path) -> None:
@@ -384,11 +393,8 @@ async def _draining(tmp_path: Path) -> AsyncIterator[_Draining]:
             assert await process.wait() == 0
             await output
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    log = b"".join(seen).decode(errors="replace")
-    assert "Traceback" not in log, log
+        await _reap(process)
+    _no_traceback(seen)
 
 
 async def test_readyz_is_503_over_the_wire_while_sigterm_drains(tmp_path: Path) -> None:

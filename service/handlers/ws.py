@@ -47,7 +47,7 @@ from ..errors import (
     ServiceUnavailableError,
     SluiceError,
 )
-from ..redis_journal import CANCEL_ASK_MS, CANCEL_WAIT_S, UNREADABLE, Event, RemoteStreams
+from ..redis_journal import UNREADABLE, Event, RemoteStreams
 from ..relay import CACHE_HEADER
 from ..request import parse_chat_request, too_deep
 from ..stream import Kind, Owner, Stream, StreamStatus, check_resume_point
@@ -237,7 +237,7 @@ class _Socket:
         elif (remote := self._app[REMOTE_STREAMS]) is not None:
             asking = self._asking.get(request_id)
             if asking is None or asking.done():  # (a cancel sent twice is asked once)
-                asking = asyncio.create_task(_ask_cancel(remote, stream_id, relay))
+                asking = asyncio.create_task(remote.ask_cancel_until(stream_id, relay))
                 self._asking[request_id] = asking
                 asking.add_done_callback(lambda _: self._asking.pop(request_id, None))
 
@@ -417,21 +417,6 @@ class _Socket:
                     code="stream_interrupted",
                 )
                 await send((frames.error(last_seq + 1, interrupted),))
-
-
-async def _ask_cancel(remote: RemoteStreams, stream_id: str, relay: asyncio.Task[None]) -> None:
-    """Ask the replica generating ``stream_id`` to cancel it, again each second until its
-    relay here has seen it end (for ``CANCEL_WAIT_S`` at most): a publish reaches only the
-    replicas subscribed at that moment, and its owner's subscription may be reconnecting."""
-    try:
-        async with asyncio.timeout(CANCEL_WAIT_S):
-            while not relay.done():
-                await remote.request_cancel(stream_id)
-                await asyncio.wait({relay}, timeout=CANCEL_ASK_MS / 1000)
-    except TimeoutError:
-        log.warning("remote stream %s: its replica did not answer the cancel", stream_id)
-    except Exception:
-        log.exception("remote stream %s: its cancel could not be asked", stream_id)
 
 
 # A remote journal's end statuses that carry a final frame (SHUTDOWN leaves it open-ended).
